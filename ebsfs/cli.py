@@ -1,0 +1,250 @@
+"""Command line: options in, one-line errors and exit codes out. Nothing below this
+module prints to the user or exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from ebsfs import __version__
+from ebsfs.client import BotoEbsApi, ConnectionOptions
+from ebsfs.errors import (
+    AccessDenied,
+    CredentialsMissing,
+    EbsfsError,
+    EndpointUnreachable,
+    InvalidSnapshotId,
+    RetriesExhausted,
+    SnapshotNotFound,
+    UnrelatedSnapshots,
+    UserInputError,
+)
+from ebsfs.retry import RetryPolicy
+
+SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15.0)
+"""Checks before mounting fail fast: a user is waiting at the prompt."""
+
+log = logging.getLogger("ebsfs")
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '65536' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 2G)")
+    number, unit = float(match[1]), match[2].lower()
+    return int(number * 1024 ** "_kmgt".index(unit or "_"))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    if not SNAPSHOT_ID.match(snapshot_id):
+        raise InvalidSnapshotId(
+            f"invalid snapshot id {snapshot_id!r}: expected 'snap-' followed by hex digits"
+        )
+    return snapshot_id
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("AWS connection (default: the standard AWS chain)")
+    group.add_argument("--region", help="AWS region of the snapshots (default: AWS_REGION, "
+                       "AWS_DEFAULT_REGION or the profile's region)")
+    group.add_argument("--profile", help="named profile from ~/.aws/config (default: "
+                       "AWS_PROFILE or the default chain)")
+    group.add_argument("--endpoint-url", help="EBS endpoint to use instead of AWS's, e.g. the "
+                       "local emulator (default: AWS_ENDPOINT_URL_EBS or AWS_ENDPOINT_URL)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging: -v for progress, -vv for every call")
+    parser.add_argument("--log-file", help="append log messages to this file (default: "
+                        "stderr in the foreground, syslog in the background)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebsfs",
+        description="Amazon EBS snapshots as read-only raw disk images, read on demand "
+                    "through the EBS direct APIs.",
+    )
+    parser.add_argument("--version", action="version", version=f"ebsfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount", help="mount snapshots as MOUNTPOINT/<snapshot-id>.img",
+        description="Mount each snapshot as MOUNTPOINT/<snapshot-id>.img, a read-only file "
+                    "of VolumeSize GiB. Returns once the mount is ready and keeps serving in "
+                    "the background (use -f to stay in front). Needs ebs:ListSnapshotBlocks "
+                    "and ebs:GetSnapshotBlock.",
+        epilog="example: ebsfs mount snap-0123456789abcdef0 /mnt/snap && "
+               "losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img",
+    )
+    mount.add_argument("snapshot_ids", nargs="+", metavar="SNAPSHOT_ID",
+                       help="snapshot ids (snap-...), completed and in this account")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="stay in the foreground; Ctrl-C unmounts")
+    mount.add_argument("--cache-size", type=parse_size, default="512M", metavar="SIZE",
+                       help="memory for cached blocks, e.g. 256M, 2G (default: 512M); "
+                            "read-ahead uses at most a quarter of it")
+    mount.add_argument("--max-fetches", type=_positive_int, default=64, metavar="N",
+                       help="GetSnapshotBlock calls in flight at once (default: 64)")
+    mount.add_argument("--read-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                       help="longest a read may take before it fails with EIO (default: 60)")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users read the mount (non-root users need "
+                            "user_allow_other in /etc/fuse.conf)")
+    mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
+    _connection_arguments(mount)
+
+    umount = commands.add_parser(
+        "umount", help="unmount and wait for the mount process to exit",
+        description="Unmount an ebsfs mount and wait for its process to exit.",
+    )
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument("--lazy", action="store_true",
+                        help="detach now even if files are open (fusermount3 -z)")
+    umount.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    umount.add_argument("--log-file", help=argparse.SUPPRESS)
+    return parser
+
+
+def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    elif background and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ebsfs").setLevel(level)
+    # botocore at DEBUG logs request URLs, and with them block tokens: never raise it.
+
+
+def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: int = 64
+                ) -> ConnectionOptions:
+    return ConnectionOptions(
+        region=args.region, profile=args.profile, endpoint_url=args.endpoint_url,
+        max_connections=max_connections, retry=retry,
+    )
+
+
+def check_snapshots(api: BotoEbsApi, snapshot_ids: list[str]) -> list[tuple[str, int]]:
+    """One list call per snapshot: it exists, we may read it, and its size."""
+    checked = []
+    for snapshot_id in snapshot_ids:
+        page = api.list_snapshot_blocks(snapshot_id, max_results=100)
+        checked.append((snapshot_id, page.volume_size))
+    return checked
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from ebsfs import mount  # pyfuse3 is only needed here
+
+    for snapshot_id in args.snapshot_ids:
+        check_snapshot_id(snapshot_id)
+    if len(set(args.snapshot_ids)) != len(args.snapshot_ids):
+        raise UserInputError("a snapshot id is given twice")
+    mountpoint = args.mountpoint
+    if not os.path.exists(mountpoint):
+        raise UserInputError(f"mount point {mountpoint} does not exist")
+    if not os.path.isdir(mountpoint):
+        raise UserInputError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserInputError(f"{mountpoint} is already a mount point")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
+    api = BotoEbsApi(_connection(args, CHECK_RETRY, 4))
+    snapshots = check_snapshots(api, args.snapshot_ids)
+    config = mount.MountConfig(
+        mountpoint=os.path.abspath(mountpoint), snapshots=snapshots,
+        connection=_connection(args, RetryPolicy(), args.max_fetches + 8),
+        cache_size=args.cache_size, max_fetches=args.max_fetches,
+        read_timeout=args.read_timeout, allow_other=args.allow_other,
+        foreground=args.foreground, fuse_debug=args.fuse_debug,
+    )
+    if args.foreground:
+        mount.serve(config, on_ready=lambda: print(
+            f"ebsfs: mounted {len(snapshots)} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
+            file=sys.stderr, flush=True))
+        return 0
+
+    def in_background(ready: Callable[[], None]) -> None:
+        setup_logging(args.verbose, args.log_file, background=True)
+        mount.serve(config, on_ready=ready)
+
+    return mount.run_in_background(in_background)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from ebsfs import mount
+
+    mount.unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def describe(err: BaseException) -> str:
+    """The one line a user sees for an error."""
+    if isinstance(err, RetriesExhausted) and isinstance(err.__cause__, EndpointUnreachable):
+        return f"{err.__cause__} (is --endpoint-url right and the endpoint up?)"
+    if isinstance(err, SnapshotNotFound):
+        return (f"snapshot not found: {err} (check the id and --region; only completed "
+                "snapshots in this account can be read)")
+    if isinstance(err, AccessDenied):
+        return (f"access denied: {err} (needs ebs:ListSnapshotBlocks and "
+                "ebs:GetSnapshotBlock, and kms:Decrypt for encrypted snapshots)")
+    if isinstance(err, UnrelatedSnapshots):
+        return f"the snapshots are not of the same volume lineage: {err}"
+    if isinstance(err, CredentialsMissing | UserInputError | InvalidSnapshotId):
+        return str(err)
+    return str(err) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.log_file, background=False)
+    handlers = {"mount": cmd_mount, "umount": cmd_umount}
+    try:
+        return handlers[args.command](args)
+    except EbsfsError as err:
+        print(f"ebsfs: error: {describe(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ebsfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

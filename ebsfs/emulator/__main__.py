@@ -1,0 +1,139 @@
+"""`ebsfs-emulator`: serve raw image files as EBS snapshots on a local endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from ebsfs.emulator.faults import Faults
+from ebsfs.emulator.server import EmulatorServer
+from ebsfs.emulator.store import SnapshotStore
+
+EPILOG = """\
+examples:
+  ebsfs-emulator --snapshot snap-0123456789abcdef0=disk.img
+  ebsfs-emulator --snapshot snap-0a=before.img \\
+                 --snapshot snap-0b=after.img,parent=snap-0a --latency 0.02 --jitter 0.01
+
+Point any boto3 client at the printed URL (--endpoint-url or AWS_ENDPOINT_URL). Any
+credentials are accepted unless listed with --deny-access-key.
+"""
+
+
+def _snapshot_spec(text: str) -> dict[str, Any]:
+    """Parse ID=PATH[,parent=ID][,size=GiB]."""
+    head, *options = text.split(",")
+    if "=" not in head:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got {text!r}")
+    snapshot_id, path = head.split("=", 1)
+    spec: dict[str, Any] = {"snapshot_id": snapshot_id, "path": path}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "parent" and value:
+            spec["parent"] = value
+        elif key == "size" and value.isdigit() and int(value) > 0:
+            spec["volume_size_gib"] = int(value)
+        else:
+            raise argparse.ArgumentTypeError(f"unknown snapshot option {option!r} in {text!r}")
+    return spec
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ebsfs-emulator", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--snapshot", action="append", type=_snapshot_spec, default=[],
+                   metavar="ID=PATH[,parent=ID][,size=GiB]",
+                   help="serve the raw image PATH as completed snapshot ID; with parent=, "
+                        "as a later snapshot of the same volume (ListChangedBlocks works "
+                        "between them); size= sets VolumeSize (default: image size rounded "
+                        "up to GiB). Repeatable; parents first.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
+    p.add_argument("--url-file", help="also write the endpoint URL to this file once listening")
+    f = p.add_argument_group("faults and load (defaults behave like the real service)")
+    f.add_argument("--latency", type=_seconds, default=0.0, help="seconds added to every call")
+    f.add_argument("--jitter", type=_seconds, default=0.0, help="up to this many more seconds")
+    f.add_argument("--error-rate", type=_share, default=0.0,
+                   help="share of calls answered InternalServerException")
+    f.add_argument("--corrupt-rate", type=_share, default=0.0,
+                   help="share of block bodies corrupted under a true checksum header")
+    f.add_argument("--truncate-rate", type=_share, default=0.0,
+                   help="share of block bodies cut short")
+    f.add_argument("--short-pages", type=_share, default=0.0,
+                   help="share of list pages cut short or empty while NextToken is set")
+    f.add_argument("--token-lifetime", type=_seconds, default=7 * 24 * 3600.0,
+                   help="seconds a block token lives (default 7 days)")
+    f.add_argument("--get-rate", type=_seconds, default=1000.0,
+                   help="GetSnapshotBlock calls/s per snapshot before throttling "
+                        "(default 1000, 0 = unlimited)")
+    f.add_argument("--list-rate", type=_seconds, default=50.0,
+                   help="list calls/s before throttling (default 50, 0 = unlimited)")
+    f.add_argument("--deny-access-key", action="append", default=[], metavar="KEY_ID",
+                   help="answer AccessDeniedException to requests signed with this key id")
+    f.add_argument("--seed", type=int, help="seed for the fault dice")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    faults = Faults(
+        latency=args.latency, jitter=args.jitter, error_rate=args.error_rate,
+        corrupt_rate=args.corrupt_rate, truncate_rate=args.truncate_rate,
+        short_pages=args.short_pages, token_lifetime=args.token_lifetime,
+        get_rate=args.get_rate, list_rate=args.list_rate,
+        deny_access_keys=args.deny_access_key, seed=args.seed,
+    )
+    store = SnapshotStore(faults)
+    try:
+        for spec in args.snapshot:
+            snap = store.add_image(**spec)
+            print(f"ebsfs-emulator: {snap.snapshot_id}: {snap.volume_size_gib} GiB, "
+                  f"{len(snap.indexes)} blocks written", flush=True)
+    except (OSError, ValueError) as err:
+        print(f"ebsfs-emulator: error: {err}", file=sys.stderr)
+        return 1
+    server = EmulatorServer(store, host=args.host, port=args.port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.start()
+    except OSError as err:
+        print(f"ebsfs-emulator: error: cannot listen on {args.host}:{args.port}: {err}",
+              file=sys.stderr)
+        return 1
+    print(f"ebsfs-emulator: listening on {server.url}", flush=True)
+    if args.url_file:
+        with open(args.url_file, "w") as out:
+            out.write(server.url + "\n")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Build deterministic disk images (GPT + one ext4 partition with files) for the demo,
+the tests and the benchmarks, without mounting anything (mkfs.ext4 -d, sfdisk)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+PARTITION_START = 1024 * 1024
+"""The ext4 partition starts at 1 MiB (sector 2048), as partitioning tools put it."""
+
+
+def demo_files(seed: int = 7, blob_mib: int = 4) -> dict[str, bytes]:
+    """What the demo filesystem holds: a small Linux-looking tree, some binary data."""
+    rng = random.Random(seed)
+    auth = "".join(
+        f"Nov 2{i % 10} 0{i % 10}:1{i % 6}:00 web-1 sshd[{1000 + i}]: "
+        f"{'Accepted publickey' if i % 7 else 'Failed password'} for "
+        f"{'deploy' if i % 7 else 'root'} from 198.51.100.{i % 250} port {40000 + i}\n"
+        for i in range(400)
+    )
+    return {
+        "README.txt": b"This ext4 filesystem lives inside an EBS snapshot served by the "
+                      b"ebsfs emulator.\nebsfs read only the blocks you looked at.\n",
+        "etc/hostname": b"web-1\n",
+        "etc/os-release": b'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n',
+        "var/log/auth.log": auth.encode(),
+        "home/alice/notes.txt": b"rotate the deploy key\ncheck cron on web-1\n",
+        "srv/data/blob.bin": rng.randbytes(blob_mib * 1024 * 1024),
+    }
+
+
+def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str = "demo") -> None:
+    """An ext4 filesystem image of `size` bytes holding `files`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, data in files.items():
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0",
+             "-d", str(root), str(path)],
+            check=True, capture_output=True, env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
+        )
+
+
+def build_disk(path: Path, size: int, files: dict[str, bytes], label: str = "demo") -> int:
+    """A GPT disk of `size` bytes with one ext4 partition (from 1 MiB to 1 MiB before
+    the end) holding `files`. Returns the partition's byte offset."""
+    part_size = size - 2 * PARTITION_START
+    with tempfile.TemporaryDirectory() as tmp:
+        part = Path(tmp) / "part.img"
+        build_ext4(part, part_size, files, label)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        subprocess.run(
+            ["sfdisk", "--quiet", str(path)],
+            input=f"label: gpt\nstart={PARTITION_START // 512}, size={part_size // 512}, "
+                  f"type=linux, name={label}\n",
+            text=True, check=True, capture_output=True,
+        )
+        with open(part, "rb") as src, open(path, "r+b") as dst:
+            dst.seek(PARTITION_START)
+            shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
+    return PARTITION_START
+
+
+def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0) -> None:
+    """An image of random (deterministic) blocks; with sparse_every=N, every Nth
+    512 KiB block is left zero so the snapshot has absent blocks."""
+    rng = random.Random(seed)
+    block = 524288
+    with open(path, "wb") as f:
+        for n in range(size // block):
+            if sparse_every and n % sparse_every == 0:
+                f.seek(block, os.SEEK_CUR)
+            else:
+                f.write(rng.randbytes(block))
+        f.truncate(size)

@@ -1,0 +1,137 @@
+"""Fault and load knobs of the emulator, plus the per-operation counters tests read."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import threading
+import time
+from typing import Any
+
+
+@dataclasses.dataclass
+class Faults:
+    """What the emulator does besides answering correctly. Defaults are the real service:
+    no injected faults, 7-day block tokens, 60-minute page tokens and the real quotas
+    (1,000 GetSnapshotBlock per second per snapshot, 50 list calls per second)."""
+
+    latency: float = 0.0
+    """Seconds added to every call."""
+    jitter: float = 0.0
+    """Up to this many more seconds, uniformly random, added to every call."""
+    error_rate: float = 0.0
+    """Share of calls answered 500 InternalServerException."""
+    corrupt_rate: float = 0.0
+    """Share of block bodies with a flipped byte while the checksum header stays true."""
+    truncate_rate: float = 0.0
+    """Share of block bodies cut short: the connection closes half way through."""
+    stall_rate: float = 0.0
+    """Share of block bodies that stall `stall_seconds` after the headers."""
+    stall_seconds: float = 30.0
+    short_pages: float = 0.0
+    """Share of list pages cut short or left empty while a NextToken is still returned."""
+    token_lifetime: float = 7 * 24 * 3600.0
+    """Seconds a block token stays valid (ExpiryTime)."""
+    page_token_lifetime: float = 3600.0
+    """Seconds a NextToken stays valid."""
+    get_rate: float = 1000.0
+    """GetSnapshotBlock calls per second per snapshot before RequestThrottledException
+    (0 = unlimited)."""
+    list_rate: float = 50.0
+    """List calls per second for the account before RequestThrottledException (0 = unlimited)."""
+    deny_access_keys: list[str] = dataclasses.field(default_factory=list)
+    """Access key ids answered AccessDeniedException UNAUTHORIZED_ACCOUNT."""
+    seed: int | None = None
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial update (from the control endpoint or a test)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in changes.items():
+            if key not in names:
+                raise ValueError(f"unknown fault knob {key!r}")
+            setattr(self, key, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Dice:
+    """Thread-safe random draws for the knobs (seeded for reproducible runs)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def chance(self, share: float) -> bool:
+        if share <= 0:
+            return False
+        with self._lock:
+            return self._rng.random() < share
+
+    def uniform(self, low: float, high: float) -> float:
+        with self._lock:
+            return self._rng.uniform(low, high)
+
+    def randint(self, low: int, high: int) -> int:
+        with self._lock:
+            return self._rng.randint(low, high)
+
+
+class RateLimiter:
+    """Token buckets keyed by scope (a snapshot id, or the account), refilled per second."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, scope: str, rate: float) -> bool:
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, stamp = self._buckets.get(scope, (rate, now))
+            tokens = min(rate, tokens + (now - stamp) * rate)
+            if tokens < 1.0:
+                self._buckets[scope] = (tokens, now)
+                return False
+            self._buckets[scope] = (tokens - 1.0, now)
+            return True
+
+
+class Counters:
+    """Calls per operation, answers per error type, and GetSnapshotBlock calls per block."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls: collections.Counter[str] = collections.Counter()
+            self.errors: collections.Counter[str] = collections.Counter()
+            self.block_gets: collections.Counter[tuple[str, int]] = collections.Counter()
+            self.bytes_sent = 0
+
+    def call(self, operation: str) -> None:
+        with self._lock:
+            self.calls[operation] += 1
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self.errors[code] += 1
+
+    def block(self, snapshot_id: str, index: int, size: int) -> None:
+        with self._lock:
+            self.block_gets[(snapshot_id, index)] += 1
+            self.bytes_sent += size
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-friendly copy for the control endpoint."""
+        with self._lock:
+            return {
+                "calls": dict(self.calls),
+                "errors": dict(self.errors),
+                "block_gets": {f"{s}:{i}": n for (s, i), n in self.block_gets.items()},
+                "bytes_sent": self.bytes_sent,
+            }

@@ -1,0 +1,97 @@
+"""Typed errors of the domain: raised below the CLI, turned into errno by fs.py and
+into one-line messages and exit codes by cli.py."""
+
+from __future__ import annotations
+
+
+class EbsfsError(Exception):
+    """Base of every error ebsfs reports to a user."""
+
+
+class UserInputError(EbsfsError):
+    """The command line names something that cannot work (bad id, bad option value)."""
+
+
+class ServiceError(EbsfsError):
+    """The EBS direct API answered with an error.
+
+    `code` is the service's error type (e.g. ValidationException) and `reason` its
+    Reason field where the service sends one.
+    """
+
+    def __init__(self, message: str, code: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class SnapshotNotFound(ServiceError):
+    """The snapshot does not exist, is not in this region, or is not completed."""
+
+
+class InvalidSnapshotId(ServiceError):
+    """The snapshot id is malformed (it must match ^snap-[0-9a-f]+$)."""
+
+
+class AccessDenied(ServiceError):
+    """The credentials may not read this snapshot (IAM, KMS key policy)."""
+
+
+class InvalidBlockToken(ServiceError):
+    """A block token expired or does not fit the block: list again for a fresh one."""
+
+
+class InvalidPageToken(ServiceError):
+    """A NextToken expired (they live 60 minutes): restart paging from an index."""
+
+
+class UnrelatedSnapshots(ServiceError):
+    """ListChangedBlocks was asked about snapshots of different lineages."""
+
+
+class Throttled(ServiceError):
+    """The service asked us to slow down (RequestThrottledException)."""
+
+
+class TransientError(EbsfsError):
+    """A failure worth retrying: 5xx, dropped connection, short body, bad checksum."""
+
+
+class ChecksumMismatch(TransientError):
+    """A block body did not match its SHA-256 header: the data is not valid."""
+
+
+class RetriesExhausted(EbsfsError):
+    """A call kept failing until its retry budget ran out; readers see EIO."""
+
+
+class EndpointUnreachable(TransientError):
+    """No connection could be made to the endpoint URL (retried: it may come back)."""
+
+
+class CredentialsMissing(EbsfsError):
+    """The AWS credential chain found no credentials."""
+
+
+SERVICE_ERRORS: dict[tuple[str, str], type[ServiceError]] = {
+    ("ResourceNotFoundException", ""): SnapshotNotFound,
+    ("ValidationException", "INVALID_SNAPSHOT_ID"): InvalidSnapshotId,
+    ("ValidationException", "INVALID_BLOCK_TOKEN"): InvalidBlockToken,
+    ("ValidationException", "INVALID_PAGE_TOKEN"): InvalidPageToken,
+    ("ValidationException", "UNRELATED_SNAPSHOTS"): UnrelatedSnapshots,
+    ("AccessDeniedException", ""): AccessDenied,
+    ("RequestThrottledException", ""): Throttled,
+}
+
+RETRYABLE_CODES = frozenset(
+    {"InternalServerException", "ServiceUnavailableException", "InternalFailure"}
+)
+
+
+def service_error(code: str, reason: str, message: str) -> EbsfsError:
+    """Map a service error (type, Reason, Message) to the typed exception for it."""
+    if code in RETRYABLE_CODES:
+        return TransientError(f"{code}: {message}")
+    cls = SERVICE_ERRORS.get((code, reason)) or SERVICE_ERRORS.get((code, ""), ServiceError)
+    text = f"{code}" + (f" ({reason})" if reason else "") + (f": {message}" if message else "")
+    return cls(text, code=code, reason=reason)

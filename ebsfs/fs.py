@@ -1,0 +1,155 @@
+"""The FUSE layer: pyfuse3.Operations over SnapshotImages. Inodes and attributes in,
+FUSEError out; everything that thinks lives in image.py and below."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.errors import EbsfsError
+from ebsfs.image import SnapshotImage
+from ebsfs.prefetch import ReadPattern
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+ATTR_TIMEOUT = 3600.0
+"""Attributes never change while mounted: let the kernel keep them."""
+
+
+@dataclass
+class _File:
+    inode: int
+    name: bytes
+    image: SnapshotImage
+
+
+class EbsOperations(pyfuse3.Operations):
+    """A flat, read-only directory of `<snapshot-id>.img` files."""
+
+    def __init__(self, images: list[SnapshotImage], mtime: float | None = None) -> None:
+        super().__init__()
+        self._files = {
+            ROOT_INODE + 1 + n: _File(ROOT_INODE + 1 + n, f"{img.snapshot_id}.img".encode(), img)
+            for n, img in enumerate(images)
+        }
+        self._by_name = {f.name: f for f in self._files.values()}
+        self._mtime_ns = int((mtime or time.time()) * 1e9)
+        self._handles: dict[int, tuple[_File, ReadPattern]] = {}
+        self._next_handle = itertools.count(1)
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        if inode == ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+        elif inode in self._files:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = self._files[inode].image.size
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr.st_ino = inode
+        attr.st_uid, attr.st_gid = self._uid, self._gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = -(-attr.st_size // 512)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
+        return attr
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(ROOT_INODE)
+        entry = self._by_name.get(name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(entry.inode)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    def entries(self) -> list[tuple[bytes, int]]:
+        """Directory entries (name, inode) in readdir order."""
+        return [(f.name, f.inode) for f in self._files.values()]
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, inode in self.entries():
+            if inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), inode):
+                break
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        entry = self._files.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        handle = next(self._next_handle)
+        self._handles[handle] = (entry, entry.image.open_stream())
+        # keep_cache: the image never changes, so the kernel's page cache stays valid.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        entry, stream = self._handles[fh]
+        try:
+            return await entry.image.read(off, size, stream)
+        except EbsfsError as err:
+            log.error("read of %s failed: %s", entry.name.decode(), err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        total = sum(f.image.size for f in self._files.values())
+        data.f_bsize = data.f_frsize = BLOCK_SIZE
+        data.f_blocks = -(-total // BLOCK_SIZE)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self._files) + 1
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    def xattrs(self, inode: int) -> dict[bytes, bytes]:
+        """Extended attributes: the serving process on the root (for `ebsfs umount`),
+        the snapshot id and volume size on each image."""
+        if inode == ROOT_INODE:
+            return {b"user.ebsfs.pid": str(os.getpid()).encode()}
+        entry = self._files.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return {
+            b"user.ebsfs.snapshot_id": entry.image.snapshot_id.encode(),
+            b"user.ebsfs.volume_size": str(entry.image.size).encode(),
+        }
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self.xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self.xattrs(inode))

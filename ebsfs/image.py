@@ -1,0 +1,117 @@
+"""One snapshot as a byte-addressable image: read(offset, size) -> bytes. FUSE-free."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.cache import BlockCache
+from ebsfs.errors import EbsfsError, InvalidBlockToken
+from ebsfs.index import BlockIndex
+from ebsfs.prefetch import Readahead, ReadPattern
+from ebsfs.remote import RemoteSnapshots
+
+log = logging.getLogger(__name__)
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+TOKEN_REFRESHES = 3
+
+
+class ReadFailed(EbsfsError):
+    """A read could not be served (after retries, or past its time limit): EIO."""
+
+
+class SnapshotImage:
+    """Reads of one snapshot: absent blocks are zeros, present ones come from the cache
+    or one GetSnapshotBlock each; a read spanning blocks fetches them concurrently."""
+
+    def __init__(
+        self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
+        remote: RemoteSnapshots, readahead: Readahead | None = None,
+        read_timeout: float = 60.0, max_window: int = 64,
+    ) -> None:
+        self.snapshot_id = snapshot_id
+        self.size = size
+        self.index = index
+        self.cache = cache
+        self.remote = remote
+        self.readahead = readahead
+        self.read_timeout = read_timeout
+        self.max_window = max_window
+        self.fetches = 0
+
+    def open_stream(self) -> ReadPattern:
+        """Read-pattern state for one open file handle."""
+        return ReadPattern(self.size, max_window=self.max_window)
+
+    async def block(self, index: int) -> bytes:
+        """The bytes of block `index` (zeros if never written)."""
+        token = await self.index.token(index)
+        if token is None:
+            return ZERO_BLOCK
+        return await self.cache.get((self.snapshot_id, index), lambda: self._fetch(index, token))
+
+    async def _fetch(self, index: int, token: str) -> bytes:
+        for _ in range(TOKEN_REFRESHES):
+            try:
+                self.fetches += 1
+                return await self.remote.get_snapshot_block(self.snapshot_id, index, token)
+            except InvalidBlockToken:
+                log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
+                self.index.invalidate(index)
+                fresh = await self.index.token(index)
+                if fresh is None:
+                    return ZERO_BLOCK
+                token = fresh
+        raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
+
+    async def read(self, offset: int, size: int, stream: ReadPattern | None = None) -> bytes:
+        """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
+        ReadFailed. Never waits longer than read_timeout."""
+        if offset >= self.size or size <= 0:
+            return b""
+        end = min(offset + size, self.size)
+        if stream is not None and self.readahead is not None:
+            for ahead in stream.observe(offset, end - offset):
+                if (self.snapshot_id, ahead) not in self.cache:
+                    self.readahead.submit(lambda i=ahead: self.block(i))
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        try:
+            with trio.fail_after(self.read_timeout):
+                if first == last:
+                    data = await self.block(first)
+                    start = offset - first * BLOCK_SIZE
+                    return data[start : start + end - offset]
+                return await self._read_span(offset, end, first, last)
+        except trio.TooSlowError:
+            raise ReadFailed(
+                f"{self.snapshot_id}: read at {offset} took over {self.read_timeout:.0f}s"
+            ) from None
+        except ReadFailed:
+            raise
+        except EbsfsError as err:
+            raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
+
+    async def _read_span(self, offset: int, end: int, first: int, last: int) -> bytes:
+        blocks: dict[int, bytes] = {}
+        errors: list[EbsfsError] = []
+
+        async def one(i: int) -> None:
+            try:
+                blocks[i] = await self.block(i)
+            except EbsfsError as err:  # keep siblings running; report the first failure
+                errors.append(err)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(first, last + 1):
+                nursery.start_soon(one, i)
+        if errors:
+            raise errors[0]
+        parts = []
+        for i in range(first, last + 1):
+            lo = max(offset, i * BLOCK_SIZE) - i * BLOCK_SIZE
+            hi = min(end, (i + 1) * BLOCK_SIZE) - i * BLOCK_SIZE
+            parts.append(blocks[i][lo:hi])
+        return b"".join(parts)

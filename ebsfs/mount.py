@@ -1,0 +1,192 @@
+"""Mount lifecycle: wire the stack, go to the background once the mount is ready,
+run pyfuse3 under trio, unmount cleanly on SIGINT/SIGTERM, and `ebsfs umount`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.cache import BlockCache
+from ebsfs.client import BotoEbsApi, ConnectionOptions, EbsApi
+from ebsfs.errors import EbsfsError, UserInputError
+from ebsfs.fs import EbsOperations
+from ebsfs.image import SnapshotImage
+from ebsfs.index import BlockIndex
+from ebsfs.prefetch import Readahead
+from ebsfs.remote import RemoteSnapshots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    snapshots: list[tuple[str, int]]
+    """(snapshot id, volume size in bytes), checked before mounting."""
+    connection: ConnectionOptions
+    cache_size: int = 512 * 1024**2
+    max_fetches: int = 64
+    read_timeout: float = 60.0
+    allow_other: bool = False
+    foreground: bool = False
+    fuse_debug: bool = False
+
+
+class MountFailed(EbsfsError):
+    """The kernel mount could not be made."""
+
+
+def build_operations(
+    api: EbsApi, config: MountConfig
+) -> tuple[EbsOperations, Readahead, RemoteSnapshots]:
+    """Wire one shared cache, fetch limiter and read-ahead runner to every snapshot."""
+    remote = RemoteSnapshots(api, max_fetches=config.max_fetches)
+    cache = BlockCache(config.cache_size)
+    readahead = Readahead()
+    # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
+    # evicted by other prefetches before the reader gets to them.
+    window = max(1, min(config.max_fetches, config.cache_size // 4 // BLOCK_SIZE))
+    images = [
+        SnapshotImage(
+            snapshot_id, size,
+            BlockIndex(remote, snapshot_id, -(-size // BLOCK_SIZE)),
+            cache, remote, readahead, read_timeout=config.read_timeout, max_window=window,
+        )
+        for snapshot_id, size in config.snapshots
+    ]
+    return EbsOperations(images), readahead, remote
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=ebsfs", "subtype=ebsfs", "ro"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.fuse_debug:
+        options.add("debug")
+    return options
+
+
+def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Mount, call `on_ready`, and serve until unmounted or signalled."""
+    api = BotoEbsApi(config.connection)
+    ops, readahead, _ = build_operations(api, config)
+    try:
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+    except RuntimeError as err:
+        raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
+    stopped_by_signal = False
+
+    async def main() -> None:
+        nonlocal stopped_by_signal
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+
+            async def watch_signals() -> None:
+                nonlocal stopped_by_signal
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting %s", signum, config.mountpoint)
+                        stopped_by_signal = True
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(watch_signals)
+            on_ready()
+            log.info("serving %d snapshot(s) at %s", len(config.snapshots), config.mountpoint)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    unmount = True
+    try:
+        trio.run(main)
+        # pyfuse3.main also returns when someone else unmounted (fusermount3 -u).
+        unmount = stopped_by_signal
+    finally:
+        pyfuse3.close(unmount=unmount)
+        log.info("unmounted %s", config.mountpoint)
+
+
+def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:
+    """Fork; the child runs `work(ready)` in a new session. The parent returns 0 once
+    the child calls ready(), or prints the child's error and returns 1."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("ok"):
+            return 0
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = f"the mount process exited before the mount was ready (status {status})"
+        print(f"ebsfs: error: {message.strip()}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(write_end, b"ok\n")
+        os.close(write_end)
+        reported = True
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+    code = 0
+    try:
+        work(ready)
+    except BaseException as err:  # the parent prints it; a daemon has no terminal
+        code = 1
+        text = str(err) if isinstance(err, EbsfsError) else traceback.format_exc(limit=3)
+        log.error("mount process failed: %s", text)
+        if not reported:
+            os.write(write_end, text.encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount an ebsfs mount and wait for its process to exit."""
+    path = os.path.realpath(mountpoint)
+    if not os.path.ismount(path):
+        raise UserInputError(f"{mountpoint} is not a mount point")
+    try:
+        pid = int(os.getxattr(path, "user.ebsfs.pid"))
+    except OSError:
+        pid = 0  # not ebsfs, or its process is gone: unmount anyway
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        hint = " (files are open; close them or use --lazy)" if "busy" in detail else ""
+        raise UserInputError(f"cannot unmount {mountpoint}: {detail}{hint}")
+    if pid and not lazy:
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            if _is_zombie(pid):
+                break
+            time.sleep(0.05)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
