@@ -84,3 +84,17 @@ def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0) ->
             else:
                 f.write(rng.randbytes(block))
         f.truncate(size)
+
+
+def main() -> None:
+    """`python -m ebsfs.emulator.diskimage OUT [SIZE_MIB]`: write the demo disk."""
+    import sys
+
+    out = Path(sys.argv[1])
+    size_mib = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    offset = build_disk(out, size_mib * 1024 * 1024, demo_files())
+    print(f"{out}: {size_mib} MiB GPT disk, ext4 partition at byte {offset}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite (unit, filesystem-level and real mounts).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k index`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+.venv/bin/ruff check ebsfs tests scripts || exit 1
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "test: pytest collected no tests"
+    exit 0
+fi
+exit "$rc"
