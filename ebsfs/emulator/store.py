@@ -248,14 +248,12 @@ class SnapshotStore:
         service does."""
         first = bisect.bisect_left(candidates, position)
         if self.dice.chance(self.faults.short_pages):
-            window_end = position + self.dice.randint(1, 2 * limit)
-            limit = self.dice.randint(0, limit)
+            # The service scans a slice of the index space per page: a sparse slice
+            # gives a short page, an unwritten one an empty page, NextToken all along.
+            window_end = position + self.dice.randint(1, max(2, limit // 20))
             last = bisect.bisect_left(candidates, window_end, lo=first)
             picked = candidates[first : min(last, first + limit)]
-            if len(picked) == limit and picked:
-                resume = picked[-1] + 1
-            else:
-                resume = window_end
+            resume = picked[-1] + 1 if len(picked) == limit else window_end
             return picked, (resume if resume < block_count else None)
         picked = candidates[first : first + limit]
         if len(picked) == limit:

@@ -1,0 +1,96 @@
+"""Helpers for the real-mount tier: run the `ebsfs` command, always unmount."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+needs_fuse = pytest.mark.skipif(
+    not os.access("/dev/fuse", os.R_OK | os.W_OK) or os.geteuid() != 0,
+    reason="needs /dev/fuse and root",
+)
+
+
+def ebsfs(*args: str, timeout: float = 60, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ebsfs", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=env)
+
+
+def serving_pid(mountpoint: Path) -> int:
+    try:
+        return int(os.getxattr(mountpoint, "user.ebsfs.pid"))
+    except OSError:
+        return 0
+
+
+def wait_gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Whatever happened, leave no mount and no process behind."""
+    pid = serving_pid(mountpoint) if os.path.ismount(mountpoint) else 0
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    if pid and not wait_gone(pid, 10):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 5)
+
+
+@contextlib.contextmanager
+def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str
+            ) -> Iterator[Path]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        result = ebsfs("mount", "--endpoint-url", url, *options, *snapshot_ids, str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        yield mountpoint
+    finally:
+        force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def loop_device(image: Path, offset: int) -> Iterator[str]:
+    device = subprocess.run(["losetup", "-r", "-o", str(offset), "--show", "-f", str(image)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@contextlib.contextmanager
+def fs_mounted(device: str, target: Path) -> Iterator[Path]:
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", "ro,noload", device, str(target)], check=True,
+                   capture_output=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def drop_page_cache() -> None:
+    """So the next read goes through FUSE again rather than the kernel's cache."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")

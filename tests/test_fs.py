@@ -1,0 +1,94 @@
+"""The FUSE Operations called directly, with no kernel: names, attributes, errno."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+import pytest
+import trio
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.client import ConnectionOptions
+from ebsfs.emulator import Faults, SnapshotStore
+from ebsfs.errors import TransientError
+from ebsfs.fs import ROOT_INODE
+from ebsfs.mount import MountConfig, build_operations
+from tests.fakes import FailingApi, StoreApi, pattern_block
+
+GIB = 1024**3
+
+
+@pytest.fixture
+def ops_and_api():  # type: ignore[no-untyped-def]
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
+    store.add_snapshot("snap-02", {5: pattern_block(2, 5)}, volume_size_gib=2)
+    api = StoreApi(store)
+    config = MountConfig("/nowhere", [("snap-01", GIB), ("snap-02", 2 * GIB)],
+                         ConnectionOptions(), cache_size=8 * BLOCK_SIZE)
+    ops, _, _ = build_operations(api, config)
+    return ops, api
+
+
+def call(coro_fn, *args):  # type: ignore[no-untyped-def]
+    return trio.run(coro_fn, *args)
+
+
+def test_one_read_only_image_per_snapshot(ops_and_api) -> None:
+    ops, _ = ops_and_api
+    assert [name for name, _ in ops.entries()] == [b"snap-01.img", b"snap-02.img"]
+    root = call(ops.getattr, ROOT_INODE)
+    assert stat.S_ISDIR(root.st_mode)
+    attr = call(ops.lookup, ROOT_INODE, b"snap-02.img")
+    assert stat.S_ISREG(attr.st_mode) and stat.S_IMODE(attr.st_mode) == 0o444
+    assert attr.st_size == 2 * GIB
+
+
+def test_unknown_names_are_enoent(ops_and_api) -> None:
+    ops, _ = ops_and_api
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        call(ops.lookup, ROOT_INODE, b"snap-03.img")
+    assert err.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC])
+def test_writes_are_refused(ops_and_api, flags) -> None:
+    ops, _ = ops_and_api
+    inode = call(ops.lookup, ROOT_INODE, b"snap-01.img").st_ino
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        call(ops.open, inode, flags, None)
+    assert err.value.errno == errno.EROFS
+
+
+def test_open_and_read(ops_and_api) -> None:
+    ops, _ = ops_and_api
+    inode = call(ops.lookup, ROOT_INODE, b"snap-02.img").st_ino
+    info = call(ops.open, inode, os.O_RDONLY, None)
+    data = call(ops.read, info.fh, 5 * BLOCK_SIZE - 10, 20)
+    assert data == bytes(10) + pattern_block(2, 5)[:10]
+    call(ops.release, info.fh)
+
+
+def test_remote_failure_is_eio(ops_and_api) -> None:
+    ops, api = ops_and_api
+    failing = FailingApi(api, lambda n, op: TransientError("down") if op == "GetSnapshotBlock"
+                         else None)
+    config = MountConfig("/nowhere", [("snap-01", GIB)], ConnectionOptions())
+    ops, _, _ = build_operations(failing, config)
+    inode = call(ops.lookup, ROOT_INODE, b"snap-01.img").st_ino
+    info = call(ops.open, inode, os.O_RDONLY, None)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        call(ops.read, info.fh, 0, 4096)
+    assert err.value.errno == errno.EIO
+
+
+def test_xattrs_name_the_snapshot_and_the_serving_process(ops_and_api) -> None:
+    ops, _ = ops_and_api
+    inode = call(ops.lookup, ROOT_INODE, b"snap-01.img").st_ino
+    assert call(ops.getxattr, inode, b"user.ebsfs.snapshot_id", None) == b"snap-01"
+    assert call(ops.getxattr, ROOT_INODE, b"user.ebsfs.pid", None) == str(os.getpid()).encode()
+    with pytest.raises(pyfuse3.FUSEError):
+        call(ops.getxattr, inode, b"user.other", None)

@@ -1,0 +1,223 @@
+"""Reads of a snapshot image without FUSE or HTTP: bytes, zeros, caching, token refresh,
+errors, and the prefetcher's decisions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import trio
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.cache import BlockCache
+from ebsfs.emulator import Faults, SnapshotStore
+from ebsfs.errors import InvalidBlockToken, TransientError
+from ebsfs.image import ReadFailed, SnapshotImage
+from ebsfs.index import BlockIndex
+from ebsfs.prefetch import Readahead, ReadPattern
+from ebsfs.remote import RemoteSnapshots
+from tests.fakes import FailingApi, StoreApi, pattern_block
+
+GIB = 1024**3
+WRITTEN = [0, 1, 2, 7, 100, 2047]
+
+
+def expected_image() -> bytearray:
+    image = bytearray(GIB)
+    for i in WRITTEN:
+        image[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = pattern_block(1, i)
+    return image
+
+
+@pytest.fixture(scope="module")
+def expected() -> bytearray:
+    return expected_image()
+
+
+def build(api=None, cache_bytes=64 * BLOCK_SIZE, readahead=None, timeout=30.0, store=None):  # type: ignore[no-untyped-def]
+    if store is None:
+        store = SnapshotStore(Faults(seed=1))
+        store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
+    api = api or StoreApi(store)
+    remote = RemoteSnapshots(api, max_fetches=8)
+    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048),
+                          BlockCache(cache_bytes), remote, readahead, read_timeout=timeout)
+    return store, api, image
+
+
+@pytest.mark.parametrize("offset,size", [
+    (0, 4096), (BLOCK_SIZE - 100, 300), (3 * BLOCK_SIZE, BLOCK_SIZE),
+    (BLOCK_SIZE * 6 + 5, 3 * BLOCK_SIZE), (GIB - 10, 100), (GIB, 10), (123456, 0),
+])
+def test_read_returns_exact_bytes(expected, offset, size) -> None:
+    _, _, image = build()
+    data = trio.run(image.read, offset, size)
+    assert data == bytes(expected[offset : offset + size])
+
+
+def test_absent_blocks_are_zeros_and_cost_no_call() -> None:
+    _, api, image = build()
+    data = trio.run(image.read, 3 * BLOCK_SIZE, 4 * BLOCK_SIZE)
+    assert data == bytes(4 * BLOCK_SIZE)
+    assert api.calls["GetSnapshotBlock"] == 0
+
+
+def test_blocks_are_cached_and_fetched_once_by_concurrent_readers() -> None:
+    _, api, image = build()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(image.read, n * 1000, 4096)
+        await image.read(0, BLOCK_SIZE)
+
+    trio.run(run)
+    assert api.block_gets[("snap-01", 0)] == 1
+
+
+def test_lru_is_bounded_in_bytes() -> None:
+    _, api, image = build(cache_bytes=2 * BLOCK_SIZE)
+
+    async def run() -> None:
+        for i in WRITTEN:
+            await image.read(i * BLOCK_SIZE, 10)
+
+    trio.run(run)
+    assert image.cache.current_bytes <= 2 * BLOCK_SIZE
+    trio.run(image.read, 0, 10)
+    assert api.block_gets[("snap-01", 0)] == 2  # evicted, fetched again
+
+
+def test_refused_token_is_refreshed_and_the_read_goes_on(expected) -> None:
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
+    refused = []
+
+    def plan(number: int, operation: str):  # type: ignore[no-untyped-def]
+        if operation == "GetSnapshotBlock" and not refused:
+            refused.append(number)
+            return InvalidBlockToken("expired", "ValidationException", "INVALID_BLOCK_TOKEN")
+        return None
+
+    api = FailingApi(StoreApi(store), plan)
+    _, _, image = build(api=api, store=store)
+    assert trio.run(image.read, 0, 100) == bytes(expected[:100])
+    assert api.inner.calls["ListSnapshotBlocks"] == 2
+
+
+def test_remote_failure_is_read_failed_never_wrong_bytes() -> None:
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
+
+    def plan(number: int, operation: str):  # type: ignore[no-untyped-def]
+        return TransientError("boom") if operation == "GetSnapshotBlock" else None
+
+    _, _, image = build(api=FailingApi(StoreApi(store), plan), store=store)
+    with pytest.raises(ReadFailed):
+        trio.run(image.read, 0, 2 * BLOCK_SIZE)
+
+
+def test_read_timeout_bounds_a_stalled_fetch() -> None:
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
+
+    class Stalled(StoreApi):
+        def get_snapshot_block(self, *a, **k):  # type: ignore[no-untyped-def]
+            import time
+            time.sleep(2)
+            return super().get_snapshot_block(*a, **k)
+
+    _, _, image = build(api=Stalled(store), store=store, timeout=0.3)
+    with pytest.raises(ReadFailed, match="took over"):
+        trio.run(image.read, 0, 10)
+
+
+def test_readahead_fetches_ahead_of_a_sequential_reader(expected) -> None:
+    store = SnapshotStore(Faults(seed=1))
+    dense = {i: pattern_block(1, i) for i in range(64)}
+    store.add_snapshot("snap-01", dense, volume_size_gib=1)
+    readahead = Readahead()
+    _, api, image = build(store=store, readahead=readahead)
+    stream = image.open_stream()
+    digest = hashlib.sha256()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in range(0, 16 * BLOCK_SIZE, 131072):
+                digest.update(await image.read(off, 131072, stream))
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    want = b"".join(pattern_block(1, i) for i in range(16))
+    assert digest.digest() == hashlib.sha256(want).digest()
+    assert readahead.submitted > 0
+    fetched = {i for (_, i) in api.block_gets}
+    assert max(fetched) > 15  # fetched beyond what was read
+    assert all(n == 1 for n in api.block_gets.values())
+
+
+# ---- ReadPattern ---------------------------------------------------------------------
+
+
+def test_window_grows_geometrically_while_sequential() -> None:
+    pattern = ReadPattern(GIB, max_window=16)
+    windows = []
+    offset = 0
+    for _ in range(8):
+        pattern.observe(offset, 131072)
+        windows.append(pattern.window)
+        offset += 131072
+    assert windows == [0, 2, 4, 8, 16, 16, 16, 16]
+
+
+def test_random_read_resets_the_window_and_prefetches_nothing() -> None:
+    pattern = ReadPattern(GIB, max_window=16)
+    for n in range(5):
+        pattern.observe(n * 131072, 131072)
+    assert pattern.window > 0
+    assert list(pattern.observe(500 * BLOCK_SIZE, 4096)) == []
+    assert pattern.window == 0
+
+
+def test_small_out_of_order_reads_count_as_sequential() -> None:
+    pattern = ReadPattern(GIB, max_window=16)
+    pattern.observe(0, 131072)
+    pattern.observe(262144, 131072)  # kernel read-ahead arriving out of order
+    pattern.observe(131072, 131072)
+    assert pattern.window == 4
+
+
+def test_nothing_is_prefetched_past_the_end_of_the_volume() -> None:
+    pattern = ReadPattern(4 * BLOCK_SIZE, max_window=16)
+    ahead = []
+    for off in range(0, 4 * BLOCK_SIZE, 131072):
+        ahead += list(pattern.observe(off, 131072))
+    assert ahead and max(ahead) == 3
+    assert list(pattern.observe(4 * BLOCK_SIZE - 131072, 131072)) == []
+
+
+def test_random_4k_reads_fetch_at_most_twice_the_blocks_they_touch() -> None:
+    import random
+
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(2048)},
+                       volume_size_gib=1)
+    readahead = Readahead()
+    _, api, image = build(store=store, readahead=readahead, cache_bytes=512 * BLOCK_SIZE)
+    stream = image.open_stream()
+    rng = random.Random(5)
+    offsets = [rng.randrange(0, GIB - 4096) for _ in range(200)]
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in offsets:
+                await image.read(off, 4096, stream)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    touched = {off // BLOCK_SIZE for off in offsets} | {(off + 4095) // BLOCK_SIZE for off in offsets}
+    assert sum(api.block_gets.values()) <= 2 * len(touched)
