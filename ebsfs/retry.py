@@ -29,7 +29,9 @@ class RetryPolicy:
         """Seconds to wait before retry number `attempt` (1-based)."""
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
-    def call(self, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+    def call(
+        self, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep
+    ) -> T:
         """Run `fn`, retrying transient failures and throttling; other errors pass through."""
         started = time.monotonic()
         for attempt in range(1, self.attempts + 1):

@@ -157,7 +157,7 @@ def test_lineage_child_shares_parent_blocks_and_lists_changes(ebs, store) -> Non
     store.add_snapshot("snap-0a02", changes, parent="snap-0a01")
     child, _ = list_all(ebs, "snap-0a02")
     assert child == sorted(set(range(400)) | {1000})
-    changed, token = [], None
+    _changed, token = [], None
     entries = []
     while True:
         args = {"FirstSnapshotId": "snap-0a01", "SecondSnapshotId": "snap-0a02", "MaxResults": 100}

@@ -47,7 +47,8 @@ def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str = "dem
         subprocess.run(
             ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0",
              "-d", str(root), str(path)],
-            check=True, capture_output=True, env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
+            check=True, capture_output=True,
+            env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
         )
 
 

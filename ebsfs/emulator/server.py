@@ -3,6 +3,7 @@ injection around each call, and a small control endpoint (/_emulator/...) for te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -27,6 +28,9 @@ _ACCESS_KEY = re.compile(r"Credential=([^/,\s]+)/")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm the body then
+    # waits for a delayed ACK (40 ms on Linux) on every keep-alive request.
+    disable_nagle_algorithm = True
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -65,10 +69,8 @@ class _HttpServer(ThreadingHTTPServer):
         with self.sockets_lock:
             sockets = list(self.open_sockets)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class EmulatorServer:
@@ -151,7 +153,9 @@ class EmulatorServer:
         try:
             self._admit(req, operation, args)
             faults = self.faults
-            delay = faults.latency + (self.store.dice.uniform(0, faults.jitter) if faults.jitter else 0)
+            delay = faults.latency
+            if faults.jitter:
+                delay += self.store.dice.uniform(0, faults.jitter)
             if delay > 0:
                 time.sleep(delay)
             if self.store.dice.chance(faults.error_rate):
