@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from ebsfs import __version__
 from ebsfs.client import BotoEbsApi, ConnectionOptions
@@ -85,14 +86,22 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
                         "stderr in the foreground, syslog in the background)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the problem, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ebsfs",
         description="Amazon EBS snapshots as read-only raw disk images, read on demand "
                     "through the EBS direct APIs.",
     )
     parser.add_argument("--version", action="version", version=f"ebsfs {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
 
     mount = commands.add_parser(
         "mount", help="mount snapshots as MOUNTPOINT/<snapshot-id>.img",
