@@ -30,6 +30,8 @@ class _File:
     inode: int
     name: bytes
     image: SnapshotImage
+    report: bool = False
+    """The `<id>.changes` text file (changed ranges against the base) instead of the image."""
 
 
 class EbsOperations(pyfuse3.Operations):
@@ -37,13 +39,16 @@ class EbsOperations(pyfuse3.Operations):
 
     def __init__(self, images: list[SnapshotImage], mtime: float | None = None) -> None:
         super().__init__()
+        names = [(f"{img.snapshot_id}.img", img, False) for img in images]
+        names += [(f"{img.snapshot_id}.changes", img, True) for img in images if img.base]
         self._files = {
-            ROOT_INODE + 1 + n: _File(ROOT_INODE + 1 + n, f"{img.snapshot_id}.img".encode(), img)
-            for n, img in enumerate(images)
+            ROOT_INODE + 1 + n: _File(ROOT_INODE + 1 + n, name.encode(), img, report)
+            for n, (name, img, report) in enumerate(names)
         }
         self._by_name = {f.name: f for f in self._files.values()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[_File, ReadPattern]] = {}
+        self._reports: dict[int, bytes] = {}
         self._next_handle = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
 
@@ -56,7 +61,8 @@ class EbsOperations(pyfuse3.Operations):
         elif inode in self._files:
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
-            attr.st_size = self._files[inode].image.size
+            entry = self._files[inode]
+            attr.st_size = 0 if entry.report else entry.image.size
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr.st_ino = inode
@@ -107,11 +113,22 @@ class EbsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = next(self._next_handle)
         self._handles[handle] = (entry, entry.image.open_stream())
+        if entry.report:
+            try:
+                diff = await entry.image.changes_from_base()
+            except EbsfsError as err:
+                log.error("listing changes of %s failed: %s", entry.name.decode(), err)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            self._reports[handle] = (diff.as_text() + "\n").encode()
+            # direct_io: the size is only known once listed, so reads ignore st_size.
+            return pyfuse3.FileInfo(fh=handle, direct_io=True)
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         entry, stream = self._handles[fh]
+        if entry.report:
+            return self._reports[fh][off : off + size]
         try:
             return await entry.image.read(off, size, stream)
         except EbsfsError as err:
@@ -120,6 +137,7 @@ class EbsOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+        self._reports.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -140,10 +158,13 @@ class EbsOperations(pyfuse3.Operations):
         entry = self._files.get(inode)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return {
+        attrs = {
             b"user.ebsfs.snapshot_id": entry.image.snapshot_id.encode(),
             b"user.ebsfs.volume_size": str(entry.image.size).encode(),
         }
+        if entry.image.base is not None:
+            attrs[b"user.ebsfs.base_snapshot"] = entry.image.base[0].snapshot_id.encode()
+        return attrs
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = self.xattrs(inode).get(name)

@@ -8,8 +8,9 @@ import trio
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.cache import BlockCache
+from ebsfs.diff import Diff
 from ebsfs.errors import EbsfsError, InvalidBlockToken
-from ebsfs.index import BlockIndex
+from ebsfs.index import BlockIndex, ChangeIndex
 from ebsfs.prefetch import Readahead, ReadPattern
 from ebsfs.remote import RemoteSnapshots
 
@@ -41,6 +42,36 @@ class SnapshotImage:
         self.read_timeout = read_timeout
         self.max_window = max_window
         self.fetches = 0
+        self.base: tuple[SnapshotImage, ChangeIndex] | None = None
+
+    def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
+        """Serve blocks that `changes` says are unchanged from `base` (an earlier
+        snapshot of the same volume) through base's cache entries: one fetch for both."""
+        self.base = (base, changes)
+
+    async def changes_from_base(self) -> Diff:
+        """What differs from the base snapshot, chunk by chunk through the change index."""
+        if self.base is None:
+            raise ValueError(f"{self.snapshot_id} has no base snapshot")
+        base, changes = self.base
+        result = Diff(base.snapshot_id, self.snapshot_id, self.size, BLOCK_SIZE)
+        for chunk_no in range(changes.chunk_count):
+            for index, change in await changes.chunk_items(chunk_no):
+                result.changed_blocks.append(index)
+                result.only_in_first += change.second_token is None
+                result.only_in_second += change.first_token is None
+        result.list_calls = changes.list_calls
+        return result
+
+    async def _owner(self, index: int) -> SnapshotImage:
+        """The image whose cache entry and token serve block `index` of this one."""
+        image = self
+        while image.base is not None:
+            base, changes = image.base
+            if await changes.changed(index):
+                break
+            image = base
+        return image
 
     def open_stream(self) -> ReadPattern:
         """Read-pattern state for one open file handle."""
@@ -48,6 +79,10 @@ class SnapshotImage:
 
     async def block(self, index: int) -> bytes:
         """The bytes of block `index` (zeros if never written)."""
+        owner = await self._owner(index) if self.base is not None else self
+        return await owner._own_block(index)
+
+    async def _own_block(self, index: int) -> bytes:
         token = await self.index.token(index)
         if token is None:
             return ZERO_BLOCK

@@ -1,4 +1,5 @@
-"""Block index of one snapshot: which blocks exist and their tokens, listed lazily.
+"""Lazily listed block indexes: which blocks a snapshot holds (ListSnapshotBlocks) and
+which differ between two snapshots (ListChangedBlocks).
 
 The volume's index space is cut into chunks of `chunk_blocks` indexes. A chunk is
 listed (ListSnapshotBlocks from its first index) the first time a read needs it, and
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import cachetools
 
+from ebsfs.client import ChangedBlock
 from ebsfs.errors import InvalidPageToken
 from ebsfs.pending import SingleFlight
 from ebsfs.remote import RemoteSnapshots
@@ -33,9 +36,16 @@ MAX_EXTRA_CHUNKS = 4096
 """Chunks past the one asked for that a single listing may fill in (sparse volumes)."""
 
 
+V = TypeVar("V")
+Page = tuple[list[tuple[int, V]], str | None, float]
+"""(entries as (block index, value) ascending, NextToken, expiry)."""
+PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
+"""(StartingBlockIndex, NextToken) -> one page."""
+
+
 @dataclass
-class _Chunk:
-    tokens: dict[int, str]
+class _Chunk(Generic[V]):
+    tokens: dict[int, V]
     expiry: float
     listed_at: float
 
@@ -45,32 +55,32 @@ class _Chunk:
         return now < self.expiry - margin
 
 
-class BlockIndex:
-    """Maps block index -> token (or None for a block never written)."""
+class ChunkedIndex(Generic[V]):
+    """Maps block index -> the value a listing gave for it (None: not listed)."""
 
     def __init__(
-        self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int,
+        self, fetch_page: PageFetcher[V], name: str, volume_blocks: int,
         chunk_blocks: int = CHUNK_BLOCKS, max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.remote = remote
-        self.snapshot_id = snapshot_id
+        self._fetch_page = fetch_page
+        self.name = name
         self.volume_blocks = volume_blocks
         self.chunk_blocks = chunk_blocks
         self.chunk_count = -(-volume_blocks // chunk_blocks)
         self._clock = clock
-        self._chunks: cachetools.LRUCache[int, _Chunk] = cachetools.LRUCache(
+        self._chunks: cachetools.LRUCache[int, _Chunk[V]] = cachetools.LRUCache(
             maxsize=max(max_entries, 2 * (chunk_blocks + 1)),
             getsizeof=lambda chunk: len(chunk.tokens) + 1,
         )
-        self._loading: SingleFlight[int, _Chunk] = SingleFlight()
+        self._loading: SingleFlight[int, _Chunk[V]] = SingleFlight()
         self.list_calls = 0
 
     def chunk_of(self, index: int) -> int:
         return index // self.chunk_blocks
 
-    async def token(self, index: int) -> str | None:
-        """The token of block `index`, or None if the snapshot never wrote it."""
+    async def get(self, index: int) -> V | None:
+        """The listed value for block `index`, or None if no listing returns it."""
         if not 0 <= index < self.volume_blocks:
             raise IndexError(f"block {index} is outside the volume")
         chunk = await self._chunk(self.chunk_of(index))
@@ -85,54 +95,56 @@ class BlockIndex:
         if 0 <= chunk_no < self.chunk_count:
             await self._chunk(chunk_no)
 
+    async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
+        """Every (index, value) listed in one chunk, ascending."""
+        chunk = await self._chunk(chunk_no)
+        return sorted(chunk.tokens.items())
+
     def invalidate(self, index: int) -> None:
         """Forget the chunk holding `index` (its token was refused): the next lookup
         lists it again."""
         self._chunks.pop(self.chunk_of(index), None)
 
-    async def _chunk(self, chunk_no: int) -> _Chunk:
+    async def _chunk(self, chunk_no: int) -> _Chunk[V]:
         chunk = self._chunks.get(chunk_no)
         if chunk is not None and chunk.fresh(self._clock()):
             return chunk
         return await self._loading.run(chunk_no, lambda: self._list_chunk(chunk_no))
 
-    async def _list_chunk(self, chunk_no: int) -> _Chunk:
+    async def _list_chunk(self, chunk_no: int) -> _Chunk[V]:
         start = chunk_no * self.chunk_blocks
         chunk_last = min(start + self.chunk_blocks, self.volume_blocks) - 1
-        found: dict[int, str] = {}
+        found: dict[int, V] = {}
         expiry = float("inf")
         listed_at = self._clock()
         position, next_token = start, None
         while True:
             try:
-                page = await self.remote.list_snapshot_blocks(
-                    self.snapshot_id, start_index=position, next_token=next_token
-                )
+                entries, page_token, page_expiry = await self._fetch_page(position, next_token)
             except InvalidPageToken:
                 # NextTokens live 60 minutes; what was returned so far still stands.
-                log.debug("%s: page token refused, listing again from %d", self.snapshot_id,
-                          position)
+                log.debug("%s: page token refused, listing again from %d", self.name, position)
                 next_token = None
                 continue
             self.list_calls += 1
-            expiry = min(expiry, page.expiry)
-            for index, token in page.blocks:
-                found[index] = token
-            if page.blocks:
-                position = page.blocks[-1][0] + 1
-            if page.next_token is None:
+            expiry = min(expiry, page_expiry)
+            for index, value in entries:
+                found[index] = value
+            if entries:
+                position = entries[-1][0] + 1
+            if page_token is None:
                 proven_to = self.volume_blocks - 1
                 break
-            if page.blocks and page.blocks[-1][0] >= chunk_last:
-                proven_to = page.blocks[-1][0]
+            if entries and entries[-1][0] >= chunk_last:
+                proven_to = entries[-1][0]
                 break
-            next_token = page.next_token
+            next_token = page_token
         return self._store(chunk_no, proven_to, found, expiry, listed_at)
 
     def _store(
-        self, chunk_no: int, proven_to: int, found: dict[int, str], expiry: float,
+        self, chunk_no: int, proven_to: int, found: dict[int, V], expiry: float,
         listed_at: float,
-    ) -> _Chunk:
+    ) -> _Chunk[V]:
         """Keep every chunk the listing proved completely, the asked-for one last
         (most recently used)."""
         if proven_to >= self.volume_blocks - 1:
@@ -140,7 +152,7 @@ class BlockIndex:
         else:
             last = (proven_to + 1) // self.chunk_blocks - 1
         last = min(last, chunk_no + MAX_EXTRA_CHUNKS)
-        by_chunk: dict[int, dict[int, str]] = {c: {} for c in range(chunk_no, last + 1)}
+        by_chunk: dict[int, dict[int, V]] = {c: {} for c in range(chunk_no, last + 1)}
         for index, token in found.items():
             tokens = by_chunk.get(index // self.chunk_blocks)
             if tokens is not None:
@@ -151,3 +163,39 @@ class BlockIndex:
         asked = _Chunk(by_chunk[chunk_no], expiry, listed_at)
         self._chunks[chunk_no] = asked
         return asked
+
+
+class BlockIndex(ChunkedIndex[str]):
+    """Block index -> token, or None for a block the snapshot never wrote."""
+
+    def __init__(self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int,
+                 **kw: object) -> None:
+        async def fetch(start: int, next_token: str | None) -> Page[str]:
+            page = await remote.list_snapshot_blocks(
+                snapshot_id, start_index=start, next_token=next_token
+            )
+            return page.blocks, page.next_token, page.expiry
+
+        super().__init__(fetch, snapshot_id, volume_blocks, **kw)  # type: ignore[arg-type]
+        self.snapshot_id = snapshot_id
+
+    async def token(self, index: int) -> str | None:
+        return await self.get(index)
+
+
+class ChangeIndex(ChunkedIndex[ChangedBlock]):
+    """Block index -> how it changed between two snapshots of one lineage, or None
+    where the two hold the same data."""
+
+    def __init__(self, remote: RemoteSnapshots, first_id: str, second_id: str,
+                 volume_blocks: int, **kw: object) -> None:
+        async def fetch(start: int, next_token: str | None) -> Page[ChangedBlock]:
+            page = await remote.list_changed_blocks(
+                first_id, second_id, start_index=start, next_token=next_token
+            )
+            return [(c.index, c) for c in page.changes], page.next_token, page.expiry
+
+        super().__init__(fetch, f"{first_id}..{second_id}", volume_blocks, **kw)  # type: ignore[arg-type]
+
+    async def changed(self, index: int) -> bool:
+        return await self.get(index) is not None

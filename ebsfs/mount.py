@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -22,7 +22,7 @@ from ebsfs.client import BotoEbsApi, ConnectionOptions, EbsApi
 from ebsfs.errors import EbsfsError, UserInputError
 from ebsfs.fs import EbsOperations
 from ebsfs.image import SnapshotImage
-from ebsfs.index import BlockIndex
+from ebsfs.index import BlockIndex, ChangeIndex
 from ebsfs.prefetch import Readahead
 from ebsfs.remote import RemoteSnapshots
 
@@ -38,6 +38,8 @@ class MountConfig:
     cache_size: int = 512 * 1024**2
     max_fetches: int = 64
     read_timeout: float = 60.0
+    bases: dict[str, str] = field(default_factory=dict)
+    """second snapshot id -> an earlier snapshot of the same volume mounted with it."""
     allow_other: bool = False
     foreground: bool = False
     fuse_debug: bool = False
@@ -65,6 +67,11 @@ def build_operations(
         )
         for snapshot_id, size in config.snapshots
     ]
+    by_id = {image.snapshot_id: image for image in images}
+    for second, first in config.bases.items():
+        image = by_id[second]
+        changes = ChangeIndex(remote, first, second, image.index.volume_blocks)
+        image.share_with(by_id[first], changes)
     return EbsOperations(images), readahead, remote
 
 
