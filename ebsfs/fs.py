@@ -129,6 +129,7 @@ class EbsOperations(pyfuse3.Operations):
         entry, stream = self._handles[fh]
         if entry.report:
             return self._reports[fh][off : off + size]
+        log.debug("read %r at %d, %d bytes", entry.name, off, size)
         try:
             return await entry.image.read(off, size, stream)
         except EbsfsError as err:

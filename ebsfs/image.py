@@ -43,6 +43,8 @@ class SnapshotImage:
         self.max_window = max_window
         self.fetches = 0
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
+        self._prefetching: set[int] = set()
+        """Blocks submitted for read-ahead and not done yet: submit each once."""
 
     def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
         """Serve blocks that `changes` says are unchanged from `base` (an earlier
@@ -102,6 +104,12 @@ class SnapshotImage:
                 token = fresh
         raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
 
+    async def _prefetch(self, index: int) -> None:
+        try:
+            await self.block(index)
+        finally:
+            self._prefetching.discard(index)
+
     async def read(self, offset: int, size: int, stream: ReadPattern | None = None) -> bytes:
         """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
         ReadFailed. Never waits longer than read_timeout."""
@@ -110,8 +118,10 @@ class SnapshotImage:
         end = min(offset + size, self.size)
         if stream is not None and self.readahead is not None:
             for ahead in stream.observe(offset, end - offset):
-                if (self.snapshot_id, ahead) not in self.cache:
-                    self.readahead.submit(lambda i=ahead: self.block(i))
+                if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
+                    continue
+                if self.readahead.submit(lambda i=ahead: self._prefetch(i)):
+                    self._prefetching.add(ahead)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         try:
             with trio.fail_after(self.read_timeout):

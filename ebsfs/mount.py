@@ -85,6 +85,22 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+KERNEL_READAHEAD_KB = 4096
+
+
+def raise_kernel_readahead(device: int, kib: int = KERNEL_READAHEAD_KB) -> None:
+    """Let the kernel read ahead 4 MiB on this mount (default 128 KiB): it then sends
+    1 MiB FUSE reads, several at once, instead of 128 KiB ones. Measured in
+    docs/performance.md. Needs root; without it the default stays. Must run after the
+    FUSE INIT exchange, which resets the value."""
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except OSError as err:
+        log.info("kernel read-ahead left at its default: %s", err)
+
+
 def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready`, and serve until unmounted or signalled."""
     api = BotoEbsApi(config.connection)
@@ -109,11 +125,18 @@ def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                         pyfuse3.terminate()
                         return
 
+            async def run_fuse() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(watch_signals)
+            nursery.start_soon(run_fuse)
+            # The mount answers its first request: INIT is done and the loop is serving.
+            with trio.fail_after(30):
+                root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+            raise_kernel_readahead(root.st_dev)
             on_ready()
             log.info("serving %d snapshot(s) at %s", len(config.snapshots), config.mountpoint)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
 
     unmount = True
     try:

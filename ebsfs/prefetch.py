@@ -59,12 +59,14 @@ class Readahead:
         self.submitted = 0
         self.dropped = 0
 
-    def submit(self, work: Callable[[], Awaitable[object]]) -> None:
+    def submit(self, work: Callable[[], Awaitable[object]]) -> bool:
         try:
             self._send.send_nowait(work)
             self.submitted += 1
+            return True
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.dropped += 1
+            return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
