@@ -19,6 +19,7 @@ from ebsfs.errors import (
     ChecksumMismatch,
     CredentialsMissing,
     EndpointUnreachable,
+    Throttled,
     TransientError,
     UserInputError,
     service_error,
@@ -109,6 +110,8 @@ class BotoEbsApi:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self._retry = options.retry
+        self.throttles = 0
+        """RequestThrottledException answers so far (read by the fetch limiter)."""
         config = botocore.config.Config(
             retries={"mode": "standard", "total_max_attempts": 1},
             max_pool_connections=options.max_connections,
@@ -135,7 +138,7 @@ class BotoEbsApi:
             try:
                 return getattr(self._client, operation)(**params)  # type: ignore[no-any-return]
             except botocore.exceptions.ClientError as err:
-                raise _map_client_error(err) from err
+                raise self._note(_map_client_error(err)) from err
             except botocore.exceptions.NoCredentialsError as err:
                 raise CredentialsMissing(
                     "no AWS credentials found (environment, --profile, config files, "
@@ -150,6 +153,11 @@ class BotoEbsApi:
                 raise TransientError(f"{type(err).__name__}: {err}") from err
 
         return self._retry.call(operation, attempt)
+
+    def _note(self, err: Exception) -> Exception:
+        if isinstance(err, Throttled):
+            self.throttles += 1  # a lost update under a race only delays the back-off
+        return err
 
     def list_snapshot_blocks(
         self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
@@ -202,7 +210,7 @@ class BotoEbsApi:
                     SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
                 )
             except botocore.exceptions.ClientError as err:
-                raise _map_client_error(err) from err
+                raise self._note(_map_client_error(err)) from err
             except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError) as err:
                 raise TransientError(f"{type(err).__name__}: {err}") from err
             stream = r["BlockData"]

@@ -11,14 +11,45 @@ import trio
 from ebsfs.client import MAX_RESULTS, BlockPage, ChangedPage, EbsApi
 
 
+class AdaptiveLimit:
+    """Additive increase, multiplicative decrease of the calls in flight: halve them
+    when the service throttles (at most once a second), add one back after every
+    `recover_after` calls that went through without throttling."""
+
+    def __init__(self, limiter: trio.CapacityLimiter, maximum: int, minimum: int = 2,
+                 recover_after: int = 16) -> None:
+        self.limiter = limiter
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.recover_after = recover_after
+        self._clean = 0
+        self._last_cut = -1.0
+
+    def throttled(self) -> None:
+        now = trio.current_time()
+        self._clean = 0
+        if now - self._last_cut < 1.0:
+            return
+        self._last_cut = now
+        self.limiter.total_tokens = max(self.minimum, int(self.limiter.total_tokens) // 2)
+
+    def succeeded(self) -> None:
+        self._clean += 1
+        if self._clean >= self.recover_after and self.limiter.total_tokens < self.maximum:
+            self._clean = 0
+            self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
+
+
 class RemoteSnapshots:
     """The EbsApi methods as coroutines. Block fetches and list calls have separate
-    limiters so a burst of fetches never starves the index of list calls."""
+    limiters so a burst of fetches never starves the index of list calls; the fetch
+    limiter shrinks while the service throttles and grows back as it clears."""
 
     def __init__(self, api: EbsApi, max_fetches: int = 64, max_lists: int = 4) -> None:
         self.api = api
         self.fetch_limiter = trio.CapacityLimiter(max_fetches)
         self.list_limiter = trio.CapacityLimiter(max_lists)
+        self.fetch_limit = AdaptiveLimit(self.fetch_limiter, max_fetches)
 
     @staticmethod
     async def _run(limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -47,6 +78,12 @@ class RemoteSnapshots:
         )
 
     async def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes:
-        return await self._run(  # type: ignore[no-any-return]
+        before = getattr(self.api, "throttles", 0)
+        data = await self._run(
             self.fetch_limiter, self.api.get_snapshot_block, snapshot_id, index, token
         )
+        if getattr(self.api, "throttles", 0) > before:
+            self.fetch_limit.throttled()
+        else:
+            self.fetch_limit.succeeded()
+        return data  # type: ignore[no-any-return]
