@@ -125,7 +125,7 @@ class EbsOperations(pyfuse3.Operations):
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         entry, stream = self._handles[fh]
         if entry.report:
             return self._reports[fh][off : off + size]

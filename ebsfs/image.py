@@ -110,7 +110,8 @@ class SnapshotImage:
         finally:
             self._prefetching.discard(index)
 
-    async def read(self, offset: int, size: int, stream: ReadPattern | None = None) -> bytes:
+    async def read(self, offset: int, size: int, stream: ReadPattern | None = None
+                   ) -> bytes | memoryview:
         """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
         ReadFailed. Never waits longer than read_timeout."""
         if offset >= self.size or size <= 0:
@@ -123,12 +124,13 @@ class SnapshotImage:
                 if self.readahead.submit(lambda i=ahead: self._prefetch(i)):
                     self._prefetching.add(ahead)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        at_hand = self._blocks_at_hand(first, last)
+        if at_hand is not None:
+            return _assemble(at_hand, offset, end, first)
         try:
             with trio.fail_after(self.read_timeout):
                 if first == last:
-                    data = await self.block(first)
-                    start = offset - first * BLOCK_SIZE
-                    return data[start : start + end - offset]
+                    return _assemble([await self.block(first)], offset, end, first)
                 return await self._read_span(offset, end, first, last)
         except trio.TooSlowError:
             raise ReadFailed(
@@ -138,6 +140,22 @@ class SnapshotImage:
             raise
         except EbsfsError as err:
             raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
+
+    def _blocks_at_hand(self, first: int, last: int) -> list[bytes] | None:
+        """The blocks [first, last] if all are cached or known absent, with no await:
+        the warm path skips tasks, nurseries and timers (docs/performance.md)."""
+        if self.base is not None:
+            return None
+        blocks = []
+        for i in range(first, last + 1):
+            known, token = self.index.peek(i)
+            if not known:
+                return None
+            data = ZERO_BLOCK if token is None else self.cache.peek((self.snapshot_id, i))
+            if data is None:
+                return None
+            blocks.append(data)
+        return blocks
 
     async def _read_span(self, offset: int, end: int, first: int, last: int) -> bytes:
         blocks: dict[int, bytes] = {}
@@ -154,9 +172,19 @@ class SnapshotImage:
                 nursery.start_soon(one, i)
         if errors:
             raise errors[0]
-        parts = []
-        for i in range(first, last + 1):
-            lo = max(offset, i * BLOCK_SIZE) - i * BLOCK_SIZE
-            hi = min(end, (i + 1) * BLOCK_SIZE) - i * BLOCK_SIZE
-            parts.append(blocks[i][lo:hi])
-        return b"".join(parts)
+        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first)
+
+
+def _assemble(blocks: list[bytes], offset: int, end: int, first: int) -> bytes | memoryview:
+    """Bytes [offset, end) from consecutive blocks starting at block `first`. Within one
+    block, a view: no copy (pyfuse3 takes any buffer)."""
+    base = first * BLOCK_SIZE
+    if len(blocks) == 1:
+        if offset - base == 0 and end - base == len(blocks[0]):
+            return blocks[0]
+        return memoryview(blocks[0])[offset - base : end - base]
+    parts = []
+    for n, data in enumerate(blocks):
+        start = base + n * BLOCK_SIZE
+        parts.append(data[max(offset, start) - start : min(end, start + BLOCK_SIZE) - start])
+    return b"".join(parts)

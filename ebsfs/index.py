@@ -86,9 +86,12 @@ class ChunkedIndex(Generic[V]):
         chunk = await self._chunk(self.chunk_of(index))
         return chunk.tokens.get(index)
 
-    def is_known(self, index: int) -> bool:
+    def peek(self, index: int) -> tuple[bool, V | None]:
+        """(True, value) when the answer is at hand without a call, else (False, None)."""
         chunk = self._chunks.get(self.chunk_of(index))
-        return chunk is not None and chunk.fresh(self._clock())
+        if chunk is None or not chunk.fresh(self._clock()):
+            return False, None
+        return True, chunk.tokens.get(index)
 
     async def ensure(self, chunk_no: int) -> None:
         """List a chunk ahead of need (read-ahead of the index)."""

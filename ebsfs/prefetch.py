@@ -31,9 +31,12 @@ class ReadPattern:
         self.block_size = block_size
         self.window = 0
         self._expected: int | None = None
+        self._issued_until = 0
+        """Blocks below this were already returned for this run of sequential reads."""
 
     def observe(self, offset: int, size: int) -> range:
-        """Record a read; return the block indexes worth fetching ahead of it."""
+        """Record a read; return the block indexes worth fetching ahead of it that no
+        earlier read of this sequential run returned already."""
         end = offset + size
         sequential = self._expected is not None and abs(offset - self._expected) <= self.tolerance
         if sequential:
@@ -42,10 +45,14 @@ class ReadPattern:
         else:
             self.window = 0
             self._expected = end
+            self._issued_until = 0
         if self.window == 0 or size <= 0:
             return range(0)
         first = (end - 1) // self.block_size + 1
-        return range(first, min(first + self.window, self.volume_blocks))
+        stop = min(first + self.window, self.volume_blocks)
+        start = max(first, self._issued_until)
+        self._issued_until = max(self._issued_until, stop)
+        return range(start, stop)
 
 
 class Readahead:

@@ -1,0 +1,95 @@
+"""BotoEbsApi against the emulator over HTTP, on both GetSnapshotBlock paths (direct
+and botocore): bytes, checksums, the error mapping, retries."""
+
+from __future__ import annotations
+
+import pytest
+
+from ebsfs.client import BotoEbsApi, ConnectionOptions
+from ebsfs.emulator import EmulatorServer
+from ebsfs.errors import (
+    AccessDenied,
+    EndpointUnreachable,
+    InvalidBlockToken,
+    InvalidSnapshotId,
+    RetriesExhausted,
+    SnapshotNotFound,
+    UnrelatedSnapshots,
+)
+from ebsfs.retry import RetryPolicy
+from tests.fakes import pattern_block
+
+SNAP = "snap-0c0c"
+FAST_RETRY = RetryPolicy(attempts=20, base_delay=0.001, max_delay=0.01, deadline=20)
+
+
+@pytest.fixture(params=["direct", "botocore"])
+def api(request, emulator: EmulatorServer, monkeypatch) -> BotoEbsApi:  # type: ignore[no-untyped-def]
+    emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
+    if request.param == "botocore":
+        # A proxy setting sends GetSnapshotBlock through botocore (which honours it);
+        # NO_PROXY keeps this loopback endpoint direct.
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY))
+    assert (client._direct is not None) == (request.param == "direct")
+    return client
+
+
+def tokens(api: BotoEbsApi) -> dict[int, str]:
+    return dict(api.list_snapshot_blocks(SNAP, max_results=100).blocks)
+
+
+def test_block_bytes(api) -> None:
+    t = tokens(api)
+    assert api.get_snapshot_block(SNAP, 4, t[4]) == pattern_block(4, 4)
+
+
+def test_corrupt_and_truncated_bodies_are_retried(api, emulator) -> None:
+    t = tokens(api)
+    emulator.faults.corrupt_rate, emulator.faults.truncate_rate = 0.3, 0.3
+    for i in range(0, 40, 2):
+        assert api.get_snapshot_block(SNAP, i, t[i]) == pattern_block(4, i)
+    assert emulator.counters.errors["Corrupted"] + emulator.counters.errors["Truncated"] > 0
+
+
+def test_internal_errors_and_throttling_are_retried(api, emulator) -> None:
+    t = tokens(api)
+    api._retry = RetryPolicy(attempts=12, base_delay=0.05, max_delay=1.0)
+    emulator.faults.error_rate, emulator.faults.get_rate = 0.3, 5
+    for i in range(0, 20, 2):
+        assert api.get_snapshot_block(SNAP, i, t[i]) == pattern_block(4, i)
+    assert emulator.counters.errors["RequestThrottledException"] > 0
+    assert api.throttles > 0
+
+
+def test_persistent_failure_exhausts_retries(api, emulator) -> None:
+    t = tokens(api)
+    emulator.faults.error_rate = 1.0
+    with pytest.raises(RetriesExhausted):
+        api.get_snapshot_block(SNAP, 0, t[0])
+
+
+def test_error_mapping(api, emulator, store) -> None:
+    t = tokens(api)
+    with pytest.raises(InvalidBlockToken):
+        api.get_snapshot_block(SNAP, 2, t[0])
+    with pytest.raises(SnapshotNotFound):
+        api.get_snapshot_block("snap-0fff", 0, t[0])
+    with pytest.raises(InvalidSnapshotId):
+        api.list_snapshot_blocks("snap-nothex")
+    store.add_snapshot("snap-0d0d", {0: pattern_block(5, 0)})
+    with pytest.raises(UnrelatedSnapshots):
+        api.list_changed_blocks(SNAP, "snap-0d0d")
+    emulator.faults.deny_access_keys = ["AKIDTEST"]
+    with pytest.raises(AccessDenied):
+        api.get_snapshot_block(SNAP, 0, t[0])
+
+
+def test_unreachable_endpoint() -> None:
+    api = BotoEbsApi(ConnectionOptions(endpoint_url="http://127.0.0.1:9",
+                                       retry=RetryPolicy(attempts=2, base_delay=0.001)))
+    with pytest.raises(RetriesExhausted) as err:
+        api.get_snapshot_block(SNAP, 0, "AAAA")
+    assert isinstance(err.value.__cause__, EndpointUnreachable)
