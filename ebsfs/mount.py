@@ -182,13 +182,21 @@ def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:
         work(ready)
     except BaseException as err:  # the parent prints it; a daemon has no terminal
         code = 1
-        text = str(err) if isinstance(err, EbsfsError) else traceback.format_exc(limit=3)
-        log.error("mount process failed: %s", text)
+        leaf = first_leaf(err)
+        text = str(leaf) if isinstance(leaf, EbsfsError) else f"{type(leaf).__name__}: {leaf}"
+        log.error("mount process failed: %s\n%s", text, traceback.format_exc())
         if not reported:
-            os.write(write_end, text.encode())
+            os.write(write_end, f"the mount process failed: {text}".encode())
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def first_leaf(err: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups from trio."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return err
 
 
 def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
