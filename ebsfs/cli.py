@@ -25,6 +25,7 @@ from ebsfs.errors import (
     SnapshotNotFound,
     UnrelatedSnapshots,
     UserInputError,
+    first_leaf,
 )
 from ebsfs.retry import RetryPolicy
 
@@ -300,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except EbsfsError as err:
         print(f"ebsfs: error: {describe(err)}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:  # from trio, in the foreground
+        leaf = first_leaf(group)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        text = describe(leaf) if isinstance(leaf, EbsfsError) else f"{type(leaf).__name__}: {leaf}"
+        print(f"ebsfs: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ebsfs: interrupted", file=sys.stderr)

@@ -95,3 +95,10 @@ def service_error(code: str, reason: str, message: str) -> EbsfsError:
     cls = SERVICE_ERRORS.get((code, reason)) or SERVICE_ERRORS.get((code, ""), ServiceError)
     text = f"{code}" + (f" ({reason})" if reason else "") + (f": {message}" if message else "")
     return cls(text, code=code, reason=reason)
+
+
+def first_leaf(err: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups from trio."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return err

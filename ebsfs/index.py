@@ -110,8 +110,10 @@ class ChunkedIndex(Generic[V]):
 
     async def _chunk(self, chunk_no: int) -> _Chunk[V]:
         chunk = self._chunks.get(chunk_no)
-        if chunk is not None and chunk.fresh(self._clock()):
-            return chunk
+        if chunk is not None:
+            if chunk.fresh(self._clock()):
+                return chunk
+            log.debug("%s: tokens of chunk %d near expiry, listing again", self.name, chunk_no)
         return await self._loading.run(chunk_no, lambda: self._list_chunk(chunk_no))
 
     async def _list_chunk(self, chunk_no: int) -> _Chunk[V]:

@@ -19,7 +19,7 @@ import trio
 from ebsfs import BLOCK_SIZE
 from ebsfs.cache import BlockCache
 from ebsfs.client import BotoEbsApi, ConnectionOptions, EbsApi
-from ebsfs.errors import EbsfsError, UserInputError
+from ebsfs.errors import EbsfsError, UserInputError, first_leaf
 from ebsfs.fs import EbsOperations
 from ebsfs.image import SnapshotImage
 from ebsfs.index import BlockIndex, ChangeIndex
@@ -191,12 +191,6 @@ def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:
         logging.shutdown()
         os._exit(code)
 
-
-def first_leaf(err: BaseException) -> BaseException:
-    """The first real error inside (possibly nested) exception groups from trio."""
-    while isinstance(err, BaseExceptionGroup) and err.exceptions:
-        err = err.exceptions[0]
-    return err
 
 
 def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:

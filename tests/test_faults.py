@@ -6,8 +6,10 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,3 +178,45 @@ def test_reader_killed_mid_read(emulator: EmulatorServer, source, tmp_path) -> N
             f.seek(20 * BLOCK_SIZE)
             assert f.read(BLOCK_SIZE) == source.read_bytes()[20 * BLOCK_SIZE : 21 * BLOCK_SIZE]
         assert os.path.ismount(mnt)
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_logs_never_show_tokens_or_credentials(emulator: EmulatorServer, source, tmp_path,
+                                               monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekritsekritsekrit")
+    emulator.store.add_image(SNAP, source)
+    emulator.faults.error_rate, emulator.faults.truncate_rate = 0.2, 0.1
+    emulator.faults.token_lifetime = 2
+    log_file = tmp_path / "ebsfs.log"
+    with mounted(emulator.url, [SNAP], tmp_path / "mnt", "-vv", "--log-file",
+                 str(log_file), "--cache-size", "2M") as mnt:
+        read_all(mnt / f"{SNAP}.img", source.stat().st_size)
+        time.sleep(2.5)
+        drop_page_cache()
+        read_all(mnt / f"{SNAP}.img", 8 * BLOCK_SIZE)
+    text = log_file.read_text()
+    assert "retrying" in text and "listing again" in text  # the log did see the faults
+    assert "blockToken" not in text and "sekrit" not in text
+    assert "pageToken" not in text and "Signature=" not in text
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.parametrize("allow_other", [False, True])
+def test_other_users_see_the_mount_only_with_allow_other(emulator: EmulatorServer, tmp_path,
+                                                         allow_other) -> None:
+    emulator.store.add_snapshot(SNAP, {}, volume_size_gib=1)
+    base = Path(tempfile.mkdtemp(prefix="ebsfs-other-"))  # pytest's tmp is private to root
+    base.chmod(0o755)
+    options = ["--allow-other"] if allow_other else []
+    with mounted(emulator.url, [SNAP], base / "mnt", *options) as mnt:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", str(mnt)],
+            capture_output=True, text=True,
+        )
+        if allow_other:
+            assert result.returncode == 0 and f"{SNAP}.img" in result.stdout, result.stderr
+        else:
+            assert result.returncode != 0 and "Permission denied" in result.stderr
+    shutil.rmtree(base)
