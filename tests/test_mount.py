@@ -166,3 +166,26 @@ def test_sequential_read_with_large_cache_fetches_each_block_once(
         drop_page_cache()
         assert sha256_file(image) == first  # served from the ebsfs cache
     assert max(emulator.counters.block_gets.values()) == 1
+
+
+def test_random_4k_reads_fetch_at_most_twice_the_blocks_touched(
+    emulator: EmulatorServer, tmp_path
+) -> None:
+    """Through the kernel (its read-ahead included): random readers do not pay for
+    prefetches they never use."""
+    import random
+
+    block = bytes(range(256)) * (BLOCK_SIZE // 256)
+    emulator.store.add_snapshot("snap-0a2", {i: block for i in range(4096)}, volume_size_gib=2)
+    rng = random.Random(9)
+    offsets = [rng.randrange(0, 2 * GIB - 4096) & ~4095 for _ in range(300)]
+    with mounted(emulator.url, ["snap-0a2"], tmp_path / "mnt") as mnt:
+        fd = os.open(mnt / "snap-0a2.img", os.O_RDONLY)
+        try:
+            for off in offsets:
+                assert os.pread(fd, 4096, off) == block[off % BLOCK_SIZE : off % BLOCK_SIZE + 4096]
+        finally:
+            os.close(fd)
+    touched = {off // BLOCK_SIZE for off in offsets}
+    fetched = sum(emulator.counters.block_gets.values())
+    assert fetched <= 2 * len(touched), (fetched, len(touched))
