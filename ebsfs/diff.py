@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebsfs import BLOCK_SIZE
-from ebsfs.client import EbsApi
+from ebsfs.client import ChangedBlock, EbsApi
 from ebsfs.errors import InvalidPageToken
 
 
@@ -39,6 +39,12 @@ class Diff:
     only_in_second: int = 0
     """Changed blocks the first snapshot did not hold."""
     list_calls: int = 0
+
+    def record(self, change: ChangedBlock) -> None:
+        """Add one ListChangedBlocks entry (in ascending order)."""
+        self.changed_blocks.append(change.index)
+        self.only_in_first += change.second_token is None
+        self.only_in_second += change.first_token is None
 
     def ranges(self) -> list[ChangedRange]:
         merged: list[ChangedRange] = []
@@ -108,9 +114,7 @@ def diff_snapshots(api: EbsApi, first: str, second: str) -> Diff:
             if change.index in seen:
                 continue
             seen.add(change.index)
-            result.changed_blocks.append(change.index)
-            result.only_in_first += change.second_token is None
-            result.only_in_second += change.first_token is None
+            result.record(change)
         if page.next_token is None:
             break
         try:

@@ -58,10 +58,8 @@ class SnapshotImage:
         base, changes = self.base
         result = Diff(base.snapshot_id, self.snapshot_id, self.size, BLOCK_SIZE)
         for chunk_no in range(changes.chunk_count):
-            for index, change in await changes.chunk_items(chunk_no):
-                result.changed_blocks.append(index)
-                result.only_in_first += change.second_token is None
-                result.only_in_second += change.first_token is None
+            for _, change in await changes.chunk_items(chunk_no):
+                result.record(change)
         result.list_calls = changes.list_calls
         return result
 
