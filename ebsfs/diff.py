@@ -107,13 +107,9 @@ def diff_snapshots(api: EbsApi, first: str, second: str) -> Diff:
     """Page ListChangedBlocks to the end (short and empty pages included)."""
     page = api.list_changed_blocks(first, second)
     result = Diff(first, second, page.volume_size, page.block_size)
-    seen: set[int] = set()
     while True:
         result.list_calls += 1
-        for change in page.changes:
-            if change.index in seen:
-                continue
-            seen.add(change.index)
+        for change in page.changes:  # ascending, and a restart resumes past the last one
             result.record(change)
         if page.next_token is None:
             break
@@ -122,5 +118,4 @@ def diff_snapshots(api: EbsApi, first: str, second: str) -> Diff:
         except InvalidPageToken:  # expired after 60 minutes: resume after what we have
             start = result.changed_blocks[-1] + 1 if result.changed_blocks else 0
             page = api.list_changed_blocks(first, second, start_index=start)
-    result.changed_blocks.sort()
     return result
