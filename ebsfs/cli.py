@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GetSnapshotBlock calls in flight at once (default: 64)")
     mount.add_argument("--read-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
                        help="longest a read may take before it fails with EIO (default: 60)")
+    mount.add_argument("--request-timeout", type=_positive_float, default=20.0,
+                       metavar="SECONDS",
+                       help="longest wait for the service to answer one call (connect or "
+                            "body) before it is retried (default: 20)")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users read the mount (non-root users need "
                             "user_allow_other in /etc/fuse.conf)")
@@ -180,9 +184,11 @@ def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: i
                 ) -> ConnectionOptions:
     # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and SDKs honour.
     region = args.region or os.environ.get("AWS_REGION") or None
+    timeout = getattr(args, "request_timeout", 20.0)
     return ConnectionOptions(
         region=region, profile=args.profile, endpoint_url=args.endpoint_url,
         max_connections=max_connections, retry=retry,
+        connect_timeout=min(5.0, timeout), read_timeout=timeout,
     )
 
 

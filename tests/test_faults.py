@@ -220,3 +220,17 @@ def test_other_users_see_the_mount_only_with_allow_other(emulator: EmulatorServe
         else:
             assert result.returncode != 0 and "Permission denied" in result.stderr
     shutil.rmtree(base)
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_stalled_bodies_are_abandoned_and_fetched_again(emulator: EmulatorServer, source,
+                                                        tmp_path) -> None:
+    emulator.store.add_image(SNAP, source)
+    emulator.faults.stall_rate, emulator.faults.stall_seconds = 0.2, 30
+    with mounted(emulator.url, [SNAP], tmp_path / "mnt", "--request-timeout", "1") as mnt:
+        started = time.monotonic()
+        expected = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert read_all(mnt / f"{SNAP}.img", source.stat().st_size) == expected
+        assert time.monotonic() - started < 25  # never waited out a 30 s stall
+    assert emulator.counters.errors["Stalled"] > 0

@@ -221,6 +221,7 @@ class EmulatorServer:
         req.end_headers()
         dice = self.store.dice
         if dice.chance(faults.stall_rate):
+            self.counters.error("Stalled")
             self._stopping.wait(faults.stall_seconds)
         if dice.chance(faults.truncate_rate):
             req.wfile.write(data[: len(data) // 2])
