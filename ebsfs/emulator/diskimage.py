@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 PARTITION_START = 1024 * 1024
+FS_UUID = "5e1f0e5e-0000-4000-8000-00000000eb5f"
 """The ext4 partition starts at 1 MiB (sector 2048), as partitioning tools put it."""
 
 
@@ -45,7 +46,10 @@ def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str = "dem
         with open(path, "wb") as f:
             f.truncate(size)
         subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0",
+            # Fixed UUID and hash seed: the same files give the same blocks, so two
+            # images of one "volume" differ only where their files do.
+            ["mkfs.ext4", "-q", "-F", "-L", label, "-U", FS_UUID,
+             "-E", "root_owner=0:0,hash_seed=5e1f0e5e-0000-4000-8000-000000000001",
              "-d", str(root), str(path)],
             check=True, capture_output=True,
             env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
@@ -63,8 +67,9 @@ def build_disk(path: Path, size: int, files: dict[str, bytes], label: str = "dem
             f.truncate(size)
         subprocess.run(
             ["sfdisk", "--quiet", str(path)],
-            input=f"label: gpt\nstart={PARTITION_START // 512}, size={part_size // 512}, "
-                  f"type=linux, name={label}\n",
+            input="label: gpt\nlabel-id: 5E1F0E5E-0000-4000-8000-0000000000D1\n"
+                  f"start={PARTITION_START // 512}, size={part_size // 512}, type=linux, "
+                  f"name={label}, uuid=5E1F0E5E-0000-4000-8000-0000000000F1\n",
             text=True, check=True, capture_output=True,
         )
         with open(part, "rb") as src, open(path, "r+b") as dst:
