@@ -149,7 +149,7 @@ class BotoEbsApi:
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
             try:
-                return getattr(self._client, operation)(**params)  # type: ignore[no-any-return]
+                return getattr(self._client, operation)(**params)
             except botocore.exceptions.ClientError as err:
                 raise self._note(_map_client_error(err)) from err
             except botocore.exceptions.NoCredentialsError as err:

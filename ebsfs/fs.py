@@ -125,7 +125,11 @@ class EbsOperations(pyfuse3.Operations):
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        # Any buffer works (pyfuse3 replies via the buffer protocol); a memoryview of a
+        # cached block spares a copy. The stubs only say bytes.
         entry, stream = self._handles[fh]
         if entry.report:
             return self._reports[fh][off : off + size]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
@@ -119,7 +120,7 @@ class SnapshotImage:
             for ahead in stream.observe(offset, end - offset):
                 if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
                     continue
-                if self.readahead.submit(lambda i=ahead: self._prefetch(i)):
+                if self.readahead.submit(functools.partial(self._prefetch, ahead)):
                     self._prefetching.add(ahead)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         at_hand = self._blocks_at_hand(first, last)
@@ -155,7 +156,8 @@ class SnapshotImage:
             blocks.append(data)
         return blocks
 
-    async def _read_span(self, offset: int, end: int, first: int, last: int) -> bytes:
+    async def _read_span(self, offset: int, end: int, first: int, last: int
+                         ) -> bytes | memoryview:
         blocks: dict[int, bytes] = {}
         errors: list[EbsfsError] = []
 

@@ -63,7 +63,7 @@ class RemoteSnapshots:
         self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
         max_results: int = MAX_RESULTS,
     ) -> BlockPage:
-        return await self._run(  # type: ignore[no-any-return]
+        return await self._run(
             self.list_limiter, self.api.list_snapshot_blocks, snapshot_id,
             start_index=start_index, next_token=next_token, max_results=max_results,
         )
@@ -72,7 +72,7 @@ class RemoteSnapshots:
         self, first_id: str, second_id: str, start_index: int = 0,
         next_token: str | None = None, max_results: int = MAX_RESULTS,
     ) -> ChangedPage:
-        return await self._run(  # type: ignore[no-any-return]
+        return await self._run(
             self.list_limiter, self.api.list_changed_blocks, first_id, second_id,
             start_index=start_index, next_token=next_token, max_results=max_results,
         )
@@ -86,4 +86,4 @@ class RemoteSnapshots:
             self.fetch_limit.throttled()
         else:
             self.fetch_limit.succeeded()
-        return data  # type: ignore[no-any-return]
+        return data
