@@ -93,3 +93,35 @@ def test_unreachable_endpoint() -> None:
     with pytest.raises(RetriesExhausted) as err:
         api.get_snapshot_block(SNAP, 0, "AAAA")
     assert isinstance(err.value.__cause__, EndpointUnreachable)
+
+
+def test_fetch_concurrency_shrinks_while_throttled_and_grows_back(emulator: EmulatorServer
+                                                                  ) -> None:
+    import trio
+
+    from ebsfs.remote import RemoteSnapshots
+
+    emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(120)})
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=RetryPolicy(
+        attempts=30, base_delay=0.02, max_delay=0.5, deadline=60)))
+    remote = RemoteSnapshots(api, max_fetches=64)
+    t = dict(api.list_snapshot_blocks(SNAP, max_results=1000).blocks)
+    limits = []
+
+    async def fetch_all(indexes: range) -> None:
+        async with trio.open_nursery() as nursery:
+            for i in indexes:
+                nursery.start_soon(remote.get_snapshot_block, SNAP, i, t[i])
+
+    async def run() -> None:
+        emulator.faults.get_rate = 30
+        await fetch_all(range(0, 80))
+        limits.append(int(remote.fetch_limiter.total_tokens))
+        emulator.faults.get_rate = 0
+        for _ in range(6):
+            await fetch_all(range(80, 120))
+        limits.append(int(remote.fetch_limiter.total_tokens))
+
+    trio.run(run)
+    assert api.throttles > 0
+    assert limits[0] < 64 and limits[1] > limits[0], limits
