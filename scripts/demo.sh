@@ -17,7 +17,12 @@ cleanup() {
     if mountpoint -q "$DEMO/mnt" 2>/dev/null; then
         .venv/bin/ebsfs umount "$DEMO/mnt" || fusermount3 -u -z "$DEMO/mnt" || true
     fi
-    if [ -f "$DEMO/emulator.pid" ]; then kill "$(cat "$DEMO/emulator.pid")" 2>/dev/null || true; rm -f "$DEMO/emulator.pid"; fi
+    if [ -f "$DEMO/emulator.pid" ]; then
+        pid="$(cat "$DEMO/emulator.pid")"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        rm -f "$DEMO/emulator.pid"
+    fi
 }
 
 if [ "${1:-}" = cleanup ]; then
