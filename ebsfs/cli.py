@@ -290,7 +290,8 @@ def describe(err: BaseException) -> str:
                 "snapshots in this account can be read)")
     if isinstance(err, AccessDenied):
         return (f"access denied: {err} (needs ebs:ListSnapshotBlocks and "
-                "ebs:GetSnapshotBlock, and kms:Decrypt for encrypted snapshots)")
+                "ebs:GetSnapshotBlock, ebs:ListChangedBlocks for diff, and kms:Decrypt for "
+                "encrypted snapshots)")
     if isinstance(err, UnrelatedSnapshots):
         return f"the snapshots are not of the same volume lineage: {err}"
     if isinstance(err, CredentialsMissing | UserInputError | InvalidSnapshotId):
@@ -301,7 +302,12 @@ def describe(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.log_file, background=False)
+    try:
+        setup_logging(args.verbose, args.log_file, background=False)
+    except OSError as err:
+        print(f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}",
+              file=sys.stderr)
+        return 1
     handlers = {"mount": cmd_mount, "umount": cmd_umount, "diff": cmd_diff}
     try:
         return handlers[args.command](args)

@@ -50,6 +50,11 @@ def test_bad_option_values(args, words, mnt) -> None:
     assert_one_line_error(ebsfs("mount", *args, SNAP, str(mnt)), *words)
 
 
+def test_log_file_that_cannot_be_opened(mnt, tmp_path) -> None:
+    result = ebsfs("mount", "--log-file", str(tmp_path / "no" / "such.log"), SNAP, str(mnt))
+    assert_one_line_error(result, "cannot open log file")
+
+
 def test_malformed_snapshot_id(mnt) -> None:
     result = ebsfs("mount", "--endpoint-url", "http://127.0.0.1:1", "vol-123", str(mnt))
     assert_one_line_error(result, "invalid snapshot id", "vol-123")
