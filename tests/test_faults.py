@@ -155,6 +155,7 @@ def test_concurrent_readers_small_cache_exact_bytes_and_bounded_memory(
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.split(":", 1) for line in f)
         peak_mib = int(status["VmHWM"].split()[0]) / 1024
+        print(f"mount process peak RSS: {peak_mib:.0f} MiB with an {cache_mib} MiB cache")
     # The interpreter with boto3, trio and pyfuse3 loaded is about 60-80 MiB; allow the
     # cache, 64 in-flight blocks (32 MiB) and slack, but not the 48 MiB image.
     assert peak_mib < 80 + cache_mib + 32 + 30, f"peak RSS {peak_mib:.0f} MiB"
