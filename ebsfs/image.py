@@ -78,12 +78,12 @@ class SnapshotImage:
         """Read-pattern state for one open file handle."""
         return ReadPattern(self.size, max_window=self.max_window)
 
-    async def block(self, index: int) -> bytes:
+    async def block(self, index: int) -> bytes | memoryview:
         """The bytes of block `index` (zeros if never written)."""
         owner = await self._owner(index) if self.base is not None else self
         return await owner._own_block(index)
 
-    async def _own_block(self, index: int) -> bytes:
+    async def _own_block(self, index: int) -> bytes | memoryview:
         token = await self.index.token(index)
         if token is None:
             return ZERO_BLOCK
@@ -140,12 +140,15 @@ class SnapshotImage:
         except EbsfsError as err:
             raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
 
-    def _blocks_at_hand(self, first: int, last: int) -> list[bytes] | None:
+    def _blocks_at_hand(self, first: int, last: int) -> list[bytes | memoryview] | None:
         """The blocks [first, last] if all are cached or known absent, with no await:
         the warm path skips tasks, nurseries and timers (docs/performance.md)."""
         if self.base is not None:
             return None
-        blocks = []
+        slab = self.cache.peek_span(self.snapshot_id, first, last)
+        if slab is not None:
+            return [slab]
+        blocks: list[bytes | memoryview] = []
         for i in range(first, last + 1):
             known, token = self.index.peek(i)
             if not known:
@@ -158,7 +161,7 @@ class SnapshotImage:
 
     async def _read_span(self, offset: int, end: int, first: int, last: int
                          ) -> bytes | memoryview:
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, bytes | memoryview] = {}
         errors: list[EbsfsError] = []
 
         async def one(i: int) -> None:
@@ -175,9 +178,11 @@ class SnapshotImage:
         return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first)
 
 
-def _assemble(blocks: list[bytes], offset: int, end: int, first: int) -> bytes | memoryview:
-    """Bytes [offset, end) from consecutive blocks starting at block `first`. Within one
-    block, a view: no copy (pyfuse3 takes any buffer)."""
+def _assemble(blocks: list[bytes | memoryview], offset: int, end: int, first: int
+              ) -> bytes | memoryview:
+    """Bytes [offset, end) from consecutive blocks starting at block `first` (or from
+    one buffer holding them all). From one buffer, a view: no copy (pyfuse3 replies
+    from any buffer)."""
     base = first * BLOCK_SIZE
     if len(blocks) == 1:
         if offset - base == 0 and end - base == len(blocks[0]):

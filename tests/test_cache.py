@@ -1,0 +1,77 @@
+"""BlockCache: slabs of two blocks, byte budget, one fetch per block."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from ebsfs import BLOCK_SIZE
+from ebsfs.cache import SLAB_SIZE, BlockCache
+from tests.fakes import pattern_block
+
+
+def fill(cache: BlockCache, snapshot_id: str, indexes: list[int]) -> None:
+    async def run() -> None:
+        for i in indexes:
+            async def fetch(i: int = i) -> bytes:
+                return pattern_block(7, i)
+            await cache.get((snapshot_id, i), fetch)
+    trio.run(run)
+
+
+def test_an_aligned_pair_is_one_view_without_copy() -> None:
+    cache = BlockCache(8 * SLAB_SIZE)
+    fill(cache, "s", [4, 5])
+    span = cache.peek_span("s", 4, 5)
+    assert span is not None and bytes(span) == pattern_block(7, 4) + pattern_block(7, 5)
+    assert cache.peek_span("s", 5, 6) is None  # not one slab
+    assert cache.peek_span("s", 6, 7) is None  # not cached
+
+
+def test_half_filled_slab_serves_its_block_only() -> None:
+    cache = BlockCache(8 * SLAB_SIZE)
+    fill(cache, "s", [3])
+    assert bytes(cache.peek(("s", 3)) or b"") == pattern_block(7, 3)
+    assert cache.peek(("s", 2)) is None and ("s", 2) not in cache
+    assert cache.peek_span("s", 2, 3) is None
+
+
+def test_budget_counts_whole_slabs() -> None:
+    cache = BlockCache(3 * SLAB_SIZE)
+    fill(cache, "s", [0, 2, 4, 6, 8])  # five slabs, each with one block
+    assert cache.current_bytes <= 3 * SLAB_SIZE
+    assert ("s", 0) not in cache and ("s", 8) in cache
+
+
+def test_views_handed_out_survive_eviction() -> None:
+    cache = BlockCache(SLAB_SIZE)
+    fill(cache, "s", [0])
+    view = cache.peek(("s", 0))
+    fill(cache, "s", [10])  # evicts the first slab
+    assert ("s", 0) not in cache
+    assert view is not None and bytes(view) == pattern_block(7, 0)
+
+
+def test_a_cache_smaller_than_a_slab_still_answers() -> None:
+    cache = BlockCache(BLOCK_SIZE)
+    fill(cache, "s", [1])
+    assert cache.current_bytes == 0 and ("s", 1) not in cache
+
+
+@pytest.mark.parametrize("readers", [1, 10])
+def test_one_fetch_per_block_whatever_the_readers(readers: int) -> None:
+    cache = BlockCache(4 * SLAB_SIZE)
+    calls = []
+
+    async def fetch() -> bytes:
+        calls.append(1)
+        await trio.sleep(0.01)
+        return pattern_block(7, 9)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(readers):
+                nursery.start_soon(cache.get, ("s", 9), fetch)
+
+    trio.run(run)
+    assert len(calls) == 1
