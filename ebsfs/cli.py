@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="stay in the foreground; Ctrl-C unmounts")
     mount.add_argument("--cache-size", type=parse_size, default="512M", metavar="SIZE",
-                       help="memory for cached blocks, e.g. 256M, 2G (default: 512M); "
-                            "read-ahead uses at most a quarter of it")
+                       help="memory for cached blocks, e.g. 256M, 2G (default: 512M; "
+                            "counted in 1 MiB slabs of two blocks, so at least 1M to cache "
+                            "anything); read-ahead uses at most a quarter of it")
     mount.add_argument("--max-fetches", type=_positive_int, default=64, metavar="N",
                        help="GetSnapshotBlock calls in flight at once (default: 64)")
     mount.add_argument("--read-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
