@@ -49,8 +49,6 @@ class BlockCache:
             maxsize=max(max_bytes, 1), getsizeof=lambda slab: SLAB_SIZE
         )
         self._flights: SingleFlight[BlockKey, bytes | memoryview] = SingleFlight()
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def _slab_key(key: BlockKey) -> tuple[BlockKey, int]:
@@ -61,9 +59,6 @@ class BlockCache:
         slab_key, part = self._slab_key(key)
         slab = self._lru.get(slab_key)
         return slab is not None and slab.filled[part]
-
-    def is_pending(self, key: BlockKey) -> bool:
-        return key in self._flights
 
     @property
     def current_bytes(self) -> int:
@@ -104,11 +99,9 @@ class BlockCache:
         """The cached block, or `fetch()` once however many readers ask at once."""
         data = self.peek(key)
         if data is not None:
-            self.hits += 1
             return data
 
         async def fetch_and_keep() -> bytes | memoryview:
-            self.misses += 1
             return self._keep(key, await fetch())
 
         return await self._flights.run(key, fetch_and_keep)

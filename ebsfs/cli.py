@@ -245,7 +245,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         connection=_connection(args, RetryPolicy(), args.max_fetches + 8),
         cache_size=args.cache_size, max_fetches=args.max_fetches, bases=bases,
         read_timeout=args.read_timeout, allow_other=args.allow_other,
-        foreground=args.foreground, fuse_debug=args.fuse_debug,
+        fuse_debug=args.fuse_debug,
     )
     if args.foreground:
         mount.serve(config, on_ready=lambda: print(

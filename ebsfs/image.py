@@ -42,7 +42,6 @@ class SnapshotImage:
         self.readahead = readahead
         self.read_timeout = read_timeout
         self.max_window = max_window
-        self.fetches = 0
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
@@ -92,7 +91,6 @@ class SnapshotImage:
     async def _fetch(self, index: int, token: str) -> bytes:
         for _ in range(TOKEN_REFRESHES):
             try:
-                self.fetches += 1
                 return await self.remote.get_snapshot_block(self.snapshot_id, index, token)
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)

@@ -93,11 +93,6 @@ class ChunkedIndex(Generic[V]):
             return False, None
         return True, chunk.tokens.get(index)
 
-    async def ensure(self, chunk_no: int) -> None:
-        """List a chunk ahead of need (read-ahead of the index)."""
-        if 0 <= chunk_no < self.chunk_count:
-            await self._chunk(chunk_no)
-
     async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
         """Every (index, value) listed in one chunk, ascending."""
         chunk = await self._chunk(chunk_no)

@@ -41,7 +41,6 @@ class MountConfig:
     bases: dict[str, str] = field(default_factory=dict)
     """second snapshot id -> an earlier snapshot of the same volume mounted with it."""
     allow_other: bool = False
-    foreground: bool = False
     fuse_debug: bool = False
 
 
