@@ -14,8 +14,9 @@ import socket
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import boto3
 import botocore.auth
@@ -37,7 +38,11 @@ from ebsfs.errors import (
 from ebsfs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
+NO_CREDENTIALS = (
+    "no AWS credentials found (environment, --profile, config files, instance role)"
+)
 MAX_RESULTS = 10000
 """Always sent: the service's default page size is undocumented."""
 
@@ -146,71 +151,52 @@ class BotoEbsApi:
         if not _proxy_configured():
             self._direct = DirectBlockGetter(session, self._client, options)
 
+    def _retried(self, what: str, attempt: Callable[[], T]) -> T:
+        """RetryPolicy around `attempt`, counting throttling answers on the way."""
+
+        def counted() -> T:
+            try:
+                return attempt()
+            except Throttled:
+                self.throttles += 1  # a lost update under a race only delays the back-off
+                raise
+
+        return self._retry.call(what, counted)
+
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
             try:
                 return getattr(self._client, operation)(**params)
-            except botocore.exceptions.ClientError as err:
-                raise self._note(_map_client_error(err)) from err
-            except botocore.exceptions.NoCredentialsError as err:
-                raise CredentialsMissing(
-                    "no AWS credentials found (environment, --profile, config files, "
-                    "instance role)"
-                ) from err
-            except (
-                botocore.exceptions.EndpointConnectionError,
-                botocore.exceptions.ConnectTimeoutError,
-            ) as err:
-                raise EndpointUnreachable(f"cannot reach {err.kwargs.get('endpoint_url')}") from err
-            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError) as err:
-                raise TransientError(f"{type(err).__name__}: {err}") from err
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                    urllib3.exceptions.HTTPError) as err:
+                raise _boto_error(err) from err
 
-        return self._retry.call(operation, attempt)
-
-    def _note(self, err: Exception) -> Exception:
-        if isinstance(err, Throttled):
-            self.throttles += 1  # a lost update under a race only delays the back-off
-        return err
+        return self._retried(operation, attempt)
 
     def list_snapshot_blocks(
         self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
         max_results: int = MAX_RESULTS,
     ) -> BlockPage:
-        params: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": max_results}
-        if next_token:
-            params["NextToken"] = next_token
-        else:
-            params["StartingBlockIndex"] = start_index
-        r = self._call("list_snapshot_blocks", **params)
+        r = self._call("list_snapshot_blocks", SnapshotId=snapshot_id,
+                       **_paging(start_index, next_token, max_results))
         return BlockPage(
             blocks=[(b["BlockIndex"], b["BlockToken"]) for b in r.get("Blocks", [])],
-            next_token=r.get("NextToken") or None,
-            expiry=r["ExpiryTime"].timestamp() if "ExpiryTime" in r else float("inf"),
-            volume_size=r["VolumeSize"] * GIB,
-            block_size=r.get("BlockSize", BLOCK_SIZE),
+            **_page_fields(r),
         )
 
     def list_changed_blocks(
         self, first_id: str, second_id: str, start_index: int = 0,
         next_token: str | None = None, max_results: int = MAX_RESULTS,
     ) -> ChangedPage:
-        params: dict[str, Any] = {
-            "FirstSnapshotId": first_id, "SecondSnapshotId": second_id, "MaxResults": max_results,
-        }
-        if next_token:
-            params["NextToken"] = next_token
-        else:
-            params["StartingBlockIndex"] = start_index
-        r = self._call("list_changed_blocks", **params)
+        r = self._call("list_changed_blocks", FirstSnapshotId=first_id,
+                       SecondSnapshotId=second_id,
+                       **_paging(start_index, next_token, max_results))
         return ChangedPage(
             changes=[
                 ChangedBlock(c["BlockIndex"], c.get("FirstBlockToken"), c.get("SecondBlockToken"))
                 for c in r.get("ChangedBlocks", [])
             ],
-            next_token=r.get("NextToken") or None,
-            expiry=r["ExpiryTime"].timestamp() if "ExpiryTime" in r else float("inf"),
-            volume_size=r["VolumeSize"] * GIB,
-            block_size=r.get("BlockSize", BLOCK_SIZE),
+            **_page_fields(r),
         )
 
     def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes:
@@ -219,19 +205,16 @@ class BotoEbsApi:
         what = f"GetSnapshotBlock {snapshot_id}:{index}"
         direct = self._direct
         if direct is not None:
-            return self._retry.call(
-                what, lambda: self._note_direct(direct.get(snapshot_id, index, token))
-            )
+            return self._retried(what, lambda: direct.get(snapshot_id, index, token))
 
         def attempt() -> bytes:
             try:
                 r = self._client.get_snapshot_block(
                     SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
                 )
-            except botocore.exceptions.ClientError as err:
-                raise self._note(_map_client_error(err)) from err
-            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError) as err:
-                raise TransientError(f"{type(err).__name__}: {err}") from err
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                    urllib3.exceptions.HTTPError) as err:
+                raise _boto_error(err) from err
             stream = r["BlockData"]
             try:
                 data = stream.read()
@@ -244,12 +227,24 @@ class BotoEbsApi:
                          r.get("DataLength", -1))
             return data
 
-        return self._retry.call(what, attempt)
+        return self._retried(what, attempt)
 
-    def _note_direct(self, result: bytes | Exception) -> bytes:
-        if isinstance(result, Exception):
-            raise self._note(result)
-        return result
+
+def _paging(start_index: int, next_token: str | None, max_results: int) -> dict[str, Any]:
+    """Paging parameters: the service ignores StartingBlockIndex once a NextToken is given."""
+    if next_token:
+        return {"MaxResults": max_results, "NextToken": next_token}
+    return {"MaxResults": max_results, "StartingBlockIndex": start_index}
+
+
+def _page_fields(r: dict[str, Any]) -> dict[str, Any]:
+    """What every list page carries besides its entries."""
+    return {
+        "next_token": r.get("NextToken") or None,
+        "expiry": r["ExpiryTime"].timestamp() if "ExpiryTime" in r else float("inf"),
+        "volume_size": r["VolumeSize"] * GIB,
+        "block_size": r.get("BlockSize", BLOCK_SIZE),
+    }
 
 
 def _proxy_configured() -> bool:
@@ -276,7 +271,6 @@ class DirectBlockGetter:
         self._https = endpoint.scheme == "https"
         self._host = endpoint.hostname or ""
         self._port = endpoint.port or (443 if self._https else 80)
-        self._netloc = endpoint.netloc
         self._base_path = endpoint.path.rstrip("/")
         self._url = f"{endpoint.scheme}://{endpoint.netloc}{self._base_path}"
         self._region = client.meta.region_name
@@ -311,9 +305,7 @@ class DirectBlockGetter:
 
     def _signed_headers(self, url: str) -> dict[str, str]:
         if self._credentials is None:
-            raise CredentialsMissing(
-                "no AWS credentials found (environment, --profile, config files, instance role)"
-            )
+            raise CredentialsMissing(NO_CREDENTIALS)
         request = botocore.awsrequest.AWSRequest(method="GET", url=url)
         botocore.auth.SigV4Auth(
             self._credentials.get_frozen_credentials(), "ebs", self._region
@@ -322,9 +314,8 @@ class DirectBlockGetter:
         headers["User-Agent"] = self._user_agent
         return headers
 
-    def get(self, snapshot_id: str, index: int, token: str) -> bytes | Exception:
-        """One attempt: the verified block, or the typed error (raised by the caller,
-        so that throttling is counted in one place)."""
+    def get(self, snapshot_id: str, index: int, token: str) -> bytes:
+        """One attempt: the verified block, or a typed error."""
         path = (f"{self._base_path}/snapshots/{urllib.parse.quote(snapshot_id, safe='')}"
                 f"/blocks/{index}?blockToken={urllib.parse.quote(token, safe='')}")
         headers = self._signed_headers(self._url + path[len(self._base_path):])
@@ -336,22 +327,19 @@ class DirectBlockGetter:
         except (OSError, http.client.HTTPException) as err:
             self._drop_connection()
             if isinstance(err, ConnectionRefusedError | socket.gaierror):
-                return EndpointUnreachable(f"cannot reach {self._url}: {err}")
-            return TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}")
+                raise EndpointUnreachable(f"cannot reach {self._url}: {err}") from err
+            raise TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}") from err
         if response.will_close:
             self._drop_connection()
         if response.status != 200:
-            return _error_from_response(response.status, response.getheader("x-amzn-ErrorType"),
-                                        body)
+            raise _error_from_response(response.status, response.getheader("x-amzn-ErrorType"),
+                                       body)
         try:
             length = int(response.getheader("x-amz-Data-Length") or -1)
         except ValueError:
             length = -1
-        try:
-            verify_block(body, response.getheader("x-amz-Checksum") or "",
-                         response.getheader("x-amz-Checksum-Algorithm") or "", length)
-        except ChecksumMismatch as err:
-            return err
+        verify_block(body, response.getheader("x-amz-Checksum") or "",
+                     response.getheader("x-amz-Checksum-Algorithm") or "", length)
         return body
 
 
@@ -366,17 +354,30 @@ def _error_from_response(status: int, error_type: str | None, body: bytes) -> Ex
     code = (error_type or data.get("__type") or data.get("code") or "").split(":")[0]
     code = code.rsplit("#", 1)[-1]
     message = str(data.get("message") or data.get("Message") or "")
+    return _answer_error(status, code, str(data.get("Reason") or ""), message)
+
+
+def _answer_error(status: int, code: str, reason: str, message: str) -> Exception:
+    """An error answer of the service: 5xx (or no error type at all) is worth
+    retrying, the rest maps to its typed error."""
     if status >= 500 or not code:
         return TransientError(f"{code or 'HTTP'} {status}: {message}")
-    return service_error(code, str(data.get("Reason") or ""), message)
-
-
-def _map_client_error(err: botocore.exceptions.ClientError) -> Exception:
-    response = err.response
-    code = response.get("Error", {}).get("Code", "")
-    message = response.get("Error", {}).get("Message", "")
-    reason = str(response.get("Reason", "") or "")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if status >= 500 and code not in ("",):
-        return TransientError(f"{code} (HTTP {status}): {message}")
     return service_error(code, reason, message)
+
+
+def _boto_error(err: Exception) -> Exception:
+    """A botocore or urllib3 failure as the typed ebsfs error."""
+    if isinstance(err, botocore.exceptions.ClientError):
+        response = err.response
+        return _answer_error(
+            response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0),
+            response.get("Error", {}).get("Code", ""),
+            str(response.get("Reason", "") or ""),
+            response.get("Error", {}).get("Message", ""),
+        )
+    if isinstance(err, botocore.exceptions.NoCredentialsError):
+        return CredentialsMissing(NO_CREDENTIALS)
+    if isinstance(err, botocore.exceptions.EndpointConnectionError
+                  | botocore.exceptions.ConnectTimeoutError):
+        return EndpointUnreachable(f"cannot reach {err.kwargs.get('endpoint_url')}")
+    return TransientError(f"{type(err).__name__}: {err}")
