@@ -6,6 +6,7 @@ answered with one view of one slab: no copy (docs/performance.md)."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Awaitable, Callable
 
 import cachetools
@@ -18,6 +19,21 @@ BlockKey = tuple[str, int]
 SLAB_BLOCKS = 2
 SLAB_SIZE = SLAB_BLOCKS * BLOCK_SIZE
 
+Fetch = Callable[[memoryview | None], Awaitable[bytes | memoryview]]
+"""Fetches one block: into the given room (returning that same view) when given room,
+or as bytes of its own."""
+
+
+def _slab_memory() -> mmap.mmap | bytearray:
+    """Room for one slab that nobody zeroes under the GIL: the kernel zero-fills an
+    anonymous mapping's pages on first write, which is the worker thread receiving
+    the body, outside the GIL. (bytearray(SLAB_SIZE) memsets 1 MiB of fresh pages on
+    the trio thread: 23 % of the GIL's time in a cold read, docs/performance.md.)"""
+    try:
+        return mmap.mmap(-1, SLAB_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # out of mappings (vm.max_map_count): ordinary memory still works
+        return bytearray(SLAB_SIZE)
+
 
 class _Slab:
     """Room for SLAB_BLOCKS adjacent blocks and which of them are filled. A filled
@@ -26,7 +42,7 @@ class _Slab:
     __slots__ = ("buf", "filled")
 
     def __init__(self) -> None:
-        self.buf = bytearray(SLAB_SIZE)
+        self.buf = _slab_memory()
         self.filled = [False] * SLAB_BLOCKS
 
     def view(self, part: int) -> memoryview:
@@ -81,27 +97,41 @@ class BlockCache:
             return None
         return memoryview(slab.buf)
 
-    def _keep(self, key: BlockKey, data: bytes | memoryview) -> bytes | memoryview:
-        if self.max_bytes < SLAB_SIZE or len(data) != BLOCK_SIZE:
-            return data
+    async def _fetch_into_slab(self, key: BlockKey, fetch: Fetch) -> bytes | memoryview:
+        """Fetch the block straight into its half of its slab (no copy on the trio
+        thread) and mark it filled.
+
+        A fetch that was cancelled may still be writing from its worker thread (reads
+        that time out abandon it), so its slab leaves the LRU: no later fetch is ever
+        given the same room. A fetch that failed has stopped writing; its slab stays."""
+        if self.max_bytes < SLAB_SIZE:
+            return await fetch(None)
         slab_key, part = self._slab_key(key)
         slab = self._lru.get(slab_key)
         if slab is None:
             slab = _Slab()
             self._lru[slab_key] = slab
-        if not slab.filled[part]:
-            slab.view(part)[:] = data
-            slab.filled[part] = True
-        return slab.view(part)
+        room = slab.view(part)
+        try:
+            data = await fetch(room)
+        except Exception:
+            raise
+        except BaseException:
+            if self._lru.get(slab_key) is slab:
+                del self._lru[slab_key]
+            raise
+        if data is not room:
+            if len(data) != BLOCK_SIZE:
+                return data
+            room[:] = data
+        slab.filled[part] = True
+        if slab_key not in self._lru:  # evicted while fetching: keep it if there is room
+            self._lru[slab_key] = slab
+        return room
 
-    async def get(self, key: BlockKey, fetch: Callable[[], Awaitable[bytes]]
-                  ) -> bytes | memoryview:
-        """The cached block, or `fetch()` once however many readers ask at once."""
+    async def get(self, key: BlockKey, fetch: Fetch) -> bytes | memoryview:
+        """The cached block, or one fetch of it however many readers ask at once."""
         data = self.peek(key)
         if data is not None:
             return data
-
-        async def fetch_and_keep() -> bytes | memoryview:
-            return self._keep(key, await fetch())
-
-        return await self._flights.run(key, fetch_and_keep)
+        return await self._flights.run(key, lambda: self._fetch_into_slab(key, fetch))

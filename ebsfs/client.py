@@ -91,10 +91,15 @@ class EbsApi(Protocol):
         next_token: str | None = None, max_results: int = MAX_RESULTS,
     ) -> ChangedPage: ...
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes: ...
+    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
+                           into: memoryview | None = None) -> bytes | memoryview:
+        """The verified block: written into `into` (and `into` returned) when given,
+        so a body lands in the cache without a copy on the trio thread."""
+        ...
 
 
-def verify_block(data: bytes, checksum: str, algorithm: str, data_length: int) -> None:
+def verify_block(data: bytes | memoryview, checksum: str, algorithm: str,
+                 data_length: int) -> None:
     """Raise ChecksumMismatch unless `data` is the whole block its headers describe."""
     if algorithm != "SHA256":
         raise ChecksumMismatch(f"unexpected checksum algorithm {algorithm!r}")
@@ -199,15 +204,16 @@ class BotoEbsApi:
             **_page_fields(r),
         )
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes:
+    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
+                           into: memoryview | None = None) -> bytes | memoryview:
         """The verified bytes of one block. The GET and the body read are retried
         together: botocore's retries end when the headers arrive."""
         what = f"GetSnapshotBlock {snapshot_id}:{index}"
         direct = self._direct
         if direct is not None:
-            return self._retried(what, lambda: direct.get(snapshot_id, index, token))
+            return self._retried(what, lambda: direct.get(snapshot_id, index, token, into))
 
-        def attempt() -> bytes:
+        def attempt() -> bytes | memoryview:
             try:
                 r = self._client.get_snapshot_block(
                     SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
@@ -225,7 +231,10 @@ class BotoEbsApi:
                 stream.close()
             verify_block(data, r.get("Checksum", ""), r.get("ChecksumAlgorithm", ""),
                          r.get("DataLength", -1))
-            return data
+            if into is None:
+                return data
+            into[:] = data
+            return into
 
         return self._retried(what, attempt)
 
@@ -314,8 +323,10 @@ class DirectBlockGetter:
         headers["User-Agent"] = self._user_agent
         return headers
 
-    def get(self, snapshot_id: str, index: int, token: str) -> bytes:
-        """One attempt: the verified block, or a typed error."""
+    def get(self, snapshot_id: str, index: int, token: str,
+            into: memoryview | None = None) -> bytes | memoryview:
+        """One attempt: the verified block (received straight into `into` when given),
+        or a typed error."""
         path = (f"{self._base_path}/snapshots/{urllib.parse.quote(snapshot_id, safe='')}"
                 f"/blocks/{index}?blockToken={urllib.parse.quote(token, safe='')}")
         headers = self._signed_headers(self._url + path[len(self._base_path):])
@@ -323,7 +334,14 @@ class DirectBlockGetter:
             conn = self._connection()
             conn.request("GET", path, headers=headers)
             response = conn.getresponse()
-            body = response.read()
+            body: bytes | memoryview
+            if response.status == 200 and into is not None and response.length == len(into):
+                response.readinto(into)
+                if response.length:  # the connection closed early
+                    raise http.client.IncompleteRead(b"", response.length)
+                body = into
+            else:
+                body = response.read()
         except (OSError, http.client.HTTPException) as err:
             self._drop_connection()
             if isinstance(err, ConnectionRefusedError | socket.gaierror):
@@ -333,14 +351,17 @@ class DirectBlockGetter:
             self._drop_connection()
         if response.status != 200:
             raise _error_from_response(response.status, response.getheader("x-amzn-ErrorType"),
-                                       body)
+                                       bytes(body))
         try:
             length = int(response.getheader("x-amz-Data-Length") or -1)
         except ValueError:
             length = -1
         verify_block(body, response.getheader("x-amz-Checksum") or "",
                      response.getheader("x-amz-Checksum-Algorithm") or "", length)
-        return body
+        if into is None or body is into:
+            return body
+        into[:] = body  # an answer of another length fails verification before this
+        return into
 
 
 def _error_from_response(status: int, error_type: str | None, body: bytes) -> Exception:

@@ -86,12 +86,16 @@ class SnapshotImage:
         token = await self.index.token(index)
         if token is None:
             return ZERO_BLOCK
-        return await self.cache.get((self.snapshot_id, index), lambda: self._fetch(index, token))
+        return await self.cache.get(
+            (self.snapshot_id, index), lambda room: self._fetch(index, token, room)
+        )
 
-    async def _fetch(self, index: int, token: str) -> bytes:
+    async def _fetch(self, index: int, token: str, room: memoryview | None
+                     ) -> bytes | memoryview:
         for _ in range(TOKEN_REFRESHES):
             try:
-                return await self.remote.get_snapshot_block(self.snapshot_id, index, token)
+                return await self.remote.get_snapshot_block(self.snapshot_id, index, token,
+                                                            into=room)
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
                 self.index.invalidate(index)

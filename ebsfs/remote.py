@@ -77,10 +77,12 @@ class RemoteSnapshots:
             start_index=start_index, next_token=next_token, max_results=max_results,
         )
 
-    async def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes:
+    async def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
+                                 into: memoryview | None = None) -> bytes | memoryview:
         before = getattr(self.api, "throttles", 0)
         data = await self._run(
-            self.fetch_limiter, self.api.get_snapshot_block, snapshot_id, index, token
+            self.fetch_limiter, self.api.get_snapshot_block, snapshot_id, index, token,
+            into=into,
         )
         if getattr(self.api, "throttles", 0) > before:
             self.fetch_limit.throttled()

@@ -58,7 +58,8 @@ class StoreApi:
             r.get("NextToken"), r["ExpiryTime"], r["VolumeSize"] * 1024**3,
         )
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str) -> bytes:
+    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
+                           into: memoryview | None = None) -> bytes | memoryview:
         self._count("GetSnapshotBlock")
         with self._lock:
             self.block_gets[(snapshot_id, index)] += 1
@@ -68,7 +69,10 @@ class StoreApi:
             raise self._map(err) from err
         data = bytes(block.data())
         verify_block(data, block.checksum(), "SHA256", len(data))
-        return data
+        if into is None:
+            return data
+        into[:] = data
+        return into
 
 
 class FailingApi:

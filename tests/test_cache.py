@@ -13,7 +13,7 @@ from tests.fakes import pattern_block
 def fill(cache: BlockCache, snapshot_id: str, indexes: list[int]) -> None:
     async def run() -> None:
         for i in indexes:
-            async def fetch(i: int = i) -> bytes:
+            async def fetch(room: memoryview | None, i: int = i) -> bytes:
                 return pattern_block(7, i)
             await cache.get((snapshot_id, i), fetch)
     trio.run(run)
@@ -63,7 +63,7 @@ def test_one_fetch_per_block_whatever_the_readers(readers: int) -> None:
     cache = BlockCache(4 * SLAB_SIZE)
     calls = []
 
-    async def fetch() -> bytes:
+    async def fetch(room: memoryview | None) -> bytes:
         calls.append(1)
         await trio.sleep(0.01)
         return pattern_block(7, 9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ebsfs import BLOCK_SIZE
 from ebsfs.client import BotoEbsApi, ConnectionOptions
 from ebsfs.emulator import EmulatorServer
 from ebsfs.errors import (
@@ -46,11 +47,20 @@ def test_block_bytes(api) -> None:
     assert api.get_snapshot_block(SNAP, 4, t[4]) == pattern_block(4, 4)
 
 
-def test_corrupt_and_truncated_bodies_are_retried(api, emulator) -> None:
+def test_block_received_into_given_room(api) -> None:
+    t = tokens(api)
+    room = memoryview(bytearray(BLOCK_SIZE))
+    assert api.get_snapshot_block(SNAP, 6, t[6], into=room) is room
+    assert bytes(room) == pattern_block(4, 6)
+
+
+@pytest.mark.parametrize("into_room", [False, True])
+def test_corrupt_and_truncated_bodies_are_retried(api, emulator, into_room) -> None:
     t = tokens(api)
     emulator.faults.corrupt_rate, emulator.faults.truncate_rate = 0.3, 0.3
     for i in range(0, 40, 2):
-        assert api.get_snapshot_block(SNAP, i, t[i]) == pattern_block(4, i)
+        room = memoryview(bytearray(BLOCK_SIZE)) if into_room else None
+        assert bytes(api.get_snapshot_block(SNAP, i, t[i], into=room)) == pattern_block(4, i)
     assert emulator.counters.errors["Corrupted"] + emulator.counters.errors["Truncated"] > 0
 
 

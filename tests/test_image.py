@@ -132,6 +132,45 @@ def test_read_timeout_bounds_a_stalled_fetch() -> None:
         trio.run(image.read, 0, 10)
 
 
+def test_an_abandoned_fetch_writing_late_never_changes_what_is_served() -> None:
+    """A read that times out abandons its worker thread, which may still receive the
+    body into the room it was given; no later fetch may be given that room."""
+    import threading
+
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {0: pattern_block(1, 0), 1: pattern_block(1, 1)},
+                       volume_size_gib=1)
+    late_write_done = threading.Event()
+
+    class SlowThenGarbage(StoreApi):
+        stall = True
+
+        def get_snapshot_block(self, snapshot_id, index, token, into=None):  # type: ignore[no-untyped-def]
+            if index == 0 and self.stall:
+                self.stall = False
+                import time
+                time.sleep(0.6)  # the reader gave up at 0.2 s
+                if into is not None:
+                    into[:] = b"X" * len(into)
+                late_write_done.set()
+                raise TransientError("too late")
+            return super().get_snapshot_block(snapshot_id, index, token, into)
+
+    _, _, image = build(api=SlowThenGarbage(store), store=store, timeout=0.2)
+
+    async def run() -> None:
+        with pytest.raises(ReadFailed, match="took over"):
+            await image.read(0, BLOCK_SIZE)
+        first = await image.read(0, 2 * BLOCK_SIZE)  # fetched again, same slab pair
+        assert bytes(first) == pattern_block(1, 0) + pattern_block(1, 1)
+        await trio.to_thread.run_sync(late_write_done.wait)
+        again = await image.read(0, 2 * BLOCK_SIZE)
+        assert bytes(again) == pattern_block(1, 0) + pattern_block(1, 1)
+        assert bytes(first) == pattern_block(1, 0) + pattern_block(1, 1)
+
+    trio.run(run)
+
+
 def test_readahead_fetches_ahead_of_a_sequential_reader(expected) -> None:
     store = SnapshotStore(Faults(seed=1))
     dense = {i: pattern_block(1, i) for i in range(64)}
