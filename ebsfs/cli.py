@@ -18,6 +18,7 @@ from ebsfs.client import BotoEbsApi, ConnectionOptions
 from ebsfs.errors import (
     AccessDenied,
     CredentialsMissing,
+    CredentialsRejected,
     EbsfsError,
     EndpointUnreachable,
     InvalidSnapshotId,
@@ -293,6 +294,9 @@ def describe(err: BaseException) -> str:
         return (f"access denied: {err} (needs ebs:ListSnapshotBlocks and "
                 "ebs:GetSnapshotBlock, ebs:ListChangedBlocks for diff, and kms:Decrypt for "
                 "encrypted snapshots)")
+    if isinstance(err, CredentialsRejected):
+        return (f"AWS rejected the credentials: {err} (check the access key, secret and "
+                "session token of the profile or environment in use, and the clock)")
     if isinstance(err, UnrelatedSnapshots):
         return f"the snapshots are not of the same volume lineage: {err}"
     if isinstance(err, CredentialsMissing | UserInputError | InvalidSnapshotId):

@@ -37,6 +37,11 @@ class AccessDenied(ServiceError):
     """The credentials may not read this snapshot (IAM, KMS key policy)."""
 
 
+class CredentialsRejected(ServiceError):
+    """AWS does not accept the credentials: unknown access key, wrong secret, expired
+    session token, or a clock too far off for the signature."""
+
+
 class InvalidBlockToken(ServiceError):
     """A block token expired or does not fit the block: list again for a fresh one."""
 
@@ -80,6 +85,12 @@ SERVICE_ERRORS: dict[tuple[str, str], type[ServiceError]] = {
     ("ValidationException", "INVALID_PAGE_TOKEN"): InvalidPageToken,
     ("ValidationException", "UNRELATED_SNAPSHOTS"): UnrelatedSnapshots,
     ("AccessDeniedException", ""): AccessDenied,
+    ("UnrecognizedClientException", ""): CredentialsRejected,
+    ("InvalidClientTokenId", ""): CredentialsRejected,
+    ("InvalidSignatureException", ""): CredentialsRejected,
+    ("IncompleteSignatureException", ""): CredentialsRejected,
+    ("ExpiredTokenException", ""): CredentialsRejected,
+    ("SignatureDoesNotMatch", ""): CredentialsRejected,
     ("RequestThrottledException", ""): Throttled,
 }
 

@@ -28,7 +28,9 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture
 def store() -> SnapshotStore:
-    return SnapshotStore(Faults(list_rate=0, get_rate=0, seed=1))
+    """Checks signatures against the credentials of aws_env, as the service would."""
+    return SnapshotStore(Faults(list_rate=0, get_rate=0, seed=1,
+                                secret_keys={"AKIDTEST": "secret"}))
 
 
 @pytest.fixture

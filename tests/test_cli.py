@@ -102,9 +102,21 @@ def test_unknown_profile(emulator: EmulatorServer, mnt) -> None:
 def test_access_denied(emulator: EmulatorServer, mnt, monkeypatch) -> None:
     emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
     emulator.faults.deny_access_keys = ["AKIDDENIED"]
+    emulator.faults.secret_keys["AKIDDENIED"] = "secret"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDDENIED")
     result = ebsfs("mount", "--endpoint-url", emulator.url, SNAP, str(mnt))
     assert_one_line_error(result, "access denied", "ebs:GetSnapshotBlock")
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("AWS_SECRET_ACCESS_KEY", "wrong"), ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN"),
+])
+def test_rejected_credentials(emulator: EmulatorServer, mnt, monkeypatch, variable,
+                              value) -> None:
+    emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
+    monkeypatch.setenv(variable, value)
+    result = ebsfs("mount", "--endpoint-url", emulator.url, SNAP, str(mnt))
+    assert_one_line_error(result, "AWS rejected the credentials")
 
 
 def test_region_and_endpoint_from_the_environment(emulator: EmulatorServer, mnt,

@@ -186,6 +186,7 @@ def test_reader_killed_mid_read(emulator: EmulatorServer, source, tmp_path) -> N
 def test_logs_never_show_tokens_or_credentials(emulator: EmulatorServer, source, tmp_path,
                                                monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekritsekritsekrit")
+    emulator.faults.secret_keys["AKIDTEST"] = "sekritsekritsekrit"
     emulator.store.add_image(SNAP, source)
     emulator.faults.error_rate, emulator.faults.truncate_rate = 0.2, 0.1
     emulator.faults.token_lifetime = 2

@@ -19,7 +19,8 @@ examples:
                  --snapshot snap-0b=after.img,parent=snap-0a --latency 0.02 --jitter 0.01
 
 Point any boto3 client at the printed URL (--endpoint-url or AWS_ENDPOINT_URL). Any
-credentials are accepted unless listed with --deny-access-key.
+credentials are accepted unless listed with --deny-access-key; with --credentials,
+signatures are checked and only those credentials are accepted.
 """
 
 
@@ -39,6 +40,13 @@ def _snapshot_spec(text: str) -> dict[str, Any]:
         else:
             raise argparse.ArgumentTypeError(f"unknown snapshot option {option!r} in {text!r}")
     return spec
+
+
+def _credentials(text: str) -> tuple[str, str]:
+    key, sep, secret = text.partition(":")
+    if not (key and sep and secret):
+        raise argparse.ArgumentTypeError(f"expected KEY_ID:SECRET, got {text!r}")
+    return key, secret
 
 
 def _share(text: str) -> float:
@@ -89,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list calls/s before throttling (default 50, 0 = unlimited)")
     f.add_argument("--deny-access-key", action="append", default=[], metavar="KEY_ID",
                    help="answer AccessDeniedException to requests signed with this key id")
+    f.add_argument("--credentials", action="append", type=_credentials, default=[],
+                   metavar="KEY_ID:SECRET",
+                   help="check every request's SigV4 signature and accept only these "
+                        "credentials (repeatable; default: any signature passes)")
     f.add_argument("--seed", type=int, help="seed for the fault dice")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         corrupt_rate=args.corrupt_rate, truncate_rate=args.truncate_rate,
         short_pages=args.short_pages, token_lifetime=args.token_lifetime,
         get_rate=args.get_rate, list_rate=args.list_rate,
-        deny_access_keys=args.deny_access_key, seed=args.seed,
+        deny_access_keys=args.deny_access_key, secret_keys=dict(args.credentials),
+        seed=args.seed,
     )
     store = SnapshotStore(faults)
     try:

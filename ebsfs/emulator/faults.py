@@ -42,6 +42,10 @@ class Faults:
     """List calls per second for the account before RequestThrottledException (0 = unlimited)."""
     deny_access_keys: list[str] = dataclasses.field(default_factory=list)
     """Access key ids answered AccessDeniedException UNAUTHORIZED_ACCOUNT."""
+    secret_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Known credentials (access key id -> secret). When any are given, every request's
+    SigV4 signature is checked like the real service does (InvalidSignatureException,
+    UnrecognizedClientException); when none are, any signature passes."""
     seed: int | None = None
 
     def update(self, changes: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ebsfs.emulator.auth import access_key_of, verify_signature
 from ebsfs.emulator.faults import Counters, Faults, RateLimiter
 from ebsfs.emulator.store import ApiError, SnapshotStore
 
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 _LIST = re.compile(r"^/snapshots/([^/]+)/blocks$")
 _GET = re.compile(r"^/snapshots/([^/]+)/blocks/([^/]+)$")
 _CHANGED = re.compile(r"^/snapshots/([^/]+)/changedblocks$")
-_ACCESS_KEY = re.compile(r"Credential=([^/,\s]+)/")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -191,12 +191,11 @@ class EmulatorServer:
 
     def _admit(self, req: _Handler, operation: str, args: dict[str, Any]) -> None:
         """Authentication and the service quotas, checked before any work."""
-        auth = req.headers.get("Authorization", "")
-        key = _ACCESS_KEY.search(auth)
-        if key is None:
-            raise ApiError(403, "AccessDeniedException", "UNAUTHORIZED_ACCOUNT",
-                           "Missing or malformed SigV4 Authorization header")
-        if key[1] in self.faults.deny_access_keys:
+        key = access_key_of(req.headers.get("Authorization", ""))
+        if self.faults.secret_keys:
+            headers = {name.lower(): value for name, value in req.headers.items()}
+            verify_signature(req.command, req.path, headers, self.faults.secret_keys)
+        if key in self.faults.deny_access_keys:
             raise ApiError(403, "AccessDeniedException", "UNAUTHORIZED_ACCOUNT",
                            "User is not authorized to perform this operation")
         if operation == "GetSnapshotBlock":
