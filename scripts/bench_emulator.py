@@ -46,7 +46,7 @@ def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], s
     raise SystemExit("emulator did not start")
 
 
-def worker(port: int, paths: list[str], threads: int, seconds: float, out) -> None:  # type: ignore[no-untyped-def]
+def worker(port: int, paths: list[str], threads: int, seconds: float, out) -> None:
     totals = [0] * threads
     stop_at = time.monotonic() + seconds
 

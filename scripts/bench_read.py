@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Sequential read throughput of a snapshot, four ways, in one run against the emulator.
+"""Sequential read throughput of a snapshot, four ways, side by side in one run
+against the emulator.
 
-1. `dd bs=1M` through an ebsfs mount, cold (nothing cached);
+1. `dd bs=1M` through an ebsfs mount, cold (a fresh mount: nothing cached);
 2. a plain boto3 thread pool of 64 calling GetSnapshotBlock on every listed block
    (the ceiling of a straightforward Python client);
 3. dsnap (PyPI), the Python peer that downloads whole snapshots;
 4. a warm re-read through the mount (page cache dropped, ebsfs cache warm) against a
-   trivial pyfuse3 filesystem that returns zeros (the FUSE ceiling here); both the
-   median of --repeat reads.
+   trivial pyfuse3 filesystem that returns zeros (the FUSE ceiling here).
+
+The machine's speed drifts, so the measures that are compared alternate: each of
+--rounds rounds reads cold through a fresh mount, then with the pool, then with dsnap;
+then warm ebsfs and zerofs reads alternate --repeat times, both mounted at once.
+Figures are medians; ratios are medians of each round's own ratio.
 
 The emulator runs as its own process with a per-call latency (default 20 ms + up to
 10 ms jitter) and the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs root.
 
-    sudo .venv/bin/python scripts/bench_read.py [--size-mib 1100] [--latency 0.02]
+    sudo .venv/bin/python scripts/bench_read.py [--size-mib 1100] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -52,14 +57,10 @@ def dd(path: Path, mib: int) -> float:
     return time.monotonic() - started
 
 
-def median_rate(path: Path, mib: int, repeat: int) -> float:
-    """MB/s of the median of `repeat` page-cache-cold reads: warm reads through FUSE
-    vary by 2x from run to run with the kernel's memory state."""
-    rates = []
-    for _ in range(repeat):
-        drop_page_cache()
-        rates.append(mib * 1024 * 1024 / dd(path, mib) / MB)
-    return statistics.median(rates)
+def rate(path: Path, mib: int) -> float:
+    """MB/s of one page-cache-cold dd read of the first `mib` MiB."""
+    drop_page_cache()
+    return mib * 1024 * 1024 / dd(path, mib) / MB
 
 
 def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
@@ -70,14 +71,14 @@ def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
     started = time.monotonic()
     blocks, token = [], None
     while True:
-        kw = {"NextToken": token} if token else {}
+        kw: dict[str, str] = {"NextToken": token} if token else {}
         page = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=10000, **kw)
         blocks += page["Blocks"]
         token = page.get("NextToken")
         if not token:
             break
 
-    def get(block: dict) -> int:  # type: ignore[type-arg]
+    def get(block: dict) -> int:
         r = ebs.get_snapshot_block(SnapshotId=SNAP, BlockIndex=block["BlockIndex"],
                                    BlockToken=block["BlockToken"])
         return len(r["BlockData"].read())
@@ -106,6 +107,14 @@ def ebsfs(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "ebsfs", *args], check=True)
 
 
+def wait_for_mount(path: Path) -> None:
+    for _ in range(200):
+        if os.path.ismount(path):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{path} was not mounted")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1100, help="present data (MiB)")
@@ -113,68 +122,96 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.01)
     parser.add_argument("--max-fetches", default="64")
     parser.add_argument("--skip-dsnap", action="store_true")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="warm and zerofs reads to take the median of")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of cold ebsfs, pool and dsnap (default 3)")
+    parser.add_argument("--repeat", type=int, default=9,
+                        help="alternating warm ebsfs and zerofs reads (default 9)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     size = args.size_mib * 1024 * 1024
-    results: dict[str, float] = {}
+    runs: dict[str, list[float]] = {name: [] for name in (
+        "ebsfs_cold", "boto3_pool64", "dsnap", "ebsfs_warm", "zerofs")}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         image = tmp / "data.img"
         random_image(image, size, seed=5)
         proc, url = start_emulator(image, "--latency", str(args.latency),
                                    "--jitter", str(args.jitter))
-        mnt = tmp / "mnt"
+        mnt, zero_mnt = tmp / "mnt", tmp / "zero"
         mnt.mkdir()
+        zero_mnt.mkdir()
+        cache = f"{args.size_mib + 256}M"
+        mount_args = ("mount", "--endpoint-url", url, "--cache-size", cache,
+                      "--max-fetches", args.max_fetches, SNAP, str(mnt))
         try:
-            cache = f"{args.size_mib + 256}M"
-            ebsfs("mount", "--endpoint-url", url, "--cache-size", cache,
-                  "--max-fetches", args.max_fetches, SNAP, str(mnt))
-            try:
-                drop_page_cache()
-                seconds = dd(mnt / f"{SNAP}.img", args.size_mib)
-                results["ebsfs_cold"] = size / seconds / MB
-                results["ebsfs_warm"] = median_rate(mnt / f"{SNAP}.img", args.size_mib,
-                                                    args.repeat)
-            finally:
-                ebsfs("umount", str(mnt))
-            seconds, total = thread_pool(url)
-            assert total == size, (total, size)
-            results["boto3_pool64"] = size / seconds / MB
-            if not args.skip_dsnap:
-                out = tmp / "dsnap"
-                out.mkdir()
-                seconds = dsnap(url, out)
-                results["dsnap"] = size / seconds / MB
-                (out / f"{SNAP}.img").unlink()
+            # Untimed: the emulator serves from an mmap of the image, and a first pass
+            # would otherwise pay for reading it from disk in whichever measure runs first.
+            thread_pool(url)
+            for round_no in range(args.rounds):
+                ebsfs(*mount_args)
+                try:
+                    runs["ebsfs_cold"].append(rate(mnt / f"{SNAP}.img", args.size_mib))
+                    if round_no == args.rounds - 1:  # keep the last mount for warm reads
+                        warm_and_zero(mnt, zero_mnt, size, args, runs)
+                finally:
+                    ebsfs("umount", str(mnt))
+                seconds, total = thread_pool(url)
+                assert total == size, (total, size)
+                runs["boto3_pool64"].append(size / seconds / MB)
+                if not args.skip_dsnap:
+                    out = tmp / "dsnap"
+                    out.mkdir(exist_ok=True)
+                    runs["dsnap"].append(size / dsnap(url, out) / MB)
+                    (out / f"{SNAP}.img").unlink()
         finally:
             proc.terminate()
             proc.wait()
-        zero = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"), str(mnt),
-                                 str(size)])
-        try:
-            for _ in range(100):
-                if os.path.ismount(mnt):
-                    break
-                time.sleep(0.05)
-            results["zerofs"] = median_rate(mnt / "zero.img", args.size_mib, args.repeat)
-        finally:
-            zero.terminate()
-            zero.wait()
+    report(args, runs)
+
+
+def warm_and_zero(mnt: Path, zero_mnt: Path, size: int, args: argparse.Namespace,
+                  runs: dict[str, list[float]]) -> None:
+    """Alternate warm ebsfs reads (after one read that warms the page-cache-independent
+    ebsfs cache, already done by the cold read) with zerofs reads."""
+    zero = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"),
+                             str(zero_mnt), str(size)])
+    try:
+        wait_for_mount(zero_mnt)
+        for _ in range(args.repeat):
+            runs["ebsfs_warm"].append(rate(mnt / f"{SNAP}.img", args.size_mib))
+            runs["zerofs"].append(rate(zero_mnt / "zero.img", args.size_mib))
+    finally:
+        zero.terminate()
+        zero.wait()
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[float]]) -> None:
+    def ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(runs[a], runs[b], strict=True)]
+
     print(f"sequential read of {args.size_mib} MiB of present data, latency "
-          f"{args.latency * 1000:.0f} ms + up to {args.jitter * 1000:.0f} ms jitter:")
-    for name, value in results.items():
-        print(f"  {name:<14} {value:8.1f} MB/s")
-    print(f"  cold ebsfs / boto3 pool of 64: {results['ebsfs_cold'] / results['boto3_pool64']:.2f}")
-    if "dsnap" in results:
-        print(f"  cold ebsfs / dsnap:            {results['ebsfs_cold'] / results['dsnap']:.2f}")
-    print(f"  warm ebsfs / zerofs:           {results['ebsfs_warm'] / results['zerofs']:.2f}")
+          f"{args.latency * 1000:.0f} ms + up to {args.jitter * 1000:.0f} ms jitter "
+          f"({args.rounds} cold rounds, {args.repeat} warm pairs):")
+    figures: dict[str, object] = {}
+    for name, values in runs.items():
+        if values:
+            figures[name] = values
+            print(f"  {name:<14} {statistics.median(values):8.1f} MB/s   "
+                  f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
+    pairs = [("cold ebsfs / boto3 pool of 64", "ebsfs_cold", "boto3_pool64"),
+             ("cold ebsfs / dsnap", "ebsfs_cold", "dsnap"),
+             ("warm ebsfs / zerofs", "ebsfs_warm", "zerofs")]
+    for label, a, b in pairs:
+        if runs[a] and runs[b]:
+            each = ratios(a, b)
+            figures[f"{a}/{b}"] = each
+            print(f"  {label + ':':<31} {statistics.median(each):.2f}   "
+                  f"(each: {', '.join(f'{r:.2f}' for r in each)})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

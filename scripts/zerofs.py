@@ -29,7 +29,7 @@ class ZeroFS(pyfuse3.Operations):
         super().__init__()
         self.size = size
 
-    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:  # type: ignore[no-untyped-def]
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         if inode == pyfuse3.ROOT_INODE:
@@ -39,12 +39,12 @@ class ZeroFS(pyfuse3.Operations):
         attr.entry_timeout = attr.attr_timeout = 3600
         return attr
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx=None):  # type: ignore[no-untyped-def]
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None):
         if name != b"zero.img":
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self.getattr(FILE_INODE)
 
-    async def open(self, inode: int, flags: int, ctx):  # type: ignore[no-untyped-def]
+    async def open(self, inode: int, flags: int, ctx):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
