@@ -37,13 +37,15 @@ def _slab_memory() -> mmap.mmap | bytearray:
 
 class _Slab:
     """Room for SLAB_BLOCKS adjacent blocks and which of them are filled. A filled
-    part is never written again, so views handed out stay valid."""
+    part is never written again, so views handed out stay valid. A retired slab had a
+    fetch abandoned while writing into it and never goes back into the cache."""
 
-    __slots__ = ("buf", "filled")
+    __slots__ = ("buf", "filled", "retired")
 
     def __init__(self) -> None:
         self.buf = _slab_memory()
         self.filled = [False] * SLAB_BLOCKS
+        self.retired = False
 
     def view(self, part: int) -> memoryview:
         return memoryview(self.buf)[part * BLOCK_SIZE : (part + 1) * BLOCK_SIZE]
@@ -102,8 +104,10 @@ class BlockCache:
         thread) and mark it filled.
 
         A fetch that was cancelled may still be writing from its worker thread (reads
-        that time out abandon it), so its slab leaves the LRU: no later fetch is ever
-        given the same room. A fetch that failed has stopped writing; its slab stays."""
+        that time out abandon it), so its slab is retired: out of the LRU for good, and
+        no later fetch is ever given the same room (a fetch of the other half still in
+        flight keeps its block, but does not bring the slab back). A fetch that failed
+        has stopped writing; its slab stays."""
         if self.max_bytes < SLAB_SIZE:
             return await fetch(None)
         slab_key, part = self._slab_key(key)
@@ -117,6 +121,7 @@ class BlockCache:
         except Exception:
             raise
         except BaseException:
+            slab.retired = True
             if self._lru.get(slab_key) is slab:
                 del self._lru[slab_key]
             raise
@@ -125,7 +130,7 @@ class BlockCache:
                 return data
             room[:] = data
         slab.filled[part] = True
-        if slab_key not in self._lru:  # evicted while fetching: keep it if there is room
+        if not slab.retired and slab_key not in self._lru:  # evicted while fetching
             self._lru[slab_key] = slab
         return room
 

@@ -75,3 +75,38 @@ def test_one_fetch_per_block_whatever_the_readers(readers: int) -> None:
 
     trio.run(run)
     assert len(calls) == 1
+
+
+def test_a_slab_with_an_abandoned_fetch_never_comes_back() -> None:
+    """Block 0's fetch is cancelled (its worker may still write into its room) while
+    block 1's fetch, same slab, is in flight and then completes: block 0 must be
+    fetched into new room, or a late write could change bytes already served."""
+    cache = BlockCache(8 * SLAB_SIZE)
+    rooms: dict[int, memoryview] = {}
+    release_one = trio.Event()
+
+    async def stalled(room: memoryview | None) -> bytes:
+        assert room is not None
+        rooms[0] = room
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def slow_one(room: memoryview | None) -> bytes:
+        await release_one.wait()
+        return pattern_block(7, 1)
+
+    async def good_zero(room: memoryview | None) -> bytes:
+        assert room is not None and room.obj is not rooms[0].obj
+        return pattern_block(7, 0)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.get, ("s", 1), slow_one)
+            with trio.move_on_after(0.05):
+                await cache.get(("s", 0), stalled)
+            release_one.set()
+        assert bytes(await cache.get(("s", 0), good_zero)) == pattern_block(7, 0)
+        rooms[0][:] = b"X" * BLOCK_SIZE  # the abandoned worker writes late
+        assert bytes(cache.peek(("s", 0)) or b"") == pattern_block(7, 0)
+
+    trio.run(run)
