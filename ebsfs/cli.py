@@ -4,7 +4,6 @@ module prints to the user or exits."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import logging.handlers
 import os
@@ -270,9 +269,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     api = BotoEbsApi(_connection(args, RetryPolicy(attempts=6, deadline=30.0), 4))
     result = diff_snapshots(api, args.first, args.second)
     if args.json:
-        print(json.dumps(result.as_json()))
+        result.write_json(sys.stdout)
     else:
-        print(result.as_text())
+        result.write_text(sys.stdout)
     return 0
 
 

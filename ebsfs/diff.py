@@ -1,13 +1,29 @@
-"""What differs between two snapshots of one volume, from ListChangedBlocks."""
+"""What differs between two snapshots of one volume, from ListChangedBlocks.
+
+Memory stays the same whatever the volume (a 16 TiB volume has 33 million blocks):
+changed blocks are merged into ranges as they arrive, closed ranges go to a temporary
+file (in memory up to 1 MiB, then on disk), and output is written from that file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import json
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.client import ChangedBlock, EbsApi
 from ebsfs.errors import InvalidPageToken
+
+_RANGE = struct.Struct("<QQ")
+SPOOL_IN_MEMORY = 1024 * 1024
+"""Bytes of closed ranges (16 each) kept in memory before they go to a temporary file."""
+
+
+class TextSink(Protocol):
+    def write(self, text: str, /) -> object: ...
 
 
 @dataclass
@@ -27,71 +43,97 @@ class ChangedRange:
         return (self.last_block - self.first_block + 1) * self.block_size
 
 
-@dataclass
 class Diff:
-    first: str
-    second: str
-    volume_size: int
-    block_size: int
-    changed_blocks: list[int] = field(default_factory=list)
-    only_in_first: int = 0
-    """Changed blocks the second snapshot does not hold (they read as zeros there)."""
-    only_in_second: int = 0
-    """Changed blocks the first snapshot did not hold."""
-    list_calls: int = 0
+    """Changed blocks recorded in ascending order; counts, ranges, text and JSON."""
+
+    def __init__(self, first: str, second: str, volume_size: int, block_size: int) -> None:
+        self.first = first
+        self.second = second
+        self.volume_size = volume_size
+        self.block_size = block_size
+        self.changed_count = 0
+        self.range_count = 0
+        self.only_in_first = 0
+        """Changed blocks the second snapshot does not hold (they read as zeros there)."""
+        self.only_in_second = 0
+        """Changed blocks the first snapshot did not hold."""
+        self.list_calls = 0
+        self.last_index: int | None = None
+        self._open: list[int] | None = None
+        """The range still growing: [first_block, last_block]."""
+        # Lives as long as the Diff (closed with it, or when it is collected).
+        self._closed = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
 
     def record(self, change: ChangedBlock) -> None:
-        """Add one ListChangedBlocks entry (in ascending order)."""
-        self.changed_blocks.append(change.index)
+        """Add one ListChangedBlocks entry. Entries come in ascending order; one at or
+        below the last recorded index (a repeat) is ignored."""
+        index = change.index
+        if self.last_index is not None and index <= self.last_index:
+            return
+        self.last_index = index
+        self.changed_count += 1
         self.only_in_first += change.second_token is None
         self.only_in_second += change.first_token is None
+        if self._open is not None and self._open[1] == index - 1:
+            self._open[1] = index
+            return
+        if self._open is not None:
+            self._closed.write(_RANGE.pack(*self._open))
+        self._open = [index, index]
+        self.range_count += 1
 
-    def ranges(self) -> list[ChangedRange]:
-        merged: list[ChangedRange] = []
-        for index in self.changed_blocks:
-            if merged and merged[-1].last_block == index - 1:
-                merged[-1].last_block = index
-            else:
-                merged.append(ChangedRange(index, index, self.block_size))
-        return merged
+    def ranges(self) -> Iterator[ChangedRange]:
+        """The merged ranges in ascending order, read back from the spool."""
+        self._closed.seek(0)
+        try:
+            while chunk := self._closed.read(_RANGE.size * 4096):
+                for first, last in _RANGE.iter_unpack(chunk):
+                    yield ChangedRange(first, last, self.block_size)
+        finally:
+            self._closed.seek(0, 2)  # recording may go on after a partial iteration
+        if self._open is not None:
+            yield ChangedRange(self._open[0], self._open[1], self.block_size)
 
     @property
     def changed_bytes(self) -> int:
-        return len(self.changed_blocks) * self.block_size
+        return self.changed_count * self.block_size
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "first": self.first,
-            "second": self.second,
-            "block_size": self.block_size,
-            "volume_size": self.volume_size,
-            "changed_blocks": self.changed_blocks,
-            "changed_bytes": self.changed_bytes,
-            "only_in_first": self.only_in_first,
-            "only_in_second": self.only_in_second,
-            "ranges": [
-                {"offset": r.offset, "length": r.length, "first_block": r.first_block,
-                 "last_block": r.last_block}
-                for r in self.ranges()
-            ],
+    def write_json(self, out: TextSink) -> None:
+        """One JSON object, written piece by piece (never built whole in memory)."""
+        head = {
+            "first": self.first, "second": self.second, "block_size": self.block_size,
+            "volume_size": self.volume_size, "changed_bytes": self.changed_bytes,
+            "only_in_first": self.only_in_first, "only_in_second": self.only_in_second,
         }
+        out.write(json.dumps(head)[:-1] + ', "changed_blocks": [')
+        separator = ""
+        for r in self.ranges():
+            for start in range(r.first_block, r.last_block + 1, 4096):
+                stop = min(start + 4096, r.last_block + 1)
+                out.write(separator + ", ".join(map(str, range(start, stop))))
+                separator = ", "
+        out.write('], "ranges": [')
+        separator = ""
+        for r in self.ranges():
+            out.write(f'{separator}{{"offset": {r.offset}, "length": {r.length}, '
+                      f'"first_block": {r.first_block}, "last_block": {r.last_block}}}')
+            separator = ", "
+        out.write("]}\n")
 
-    def as_text(self) -> str:
-        lines = [
-            f"{self.first} -> {self.second}: {len(self.changed_blocks)} blocks changed, "
-            f"{human(self.changed_bytes)} of a {human(self.volume_size)} volume, "
-            f"in {len(self.ranges())} ranges",
-        ]
+    def write_text(self, out: TextSink) -> None:
+        """A summary line, then one line per range."""
+        out.write(f"{self.first} -> {self.second}: {self.changed_count} blocks changed, "
+                  f"{human(self.changed_bytes)} of a {human(self.volume_size)} volume, "
+                  f"in {self.range_count} ranges\n")
         if self.only_in_first or self.only_in_second:
-            lines.append(f"  {self.only_in_second} blocks written only in {self.second}, "
-                         f"{self.only_in_first} present only in {self.first}")
-        if self.changed_blocks:
-            lines.append(f"{'offset':>16} {'length':>14}  blocks")
+            out.write(f"  {self.only_in_second} blocks written only in {self.second}, "
+                      f"{self.only_in_first} present only in {self.first}\n")
+        if self.changed_count:
+            out.write(f"{'offset':>16} {'length':>14}  blocks\n")
         for r in self.ranges():
             blocks = (f"{r.first_block}" if r.first_block == r.last_block
                       else f"{r.first_block}-{r.last_block}")
-            lines.append(f"{r.offset:>16} {r.length:>14}  {blocks}")
-        return "\n".join(lines)
+            out.write(f"{r.offset:>16} {r.length:>14}  {blocks}\n")
 
 
 def human(size: int) -> str:
@@ -116,6 +158,6 @@ def diff_snapshots(api: EbsApi, first: str, second: str) -> Diff:
         try:
             page = api.list_changed_blocks(first, second, next_token=page.next_token)
         except InvalidPageToken:  # expired after 60 minutes: resume after what we have
-            start = result.changed_blocks[-1] + 1 if result.changed_blocks else 0
+            start = 0 if result.last_index is None else result.last_index + 1
             page = api.list_changed_blocks(first, second, start_index=start)
     return result

@@ -4,16 +4,20 @@ FUSEError out; everything that thinks lives in image.py and below."""
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import logging
 import os
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import IO
 
 import pyfuse3
 
 from ebsfs import BLOCK_SIZE
+from ebsfs.diff import SPOOL_IN_MEMORY, Diff
 from ebsfs.errors import EbsfsError
 from ebsfs.image import SnapshotImage
 from ebsfs.prefetch import ReadPattern
@@ -48,7 +52,8 @@ class EbsOperations(pyfuse3.Operations):
         self._by_name = {f.name: f for f in self._files.values()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[_File, ReadPattern]] = {}
-        self._reports: dict[int, bytes] = {}
+        self._reports: dict[int, IO[bytes]] = {}
+        """The text of each open `.changes` file (a temporary file past 1 MiB)."""
         self._next_handle = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
 
@@ -119,7 +124,7 @@ class EbsOperations(pyfuse3.Operations):
             except EbsfsError as err:
                 log.error("listing changes of %s failed: %s", entry.name.decode(), err)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            self._reports[handle] = (diff.as_text() + "\n").encode()
+            self._reports[handle] = _spooled_text(diff)
             # direct_io: the size is only known once listed, so reads ignore st_size.
             return pyfuse3.FileInfo(fh=handle, direct_io=True)
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
@@ -132,7 +137,9 @@ class EbsOperations(pyfuse3.Operations):
         # cached block spares a copy. The stubs only say bytes.
         entry, stream = self._handles[fh]
         if entry.report:
-            return self._reports[fh][off : off + size]
+            report = self._reports[fh]
+            report.seek(off)
+            return report.read(size)
         log.debug("read %r at %d, %d bytes", entry.name, off, size)
         try:
             return await entry.image.read(off, size, stream)
@@ -142,7 +149,9 @@ class EbsOperations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
-        self._reports.pop(fh, None)
+        report = self._reports.pop(fh, None)
+        if report is not None:
+            report.close()
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -179,3 +188,13 @@ class EbsOperations(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self.xattrs(inode))
+
+
+def _spooled_text(diff: Diff) -> IO[bytes]:
+    """The diff's text in a temporary file: memory stays bounded for any volume."""
+    report = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 (closed on release)
+    text = io.TextIOWrapper(report, encoding="utf-8")
+    diff.write_text(text)
+    text.flush()
+    text.detach()
+    return report
