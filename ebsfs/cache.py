@@ -24,15 +24,25 @@ Fetch = Callable[[memoryview | None], Awaitable[bytes | memoryview]]
 or as bytes of its own."""
 
 
-def _slab_memory() -> mmap.mmap | bytearray:
+def _slab_memory(mapped: bool) -> mmap.mmap | bytearray:
     """Room for one slab that nobody zeroes under the GIL: the kernel zero-fills an
     anonymous mapping's pages on first write, which is the worker thread receiving
     the body, outside the GIL. (bytearray(SLAB_SIZE) memsets 1 MiB of fresh pages on
     the trio thread: 23 % of the GIL's time in a cold read, docs/performance.md.)"""
+    if mapped:
+        try:
+            return mmap.mmap(-1, SLAB_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:  # out of mappings after all: ordinary memory still works
+            pass
+    return bytearray(SLAB_SIZE)
+
+
+def _mappings_allowed() -> int:
     try:
-        return mmap.mmap(-1, SLAB_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError:  # out of mappings (vm.max_map_count): ordinary memory still works
-        return bytearray(SLAB_SIZE)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530  # the kernel's default
 
 
 class _Slab:
@@ -42,8 +52,8 @@ class _Slab:
 
     __slots__ = ("buf", "filled", "retired")
 
-    def __init__(self) -> None:
-        self.buf = _slab_memory()
+    def __init__(self, mapped: bool) -> None:
+        self.buf = _slab_memory(mapped)
         self.filled = [False] * SLAB_BLOCKS
         self.retired = False
 
@@ -63,6 +73,11 @@ class BlockCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        # Adjacent slab mappings merge into one, but evictions leave holes, so in the
+        # worst case each slab is one of the process's limited mappings: a cache of
+        # more slabs than a quarter of vm.max_map_count (16 GiB by default) uses
+        # ordinary memory, leaving mappings for thread stacks and malloc.
+        self._mapped_slabs = max_bytes // SLAB_SIZE <= _mappings_allowed() // 4
         self._lru: cachetools.LRUCache[BlockKey, _Slab] = cachetools.LRUCache(
             maxsize=max(max_bytes, 1), getsizeof=lambda slab: SLAB_SIZE
         )
@@ -113,7 +128,7 @@ class BlockCache:
         slab_key, part = self._slab_key(key)
         slab = self._lru.get(slab_key)
         if slab is None:
-            slab = _Slab()
+            slab = _Slab(self._mapped_slabs)
             self._lru[slab_key] = slab
         room = slab.view(part)
         try:

@@ -110,3 +110,17 @@ def test_a_slab_with_an_abandoned_fetch_never_comes_back() -> None:
         assert bytes(cache.peek(("s", 0)) or b"") == pattern_block(7, 0)
 
     trio.run(run)
+
+
+def test_slabs_are_mappings_unless_the_cache_could_exhaust_them(monkeypatch) -> None:
+    import mmap
+
+    async def fetch(room: memoryview | None) -> bytes:
+        return pattern_block(7, 0)
+
+    for max_map_count, kind in ((65530, mmap.mmap), (64, bytearray)):
+        monkeypatch.setattr("ebsfs.cache._mappings_allowed", lambda n=max_map_count: n)
+        cache = BlockCache(32 * SLAB_SIZE)
+        view = trio.run(cache.get, ("s", 0), fetch)
+        assert isinstance(view, memoryview) and isinstance(view.obj, kind)
+        assert bytes(view) == pattern_block(7, 0)
