@@ -341,21 +341,7 @@ class DirectBlockGetter:
             response = conn.getresponse()
             body: bytes | memoryview
             if response.status == 200 and into is not None and response.length == len(into):
-                if os.environ.get("WAITALL"):
-                    fp = response.fp
-                    have = fp.peek()[: len(into)]
-                    into[: len(have)] = have
-                    fp.read(len(have))
-                    got = len(have)
-                    while got < len(into):
-                        n = conn.sock.recv_into(into[got:], len(into) - got, socket.MSG_WAITALL)
-                        if not n:
-                            break
-                        got += n
-                    response.length -= got
-                    response.close()
-                else:
-                    response.readinto(into)
+                response.readinto(into)
                 if response.length:  # the connection closed early
                     raise http.client.IncompleteRead(b"", response.length)
                 body = into
