@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import ssl
 import threading
@@ -25,6 +26,7 @@ import urllib3.exceptions
 
 from ebsfs import BLOCK_SIZE, GIB, __version__
 from ebsfs.errors import (
+    CertificateUntrusted,
     ChecksumMismatch,
     CredentialsMissing,
     EndpointUnreachable,
@@ -349,6 +351,8 @@ class DirectBlockGetter:
                 body = response.read()
         except (OSError, http.client.HTTPException) as err:
             self._drop_connection()
+            if isinstance(err, ssl.SSLCertVerificationError):
+                raise _untrusted(self._url, err) from err
             if isinstance(err, ConnectionRefusedError | socket.gaierror):
                 raise EndpointUnreachable(f"cannot reach {self._url}: {err}") from err
             raise TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}") from err
@@ -403,7 +407,22 @@ def _boto_error(err: Exception) -> Exception:
         )
     if isinstance(err, botocore.exceptions.NoCredentialsError):
         return CredentialsMissing(NO_CREDENTIALS)
+    if isinstance(err, botocore.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(err):
+        return _untrusted(str(err.kwargs.get("endpoint_url", "")), err)
     if isinstance(err, botocore.exceptions.EndpointConnectionError
                   | botocore.exceptions.ConnectTimeoutError):
         return EndpointUnreachable(f"cannot reach {err.kwargs.get('endpoint_url')}")
     return TransientError(f"{type(err).__name__}: {err}")
+
+
+def _untrusted(url: str, err: Exception) -> CertificateUntrusted:
+    """The one message for a certificate that does not verify, from either GET path."""
+    parts = urllib.parse.urlsplit(url)
+    detail = getattr(err, "verify_message", "")
+    if not detail:
+        found = re.search(r"certificate verify failed: ([^(]+)", str(err))
+        detail = found[1].strip() if found else "certificate verify failed"
+    return CertificateUntrusted(
+        f"the TLS certificate of {parts.scheme}://{parts.netloc} is not trusted ({detail}); "
+        "set AWS_CA_BUNDLE to the CA bundle that signs it"
+    )

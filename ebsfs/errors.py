@@ -74,6 +74,10 @@ class EndpointUnreachable(TransientError):
     """No connection could be made to the endpoint URL (retried: it may come back)."""
 
 
+class CertificateUntrusted(EbsfsError):
+    """The endpoint's TLS certificate does not verify: retrying cannot help."""
+
+
 class CredentialsMissing(EbsfsError):
     """The AWS credential chain found no credentials."""
 

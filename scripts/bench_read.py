@@ -39,6 +39,7 @@ import botocore.config
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
+from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
 from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
 
 MB = 1e6
@@ -126,6 +127,8 @@ def main() -> None:
                         help="rounds of cold ebsfs, pool and dsnap (default 3)")
     parser.add_argument("--repeat", type=int, default=9,
                         help="alternating warm ebsfs and zerofs reads (default 9)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS, as the real service does (a throwaway certificate)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
@@ -138,8 +141,13 @@ def main() -> None:
         tmp = Path(tmp_name)
         image = tmp / "data.img"
         random_image(image, size, seed=5)
+        tls: list[str] = []
+        if args.tls:
+            cert, key = make_certificate(tmp)
+            tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+            os.environ["AWS_CA_BUNDLE"] = str(cert)  # every client here trusts it
         proc, url = start_emulator(image, "--latency", str(args.latency),
-                                   "--jitter", str(args.jitter))
+                                   "--jitter", str(args.jitter), *tls)
         mnt, zero_mnt = tmp / "mnt", tmp / "zero"
         mnt.mkdir()
         zero_mnt.mkdir()
@@ -198,7 +206,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[float]]) -> None:
     def ratios(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(runs[a], runs[b], strict=True)]
 
-    print(f"sequential read of {args.size_mib} MiB of present data, latency "
+    print(f"sequential read of {args.size_mib} MiB of present data"
+          f"{' over HTTPS' if args.tls else ''}, latency "
           f"{args.latency * 1000:.0f} ms + up to {args.jitter * 1000:.0f} ms jitter "
           f"({args.rounds} cold rounds, {args.repeat} warm pairs):")
     figures: dict[str, object] = {}

@@ -9,6 +9,7 @@ import boto3
 import pytest
 
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
+from ebsfs.emulator.selfsigned import make_certificate
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +37,22 @@ def store() -> SnapshotStore:
 @pytest.fixture
 def emulator(store: SnapshotStore) -> Iterator[EmulatorServer]:
     with EmulatorServer(store) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    cert, key = make_certificate(tmp_path_factory.mktemp("tls"))
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def https_emulator(store: SnapshotStore, tls_files: tuple[str, str],
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorServer]:
+    """The emulator over HTTPS, as the real service is, its certificate trusted through
+    AWS_CA_BUNDLE (by boto3 and by ebsfs's own GET path alike)."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", tls_files[0])
+    with EmulatorServer(store, tls=tls_files) as server:
         yield server
 
 

@@ -119,6 +119,13 @@ def test_rejected_credentials(emulator: EmulatorServer, mnt, monkeypatch, variab
     assert_one_line_error(result, "AWS rejected the credentials")
 
 
+def test_untrusted_certificate(https_emulator: EmulatorServer, mnt, monkeypatch) -> None:
+    https_emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    result = ebsfs("mount", "--endpoint-url", https_emulator.url, SNAP, str(mnt))
+    assert_one_line_error(result, "TLS certificate", "not trusted", "AWS_CA_BUNDLE")
+
+
 def test_region_and_endpoint_from_the_environment(emulator: EmulatorServer, mnt,
                                                   monkeypatch) -> None:
     """AWS_REGION and AWS_ENDPOINT_URL work like --region and --endpoint-url."""

@@ -10,6 +10,7 @@ from ebsfs.client import BotoEbsApi, ConnectionOptions
 from ebsfs.emulator import EmulatorServer
 from ebsfs.errors import (
     AccessDenied,
+    CertificateUntrusted,
     EndpointUnreachable,
     InvalidBlockToken,
     InvalidSnapshotId,
@@ -95,6 +96,47 @@ def test_error_mapping(api, emulator, store) -> None:
     emulator.faults.deny_access_keys = ["AKIDTEST"]
     with pytest.raises(AccessDenied):
         api.get_snapshot_block(SNAP, 0, t[0])
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore"])
+def test_https_with_a_trusted_certificate(https_emulator: EmulatorServer, monkeypatch,
+                                          path) -> None:
+    """The real service's scheme: TLS on both GET paths, bodies cut short and corrupted
+    included (a TLS stream cut mid-body must be retried, never half-served)."""
+    https_emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
+    if path == "botocore":
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url, retry=FAST_RETRY))
+    assert https_emulator.url.startswith("https://")
+    assert (api._direct is not None) == (path == "direct")
+    t = tokens(api)
+    https_emulator.faults.corrupt_rate, https_emulator.faults.truncate_rate = 0.3, 0.3
+    for i in range(0, 40, 2):
+        room = memoryview(bytearray(BLOCK_SIZE))
+        assert api.get_snapshot_block(SNAP, i, t[i], into=room) is room
+        assert bytes(room) == pattern_block(4, i)
+    counters = https_emulator.counters.errors
+    assert counters["Corrupted"] + counters["Truncated"] > 0
+
+
+@pytest.mark.parametrize("path", ["direct", "botocore"])
+def test_https_with_an_untrusted_certificate_fails_at_once(https_emulator: EmulatorServer,
+                                                           monkeypatch, path) -> None:
+    https_emulator.store.add_snapshot(SNAP, {0: pattern_block(4, 0)})
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url, retry=FAST_RETRY))
+    t = tokens(api)
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    if path == "botocore":
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    untrusting = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url,
+                                              retry=FAST_RETRY))
+    with pytest.raises(CertificateUntrusted, match="AWS_CA_BUNDLE"):
+        untrusting.get_snapshot_block(SNAP, 0, t[0])
+    with pytest.raises(CertificateUntrusted):
+        untrusting.list_snapshot_blocks(SNAP)
+    assert https_emulator.counters.calls["GetSnapshotBlock"] == 0  # never got through
 
 
 def test_unreachable_endpoint() -> None:

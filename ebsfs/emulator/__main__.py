@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
     p.add_argument("--url-file", help="also write the endpoint URL to this file once listening")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="serve HTTPS, like the real service, with this certificate chain "
+                        "(clients trust it through AWS_CA_BUNDLE)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     f = p.add_argument_group("faults and load (defaults behave like the real service)")
     f.add_argument("--latency", type=_seconds, default=0.0, help="seconds added to every call")
     f.add_argument("--jitter", type=_seconds, default=0.0, help="up to this many more seconds")
@@ -127,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"ebsfs-emulator: error: {err}", file=sys.stderr)
         return 1
-    server = EmulatorServer(store, host=args.host, port=args.port)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("ebsfs-emulator: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        server = EmulatorServer(store, host=args.host, port=args.port,
+                                tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    except (OSError, ValueError) as err:
+        print(f"ebsfs-emulator: error: cannot load the TLS certificate: {err}",
+              file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         server.start()

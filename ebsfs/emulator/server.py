@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -48,11 +49,41 @@ class _HttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], emulator: EmulatorServer) -> None:
+    def __init__(self, address: tuple[str, int], emulator: EmulatorServer,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.emulator = emulator
+        self.tls = tls
         self.open_sockets: set[socket.socket] = set()
         self.sockets_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Serve one connection (in its own thread): the TLS handshake happens here, so
+        a slow client never holds up the accept loop. The TLS socket takes over the
+        connection, so it is what drop_connections() must shut down."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+        request.settimeout(10.0)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)
+        except OSError as err:
+            log.debug("TLS handshake with %s failed: %s", client_address, err)
+            request.close()
+            return
+        conn.settimeout(None)
+        with self.sockets_lock:
+            self.open_sockets.add(conn)
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            with self.sockets_lock:
+                self.open_sockets.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.sockets_lock:
@@ -81,9 +112,16 @@ class EmulatorServer:
     and comes back)."""
 
     def __init__(
-        self, store: SnapshotStore | None = None, host: str = "127.0.0.1", port: int = 0
+        self, store: SnapshotStore | None = None, host: str = "127.0.0.1", port: int = 0,
+        tls: tuple[str, str] | None = None,
     ) -> None:
+        """`tls`: (certificate chain, private key) PEM files to serve HTTPS, as the real
+        service does; clients must trust the certificate (AWS_CA_BUNDLE)."""
         self.store = store or SnapshotStore()
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(*tls)
         self.counters = Counters()
         self.limiter = RateLimiter()
         self._host, self._port = host, port
@@ -97,11 +135,12 @@ class EmulatorServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     def start(self) -> EmulatorServer:
         self._stopping.clear()
-        self._httpd = _HttpServer((self._host, self._port), self)
+        self._httpd = _HttpServer((self._host, self._port), self, self._tls)
         self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -123,7 +162,7 @@ class EmulatorServer:
 
     def serve_forever(self) -> None:
         """Run in the calling thread until interrupted (the command-line emulator)."""
-        self._httpd = _HttpServer((self._host, self._port), self)
+        self._httpd = _HttpServer((self._host, self._port), self, self._tls)
         self._port = self._httpd.server_address[1]
         try:
             self._httpd.serve_forever(poll_interval=0.2)
