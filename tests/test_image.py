@@ -197,6 +197,50 @@ def test_readahead_fetches_ahead_of_a_sequential_reader(expected) -> None:
     assert all(n == 1 for n in api.block_gets.values())
 
 
+def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
+    """Read-ahead asks the index for blocks past the next chunk boundary, so each chunk
+    is listed before the reader gets there: listing never stalls a sequential read."""
+    store = SnapshotStore(Faults(seed=1))
+    block = pattern_block(1, 0)
+    store.add_snapshot("snap-01", dict.fromkeys(range(1024), block), volume_size_gib=1)
+    events: list[tuple[str, int]] = []
+
+    class SmallPages(StoreApi):
+        def list_snapshot_blocks(self, snapshot_id, start_index=0, next_token=None,  # type: ignore[no-untyped-def]
+                                 max_results=10000):
+            # the smallest pages the service allows: two or more per chunk
+            return super().list_snapshot_blocks(snapshot_id, start_index, next_token, 100)
+
+    remote = RemoteSnapshots(SmallPages(store), max_fetches=8)
+    list_blocks = remote.list_snapshot_blocks
+
+    async def logged_list(snapshot_id, start_index=0, next_token=None, **kw):  # type: ignore[no-untyped-def]
+        if next_token is None:
+            events.append(("list", start_index))
+        return await list_blocks(snapshot_id, start_index, next_token, **kw)
+
+    remote.list_snapshot_blocks = logged_list  # type: ignore[method-assign]
+    readahead = Readahead()
+    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048, chunk_blocks=128),
+                          BlockCache(128 * BLOCK_SIZE), remote, readahead, max_window=16)
+    stream = image.open_stream()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in range(0, 1024 * BLOCK_SIZE, 262144):
+                if off % BLOCK_SIZE == 0:
+                    events.append(("read", off // BLOCK_SIZE))
+                assert await image.read(off, 262144, stream) == block[:262144]
+                await trio.sleep(0)  # FUSE requests arrive through a checkpoint each
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    for boundary in range(128, 1024, 128):
+        listed = events.index(("list", boundary))
+        assert listed < events.index(("read", boundary)) - 8, (boundary, events)
+
+
 # ---- ReadPattern ---------------------------------------------------------------------
 
 
