@@ -123,14 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     store = SnapshotStore(faults)
-    try:
-        for spec in args.snapshot:
-            snap = store.add_image(**spec)
-            print(f"ebsfs-emulator: {snap.snapshot_id}: {snap.volume_size_gib} GiB, "
-                  f"{len(snap.indexes)} blocks written", flush=True)
-    except (OSError, ValueError) as err:
-        print(f"ebsfs-emulator: error: {err}", file=sys.stderr)
-        return 1
     if bool(args.tls_cert) != bool(args.tls_key):
         print("ebsfs-emulator: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -138,8 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         server = EmulatorServer(store, host=args.host, port=args.port,
                                 tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
     except (OSError, ValueError) as err:
-        print(f"ebsfs-emulator: error: cannot load the TLS certificate: {err}",
+        print(f"ebsfs-emulator: error: cannot load the TLS certificate {args.tls_cert} "
+              f"with key {args.tls_key}: {getattr(err, 'strerror', None) or err}",
               file=sys.stderr)
+        return 1
+    try:
+        for spec in args.snapshot:
+            snap = store.add_image(**spec)
+            print(f"ebsfs-emulator: {snap.snapshot_id}: {snap.volume_size_gib} GiB, "
+                  f"{len(snap.indexes)} blocks written", flush=True)
+    except (OSError, ValueError) as err:
+        print(f"ebsfs-emulator: error: {err}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
