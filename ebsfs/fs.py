@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import pyfuse3
+import trio
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.diff import SPOOL_IN_MEMORY, Diff
@@ -52,8 +53,7 @@ class EbsOperations(pyfuse3.Operations):
         self._by_name = {f.name: f for f in self._files.values()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[_File, ReadPattern]] = {}
-        self._reports: dict[int, IO[bytes]] = {}
-        """The text of each open `.changes` file (a temporary file past 1 MiB)."""
+        self._reports: dict[int, _Report] = {}
         self._next_handle = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
 
@@ -124,7 +124,7 @@ class EbsOperations(pyfuse3.Operations):
             except EbsfsError as err:
                 log.error("listing changes of %s failed: %s", entry.name.decode(), err)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            self._reports[handle] = _spooled_text(diff)
+            self._reports[handle] = _Report(await trio.to_thread.run_sync(_spooled_text, diff))
             # direct_io: the size is only known once listed, so reads ignore st_size.
             return pyfuse3.FileInfo(fh=handle, direct_io=True)
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
@@ -137,9 +137,7 @@ class EbsOperations(pyfuse3.Operations):
         # cached block spares a copy. The stubs only say bytes.
         entry, stream = self._handles[fh]
         if entry.report:
-            report = self._reports[fh]
-            report.seek(off)
-            return report.read(size)
+            return await self._reports[fh].read(off, size)
         log.debug("read %r at %d, %d bytes", entry.name, off, size)
         try:
             return await entry.image.read(off, size, stream)
@@ -151,7 +149,7 @@ class EbsOperations(pyfuse3.Operations):
         self._handles.pop(fh, None)
         report = self._reports.pop(fh, None)
         if report is not None:
-            report.close()
+            report.spool.close()
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
@@ -190,8 +188,26 @@ class EbsOperations(pyfuse3.Operations):
         return list(self.xattrs(inode))
 
 
+class _Report:
+    """The text of one open `.changes` file, in a temporary file past 1 MiB. Reads run
+    in a worker thread (the file may be on disk), one at a time (they seek)."""
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        self.spool = spool
+        self._lock = trio.Lock()
+
+    async def read(self, offset: int, size: int) -> bytes:
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._read, offset, size)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        self.spool.seek(offset)
+        return self.spool.read(size)
+
+
 def _spooled_text(diff: Diff) -> IO[bytes]:
-    """The diff's text in a temporary file: memory stays bounded for any volume."""
+    """The diff's text in a temporary file: memory stays bounded for any volume. Run in
+    a worker thread: a diff of millions of ranges takes seconds to write."""
     report = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 (closed on release)
     text = io.TextIOWrapper(report, encoding="utf-8")
     diff.write_text(text)

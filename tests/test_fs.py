@@ -92,3 +92,33 @@ def test_xattrs_name_the_snapshot_and_the_serving_process(ops_and_api) -> None:
     assert call(ops.getxattr, ROOT_INODE, b"user.ebsfs.pid", None) == str(os.getpid()).encode()
     with pytest.raises(pyfuse3.FUSEError):
         call(ops.getxattr, inode, b"user.other", None)
+
+
+def test_changes_file_reads_in_pieces(monkeypatch) -> None:
+    """The `.changes` text of a lineage mounted together, read at offsets like the
+    kernel does; spilled to a temporary file when large (here past 256 bytes)."""
+    monkeypatch.setattr("ebsfs.fs.SPOOL_IN_MEMORY", 256)
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(40)}, volume_size_gib=1)
+    store.add_snapshot("snap-0b", {i: pattern_block(2, i) for i in range(0, 40, 2)},
+                       parent="snap-0a")
+    config = MountConfig("/nowhere", [("snap-0a", GIB), ("snap-0b", GIB)], ConnectionOptions(),
+                         cache_size=8 * BLOCK_SIZE, bases={"snap-0b": "snap-0a"})
+    ops, _, _ = build_operations(StoreApi(store), config)
+    inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
+
+    async def read_all() -> bytes:
+        info = await ops.open(inode, os.O_RDONLY, None)
+        parts, offset = [], 0
+        while chunk := await ops.read(info.fh, offset, 100):
+            parts.append(chunk)
+            offset += len(chunk)
+        await ops.release(info.fh)
+        return b"".join(parts)
+
+    text = trio.run(read_all).decode()
+    lines = text.splitlines()
+    assert lines[0] == ("snap-0a -> snap-0b: 20 blocks changed, 10.0 MiB of a 1.0 GiB "
+                        "volume, in 20 ranges")
+    assert len(lines) == 2 + 20 and lines[-1].split() == [str(38 * BLOCK_SIZE),
+                                                          str(BLOCK_SIZE), "38"]
