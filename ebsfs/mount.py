@@ -97,7 +97,9 @@ def raise_kernel_readahead(device: int, kib: int = KERNEL_READAHEAD_KB) -> None:
         with open(path, "w") as f:
             f.write(str(kib))
     except OSError as err:
-        log.info("kernel read-ahead left at its default: %s", err)
+        log.warning("kernel read-ahead of the mount stays at its default, 128 KiB (%s); "
+                    "sequential reads are about a fifth slower. As root: echo %d > %s",
+                    err.strerror or err, kib, path)
 
 
 def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
