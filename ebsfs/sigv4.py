@@ -34,7 +34,8 @@ class GetSigner:
         self._lock = threading.Lock()
 
     def _signing_key(self, secret_key: str, day: str) -> bytes:
-        """kSigning for (secret, day); a few entries at most, so never pruned beyond one."""
+        """kSigning for (secret, day), kept: secrets and days change rarely (rotated
+        credentials, midnight UTC), so the table is simply cleared past four entries."""
         cache_key = (secret_key, day)
         key = self._keys.get(cache_key)
         if key is None:
