@@ -4,12 +4,10 @@ FUSEError out; everything that thinks lives in image.py and below."""
 from __future__ import annotations
 
 import errno
-import io
 import itertools
 import logging
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import IO
@@ -18,7 +16,6 @@ import pyfuse3
 import trio
 
 from ebsfs import BLOCK_SIZE
-from ebsfs.diff import SPOOL_IN_MEMORY, Diff
 from ebsfs.errors import EbsfsError
 from ebsfs.image import SnapshotImage
 from ebsfs.prefetch import ReadPattern
@@ -124,7 +121,7 @@ class EbsOperations(pyfuse3.Operations):
             except EbsfsError as err:
                 log.error("listing changes of %s failed: %s", entry.name.decode(), err)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            self._reports[handle] = _Report(await trio.to_thread.run_sync(_spooled_text, diff))
+            self._reports[handle] = _Report(await trio.to_thread.run_sync(diff.text_file))
             # direct_io: the size is only known once listed, so reads ignore st_size.
             return pyfuse3.FileInfo(fh=handle, direct_io=True)
         # keep_cache: the image never changes, so the kernel's page cache stays valid.
@@ -203,14 +200,3 @@ class _Report:
     def _read(self, offset: int, size: int) -> bytes:
         self.spool.seek(offset)
         return self.spool.read(size)
-
-
-def _spooled_text(diff: Diff) -> IO[bytes]:
-    """The diff's text in a temporary file: memory stays bounded for any volume. Run in
-    a worker thread: a diff of millions of ranges takes seconds to write."""
-    report = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 (closed on release)
-    text = io.TextIOWrapper(report, encoding="utf-8")
-    diff.write_text(text)
-    text.flush()
-    text.detach()
-    return report

@@ -22,23 +22,24 @@ _AUTHORIZATION = re.compile(
 )
 
 
-def access_key_of(authorization: str) -> str:
-    """The access key id of a well-formed SigV4 Authorization header, else 403."""
+def _parse(authorization: str) -> re.Match[str]:
     m = _AUTHORIZATION.match(authorization)
     if m is None:
         raise ApiError(403, "IncompleteSignatureException", "",
                        "Authorization header requires a valid AWS4-HMAC-SHA256 signature")
-    return m["key"]
+    return m
+
+
+def access_key_of(authorization: str) -> str:
+    """The access key id of a well-formed SigV4 Authorization header, else 403."""
+    return _parse(authorization)["key"]
 
 
 def verify_signature(method: str, path_and_query: str, headers: Mapping[str, str],
                      secret_keys: Mapping[str, str]) -> None:
     """Raise the service's 403 unless the request is signed with a known key's secret.
     `headers` are keyed by lower-case name."""
-    m = _AUTHORIZATION.match(headers.get("authorization", ""))
-    if m is None:
-        access_key_of("")
-        return
+    m = _parse(headers.get("authorization", ""))
     secret = secret_keys.get(m["key"])
     if secret is None:
         raise ApiError(403, "UnrecognizedClientException", "",
