@@ -62,7 +62,7 @@ class Diff:
         self.last_index: int | None = None
         self._open: list[int] | None = None
         """The range still growing: [first_block, last_block]."""
-        # Lives as long as the Diff (closed with it, or when it is collected).
+        # Lives as long as the Diff: closed when the Diff is collected.
         self._closed = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
 
     def record(self, change: ChangedBlock) -> None:
