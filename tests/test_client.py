@@ -25,15 +25,19 @@ SNAP = "snap-0c0c"
 FAST_RETRY = RetryPolicy(attempts=20, base_delay=0.001, max_delay=0.01, deadline=20)
 
 
+def use_botocore_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy setting sends GetSnapshotBlock through botocore (which honours it);
+    NO_PROXY keeps the loopback endpoint direct."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+
 @pytest.fixture(params=["direct", "botocore"])
 def api(request, emulator: EmulatorServer, monkeypatch) -> BotoEbsApi:  # type: ignore[no-untyped-def]
     emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
     if request.param == "botocore":
-        # A proxy setting sends GetSnapshotBlock through botocore (which honours it);
-        # NO_PROXY keeps this loopback endpoint direct.
-        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        use_botocore_path(monkeypatch)
     client = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY))
     assert (client._direct is not None) == (request.param == "direct")
     return client
@@ -105,8 +109,7 @@ def test_https_with_a_trusted_certificate(https_emulator: EmulatorServer, monkey
     included (a TLS stream cut mid-body must be retried, never half-served)."""
     https_emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
     if path == "botocore":
-        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        use_botocore_path(monkeypatch)
     api = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url, retry=FAST_RETRY))
     assert https_emulator.url.startswith("https://")
     assert (api._direct is not None) == (path == "direct")
@@ -128,8 +131,7 @@ def test_https_with_an_untrusted_certificate_fails_at_once(https_emulator: Emula
     t = tokens(api)
     monkeypatch.delenv("AWS_CA_BUNDLE")
     if path == "botocore":
-        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        use_botocore_path(monkeypatch)
     untrusting = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url,
                                               retry=FAST_RETRY))
     with pytest.raises(CertificateUntrusted, match="AWS_CA_BUNDLE"):
