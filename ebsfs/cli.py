@@ -178,6 +178,10 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("ebsfs").setLevel(level)
+    # botocore warns with a traceback on every failed credential refresh; ebsfs says
+    # in one line what failed and what to fix. Its tracebacks are for -v.
+    logging.getLogger("botocore.credentials").setLevel(
+        logging.ERROR if verbose == 0 else logging.WARNING)
     # botocore at DEBUG logs request URLs, and with them block tokens: never raise it.
 
 

@@ -22,12 +22,15 @@ from typing import Any, Protocol, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.httpsession
+import botocore.session
 import urllib3.exceptions
 
 from ebsfs import BLOCK_SIZE, GIB, __version__
 from ebsfs.errors import (
     CertificateUntrusted,
     ChecksumMismatch,
+    CredentialRefreshFailed,
     CredentialsMissing,
     EndpointUnreachable,
     Throttled,
@@ -44,6 +47,18 @@ T = TypeVar("T")
 NO_CREDENTIALS = (
     "no AWS credentials found (environment, --profile, config files, instance role)"
 )
+CREDENTIAL_HINT = (
+    "reads fail with EIO until they can: check the profile's credential_process, "
+    "run `aws sso login` for an SSO profile, or check the instance role and its "
+    "metadata service"
+)
+CREDENTIAL_ERRORS = (
+    botocore.exceptions.CredentialRetrievalError, botocore.exceptions.TokenRetrievalError,
+    botocore.exceptions.MetadataRetrievalError, botocore.exceptions.SSOError,
+    botocore.exceptions.RefreshWithMFAUnsupportedError,
+    botocore.exceptions.PartialCredentialsError,
+)
+"""botocore's failures to obtain or refresh credentials (as opposed to AWS refusing them)."""
 MAX_RESULTS = 10000
 """Always sent: the service's default page size is undocumented."""
 
@@ -141,10 +156,14 @@ class BotoEbsApi:
             user_agent_extra="ebsfs",
         )
         try:
-            session = boto3.session.Session(
-                profile_name=options.profile, region_name=options.region
-            )
+            # A botocore session of our own: its resolved ca_bundle is public API.
+            core = botocore.session.Session(profile=options.profile)
+            session = boto3.session.Session(botocore_session=core,
+                                            region_name=options.region)
             self._client = session.client("ebs", endpoint_url=options.endpoint_url, config=config)
+            self._credentials = CredentialSource(session)
+            ca_file = botocore_ca_file(core)
+            self.core_session = core
         except botocore.exceptions.ProfileNotFound as err:
             raise UserInputError(f"AWS profile not found: {options.profile}") from err
         except botocore.exceptions.NoRegionError as err:
@@ -155,7 +174,7 @@ class BotoEbsApi:
             raise UserInputError(f"invalid endpoint URL: {err}") from err
         self._direct: DirectBlockGetter | None = None
         if not _proxy_configured():
-            self._direct = DirectBlockGetter(session, self._client, options)
+            self._direct = DirectBlockGetter(self._credentials, self._client, options, ca_file)
 
     def _retried(self, what: str, attempt: Callable[[], T]) -> T:
         """RetryPolicy around `attempt`, counting throttling answers on the way."""
@@ -171,6 +190,9 @@ class BotoEbsApi:
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
+            # Resolve (and refresh) credentials first, so their failures are typed and
+            # retried like the service's instead of escaping from botocore's signer.
+            self._credentials.frozen()
             try:
                 return getattr(self._client, operation)(**params)
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
@@ -215,6 +237,7 @@ class BotoEbsApi:
             return self._retried(what, lambda: direct.get(snapshot_id, index, token, into))
 
         def attempt() -> bytes | memoryview:
+            self._credentials.frozen()
             try:
                 r = self._client.get_snapshot_block(
                     SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
@@ -238,6 +261,61 @@ class BotoEbsApi:
             return into
 
         return self._retried(what, attempt)
+
+
+class CredentialSource:
+    """The session's credential chain (botocore refreshes temporary credentials in
+    it), with every way it can fail turned into a typed error: a failed refresh must
+    become EIO for one read, never an exception that ends the mount."""
+
+    def __init__(self, session: boto3.session.Session) -> None:
+        try:
+            self._credentials = session.get_credentials()
+        except botocore.exceptions.ProfileNotFound:
+            raise
+        except Exception as err:
+            raise credential_failure(err) from err
+
+    def frozen(self) -> Credentials:
+        """Current credentials, refreshed when near expiry (botocore's rule)."""
+        if self._credentials is None:
+            raise CredentialsMissing(NO_CREDENTIALS)
+        try:
+            frozen = self._credentials.get_frozen_credentials()
+        except Exception as err:  # a provider may run any code: a process, HTTP, files
+            raise credential_failure(err) from err
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def credential_failure(err: Exception) -> CredentialRefreshFailed | CredentialsMissing:
+    """The typed error, with what to fix, for a failure of the credential chain."""
+    if isinstance(err, botocore.exceptions.NoCredentialsError):
+        return CredentialsMissing(NO_CREDENTIALS)
+    detail = " ".join(f"{type(err).__name__}: {err}".split())
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return CredentialRefreshFailed(f"AWS credentials could not be refreshed ({detail}); "
+                                   f"{CREDENTIAL_HINT}")
+
+
+def botocore_ca_file(session: botocore.session.Session) -> str:
+    """The CA bundle botocore verifies the endpoint with: the profile's or
+    AWS_CA_BUNDLE's ca_bundle, else REQUESTS_CA_BUNDLE, else its default bundle
+    (certifi's). The direct GET path trusts exactly this, so both paths agree."""
+    verify = session.get_config_variable("ca_bundle") or os.environ.get("REQUESTS_CA_BUNDLE")
+    return str(botocore.httpsession.get_cert_path(verify or True))
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    try:
+        if os.path.isdir(ca_file):
+            return ssl.create_default_context(capath=ca_file)
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as err:
+        raise UserInputError(
+            f"cannot load the CA bundle {ca_file} (from ca_bundle in the profile, "
+            f"AWS_CA_BUNDLE or REQUESTS_CA_BUNDLE): {getattr(err, 'strerror', None) or err}"
+        ) from err
 
 
 def _paging(start_index: int, next_token: str | None, max_results: int) -> dict[str, Any]:
@@ -276,8 +354,8 @@ class DirectBlockGetter:
     into the cache (docs/performance.md). List calls, rare and small, stay on boto3.
     """
 
-    def __init__(self, session: boto3.session.Session, client: Any,
-                 options: ConnectionOptions) -> None:
+    def __init__(self, credentials: CredentialSource, client: Any,
+                 options: ConnectionOptions, ca_file: str) -> None:
         endpoint = urllib.parse.urlsplit(client.meta.endpoint_url)
         self._https = endpoint.scheme == "https"
         self._host = endpoint.hostname or ""
@@ -288,10 +366,9 @@ class DirectBlockGetter:
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = host if self._port == default_port else f"{host}:{self._port}"
         self._signer = GetSigner("ebs", client.meta.region_name)
-        self._credentials = session.get_credentials()
+        self._credentials = credentials
         self._timeout = (options.connect_timeout, options.read_timeout)
-        self._ssl = (ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE"))
-                     if self._https else None)
+        self._ssl = _tls_context(ca_file) if self._https else None
         self._local = threading.local()
         self._user_agent = f"ebsfs/{__version__} Python/{platform.python_version()}"
 
@@ -318,13 +395,8 @@ class DirectBlockGetter:
             conn.close()
 
     def _signed_headers(self, path: str, query: str) -> dict[str, str]:
-        if self._credentials is None:
-            raise CredentialsMissing(NO_CREDENTIALS)
-        frozen = self._credentials.get_frozen_credentials()  # refreshed by botocore
-        headers = self._signer.headers(
-            Credentials(frozen.access_key, frozen.secret_key, frozen.token),
-            self._host_header, path, query,
-        )
+        headers = self._signer.headers(self._credentials.frozen(), self._host_header,
+                                       path, query)
         headers["Host"] = self._host_header
         headers["User-Agent"] = self._user_agent
         return headers
@@ -405,8 +477,8 @@ def _boto_error(err: Exception) -> Exception:
             str(response.get("Reason", "") or ""),
             response.get("Error", {}).get("Message", ""),
         )
-    if isinstance(err, botocore.exceptions.NoCredentialsError):
-        return CredentialsMissing(NO_CREDENTIALS)
+    if isinstance(err, (botocore.exceptions.NoCredentialsError, *CREDENTIAL_ERRORS)):
+        return credential_failure(err)
     if isinstance(err, botocore.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(err):
         return _untrusted(str(err.kwargs.get("endpoint_url", "")), err)
     if isinstance(err, botocore.exceptions.EndpointConnectionError
@@ -424,5 +496,5 @@ def _untrusted(url: str, err: Exception) -> CertificateUntrusted:
         detail = found[1].strip() if found else "certificate verify failed"
     return CertificateUntrusted(
         f"the TLS certificate of {parts.scheme}://{parts.netloc} is not trusted ({detail}); "
-        "set AWS_CA_BUNDLE to the CA bundle that signs it"
+        "set AWS_CA_BUNDLE (or ca_bundle in the profile) to the CA bundle that signs it"
     )

@@ -82,6 +82,12 @@ class CredentialsMissing(EbsfsError):
     """The AWS credential chain found no credentials."""
 
 
+class CredentialRefreshFailed(TransientError):
+    """Credentials that were there could not be refreshed (a failing credential_process,
+    an expired SSO session, a slow instance metadata service): retried, since they
+    often come back; a read that runs out of retries gets EIO and the mount lives on."""
+
+
 SERVICE_ERRORS: dict[tuple[str, str], type[ServiceError]] = {
     ("ResourceNotFoundException", ""): SnapshotNotFound,
     ("ValidationException", "INVALID_SNAPSHOT_ID"): InvalidSnapshotId,

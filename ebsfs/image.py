@@ -58,7 +58,14 @@ class SnapshotImage:
         base, changes = self.base
         result = Diff(base.snapshot_id, self.snapshot_id, self.size, BLOCK_SIZE)
         for chunk_no in range(changes.chunk_count):
-            for _, change in await changes.chunk_items(chunk_no):
+            # A whole 16 TiB volume may take minutes to list; each chunk may not hang.
+            with trio.move_on_after(self.read_timeout) as scope:
+                items = await changes.chunk_items(chunk_no)
+            if scope.cancelled_caught:
+                raise ReadFailed(f"listing changes of {self.snapshot_id} from "
+                                 f"{base.snapshot_id}: chunk {chunk_no} took over "
+                                 f"{self.read_timeout:.0f}s")
+            for _, change in items:
                 result.record(change)
         result.list_calls = changes.list_calls
         return result
@@ -106,8 +113,11 @@ class SnapshotImage:
         raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
 
     async def _prefetch(self, index: int) -> None:
+        """Fetch ahead, within the same time limit as a read: a stalled prefetch would
+        otherwise hold its place in `_prefetching` (and its task) forever."""
         try:
-            await self.block(index)
+            with trio.move_on_after(self.read_timeout):
+                await self.block(index)
         finally:
             self._prefetching.discard(index)
 

@@ -102,8 +102,21 @@ def raise_kernel_readahead(device: int, kib: int = KERNEL_READAHEAD_KB) -> None:
                     err.strerror or err, kib, path)
 
 
+class AbandonedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer wants an answer (ENOENT: the
+    reader was interrupted, or readahead was in flight at unmount). Nothing is lost
+    and nothing is wrong: keep it for -vv only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "fuse_reply_* failed with No such file or directory" not in record.getMessage():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("ebsfs").isEnabledFor(logging.DEBUG)
+
+
 def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount, call `on_ready`, and serve until unmounted or signalled."""
+    logging.getLogger("pyfuse3").addFilter(AbandonedReplies())
     api = BotoEbsApi(config.connection)
     ops, readahead, _ = build_operations(api, config)
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +23,13 @@ needs_fuse = pytest.mark.skipif(
 
 def ebsfs(*args: str, timeout: float = 60, env: dict[str, str] | None = None
           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ebsfs", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=env)
+    return run_module("ebsfs", *args, timeout=timeout, env=env)
+
+
+def run_module(module: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 def serving_pid(mountpoint: Path) -> int:
@@ -56,16 +62,40 @@ def force_unmount(mountpoint: Path) -> None:
         wait_gone(pid, 5)
 
 
+_LOG_LINE = re.compile(r"^\S+ \S+ \d+ (WARNING|ERROR|CRITICAL) (\S+): (.*)$")
+
+
+def replay_log(log_file: Path) -> None:
+    """Re-log the mount process's WARNING and ERROR lines in the test process, where
+    the test suite's log check sees them (tests/conftest.py)."""
+    if not log_file.exists():
+        return
+    for line in log_file.read_text(errors="replace").splitlines():
+        match = _LOG_LINE.match(line)
+        if match:
+            logging.getLogger(f"mount.{match[2]}").log(
+                logging.getLevelName(match[1]), "%s", match[3])
+
+
 @contextlib.contextmanager
-def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str
-            ) -> Iterator[Path]:
+def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str,
+            launcher: str = "ebsfs") -> Iterator[Path]:
+    """A real mount through the command line (`python -m LAUNCHER mount ...`), always
+    unmounted; its log is checked like the test's own."""
     mountpoint.mkdir(parents=True, exist_ok=True)
+    log_file = mountpoint.parent / f"{mountpoint.name}.log"
+    if "--log-file" in options:
+        log_file = Path(options[options.index("--log-file") + 1])
+    else:
+        options = (*options, "--log-file", str(log_file))
     try:
-        result = ebsfs("mount", "--endpoint-url", url, *options, *snapshot_ids, str(mountpoint))
+        result = run_module(launcher, "mount", "--endpoint-url", url, *options, *snapshot_ids,
+                            str(mountpoint))
         assert result.returncode == 0, result.stderr
         yield mountpoint
     finally:
         force_unmount(mountpoint)
+        replay_log(log_file)
 
 
 @contextlib.contextmanager

@@ -97,6 +97,7 @@ def test_bodies_cut_short_are_fetched_again(emulator: EmulatorServer, source, tm
 
 @needs_fuse
 @pytest.mark.mount
+@pytest.mark.expected_log(r"read of snap-0f1.img failed: snap-0f1: read at 524288")
 def test_persistent_failure_is_eio_within_the_read_timeout(emulator: EmulatorServer, source,
                                                            tmp_path) -> None:
     emulator.store.add_image(SNAP, source)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+import time
 
 import pyfuse3
 import pytest
@@ -72,6 +74,7 @@ def test_open_and_read(ops_and_api) -> None:
     call(ops.release, info.fh)
 
 
+@pytest.mark.expected_log(r"read of snap-01.img failed: snap-01: read at 0: down")
 def test_remote_failure_is_eio(ops_and_api) -> None:
     ops, api = ops_and_api
     failing = FailingApi(api, lambda n, op: TransientError("down") if op == "GetSnapshotBlock"
@@ -122,3 +125,91 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
                         "volume, in 20 ranges")
     assert len(lines) == 2 + 20 and lines[-1].split() == [str(38 * BLOCK_SIZE),
                                                           str(BLOCK_SIZE), "38"]
+
+
+def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(8)}, volume_size_gib=1)
+    store.add_snapshot("snap-0b", {0: pattern_block(2, 0)}, parent="snap-0a")
+    api = StoreApi(store)
+    config = MountConfig("/nowhere", [("snap-0a", GIB), ("snap-0b", GIB)], ConnectionOptions(),
+                         cache_size=8 * BLOCK_SIZE, bases={"snap-0b": "snap-0a"},
+                         read_timeout=read_timeout)
+    ops, _, _ = build_operations(api_wrapper(api) if api_wrapper else api, config)
+    return ops
+
+
+@pytest.mark.expected_log(r"listing changes of snap-0b.changes failed")
+def test_a_changes_file_that_cannot_be_listed_leaves_no_open_handle() -> None:
+    ops = lineage_ops(lambda api: FailingApi(
+        api, lambda n, op: TransientError("down") if op == "ListChangedBlocks" else None))
+    inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
+    for _ in range(3):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            call(ops.open, inode, os.O_RDONLY, None)
+        assert err.value.errno == errno.EIO
+    assert ops.open_handles == 0
+
+
+@pytest.mark.expected_log(r"listing changes of snap-0b.changes failed: .*took over 1s")
+def test_a_changes_listing_that_hangs_is_eio_within_the_read_timeout() -> None:
+    release = threading.Event()
+
+    class Hanging(StoreApi):
+        def list_changed_blocks(self, *args, **kw):  # type: ignore[no-untyped-def]
+            release.wait(30)
+            return super().list_changed_blocks(*args, **kw)
+
+    ops = lineage_ops(lambda api: Hanging(api.store), read_timeout=1.0)
+    inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
+    started = time.monotonic()
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            call(ops.open, inode, os.O_RDONLY, None)
+        assert err.value.errno == errno.EIO
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
+
+
+def test_statfs_counts_each_image_once() -> None:
+    ops = lineage_ops()
+    assert [name for name, _ in ops.entries()] == [b"snap-0a.img", b"snap-0b.img",
+                                                    b"snap-0b.changes"]
+    data = call(ops.statfs, None)
+    assert data.f_blocks * data.f_bsize == 2 * GIB
+
+
+@pytest.mark.expected_log(r"read failed \(EIO\): unexpected RuntimeError: planted",
+                          r"getattr failed \(EIO\): unexpected ZeroDivisionError")
+def test_an_unexpected_exception_in_a_handler_is_eio_and_the_next_call_works(
+        ops_and_api, monkeypatch, caplog) -> None:
+    """The net under every handler: a bug answers EIO (pyfuse3 would end the mount on
+    it), logged with its traceback the first time only; the next read works."""
+    ops, _ = ops_and_api
+    inode = call(ops.lookup, ROOT_INODE, b"snap-02.img").st_ino
+    info = call(ops.open, inode, os.O_RDONLY, None)
+    image = ops._handles[info.fh][0].image
+    original = image.read
+    failures = iter([RuntimeError("planted"), RuntimeError("planted")])
+
+    async def buggy(*args):  # type: ignore[no-untyped-def]
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        return await original(*args)
+
+    monkeypatch.setattr(image, "read", buggy)
+    for _ in range(2):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            call(ops.read, info.fh, 5 * BLOCK_SIZE, 10)
+        assert err.value.errno == errno.EIO
+    assert call(ops.read, info.fh, 5 * BLOCK_SIZE, 10) == pattern_block(2, 5)[:10]
+    logged = [r for r in caplog.records if "planted" in r.getMessage()]
+    assert len(logged) == 2
+    assert logged[0].exc_info is not None and logged[1].exc_info is None
+    # Every handler has the net, not just read.
+    monkeypatch.setattr(ops, "_attr", lambda inode: 1 / 0)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        call(ops.getattr, ROOT_INODE)
+    assert err.value.errno == errno.EIO

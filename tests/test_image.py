@@ -305,3 +305,42 @@ def test_random_4k_reads_fetch_at_most_twice_the_blocks_they_touch() -> None:
     touched = {off // BLOCK_SIZE for off in offsets}
     touched |= {(off + 4095) // BLOCK_SIZE for off in offsets}
     assert sum(api.block_gets.values()) <= 2 * len(touched)
+
+
+def test_a_stalled_prefetch_gives_up_within_the_read_timeout() -> None:
+    """Prefetches have the reads' time limit: one whose fetch stalls ends, and its
+    block can be prefetched again (before, it stayed in `_prefetching` for ever)."""
+    import threading
+
+    release = threading.Event()
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)},
+                       volume_size_gib=1)
+
+    class StallsAhead(StoreApi):
+        def get_snapshot_block(self, snapshot_id, index, token, into=None):  # type: ignore[no-untyped-def]
+            if index >= 4:
+                release.wait(30)
+            return super().get_snapshot_block(snapshot_id, index, token, into)
+
+    readahead = Readahead()
+    _, _, image = build(api=StallsAhead(store), store=store, readahead=readahead, timeout=0.5)
+    stream = image.open_stream()
+    stuck: list[int] = []
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in range(0, 4 * BLOCK_SIZE, BLOCK_SIZE):
+                await image.read(off, BLOCK_SIZE, stream)
+            await trio.sleep(0.1)
+            assert image._prefetching  # prefetches of blocks 4.. are stalled
+            await trio.sleep(1.0)
+            stuck.extend(image._prefetching)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        release.set()
+    assert stuck == []
