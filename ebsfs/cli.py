@@ -12,8 +12,11 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from ebsfs import __version__
+import trio
+
+from ebsfs import __version__, engine
 from ebsfs.client import BotoEbsApi, ConnectionOptions
+from ebsfs.engine import DEFAULT_CACHE_SIZE, Engine, EngineConfig, check_snapshot_id
 from ebsfs.errors import (
     AccessDenied,
     CredentialsMissing,
@@ -29,10 +32,7 @@ from ebsfs.errors import (
 )
 from ebsfs.retry import RetryPolicy
 
-SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15.0)
-"""Checks before mounting fail fast: a user is waiting at the prompt."""
 
 log = logging.getLogger("ebsfs")
 
@@ -64,14 +64,6 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
-
-
-def check_snapshot_id(snapshot_id: str) -> str:
-    if not SNAPSHOT_ID.match(snapshot_id):
-        raise InvalidSnapshotId(
-            f"invalid snapshot id {snapshot_id!r}: expected 'snap-' followed by hex digits"
-        )
-    return snapshot_id
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,42 +189,23 @@ def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: i
     )
 
 
-def check_snapshots(api: BotoEbsApi, snapshot_ids: list[str]) -> list[tuple[str, int]]:
-    """One list call per snapshot: it exists, we may read it, and its size."""
-    checked = []
-    for snapshot_id in snapshot_ids:
-        page = api.list_snapshot_blocks(snapshot_id, max_results=100)
-        checked.append((snapshot_id, page.volume_size))
-    return checked
-
-
-def find_bases(api: BotoEbsApi, snapshots: list[tuple[str, int]]) -> dict[str, str]:
-    """For each snapshot, the first one before it on the command line that is of the same
-    volume (one ListChangedBlocks call per pair tried). Unrelated pairs, or no
-    ebs:ListChangedBlocks permission, just mean no sharing."""
-    bases: dict[str, str] = {}
-    for k, (second, size) in enumerate(snapshots):
-        for first, first_size in snapshots[:k]:
-            if first_size != size:
-                continue
-            try:
-                api.list_changed_blocks(first, second, max_results=100)
-            except (UnrelatedSnapshots, AccessDenied) as err:
-                log.info("%s and %s share no blocks: %s", first, second, err)
-                continue
-            bases[second] = first
-            break
-    return bases
+def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
+                  ) -> EngineConfig:
+    """The engine's settings from the options every reading command shares."""
+    return EngineConfig(
+        connection=_connection(args, retry or RetryPolicy()),
+        cache_size=getattr(args, "cache_size", DEFAULT_CACHE_SIZE),
+        max_fetches=getattr(args, "max_fetches", 64),
+        read_timeout=getattr(args, "read_timeout", 60.0),
+    )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from ebsfs import mount  # pyfuse3 is only needed here
 
+    mountpoint = args.mountpoint
     for snapshot_id in args.snapshot_ids:
         check_snapshot_id(snapshot_id)
-    if len(set(args.snapshot_ids)) != len(args.snapshot_ids):
-        raise UserInputError("a snapshot id is given twice")
-    mountpoint = args.mountpoint
     if not os.path.exists(mountpoint):
         raise UserInputError(f"mount point {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
@@ -241,37 +214,33 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError(f"{mountpoint} is already a mount point")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
-    api = BotoEbsApi(_connection(args, CHECK_RETRY, 4))
-    snapshots = check_snapshots(api, args.snapshot_ids)
-    bases = find_bases(api, snapshots) if len(snapshots) > 1 else {}
-    config = mount.MountConfig(
-        mountpoint=os.path.abspath(mountpoint), snapshots=snapshots,
-        connection=_connection(args, RetryPolicy(), args.max_fetches + 8),
-        cache_size=args.cache_size, max_fetches=args.max_fetches, bases=bases,
-        read_timeout=args.read_timeout, allow_other=args.allow_other,
+    config = engine_config(args)
+    checked = engine.plan(config, args.snapshot_ids)
+    mount_config = mount.MountConfig(
+        mountpoint=os.path.abspath(mountpoint), allow_other=args.allow_other,
         fuse_debug=args.fuse_debug,
     )
+    count = len(checked.snapshots)
     if args.foreground:
-        mount.serve(config, on_ready=lambda: print(
-            f"ebsfs: mounted {len(snapshots)} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
+        mount.serve(engine.build(config, checked), mount_config, on_ready=lambda: print(
+            f"ebsfs: mounted {count} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
             file=sys.stderr, flush=True))
         return 0
 
     def in_background(ready: Callable[[], None]) -> None:
         setup_logging(args.verbose, args.log_file, background=True)
-        mount.serve(config, on_ready=ready)
+        mount.serve(engine.build(config, checked), mount_config, on_ready=ready)
 
     return mount.run_in_background(in_background)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ebsfs.diff import diff_snapshots
-
     check_snapshot_id(args.first)
     check_snapshot_id(args.second)
     # Many pages against a 50 calls/s quota: retry throttling patiently.
-    api = BotoEbsApi(_connection(args, RetryPolicy(attempts=6, deadline=30.0), 4))
-    result = diff_snapshots(api, args.first, args.second)
+    config = engine_config(args, RetryPolicy(attempts=6, deadline=30.0))
+    api = BotoEbsApi(_connection(args, config.connection.retry, 4))
+    result = trio.run(Engine(api, config, []).diff, args.first, args.second)
     if args.json:
         result.write_json(sys.stdout)
     else:

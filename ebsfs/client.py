@@ -1,10 +1,8 @@
-"""The only module that talks to boto3: the three EBS direct API reads, checksum
-verification, timeouts, and the mapping of botocore errors to ebsfs's typed errors."""
+"""The only module that talks to boto3: the EbsApi of api.py over boto3 and a direct
+signed GET path, timeouts, and the mapping of botocore errors to ebsfs's typed errors."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.client
 import json
 import logging
@@ -17,7 +15,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import boto3
 import botocore.config
@@ -27,9 +25,9 @@ import botocore.session
 import urllib3.exceptions
 
 from ebsfs import BLOCK_SIZE, GIB, __version__
+from ebsfs.api import MAX_RESULTS, BlockPage, ChangedBlock, ChangedPage, verify_block
 from ebsfs.errors import (
     CertificateUntrusted,
-    ChecksumMismatch,
     CredentialRefreshFailed,
     CredentialsMissing,
     EndpointUnreachable,
@@ -59,70 +57,6 @@ CREDENTIAL_ERRORS = (
     botocore.exceptions.PartialCredentialsError,
 )
 """botocore's failures to obtain or refresh credentials (as opposed to AWS refusing them)."""
-MAX_RESULTS = 10000
-"""Always sent: the service's default page size is undocumented."""
-
-
-@dataclass(frozen=True)
-class BlockPage:
-    """One ListSnapshotBlocks page. `blocks` are (index, token), ascending."""
-
-    blocks: list[tuple[int, str]]
-    next_token: str | None
-    expiry: float
-    volume_size: int
-    """Bytes."""
-    block_size: int = BLOCK_SIZE
-
-
-@dataclass(frozen=True)
-class ChangedBlock:
-    index: int
-    first_token: str | None
-    second_token: str | None
-
-
-@dataclass(frozen=True)
-class ChangedPage:
-    """One ListChangedBlocks page."""
-
-    changes: list[ChangedBlock]
-    next_token: str | None
-    expiry: float
-    volume_size: int
-    block_size: int = BLOCK_SIZE
-
-
-class EbsApi(Protocol):
-    """What ebsfs needs of the service; the boto3 client, test fakes and failure
-    injectors all provide it. Errors are ebsfs.errors types, never botocore's."""
-
-    def list_snapshot_blocks(
-        self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
-        max_results: int = MAX_RESULTS,
-    ) -> BlockPage: ...
-
-    def list_changed_blocks(
-        self, first_id: str, second_id: str, start_index: int = 0,
-        next_token: str | None = None, max_results: int = MAX_RESULTS,
-    ) -> ChangedPage: ...
-
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> bytes | memoryview:
-        """The verified block: written into `into` (and `into` returned) when given,
-        so a body lands in the cache without a copy on the trio thread."""
-        ...
-
-
-def verify_block(data: bytes | memoryview, checksum: str, algorithm: str,
-                 data_length: int) -> None:
-    """Raise ChecksumMismatch unless `data` is the whole block its headers describe."""
-    if algorithm != "SHA256":
-        raise ChecksumMismatch(f"unexpected checksum algorithm {algorithm!r}")
-    if len(data) != data_length or len(data) != BLOCK_SIZE:
-        raise ChecksumMismatch(f"body holds {len(data)} bytes, header says {data_length}")
-    if base64.b64encode(hashlib.sha256(data).digest()).decode() != checksum:
-        raise ChecksumMismatch("SHA-256 of the body does not match x-amz-Checksum")
 
 
 @dataclass
@@ -146,8 +80,8 @@ class BotoEbsApi:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self._retry = options.retry
-        self.throttles = 0
-        """RequestThrottledException answers so far (read by the fetch limiter)."""
+        self.get_throttles = 0
+        """GetSnapshotBlock answers of RequestThrottledException so far (EbsApi)."""
         config = botocore.config.Config(
             retries={"mode": "standard", "total_max_attempts": 1},
             max_pool_connections=options.max_connections,
@@ -176,14 +110,14 @@ class BotoEbsApi:
         if not _proxy_configured():
             self._direct = DirectBlockGetter(self._credentials, self._client, options, ca_file)
 
-    def _retried(self, what: str, attempt: Callable[[], T]) -> T:
-        """RetryPolicy around `attempt`, counting throttling answers on the way."""
+    def _retried_get(self, what: str, attempt: Callable[[], T]) -> T:
+        """RetryPolicy around one GET attempt, counting throttling answers on the way."""
 
         def counted() -> T:
             try:
                 return attempt()
             except Throttled:
-                self.throttles += 1  # a lost update under a race only delays the back-off
+                self.get_throttles += 1  # a lost update under a race only delays the back-off
                 raise
 
         return self._retry.call(what, counted)
@@ -199,7 +133,7 @@ class BotoEbsApi:
                     urllib3.exceptions.HTTPError) as err:
                 raise _boto_error(err) from err
 
-        return self._retried(operation, attempt)
+        return self._retry.call(operation, attempt)
 
     def list_snapshot_blocks(
         self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
@@ -234,7 +168,7 @@ class BotoEbsApi:
         what = f"GetSnapshotBlock {snapshot_id}:{index}"
         direct = self._direct
         if direct is not None:
-            return self._retried(what, lambda: direct.get(snapshot_id, index, token, into))
+            return self._retried_get(what, lambda: direct.get(snapshot_id, index, token, into))
 
         def attempt() -> bytes | memoryview:
             self._credentials.frozen()
@@ -260,7 +194,7 @@ class BotoEbsApi:
             into[:] = data
             return into
 
-        return self._retried(what, attempt)
+        return self._retried_get(what, attempt)
 
 
 class CredentialSource:

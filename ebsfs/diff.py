@@ -11,12 +11,14 @@ import json
 import struct
 import tempfile
 from collections.abc import Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import IO, Protocol
 
 from ebsfs import BLOCK_SIZE
-from ebsfs.client import ChangedBlock, EbsApi
-from ebsfs.errors import InvalidPageToken
+from ebsfs.api import ChangedBlock
+from ebsfs.index import Page, pages
+from ebsfs.remote import RemoteSnapshots
 
 _RANGE = struct.Struct("<QQ")
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -159,19 +161,25 @@ def human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def diff_snapshots(api: EbsApi, first: str, second: str) -> Diff:
-    """Page ListChangedBlocks to the end (short and empty pages included)."""
-    page = api.list_changed_blocks(first, second)
-    result = Diff(first, second, page.volume_size, page.block_size)
-    while True:
-        result.list_calls += 1
-        for change in page.changes:  # ascending, and a restart resumes past the last one
-            result.record(change)
-        if page.next_token is None:
-            break
-        try:
-            page = api.list_changed_blocks(first, second, next_token=page.next_token)
-        except InvalidPageToken:  # expired after 60 minutes: resume after what we have
-            start = 0 if result.last_index is None else result.last_index + 1
-            page = api.list_changed_blocks(first, second, start_index=start)
+async def diff_snapshots(remote: RemoteSnapshots, first: str, second: str) -> Diff:
+    """ListChangedBlocks to the end (short and empty pages included), through the one
+    paging loop of index.py."""
+    sizes: list[tuple[int, int]] = []
+    """(volume size, block size) of each page: the Diff needs them before any entry."""
+
+    async def fetch_noting_size(start: int, next_token: str | None) -> Page[ChangedBlock]:
+        page = await remote.list_changed_blocks(first, second, start_index=start,
+                                                next_token=next_token)
+        sizes.append((page.volume_size, page.block_size))
+        return [(c.index, c) for c in page.changes], page.next_token, page.expiry
+
+    result: Diff | None = None
+    async with aclosing(pages(fetch_noting_size, 0, f"{first}..{second}")) as listing:
+        async for entries, _, _ in listing:
+            if result is None:
+                result = Diff(first, second, *sizes[0])
+            result.list_calls += 1
+            for _, change in entries:  # ascending; a restart resumes past the last one
+                result.record(change)
+    assert result is not None  # pages yields at least one page or raises
     return result

@@ -1,5 +1,5 @@
-"""The FUSE layer: pyfuse3.Operations over SnapshotImages. Inodes and attributes in,
-FUSEError out; everything that thinks lives in image.py and below."""
+"""The FUSE layer: pyfuse3.Operations over the file nodes of files.py. Inodes and
+attributes in, FUSEError out; everything that thinks lives in files.py and below."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ import stat
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.errors import EbsfsError
-from ebsfs.image import SnapshotImage
-from ebsfs.prefetch import ReadPattern
+from ebsfs.files import ImageNode, Node, OpenFile
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +51,15 @@ def answered(handler: Handler) -> Handler:
     return guarded  # type: ignore[return-value]
 
 
-@dataclass
-class _File:
-    inode: int
-    name: bytes
-    image: SnapshotImage
-    report: bool = False
-    """The `<id>.changes` text file (changed ranges against the base) instead of the image."""
-
-
 class EbsOperations(pyfuse3.Operations):
-    """A flat, read-only directory of `<snapshot-id>.img` files."""
+    """A flat, read-only directory of the file nodes of files.py."""
 
-    def __init__(self, images: list[SnapshotImage], mtime: float | None = None) -> None:
+    def __init__(self, nodes: list[Node], mtime: float | None = None) -> None:
         super().__init__()
-        names = [(f"{img.snapshot_id}.img", img, False) for img in images]
-        names += [(f"{img.snapshot_id}.changes", img, True) for img in images if img.base]
-        self._files = {
-            ROOT_INODE + 1 + n: _File(ROOT_INODE + 1 + n, name.encode(), img, report)
-            for n, (name, img, report) in enumerate(names)
-        }
-        self._by_name = {f.name: f for f in self._files.values()}
+        self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
+        self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
-        self._handles: dict[int, tuple[_File, ReadPattern]] = {}
-        self._reports: dict[int, _Report] = {}
+        self._handles: dict[int, tuple[Node, OpenFile]] = {}
         self._next_handle = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._seen_bugs: set[tuple[str, str, str]] = set()
@@ -102,11 +84,10 @@ class EbsOperations(pyfuse3.Operations):
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2
             attr.st_size = 0
-        elif inode in self._files:
+        elif inode in self._nodes:
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
-            entry = self._files[inode]
-            attr.st_size = 0 if entry.report else entry.image.size
+            attr.st_size = self._nodes[inode].size
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr.st_ino = inode
@@ -129,10 +110,10 @@ class EbsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
             return self._attr(ROOT_INODE)
-        entry = self._by_name.get(name)
-        if entry is None:
+        inode = self._by_name.get(name)
+        if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(entry.inode)
+        return self._attr(inode)
 
     @answered
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -142,7 +123,7 @@ class EbsOperations(pyfuse3.Operations):
 
     def entries(self) -> list[tuple[bytes, int]]:
         """Directory entries (name, inode) in readdir order."""
-        return [(f.name, f.inode) for f in self._files.values()]
+        return [(node.name.encode(), inode) for inode, node in self._nodes.items()]
 
     @answered
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -155,27 +136,21 @@ class EbsOperations(pyfuse3.Operations):
     @answered
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        entry = self._files.get(inode)
-        if entry is None:
+        node = self._nodes.get(inode)
+        if node is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if entry.report:
-            try:
-                diff = await entry.image.changes_from_base()
-            except EbsfsError as err:
-                log.error("listing changes of %s failed: %s", entry.name.decode(), err)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            report = _Report(await trio.to_thread.run_sync(diff.text_file))
-            handle = next(self._next_handle)  # only once nothing can fail: no leak
-            self._handles[handle] = (entry, entry.image.open_stream())
-            self._reports[handle] = report
-            # direct_io: the size is only known once listed, so reads ignore st_size.
-            return pyfuse3.FileInfo(fh=handle, direct_io=True)
-        handle = next(self._next_handle)
-        self._handles[handle] = (entry, entry.image.open_stream())
-        # keep_cache: the image never changes, so the kernel's page cache stays valid.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        try:
+            opened = await node.open()
+        except EbsfsError as err:
+            log.error("opening %s failed: %s", node.name, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        handle = next(self._next_handle)  # only once nothing can fail: no leak
+        self._handles[handle] = (node, opened)
+        # keep_cache: a fixed file never changes, so the kernel's page cache stays valid;
+        # direct_io: a file whose size is only known once opened ignores st_size.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=node.fixed, direct_io=not node.fixed)
 
     @property
     def open_handles(self) -> int:
@@ -187,31 +162,28 @@ class EbsOperations(pyfuse3.Operations):
     ) -> bytes | memoryview:
         # Any buffer works (pyfuse3 replies via the buffer protocol); a memoryview of a
         # cached block spares a copy. The stubs only say bytes.
-        entry, stream = self._handles[fh]
-        if entry.report:
-            return await self._reports[fh].read(off, size)
-        log.debug("read %r at %d, %d bytes", entry.name, off, size)
+        node, opened = self._handles[fh]
         try:
-            return await entry.image.read(off, size, stream)
+            return await opened.read(off, size)
         except EbsfsError as err:
-            log.error("read of %s failed: %s", entry.name.decode(), err)
+            log.error("read of %s failed: %s", node.name, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     @answered
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
-        report = self._reports.pop(fh, None)
-        if report is not None:
-            report.spool.close()
+        entry = self._handles.pop(fh, None)
+        if entry is not None:
+            entry[1].close()
 
     @answered
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        total = sum(f.image.size for f in self._files.values() if not f.report)
+        # Partitions and reports are views of the images: count each image once.
+        total = sum(node.size for node in self._nodes.values() if isinstance(node, ImageNode))
         data.f_bsize = data.f_frsize = BLOCK_SIZE
         data.f_blocks = -(-total // BLOCK_SIZE)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self._files) + 1
+        data.f_files = len(self._nodes) + 1
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
@@ -221,16 +193,10 @@ class EbsOperations(pyfuse3.Operations):
         the snapshot id and volume size on each image."""
         if inode == ROOT_INODE:
             return {b"user.ebsfs.pid": str(os.getpid()).encode()}
-        entry = self._files.get(inode)
-        if entry is None:
+        node = self._nodes.get(inode)
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        attrs = {
-            b"user.ebsfs.snapshot_id": entry.image.snapshot_id.encode(),
-            b"user.ebsfs.volume_size": str(entry.image.size).encode(),
-        }
-        if entry.image.base is not None:
-            attrs[b"user.ebsfs.base_snapshot"] = entry.image.base[0].snapshot_id.encode()
-        return attrs
+        return {key.encode(): value.encode() for key, value in node.xattrs().items()}
 
     @answered
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -242,20 +208,3 @@ class EbsOperations(pyfuse3.Operations):
     @answered
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self.xattrs(inode))
-
-
-class _Report:
-    """The text of one open `.changes` file, in a temporary file past 1 MiB. Reads run
-    in a worker thread (the file may be on disk), one at a time (they seek)."""
-
-    def __init__(self, spool: IO[bytes]) -> None:
-        self.spool = spool
-        self._lock = trio.Lock()
-
-    async def read(self, offset: int, size: int) -> bytes:
-        async with self._lock:
-            return await trio.to_thread.run_sync(self._read, offset, size)
-
-    def _read(self, offset: int, size: int) -> bytes:
-        self.spool.seek(offset)
-        return self.spool.read(size)

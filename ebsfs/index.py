@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import cachetools
 
-from ebsfs.client import ChangedBlock
+from ebsfs.api import ChangedBlock
 from ebsfs.errors import InvalidPageToken
 from ebsfs.pending import SingleFlight
 from ebsfs.remote import RemoteSnapshots
@@ -41,6 +42,42 @@ Page = tuple[list[tuple[int, V]], str | None, float]
 """(entries as (block index, value) ascending, NextToken, expiry)."""
 PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
 """(StartingBlockIndex, NextToken) -> one page."""
+
+
+async def pages(fetch_page: PageFetcher[V], start: int, name: str
+                ) -> AsyncGenerator[Page[V], None]:
+    """Pages from `start` on, to the end of the listing unless the caller stops early.
+    A NextToken that expired (they live 60 minutes) restarts the listing just past the
+    last index returned, so nothing is missed or repeated. The one paging loop of ebsfs:
+    the block and change indexes and `ebsfs diff` all use it."""
+    position, next_token = start, None
+    while True:
+        try:
+            entries, page_token, expiry = await fetch_page(position, next_token)
+        except InvalidPageToken:
+            if next_token is None:
+                raise
+            log.debug("%s: page token refused, listing again from %d", name, position)
+            next_token = None
+            continue
+        yield entries, page_token, expiry
+        if entries:
+            position = entries[-1][0] + 1
+        if page_token is None:
+            return
+        next_token = page_token
+
+
+def change_pages(remote: RemoteSnapshots, first_id: str, second_id: str
+                 ) -> PageFetcher[ChangedBlock]:
+    """ListChangedBlocks as a PageFetcher."""
+
+    async def fetch(start: int, next_token: str | None) -> Page[ChangedBlock]:
+        page = await remote.list_changed_blocks(first_id, second_id, start_index=start,
+                                                next_token=next_token)
+        return [(c.index, c) for c in page.changes], page.next_token, page.expiry
+
+    return fetch
 
 
 @dataclass
@@ -117,28 +154,19 @@ class ChunkedIndex(Generic[V]):
         found: dict[int, V] = {}
         expiry = float("inf")
         listed_at = self._clock()
-        position, next_token = start, None
-        while True:
-            try:
-                entries, page_token, page_expiry = await self._fetch_page(position, next_token)
-            except InvalidPageToken:
-                # NextTokens live 60 minutes; what was returned so far still stands.
-                log.debug("%s: page token refused, listing again from %d", self.name, position)
-                next_token = None
-                continue
-            self.list_calls += 1
-            expiry = min(expiry, page_expiry)
-            for index, value in entries:
-                found[index] = value
-            if entries:
-                position = entries[-1][0] + 1
-            if page_token is None:
-                proven_to = self.volume_blocks - 1
-                break
-            if entries and entries[-1][0] >= chunk_last:
-                proven_to = entries[-1][0]
-                break
-            next_token = page_token
+        proven_to = start - 1
+        async with aclosing(pages(self._fetch_page, start, self.name)) as listing:
+            async for entries, page_token, page_expiry in listing:
+                self.list_calls += 1
+                expiry = min(expiry, page_expiry)
+                for index, value in entries:
+                    found[index] = value
+                if page_token is None:
+                    proven_to = self.volume_blocks - 1
+                    break
+                if entries and entries[-1][0] >= chunk_last:
+                    proven_to = entries[-1][0]
+                    break
         return self._store(chunk_no, proven_to, found, expiry, listed_at)
 
     def _store(
@@ -189,13 +217,8 @@ class ChangeIndex(ChunkedIndex[ChangedBlock]):
 
     def __init__(self, remote: RemoteSnapshots, first_id: str, second_id: str,
                  volume_blocks: int, **kw: object) -> None:
-        async def fetch(start: int, next_token: str | None) -> Page[ChangedBlock]:
-            page = await remote.list_changed_blocks(
-                first_id, second_id, start_index=start, next_token=next_token
-            )
-            return [(c.index, c) for c in page.changes], page.next_token, page.expiry
-
-        super().__init__(fetch, f"{first_id}..{second_id}", volume_blocks, **kw)  # type: ignore[arg-type]
+        super().__init__(change_pages(remote, first_id, second_id),
+                         f"{first_id}..{second_id}", volume_blocks, **kw)  # type: ignore[arg-type]
 
     async def changed(self, index: int) -> bool:
         return await self.get(index) is not None

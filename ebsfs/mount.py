@@ -11,67 +11,30 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from ebsfs import BLOCK_SIZE
-from ebsfs.cache import BlockCache
-from ebsfs.client import BotoEbsApi, ConnectionOptions, EbsApi
+from ebsfs.engine import Engine
 from ebsfs.errors import EbsfsError, UserInputError, first_leaf
+from ebsfs.files import snapshot_nodes
 from ebsfs.fs import EbsOperations
-from ebsfs.image import SnapshotImage
-from ebsfs.index import BlockIndex, ChangeIndex
-from ebsfs.prefetch import Readahead
-from ebsfs.remote import RemoteSnapshots
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class MountConfig:
+    """How to mount; what to read and how lives in the Engine (engine.py)."""
+
     mountpoint: str
-    snapshots: list[tuple[str, int]]
-    """(snapshot id, volume size in bytes), checked before mounting."""
-    connection: ConnectionOptions
-    cache_size: int = 512 * 1024**2
-    max_fetches: int = 64
-    read_timeout: float = 60.0
-    bases: dict[str, str] = field(default_factory=dict)
-    """second snapshot id -> an earlier snapshot of the same volume mounted with it."""
     allow_other: bool = False
     fuse_debug: bool = False
 
 
 class MountFailed(EbsfsError):
     """The kernel mount could not be made."""
-
-
-def build_operations(
-    api: EbsApi, config: MountConfig
-) -> tuple[EbsOperations, Readahead, RemoteSnapshots]:
-    """Wire one shared cache, fetch limiter and read-ahead runner to every snapshot."""
-    remote = RemoteSnapshots(api, max_fetches=config.max_fetches)
-    cache = BlockCache(config.cache_size)
-    readahead = Readahead()
-    # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
-    # evicted by other prefetches before the reader gets to them.
-    window = max(1, min(config.max_fetches, config.cache_size // 4 // BLOCK_SIZE))
-    images = [
-        SnapshotImage(
-            snapshot_id, size,
-            BlockIndex(remote, snapshot_id, -(-size // BLOCK_SIZE)),
-            cache, remote, readahead, read_timeout=config.read_timeout, max_window=window,
-        )
-        for snapshot_id, size in config.snapshots
-    ]
-    by_id = {image.snapshot_id: image for image in images}
-    for second, first in config.bases.items():
-        image = by_id[second]
-        changes = ChangeIndex(remote, first, second, image.index.volume_blocks)
-        image.share_with(by_id[first], changes)
-    return EbsOperations(images), readahead, remote
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -114,21 +77,23 @@ class AbandonedReplies(logging.Filter):
         return logging.getLogger("ebsfs").isEnabledFor(logging.DEBUG)
 
 
-def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
-    """Mount, call `on_ready`, and serve until unmounted or signalled."""
+def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Find each snapshot's partitions, mount, call `on_ready`, and serve until
+    unmounted or signalled."""
     logging.getLogger("pyfuse3").addFilter(AbandonedReplies())
-    api = BotoEbsApi(config.connection)
-    ops, readahead, _ = build_operations(api, config)
-    try:
-        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
-    except RuntimeError as err:
-        raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
+    initialized = False
     stopped_by_signal = False
 
     async def main() -> None:
-        nonlocal stopped_by_signal
+        nonlocal initialized, stopped_by_signal
         async with trio.open_nursery() as nursery:
-            await nursery.start(readahead.run)
+            await nursery.start(engine.run)
+            ops = EbsOperations(await snapshot_nodes(engine))
+            try:
+                pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+            except RuntimeError as err:
+                raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
+            initialized = True
 
             async def watch_signals() -> None:
                 nonlocal stopped_by_signal
@@ -150,7 +115,7 @@ def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
             raise_kernel_readahead(root.st_dev)
             on_ready()
-            log.info("serving %d snapshot(s) at %s", len(config.snapshots), config.mountpoint)
+            log.info("serving %d snapshot(s) at %s", len(engine.images), config.mountpoint)
 
     unmount = True
     try:
@@ -158,8 +123,9 @@ def serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         # pyfuse3.main also returns when someone else unmounted (fusermount3 -u).
         unmount = stopped_by_signal
     finally:
-        pyfuse3.close(unmount=unmount)
-        log.info("unmounted %s", config.mountpoint)
+        if initialized:
+            pyfuse3.close(unmount=unmount)
+            log.info("unmounted %s", config.mountpoint)
 
 
 def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from ebsfs.client import MAX_RESULTS, BlockPage, ChangedPage, EbsApi
+from ebsfs.api import MAX_RESULTS, BlockPage, ChangedPage, EbsApi
 
 
 class AdaptiveLimit:
@@ -79,12 +79,12 @@ class RemoteSnapshots:
 
     async def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
                                  into: memoryview | None = None) -> bytes | memoryview:
-        before = getattr(self.api, "throttles", 0)
+        before = self.api.get_throttles
         data = await self._run(
             self.fetch_limiter, self.api.get_snapshot_block, snapshot_id, index, token,
             into=into,
         )
-        if getattr(self.api, "throttles", 0) > before:
+        if self.api.get_throttles > before:
             self.fetch_limit.throttled()
         else:
             self.fetch_limit.succeeded()

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 DEMO="${EBSFS_DEMO_DIR:-/tmp/ebsfs-demo}"
 SNAP=snap-0123456789abcdef0
 IMG="$DEMO/mnt/$SNAP.img"
+PART="$DEMO/mnt/$SNAP-part1.img"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-demo}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-demo}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 
@@ -56,11 +57,11 @@ ls -l "$DEMO/mnt"
 echo "== the partition table, read straight from the image (sleuthkit mmls)"
 mmls "$IMG" || true
 
-echo "== loop mounting the ext4 partition read-only"
-LOOP="$(losetup -r -o 1048576 --show -f "$IMG")"
+echo "== loop mounting the ext4 partition file read-only (no offset needed)"
+LOOP="$(losetup -r --show -f "$PART")"
 echo "$LOOP" >"$DEMO/loopdev"
 mount -o ro,noload "$LOOP" "$DEMO/fs"
-echo "   $LOOP (offset 1 MiB) on $DEMO/fs"
+echo "   $LOOP ($PART) on $DEMO/fs"
 (cd "$DEMO/fs" && find . -path ./lost+found -prune -o -type f -printf '%10s  %p\n' | sort -k2)
 echo "== $DEMO/fs/etc/hostname: $(cat "$DEMO/fs/etc/hostname")"
 echo "== last lines of var/log/auth.log:"
@@ -78,8 +79,8 @@ cat <<EOT
 Explore:
   ls -R $DEMO/fs
       the files of the snapshot's filesystem
-  fls -o 2048 -r $IMG
-      sleuthkit, straight on the image (icat -o 2048 IMG INODE prints a file)
+  fls -r $PART
+      sleuthkit, straight on the partition file (icat $PART INODE prints a file)
   sha256sum $IMG
       reads the whole 1 GiB image (never-written blocks are zeros and cost no call)
   tail -f $DEMO/ebsfs.log

@@ -7,7 +7,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from ebsfs.client import MAX_RESULTS, BlockPage, ChangedBlock, ChangedPage, EbsApi, verify_block
+from ebsfs.api import MAX_RESULTS, BlockPage, ChangedBlock, ChangedPage, EbsApi, verify_block
 from ebsfs.emulator.store import ApiError, SnapshotStore
 from ebsfs.errors import TransientError, service_error
 
@@ -18,6 +18,7 @@ class StoreApi:
     def __init__(self, store: SnapshotStore) -> None:
         self.store = store
         self.calls: collections.Counter[str] = collections.Counter()
+        self.get_throttles = 0
         self.block_gets: collections.Counter[tuple[str, int]] = collections.Counter()
         self._lock = threading.Lock()
 
@@ -85,6 +86,10 @@ class FailingApi:
         self.plan = plan
         self.count = 0
         self._lock = threading.Lock()
+
+    @property
+    def get_throttles(self) -> int:
+        return self.inner.get_throttles
 
     def _maybe_fail(self, operation: str) -> None:
         with self._lock:

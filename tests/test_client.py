@@ -76,7 +76,7 @@ def test_internal_errors_and_throttling_are_retried(api, emulator) -> None:
     for i in range(0, 20, 2):
         assert api.get_snapshot_block(SNAP, i, t[i]) == pattern_block(4, i)
     assert emulator.counters.errors["RequestThrottledException"] > 0
-    assert api.throttles > 0
+    assert api.get_throttles > 0
 
 
 def test_persistent_failure_exhausts_retries(api, emulator) -> None:
@@ -177,5 +177,5 @@ def test_fetch_concurrency_shrinks_while_throttled_and_grows_back(emulator: Emul
         limits.append(int(remote.fetch_limiter.total_tokens))
 
     trio.run(run)
-    assert api.throttles > 0
+    assert api.get_throttles > 0
     assert limits[0] < 64 and limits[1] > limits[0], limits

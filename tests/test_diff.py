@@ -8,11 +8,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import trio
 
 from ebsfs import BLOCK_SIZE
-from ebsfs.client import ChangedBlock, ChangedPage
+from ebsfs.api import ChangedBlock, ChangedPage
 from ebsfs.diff import Diff, diff_snapshots
 from ebsfs.emulator import EmulatorServer
+from ebsfs.remote import RemoteSnapshots
 from tests.fakes import pattern_block
 from tests.mounting import drop_page_cache, ebsfs, mounted, needs_fuse
 
@@ -69,7 +71,8 @@ def peak_bytes(changed: int, out_path: Path) -> int:
     """Peak memory allocated while listing `changed` changes and writing the JSON."""
     tracemalloc.start()
     try:
-        diff = diff_snapshots(SyntheticChanges(changed), "snap-01", "snap-02")  # type: ignore[arg-type]
+        remote = RemoteSnapshots(SyntheticChanges(changed))  # type: ignore[arg-type]
+        diff = trio.run(diff_snapshots, remote, "snap-01", "snap-02")
         with out_path.open("w") as out:
             diff.write_json(out)
         return tracemalloc.get_traced_memory()[1]

@@ -13,14 +13,20 @@ import pytest
 import trio
 
 from ebsfs import BLOCK_SIZE
-from ebsfs.client import ConnectionOptions
 from ebsfs.emulator import Faults, SnapshotStore
+from ebsfs.engine import Engine, EngineConfig
 from ebsfs.errors import TransientError
-from ebsfs.fs import ROOT_INODE
-from ebsfs.mount import MountConfig, build_operations
+from ebsfs.files import snapshot_nodes
+from ebsfs.fs import ROOT_INODE, EbsOperations
 from tests.fakes import FailingApi, StoreApi, pattern_block
 
 GIB = 1024**3
+
+
+def operations(api, snapshots, bases=None, **settings) -> EbsOperations:  # type: ignore[no-untyped-def]
+    """What a mount of `snapshots` serves, with no kernel: the engine and its nodes."""
+    engine = Engine(api, EngineConfig(**settings), snapshots, bases)
+    return EbsOperations(trio.run(snapshot_nodes, engine))
 
 
 @pytest.fixture
@@ -29,9 +35,7 @@ def ops_and_api():  # type: ignore[no-untyped-def]
     store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
     store.add_snapshot("snap-02", {5: pattern_block(2, 5)}, volume_size_gib=2)
     api = StoreApi(store)
-    config = MountConfig("/nowhere", [("snap-01", GIB), ("snap-02", 2 * GIB)],
-                         ConnectionOptions(), cache_size=8 * BLOCK_SIZE)
-    ops, _, _ = build_operations(api, config)
+    ops = operations(api, [("snap-01", GIB), ("snap-02", 2 * GIB)], cache_size=8 * BLOCK_SIZE)
     return ops, api
 
 
@@ -74,13 +78,13 @@ def test_open_and_read(ops_and_api) -> None:
     call(ops.release, info.fh)
 
 
-@pytest.mark.expected_log(r"read of snap-01.img failed: snap-01: read at 0: down")
+@pytest.mark.expected_log(r"read of snap-01.img failed: snap-01: read at 0: down",
+                          r"snap-01: partition table could not be read")
 def test_remote_failure_is_eio(ops_and_api) -> None:
     ops, api = ops_and_api
     failing = FailingApi(api, lambda n, op: TransientError("down") if op == "GetSnapshotBlock"
                          else None)
-    config = MountConfig("/nowhere", [("snap-01", GIB)], ConnectionOptions())
-    ops, _, _ = build_operations(failing, config)
+    ops = operations(failing, [("snap-01", GIB)])
     inode = call(ops.lookup, ROOT_INODE, b"snap-01.img").st_ino
     info = call(ops.open, inode, os.O_RDONLY, None)
     with pytest.raises(pyfuse3.FUSEError) as err:
@@ -105,9 +109,8 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(40)}, volume_size_gib=1)
     store.add_snapshot("snap-0b", {i: pattern_block(2, i) for i in range(0, 40, 2)},
                        parent="snap-0a")
-    config = MountConfig("/nowhere", [("snap-0a", GIB), ("snap-0b", GIB)], ConnectionOptions(),
-                         cache_size=8 * BLOCK_SIZE, bases={"snap-0b": "snap-0a"})
-    ops, _, _ = build_operations(StoreApi(store), config)
+    ops = operations(StoreApi(store), [("snap-0a", GIB), ("snap-0b", GIB)],
+                     {"snap-0b": "snap-0a"}, cache_size=8 * BLOCK_SIZE)
     inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
 
     async def read_all() -> bytes:
@@ -132,14 +135,14 @@ def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):  # type: ignore[n
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(8)}, volume_size_gib=1)
     store.add_snapshot("snap-0b", {0: pattern_block(2, 0)}, parent="snap-0a")
     api = StoreApi(store)
-    config = MountConfig("/nowhere", [("snap-0a", GIB), ("snap-0b", GIB)], ConnectionOptions(),
-                         cache_size=8 * BLOCK_SIZE, bases={"snap-0b": "snap-0a"},
-                         read_timeout=read_timeout)
-    ops, _, _ = build_operations(api_wrapper(api) if api_wrapper else api, config)
+    ops = operations(api_wrapper(api) if api_wrapper else api,
+                     [("snap-0a", GIB), ("snap-0b", GIB)], {"snap-0b": "snap-0a"},
+                     cache_size=8 * BLOCK_SIZE, read_timeout=read_timeout)
     return ops
 
 
-@pytest.mark.expected_log(r"listing changes of snap-0b.changes failed")
+@pytest.mark.expected_log(r"opening snap-0b.changes failed",
+                          r"snap-0b: partition table could not be read")
 def test_a_changes_file_that_cannot_be_listed_leaves_no_open_handle() -> None:
     ops = lineage_ops(lambda api: FailingApi(
         api, lambda n, op: TransientError("down") if op == "ListChangedBlocks" else None))
@@ -151,7 +154,8 @@ def test_a_changes_file_that_cannot_be_listed_leaves_no_open_handle() -> None:
     assert ops.open_handles == 0
 
 
-@pytest.mark.expected_log(r"listing changes of snap-0b.changes failed: .*took over 1s")
+@pytest.mark.expected_log(r"opening snap-0b.changes failed: .*took over 1s",
+                          r"snap-0b: partition table could not be read")
 def test_a_changes_listing_that_hangs_is_eio_within_the_read_timeout() -> None:
     release = threading.Event()
 
@@ -189,7 +193,7 @@ def test_an_unexpected_exception_in_a_handler_is_eio_and_the_next_call_works(
     ops, _ = ops_and_api
     inode = call(ops.lookup, ROOT_INODE, b"snap-02.img").st_ino
     info = call(ops.open, inode, os.O_RDONLY, None)
-    image = ops._handles[info.fh][0].image
+    image = ops._handles[info.fh][0].image  # type: ignore[attr-defined]
     original = image.read
     failures = iter([RuntimeError("planted"), RuntimeError("planted")])
 

@@ -144,7 +144,8 @@ def test_two_snapshots_mounted_together(emulator: EmulatorServer, demo_disk, ran
     emulator.store.add_image(DEMO, demo_disk)
     emulator.store.add_image("snap-0a1", random_disk, volume_size_gib=2)
     with mounted(emulator.url, [DEMO, "snap-0a1"], tmp_path / "mnt") as mnt:
-        assert sorted(os.listdir(mnt)) == sorted([f"{DEMO}.img", "snap-0a1.img"])
+        assert sorted(os.listdir(mnt)) == sorted([f"{DEMO}.img", f"{DEMO}-part1.img",
+                                                  "snap-0a1.img"])
         assert (mnt / "snap-0a1.img").stat().st_size == 2 * GIB
         with open(mnt / f"{DEMO}.img", "rb") as f:
             assert f.read(64 * 1024 * 1024) == demo_disk.read_bytes()
