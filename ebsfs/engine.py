@@ -267,7 +267,9 @@ class EngineThread:
         if self._closed:
             return
         self._closed = True
-        if self._token is not None and self._stop is not None:
+        if self._stop is not None and threading.current_thread() is self._thread:
+            self._stop.set()  # closed in the loop itself (a file collected there)
+        elif self._stop is not None and self._token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
         if threading.current_thread() is not self._thread:

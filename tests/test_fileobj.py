@@ -113,6 +113,21 @@ def test_closing_stops_the_engine_thread(served) -> None:
     assert "ebsfs-engine" not in {t.name for t in threading.enumerate()} - before
 
 
+def test_a_file_closed_in_the_engine_thread_stops_it(served) -> None:
+    """A file collected by the engine's own thread (a reference cycle freed there) is
+    closed there: that must stop the loop, not raise or wait for itself."""
+    f = ebsfs.open(SNAP, endpoint_url=served.url)
+    loop = f._loop
+
+    async def close_here() -> None:
+        loop.close()
+
+    loop.call(close_here)
+    loop._thread.join(timeout=10)
+    assert not loop._thread.is_alive()
+    f.close()
+
+
 @pytest.mark.expected_log()
 def test_errors_map_as_documented(served, source) -> None:
     with pytest.raises(InvalidSnapshotId):
