@@ -179,11 +179,9 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
 
 def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: int = 64
                 ) -> ConnectionOptions:
-    # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and SDKs honour.
-    region = args.region or os.environ.get("AWS_REGION") or None
     timeout = getattr(args, "request_timeout", 20.0)
     return ConnectionOptions(
-        region=region, profile=args.profile, endpoint_url=args.endpoint_url,
+        region=args.region, profile=args.profile, endpoint_url=args.endpoint_url,
         max_connections=max_connections, retry=retry,
         connect_timeout=min(5.0, timeout), read_timeout=timeout,
     )

@@ -92,8 +92,10 @@ class BotoEbsApi:
         try:
             # A botocore session of our own: its resolved ca_bundle is public API.
             core = botocore.session.Session(profile=options.profile)
-            session = boto3.session.Session(botocore_session=core,
-                                            region_name=options.region)
+            # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and
+            # the other SDKs honour.
+            region = options.region or os.environ.get("AWS_REGION") or None
+            session = boto3.session.Session(botocore_session=core, region_name=region)
             self._client = session.client("ebs", endpoint_url=options.endpoint_url, config=config)
             self._credentials = CredentialSource(session)
             ca_file = botocore_ca_file(core)

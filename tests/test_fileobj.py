@@ -128,6 +128,16 @@ def test_a_file_closed_in_the_engine_thread_stops_it(served) -> None:
     f.close()
 
 
+def test_region_and_endpoint_from_the_environment(served, monkeypatch) -> None:
+    """AWS_REGION and AWS_ENDPOINT_URL work as they do for the CLI (boto3 alone reads
+    only AWS_DEFAULT_REGION)."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", served.url)
+    with ebsfs.open(SNAP) as f:
+        assert f.read(4) == f.pread(4, 0)
+
+
 @pytest.mark.expected_log()
 def test_errors_map_as_documented(served, source) -> None:
     with pytest.raises(InvalidSnapshotId):
