@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.errors import ChecksumMismatch
@@ -46,6 +46,15 @@ class ChangedPage:
     block_size: int = BLOCK_SIZE
 
 
+class Block(NamedTuple):
+    """A block's bytes as verified, with the checksum the service gave for them (kept
+    for manifests and the disk cache; None for a block never written, read as zeros)."""
+
+    data: bytes | memoryview
+    checksum: str | None
+    """Base64 SHA-256, as in x-amz-Checksum."""
+
+
 class EbsApi(Protocol):
     """What ebsfs needs of the service. Errors are ebsfs.errors types, never an SDK's.
     Calls block; they are made from worker threads (remote.py)."""
@@ -66,9 +75,10 @@ class EbsApi(Protocol):
     ) -> ChangedPage: ...
 
     def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> bytes | memoryview:
-        """The verified block: written into `into` (and `into` returned) when given,
-        so a body lands in the cache without a copy on the trio thread."""
+                           into: memoryview | None = None) -> Block:
+        """The verified block: its data written into `into` (and `into` returned as
+        the data) when given, so a body lands in the cache without a copy on the trio
+        thread."""
         ...
 
 

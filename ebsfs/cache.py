@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import cachetools
 
 from ebsfs import BLOCK_SIZE
+from ebsfs.api import Block
 from ebsfs.pending import SingleFlight
 
 BlockKey = tuple[str, int]
@@ -19,8 +20,8 @@ BlockKey = tuple[str, int]
 SLAB_BLOCKS = 2
 SLAB_SIZE = SLAB_BLOCKS * BLOCK_SIZE
 
-Fetch = Callable[[memoryview | None], Awaitable[bytes | memoryview]]
-"""Fetches one block: into the given room (returning that same view) when given room,
+Fetch = Callable[[memoryview | None], Awaitable[Block]]
+"""Fetches one block: into the given room (its data that same view) when given room,
 or as bytes of its own."""
 
 
@@ -50,11 +51,12 @@ class _Slab:
     part is never written again, so views handed out stay valid. A retired slab had a
     fetch abandoned while writing into it and never goes back into the cache."""
 
-    __slots__ = ("buf", "filled", "retired")
+    __slots__ = ("buf", "filled", "checksums", "retired")
 
     def __init__(self, mapped: bool) -> None:
         self.buf = _slab_memory(mapped)
         self.filled = [False] * SLAB_BLOCKS
+        self.checksums: list[str | None] = [None] * SLAB_BLOCKS
         self.retired = False
 
     def view(self, part: int) -> memoryview:
@@ -81,7 +83,7 @@ class BlockCache:
         self._lru: cachetools.LRUCache[BlockKey, _Slab] = cachetools.LRUCache(
             maxsize=max(max_bytes, 1), getsizeof=lambda slab: SLAB_SIZE
         )
-        self._flights: SingleFlight[BlockKey, bytes | memoryview] = SingleFlight()
+        self._flights: SingleFlight[BlockKey, Block] = SingleFlight()
 
     @staticmethod
     def _slab_key(key: BlockKey) -> tuple[BlockKey, int]:
@@ -114,7 +116,13 @@ class BlockCache:
             return None
         return memoryview(slab.buf)
 
-    async def _fetch_into_slab(self, key: BlockKey, fetch: Fetch) -> bytes | memoryview:
+    def checksum(self, key: BlockKey) -> str | None:
+        """The service's checksum of a cached block, or None."""
+        slab_key, part = self._slab_key(key)
+        slab = self._lru.get(slab_key)
+        return slab.checksums[part] if slab is not None and slab.filled[part] else None
+
+    async def _fetch_into_slab(self, key: BlockKey, fetch: Fetch) -> Block:
         """Fetch the block straight into its half of its slab (no copy on the trio
         thread) and mark it filled.
 
@@ -132,7 +140,7 @@ class BlockCache:
             self._lru[slab_key] = slab
         room = slab.view(part)
         try:
-            data = await fetch(room)
+            block = await fetch(room)
         except Exception:
             raise
         except BaseException:
@@ -140,18 +148,20 @@ class BlockCache:
             if self._lru.get(slab_key) is slab:
                 del self._lru[slab_key]
             raise
-        if data is not room:
-            if len(data) != BLOCK_SIZE:
-                return data
-            room[:] = data
+        if block.data is not room:
+            if len(block.data) != BLOCK_SIZE:
+                return block
+            room[:] = block.data
         slab.filled[part] = True
+        slab.checksums[part] = block.checksum
         if not slab.retired and slab_key not in self._lru:  # evicted while fetching
             self._lru[slab_key] = slab
-        return room
+        return Block(room, block.checksum)
 
-    async def get(self, key: BlockKey, fetch: Fetch) -> bytes | memoryview:
+    async def get(self, key: BlockKey, fetch: Fetch) -> Block:
         """The cached block, or one fetch of it however many readers ask at once."""
-        data = self.peek(key)
-        if data is not None:
-            return data
+        slab_key, part = self._slab_key(key)
+        slab = self._lru.get(slab_key)
+        if slab is not None and slab.filled[part]:
+            return Block(slab.view(part), slab.checksums[part])
         return await self._flights.run(key, lambda: self._fetch_into_slab(key, fetch))

@@ -25,7 +25,7 @@ import botocore.session
 import urllib3.exceptions
 
 from ebsfs import BLOCK_SIZE, GIB, __version__
-from ebsfs.api import MAX_RESULTS, BlockPage, ChangedBlock, ChangedPage, verify_block
+from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedBlock, ChangedPage, verify_block
 from ebsfs.errors import (
     CertificateUntrusted,
     CredentialRefreshFailed,
@@ -164,7 +164,7 @@ class BotoEbsApi:
         )
 
     def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> bytes | memoryview:
+                           into: memoryview | None = None) -> Block:
         """The verified bytes of one block. The GET and the body read are retried
         together: botocore's retries end when the headers arrive."""
         what = f"GetSnapshotBlock {snapshot_id}:{index}"
@@ -172,7 +172,7 @@ class BotoEbsApi:
         if direct is not None:
             return self._retried_get(what, lambda: direct.get(snapshot_id, index, token, into))
 
-        def attempt() -> bytes | memoryview:
+        def attempt() -> Block:
             self._credentials.frozen()
             try:
                 r = self._client.get_snapshot_block(
@@ -189,12 +189,12 @@ class BotoEbsApi:
                 raise TransientError(f"reading block {index} failed: {err}") from err
             finally:
                 stream.close()
-            verify_block(data, r.get("Checksum", ""), r.get("ChecksumAlgorithm", ""),
-                         r.get("DataLength", -1))
+            checksum = r.get("Checksum", "")
+            verify_block(data, checksum, r.get("ChecksumAlgorithm", ""), r.get("DataLength", -1))
             if into is None:
-                return data
+                return Block(data, checksum)
             into[:] = data
-            return into
+            return Block(into, checksum)
 
         return self._retried_get(what, attempt)
 
@@ -338,7 +338,7 @@ class DirectBlockGetter:
         return headers
 
     def get(self, snapshot_id: str, index: int, token: str,
-            into: memoryview | None = None) -> bytes | memoryview:
+            into: memoryview | None = None) -> Block:
         """One attempt: the verified block (received straight into `into` when given),
         or a typed error."""
         path = (f"{self._base_path}/snapshots/{urllib.parse.quote(snapshot_id, safe='')}"
@@ -373,12 +373,13 @@ class DirectBlockGetter:
             length = int(response.getheader("x-amz-Data-Length") or -1)
         except ValueError:
             length = -1
-        verify_block(body, response.getheader("x-amz-Checksum") or "",
-                     response.getheader("x-amz-Checksum-Algorithm") or "", length)
+        checksum = response.getheader("x-amz-Checksum") or ""
+        verify_block(body, checksum, response.getheader("x-amz-Checksum-Algorithm") or "",
+                     length)
         if into is None or body is into:
-            return body
+            return Block(body, checksum)
         into[:] = body  # an answer of another length fails verification before this
-        return into
+        return Block(into, checksum)
 
 
 def _error_from_response(status: int, error_type: str | None, body: bytes) -> Exception:

@@ -8,6 +8,7 @@ import logging
 import trio
 
 from ebsfs import BLOCK_SIZE
+from ebsfs.api import Block
 from ebsfs.cache import BlockCache
 from ebsfs.diff import Diff
 from ebsfs.errors import EbsfsError, InvalidBlockToken
@@ -18,6 +19,7 @@ from ebsfs.remote import RemoteSnapshots
 log = logging.getLogger(__name__)
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+NEVER_WRITTEN = Block(ZERO_BLOCK, None)
 TOKEN_REFRESHES = 3
 
 
@@ -84,21 +86,21 @@ class SnapshotImage:
         """Read-pattern state for one open file handle."""
         return ReadPattern(self.size, max_window=self.max_window)
 
-    async def block(self, index: int) -> bytes | memoryview:
-        """The bytes of block `index` (zeros if never written)."""
+    async def block(self, index: int) -> Block:
+        """Block `index` as verified, with its checksum (zeros and None if never
+        written)."""
         owner = await self._owner(index) if self.base is not None else self
         return await owner._own_block(index)
 
-    async def _own_block(self, index: int) -> bytes | memoryview:
+    async def _own_block(self, index: int) -> Block:
         token = await self.index.token(index)
         if token is None:
-            return ZERO_BLOCK
+            return NEVER_WRITTEN
         return await self.cache.get(
             (self.snapshot_id, index), lambda room: self._fetch(index, token, room)
         )
 
-    async def _fetch(self, index: int, token: str, room: memoryview | None
-                     ) -> bytes | memoryview:
+    async def _fetch(self, index: int, token: str, room: memoryview | None) -> Block:
         for _ in range(TOKEN_REFRESHES):
             try:
                 return await self.remote.get_snapshot_block(self.snapshot_id, index, token,
@@ -108,7 +110,7 @@ class SnapshotImage:
                 self.index.invalidate(index)
                 fresh = await self.index.token(index)
                 if fresh is None:
-                    return ZERO_BLOCK
+                    return NEVER_WRITTEN
                 token = fresh
         raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
 
@@ -141,7 +143,7 @@ class SnapshotImage:
         try:
             with trio.fail_after(self.read_timeout):
                 if first == last:
-                    return _assemble([await self.block(first)], offset, end, first)
+                    return _assemble([(await self.block(first)).data], offset, end, first)
                 return await self._read_span(offset, end, first, last)
         except trio.TooSlowError:
             raise ReadFailed(
@@ -178,7 +180,7 @@ class SnapshotImage:
 
         async def one(i: int) -> None:
             try:
-                blocks[i] = await self.block(i)
+                blocks[i] = (await self.block(i)).data
             except EbsfsError as err:  # keep siblings running; report the first failure
                 errors.append(err)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from ebsfs.api import MAX_RESULTS, BlockPage, ChangedPage, EbsApi
+from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
 
 
 class AdaptiveLimit:
@@ -78,9 +78,9 @@ class RemoteSnapshots:
         )
 
     async def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                                 into: memoryview | None = None) -> bytes | memoryview:
+                                 into: memoryview | None = None) -> Block:
         before = self.api.get_throttles
-        data = await self._run(
+        block: Block = await self._run(
             self.fetch_limiter, self.api.get_snapshot_block, snapshot_id, index, token,
             into=into,
         )
@@ -88,4 +88,4 @@ class RemoteSnapshots:
             self.fetch_limit.throttled()
         else:
             self.fetch_limit.succeeded()
-        return data
+        return block

@@ -7,7 +7,7 @@ import collections
 import threading
 from collections.abc import Callable
 
-from ebsfs.api import MAX_RESULTS, BlockPage, ChangedBlock, ChangedPage, EbsApi, verify_block
+from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedBlock, ChangedPage, EbsApi, verify_block
 from ebsfs.emulator.store import ApiError, SnapshotStore
 from ebsfs.errors import TransientError, service_error
 
@@ -60,7 +60,7 @@ class StoreApi:
         )
 
     def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> bytes | memoryview:
+                           into: memoryview | None = None) -> Block:
         self._count("GetSnapshotBlock")
         with self._lock:
             self.block_gets[(snapshot_id, index)] += 1
@@ -71,9 +71,9 @@ class StoreApi:
         data = bytes(block.data())
         verify_block(data, block.checksum(), "SHA256", len(data))
         if into is None:
-            return data
+            return Block(data, block.checksum())
         into[:] = data
-        return into
+        return Block(into, block.checksum())
 
 
 class FailingApi:

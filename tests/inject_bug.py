@@ -9,13 +9,14 @@ import os
 import sys
 
 from ebsfs import cli
+from ebsfs.api import Block
 from ebsfs.image import SnapshotImage
 
 _flag = os.environ["EBSFS_TEST_BUG_FILE"]
 _block = SnapshotImage.block
 
 
-async def _buggy_block(self: SnapshotImage, index: int) -> bytes | memoryview:
+async def _buggy_block(self: SnapshotImage, index: int) -> Block:
     if os.path.exists(_flag):
         raise RuntimeError(f"planted bug reading block {index}")
     return await _block(self, index)

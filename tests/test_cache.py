@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from ebsfs import BLOCK_SIZE
+from ebsfs.api import Block
 from ebsfs.cache import SLAB_SIZE, BlockCache
 from tests.fakes import pattern_block
 
@@ -13,8 +14,8 @@ from tests.fakes import pattern_block
 def fill(cache: BlockCache, snapshot_id: str, indexes: list[int]) -> None:
     async def run() -> None:
         for i in indexes:
-            async def fetch(room: memoryview | None, i: int = i) -> bytes:
-                return pattern_block(7, i)
+            async def fetch(room: memoryview | None, i: int = i) -> Block:
+                return Block(pattern_block(7, i), None)
             await cache.get((snapshot_id, i), fetch)
     trio.run(run)
 
@@ -63,10 +64,10 @@ def test_one_fetch_per_block_whatever_the_readers(readers: int) -> None:
     cache = BlockCache(4 * SLAB_SIZE)
     calls = []
 
-    async def fetch(room: memoryview | None) -> bytes:
+    async def fetch(room: memoryview | None) -> Block:
         calls.append(1)
         await trio.sleep(0.01)
-        return pattern_block(7, 9)
+        return Block(pattern_block(7, 9), None)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -85,19 +86,19 @@ def test_a_slab_with_an_abandoned_fetch_never_comes_back() -> None:
     rooms: dict[int, memoryview] = {}
     release_one = trio.Event()
 
-    async def stalled(room: memoryview | None) -> bytes:
+    async def stalled(room: memoryview | None) -> Block:
         assert room is not None
         rooms[0] = room
         await trio.sleep_forever()
         raise AssertionError
 
-    async def slow_one(room: memoryview | None) -> bytes:
+    async def slow_one(room: memoryview | None) -> Block:
         await release_one.wait()
-        return pattern_block(7, 1)
+        return Block(pattern_block(7, 1), None)
 
-    async def good_zero(room: memoryview | None) -> bytes:
+    async def good_zero(room: memoryview | None) -> Block:
         assert room is not None and room.obj is not rooms[0].obj
-        return pattern_block(7, 0)
+        return Block(pattern_block(7, 0), None)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -105,7 +106,7 @@ def test_a_slab_with_an_abandoned_fetch_never_comes_back() -> None:
             with trio.move_on_after(0.05):
                 await cache.get(("s", 0), stalled)
             release_one.set()
-        assert bytes(await cache.get(("s", 0), good_zero)) == pattern_block(7, 0)
+        assert bytes((await cache.get(("s", 0), good_zero)).data) == pattern_block(7, 0)
         rooms[0][:] = b"X" * BLOCK_SIZE  # the abandoned worker writes late
         assert bytes(cache.peek(("s", 0)) or b"") == pattern_block(7, 0)
 
@@ -115,12 +116,27 @@ def test_a_slab_with_an_abandoned_fetch_never_comes_back() -> None:
 def test_slabs_are_mappings_unless_the_cache_could_exhaust_them(monkeypatch) -> None:
     import mmap
 
-    async def fetch(room: memoryview | None) -> bytes:
-        return pattern_block(7, 0)
+    async def fetch(room: memoryview | None) -> Block:
+        return Block(pattern_block(7, 0), None)
 
     for max_map_count, kind in ((65530, mmap.mmap), (64, bytearray)):
         monkeypatch.setattr("ebsfs.cache._mappings_allowed", lambda n=max_map_count: n)
         cache = BlockCache(32 * SLAB_SIZE)
-        view = trio.run(cache.get, ("s", 0), fetch)
+        view = trio.run(cache.get, ("s", 0), fetch).data
         assert isinstance(view, memoryview) and isinstance(view.obj, kind)
         assert bytes(view) == pattern_block(7, 0)
+
+
+def test_the_service_checksum_is_kept_with_the_block() -> None:
+    cache = BlockCache(8 * SLAB_SIZE)
+
+    async def fetch(room: memoryview | None) -> Block:
+        return Block(pattern_block(7, 3), "c2hhMjU2")
+
+    async def run() -> None:
+        first = await cache.get(("s", 3), fetch)
+        again = await cache.get(("s", 3), fetch)
+        assert first.checksum == again.checksum == cache.checksum(("s", 3)) == "c2hhMjU2"
+        assert cache.checksum(("s", 2)) is None
+
+    trio.run(run)

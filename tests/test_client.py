@@ -3,6 +3,9 @@ and botocore): bytes, checksums, the error mapping, retries."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
 
 from ebsfs import BLOCK_SIZE
@@ -49,13 +52,15 @@ def tokens(api: BotoEbsApi) -> dict[int, str]:
 
 def test_block_bytes(api) -> None:
     t = tokens(api)
-    assert api.get_snapshot_block(SNAP, 4, t[4]) == pattern_block(4, 4)
+    block = api.get_snapshot_block(SNAP, 4, t[4])
+    assert block.data == pattern_block(4, 4)
+    assert block.checksum == base64.b64encode(hashlib.sha256(block.data).digest()).decode()
 
 
 def test_block_received_into_given_room(api) -> None:
     t = tokens(api)
     room = memoryview(bytearray(BLOCK_SIZE))
-    assert api.get_snapshot_block(SNAP, 6, t[6], into=room) is room
+    assert api.get_snapshot_block(SNAP, 6, t[6], into=room).data is room
     assert bytes(room) == pattern_block(4, 6)
 
 
@@ -65,7 +70,7 @@ def test_corrupt_and_truncated_bodies_are_retried(api, emulator, into_room) -> N
     emulator.faults.corrupt_rate, emulator.faults.truncate_rate = 0.3, 0.3
     for i in range(0, 40, 2):
         room = memoryview(bytearray(BLOCK_SIZE)) if into_room else None
-        assert bytes(api.get_snapshot_block(SNAP, i, t[i], into=room)) == pattern_block(4, i)
+        assert bytes(api.get_snapshot_block(SNAP, i, t[i], into=room).data) == pattern_block(4, i)
     assert emulator.counters.errors["Corrupted"] + emulator.counters.errors["Truncated"] > 0
 
 
@@ -74,7 +79,7 @@ def test_internal_errors_and_throttling_are_retried(api, emulator) -> None:
     api._retry = RetryPolicy(attempts=12, base_delay=0.05, max_delay=1.0)
     emulator.faults.error_rate, emulator.faults.get_rate = 0.3, 5
     for i in range(0, 20, 2):
-        assert api.get_snapshot_block(SNAP, i, t[i]) == pattern_block(4, i)
+        assert api.get_snapshot_block(SNAP, i, t[i]).data == pattern_block(4, i)
     assert emulator.counters.errors["RequestThrottledException"] > 0
     assert api.get_throttles > 0
 
@@ -117,7 +122,7 @@ def test_https_with_a_trusted_certificate(https_emulator: EmulatorServer, monkey
     https_emulator.faults.corrupt_rate, https_emulator.faults.truncate_rate = 0.3, 0.3
     for i in range(0, 40, 2):
         room = memoryview(bytearray(BLOCK_SIZE))
-        assert api.get_snapshot_block(SNAP, i, t[i], into=room) is room
+        assert api.get_snapshot_block(SNAP, i, t[i], into=room).data is room
         assert bytes(room) == pattern_block(4, i)
     counters = https_emulator.counters.errors
     assert counters["Corrupted"] + counters["Truncated"] > 0
