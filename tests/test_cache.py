@@ -37,20 +37,36 @@ def test_half_filled_slab_serves_its_block_only() -> None:
     assert cache.peek_span("s", 2, 3) is None
 
 
-def test_budget_counts_whole_slabs() -> None:
-    cache = BlockCache(3 * SLAB_SIZE)
-    fill(cache, "s", [0, 2, 4, 6, 8])  # five slabs, each with one block
+def test_budget_counts_blocks_not_slabs() -> None:
+    """A slab holding one block costs one block: a stride-3 reader (every block in a
+    slab of its own) gets as many blocks as the budget says."""
+    cache = BlockCache(3 * SLAB_SIZE)  # six blocks
+    fill(cache, "s", [0, 3, 6, 9, 12, 15])
+    assert cache.current_bytes == 6 * BLOCK_SIZE
+    assert all(("s", i) in cache for i in (0, 3, 6, 9, 12, 15))
+    fill(cache, "s", [18])
     assert cache.current_bytes <= 3 * SLAB_SIZE
-    assert ("s", 0) not in cache and ("s", 8) in cache
+    assert ("s", 0) not in cache and ("s", 18) in cache
 
 
-def test_views_handed_out_survive_eviction() -> None:
+def test_views_handed_out_survive_eviction_and_reuse() -> None:
+    """An evicted slab's memory is reused for new blocks only when nobody views it."""
     cache = BlockCache(SLAB_SIZE)
     fill(cache, "s", [0])
     view = cache.peek(("s", 0))
-    fill(cache, "s", [10])  # evicts the first slab
+    fill(cache, "s", [10, 20, 30, 40, 50, 60])  # evicts and recycles slabs over and over
     assert ("s", 0) not in cache
     assert view is not None and bytes(view) == pattern_block(7, 0)
+    assert bytes(cache.peek(("s", 60)) or b"") == pattern_block(7, 60)
+
+
+def test_memory_of_evicted_slabs_is_reused() -> None:
+    cache = BlockCache(SLAB_SIZE)
+    fill(cache, "s", [0, 2])
+    first = {id(slab.buf) for slab in cache._lru.values()}
+    fill(cache, "s", [4, 6, 8])
+    assert cache._spare or first & {id(slab.buf) for slab in cache._lru.values()}
+    assert bytes(cache.peek(("s", 8)) or b"") == pattern_block(7, 8)
 
 
 def test_a_cache_smaller_than_a_slab_still_answers() -> None:
