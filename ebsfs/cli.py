@@ -16,7 +16,13 @@ import trio
 
 from ebsfs import __version__, engine
 from ebsfs.client import BotoEbsApi, ConnectionOptions
-from ebsfs.engine import DEFAULT_CACHE_SIZE, Engine, EngineConfig, check_snapshot_id
+from ebsfs.engine import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_MAX_FETCHES,
+    Engine,
+    EngineConfig,
+    check_snapshot_id,
+)
 from ebsfs.errors import (
     AccessDenied,
     CredentialsMissing,
@@ -115,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory for cached blocks, e.g. 256M, 2G (default: 512M; "
                             "counted in 1 MiB slabs of two blocks, so at least 1M to cache "
                             "anything); read-ahead uses at most a quarter of it")
-    mount.add_argument("--max-fetches", type=_positive_int, default=64, metavar="N",
-                       help="GetSnapshotBlock calls in flight at once (default: 64)")
+    mount.add_argument("--max-fetches", type=_positive_int, default=DEFAULT_MAX_FETCHES,
+                       metavar="N",
+                       help="GetSnapshotBlock calls in flight at once, at the most (default: "
+                            f"{DEFAULT_MAX_FETCHES}; read-ahead keeps as many in flight as the "
+                            "measured latency needs, and no more than half the cache holds)")
     mount.add_argument("--read-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
                        help="longest a read may take before it fails with EIO (default: 60)")
     mount.add_argument("--request-timeout", type=_positive_float, default=20.0,
@@ -193,7 +202,7 @@ def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
     return EngineConfig(
         connection=_connection(args, retry or RetryPolicy()),
         cache_size=getattr(args, "cache_size", DEFAULT_CACHE_SIZE),
-        max_fetches=getattr(args, "max_fetches", 64),
+        max_fetches=getattr(args, "max_fetches", DEFAULT_MAX_FETCHES),
         read_timeout=getattr(args, "read_timeout", 60.0),
     )
 

@@ -3,7 +3,6 @@ signed GET path, timeouts, and the mapping of botocore errors to ebsfs's typed e
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import botocore.httpsession
 import botocore.session
 import urllib3.exceptions
 
-from ebsfs import BLOCK_SIZE, GIB, __version__
+from ebsfs import BLOCK_SIZE, GIB, __version__, http1
 from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedBlock, ChangedPage, verify_block
 from ebsfs.errors import (
     CertificateUntrusted,
@@ -286,8 +285,9 @@ class DirectBlockGetter:
     This path keeps what matters from botocore, its credential chain (refreshing
     credentials included) and its resolved endpoint, signs with ebsfs.sigv4 (checked
     against botocore's signer, at a ninth of its cost), and sends the request on a
-    keep-alive http.client connection per worker thread, receiving the body straight
-    into the cache (docs/performance.md). List calls, rare and small, stay on boto3.
+    keep-alive connection per worker thread (ebsfs/http1.py), receiving the body
+    straight into the cache (docs/performance.md). List calls, rare and small, stay on
+    boto3.
     """
 
     def __init__(self, credentials: CredentialSource, client: Any,
@@ -308,19 +308,10 @@ class DirectBlockGetter:
         self._local = threading.local()
         self._user_agent = f"ebsfs/{__version__} Python/{platform.python_version()}"
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self) -> http1.Connection:
+        conn: http1.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self._https:
-                conn = http.client.HTTPSConnection(self._host, self._port,
-                                                   timeout=self._timeout[0], context=self._ssl)
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port,
-                                                  timeout=self._timeout[0])
-            conn.connect()
-            if conn.sock is not None:
-                conn.sock.settimeout(self._timeout[1])
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = http1.Connection(self._host, self._port, self._ssl, *self._timeout)
             self._local.conn = conn
         return conn
 
@@ -346,18 +337,8 @@ class DirectBlockGetter:
         query = f"blockToken={urllib.parse.quote(token, safe='')}"
         headers = self._signed_headers(path, query)
         try:
-            conn = self._connection()
-            conn.request("GET", f"{path}?{query}", headers=headers)
-            response = conn.getresponse()
-            body: bytes | memoryview
-            if response.status == 200 and into is not None and response.length == len(into):
-                response.readinto(into)
-                if response.length:  # the connection closed early
-                    raise http.client.IncompleteRead(b"", response.length)
-                body = into
-            else:
-                body = response.read()
-        except (OSError, http.client.HTTPException) as err:
+            response = self._connection().get(f"{path}?{query}", headers, into)
+        except OSError as err:
             self._drop_connection()
             if isinstance(err, ssl.SSLCertVerificationError):
                 raise _untrusted(self._url, err) from err
@@ -366,16 +347,18 @@ class DirectBlockGetter:
             raise TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}") from err
         if response.will_close:
             self._drop_connection()
+        answer = response.headers
+        body = into if response.body is None else response.body
         if response.status != 200:
-            raise _error_from_response(response.status, response.getheader("x-amzn-ErrorType"),
-                                       bytes(body))
+            raise _error_from_response(response.status, answer.get("x-amzn-errortype"),
+                                       response.body or b"")
+        assert body is not None
         try:
-            length = int(response.getheader("x-amz-Data-Length") or -1)
+            length = int(answer.get("x-amz-data-length") or -1)
         except ValueError:
             length = -1
-        checksum = response.getheader("x-amz-Checksum") or ""
-        verify_block(body, checksum, response.getheader("x-amz-Checksum-Algorithm") or "",
-                     length)
+        checksum = answer.get("x-amz-checksum") or ""
+        verify_block(body, checksum, answer.get("x-amz-checksum-algorithm") or "", length)
         if into is None or body is into:
             return Block(body, checksum)
         into[:] = body  # an answer of another length fails verification before this

@@ -44,6 +44,9 @@ SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15.0)
 """Checks before serving fail fast: a user is waiting at the prompt."""
 DEFAULT_CACHE_SIZE = 512 * 1024**2
+DEFAULT_MAX_FETCHES = 256
+"""A ceiling, not a target: read-ahead keeps the service's bandwidth-delay product in
+flight (remote.py), about 200 calls at 200 ms."""
 
 
 @dataclass
@@ -54,8 +57,9 @@ class EngineConfig:
     connection: ConnectionOptions = field(default_factory=ConnectionOptions)
     cache_size: int = DEFAULT_CACHE_SIZE
     """Bytes of blocks kept in memory."""
-    max_fetches: int = 64
-    """GetSnapshotBlock calls in flight at once, at the most."""
+    max_fetches: int = DEFAULT_MAX_FETCHES
+    """GetSnapshotBlock calls in flight at once, at the most (read-ahead keeps fewer
+    when the latency needs fewer, and the cache budget may allow fewer)."""
     read_timeout: float = 60.0
     """Longest a read may take before it fails (EIO)."""
 
@@ -66,6 +70,12 @@ class EngineConfig:
             raise UserInputError(f"max fetches must be >= 1, got {self.max_fetches}")
         if not self.read_timeout > 0:
             raise UserInputError(f"read timeout must be > 0, got {self.read_timeout}")
+
+
+def fetch_ceiling(config: EngineConfig) -> int:
+    """Calls in flight at the most: --max-fetches, and no more than half the cache's
+    blocks (every call in flight holds a block's room), but at least a few."""
+    return min(config.max_fetches, max(8, config.cache_size // BLOCK_SIZE // 2))
 
 
 def check_snapshot_id(snapshot_id: str) -> str:
@@ -116,7 +126,7 @@ class Engine:
                  bases: dict[str, str] | None = None) -> None:
         self.api = api
         self.config = config
-        self.remote = RemoteSnapshots(api, max_fetches=config.max_fetches)
+        self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config))
         self.cache = BlockCache(config.cache_size)
         self.readahead = Readahead()
         # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
@@ -198,7 +208,7 @@ def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool =
 def build(config: EngineConfig, checked: Plan, api: EbsApi | None = None) -> Engine:
     """The engine over a client sized for the fetches (made here, after any fork)."""
     if api is None:
-        api = BotoEbsApi(_with(config.connection, max_connections=config.max_fetches + 8))
+        api = BotoEbsApi(_with(config.connection, max_connections=fetch_ceiling(config) + 8))
     return Engine(api, config, checked.snapshots, checked.bases)
 
 

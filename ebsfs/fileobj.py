@@ -11,7 +11,13 @@ import threading
 from typing import Any
 
 from ebsfs.client import ConnectionOptions
-from ebsfs.engine import DEFAULT_CACHE_SIZE, EngineConfig, EngineThread, connect
+from ebsfs.engine import (
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_MAX_FETCHES,
+    EngineConfig,
+    EngineThread,
+    connect,
+)
 from ebsfs.errors import EbsfsError
 from ebsfs.files import WindowReader
 from ebsfs.image import SnapshotImage
@@ -24,7 +30,8 @@ MAX_READ = 32 * 1024**2
 def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     snapshot_id: str, *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-    max_fetches: int = 64, read_timeout: float = 60.0, request_timeout: float = 20.0,
+    max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
+    request_timeout: float = 20.0,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 

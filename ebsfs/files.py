@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 class OpenFile(Protocol):
     """One open handle of a node."""
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview: ...
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None
+                   ) -> bytes | memoryview:
+        """The bytes; a view of `scratch` (when given) may be returned, valid until the
+        next read that is given the same scratch (image.py)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -94,11 +98,12 @@ class WindowReader:
         self.length = length
         self.stream: ReadPattern = image.open_stream()
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None
+                   ) -> bytes | memoryview:
         if offset >= self.length or size <= 0:
             return b""
         size = min(size, self.length - offset)
-        return await self.image.read(self.start + offset, size, self.stream)
+        return await self.image.read(self.start + offset, size, self.stream, scratch)
 
     def close(self) -> None:
         pass
@@ -133,7 +138,7 @@ class ReportReader:
         self.spool = spool
         self._lock = trio.Lock()
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None) -> bytes:
         async with self._lock:
             return await trio.to_thread.run_sync(self._read, offset, size)
 

@@ -63,6 +63,9 @@ class EbsOperations(pyfuse3.Operations):
         self._next_handle = itertools.count(1)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._seen_bugs: set[tuple[str, str, str]] = set()
+        self._scratch = bytearray(2 * BLOCK_SIZE)
+        """Where reads spanning blocks are joined. One suffices: pyfuse3 sends a read's
+        reply as soon as its handler returns, before any other handler runs again."""
 
     def unexpected(self, handler: str, err: Exception) -> None:
         """Log an unexpected exception: its traceback once per kind and place."""
@@ -164,7 +167,7 @@ class EbsOperations(pyfuse3.Operations):
         # cached block spares a copy. The stubs only say bytes.
         node, opened = self._handles[fh]
         try:
-            return await opened.read(off, size)
+            return await opened.read(off, size, self._scratch)
         except EbsfsError as err:
             log.error("read of %s failed: %s", node.name, err)
             raise pyfuse3.FUSEError(errno.EIO) from None

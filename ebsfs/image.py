@@ -19,6 +19,8 @@ from ebsfs.remote import RemoteSnapshots
 log = logging.getLogger(__name__)
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+ZEROS = memoryview(bytes(2 * BLOCK_SIZE))
+"""A read of blocks never written, up to a FUSE read's 1 MiB, is a view of this."""
 NEVER_WRITTEN = Block(ZERO_BLOCK, None)
 TOKEN_REFRESHES = 3
 
@@ -34,7 +36,7 @@ class SnapshotImage:
     def __init__(
         self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
         remote: RemoteSnapshots, readahead: Readahead | None = None,
-        read_timeout: float = 60.0, max_window: int = 64,
+        read_timeout: float = 60.0, max_window: int = 256,
     ) -> None:
         self.snapshot_id = snapshot_id
         self.size = size
@@ -44,6 +46,7 @@ class SnapshotImage:
         self.readahead = readahead
         self.read_timeout = read_timeout
         self.max_window = max_window
+        """Read-ahead of one reader never passes this many blocks (a cache budget)."""
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
@@ -84,7 +87,7 @@ class SnapshotImage:
 
     def open_stream(self) -> ReadPattern:
         """Read-pattern state for one open file handle."""
-        return ReadPattern(self.size, max_window=self.max_window)
+        return ReadPattern(self.size, chunk_blocks=self.index.chunk_blocks)
 
     async def block(self, index: int) -> Block:
         """Block `index` as verified, with its checksum (zeros and None if never
@@ -123,28 +126,29 @@ class SnapshotImage:
         finally:
             self._prefetching.discard(index)
 
-    async def read(self, offset: int, size: int, stream: ReadPattern | None = None
-                   ) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, stream: ReadPattern | None = None,
+                   scratch: bytearray | None = None) -> bytes | memoryview:
         """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
-        ReadFailed. Never waits longer than read_timeout."""
+        ReadFailed. Never waits longer than read_timeout.
+
+        Bytes from several blocks are joined into `scratch` when given (and large
+        enough): a view of it is returned, valid only until the caller's next read
+        (the FUSE face replies before any other read can run; a fresh 1 MiB for every
+        such read costs page faults, docs/performance.md)."""
         if offset >= self.size or size <= 0:
             return b""
         end = min(offset + size, self.size)
         if stream is not None and self.readahead is not None:
-            for ahead in stream.observe(offset, end - offset):
-                if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
-                    continue
-                if self.readahead.submit(functools.partial(self._prefetch, ahead)):
-                    self._prefetching.add(ahead)
+            self._read_ahead(stream, offset, end - offset)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         at_hand = self._blocks_at_hand(first, last)
         if at_hand is not None:
-            return _assemble(at_hand, offset, end, first)
+            return _assemble(at_hand, offset, end, first, scratch)
         try:
             with trio.fail_after(self.read_timeout):
                 if first == last:
                     return _assemble([(await self.block(first)).data], offset, end, first)
-                return await self._read_span(offset, end, first, last)
+                return await self._read_span(offset, end, first, last, scratch)
         except trio.TooSlowError:
             raise ReadFailed(
                 f"{self.snapshot_id}: read at {offset} took over {self.read_timeout:.0f}s"
@@ -153,6 +157,24 @@ class SnapshotImage:
             raise
         except EbsfsError as err:
             raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
+
+    def _read_ahead(self, stream: ReadPattern, offset: int, size: int) -> None:
+        """Submit the prefetches the read pattern asks for, and list the next chunk of
+        the index once read-ahead is half way through the current one, so that its
+        listing never stalls the reader."""
+        assert self.readahead is not None
+        limit = min(self.max_window, self.remote.depth())
+        for ahead in stream.observe(offset, size, limit, self.index.next_listed):
+            if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
+                continue
+            if self.readahead.submit(functools.partial(self._prefetch, ahead)):
+                self._prefetching.add(ahead)
+        chunk_blocks = self.index.chunk_blocks
+        upcoming = stream.frontier + chunk_blocks // 2
+        if stream.frontier and upcoming < self.index.volume_blocks:
+            chunk_no = upcoming // chunk_blocks
+            if not self.index.at_hand(chunk_no):
+                self.readahead.submit(functools.partial(self.index.get, upcoming))
 
     def _blocks_at_hand(self, first: int, last: int) -> list[bytes | memoryview] | None:
         """The blocks [first, last] if all are cached or known absent, with no await:
@@ -173,8 +195,8 @@ class SnapshotImage:
             blocks.append(data)
         return blocks
 
-    async def _read_span(self, offset: int, end: int, first: int, last: int
-                         ) -> bytes | memoryview:
+    async def _read_span(self, offset: int, end: int, first: int, last: int,
+                         scratch: bytearray | None) -> bytes | memoryview:
         blocks: dict[int, bytes | memoryview] = {}
         errors: list[EbsfsError] = []
 
@@ -189,21 +211,30 @@ class SnapshotImage:
                 nursery.start_soon(one, i)
         if errors:
             raise errors[0]
-        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first)
+        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first,
+                         scratch)
 
 
-def _assemble(blocks: list[bytes | memoryview], offset: int, end: int, first: int
-              ) -> bytes | memoryview:
+def _assemble(blocks: list[bytes | memoryview], offset: int, end: int, first: int,
+              scratch: bytearray | None = None) -> bytes | memoryview:
     """Bytes [offset, end) from consecutive blocks starting at block `first` (or from
-    one buffer holding them all). From one buffer, a view: no copy (pyfuse3 replies
-    from any buffer)."""
+    one buffer holding them all). From one buffer, or blocks never written, a view: no
+    copy (pyfuse3 replies from any buffer); from several, joined in `scratch` if given."""
     base = first * BLOCK_SIZE
     if len(blocks) == 1:
         if offset - base == 0 and end - base == len(blocks[0]):
             return blocks[0]
         return memoryview(blocks[0])[offset - base : end - base]
+    if end - offset <= len(ZEROS) and all(data is ZERO_BLOCK for data in blocks):
+        return ZEROS[: end - offset]
     parts = []
     for n, data in enumerate(blocks):
         start = base + n * BLOCK_SIZE
         parts.append(data[max(offset, start) - start : min(end, start + BLOCK_SIZE) - start])
-    return b"".join(parts)
+    if scratch is None or len(scratch) < end - offset:
+        return b"".join(parts)
+    at = 0
+    for part in parts:
+        scratch[at : at + len(part)] = part
+        at += len(part)
+    return memoryview(scratch)[:at]

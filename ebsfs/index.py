@@ -13,6 +13,7 @@ returned]; only the end of the chain (no NextToken) proves up to the end of the 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -85,6 +86,14 @@ class _Chunk(Generic[V]):
     tokens: dict[int, V]
     expiry: float
     listed_at: float
+    _order: list[int] | None = None
+
+    @property
+    def order(self) -> list[int]:
+        """The listed indexes, ascending (made when first needed: read-ahead)."""
+        if self._order is None:
+            self._order = sorted(self.tokens)
+        return self._order
 
     def fresh(self, now: float) -> bool:
         # Refresh a little before expiry (tokens live 7 days; tests use seconds).
@@ -129,6 +138,22 @@ class ChunkedIndex(Generic[V]):
         if chunk is None or not chunk.fresh(self._clock()):
             return False, None
         return True, chunk.tokens.get(index)
+
+    def next_listed(self, index: int) -> tuple[int | None, bool]:
+        """Without a call: (the first listed index >= `index` in its chunk, or None if
+        there is none up to the chunk's end; True), or (index, False) when that chunk
+        is not at hand. Lets read-ahead skip runs of absent blocks at no cost."""
+        chunk = self._chunks.get(self.chunk_of(index))
+        if chunk is None or not chunk.fresh(self._clock()):
+            return index, False
+        order = chunk.order
+        at = bisect.bisect_left(order, index)
+        return (order[at] if at < len(order) else None), True
+
+    def at_hand(self, chunk_no: int) -> bool:
+        """The chunk is listed and fresh, or being listed now."""
+        chunk = self._chunks.get(chunk_no)
+        return (chunk is not None and chunk.fresh(self._clock())) or chunk_no in self._loading
 
     async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
         """Every (index, value) listed in one chunk, ascending."""

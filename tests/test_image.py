@@ -62,6 +62,40 @@ def test_absent_blocks_are_zeros_and_cost_no_call() -> None:
     assert api.calls["GetSnapshotBlock"] == 0
 
 
+def test_a_cache_of_n_mib_holds_n_mib_of_blocks_for_a_stride_3_reader() -> None:
+    """Every third block: each in a slab of its own, each costing one block of the
+    budget, so 8 MiB of cache keeps 16 blocks and re-reading them fetches nothing."""
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)},
+                       volume_size_gib=1)
+    _, api, image = build(store=store, cache_bytes=8 * 1024 * 1024)
+    wanted = list(range(0, 48, 3))  # 16 blocks
+
+    async def run() -> None:
+        for _ in range(2):
+            for i in wanted:
+                assert await image.read(i * BLOCK_SIZE, 4096) == pattern_block(1, i)[:4096]
+
+    trio.run(run)
+    assert api.calls["GetSnapshotBlock"] == len(wanted)
+
+
+def test_reads_spanning_blocks_are_joined_in_the_scratch_given(expected) -> None:
+    """The FUSE face passes one scratch buffer: a read across blocks is joined there (no
+    fresh 1 MiB each time), and a read of blocks never written is a view of zeros."""
+    _, _, image = build()
+    scratch = bytearray(2 * BLOCK_SIZE)
+    offset = 2 * BLOCK_SIZE - 1000  # block 2 is written, block 3 is not
+    data = trio.run(image.read, offset, BLOCK_SIZE, None, scratch)
+    assert isinstance(data, memoryview) and data.obj is scratch
+    assert bytes(data) == bytes(expected[offset : offset + BLOCK_SIZE])
+    zeros = trio.run(image.read, 4 * BLOCK_SIZE, 2 * BLOCK_SIZE, None, scratch)
+    assert isinstance(zeros, memoryview) and zeros.obj is not scratch
+    assert bytes(zeros) == bytes(2 * BLOCK_SIZE)
+    joined = trio.run(image.read, offset, BLOCK_SIZE)  # no scratch: bytes of its own
+    assert isinstance(joined, bytes) and joined == bytes(data)
+
+
 def test_blocks_are_cached_and_fetched_once_by_concurrent_readers() -> None:
     _, api, image = build()
 
@@ -244,41 +278,207 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
 # ---- ReadPattern ---------------------------------------------------------------------
 
 
-def test_window_grows_geometrically_while_sequential() -> None:
-    pattern = ReadPattern(GIB, max_window=16)
-    windows = []
-    offset = 0
-    for _ in range(8):
-        pattern.observe(offset, 131072)
-        windows.append(pattern.window)
-        offset += 131072
-    assert windows == [0, 2, 4, 8, 16, 16, 16, 16]
+def dense(index: int) -> tuple[int | None, bool]:
+    """next_listed of a fully written, fully listed volume."""
+    return index, True
+
+
+def every_third(index: int) -> tuple[int | None, bool]:
+    """next_listed of a listed volume holding only blocks 0, 3, 6, ..."""
+    return -(-index // 3) * 3, True
+
+
+def test_window_grows_with_the_data_the_run_has_read() -> None:
+    """Half the blocks of data read while the run may be one file (under 64 blocks),
+    twice them once it is a stream, up to the limit: large reads open it as fast as
+    the same bytes in small reads, no faster."""
+    pattern = ReadPattern(GIB)
+    windows = {}
+    for n in range(48):
+        pattern.observe(n * 1024 * 1024, 1024 * 1024, 300, dense)
+        windows[2 * (n + 1)] = pattern.window  # blocks of data read so far
+    assert windows[2] == 0  # the first read of a run: nothing is known yet
+    assert windows[16] == 8 and windows[32] == 16 and windows[62] == 31
+    assert windows[64] == 128 and windows[96] == 192
+    assert max(windows.values()) <= 300
+    small = ReadPattern(GIB)
+    for n in range(64):  # 4 MiB in 64 KiB reads: 8 blocks
+        small.observe(n * 65536, 65536, 300, dense)
+    assert small.window == 4
+
+
+def test_read_ahead_skips_a_hole_but_does_not_cross_a_wide_one() -> None:
+    """Blocks 0-19 and 200-299 hold data: read-ahead of a reader at the end of the
+    first run looks no further than four windows for the next."""
+
+    def two_runs(index: int) -> tuple[int | None, bool]:
+        if index < 20:
+            return index, True
+        return (max(index, 200), True) if index < 300 else (None, True)
+
+    pattern = ReadPattern(GIB, chunk_blocks=8192)
+    ahead: list[int] = []
+    for n in range(0, 20, 2):
+        ahead += pattern.observe(n * BLOCK_SIZE, 2 * BLOCK_SIZE, 16, two_runs)
+    assert ahead and max(ahead) < 200
+    for n in range(20, 200, 2):  # reading on through the hole, nearer the data
+        ahead += pattern.observe(n * BLOCK_SIZE, 2 * BLOCK_SIZE, 16, two_runs)
+    assert 200 in ahead
+
+
+def test_64k_reads_inside_one_block_prefetch_nothing() -> None:
+    """A tool reading one block in 64 KiB pieces (an inode table, a directory) is not
+    a stream; reading on into the next block is."""
+    pattern = ReadPattern(GIB)
+    start = 40 * BLOCK_SIZE
+    for off in range(start, start + BLOCK_SIZE, 65536):
+        assert pattern.observe(off, 65536, 16, dense) == []
+    assert pattern.observe(start + BLOCK_SIZE, 65536, 16, dense) == [42, 43]
+
+
+def test_the_window_counts_only_blocks_that_hold_data() -> None:
+    """Only blocks 0, 3, 6, ... hold data: the window counts those (and the run's
+    evidence is the data it read), so as many calls are in flight as on a dense disk."""
+    pattern = ReadPattern(GIB)
+    ahead: list[int] = []
+    for n in range(300):
+        ahead += pattern.observe(n * BLOCK_SIZE, BLOCK_SIZE, 8, every_third)
+    assert ahead and all(i % 3 == 0 for i in ahead)
+    reader = 299
+    assert len([i for i in ahead if i > reader]) == 8  # eight blocks of data ahead
+    assert max(ahead) == 297 + 8 * 3
+
+
+def test_a_chunk_not_listed_yet_stops_the_scan_at_its_first_block() -> None:
+    """Read-ahead asks for one block of a chunk not listed yet per read (fetching it
+    lists the chunk) and looks no further until it is listed."""
+    listed_until = 64
+
+    def partly(index: int) -> tuple[int | None, bool]:
+        return (index, True) if index < listed_until else (index, False)
+
+    pattern = ReadPattern(GIB, chunk_blocks=64)
+    unlisted: list[int] = []
+    for n in range(60):
+        ahead = pattern.observe(n * BLOCK_SIZE, BLOCK_SIZE, 64, partly)
+        beyond = [i for i in ahead if i >= 64]
+        assert len(beyond) <= 1 and (not beyond or ahead[-1] == beyond[0])  # the last
+        unlisted += beyond
+    assert unlisted and unlisted == list(range(64, 64 + len(unlisted)))
+    listed_until = 128
+    ahead = pattern.observe(60 * BLOCK_SIZE, BLOCK_SIZE, 64, partly)
+    assert len(ahead) > 1 and min(ahead) == 64 + len(unlisted)
 
 
 def test_random_read_resets_the_window_and_prefetches_nothing() -> None:
-    pattern = ReadPattern(GIB, max_window=16)
+    pattern = ReadPattern(GIB)
     for n in range(5):
-        pattern.observe(n * 131072, 131072)
+        pattern.observe(n * BLOCK_SIZE, BLOCK_SIZE, 16, dense)
     assert pattern.window > 0
-    assert list(pattern.observe(500 * BLOCK_SIZE, 4096)) == []
+    assert pattern.observe(500 * BLOCK_SIZE, 4096, 16, dense) == []
     assert pattern.window == 0
 
 
 def test_small_out_of_order_reads_count_as_sequential() -> None:
-    pattern = ReadPattern(GIB, max_window=16)
-    pattern.observe(0, 131072)
-    pattern.observe(262144, 131072)  # kernel read-ahead arriving out of order
-    pattern.observe(131072, 131072)
-    assert pattern.window == 4
+    pattern = ReadPattern(GIB)
+    pattern.observe(0, BLOCK_SIZE, 16, dense)
+    pattern.observe(2 * BLOCK_SIZE, BLOCK_SIZE, 16, dense)  # kernel read-ahead out of order
+    pattern.observe(BLOCK_SIZE, BLOCK_SIZE, 16, dense)
+    assert pattern.window == 2  # still sequential: the smallest window
 
 
 def test_nothing_is_prefetched_past_the_end_of_the_volume() -> None:
-    pattern = ReadPattern(4 * BLOCK_SIZE, max_window=16)
+    pattern = ReadPattern(4 * BLOCK_SIZE)
     ahead = []
     for off in range(0, 4 * BLOCK_SIZE, 131072):
-        ahead += list(pattern.observe(off, 131072))
+        ahead += pattern.observe(off, 131072, 16, dense)
     assert ahead and max(ahead) == 3
-    assert list(pattern.observe(4 * BLOCK_SIZE - 131072, 131072)) == []
+    assert pattern.observe(4 * BLOCK_SIZE - 131072, 131072, 16, dense) == []
+
+
+def test_depth_grows_with_latency_and_shrinks_under_throttling() -> None:
+    remote = RemoteSnapshots(StoreApi(SnapshotStore(Faults(seed=1))), max_fetches=256)
+    depths = []
+    for latency in (0.02, 0.1, 0.2):
+        remote.latency.seconds = latency
+        depths.append(remote.depth())
+    assert depths == [30, 150, 256]  # 1,000 calls/s x the latency x 1.5, up to the ceiling
+
+    async def throttled() -> None:
+        remote.fetch_limit.throttled()
+
+    trio.run(throttled)
+    assert remote.depth() == 128  # the fetch limit halved
+    remote.latency.seconds = 5.0
+    assert RemoteSnapshots(remote.api, max_fetches=64).depth() <= 64  # never past the ceiling
+
+
+def test_latency_estimate_is_that_of_quick_answers() -> None:
+    """A low percentile of recent calls: answers that waited for this machine (a mean
+    that grows as more calls are in flight) must not open the window wider."""
+    from ebsfs.remote import LatencyEstimate
+
+    estimate = LatencyEstimate()
+    estimate.add(0.2)
+    assert estimate.seconds == pytest.approx(0.2)  # the first call counts fully
+    for n in range(300):
+        estimate.add(0.02 + 0.01 * (n % 10) / 10)  # 20-29 ms: jitter
+    assert estimate.seconds == pytest.approx(0.021, abs=0.0011)
+    for _ in range(100):
+        estimate.add(0.5)  # a burst queued behind our own CPU
+    assert estimate.seconds < 0.03
+    for _ in range(256):
+        estimate.add(0.2)  # the service itself slowed down
+    assert estimate.seconds == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("latency", [0.01, 0.1])
+def test_calls_in_flight_follow_the_latency(latency) -> None:
+    """A sequential reader keeps about latency x 1,000 calls/s in flight: a slower
+    service gets more calls at once, never more than the cache budget allows. (The
+    estimate is pinned: the machine's own speed must not decide the outcome.)"""
+    import threading
+    import time
+
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(600)},
+                       volume_size_gib=1)
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most
+
+    class Slow(StoreApi):
+        def get_snapshot_block(self, *args, **kw):  # type: ignore[no-untyped-def]
+            with lock:
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+            time.sleep(0.1)
+            try:
+                return super().get_snapshot_block(*args, **kw)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+    readahead = Readahead()
+    remote = RemoteSnapshots(Slow(store), max_fetches=256)
+    remote.latency.seconds = latency
+    remote.latency.add = lambda seconds: None  # type: ignore[method-assign]
+    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048),
+                          BlockCache(1024 * BLOCK_SIZE), remote, readahead, max_window=150)
+    stream = image.open_stream()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in range(0, 600 * BLOCK_SIZE, 1024 * 1024):
+                await image.read(off, 1024 * 1024, stream)
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    # read-ahead's window (1,000 calls/s x latency x 1.5), and the reader's own read
+    if latency == 0.01:
+        assert in_flight[1] <= 15 + 2
+    else:
+        assert 75 <= in_flight[1] <= 150 + 2
 
 
 def test_random_4k_reads_fetch_at_most_twice_the_blocks_they_touch() -> None:

@@ -1,0 +1,140 @@
+"""ebsfs.http1, the GET path's HTTP/1.1 client, against a scripted server: the answers
+the emulator never gives (chunked bodies, closes, stalls, garbage) read right or fail as
+a retryable OSError, never as wrong bytes or a hang."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ebsfs import http1
+
+BODY = bytes(range(256)) * 2048  # 512 KiB
+
+
+@pytest.fixture
+def server() -> Iterator[Callable[[Callable[[socket.socket], None]], int]]:
+    """Serve one connection with the given script; returns the port."""
+    listeners: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def start(script: Callable[[socket.socket], None]) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return int(listener.getsockname()[1])
+
+    yield start
+    for listener in listeners:
+        listener.close()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    return data
+
+
+def answer(conn: socket.socket, head: str, body: bytes = b"") -> None:
+    conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+
+
+def test_a_body_of_content_length_lands_in_the_room_given(server) -> None:
+    def script(conn: socket.socket) -> None:
+        for _ in range(2):  # keep-alive: two requests on one connection
+            request = read_request(conn)
+            assert request.startswith(b"GET /x?y=1 HTTP/1.1\r\n") and b"Host: h\r\n" in request
+            answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\nX-Amz-Checksum: c\n",
+                   BODY)
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    for _ in range(2):
+        room = memoryview(bytearray(len(BODY)))
+        response = connection.get("/x?y=1", {"Host": "h"}, room)
+        assert response.status == 200 and response.body is None and not response.will_close
+        assert response.headers["x-amz-checksum"] == "c"
+        assert bytes(room) == BODY
+    connection.close()
+
+
+def test_a_chunked_body_is_decoded(server) -> None:
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        chunks = b"".join(f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n"
+                          for part in (BODY[:1000], BODY[1000:300000], BODY[300000:]))
+        answer(conn, "HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n",
+               chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    response = connection.get("/", {}, memoryview(bytearray(len(BODY))))
+    assert response.body == BODY
+
+
+def test_an_error_answer_keeps_its_body(server) -> None:
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        body = b'{"message": "no"}'
+        answer(conn, f"HTTP/1.1 403 Forbidden\nContent-Length: {len(body)}\n"
+                     "Connection: close\n", body)
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    response = connection.get("/", {}, memoryview(bytearray(len(BODY))))
+    assert response.status == 403 and response.body == b'{"message": "no"}'
+    assert response.will_close
+
+
+@pytest.mark.parametrize("cut", ["before the answer", "in the head", "in the body"])
+def test_a_connection_cut_short_is_a_protocol_error(server, cut) -> None:
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        if cut == "in the head":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+        elif cut == "in the body":
+            answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\n", BODY[:100000])
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    with pytest.raises(http1.ProtocolError):
+        connection.get("/", {}, memoryview(bytearray(len(BODY))))
+
+
+def test_a_stalled_body_times_out_within_the_read_timeout(server) -> None:
+    release = threading.Event()
+
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\n", BODY[:1000])
+        release.wait(10)
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 0.5)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        connection.get("/", {}, memoryview(bytearray(len(BODY))))
+    release.set()
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("head", ["HTTP/2 200\n", "garbage\n", "HTTP/1.1 200 OK\nno colon\n",
+                                  "HTTP/1.1 200 OK\n"])
+def test_answers_this_client_cannot_read_are_protocol_errors(server, head) -> None:
+    def script(conn: socket.socket) -> None:
+        read_request(conn)
+        answer(conn, head)
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    with pytest.raises(http1.ProtocolError):
+        connection.get("/", {}, memoryview(bytearray(len(BODY))))
