@@ -1,29 +1,35 @@
 #!/usr/bin/env python3
-"""Sequential read throughput of a snapshot, four ways, side by side in one run
-against the emulator.
+"""Sequential read throughput of a snapshot, as a matrix of latencies and disks, every
+measure compared side by side in one run against the emulator.
 
-1. `dd bs=1M` through an ebsfs mount, cold (a fresh mount: nothing cached);
-2. a plain boto3 thread pool of 64 calling GetSnapshotBlock on every listed block
-   (the ceiling of a straightforward Python client);
-3. dsnap (PyPI), the Python peer that downloads whole snapshots;
-4. a warm re-read through the mount (page cache dropped, ebsfs cache warm) against a
-   trivial pyfuse3 filesystem that returns zeros (the FUSE ceiling here).
+For each disk (dense: every block written; sparse: 60 % of the blocks written at
+random) and each latency (20, 100, 200 ms per call, plus up to half that again of
+jitter), --rounds rounds of:
 
-The machine's speed drifts, so the measures that are compared alternate: each of
---rounds rounds reads cold through a fresh mount, then with the pool, then with dsnap;
-then warm ebsfs and zerofs reads alternate --repeat times, both mounted at once.
-Figures are medians; ratios are medians of each round's own ratio.
+1. `dd bs=1M` of the whole image through a fresh ebsfs mount, cold (default cache:
+   where users are), with the mount process's CPU time per block fetched;
+2. a boto3 thread pool of 64 calling GetSnapshotBlock on every listed block and
+   verifying each body's SHA-256 as ebsfs does (a straightforward Python client);
+3. dsnap (PyPI), the Python peer that downloads whole snapshots (sparse file out).
 
-The emulator runs as its own process with a per-call latency (default 20 ms + up to
-10 ms jitter) and the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs root.
+Then, once, warm re-reads through the mount (page cache dropped, ebsfs cache warm)
+alternating with reads of a trivial pyfuse3 filesystem returning zeros (the FUSE
+ceiling here). Figures are medians; ratios are medians of each round's own ratio of
+times (the same bytes read).
 
-    sudo .venv/bin/python scripts/bench_read.py [--size-mib 1100] [--rounds 3]
+The emulator runs as its own process with the real quotas (1,000 GetSnapshotBlock/s per
+snapshot); its latency is changed between cells through its control endpoint. Needs
+root.
+
+    sudo .venv/bin/python scripts/bench_read.py [--latencies 20,100,200] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
+import hashlib
 import json
 import os
 import statistics
@@ -31,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -43,6 +51,7 @@ from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
 from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
 
 MB = 1e6
+MIB = 1024 * 1024
 
 
 def drop_page_cache() -> None:
@@ -58,13 +67,32 @@ def dd(path: Path, mib: int) -> float:
     return time.monotonic() - started
 
 
-def rate(path: Path, mib: int) -> float:
-    """MB/s of one page-cache-cold dd read of the first `mib` MiB."""
+def cold_dd(path: Path, mib: int) -> float:
     drop_page_cache()
-    return mib * 1024 * 1024 / dd(path, mib) / MB
+    return dd(path, mib)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system seconds of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def emulator_control(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/_emulator/{path}", data=data,
+                                     method="POST" if data is not None else "GET")
+    with urllib.request.urlopen(request) as answer:
+        return json.load(answer)
+
+
+def get_calls(url: str) -> int:
+    return int(emulator_control(url, "stats")["calls"].get("GetSnapshotBlock", 0))
 
 
 def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
+    """Seconds to list and GET every block with a pool of boto3 threads, each body's
+    SHA-256 checked against its x-amz-Checksum; bytes received."""
     config = botocore.config.Config(max_pool_connections=workers,
                                     retries={"mode": "standard", "max_attempts": 10})
     ebs = boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",
@@ -82,7 +110,10 @@ def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
     def get(block: dict) -> int:
         r = ebs.get_snapshot_block(SnapshotId=SNAP, BlockIndex=block["BlockIndex"],
                                    BlockToken=block["BlockToken"])
-        return len(r["BlockData"].read())
+        data = r["BlockData"].read()
+        if base64.b64encode(hashlib.sha256(data).digest()).decode() != r["Checksum"]:
+            raise SystemExit(f"block {block['BlockIndex']}: checksum mismatch")
+        return len(data)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         total = sum(pool.map(get, blocks))
@@ -101,7 +132,9 @@ def dsnap(url: str, out_dir: Path) -> float:
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    (out_dir / f"{SNAP}.img").unlink()
+    return seconds
 
 
 def ebsfs(*args: str) -> None:
@@ -116,17 +149,130 @@ def wait_for_mount(path: Path) -> None:
     raise SystemExit(f"{path} was not mounted")
 
 
+@dataclass
+class Cell:
+    """The runs of one (disk, latency) cell: seconds per measure, CPU per block."""
+
+    disk: str
+    latency_ms: int
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {
+        "ebsfs": [], "pool": [], "dsnap": []})
+    cpu_ms_per_block: list[float] = field(default_factory=list)
+
+    def ratios(self, other: str) -> list[float]:
+        return [theirs / ours for ours, theirs in
+                zip(self.seconds["ebsfs"], self.seconds[other], strict=False)]
+
+
+def run_cell(cell: Cell, url: str, mnt: Path, mib: int, size: int, args: argparse.Namespace,
+             tmp: Path) -> None:
+    latency = cell.latency_ms / 1000
+    emulator_control(url, "faults", {"latency": latency, "jitter": latency / 2})
+    mount_args = ("mount", "--endpoint-url", url, *args.mount_option, SNAP, str(mnt))
+    for _ in range(args.rounds):
+        ebsfs(*mount_args)
+        try:
+            pid = int(os.getxattr(mnt, "user.ebsfs.pid"))
+            calls, cpu = get_calls(url), process_cpu(pid)
+            cell.seconds["ebsfs"].append(cold_dd(mnt / f"{SNAP}.img", mib))
+            fetched = get_calls(url) - calls
+            cell.cpu_ms_per_block.append((process_cpu(pid) - cpu) / max(fetched, 1) * 1000)
+        finally:
+            ebsfs("umount", str(mnt))
+        seconds, total = thread_pool(url)
+        cell.seconds["pool"].append(seconds)
+        if not args.skip_dsnap:
+            out = tmp / "dsnap"
+            out.mkdir(exist_ok=True)
+            cell.seconds["dsnap"].append(dsnap(url, out))
+        report_cell(cell, size)
+
+
+def report_cell(cell: Cell, size: int) -> None:
+    def rate(seconds: list[float]) -> str:
+        return ", ".join(f"{size / s / MB:.0f}" for s in seconds)
+
+    line = (f"  {cell.disk:<6} {cell.latency_ms:>3} ms  ebsfs {rate(cell.seconds['ebsfs'])} "
+            f"| pool {rate(cell.seconds['pool'])}")
+    if cell.seconds["dsnap"]:
+        line += f" | dsnap {rate(cell.seconds['dsnap'])}"
+    line += f" MB/s | cpu/block {', '.join(f'{c:.2f}' for c in cell.cpu_ms_per_block)} ms"
+    print(line, flush=True)
+
+
+def warm_and_zero(url: str, mnt: Path, zero_mnt: Path, mib: int, repeat: int
+                  ) -> dict[str, list[float]]:
+    """Warm ebsfs reads (a cache holding the whole image, warmed by one read)
+    alternating with reads of zerofs, both mounted at once: MB/s each."""
+    size = mib * MIB
+    runs: dict[str, list[float]] = {"ebsfs_warm": [], "zerofs": []}
+    emulator_control(url, "faults", {"latency": 0.02, "jitter": 0.01})
+    ebsfs("mount", "--endpoint-url", url, "--cache-size", f"{mib + 256}M", SNAP, str(mnt))
+    zero = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"),
+                             str(zero_mnt), str(size)])
+    try:
+        cold_dd(mnt / f"{SNAP}.img", mib)  # fills the ebsfs cache
+        wait_for_mount(zero_mnt)
+        for _ in range(repeat):
+            runs["ebsfs_warm"].append(size / cold_dd(mnt / f"{SNAP}.img", mib) / MB)
+            runs["zerofs"].append(size / cold_dd(zero_mnt / "zero.img", mib) / MB)
+    finally:
+        zero.terminate()
+        zero.wait()
+        ebsfs("umount", str(mnt))
+    return runs
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summary(cells: list[Cell], warm: dict[str, list[float]], sizes: dict[str, int],
+            args: argparse.Namespace) -> dict[str, object]:
+    print(f"\nsequential cold read, whole image, medians of {args.rounds} rounds "
+          f"(MB/s of image; ratios of times, each round's own):")
+    print("| disk | latency | ebsfs | pool of 64 | dsnap | ebsfs/pool | ebsfs/dsnap | "
+          "CPU ms/block |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows: list[dict[str, object]] = []
+    figures: dict[str, object] = {"cells": rows}
+    for c in cells:
+        size = sizes[c.disk]
+        pool_ratio = c.ratios("pool")
+        dsnap_ratio = c.ratios("dsnap")
+        print(f"| {c.disk} | {c.latency_ms} ms | {size / median(c.seconds['ebsfs']) / MB:.0f} | "
+              f"{size / median(c.seconds['pool']) / MB:.0f} | "
+              f"{size / median(c.seconds['dsnap']) / MB:.0f} | "
+              f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)}) | "
+              f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)}) | "
+              f"{median(c.cpu_ms_per_block):.2f} |")
+        rows.append({
+            "disk": c.disk, "latency_ms": c.latency_ms, "bytes": size, "seconds": c.seconds,
+            "cpu_ms_per_block": c.cpu_ms_per_block})
+    if warm["ebsfs_warm"]:
+        each = [w / z for w, z in zip(warm["ebsfs_warm"], warm["zerofs"], strict=True)]
+        print(f"\nwarm re-read (dense, {args.warm_repeat} alternating pairs): ebsfs "
+              f"{median(warm['ebsfs_warm']):.0f} MB/s, zerofs {median(warm['zerofs']):.0f} "
+              f"MB/s, warm/zerofs {median(each):.2f} ({', '.join(f'{r:.2f}' for r in each)})")
+        figures["warm"] = warm
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=1100, help="present data (MiB)")
-    parser.add_argument("--latency", type=float, default=0.02)
-    parser.add_argument("--jitter", type=float, default=0.01)
-    parser.add_argument("--max-fetches", default="64")
+    parser.add_argument("--dense-mib", type=int, default=1024, help="dense disk size (MiB)")
+    parser.add_argument("--sparse-mib", type=int, default=2048, help="sparse disk size (MiB)")
+    parser.add_argument("--written", type=float, default=0.6,
+                        help="share of the sparse disk's blocks written (default 0.6)")
+    parser.add_argument("--latencies", default="20,100,200", help="ms per call, comma-separated")
+    parser.add_argument("--disks", default="dense,sparse")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm-repeat", type=int, default=9,
+                        help="alternating warm ebsfs and zerofs reads (0: none)")
     parser.add_argument("--skip-dsnap", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of cold ebsfs, pool and dsnap (default 3)")
-    parser.add_argument("--repeat", type=int, default=9,
-                        help="alternating warm ebsfs and zerofs reads (default 9)")
+    parser.add_argument("--mount-option", action="append", default=[],
+                        help="extra option for `ebsfs mount` (repeatable, e.g. "
+                             "--mount-option=--max-fetches=64)")
     parser.add_argument("--tls", action="store_true",
                         help="serve HTTPS, as the real service does (a throwaway certificate)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -134,97 +280,50 @@ def main() -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    size = args.size_mib * 1024 * 1024
-    runs: dict[str, list[float]] = {name: [] for name in (
-        "ebsfs_cold", "boto3_pool64", "dsnap", "ebsfs_warm", "zerofs")}
+    latencies = [int(x) for x in args.latencies.split(",")]
+    disks = {"dense": (args.dense_mib, 1.0), "sparse": (args.sparse_mib, args.written)}
+    chosen = args.disks.split(",")
+    cells: list[Cell] = []
+    warm: dict[str, list[float]] = {"ebsfs_warm": [], "zerofs": []}
+    sizes: dict[str, int] = {}
+    print(f"cold reads through a fresh mount (ebsfs mount {' '.join(args.mount_option)}), "
+          f"{args.rounds} rounds per cell{' over HTTPS' if args.tls else ''}:", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        image = tmp / "data.img"
-        random_image(image, size, seed=5)
+        mnt, zero_mnt = tmp / "mnt", tmp / "zero"
+        mnt.mkdir()
+        zero_mnt.mkdir()
         tls: list[str] = []
         if args.tls:
             cert, key = make_certificate(tmp)
             tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
             os.environ["AWS_CA_BUNDLE"] = str(cert)  # every client here trusts it
-        proc, url = start_emulator(image, "--latency", str(args.latency),
-                                   "--jitter", str(args.jitter), *tls)
-        mnt, zero_mnt = tmp / "mnt", tmp / "zero"
-        mnt.mkdir()
-        zero_mnt.mkdir()
-        cache = f"{args.size_mib + 256}M"
-        mount_args = ("mount", "--endpoint-url", url, "--cache-size", cache,
-                      "--max-fetches", args.max_fetches, SNAP, str(mnt))
-        try:
-            # One untimed cold read first: the emulator serves from an mmap of the image
-            # (a first pass reads it from disk), and on this VM memory the guest has not
-            # used yet costs more to touch the first time; either would go to whichever
-            # measure ran first.
-            ebsfs(*mount_args)
+        for disk in chosen:
+            mib, written = disks[disk]
+            sizes[disk] = mib * MIB
+            image = tmp / f"{disk}.img"
+            random_image(image, mib * MIB, seed=5, written=written)
+            proc, url = start_emulator(image, *tls)
             try:
-                dd(mnt / f"{SNAP}.img", args.size_mib)
-            finally:
-                ebsfs("umount", str(mnt))
-            for round_no in range(args.rounds):
-                ebsfs(*mount_args)
+                # One untimed cold read first: the emulator serves from an mmap of the
+                # image (a first pass reads it from disk), and memory the VM has not
+                # used yet costs more to touch the first time.
+                emulator_control(url, "faults", {"latency": 0.02, "jitter": 0.01})
+                ebsfs("mount", "--endpoint-url", url, SNAP, str(mnt))
                 try:
-                    runs["ebsfs_cold"].append(rate(mnt / f"{SNAP}.img", args.size_mib))
-                    if round_no == args.rounds - 1:  # keep the last mount for warm reads
-                        warm_and_zero(mnt, zero_mnt, size, args, runs)
+                    cold_dd(mnt / f"{SNAP}.img", mib)
                 finally:
                     ebsfs("umount", str(mnt))
-                seconds, total = thread_pool(url)
-                assert total == size, (total, size)
-                runs["boto3_pool64"].append(size / seconds / MB)
-                if not args.skip_dsnap:
-                    out = tmp / "dsnap"
-                    out.mkdir(exist_ok=True)
-                    runs["dsnap"].append(size / dsnap(url, out) / MB)
-                    (out / f"{SNAP}.img").unlink()
-        finally:
-            proc.terminate()
-            proc.wait()
-    report(args, runs)
-
-
-def warm_and_zero(mnt: Path, zero_mnt: Path, size: int, args: argparse.Namespace,
-                  runs: dict[str, list[float]]) -> None:
-    """Alternate warm ebsfs reads (after one read that warms the page-cache-independent
-    ebsfs cache, already done by the cold read) with zerofs reads."""
-    zero = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"),
-                             str(zero_mnt), str(size)])
-    try:
-        wait_for_mount(zero_mnt)
-        for _ in range(args.repeat):
-            runs["ebsfs_warm"].append(rate(mnt / f"{SNAP}.img", args.size_mib))
-            runs["zerofs"].append(rate(zero_mnt / "zero.img", args.size_mib))
-    finally:
-        zero.terminate()
-        zero.wait()
-
-
-def report(args: argparse.Namespace, runs: dict[str, list[float]]) -> None:
-    def ratios(a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(runs[a], runs[b], strict=True)]
-
-    print(f"sequential read of {args.size_mib} MiB of present data"
-          f"{' over HTTPS' if args.tls else ''}, latency "
-          f"{args.latency * 1000:.0f} ms + up to {args.jitter * 1000:.0f} ms jitter "
-          f"({args.rounds} cold rounds, {args.repeat} warm pairs):")
-    figures: dict[str, object] = {}
-    for name, values in runs.items():
-        if values:
-            figures[name] = values
-            print(f"  {name:<14} {statistics.median(values):8.1f} MB/s   "
-                  f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
-    pairs = [("cold ebsfs / boto3 pool of 64", "ebsfs_cold", "boto3_pool64"),
-             ("cold ebsfs / dsnap", "ebsfs_cold", "dsnap"),
-             ("warm ebsfs / zerofs", "ebsfs_warm", "zerofs")]
-    for label, a, b in pairs:
-        if runs[a] and runs[b]:
-            each = ratios(a, b)
-            figures[f"{a}/{b}"] = each
-            print(f"  {label + ':':<31} {statistics.median(each):.2f}   "
-                  f"(each: {', '.join(f'{r:.2f}' for r in each)})")
+                for latency in latencies:
+                    cell = Cell(disk, latency)
+                    run_cell(cell, url, mnt, mib, mib * MIB, args, tmp)
+                    cells.append(cell)
+                if disk == "dense" and args.warm_repeat:
+                    warm = warm_and_zero(url, mnt, zero_mnt, mib, args.warm_repeat)
+            finally:
+                proc.terminate()
+                proc.wait()
+    figures = summary(cells, warm, sizes, args)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -72,20 +71,35 @@ def build_disk(path: Path, size: int, files: dict[str, bytes], label: str = "dem
                   f"name={label}, uuid=5E1F0E5E-0000-4000-8000-0000000000F1\n",
             text=True, check=True, capture_output=True,
         )
-        with open(part, "rb") as src, open(path, "r+b") as dst:
-            dst.seek(PARTITION_START)
-            shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
+        copy_sparse(part, path, PARTITION_START)
     return PARTITION_START
 
 
-def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0) -> None:
-    """An image of random (deterministic) blocks; with sparse_every=N, every Nth
-    512 KiB block is left zero so the snapshot has absent blocks."""
+def copy_sparse(source: Path, target: Path, offset: int, chunk: int = 524288) -> None:
+    """Copy `source` into `target` at `offset`, leaving holes where it holds zeros (a
+    large mostly empty filesystem stays cheap on disk)."""
+    zeros = bytes(chunk)
+    with open(source, "rb") as src, open(target, "r+b") as dst:
+        position = offset
+        while data := src.read(chunk):
+            if data != zeros[: len(data)]:
+                dst.seek(position)
+                dst.write(data)
+            position += len(data)
+
+
+def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0,
+                 written: float = 1.0) -> None:
+    """An image of random (deterministic) blocks. With sparse_every=N, every Nth
+    512 KiB block is left zero so the snapshot has absent blocks; with written=F, each
+    block is written with probability F (holes at random, as real volumes have)."""
     rng = random.Random(seed)
     block = 524288
     with open(path, "wb") as f:
         for n in range(size // block):
-            if sparse_every and n % sparse_every == 0:
+            hole = (sparse_every and n % sparse_every == 0) or (
+                written < 1.0 and rng.random() >= written)
+            if hole:
                 f.seek(block, os.SEEK_CUR)
             else:
                 f.write(rng.randbytes(block))
