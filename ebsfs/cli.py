@@ -289,10 +289,11 @@ def _diff_files(args: argparse.Namespace) -> int:
             progress.done()
         for f in files:
             f.close()
-    for fs in result.filesystems:
-        if fs.note is not None:
-            print(f"ebsfs: note: {fs.label}: files not listed: {fs.note}", file=sys.stderr)
-    if args.json:
+    if args.json:  # the text says it in its place; JSON on stdout is for programs
+        for fs in result.filesystems:
+            if fs.note is not None:
+                print(f"ebsfs: note: {fs.label}: files not listed: {fs.note}",
+                      file=sys.stderr)
         result.write_json(sys.stdout)
     else:
         result.write_text(sys.stdout)

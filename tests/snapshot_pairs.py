@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.disks import _ntfs3g, _run, _unmount, loop_device
+from tests.disks import _ntfs3g, _run, _unmount
 
 MiB = 1024 * 1024
 RW_OPTIONS = {"ext4": "rw", "xfs": "rw,nouuid"}
