@@ -377,6 +377,8 @@ def _compare(fs: FilesystemChanges, first: PositionalReader, second: PositionalR
     for which, source in (("first", first), ("second", second)):
         report = None
         if progress is not None:
+            progress(f"{fs.label}: reading the {which} snapshot's metadata")
+
             def report(count: int, which: str = which) -> None:
                 progress(f"{fs.label}: {count} entries read in the {which} snapshot")
         try:

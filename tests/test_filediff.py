@@ -311,3 +311,18 @@ def test_open_snapshots_shares_one_engine_and_fetches_unchanged_blocks_once(
     second.close()
     with pytest.raises(ValueError, match="closed"):
         second.pread(4, 0)
+
+
+@needs_root
+@pytest.mark.expected_log(r"partition table could not be read")
+def test_a_failing_read_is_the_engines_error_not_damage(emulator: EmulatorServer,
+                                                        tmp_path: Path) -> None:
+    from ebsfs.errors import EbsfsError
+
+    pair = make_pair("ext4", tmp_path, 128 * MiB)
+    load(emulator, pair.before, pair.after)
+    first, second = ebsfs.fileobj.open_snapshots([FIRST, SECOND], endpoint_url=emulator.url,
+                                                 read_timeout=1.0)
+    emulator.faults.stall_rate = 1.0  # every block body stalls past the read timeout
+    with first, second, pytest.raises(EbsfsError, match="took over 1s"):
+        diff_files(first, second)
