@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from ebsfs.client import ConnectionOptions
+from ebsfs.diff import Diff
 from ebsfs.engine import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_FETCHES,
@@ -31,7 +32,7 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     snapshot_id: str, *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
-    request_timeout: float = 20.0,
+    request_timeout: float = 20.0, readahead: bool = True,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -40,19 +41,67 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL); `cache_size` is bytes of blocks kept in
     memory; `max_fetches` the GetSnapshotBlock calls in flight at most; `read_timeout`
     the seconds one read may take; `request_timeout` the seconds one call may wait.
+    `readahead=False` never fetches blocks ahead of sequential reads (for readers of
+    scattered metadata, such as forensic libraries walking a filesystem).
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
     opened. Reads that fail raise OSError with errno EIO, as the mount answers.
     Close it (or use `with`) to stop its background thread."""
+    config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
+                     request_timeout)
+    return open_with(config, [snapshot_id], share_lineage=False, readahead=readahead)[0]
+
+
+def open_snapshots(
+    snapshot_ids: list[str], *, region: str | None = None, profile: str | None = None,
+    endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
+    max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
+    request_timeout: float = 20.0, readahead: bool = True,
+) -> list[SnapshotFile]:
+    """Open several snapshots on one engine, one file each in the order given: a block
+    unchanged between two snapshots of one volume is fetched once for both (the later
+    snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
+    the engine stops when the last of the files is closed."""
+    config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
+                     request_timeout)
+    return open_with(config, snapshot_ids, readahead=readahead)
+
+
+def open_with(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
+              readahead: bool = True) -> list[SnapshotFile]:
+    """`open_snapshots` from an EngineConfig (the CLI's options)."""
+    engine = connect(config, snapshot_ids, share_lineage=share_lineage)
+    share = _SharedLoop(EngineThread(engine), len(snapshot_ids))
+    return [SnapshotFile(share, engine.images[s], readahead=readahead) for s in snapshot_ids]
+
+
+def _config(region: str | None, profile: str | None, endpoint_url: str | None,
+            cache_size: int, max_fetches: int, read_timeout: float, request_timeout: float
+            ) -> EngineConfig:
     connection = ConnectionOptions(
         region=region, profile=profile, endpoint_url=endpoint_url,
         connect_timeout=min(5.0, request_timeout), read_timeout=request_timeout,
     )
-    config = EngineConfig(connection=connection, cache_size=cache_size,
-                          max_fetches=max_fetches, read_timeout=read_timeout)
-    engine = connect(config, [snapshot_id], share_lineage=False)
-    return SnapshotFile(EngineThread(engine), engine.images[snapshot_id])
+    return EngineConfig(connection=connection, cache_size=cache_size,
+                        max_fetches=max_fetches, read_timeout=read_timeout)
+
+
+class _SharedLoop:
+    """The engine's loop thread and how many open files still use it: the last one
+    closed stops it."""
+
+    def __init__(self, loop: EngineThread, users: int) -> None:
+        self.loop = loop
+        self._users = users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.loop.close()
 
 
 class _WindowFile(io.RawIOBase):
@@ -62,10 +111,10 @@ class _WindowFile(io.RawIOBase):
     `readinto` and `seek` share one position under a lock, as a file object's do."""
 
     def __init__(self, loop: EngineThread, image: SnapshotImage, start: int, length: int,
-                 name: str) -> None:
+                 name: str, readahead: bool = True) -> None:
         super().__init__()
         self._loop = loop
-        self._window = WindowReader(image, start, length)
+        self._window = WindowReader(image, start, length, readahead=readahead)
         self._position = 0
         self._lock = threading.Lock()
         self.name = name
@@ -134,12 +183,17 @@ class _WindowFile(io.RawIOBase):
 
 
 class SnapshotFile(_WindowFile):
-    """A whole snapshot (see `open`). It owns the engine: closing it stops the engine's
-    thread, and with it its partition files."""
+    """A whole snapshot (see `open`). It owns the engine (with the other files of
+    `open_snapshots`): closing it stops the engine's thread, and with it its partition
+    files."""
 
-    def __init__(self, loop: EngineThread, image: SnapshotImage) -> None:
-        super().__init__(loop, image, 0, image.size, f"{image.snapshot_id}.img")
+    def __init__(self, share: _SharedLoop, image: SnapshotImage, readahead: bool = True
+                 ) -> None:
+        super().__init__(share.loop, image, 0, image.size, f"{image.snapshot_id}.img",
+                         readahead)
+        self._share = share
         self._image = image
+        self._readahead = readahead
 
     def partitions(self) -> list[PartitionFile]:
         """A file for each partition of the disk (GPT or MBR, numbered as Linux numbers
@@ -147,18 +201,27 @@ class SnapshotFile(_WindowFile):
         table, or a damaged one (logged as a warning)."""
         self._check_open()
         found = self._loop.call(self._loop.engine.partitions, self._image.snapshot_id)
-        return [PartitionFile(self._loop, self._image, p) for p in found]
+        return [PartitionFile(self._loop, self._image, p, self._readahead) for p in found]
+
+    def changes_since(self, earlier: SnapshotFile) -> Diff:
+        """The blocks that differ between `earlier` and this snapshot (ListChangedBlocks,
+        no block data): both must come from one `open_snapshots`."""
+        self._check_open()
+        if earlier._loop is not self._loop:
+            raise ValueError("changes_since needs two files of one open_snapshots call")
+        return self._loop.call(self._loop.engine.diff, earlier.snapshot_id, self.snapshot_id)
 
     def close(self) -> None:
         if not self.closed:
-            self._loop.close()
+            self._share.release()
         super().close()
 
 
 class PartitionFile(_WindowFile):
     """One partition of a snapshot, exactly its bytes, as a file."""
 
-    def __init__(self, loop: EngineThread, image: SnapshotImage, partition: Partition) -> None:
+    def __init__(self, loop: EngineThread, image: SnapshotImage, partition: Partition,
+                 readahead: bool = True) -> None:
         super().__init__(loop, image, partition.offset, partition.size,
-                         f"{image.snapshot_id}-part{partition.number}.img")
+                         f"{image.snapshot_id}-part{partition.number}.img", readahead)
         self.partition = partition

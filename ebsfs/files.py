@@ -90,13 +90,16 @@ class PartitionNode:
 
 class WindowReader:
     """Reads of bytes [start, start+length) of an image, offsets relative to start, with
-    the read-pattern state of one handle (read-ahead follows each handle)."""
+    the read-pattern state of one handle (read-ahead follows each handle, unless
+    `readahead` is False: readers of scattered metadata would pay for blocks never
+    read)."""
 
-    def __init__(self, image: SnapshotImage, start: int, length: int) -> None:
+    def __init__(self, image: SnapshotImage, start: int, length: int,
+                 readahead: bool = True) -> None:
         self.image = image
         self.start = start
         self.length = length
-        self.stream: ReadPattern = image.open_stream()
+        self.stream: ReadPattern | None = image.open_stream() if readahead else None
 
     async def read(self, offset: int, size: int, scratch: bytearray | None = None
                    ) -> bytes | memoryview:
