@@ -652,12 +652,13 @@ def _run(the_engine: Engine, image: SnapshotImage, layout: Layout, request: GetR
     try:
         if target.resumable:
             journal = Journal(layout.stem)
+            new = state is None
             if state is None:
                 state = {"snapshot_id": request.snapshot_id, "output": os.path.abspath(
                     layout.output), "volume_size": image.size, "started": utc_now(),
                     "ebsfs_version": __version__, "runs": 0}
             state["runs"] = int(state.get("runs", 0)) + 1
-            journal.open(state)
+            journal.open(state, new)
         started = state["started"] if state else utc_now()
         try:
             blocks = BlockListWriter(f"{layout.stem}.part.blocks", request.snapshot_id)

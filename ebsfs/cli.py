@@ -310,13 +310,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
     config = engine_config(args)
     checked = engine.plan(config, args.snapshot_ids)
-    infos, note = metadata.lookup(config.connection, args.snapshot_ids, args.ec2_endpoint_url)
-    if note:
-        log.info("image mtimes are the mount time: %s", note)
+    described = metadata.lookup(config.connection, args.snapshot_ids, args.ec2_endpoint_url)
+    if described.note:
+        log.info("image mtimes are the mount time: %s", described.note)
     mount_config = mount.MountConfig(
         mountpoint=os.path.abspath(mountpoint), allow_other=args.allow_other,
         fuse_debug=args.fuse_debug,
-        start_times={s: info.start_time.timestamp() for s, info in infos.items()},
+        start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
     )
     count = len(checked.snapshots)
     if args.foreground:
@@ -353,13 +353,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     quiet = args.quiet
 
     def describe_snapshot() -> tuple[dict[str, object] | None, str | None]:
-        infos, note = metadata.lookup(config.connection, [args.snapshot_id],
-                                      args.ec2_endpoint_url)
+        described = metadata.lookup(config.connection, [args.snapshot_id],
+                                    args.ec2_endpoint_url)
+        note = described.note
         if note:
             log.info("manifest without EC2 metadata: %s", note)
-            if not quiet and args.verbose == 0:
+            # EC2 was asked and said no: one line, so that nobody expects it there.
+            if described.asked and not quiet and args.verbose == 0:
                 print(f"ebsfs: info: manifest without EC2 metadata: {note}", file=sys.stderr)
-        info = infos.get(args.snapshot_id)
+        info = described.found.get(args.snapshot_id)
         return (info.as_json() if info else None), note
 
     request = acquire.GetRequest(
@@ -369,7 +371,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     label = args.snapshot_id if args.output == "-" else os.path.basename(args.output)
     try:
         result = acquire.get(config, request, progress_for(label, quiet))
-    except KeyboardInterrupt:
+    except BaseException as err:  # Ctrl-C, maybe inside trio's exception groups
+        if not isinstance(first_leaf(err), KeyboardInterrupt):
+            raise
         print("ebsfs: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     m = result.manifest

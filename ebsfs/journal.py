@@ -51,8 +51,8 @@ class Journal:
                               "start over")
         return state
 
-    def open(self, state: dict[str, Any] | None) -> None:
-        """Lock the journal for this run; with `state`, start a new one."""
+    def open(self, state: dict[str, Any], new: bool) -> None:
+        """Lock the journal for this run (a new one starts empty) and save `state`."""
         try:
             self._fd = os.open(self.sums_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -64,9 +64,9 @@ class Journal:
             self._fd = None
             raise OutputError(f"another ebsfs get is writing this output ({self.sums_path} "
                               "is locked)") from None
-        if state is not None:
+        if new:
             os.ftruncate(self._fd, 0)
-            self.save(state)
+        self.save(state)
 
     def save(self, state: dict[str, Any]) -> None:
         try:

@@ -175,15 +175,15 @@ class BlockListWriter:
         self.count += 1
         self._write(f"{index} {digest.hex()}\n")
 
-    def finish(self, side_path: str, inline_limit: int = INLINE_BLOCKS) -> dict[str, Any]:
+    def finish(self, side_path: str) -> dict[str, Any]:
         """The manifest's `blocks` section; the spool becomes the side file when there
-        are more than `inline_limit` blocks, else it is removed."""
+        are more than INLINE_BLOCKS blocks, else it is removed."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         section: dict[str, Any] = {"algorithm": "sha256", "encoding": "hex",
                                    "count": self.count}
-        if self.count <= inline_limit:
+        if self.count <= INLINE_BLOCKS:
             with open(self.spool_path, encoding="ascii") as f:
                 section["list"] = [[i, h] for i, h in _lines(f, self.spool_path)]
             os.unlink(self.spool_path)
@@ -201,15 +201,28 @@ class BlockListWriter:
 
 
 def write_manifest(path: str, manifest: Manifest) -> None:
-    """Atomically: a reader sees no manifest or the whole of it, never a part."""
-    write_json_atomic(path, manifest.as_json())
+    """Atomically: a reader sees no manifest or the whole of it, never a part. Each
+    block of an inline list on a line of its own."""
+    data = manifest.as_json()
+    entries = data["blocks"].get("list")
+    if entries is None:
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+        return
+    placeholder = '"@blocks@"'
+    text = json.dumps({**data, "blocks": {**data["blocks"], "list": "@blocks@"}}, indent=1)
+    listing = ("[\n" + ",\n".join(f'   [{i}, "{h}"]' for i, h in entries) + "\n  ]"
+               if entries else "[]")
+    write_text_atomic(path, text.replace(placeholder, listing) + "\n")
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

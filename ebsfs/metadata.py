@@ -143,19 +143,30 @@ class Ec2Snapshots:
             raise MetadataUnavailable(f"EC2 DescribeSnapshots failed: {err}") from err
 
 
+@dataclass
+class Lookup:
+    """What EC2 said about some snapshots: `found` by id, else `note` says why not;
+    `asked` is False when no call was made."""
+
+    found: dict[str, SnapshotInfo]
+    note: str | None
+    asked: bool
+
+
 def lookup(options: ConnectionOptions, snapshot_ids: list[str],
-           endpoint_url: str | None = None) -> tuple[dict[str, SnapshotInfo], str | None]:
-    """The snapshots' EC2 metadata, or ({}, why there is none): never an error. A
-    custom EBS endpoint (an emulator, a private service) with no EC2 endpoint set
-    means AWS's EC2 would not know those snapshots: no call is made."""
+           endpoint_url: str | None = None) -> Lookup:
+    """The snapshots' EC2 metadata, or why there is none: never an error. A custom EBS
+    endpoint (an emulator, a private service) with no EC2 endpoint set means AWS's EC2
+    would not know those snapshots: no call is made."""
     ebs_custom = options.endpoint_url or _configured("AWS_ENDPOINT_URL_EBS", "AWS_ENDPOINT_URL")
     ec2_custom = endpoint_url or _configured("AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL")
     if ebs_custom and not ec2_custom:
-        return {}, ("no EC2 endpoint set for a custom EBS endpoint (--ec2-endpoint-url or "
-                    "AWS_ENDPOINT_URL_EC2)")
+        return Lookup({}, "EC2 not asked: a custom EBS endpoint and no EC2 endpoint "
+                      "(--ec2-endpoint-url or AWS_ENDPOINT_URL_EC2)", asked=False)
     try:
         found = Ec2Snapshots(options, endpoint_url).describe(snapshot_ids)
     except EbsfsError as err:
-        return {}, str(err)
+        return Lookup({}, str(err), asked=True)
     missing = [s for s in snapshot_ids if s not in found]
-    return found, (f"EC2 did not describe {', '.join(missing)}" if missing else None)
+    return Lookup(found, f"EC2 did not describe {', '.join(missing)}" if missing else None,
+                  asked=True)

@@ -88,9 +88,11 @@ class LineProgress:
         print(text, file=self.out, flush=True)
 
     def close(self) -> None:
-        if self.total:
+        """A last line for a run long enough to have shown any, once it is complete (a
+        failure's one-line error stays the last word)."""
+        if self.total and self._shown > self._started and self._done >= self.total:
             self._show(self.clock())
-            self.total = 0
+        self.total = 0
 
 
 class QuietProgress:
