@@ -366,6 +366,8 @@ class Copy:
         """Bytes of the image hashed so far (in order)."""
         self.zeroed_through = int(state.get("zeroed_through", 0)) if state else 0
         self._saved_at = 0.0
+        self._failure: EbsfsError | None = None
+        self._nursery: trio.Nursery
         self._disk = trio.CapacityLimiter(8)
         self._hashing = trio.CapacityLimiter(3)
 
@@ -373,8 +375,11 @@ class Copy:
         self.progress.start(self.image.size, 0)
         send, receive = trio.open_memory_channel[_Gap | _Slot](self.window)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._produce, nursery, send)
             await self._consume(receive)
+        if self._failure is not None:
+            raise self._failure
         await self._save_state(force=True)
 
     # -- producing: one step per block (or run of never-written blocks), in order --
@@ -429,8 +434,13 @@ class Copy:
     async def _obtain(self, slot: _Slot) -> None:
         try:
             await self._obtain_block(slot)
-        except EbsfsError as err:  # raised in order by the consumer
+        except EbsfsError as err:
+            # The copy cannot finish: stop at once rather than fetch what cannot be
+            # written (a full disk) or keep calling a service that fails.
             slot.error = err
+            if self._failure is None:
+                self._failure = err
+                self._nursery.cancel_scope.cancel()
         finally:
             slot.done.set()
 

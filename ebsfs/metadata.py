@@ -139,8 +139,10 @@ class Ec2Snapshots:
                 botocore.exceptions.ConnectTimeoutError) as err:
             raise MetadataUnavailable(f"cannot reach the EC2 endpoint "
                                       f"{self.endpoint_url}") from err
-        except botocore.exceptions.BotoCoreError as err:
-            raise MetadataUnavailable(f"EC2 DescribeSnapshots failed: {err}") from err
+        except Exception as err:  # botocore's parsers raise plain exceptions too
+            detail = " ".join(f"{type(err).__name__}: {err}".split())
+            raise MetadataUnavailable(f"EC2 DescribeSnapshots failed: {detail[:200]}"
+                                      ) from err
 
 
 @dataclass
