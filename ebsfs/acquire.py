@@ -112,6 +112,9 @@ class GetRequest:
     manifest: str | None = None
     base_image: str | None = None
     base_manifest: str | None = None
+    md5: bool = True
+    """Also the image's MD5 (the forensic convention; it costs more CPU than the
+    SHA-256: about 0.8 GB/s of one core)."""
     metadata: Callable[[], tuple[dict[str, Any] | None, str | None]] | None = None
     """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
     (metadata.py), and why there is none when there is none."""
@@ -358,7 +361,7 @@ class Copy:
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
                  read_timeout: float, base: BaseImage | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, md5: bool = True) -> None:
         self.image = image
         self.target = target
         self.journal = journal
@@ -370,7 +373,7 @@ class Copy:
         self.state = state
         self.counts = Counts()
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5() if md5 else None
         self.position = 0
         """Bytes of the image hashed so far (in order)."""
         self.zeroed_through = int(state.get("zeroed_through", 0)) if state else 0
@@ -583,7 +586,7 @@ class Copy:
             view = memoryview(back)
             data = [view[n * BLOCK_SIZE : (n + 1) * BLOCK_SIZE] for n in range(len(slots))]
         async with trio.open_nursery() as nursery:
-            for hasher in (self.sha256, self.md5):
+            for hasher in self._hashers():
                 nursery.start_soon(self._in_thread, _update, hasher, data)
             if self.target.stream:
                 nursery.start_soon(self._in_thread, self._stream, first, data)
@@ -602,6 +605,9 @@ class Copy:
             assert block is not None
             self.target.write((first + n) * BLOCK_SIZE, block)
 
+    def _hashers(self) -> list[Any]:
+        return [self.sha256] if self.md5 is None else [self.sha256, self.md5]
+
     async def _in_thread(self, fn: Any, *args: Any) -> None:
         await trio.to_thread.run_sync(fn, *args, limiter=self._hashing)
 
@@ -612,7 +618,7 @@ class Copy:
         for offset in range(start, stop, ZERO_STEP):
             end = min(offset + ZERO_STEP, stop)
             async with trio.open_nursery() as nursery:
-                for hasher in (self.sha256, self.md5):
+                for hasher in self._hashers():
                     nursery.start_soon(self._in_thread, _update_zeros, hasher, end - offset)
                 # A resumed run skips what an earlier one zeroed on the device.
                 begin = max(offset, self.zeroed_through) if self.target.zeroing_costs else offset
@@ -713,7 +719,7 @@ def _run(the_engine: Engine, image: SnapshotImage, layout: Layout, request: GetR
         except OSError as err:
             raise failure("cannot create", f"{layout.stem}.part.blocks", err) from err
         copy = Copy(image, target, journal, blocks, progress, window,
-                    the_engine.config.read_timeout, base, state)
+                    the_engine.config.read_timeout, base, state, md5=request.md5)
         try:
             trio.run(_copy_with_base, the_engine, copy, base)
             target.finish()
@@ -761,7 +767,7 @@ def _manifest(the_engine: Engine, image: SnapshotImage, layout: Layout, copy: Co
     return Manifest(
         snapshot_id=image.snapshot_id, volume_size=image.size, block_size=BLOCK_SIZE,
         written_blocks=copy.blocks.count, sha256=copy.sha256.hexdigest(),
-        md5=copy.md5.hexdigest(), started=started, finished=utc_now(),
+        md5=copy.md5.hexdigest() if copy.md5 else None, started=started, finished=utc_now(),
         ebsfs_version=__version__, region=getattr(the_engine.api, "region", None),
         endpoint=getattr(the_engine.api, "endpoint_url", None),
         output=("-" if layout.kind == "stream" else os.path.abspath(layout.output)),

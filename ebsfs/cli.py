@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "against its manifest, and only the changed ones are fetched")
     get.add_argument("--base-manifest", metavar="FILE",
                      help="the manifest of --base-image (default: OLD_IMAGE.manifest.json)")
+    get.add_argument("--no-md5", action="store_true",
+                     help="record only the image's SHA-256, not its MD5 too (MD5 costs "
+                          "about a core per 0.8 GB/s: of every byte, never-written ones "
+                          "included)")
     get.add_argument("-q", "--quiet", action="store_true",
                      help="no progress and no summary (errors still go to stderr)")
     _engine_arguments(get, cache_help="memory for blocks on their way to OUTPUT, e.g. 256M "
@@ -366,7 +370,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     request = acquire.GetRequest(
         args.snapshot_id, args.output, manifest=args.manifest, base_image=args.base_image,
-        base_manifest=args.base_manifest, metadata=describe_snapshot,
+        base_manifest=args.base_manifest, md5=not args.no_md5, metadata=describe_snapshot,
     )
     label = args.snapshot_id if args.output == "-" else os.path.basename(args.output)
     try:
@@ -406,7 +410,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = result.manifest
     if result.ok:
         print(f"{args.image}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, "
-              f"sha256 {m.sha256}, md5 {m.md5}")
+              f"sha256 {m.sha256}" + (f", md5 {m.md5}" if m.md5 else ""))
         return 0
     if result.bad_blocks:
         what = f"{result.bad_blocks} bad block{'s' if result.bad_blocks != 1 else ''}"

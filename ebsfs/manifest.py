@@ -49,7 +49,8 @@ class Manifest:
     block_size: int
     written_blocks: int
     sha256: str
-    md5: str
+    md5: str | None
+    """None when the copy was made with --no-md5."""
     started: str
     finished: str
     ebsfs_version: str
@@ -256,7 +257,8 @@ def read_manifest(path: str) -> Manifest:
         manifest = Manifest(
             snapshot_id=str(data["snapshot_id"]), volume_size=int(data["volume_size"]),
             block_size=int(data["block_size"]), written_blocks=int(data["written_blocks"]),
-            sha256=str(data["sha256"]), md5=str(data["md5"]), started=str(data["started"]),
+            sha256=str(data["sha256"]),
+            md5=None if data["md5"] is None else str(data["md5"]), started=str(data["started"]),
             finished=str(data["finished"]), ebsfs_version=str(data["ebsfs_version"]),
             region=data.get("region"), endpoint=data.get("endpoint"),
             output=str(data.get("output", "")), blocks=dict(data["blocks"]),

@@ -50,7 +50,7 @@ class VerifyResult:
     manifest: Manifest
     bad_blocks: int
     sha256: str
-    md5: str
+    md5: str | None
 
     @property
     def ok(self) -> bool:
@@ -84,7 +84,9 @@ def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None
 
 def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
            progress: VerifyProgress) -> VerifyResult:
-    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    sha256 = hashlib.sha256()
+    md5 = hashlib.md5() if manifest.md5 is not None else None
+    hashers = [sha256] if md5 is None else [sha256, md5]
     listed = manifest.block_digests()
     upcoming = next(listed, None)
     bad = 0
@@ -102,7 +104,7 @@ def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
                 raise OutputError(f"cannot read {image}: it ended at {offset + got}")
             # The whole-image digests run beside the per-block checks (hashlib lets go
             # of the GIL), all on the same immutable buffer until both are done.
-            whole = [pool.submit(h.update, chunk) for h in (sha256, md5)]
+            whole = [pool.submit(h.update, chunk) for h in hashers]
             for start in range(0, length, BLOCK_SIZE):
                 index = (offset + start) // BLOCK_SIZE
                 block = chunk[start : start + BLOCK_SIZE]
@@ -121,4 +123,4 @@ def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
             progress.update(offset + length, 0)
     for _ in listed:  # the rest of the list is still checked for form
         pass
-    return VerifyResult(manifest, bad, sha256.hexdigest(), md5.hexdigest())
+    return VerifyResult(manifest, bad, sha256.hexdigest(), md5.hexdigest() if md5 else None)

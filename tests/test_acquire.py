@@ -329,3 +329,14 @@ def test_memory_does_not_grow_with_the_volume(emulator: EmulatorServer,
         peaks.append(int(result.stdout.split()[-1]) * 1024)
         out.unlink()
     assert peaks[1] - peaks[0] < 24 * 1024**2, peaks
+
+
+def test_no_md5_records_the_sha256_only(store: SnapshotStore, tmp_path: Path) -> None:
+    blocks = {i: pattern_block(14, i) for i in (0, 9)}
+    add(store, SNAP, blocks, volume_gib=1)
+    out = tmp_path / "disk.img"
+    in_process(store, SNAP, out, md5=False)
+    m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
+    assert m["md5"] is None and m["sha256"] == digests(blocks, GIB)[0]
+    checked = ebsfs("verify", str(out))
+    assert checked.returncode == 0 and ", md5" not in checked.stdout
