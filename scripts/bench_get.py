@@ -77,11 +77,11 @@ def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[byte
     raise SystemExit("emulator did not start")
 
 
-def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, max_fetches: str) -> float:
+def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> float:
     out = out_dir / f"{snapshot_id}.img"
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "ebsfs", "get", "-q", "--endpoint-url", url,
-                    "--max-fetches", max_fetches, snapshot_id, str(out)], check=True)
+                    *options, snapshot_id, str(out)], check=True)
     seconds = time.monotonic() - started
     out.unlink()
     (out_dir / f"{snapshot_id}.img.manifest.json").unlink()
@@ -155,7 +155,9 @@ def main() -> None:
                         help="the sparse snapshot writes one block in this many (default 4)")
     parser.add_argument("--latency", type=float, action="append",
                         help="seconds per call (repeatable; default 0.02 and 0.1)")
-    parser.add_argument("--max-fetches", default="64", help="for ebsfs get (default 64)")
+    parser.add_argument("--get-option", action="append", default=[], metavar="OPTION",
+                        help="pass this to ebsfs get, e.g. --get-option=--no-md5 "
+                             "(repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-dsnap", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -187,7 +189,7 @@ def main() -> None:
                         for tool in tools:
                             key = f"{layout}@{latency * 1000:.0f}ms:{tool}"
                             if tool == "ebsfs_get":
-                                took = ebsfs_get(url, snapshot_id, out_dir, args.max_fetches)
+                                took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
                             else:
@@ -203,7 +205,7 @@ def report(args: argparse.Namespace, latencies: list[float], tools: list[str], s
            seconds: dict[str, list[float]]) -> None:
     print(f"whole-snapshot copies of {size / 2**20:.0f} MiB of written data (sparse: one "
           f"block in {args.sparse_every}), {args.rounds} rounds, latency + up to half in "
-          "jitter:")
+          f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}:")
     figures: dict[str, object] = {}
     for latency in latencies:
         for layout in ("dense", "sparse"):
