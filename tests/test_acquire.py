@@ -340,3 +340,20 @@ def test_no_md5_records_the_sha256_only(store: SnapshotStore, tmp_path: Path) ->
     assert m["md5"] is None and m["sha256"] == digests(blocks, GIB)[0]
     checked = ebsfs("verify", str(out))
     assert checked.returncode == 0 and ", md5" not in checked.stdout
+
+
+def test_help_explains_every_option() -> None:
+    result = ebsfs("get", "--help")
+    assert result.returncode == 0
+    for option in ("--manifest", "--base-image", "--base-manifest", "--no-md5", "--quiet",
+                   "--cache-size", "--max-fetches", "--read-timeout", "--request-timeout",
+                   "--region", "--profile", "--endpoint-url", "--ec2-endpoint-url",
+                   "--verbose", "--log-file", "block device", "OUTPUT.part"):
+        assert option in result.stdout, option
+    assert "--manifest" in ebsfs("verify", "--help").stdout
+    listing = ebsfs("ls", "--help").stdout
+    assert "--volume" in listing and "--owner" in listing and "--json" in listing
+    # The engine's options are one shared set: mount offers the same ones.
+    mount = ebsfs("mount", "--help").stdout
+    for option in ("--cache-size", "--max-fetches", "--read-timeout", "--request-timeout"):
+        assert option in mount
