@@ -26,7 +26,8 @@ import datetime
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -355,8 +356,9 @@ class Copy:
 
     Concurrency rule: everything runs on the engine's trio loop; blocking file work
     and hashing go to worker threads (`_disk` for reads and writes at distinct
-    offsets, `_hashing` for the in-order digests and stream writes). The window
-    channel bounds the blocks held."""
+    offsets, `_hashing` for the in-order digests and stream writes). A semaphore
+    (`_held`) bounds the blocks in memory; the channel between producer and consumer
+    bounds the steps ahead of the hashing."""
 
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
@@ -402,7 +404,7 @@ class Copy:
 
     # -- producing: one step per block (or run of never-written blocks), in order --
 
-    async def _steps(self) -> AsyncIterator[_Gap | _Slot]:
+    async def _steps(self) -> AsyncGenerator[_Gap | _Slot, None]:
         index = self.image.index
         position = 0
         for chunk_no in range(index.chunk_count):
@@ -443,8 +445,8 @@ class Copy:
 
     async def _produce(self, nursery: trio.Nursery,
                        send: trio.MemorySendChannel[_Gap | _Slot]) -> None:
-        async with send:
-            async for step in self._steps():
+        async with send, aclosing(self._steps()) as steps:
+            async for step in steps:
                 if isinstance(step, _Slot):
                     await self._held.acquire()
                     nursery.start_soon(self._obtain, step)
