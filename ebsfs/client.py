@@ -97,6 +97,9 @@ class BotoEbsApi:
             session = boto3.session.Session(botocore_session=core, region_name=region)
             self._client = session.client("ebs", endpoint_url=options.endpoint_url, config=config)
             self._credentials = CredentialSource(session)
+            self.region: str | None = self._client.meta.region_name
+            self.endpoint_url: str = self._client.meta.endpoint_url
+            """Where calls go, as resolved (recorded in `ebsfs get` manifests)."""
             ca_file = botocore_ca_file(core)
             self.core_session = core
         except botocore.exceptions.ProfileNotFound as err:

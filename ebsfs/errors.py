@@ -123,3 +123,28 @@ def first_leaf(err: BaseException) -> BaseException:
     while isinstance(err, BaseExceptionGroup) and err.exceptions:
         err = err.exceptions[0]
     return err
+
+
+class OutputError(EbsfsError):
+    """The output of `ebsfs get` (or the image `ebsfs verify` reads) cannot be written or
+    read: a missing directory, a full disk, a device too small or in use. What was
+    already downloaded is kept: running the same command again resumes."""
+
+
+class ManifestError(EbsfsError):
+    """A manifest (or its per-block side file) is missing, unreadable or not one ebsfs
+    wrote."""
+
+
+class BaseImageMismatch(EbsfsError):
+    """The base image of an incremental copy does not match its manifest, or is not of
+    an earlier snapshot of the same volume."""
+
+
+class VerifyFailed(EbsfsError):
+    """An image does not match its manifest: `bad` lists (block index, byte offset,
+    what is wrong)."""
+
+    def __init__(self, message: str, bad: list[tuple[int, int, str]] | None = None) -> None:
+        super().__init__(message)
+        self.bad = bad or []

@@ -40,6 +40,9 @@ class Node(Protocol):
     """Bytes; 0 when only known once opened (`fixed` is then False)."""
     fixed: bool
     """Content and size never change: the kernel may cache pages and trust st_size."""
+    mtime: float | None
+    """Seconds since the epoch to show as mtime (the snapshot's StartTime), or None
+    for the mount time."""
 
     def xattrs(self) -> dict[str, str]: ...
 
@@ -51,10 +54,11 @@ class ImageNode:
 
     fixed = True
 
-    def __init__(self, image: SnapshotImage) -> None:
+    def __init__(self, image: SnapshotImage, mtime: float | None = None) -> None:
         self.image = image
         self.name = f"{image.snapshot_id}.img"
         self.size = image.size
+        self.mtime = mtime
 
     def xattrs(self) -> dict[str, str]:
         attrs = {"user.ebsfs.snapshot_id": self.image.snapshot_id,
@@ -72,11 +76,13 @@ class PartitionNode:
 
     fixed = True
 
-    def __init__(self, image: SnapshotImage, partition: Partition) -> None:
+    def __init__(self, image: SnapshotImage, partition: Partition,
+                 mtime: float | None = None) -> None:
         self.image = image
         self.partition = partition
         self.name = f"{image.snapshot_id}-part{partition.number}.img"
         self.size = partition.size
+        self.mtime = mtime
 
     def xattrs(self) -> dict[str, str]:
         p = self.partition
@@ -118,10 +124,12 @@ class ChangesNode:
     fixed = False
     size = 0
 
-    def __init__(self, engine: Engine, image: SnapshotImage) -> None:
+    def __init__(self, engine: Engine, image: SnapshotImage, mtime: float | None = None
+                 ) -> None:
         self.engine = engine
         self.image = image
         self.name = f"{image.snapshot_id}.changes"
+        self.mtime = mtime
 
     def xattrs(self) -> dict[str, str]:
         assert self.image.base is not None
@@ -153,13 +161,17 @@ class ReportReader:
         self.spool.close()
 
 
-async def snapshot_nodes(engine: Engine) -> list[Node]:
+async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = None
+                         ) -> list[Node]:
     """Every file of a mount of the engine's snapshots, in directory order: each image,
-    its partitions, and its `.changes` when it shares blocks with a base."""
+    its partitions, and its `.changes` when it shares blocks with a base. A snapshot's
+    files show its start time (from EC2, when known) as their mtime."""
+    times = start_times or {}
     nodes: list[Node] = []
     for snapshot_id, image in engine.images.items():
-        nodes.append(ImageNode(image))
+        nodes.append(ImageNode(image, times.get(snapshot_id)))
         for partition in await engine.partitions(snapshot_id):
-            nodes.append(PartitionNode(image, partition))
-    nodes += [ChangesNode(engine, image) for image in engine.images.values() if image.base]
+            nodes.append(PartitionNode(image, partition, times.get(snapshot_id)))
+    nodes += [ChangesNode(engine, image, times.get(image.snapshot_id))
+              for image in engine.images.values() if image.base]
     return nodes

@@ -97,7 +97,10 @@ class EbsOperations(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = self._uid, self._gid
         attr.st_blksize = BLOCK_SIZE
         attr.st_blocks = -(-attr.st_size // 512)
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        node = self._nodes.get(inode)
+        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(
+            node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
         return attr
 

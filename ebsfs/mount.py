@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -31,6 +31,8 @@ class MountConfig:
     mountpoint: str
     allow_other: bool = False
     fuse_debug: bool = False
+    start_times: dict[str, float] = field(default_factory=dict)
+    """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
 
 
 class MountFailed(EbsfsError):
@@ -88,7 +90,7 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         nonlocal initialized, stopped_by_signal
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            ops = EbsOperations(await snapshot_nodes(engine))
+            ops = EbsOperations(await snapshot_nodes(engine, config.start_times))
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))
             except RuntimeError as err:

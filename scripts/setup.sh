@@ -26,6 +26,6 @@ extras="test"
 [ "${EBSFS_BENCH:-0}" = 1 ] && extras="test,bench"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
     | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import pyfuse3, trio, boto3, cachetools" \
+.venv/bin/python -c "import pyfuse3, trio, boto3, cachetools, tqdm" \
     || { echo "setup: the Python packages did not install" >&2; exit 1; }
 echo "setup: ready (.venv/bin/ebsfs)"

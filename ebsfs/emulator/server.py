@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -94,6 +95,14 @@ class _HttpServer(ThreadingHTTPServer):
         with self.sockets_lock:
             self.open_sockets.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-answer (killed, or cancelled its read) is
+        normal: a debug line, not socketserver's traceback on stderr."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("%s went away: %s", client_address, sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
     def drop_connections(self) -> None:
         """Close every open connection, as a server that goes away does."""

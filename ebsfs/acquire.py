@@ -1,0 +1,778 @@
+"""`ebsfs get`: a verified, resumable copy of a snapshot with its custody manifest, a
+thin face over the read engine.
+
+Present blocks are fetched concurrently through the engine (its fetch limiter bounds
+the calls in flight; every block is checked against its SHA-256 on arrival) and each
+is written at its offset as it comes; never-written blocks are holes (zeroed on a
+device, zeros in a stream). At most `window` blocks are held in memory at once,
+whatever the volume size. The whole-image SHA-256 and MD5 need the bytes in order: a
+file or a device is hashed behind the fetches, reading each block back once it is
+written (from the page cache, as a rule), so fetching never waits for the hashing of
+long never-written runs (MD5 runs at about 0.8 GB/s); a stream holds each block until
+it is hashed and written out in order.
+
+Resume: each written block is recorded in the journal (journal.py). Running the same
+command again re-reads the recorded blocks from the output, checks each against its
+record (a mismatch is fetched again), and fetches only the rest. An incremental copy
+(`--base-image`) takes every block that ListChangedBlocks does not name from the base
+image, checked against the base's manifest. Until the manifest is written the image
+is not done: a regular file is OUTPUT.part until then."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import datetime
+import hashlib
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ebsfs import BLOCK_SIZE, __version__, engine
+from ebsfs.cache import SLAB_SIZE
+from ebsfs.diff import ChangedRange
+from ebsfs.engine import Engine, EngineConfig, check_snapshot_id
+from ebsfs.errors import (
+    BaseImageMismatch,
+    EbsfsError,
+    ManifestError,
+    OutputError,
+    UserInputError,
+    first_leaf,
+)
+from ebsfs.image import ReadFailed, SnapshotImage
+from ebsfs.journal import Journal
+from ebsfs.manifest import (
+    BlockListWriter,
+    Manifest,
+    file_sha256,
+    manifest_path,
+    read_manifest,
+    side_file_path,
+    write_manifest,
+)
+from ebsfs.target import (
+    ZEROS,
+    DeviceTarget,
+    FileTarget,
+    StreamTarget,
+    Target,
+    check_directory,
+    failure,
+    is_block_device,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 16 * 1024**2
+"""Bytes hashed per worker-thread call (fewer hops onto the trio thread)."""
+ZERO_STEP = 256 * 1024**2
+"""Bytes of a hole hashed per call: progress moves and Ctrl-C is heard in between."""
+LOOKAHEAD = 16384
+"""Steps (blocks, 8 GiB of them) fetching may run ahead of the hashing of a file or
+device: they hold no data, a few hundred bytes each."""
+STATE_EVERY = 2.0
+"""Seconds between saves of the state (how far a device has been zeroed)."""
+
+
+class Progress(Protocol):
+    """What a face shows while a copy runs (the CLI: a bar or a line every few
+    seconds). Called on the engine's loop; must not block."""
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def update(self, done: int, fetched: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def update(self, done: int, fetched: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class GetRequest:
+    """What to copy where. `output` is a file path, a block device or "-" (standard
+    output). The manifest goes to `manifest` (default: OUTPUT.manifest.json, or
+    `<snapshot-id>.manifest.json` in the current directory for a device or a stream)."""
+
+    snapshot_id: str
+    output: str
+    manifest: str | None = None
+    base_image: str | None = None
+    base_manifest: str | None = None
+    md5: bool = True
+    """Also the image's MD5 (the forensic convention; it costs more CPU than the
+    SHA-256: about 0.8 GB/s of one core)."""
+    metadata: Callable[[], tuple[dict[str, Any] | None, str | None]] | None = None
+    """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
+    (metadata.py), and why there is none when there is none."""
+
+
+@dataclass
+class GetResult:
+    manifest: Manifest
+    manifest_path: str
+    output: str
+    already_done: bool = False
+
+
+@dataclass
+class Counts:
+    fetched: int = 0
+    from_base: int = 0
+    resumed: int = 0
+    """Blocks a previous run wrote, re-read and found right."""
+    refetched: int = 0
+    """Blocks a previous run recorded that did not read back right (fetched again)."""
+
+    def as_json(self) -> dict[str, int]:
+        return {"fetched_blocks": self.fetched, "base_blocks": self.from_base,
+                "resumed_blocks": self.resumed, "refetched_blocks": self.refetched}
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---- where things go ---------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """The files of one copy: the output, its manifest, the journal stem."""
+
+    kind: str
+    """"file", "device" or "stream"."""
+    output: str
+    manifest: str
+    stem: str
+    """Journal and spool files are `<stem>.part.*`."""
+
+    @classmethod
+    def of(cls, request: GetRequest) -> Layout:
+        if request.output == "-":
+            kind = "stream"
+        elif is_block_device(request.output):
+            kind = "device"
+        else:
+            kind = "file"
+        if kind == "file":
+            manifest = request.manifest or manifest_path(request.output)
+            stem = request.output
+        else:
+            manifest = request.manifest or f"{request.snapshot_id}.manifest.json"
+            stem = manifest[: -len(".manifest.json")] if manifest.endswith(
+                ".manifest.json") else manifest
+        return cls(kind, request.output, manifest, stem)
+
+
+def _already_done(layout: Layout, snapshot_id: str) -> Manifest | None:
+    """The manifest of a finished copy of this snapshot at this output, if there is one."""
+    if not os.path.exists(layout.manifest):
+        return None
+    try:
+        done = read_manifest(layout.manifest)
+    except ManifestError:
+        return None
+    return done if done.snapshot_id == snapshot_id else None
+
+
+def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, dict[str, Any] | None]:
+    """Local checks before any call: (a finished copy already there, the state of an
+    unfinished run to resume). One-line errors for anything that cannot work."""
+    check_snapshot_id(request.snapshot_id)
+    if layout.kind == "stream" and os.isatty(1):
+        raise UserInputError("refusing to write a disk image to a terminal: redirect "
+                             "standard output or give a file name")
+    if layout.kind == "file":
+        check_directory(layout.output, "output")
+        if os.path.isdir(layout.output):
+            raise OutputError(f"{layout.output} is a directory: give a file name for the image")
+    check_directory(layout.manifest, "manifest")
+    journal = Journal(layout.stem)
+    if layout.kind != "stream" and journal.exists():
+        state = journal.load()
+        if state["snapshot_id"] != request.snapshot_id:
+            raise UserInputError(
+                f"{layout.output} belongs to an unfinished copy of {state['snapshot_id']} "
+                f"({journal.state_path}), not {request.snapshot_id}: finish it with `ebsfs "
+                f"get {state['snapshot_id']} {layout.output}`, or remove "
+                f"{layout.stem}.part* to discard it")
+        if state.get("output") != os.path.abspath(layout.output):
+            raise UserInputError(f"{journal.state_path} is the record of a copy to "
+                                 f"{state.get('output')}, not {layout.output}")
+        return None, state
+    done = _already_done(layout, request.snapshot_id)
+    if layout.kind == "file":
+        if os.path.exists(layout.output):
+            if done is not None:
+                return done, None
+            raise OutputError(f"{layout.output} exists and is not a finished copy of "
+                              f"{request.snapshot_id}: remove it or choose another name")
+        if os.path.exists(layout.output + ".part"):
+            raise OutputError(f"{layout.output}.part exists but no record of an unfinished "
+                              "copy does: remove it or choose another name")
+    if layout.kind == "device" and done is not None:
+        return done, None
+    if os.path.exists(layout.manifest):
+        raise OutputError(f"manifest {layout.manifest} exists already: remove it or choose "
+                          "another with --manifest")
+    return None, None
+
+
+# ---- the base of an incremental copy -----------------------------------------------
+
+
+class BaseImage:
+    """A verified copy of an earlier snapshot of the same volume, and its manifest."""
+
+    def __init__(self, path: str, manifest_file: str | None) -> None:
+        self.path = path
+        self.manifest_path = manifest_file or manifest_path(path)
+        try:
+            self.manifest = read_manifest(self.manifest_path)
+        except ManifestError as err:
+            raise BaseImageMismatch(f"base image {path}: {err}") from err
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise BaseImageMismatch(f"cannot open base image {path}: {err.strerror}") from err
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        regular = not is_block_device(path)
+        if size < self.manifest.volume_size or (regular and size != self.manifest.volume_size):
+            os.close(self.fd)
+            raise BaseImageMismatch(
+                f"base image {path} holds {size} bytes, its manifest {self.manifest_path} "
+                f"says {self.manifest.volume_size}: not the copy the manifest describes")
+        self._digests: Iterator[tuple[int, bytes]] | None = None
+        self._next: tuple[int, bytes] | None = None
+        self._changes: Iterator[ChangedRange] | None = None
+        self._change: ChangedRange | None = None
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.manifest.snapshot_id
+
+    def check(self, snapshot_id: str, volume_size: int) -> None:
+        if self.snapshot_id == snapshot_id:
+            raise BaseImageMismatch(f"base image {self.path} is a copy of {snapshot_id} "
+                                    "itself: nothing to fetch")
+        if self.manifest.volume_size != volume_size:
+            raise BaseImageMismatch(
+                f"base image {self.path} is of a {self.manifest.volume_size}-byte volume, "
+                f"{snapshot_id} of a {volume_size}-byte one: not the same volume")
+
+    def start(self, changes: Iterator[ChangedRange]) -> None:
+        """Begin walking the changed ranges and the base's block list (both ascending)."""
+        self._changes = changes
+        self._change = next(changes, None)
+        self._digests = self.manifest.block_digests()
+        self._next = next(self._digests, None)
+
+    def unchanged_digest(self, index: int) -> bytes | None:
+        """The base's SHA-256 of block `index` if ListChangedBlocks does not name it
+        (so the base holds the same data), else None. Indexes must come ascending."""
+        assert self._changes is not None and self._digests is not None
+        while self._change is not None and self._change.last_block < index:
+            self._change = next(self._changes, None)
+        if self._change is not None and self._change.first_block <= index:
+            return None
+        while self._next is not None and self._next[0] < index:
+            self._next = next(self._digests, None)
+        if self._next is None or self._next[0] != index:
+            raise BaseImageMismatch(
+                f"the base manifest {self.manifest_path} lists no block {index}, which is "
+                f"unchanged since {self.snapshot_id} and written: the manifest is not that "
+                "snapshot's")
+        return self._next[1]
+
+    def read_verified(self, index: int, digest: bytes) -> bytes:
+        offset = index * BLOCK_SIZE
+        try:
+            data = os.pread(self.fd, BLOCK_SIZE, offset)
+        except OSError as err:
+            raise BaseImageMismatch(f"cannot read base image {self.path}: "
+                                    f"{err.strerror}") from err
+        if len(data) != BLOCK_SIZE or hashlib.sha256(data).digest() != digest:
+            raise BaseImageMismatch(
+                f"base image {self.path} does not match its manifest at block {index} "
+                f"(offset {offset}): check it with `ebsfs verify {self.path}`")
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        return {"snapshot_id": self.snapshot_id, "image": os.path.abspath(self.path),
+                "manifest": os.path.abspath(self.manifest_path),
+                "manifest_sha256": file_sha256(self.manifest_path),
+                "image_sha256": self.manifest.sha256}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# ---- the copy ----------------------------------------------------------------------
+
+
+FETCH, RESUMED, BASE = "fetch", "resumed", "base"
+
+
+@dataclass
+class _Gap:
+    """Blocks [first, stop) that the snapshot never wrote."""
+
+    first: int
+    stop: int
+
+
+@dataclass
+class _Slot:
+    """One present block on its way through the window."""
+
+    index: int
+    source: str
+    digest: bytes | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | memoryview | None = None
+    written: bool = False
+    """On the target (or, for a stream, in hand): False for a block that turned out
+    never written."""
+    error: BaseException | None = None
+
+
+class Copy:
+    """One run of a copy over an engine image into a target.
+
+    Concurrency rule: everything runs on the engine's trio loop; blocking file work
+    and hashing go to worker threads (`_disk` for reads and writes at distinct
+    offsets, `_hashing` for the in-order digests and stream writes). A semaphore
+    (`_held`) bounds the blocks in memory; the channel between producer and consumer
+    bounds the steps ahead of the hashing."""
+
+    def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
+                 blocks: BlockListWriter, progress: Progress, window: int,
+                 read_timeout: float, base: BaseImage | None = None,
+                 state: dict[str, Any] | None = None, md5: bool = True) -> None:
+        self.image = image
+        self.target = target
+        self.journal = journal
+        self.blocks = blocks
+        self.progress = progress
+        self.window = window
+        self.read_timeout = read_timeout
+        self.base = base
+        self.state = state
+        self.counts = Counts()
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5() if md5 else None
+        self.position = 0
+        """Bytes of the image hashed so far (in order)."""
+        self.zeroed_through = int(state.get("zeroed_through", 0)) if state else 0
+        self._saved_at = 0.0
+        self._failure: EbsfsError | None = None
+        self._nursery: trio.Nursery
+        self._held = trio.Semaphore(window)
+        """Blocks in memory: taken before a block is obtained, given back once it is
+        written (a file or device) or streamed."""
+        self._disk = trio.CapacityLimiter(8)
+        self._hashing = trio.CapacityLimiter(3)
+
+    async def run(self) -> None:
+        self.progress.start(self.image.size, 0)
+        # Steps between the producer and the in-order hasher hold no data for a file or
+        # a device (it is on disk by then), so they may run far ahead; a stream's do.
+        ahead = self.window if self.target.stream else max(self.window, LOOKAHEAD)
+        send, receive = trio.open_memory_channel[_Gap | _Slot](ahead)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._produce, nursery, send)
+            await self._consume(receive)
+        if self._failure is not None:
+            raise self._failure
+        await self._save_state(force=True)
+
+    # -- producing: one step per block (or run of never-written blocks), in order --
+
+    async def _steps(self) -> AsyncGenerator[_Gap | _Slot, None]:
+        index = self.image.index
+        position = 0
+        for chunk_no in range(index.chunk_count):
+            with trio.move_on_after(self.read_timeout) as scope:
+                items = await index.chunk_items(chunk_no)
+            if scope.cancelled_caught:
+                raise ReadFailed(f"{self.image.snapshot_id}: listing blocks of chunk "
+                                 f"{chunk_no} took over {self.read_timeout:.0f}s")
+            if not items:
+                continue
+            present = [i for i, _ in items]
+            sources = await trio.to_thread.run_sync(self._sources, present,
+                                                    limiter=self._disk)
+            for i in present:
+                if i > position:
+                    yield _Gap(position, i)
+                source, digest = sources.get(i, (FETCH, None))
+                yield _Slot(i, source, digest)
+                position = i + 1
+        if position < index.volume_blocks:
+            yield _Gap(position, index.volume_blocks)
+
+    def _sources(self, present: list[int]) -> dict[int, tuple[str, bytes]]:
+        """Where each block of one chunk comes from, when not from the service: written
+        by a previous run (the journal's record), or unchanged in the base image."""
+        found: dict[int, tuple[str, bytes]] = {}
+        recorded = (self.journal.recorded(present[0], present[-1])
+                    if self.journal is not None else {})
+        for i in present:
+            digest = recorded.get(i)
+            if digest is not None:
+                found[i] = (RESUMED, digest)
+            elif self.base is not None:
+                base_digest = self.base.unchanged_digest(i)
+                if base_digest is not None:
+                    found[i] = (BASE, base_digest)
+        return found
+
+    async def _produce(self, nursery: trio.Nursery,
+                       send: trio.MemorySendChannel[_Gap | _Slot]) -> None:
+        async with send, aclosing(self._steps()) as steps:
+            async for step in steps:
+                if isinstance(step, _Slot):
+                    await self._held.acquire()
+                    nursery.start_soon(self._obtain, step)
+                await send.send(step)
+
+    async def _obtain(self, slot: _Slot) -> None:
+        try:
+            await self._obtain_block(slot)
+        except EbsfsError as err:
+            # The copy cannot finish: stop at once rather than fetch what cannot be
+            # written (a full disk) or keep calling a service that fails.
+            slot.error = err
+            if self._failure is None:
+                self._failure = err
+                self._nursery.cancel_scope.cancel()
+        finally:
+            if not self.target.stream:  # on disk now: the hasher reads it back
+                slot.data = None
+                self._held.release()
+            slot.done.set()
+
+    async def _obtain_block(self, slot: _Slot) -> None:
+        offset = slot.index * BLOCK_SIZE
+        if slot.source == RESUMED:
+            assert slot.digest is not None
+            data = await trio.to_thread.run_sync(self._read_back, offset, slot.digest,
+                                                 limiter=self._disk)
+            if data is not None:
+                slot.data = data
+                self.counts.resumed += 1
+                slot.written = True
+                return
+            log.info("%s: block %d on disk does not match its record: fetching it again",
+                     self.target.name, slot.index)
+            self.counts.refetched += 1
+            slot.source = FETCH
+        if slot.source == BASE:
+            assert self.base is not None and slot.digest is not None
+            base, digest = self.base, slot.digest
+            slot.data = await trio.to_thread.run_sync(base.read_verified, slot.index, digest,
+                                                      limiter=self._disk)
+            self.counts.from_base += 1
+        else:
+            with trio.move_on_after(self.read_timeout) as scope:
+                block = await self.image.block(slot.index)
+            if scope.cancelled_caught:
+                raise ReadFailed(f"{self.image.snapshot_id}: block {slot.index} took over "
+                                 f"{self.read_timeout:.0f}s")
+            self.counts.fetched += 1
+            if block.checksum is None:  # no longer listed: never written after all
+                return
+            slot.data, slot.digest = block.data, base64.b64decode(block.checksum)
+        if not self.target.stream:
+            await trio.to_thread.run_sync(self._write, slot.index, slot.data, slot.digest,
+                                          limiter=self._disk)
+        slot.written = True
+
+    def _read_back(self, offset: int, digest: bytes) -> bytes | None:
+        data = self.target.read(offset, BLOCK_SIZE)
+        ok = len(data) == BLOCK_SIZE and hashlib.sha256(data).digest() == digest
+        return data if ok else None
+
+    def _write(self, index: int, data: bytes | memoryview | None, digest: bytes | None
+               ) -> None:
+        assert data is not None and digest is not None
+        self.target.write(index * BLOCK_SIZE, data)
+        if self.journal is not None:
+            try:
+                self.journal.record(index, digest)
+            except OSError as err:
+                raise failure("cannot write", self.journal.sums_path, err) from err
+
+    # -- consuming: hash (and stream) in order ---------------------------------------
+
+    async def _consume(self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]) -> None:
+        ahead: collections.deque[_Gap | _Slot] = collections.deque()
+        open_ = True
+        async with receive:
+            while True:
+                while open_ and len(ahead) < 64:
+                    try:
+                        ahead.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        open_ = False
+                if not ahead:
+                    if not open_:
+                        return
+                    try:
+                        ahead.append(await receive.receive())
+                    except trio.EndOfChannel:
+                        open_ = False
+                    continue
+                head = ahead.popleft()
+                if isinstance(head, _Gap):
+                    await self._zeros(head.first * BLOCK_SIZE, head.stop * BLOCK_SIZE)
+                    continue
+                await head.done.wait()
+                batch = [head]
+                while (ahead and isinstance(ahead[0], _Slot) and ahead[0].done.is_set()
+                       and ahead[0].index == batch[-1].index + 1
+                       and len(batch) * BLOCK_SIZE < BATCH_BYTES):
+                    batch.append(ahead.popleft())  # type: ignore[arg-type]
+                await self._absorb(batch)
+
+    async def _absorb(self, batch: list[_Slot]) -> None:
+        """Hash consecutive present blocks (and stream them) in order."""
+        ready: list[_Slot] = []  # consecutive, so read back at once
+        for slot in batch:
+            await slot.done.wait()
+            if slot.error is not None:
+                raise slot.error
+            if not slot.written:  # turned out never written
+                await self._digest(ready)
+                ready = []
+                if self.target.stream:
+                    self._held.release()
+                offset = slot.index * BLOCK_SIZE
+                await self._zeros(offset, offset + BLOCK_SIZE)
+            else:
+                ready.append(slot)
+        await self._digest(ready)
+
+    async def _digest(self, slots: list[_Slot]) -> None:
+        if not slots:
+            return
+        first = slots[0].index
+        assert self.position == first * BLOCK_SIZE
+        if self.target.stream:
+            data: list[bytes | memoryview | None] = [slot.data for slot in slots]
+        else:  # consecutive blocks: one read back
+            back = await trio.to_thread.run_sync(
+                self.target.read, first * BLOCK_SIZE, len(slots) * BLOCK_SIZE,
+                limiter=self._disk)
+            if len(back) != len(slots) * BLOCK_SIZE:
+                raise OutputError(f"{self.target.name} ended at {first * BLOCK_SIZE + len(back)}"
+                                  " while being written")
+            view = memoryview(back)
+            data = [view[n * BLOCK_SIZE : (n + 1) * BLOCK_SIZE] for n in range(len(slots))]
+        async with trio.open_nursery() as nursery:
+            for hasher in self._hashers():
+                nursery.start_soon(self._in_thread, _update, hasher, data)
+            if self.target.stream:
+                nursery.start_soon(self._in_thread, self._stream, first, data)
+        for slot in slots:
+            assert slot.digest is not None
+            self.blocks.add(slot.index, slot.digest)
+            if self.target.stream:
+                slot.data = None
+                self._held.release()
+        self.position = (slots[-1].index + 1) * BLOCK_SIZE
+        fetched = self.counts.fetched + self.counts.from_base
+        self.progress.update(self.position, fetched)
+
+    def _stream(self, first: int, data: list[bytes | memoryview | None]) -> None:
+        for n, block in enumerate(data):
+            assert block is not None
+            self.target.write((first + n) * BLOCK_SIZE, block)
+
+    def _hashers(self) -> list[Any]:
+        return [self.sha256] if self.md5 is None else [self.sha256, self.md5]
+
+    async def _in_thread(self, fn: Any, *args: Any) -> None:
+        await trio.to_thread.run_sync(fn, *args, limiter=self._hashing)
+
+    async def _zeros(self, start: int, stop: int) -> None:
+        """Bytes [start, stop) the snapshot never wrote: hashed as zeros, zeroed on
+        the target, in steps."""
+        assert self.position == start
+        for offset in range(start, stop, ZERO_STEP):
+            end = min(offset + ZERO_STEP, stop)
+            async with trio.open_nursery() as nursery:
+                for hasher in self._hashers():
+                    nursery.start_soon(self._in_thread, _update_zeros, hasher, end - offset)
+                # A resumed run skips what an earlier one zeroed on the device.
+                begin = max(offset, self.zeroed_through) if self.target.zeroing_costs else offset
+                if begin < end:
+                    nursery.start_soon(self._in_thread, self.target.zero, begin, end - begin)
+            self.position = end
+            self.zeroed_through = max(self.zeroed_through, end)
+            self.progress.update(self.position, self.counts.fetched + self.counts.from_base)
+            await self._save_state()
+
+    async def _save_state(self, force: bool = False) -> None:
+        """Remember how far a device is zeroed (a resumed run skips that part)."""
+        if self.state is None or self.journal is None or not self.target.zeroing_costs:
+            return
+        now = trio.current_time()
+        if not force and now - self._saved_at < STATE_EVERY:
+            return
+        self._saved_at = now
+        if self.state.get("zeroed_through") == self.zeroed_through:
+            return
+        self.state["zeroed_through"] = self.zeroed_through
+        await trio.to_thread.run_sync(self.journal.save, dict(self.state),
+                                      limiter=self._disk)
+
+
+def _update(hasher: Any, data: list[bytes | memoryview | None]) -> None:
+    for block in data:
+        assert block is not None
+        hasher.update(block)
+
+
+def _update_zeros(hasher: Any, length: int) -> None:
+    view = memoryview(ZEROS)
+    while length > 0:
+        piece = min(length, len(ZEROS))
+        hasher.update(view[:piece])
+        length -= piece
+
+
+# ---- the command -------------------------------------------------------------------
+
+
+def window_for(config: EngineConfig) -> int:
+    """Blocks a copy holds at once: enough to keep every fetch busy twice over, and up
+    to the cache size's worth (in 1 MiB units, the cache's own) beyond that."""
+    return max(2 * config.max_fetches, config.cache_size // SLAB_SIZE)
+
+
+def get(config: EngineConfig, request: GetRequest, progress: Progress | None = None,
+        api: Any = None) -> GetResult:
+    """Copy a snapshot as `request` says, resuming an unfinished run of the same copy.
+    Raises typed EbsfsErrors; nothing downloaded is lost on any of them."""
+    progress = progress or NoProgress()
+    layout = Layout.of(request)
+    done, state = preflight(request, layout)
+    if done is not None:
+        return GetResult(done, layout.manifest, layout.output, already_done=True)
+    base = BaseImage(request.base_image, request.base_manifest) if request.base_image else None
+    snapshot, note = request.metadata() if request.metadata else (None, None)
+    try:
+        the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False,
+                                    api=api)
+        image = the_engine.images[request.snapshot_id]
+        if base is not None:
+            base.check(request.snapshot_id, image.size)
+        copied = _run(the_engine, image, layout, request, state, base, progress,
+                      window_for(config), snapshot, note)
+        return copied
+    finally:
+        if base is not None:
+            base.close()
+
+
+def _run(the_engine: Engine, image: SnapshotImage, layout: Layout, request: GetRequest,
+         state: dict[str, Any] | None, base: BaseImage | None, progress: Progress,
+         window: int, snapshot: dict[str, Any] | None, note: str | None) -> GetResult:
+    target: Target
+    if layout.kind == "stream":
+        target = StreamTarget()
+    elif layout.kind == "device":
+        target = DeviceTarget(layout.output, image.size)
+    else:
+        target = FileTarget(layout.output, image.size)
+    journal = None
+    try:
+        if target.resumable:
+            journal = Journal(layout.stem)
+            new = state is None
+            if state is None:
+                state = {"snapshot_id": request.snapshot_id, "output": os.path.abspath(
+                    layout.output), "volume_size": image.size, "started": utc_now(),
+                    "ebsfs_version": __version__, "runs": 0}
+            state["runs"] = int(state.get("runs", 0)) + 1
+            journal.open(state, new)
+        started = state["started"] if state else utc_now()
+        try:
+            blocks = BlockListWriter(f"{layout.stem}.part.blocks", request.snapshot_id)
+        except OSError as err:
+            raise failure("cannot create", f"{layout.stem}.part.blocks", err) from err
+        copy = Copy(image, target, journal, blocks, progress, window,
+                    the_engine.config.read_timeout, base, state, md5=request.md5)
+        try:
+            trio.run(_copy_with_base, the_engine, copy, base)
+            target.finish()
+            manifest = _manifest(the_engine, image, layout, copy, started, base, state,
+                                 snapshot, note)
+            write_manifest(layout.manifest, manifest)
+        except BaseException:
+            blocks.discard()
+            raise
+        if isinstance(target, FileTarget):
+            target.publish()
+        if journal is not None:
+            journal.remove()
+        manifest.path = layout.manifest
+        return GetResult(manifest, layout.manifest, layout.output)
+    except OSError as err:
+        raise failure("cannot write", getattr(err, "filename", None) or target.name,
+                      err) from err
+    finally:
+        progress.close()
+        target.close()
+        if journal is not None:
+            journal.close()
+
+
+async def _copy_with_base(the_engine: Engine, copy: Copy, base: BaseImage | None) -> None:
+    try:
+        if base is not None:
+            diff = await the_engine.diff(base.snapshot_id, copy.image.snapshot_id)
+            base.start(diff.ranges())
+        await copy.run()
+    except BaseExceptionGroup as group:  # the first real failure, typed, for the CLI
+        leaf = first_leaf(group)
+        if isinstance(leaf, EbsfsError | OSError):
+            raise leaf from None
+        raise
+
+
+def _manifest(the_engine: Engine, image: SnapshotImage, layout: Layout, copy: Copy,
+              started: str, base: BaseImage | None, state: dict[str, Any] | None,
+              snapshot: dict[str, Any] | None, note: str | None) -> Manifest:
+    section = copy.blocks.finish(side_file_path(layout.manifest))
+    counts = copy.counts.as_json()
+    counts["runs"] = int(state.get("runs", 1)) if state else 1
+    return Manifest(
+        snapshot_id=image.snapshot_id, volume_size=image.size, block_size=BLOCK_SIZE,
+        written_blocks=copy.blocks.count, sha256=copy.sha256.hexdigest(),
+        md5=copy.md5.hexdigest() if copy.md5 else None, started=started, finished=utc_now(),
+        ebsfs_version=__version__, region=getattr(the_engine.api, "region", None),
+        endpoint=getattr(the_engine.api, "endpoint_url", None),
+        output=("-" if layout.kind == "stream" else os.path.abspath(layout.output)),
+        blocks=section, snapshot=snapshot, snapshot_note=note,
+        base=base.describe() if base is not None else None, counts=counts,
+    )

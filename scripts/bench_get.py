@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Whole-snapshot copies, three ways, side by side against the emulator:
+
+1. `ebsfs get` (a sparse file, every block checked, the image's SHA-256 and MD5, the
+   manifest);
+2. a boto3 thread pool of 64 that checks each block's SHA-256 against its checksum
+   header and writes it at its offset of a sparse file (what a careful, straightforward
+   Python downloader does);
+3. dsnap (PyPI), the Python peer that downloads whole snapshots.
+
+For each latency (default 20 and 100 ms per call, plus up to half that in jitter) and
+each layout, dense (every block written) and sparse (the same data spread one block in
+--sparse-every over a larger volume), --rounds rounds alternate the three, since this
+machine's speed drifts. Figures are medians: seconds per copy, and MB/s of written
+data; ratios are medians of each round's own. The emulator runs as its own process
+with the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs dsnap
+(`EBSFS_BENCH=1 bash scripts/setup.sh`) unless --skip-dsnap; no root.
+
+    .venv/bin/python scripts/bench_get.py [--size-mib 1100] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import botocore.config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ebsfs import BLOCK_SIZE  # noqa: E402
+from ebsfs.emulator.diskimage import random_image  # noqa: E402
+
+MB = 1e6
+DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
+TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap")
+
+
+def sparse_image(path: Path, size: int, every: int, seed: int) -> None:
+    """`size` bytes of random blocks, one at every `every`-th block index."""
+    rng = random.Random(seed)
+    count = size // BLOCK_SIZE
+    with open(path, "wb") as f:
+        f.truncate(count * every * BLOCK_SIZE)
+        for n in range(count):
+            f.seek(n * every * BLOCK_SIZE)
+            f.write(rng.randbytes(BLOCK_SIZE))
+
+
+def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    url_file = Path(tempfile.mktemp())
+    command = [sys.executable, "-m", "ebsfs.emulator", "--url-file", str(url_file), *extra]
+    for spec in specs:
+        command += ["--snapshot", spec]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        if url_file.exists() and url_file.read_text().strip():
+            url = url_file.read_text().strip()
+            url_file.unlink()
+            return proc, url
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("emulator did not start")
+
+
+def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> float:
+    out = out_dir / f"{snapshot_id}.img"
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "ebsfs", "get", "-q", "--endpoint-url", url,
+                    *options, snapshot_id, str(out)], check=True)
+    seconds = time.monotonic() - started
+    out.unlink()
+    (out_dir / f"{snapshot_id}.img.manifest.json").unlink()
+    for side in out_dir.glob(f"{snapshot_id}.img.blocks*"):
+        side.unlink()
+    return seconds
+
+
+def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> float:
+    """List, then GET every block with 64 threads, check its SHA-256, write it."""
+    config = botocore.config.Config(max_pool_connections=workers,
+                                    retries={"mode": "standard", "max_attempts": 10})
+    ebs = boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",
+                                         config=config)
+    out = out_dir / f"{snapshot_id}.pool.img"
+    started = time.monotonic()
+    blocks, token, volume_size = [], None, 0
+    while True:
+        kw: dict[str, str] = {"NextToken": token} if token else {}
+        page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, MaxResults=10000, **kw)
+        blocks += page["Blocks"]
+        volume_size = page["VolumeSize"] * 1024**3
+        token = page.get("NextToken")
+        if not token:
+            break
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.ftruncate(fd, volume_size)
+
+    def get(block: dict) -> None:
+        r = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"],
+                                   BlockToken=block["BlockToken"])
+        data = r["BlockData"].read()
+        if base64.b64encode(hashlib.sha256(data).digest()).decode() != r["Checksum"]:
+            raise SystemExit(f"block {block['BlockIndex']}: checksum mismatch")
+        os.pwrite(fd, data, block["BlockIndex"] * BLOCK_SIZE)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(get, blocks):
+                pass
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.monotonic() - started
+    out.unlink()
+    return seconds
+
+
+def dsnap(url: str, snapshot_id: str, out_dir: Path) -> float:
+    code = (
+        "import boto3\n"
+        "from dsnap.snapshot import LocalSnapshot\n"
+        f"s = LocalSnapshot({str(out_dir)!r}, {snapshot_id!r}, "
+        "boto3_session=boto3.session.Session(region_name='us-east-1'))\n"
+        "s.fetch(force=True)\n"
+    )
+    env = {**os.environ, "AWS_ENDPOINT_URL": url}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.monotonic() - started
+    (out_dir / f"{snapshot_id}.img").unlink()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1100,
+                        help="written data per snapshot (MiB, default 1100)")
+    parser.add_argument("--sparse-every", type=int, default=4,
+                        help="the sparse snapshot writes one block in this many (default 4)")
+    parser.add_argument("--latency", type=float, action="append",
+                        help="seconds per call (repeatable; default 0.02 and 0.1)")
+    parser.add_argument("--get-option", action="append", default=[], metavar="OPTION",
+                        help="pass this to ebsfs get, e.g. --get-option=--no-md5 "
+                             "(repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-dsnap", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    latencies = args.latency or [0.02, 0.1]
+    tools = [t for t in TOOLS if not (args.skip_dsnap and t == "dsnap")]
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    size = args.size_mib * 1024 * 1024 // BLOCK_SIZE * BLOCK_SIZE
+    seconds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        dense, sparse = tmp / "dense.img", tmp / "sparse.img"
+        random_image(dense, size, seed=5)
+        sparse_image(sparse, size, args.sparse_every, seed=6)
+        out_dir = tmp / "out"
+        out_dir.mkdir()
+        for latency in latencies:
+            proc, url = start_emulator([f"{DENSE}={dense}", f"{SPARSE}={sparse}"],
+                                       "--latency", str(latency),
+                                       "--jitter", str(latency / 2))
+            try:
+                for layout, snapshot_id in (("dense", DENSE), ("sparse", SPARSE)):
+                    # An untimed copy first: the emulator's first pass reads its image
+                    # from disk, which would go to whichever tool ran first.
+                    boto3_pool(url, snapshot_id, out_dir)
+                    for _ in range(args.rounds):
+                        for tool in tools:
+                            key = f"{layout}@{latency * 1000:.0f}ms:{tool}"
+                            if tool == "ebsfs_get":
+                                took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
+                            elif tool == "boto3_pool64":
+                                took = boto3_pool(url, snapshot_id, out_dir)
+                            else:
+                                took = dsnap(url, snapshot_id, out_dir)
+                            seconds.setdefault(key, []).append(took)
+            finally:
+                proc.terminate()
+                proc.wait()
+    report(args, latencies, tools, size, seconds)
+
+
+def report(args: argparse.Namespace, latencies: list[float], tools: list[str], size: int,
+           seconds: dict[str, list[float]]) -> None:
+    print(f"whole-snapshot copies of {size / 2**20:.0f} MiB of written data (sparse: one "
+          f"block in {args.sparse_every}), {args.rounds} rounds, latency + up to half in "
+          f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}:")
+    figures: dict[str, object] = {}
+    for latency in latencies:
+        for layout in ("dense", "sparse"):
+            prefix = f"{layout}@{latency * 1000:.0f}ms"
+            for tool in tools:
+                runs = seconds[f"{prefix}:{tool}"]
+                figures[f"{prefix}:{tool}"] = runs
+                rate = size / statistics.median(runs) / MB
+                print(f"  {prefix:<14} {tool:<13} {statistics.median(runs):7.2f} s "
+                      f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})")
+            for other in tools[1:]:
+                each = [b / a for a, b in zip(seconds[f"{prefix}:ebsfs_get"],
+                                              seconds[f"{prefix}:{other}"], strict=True)]
+                figures[f"{prefix}:ebsfs_get/{other}"] = each
+                print(f"  {prefix:<14} get / {other}: {statistics.median(each):.2f}x "
+                      f"(each: {', '.join(f'{r:.2f}' for r in each)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
