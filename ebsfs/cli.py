@@ -4,6 +4,7 @@ module prints to the user or exits."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -16,7 +17,13 @@ import trio
 
 from ebsfs import __version__, engine
 from ebsfs.client import BotoEbsApi, ConnectionOptions
-from ebsfs.engine import DEFAULT_CACHE_SIZE, Engine, EngineConfig, check_snapshot_id
+from ebsfs.engine import (
+    DEFAULT_CACHE_DIR_SIZE,
+    DEFAULT_CACHE_SIZE,
+    Engine,
+    EngineConfig,
+    check_snapshot_id,
+)
 from ebsfs.errors import (
     AccessDenied,
     CredentialsMissing,
@@ -31,6 +38,7 @@ from ebsfs.errors import (
     first_leaf,
 )
 from ebsfs.retry import RetryPolicy
+from ebsfs.stats import format_report
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -80,6 +88,20 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
                         "stderr in the foreground, syslog in the background)")
 
 
+def cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir and --cache-dir-size, for every command that reads blocks."""
+    group = parser.add_argument_group("disk cache (off unless --cache-dir is given)")
+    group.add_argument("--cache-dir", metavar="DIR",
+                       help="keep fetched blocks in DIR (created 0700) and read them from "
+                            "there later, in this and later sessions, each checked against "
+                            "its SHA-256 first; snapshot data is then on local disk. DIR may "
+                            "be shared by several mounts at once")
+    group.add_argument("--cache-dir-size", type=parse_size, default="16G", metavar="SIZE",
+                       help="space DIR may take at the most, e.g. 4G, 500G (default: 16G; "
+                            "less when free space is short: the cache leaves 1G or a tenth "
+                            "of its filesystem free); least recently used blocks go first")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the problem, not a usage dump."""
 
@@ -127,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other users read the mount (non-root users need "
                             "user_allow_other in /etc/fuse.conf)")
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
+    cache_dir_arguments(mount)
     _connection_arguments(mount)
 
     diff = commands.add_parser(
@@ -141,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print one JSON object: first, second, block_size, volume_size "
                            "(bytes), changed_blocks (sorted indexes), ranges, counts")
     _connection_arguments(diff)
+
+    stats = commands.add_parser(
+        "stats", help="what a mount has done: calls, fetches, cache hits, estimated cost",
+        description="Show what the mount at MOUNTPOINT has done since it started: calls "
+                    "per operation (retries included), retries and throttling, blocks and "
+                    "bytes fetched, memory and disk cache hits, blocks served through "
+                    "another snapshot's cached blocks (lineage), and the estimated cost of "
+                    "the calls (GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per "
+                    "1,000). Read from the extended attribute user.ebsfs.stats of the mount "
+                    "point.",
+    )
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--json", action="store_true", help="print the figures as one JSON "
+                       "object (bytes, counts and dollars)")
+    stats.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    stats.add_argument("--log-file", help=argparse.SUPPRESS)
 
     umount = commands.add_parser(
         "umount", help="unmount and wait for the mount process to exit",
@@ -195,6 +234,8 @@ def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
         cache_size=getattr(args, "cache_size", DEFAULT_CACHE_SIZE),
         max_fetches=getattr(args, "max_fetches", 64),
         read_timeout=getattr(args, "read_timeout", 60.0),
+        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir_size=getattr(args, "cache_dir_size", DEFAULT_CACHE_DIR_SIZE),
     )
 
 
@@ -246,6 +287,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    path = args.mountpoint
+    if not os.path.ismount(path):
+        raise UserInputError(f"{path} is not a mount point")
+    try:
+        report = json.loads(os.getxattr(path, "user.ebsfs.stats"))
+    except OSError as err:
+        raise UserInputError(f"{path} is not an ebsfs mount (no statistics: "
+                             f"{err.strerror})") from err
+    except ValueError as err:
+        raise UserInputError(f"{path}: statistics unreadable: {err}") from err
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from ebsfs import mount
 
@@ -283,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}",
               file=sys.stderr)
         return 1
-    handlers = {"mount": cmd_mount, "umount": cmd_umount, "diff": cmd_diff}
+    handlers = {"mount": cmd_mount, "umount": cmd_umount, "diff": cmd_diff,
+                "stats": cmd_stats}
     try:
         return handlers[args.command](args)
     except EbsfsError as err:

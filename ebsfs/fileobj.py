@@ -11,7 +11,13 @@ import threading
 from typing import Any
 
 from ebsfs.client import ConnectionOptions
-from ebsfs.engine import DEFAULT_CACHE_SIZE, EngineConfig, EngineThread, connect
+from ebsfs.engine import (
+    DEFAULT_CACHE_DIR_SIZE,
+    DEFAULT_CACHE_SIZE,
+    EngineConfig,
+    EngineThread,
+    connect,
+)
 from ebsfs.errors import EbsfsError
 from ebsfs.files import WindowReader
 from ebsfs.image import SnapshotImage
@@ -25,6 +31,7 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     snapshot_id: str, *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = 64, read_timeout: float = 60.0, request_timeout: float = 20.0,
+    cache_dir: str | None = None, cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -32,7 +39,10 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     `region`, `profile` and `endpoint_url` pick the service (default: the AWS chain,
     AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL); `cache_size` is bytes of blocks kept in
     memory; `max_fetches` the GetSnapshotBlock calls in flight at most; `read_timeout`
-    the seconds one read may take; `request_timeout` the seconds one call may wait.
+    the seconds one read may take; `request_timeout` the seconds one call may wait;
+    `cache_dir` a directory where blocks are kept on disk across sessions (off when
+    None; shared safely with mounts and other files using it) and `cache_dir_size` the
+    bytes it may take at the most.
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
@@ -43,8 +53,9 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
         connect_timeout=min(5.0, request_timeout), read_timeout=request_timeout,
     )
     config = EngineConfig(connection=connection, cache_size=cache_size,
-                          max_fetches=max_fetches, read_timeout=read_timeout)
-    engine = connect(config, [snapshot_id], share_lineage=False)
+                          max_fetches=max_fetches, read_timeout=read_timeout,
+                          cache_dir=cache_dir, cache_dir_size=cache_dir_size)
+    engine = connect(config, [snapshot_id])
     return SnapshotFile(EngineThread(engine), engine.images[snapshot_id])
 
 
@@ -141,6 +152,10 @@ class SnapshotFile(_WindowFile):
         self._check_open()
         found = self._loop.call(self._loop.engine.partitions, self._image.snapshot_id)
         return [PartitionFile(self._loop, self._image, p) for p in found]
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine has done so far, as `ebsfs stats --json` shows it."""
+        return self._loop.engine.stats.report()
 
     def close(self) -> None:
         if not self.closed:
