@@ -631,6 +631,7 @@ class DiskTier:
         self.stats = stats
         self.limiter = trio.CapacityLimiter(max_threads)
         self.enabled = True
+        self._full_warned = False
         stats.disk_cache = self.describe
 
     def describe(self) -> dict[str, object]:
@@ -638,11 +639,14 @@ class DiskTier:
                 "limit_bytes": self.cache.limit_bytes, "blocks": self.cache.blocks,
                 "enabled": self.enabled}
 
-    def _failed(self, err: BaseException) -> None:
+    def _failed(self, err: Exception) -> None:
+        """Anything the disk cache raises turns it off, never fails a read."""
         if self.enabled:
             self.enabled = False
-            log.warning("disk cache %s turned off for this session: its index failed (%s); "
-                        "blocks are fetched instead", self.cache.path, err)
+            expected = isinstance(err, _IndexFailed | OSError | sqlite3.Error)
+            log.warning("disk cache %s turned off for this session (%s: %s); blocks are "
+                        "fetched instead", self.cache.path, type(err).__name__, err,
+                        exc_info=None if expected else err)
 
     async def load(self, snapshot_id: str, index: int, room: memoryview | None,
                    lineage: bool = False) -> Block | None:
@@ -653,7 +657,7 @@ class DiskTier:
             found = await trio.to_thread.run_sync(
                 self.cache.load, snapshot_id, index, room, limiter=self.limiter,
                 abandon_on_cancel=True)
-        except (_IndexFailed, OSError) as err:
+        except Exception as err:
             self._failed(err)
             return None
         if found.damaged:
@@ -678,16 +682,18 @@ class DiskTier:
         if not self.enabled or block.checksum is None:
             return
         try:
+            # Abandoned on cancel, it finishes on its own: the bytes it writes from are
+            # verified and never written again (cache.py).
             result = await trio.to_thread.run_sync(
                 self.cache.store, snapshot_id, index, volume_size, block.data, block.checksum,
-                limiter=self.limiter)
-        except (_IndexFailed, OSError) as err:
+                limiter=self.limiter, abandon_on_cancel=True)
+        except Exception as err:
             self._failed(err)
             return
         self.stats.disk_evicted += result.evicted
         if result.stored:
             self.stats.disk_stored += 1
-        elif result.full and not getattr(self, "_full_warned", False):
+        elif result.full and not self._full_warned:
             self._full_warned = True
             log.warning("disk cache %s: its filesystem is full; blocks that do not fit are "
                         "not kept (reads go on)", self.cache.path)
