@@ -52,7 +52,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -75,8 +75,8 @@ FREE_RESERVE = 1024**3
 """Free space the cache leaves on its filesystem (at most a tenth of it)."""
 BUSY_TIMEOUT = 5.0
 """Seconds to wait for another process's write transaction before giving up one store."""
-TOUCH_BATCH = 512
-"""Uses of blocks remembered before they are written to the index (LRU order)."""
+TOUCH_BATCH = 8192
+"""Uses of blocks remembered at most before they are written to the index (LRU order)."""
 WARNINGS_SHOWN = 5
 """Damaged entries warned about one by one; the rest only count (and log at -v)."""
 _DATA_NAME = re.compile(r"^(snap-[0-9a-f]{1,59})\.(\d+)$")
@@ -182,9 +182,11 @@ def _checksum(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def _connect(db_path: str) -> sqlite3.Connection:
+def _connect(db_path: str, writer: bool = True) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
+    if not writer:
+        return conn
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")  # the checksums catch what a power cut loses
     conn.execute(f"PRAGMA journal_size_limit={4 * 1024**2}")
@@ -253,12 +255,31 @@ class Loaded:
 MISS = Loaded()
 
 
+BlockKey = tuple[str, int]
+"""(snapshot id, block index)."""
+
+
 @dataclass(frozen=True)
+class ToStore:
+    """A verified block waiting to be written."""
+
+    snapshot_id: str
+    index: int
+    volume_size: int
+    data: bytes | memoryview
+    checksum: str
+
+
+@dataclass
 class Stored:
-    stored: bool
-    evicted: int = 0
+    """What a batch of stores did."""
+
+    stored: list[BlockKey] = field(default_factory=list)
+    present: list[BlockKey] = field(default_factory=list)
+    """Stored already (by another process)."""
+    evicted: list[BlockKey] = field(default_factory=list)
     full: bool = False
-    """The filesystem had no room for it (ENOSPC)."""
+    """The filesystem had no room for some (ENOSPC): they were not kept."""
 
 
 class DiskCache:
@@ -305,7 +326,7 @@ class DiskCache:
     def _open(self) -> None:
         os.close(_private_file(self._db_path))
         self._writer = _connect(self._db_path)
-        self._reader = _connect(self._db_path)
+        self._reader_conn = _connect(self._db_path, writer=False)
         for suffix in ("-wal", "-shm"):  # SQLite gives them the index's mode; be sure
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self._db_path + suffix, 0o600)
@@ -438,7 +459,7 @@ class DiskCache:
             return MISS
         with self._read_lock:
             try:
-                row = self._reader.execute(
+                row = self._reader_conn.execute(
                     "SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
                     (snapshot_id, index)).fetchone()
             except sqlite3.OperationalError as err:
@@ -493,9 +514,8 @@ class DiskCache:
         with self._touch_lock:
             self._touched[(snapshot_id, index)] = self._clock()
             full = len(self._touched) >= TOUCH_BATCH
-        if full:
-            with contextlib.suppress(sqlite3.OperationalError), self._transaction() as conn:
-                self._write_touches(conn)
+        if full:  # the engine flushes them every few seconds; this is for other users
+            self.flush_touches()
 
     def _write_touches(self, conn: sqlite3.Connection) -> None:
         with self._touch_lock:
@@ -513,58 +533,104 @@ class DiskCache:
 
     def store(self, snapshot_id: str, index: int, volume_size: int,
               data: bytes | bytearray | memoryview, checksum: str) -> Stored:
-        """Keep a verified block, evicting the least recently used to make room."""
-        if self._closed or len(data) != BLOCK_SIZE or not _SNAPSHOT_ID.match(snapshot_id):
-            return Stored(False)
-        shard, offset = divmod(index, SHARD_BLOCKS)
+        """Keep one verified block (see store_many)."""
+        return self.store_many([ToStore(snapshot_id, index, volume_size, memoryview(data),
+                                        checksum)])
+
+    def store_many(self, items: list[ToStore]) -> Stored:
+        """Keep verified blocks, evicting the least recently used to make room: one
+        transaction for the lot (SQLite's cost per commit, and the write lock, shared)."""
+        result = Stored()
+        items = [item for item in items if len(item.data) == BLOCK_SIZE
+                 and _SNAPSHOT_ID.match(item.snapshot_id)]
+        if self._closed or not items:
+            return result
         try:
             with self._transaction() as conn:
                 self._write_touches(conn)
-                if conn.execute("SELECT 1 FROM blocks WHERE snapshot = ? AND idx = ?",
-                                (snapshot_id, index)).fetchone():
-                    return Stored(False)  # another process stored it meanwhile
+                new = []
+                for item in items:
+                    if conn.execute("SELECT 1 FROM blocks WHERE snapshot = ? AND idx = ?",
+                                    (item.snapshot_id, item.index)).fetchone():
+                        result.present.append((item.snapshot_id, item.index))  # by another
+                    else:
+                        new.append(item)
+                items = new
                 self._update_usage(conn)
                 budget = (self.limit_bytes - self._index_bytes()) // BLOCK_SIZE
-                excess = self.blocks + 1 - budget
-                evicted = 0
+                excess = self.blocks + len(items) - budget
                 if excess > 0:
                     victims = conn.execute(
                         "SELECT snapshot, idx FROM blocks ORDER BY used LIMIT ?",
                         (excess,)).fetchall()
-                    evicted = self._drop(conn, victims)
-                if budget < 1:
-                    self._update_usage(conn)
-                    return Stored(False, evicted)
-                fd = self._fd(snapshot_id, shard, volume_size)
-                assert fd is not None
-                try:
-                    written = os.pwrite(fd, data, offset * BLOCK_SIZE)
-                    if written != BLOCK_SIZE:
-                        raise OSError(errno.ENOSPC, "short write")
-                except OSError as err:
-                    with contextlib.suppress(OSError):
-                        punch_hole(fd, offset * BLOCK_SIZE, BLOCK_SIZE)
-                    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    self._update_usage(conn)
-                    return Stored(False, evicted, full=True)
+                    self._drop(conn, victims)
+                    result.evicted = [(s, i) for s, i in victims]
+                room = budget - (self.blocks - len(result.evicted))
+                items = items[: max(0, room)]
                 now = self._clock()
-                conn.execute("INSERT INTO blocks VALUES (?, ?, ?, ?)",
-                             (snapshot_id, index, checksum, now))
-                conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                             "WHERE key = 'blocks'")
-                conn.execute("INSERT INTO snapshots VALUES (?, ?, ?) ON CONFLICT (snapshot) "
-                             "DO UPDATE SET used = excluded.used",
-                             (snapshot_id, volume_size, now))
+                for item in items:
+                    if not self._write(item):
+                        result.full = True
+                        break
+                    result.stored.append((item.snapshot_id, item.index))
+                if result.stored:
+                    conn.executemany(
+                        "INSERT INTO blocks VALUES (?, ?, ?, ?)",
+                        [(item.snapshot_id, item.index, item.checksum, now)
+                         for item in items[: len(result.stored)]])
+                    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? "
+                                 "WHERE key = 'blocks'", (len(result.stored),))
+                    conn.executemany(
+                        "INSERT INTO snapshots VALUES (?, ?, ?) ON CONFLICT (snapshot) "
+                        "DO UPDATE SET used = excluded.used",
+                        {(item.snapshot_id, item.volume_size, now) for item in items})
                 self._update_usage(conn)
-                return Stored(True, evicted)
         except sqlite3.OperationalError as err:
-            if "full" in str(err):
-                return Stored(False, full=True)
-            log.debug("cache store of %s:%d skipped: %s", snapshot_id, index, err)
-            return Stored(False)
+            # Busy past the timeout, or no room for the index itself: nothing kept.
+            log.debug("cache store of %d blocks skipped: %s", len(items), err)
+            return Stored(full="full" in str(err))
         except sqlite3.DatabaseError as err:
             raise _IndexFailed(str(err)) from err
+        return result
+
+    def _write(self, item: ToStore) -> bool:
+        """The block's bytes in its data file; False when the filesystem is full."""
+        shard, offset = divmod(item.index, SHARD_BLOCKS)
+        fd = self._fd(item.snapshot_id, shard, item.volume_size)
+        assert fd is not None
+        try:
+            written = os.pwrite(fd, item.data, offset * BLOCK_SIZE)
+            if written != BLOCK_SIZE:
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                punch_hole(fd, offset * BLOCK_SIZE, BLOCK_SIZE)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return False
+        return True
+
+    def held(self, snapshot_id: str) -> list[int]:
+        """The indexes of a snapshot's blocks held now."""
+        with self._read_lock:
+            return [row[0] for row in self._reader_conn.execute(
+                "SELECT idx FROM blocks WHERE snapshot = ?", (snapshot_id,))]
+
+    def held_since(self, snapshot_ids: list[str], since: float) -> list[BlockKey]:
+        """Blocks of these snapshots stored or used since `since` (by any process)."""
+        with self._read_lock:
+            rows = self._reader_conn.execute(
+                "SELECT snapshot, idx FROM blocks WHERE used >= ?", (since,)).fetchall()
+        wanted = set(snapshot_ids)
+        return [(s, i) for s, i in rows if s in wanted]
+
+    def flush_touches(self) -> None:
+        """Write the uses remembered so far (the LRU order) to the index."""
+        with self._touch_lock:
+            if not self._touched:
+                return
+        with contextlib.suppress(sqlite3.OperationalError), self._transaction() as conn:
+            self._write_touches(conn)
 
     def _drop(self, conn: sqlite3.Connection, keys: list[tuple[str, int]]) -> int:
         """Inside a write transaction: forget blocks and free their space."""
@@ -595,7 +661,7 @@ class DiskCache:
             self._fds.clear()
 
     def _close_connections(self) -> None:
-        for name in ("_writer", "_reader"):
+        for name in ("_writer", "_reader_conn"):
             conn = getattr(self, name, None)
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -621,18 +687,76 @@ def _allocated_blocks(fd: int) -> Iterator[int]:
 # ---- the engine's side ---------------------------------------------------------------
 
 
-class DiskTier:
-    """The disk cache as the engine uses it: its blocking calls in worker threads (a
-    few at a time: hashing is CPU work), the counters on the trio thread, and turned
-    off for the rest of the session, with one warning, if its index fails."""
+class _Held:
+    """Which blocks of one snapshot the disk cache holds, as far as this process knows:
+    a bit per block, 1 KiB per 8192 blocks touched (4 GiB of volume). Loads of blocks
+    not in it skip the thread hop; a load still checks everything, so a bit set wrongly
+    costs a lookup, never a wrong byte."""
 
-    def __init__(self, cache: DiskCache, stats: Stats, max_threads: int = 4) -> None:
+    CHUNK = 8192
+
+    def __init__(self, indexes: list[int]) -> None:
+        self._chunks: dict[int, bytearray] = {}
+        for index in indexes:
+            self.add(index)
+
+    def add(self, index: int) -> None:
+        chunk, bit = divmod(index, self.CHUNK)
+        bits = self._chunks.get(chunk)
+        if bits is None:
+            bits = self._chunks[chunk] = bytearray(self.CHUNK // 8)
+        bits[bit >> 3] |= 1 << (bit & 7)
+
+    def discard(self, index: int) -> None:
+        chunk, bit = divmod(index, self.CHUNK)
+        bits = self._chunks.get(chunk)
+        if bits is not None:
+            bits[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+
+    def __contains__(self, index: int) -> bool:
+        chunk, bit = divmod(index, self.CHUNK)
+        bits = self._chunks.get(chunk)
+        return bits is not None and bool(bits[bit >> 3] & (1 << (bit & 7)))
+
+
+class DiskTier:
+    """The disk cache as the engine uses it, on the trio thread: loads in worker
+    threads (a few at a time: hashing is CPU work), skipped for blocks it knows are not
+    there; stores queued and written in batches by one background task (`run`), so
+    a fetch never waits on the disk unless the queue is full; the counters; and turned
+    off for the rest of the session, with one warning, if the cache fails.
+
+    Memory: the queue holds at most `queue` blocks (their slabs stay alive until
+    written: at most 1 MiB each). Other processes' stores are noticed every
+    `refresh` seconds."""
+
+    def __init__(self, cache: DiskCache, stats: Stats, max_threads: int = 4,
+                 queue: int = 32, refresh: float = 2.0) -> None:
         self.cache = cache
         self.stats = stats
         self.limiter = trio.CapacityLimiter(max_threads)
         self.enabled = True
+        self.refresh = refresh
         self._full_warned = False
+        self._held: dict[str, _Held] = {}
+        self._send, self._receive = trio.open_memory_channel[ToStore](queue)
+        self._queued: dict[BlockKey, ToStore] = {}
+        self._writing = False
         stats.disk_cache = self.describe
+
+    def track(self, snapshot_ids: list[str]) -> None:
+        """Learn which blocks of these snapshots are held (blocking: at build time)."""
+        for snapshot_id in snapshot_ids:
+            if snapshot_id not in self._held:
+                try:
+                    self._held[snapshot_id] = _Held(self.cache.held(snapshot_id))
+                except sqlite3.Error as err:
+                    log.debug("cache index not read for %s: %s", snapshot_id, err)
+
+    def may_hold(self, snapshot_id: str, index: int) -> bool:
+        """False only when the block is known not to be held (or queued)."""
+        held = self._held.get(snapshot_id)
+        return held is None or index in held or (snapshot_id, index) in self._queued
 
     def describe(self) -> dict[str, object]:
         return {"path": self.cache.path, "used_bytes": self.cache.used_bytes,
@@ -648,10 +772,19 @@ class DiskTier:
                         "fetched instead", self.cache.path, type(err).__name__, err,
                         exc_info=None if expected else err)
 
+    # ---- loads -----------------------------------------------------------------------
+
     async def load(self, snapshot_id: str, index: int, room: memoryview | None,
                    lineage: bool = False) -> Block | None:
         """The verified block from disk, or None (a miss, or damage: then fetch)."""
         if not self.enabled:
+            return None
+        queued = self._queued.get((snapshot_id, index))
+        if queued is not None:  # fetched, not written yet: the same verified bytes
+            self._hit(lineage)
+            return Block(queued.data, queued.checksum)
+        held = self._held.get(snapshot_id)
+        if held is not None and index not in held:
             return None
         try:
             found = await trio.to_thread.run_sync(
@@ -660,45 +793,135 @@ class DiskTier:
         except Exception as err:
             self._failed(err)
             return None
+        if found.checksum is None and held is not None:
+            held.discard(index)
         if found.damaged:
-            self.stats.disk_damaged += 1
-            shown = self.stats.disk_damaged
-            if shown <= WARNINGS_SHOWN:
-                log.warning("disk cache: block %d of %s failed its SHA-256 check (damaged "
-                            "cache file?): dropped, fetching it again%s", index, snapshot_id,
-                            "; further damaged blocks are only counted (ebsfs stats)"
-                            if shown == WARNINGS_SHOWN else "")
-            else:
-                log.info("disk cache: block %d of %s damaged: dropped", index, snapshot_id)
+            self._damaged(snapshot_id, index)
             return None
         if found.checksum is None or found.data is None:
             return None
+        self._hit(lineage)
+        return Block(found.data, found.checksum)
+
+    def _hit(self, lineage: bool) -> None:
         self.stats.disk_hits += 1
         if lineage:
             self.stats.lineage_hits += 1
-        return Block(found.data, found.checksum)
+
+    def _damaged(self, snapshot_id: str, index: int) -> None:
+        self.stats.disk_damaged += 1
+        shown = self.stats.disk_damaged
+        if shown <= WARNINGS_SHOWN:
+            log.warning("disk cache: block %d of %s failed its SHA-256 check (damaged "
+                        "cache file?): dropped, fetching it again%s", index, snapshot_id,
+                        "; further damaged blocks are only counted (ebsfs stats)"
+                        if shown == WARNINGS_SHOWN else "")
+        else:
+            log.info("disk cache: block %d of %s damaged: dropped", index, snapshot_id)
+
+    # ---- stores ----------------------------------------------------------------------
 
     async def store(self, snapshot_id: str, index: int, volume_size: int, block: Block) -> None:
+        """Queue a verified block for the writer (waiting only while the queue is
+        full); without a writer running, write it now."""
         if not self.enabled or block.checksum is None:
             return
+        item = ToStore(snapshot_id, index, volume_size, block.data, block.checksum)
+        if not self._writing:
+            await self._write_batch([item])
+            return
+        key = (snapshot_id, index)
+        self._queued[key] = item
         try:
-            # Abandoned on cancel, it finishes on its own: the bytes it writes from are
-            # verified and never written again (cache.py).
-            result = await trio.to_thread.run_sync(
-                self.cache.store, snapshot_id, index, volume_size, block.data, block.checksum,
-                limiter=self.limiter, abandon_on_cancel=True)
+            await self._send.send(item)
+        except BaseException:
+            self._queued.pop(key, None)
+            raise
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Write queued blocks in batches, and every few seconds learn what other
+        processes stored and write down the uses of blocks read (LRU order)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresher)
+            self._writing = True
+            task_status.started()
+            try:
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < 64:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    with trio.CancelScope(shield=True):  # finish what was taken
+                        await self._write_batch(batch)
+            finally:
+                self._writing = False
+
+    async def _write_batch(self, batch: list[ToStore]) -> None:
+        try:
+            if self.enabled:
+                result = await trio.to_thread.run_sync(self.cache.store_many, batch)
+                self._count(result)
         except Exception as err:
             self._failed(err)
-            return
-        self.stats.disk_evicted += result.evicted
-        if result.stored:
-            self.stats.disk_stored += 1
-        elif result.full and not self._full_warned:
+        finally:
+            for item in batch:
+                key = (item.snapshot_id, item.index)
+                if self._queued.get(key) is item:
+                    del self._queued[key]
+
+    def _count(self, result: Stored) -> None:
+        self.stats.disk_stored += len(result.stored)
+        self.stats.disk_evicted += len(result.evicted)
+        for snapshot_id, index in result.evicted:
+            held = self._held.get(snapshot_id)
+            if held is not None:
+                held.discard(index)
+        for snapshot_id, index in result.stored + result.present:
+            held = self._held.get(snapshot_id)
+            if held is not None:
+                held.add(index)
+        if result.full and not self._full_warned:
             self._full_warned = True
             log.warning("disk cache %s: its filesystem is full; blocks that do not fit are "
                         "not kept (reads go on)", self.cache.path)
 
+    async def _refresher(self) -> None:
+        since = time.time()
+        while True:
+            await trio.sleep(self.refresh)
+            if not self.enabled:
+                continue
+            now = time.time()
+            try:
+                found = await trio.to_thread.run_sync(self._refresh, since - 5.0)
+            except Exception as err:
+                self._failed(err)
+                continue
+            since = now
+            for snapshot_id, index in found:
+                self._held[snapshot_id].add(index)
+
+    def _refresh(self, since: float) -> list[BlockKey]:
+        self.cache.flush_touches()
+        return self.cache.held_since(list(self._held), since)
+
     def close(self) -> None:
+        """Write what is still queued, then close the cache (after the loop ended)."""
+        batch = []
+        while True:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        if batch and self.enabled:
+            try:
+                self._count(self.cache.store_many(batch))
+            except Exception as err:
+                self._failed(err)
+        self._queued.clear()
         self.cache.close()
 
 
@@ -713,12 +936,15 @@ class DiskView:
         self.snapshot_id = snapshot_id
         self.volume_size = volume_size
         self.bases = bases or []
+        tier.track([snapshot_id, *(base_id for base_id, _ in self.bases)])
 
     async def load(self, index: int, room: memoryview | None) -> Block | None:
         block = await self.tier.load(self.snapshot_id, index, room)
         if block is not None or not self.tier.enabled:
             return block
         for base_id, changes in self.bases:
+            if not self.tier.may_hold(base_id, index):
+                continue  # no list call for a block the base does not have here
             try:
                 if await changes.changed(index):
                     continue

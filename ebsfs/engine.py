@@ -192,8 +192,12 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Serve read-ahead until cancelled."""
-        await self.readahead.run(task_status=task_status)
+        """Serve read-ahead (and the disk cache's writes) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            if self.disk is not None:
+                await nursery.start(self.disk.run)
+            await nursery.start(self.readahead.run)
+            task_status.started()
 
     def close(self) -> None:
         """Write what the disk cache has not written yet and close it."""

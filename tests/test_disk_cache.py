@@ -329,3 +329,53 @@ def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
     # One relatedness check per candidate of the same size: snap-0b1 is unrelated, and
     # remembered as such.
     assert lineage_candidates(str(tmp_path / "c"), "snap-0a2", GIB, set()) == ["snap-0a1"]
+
+
+# ---- the engine's side: queued writes, what other processes stored -------------------
+
+
+def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
+        tmp_path) -> None:
+    from ebsfs.api import Block
+    from ebsfs.diskcache import DiskTier
+    from ebsfs.stats import Stats
+
+    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats())
+    tier.track([SNAP])
+
+    async def main() -> None:
+        tier._writing = True  # as if the writer ran, but it never gets to: all stay queued
+        for i in range(3):
+            data = pattern_block(1, i)
+            await tier.store(SNAP, i, GIB, Block(data, checksum(data)))
+        found = await tier.load(SNAP, 1, None)
+        assert found is not None and bytes(found.data) == pattern_block(1, 1)
+
+    trio.run(main)
+    assert DiskCache(str(tmp_path / "c")).blocks == 0
+    tier.close()  # writes what was queued
+    again = DiskCache(str(tmp_path / "c"))
+    assert again.blocks == 3 and load(again, SNAP, 2)[0].checksum is not None
+
+
+def test_blocks_another_process_stores_are_noticed(tmp_path) -> None:
+    from ebsfs.diskcache import DiskTier
+    from ebsfs.stats import Stats
+
+    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats(), refresh=0.05)
+    tier.track([SNAP])
+    other = DiskCache(str(tmp_path / "c"))
+
+    async def main() -> None:
+        assert await tier.load(SNAP, 4, None) is None  # known absent: no lookup at all
+        store_blocks(other, SNAP, [4])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tier.run)
+            with trio.fail_after(5):
+                while await tier.load(SNAP, 4, None) is None:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert tier.stats.disk_hits == 1
+    tier.close()
