@@ -726,12 +726,12 @@ class DiskTier:
     a fetch never waits on the disk unless the queue is full; the counters; and turned
     off for the rest of the session, with one warning, if the cache fails.
 
-    Memory: the queue holds at most `queue` blocks (their slabs stay alive until
-    written: at most 1 MiB each). Other processes' stores are noticed every
-    `refresh` seconds."""
+    Memory: at most `queue` blocks wait in the queue and `queue` more are being
+    written (their slabs stay alive until written: 1 MiB each at worst, 32 MiB).
+    Other processes' stores are noticed every `refresh` seconds."""
 
     def __init__(self, cache: DiskCache, stats: Stats, max_threads: int = 4,
-                 queue: int = 32, refresh: float = 2.0) -> None:
+                 queue: int = 16, refresh: float = 2.0) -> None:
         self.cache = cache
         self.stats = stats
         self.limiter = trio.CapacityLimiter(max_threads)
@@ -741,6 +741,7 @@ class DiskTier:
         self._held: dict[str, _Held] = {}
         self._send, self._receive = trio.open_memory_channel[ToStore](queue)
         self._queued: dict[BlockKey, ToStore] = {}
+        self._batch = queue
         self._writing = False
         stats.disk_cache = self.describe
 
@@ -849,7 +850,7 @@ class DiskTier:
             try:
                 async for first in self._receive:
                     batch = [first]
-                    while len(batch) < 64:
+                    while len(batch) < self._batch:
                         try:
                             batch.append(self._receive.receive_nowait())
                         except trio.WouldBlock:

@@ -124,10 +124,15 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{disk['path']}")
     lines.append(f"lineage         {report.get('lineage_hits', 0):,} blocks served from "
                  "another snapshot's cached blocks")
-    lines.append(f"estimated cost  ${report.get('estimated_cost_usd', 0.0):.4f} "
+    lines.append(f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
                  "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
                  "retries included)")
     return "\n".join(lines)
+
+
+def dollars(amount: float) -> str:
+    """Cents for large sums, millionths of a dollar for the small ones calls cost."""
+    return f"${amount:.2f}" if amount >= 10 else f"${amount:.6f}"
 
 
 def _size(n: int) -> str:

@@ -340,7 +340,7 @@ def test_stats_match_the_emulator_counters(served, source, tmp_path) -> None:
     assert report["disk_cache"]["stored"] == report["blocks_fetched"]
     assert report["memory_hits"] > 0
     assert f"GetSnapshotBlock {calls['GetSnapshotBlock']:,}" in text
-    assert f"estimated cost  ${cost:.4f}" in text
+    assert f"estimated cost  ${cost:.6f}" in text
     served.faults.error_rate = 0.0
     served.counters.reset()
     with mounted(served.url, [PARENT], tmp_path / "m2", "--cache-dir", str(cache)) as mnt:
