@@ -20,6 +20,7 @@ from ebsfs import __version__, engine, metadata
 from ebsfs.client import BotoEbsApi, ConnectionOptions
 from ebsfs.diff import human
 from ebsfs.engine import (
+    DEFAULT_CACHE_DIR_SIZE,
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_FETCHES,
     Engine,
@@ -41,6 +42,7 @@ from ebsfs.errors import (
 )
 from ebsfs.progress import progress_for
 from ebsfs.retry import RetryPolicy
+from ebsfs.stats import format_report
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -120,6 +122,20 @@ def _ec2_argument(parser: argparse.ArgumentParser, why: str) -> None:
                              "EBS endpoint and none of these, EC2 is not asked)")
 
 
+def _cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir and --cache-dir-size, for every command that reads blocks."""
+    group = parser.add_argument_group("disk cache (off unless --cache-dir is given)")
+    group.add_argument("--cache-dir", metavar="DIR",
+                       help="keep fetched blocks in DIR (created 0700) and read them from "
+                            "there later, in this and later sessions, each checked against "
+                            "its SHA-256 first; snapshot data is then on local disk. DIR may "
+                            "be shared by several mounts at once")
+    group.add_argument("--cache-dir-size", type=parse_size, default="16G", metavar="SIZE",
+                       help="space DIR may take at the most, e.g. 4G, 500G (default: 16G; "
+                            "less when free space is short: the cache leaves 1G or a tenth "
+                            "of its filesystem free); least recently used blocks go first")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the problem, not a usage dump."""
 
@@ -160,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other users read the mount (non-root users need "
                             "user_allow_other in /etc/fuse.conf)")
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
+    _cache_dir_arguments(mount)
     _connection_arguments(mount)
     _ec2_argument(mount, "the images' mtime is the snapshot's StartTime when "
                   "ec2:DescribeSnapshots is allowed")
@@ -198,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --files, memory for cached blocks (default: 512M): "
                            "metadata read in the first snapshot is served from it to the "
                            "second")
+    _cache_dir_arguments(diff)
     _connection_arguments(diff)
 
     get = commands.add_parser(
@@ -241,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "blocks are held at once, whatever the volume size",
                       timeout_help="longest one block may take (retries included) before "
                       "the copy stops; run it again to resume (default: 60)")
+    _cache_dir_arguments(get)
     _connection_arguments(get)
     _ec2_argument(get, "its metadata goes in the manifest when ec2:DescribeSnapshots is "
                   "allowed")
@@ -273,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print a JSON list of objects with EC2's field names")
     _connection_arguments(ls, ebs=False)
     _ec2_argument(ls, "the endpoint asked")
+
+    stats = commands.add_parser(
+        "stats", help="what a mount has done: calls, fetches, cache hits, estimated cost",
+        description="Show what the mount at MOUNTPOINT has done since it started: calls "
+                    "per operation (retries included), retries and throttling, blocks and "
+                    "bytes fetched, memory and disk cache hits, blocks served through "
+                    "another snapshot's cached blocks (lineage), and the estimated cost of "
+                    "the calls (GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per "
+                    "1,000). Read from the extended attribute user.ebsfs.stats of the mount "
+                    "point.",
+    )
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--json", action="store_true", help="print the figures as one JSON "
+                       "object (bytes, counts and dollars)")
+    stats.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    stats.add_argument("--log-file", help=argparse.SUPPRESS)
 
     umount = commands.add_parser(
         "umount", help="unmount and wait for the mount process to exit",
@@ -328,6 +363,8 @@ def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
         cache_size=getattr(args, "cache_size", DEFAULT_CACHE_SIZE),
         max_fetches=getattr(args, "max_fetches", DEFAULT_MAX_FETCHES),
         read_timeout=getattr(args, "read_timeout", 60.0),
+        cache_dir=getattr(args, "cache_dir", None),
+        cache_dir_size=getattr(args, "cache_dir_size", DEFAULT_CACHE_DIR_SIZE),
     )
 
 
@@ -523,6 +560,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    path = args.mountpoint
+    if not os.path.ismount(path):
+        raise UserInputError(f"{path} is not a mount point")
+    try:
+        report = json.loads(os.getxattr(path, "user.ebsfs.stats"))
+    except OSError as err:
+        raise UserInputError(f"{path} is not an ebsfs mount (no statistics: "
+                             f"{err.strerror})") from err
+    except ValueError as err:
+        raise UserInputError(f"{path}: statistics unreadable: {err}") from err
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from ebsfs import mount
 
@@ -561,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     handlers = {"mount": cmd_mount, "umount": cmd_umount, "diff": cmd_diff, "get": cmd_get,
-                "verify": cmd_verify, "ls": cmd_ls}
+                "verify": cmd_verify, "ls": cmd_ls, "stats": cmd_stats}
     try:
         return handlers[args.command](args)
     except EbsfsError as err:

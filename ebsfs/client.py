@@ -37,6 +37,7 @@ from ebsfs.errors import (
 )
 from ebsfs.retry import RetryPolicy
 from ebsfs.sigv4 import Credentials, GetSigner
+from ebsfs.stats import Stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,8 +78,10 @@ class BotoEbsApi:
     botocore's own retries are off: they cannot cover reading the body, and two layers
     of retries multiply. RetryPolicy is the one place that decides."""
 
-    def __init__(self, options: ConnectionOptions) -> None:
+    def __init__(self, options: ConnectionOptions, stats: Stats | None = None) -> None:
         self._retry = options.retry
+        self.stats = stats or Stats()
+        """Requests sent, retries and throttles counted (the engine's stats)."""
         self.get_throttles = 0
         """GetSnapshotBlock answers of RequestThrottledException so far (EbsApi)."""
         config = botocore.config.Config(
@@ -124,7 +127,7 @@ class BotoEbsApi:
                 self.get_throttles += 1  # a lost update under a race only delays the back-off
                 raise
 
-        return self._retry.call(what, counted)
+        return self._retry.call(what, self.stats.counting("GetSnapshotBlock", counted))
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
@@ -137,7 +140,8 @@ class BotoEbsApi:
                     urllib3.exceptions.HTTPError) as err:
                 raise _boto_error(err) from err
 
-        return self._retry.call(operation, attempt)
+        name = "".join(part.capitalize() for part in operation.split("_"))
+        return self._retry.call(operation, self.stats.counting(name, attempt))
 
     def list_snapshot_blocks(
         self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,

@@ -18,15 +18,18 @@ from typing import Any, TypeVar
 
 import trio
 
-from ebsfs import BLOCK_SIZE
+from ebsfs import BLOCK_SIZE, diskcache
 from ebsfs.api import EbsApi
 from ebsfs.cache import BlockCache
 from ebsfs.client import BotoEbsApi, ConnectionOptions
 from ebsfs.diff import Diff, diff_snapshots
+from ebsfs.diskcache import DiskCache, DiskTier, DiskView
 from ebsfs.errors import (
     AccessDenied,
     EbsfsError,
     InvalidSnapshotId,
+    ServiceError,
+    SnapshotNotFound,
     UnrelatedSnapshots,
     UserInputError,
 )
@@ -36,6 +39,7 @@ from ebsfs.partitions import Partition, PartitionTableError, find_partitions
 from ebsfs.prefetch import Readahead
 from ebsfs.remote import RemoteSnapshots
 from ebsfs.retry import RetryPolicy
+from ebsfs.stats import Stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +51,7 @@ DEFAULT_CACHE_SIZE = 512 * 1024**2
 DEFAULT_MAX_FETCHES = 256
 """A ceiling, not a target: read-ahead keeps the service's bandwidth-delay product in
 flight (remote.py), about 200 calls at 200 ms."""
+DEFAULT_CACHE_DIR_SIZE = diskcache.DEFAULT_SIZE
 
 
 @dataclass
@@ -62,6 +67,10 @@ class EngineConfig:
     when the latency needs fewer, and the cache budget may allow fewer)."""
     read_timeout: float = 60.0
     """Longest a read may take before it fails (EIO)."""
+    cache_dir: str | None = None
+    """Where blocks are kept on disk across sessions (None: nowhere)."""
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE
+    """Bytes the disk cache may take at the most (less if free space is short)."""
 
     def __post_init__(self) -> None:
         if self.cache_size < 0:
@@ -70,6 +79,8 @@ class EngineConfig:
             raise UserInputError(f"max fetches must be >= 1, got {self.max_fetches}")
         if not self.read_timeout > 0:
             raise UserInputError(f"read timeout must be > 0, got {self.read_timeout}")
+        if self.cache_dir_size < diskcache.MIN_SIZE:
+            raise UserInputError(f"cache dir size must be at least 1M, got {self.cache_dir_size}")
 
 
 def fetch_ceiling(config: EngineConfig) -> int:
@@ -115,29 +126,73 @@ def find_bases(api: EbsApi, snapshots: list[tuple[str, int]]) -> dict[str, str]:
     return bases
 
 
+def find_disk_bases(api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]]
+                    ) -> dict[str, list[str]]:
+    """For each snapshot, the snapshots of the same volume with blocks in the disk
+    cache (same size, then one ListChangedBlocks call per candidate), most recently used
+    first. Unrelated pairs are remembered (never asked again); no ebs:ListChangedBlocks
+    permission just means no reuse."""
+    mounted = {snapshot_id for snapshot_id, _ in snapshots}
+    bases: dict[str, list[str]] = {}
+    for second, size in snapshots:
+        for first in diskcache.lineage_candidates(cache_dir, second, size, mounted):
+            try:
+                api.list_changed_blocks(first, second, max_results=100)
+            except UnrelatedSnapshots:
+                diskcache.record_unrelated(cache_dir, first, second)
+                continue
+            except AccessDenied as err:
+                log.info("no reuse of cached blocks of other snapshots: %s", err)
+                return bases
+            except (SnapshotNotFound, ServiceError) as err:
+                log.info("cached blocks of %s not reused for %s: %s", first, second, err)
+                continue
+            except EbsfsError as err:
+                log.warning("cached blocks of %s not reused for %s: could not compare them "
+                            "(%s)", first, second, err)
+                continue
+            log.info("%s reuses the cached blocks of %s that did not change", second, first)
+            bases.setdefault(second, []).append(first)
+    return bases
+
+
 class Engine:
     """Snapshot images over one shared cache, fetch limiter and read-ahead runner, with
-    unchanged blocks of later snapshots served through their base's cache entries.
+    unchanged blocks of later snapshots served through their base's cache entries, and
+    a disk cache behind the memory one when asked for.
 
     Concurrency rule: everything but construction runs on one trio loop; `run` must be
-    going in that loop for read-ahead to happen (reads work without it)."""
+    going in that loop for read-ahead to happen (reads work without it). `close` once
+    done with it (the disk cache's last writes)."""
 
     def __init__(self, api: EbsApi, config: EngineConfig, snapshots: list[tuple[str, int]],
-                 bases: dict[str, str] | None = None) -> None:
+                 bases: dict[str, str] | None = None,
+                 disk_bases: dict[str, list[str]] | None = None,
+                 stats: Stats | None = None) -> None:
         self.api = api
         self.config = config
+        self.stats = stats or Stats()
         self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config))
         self.cache = BlockCache(config.cache_size)
+        self.disk: DiskTier | None = None
+        if config.cache_dir is not None:
+            self.disk = DiskTier(DiskCache(config.cache_dir, config.cache_dir_size), self.stats)
         self.readahead = Readahead()
         # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
         # evicted by other prefetches before the reader gets to them.
         window = max(1, min(config.max_fetches, config.cache_size // 4 // BLOCK_SIZE))
         self.images: dict[str, SnapshotImage] = {}
         for snapshot_id, size in snapshots:
+            blocks = -(-size // BLOCK_SIZE)
+            disk = None
+            if self.disk is not None:
+                disk = DiskView(self.disk, snapshot_id, size, [
+                    (first, ChangeIndex(self.remote, first, snapshot_id, blocks))
+                    for first in (disk_bases or {}).get(snapshot_id, [])])
             self.images[snapshot_id] = SnapshotImage(
-                snapshot_id, size, BlockIndex(self.remote, snapshot_id, -(-size // BLOCK_SIZE)),
+                snapshot_id, size, BlockIndex(self.remote, snapshot_id, blocks),
                 self.cache, self.remote, self.readahead, read_timeout=config.read_timeout,
-                max_window=window,
+                max_window=window, disk=disk, stats=self.stats,
             )
         for second, first in (bases or {}).items():
             image = self.images[second]
@@ -147,8 +202,17 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Serve read-ahead until cancelled."""
-        await self.readahead.run(task_status=task_status)
+        """Serve read-ahead (and the disk cache's writes) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            if self.disk is not None:
+                await nursery.start(self.disk.run)
+            await nursery.start(self.readahead.run)
+            task_status.started()
+
+    def close(self) -> None:
+        """Write what the disk cache has not written yet and close it."""
+        if self.disk is not None:
+            self.disk.close()
 
     async def partitions(self, snapshot_id: str) -> list[Partition]:
         """The partitions of a snapshot's disk (GPT or MBR), found once. A table that
@@ -185,31 +249,44 @@ class Engine:
 
 @dataclass
 class Plan:
-    """Snapshots checked (id, size in bytes) and which share blocks with which."""
+    """Snapshots checked (id, size in bytes) and which share blocks with which, in
+    memory (`bases`, mounted together) and in the disk cache (`disk_bases`)."""
 
     snapshots: list[tuple[str, int]]
     bases: dict[str, str]
+    disk_bases: dict[str, list[str]] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    """The checks' calls, counted with the engine's later ones."""
 
 
 def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
          api: EbsApi | None = None) -> Plan:
-    """Check the ids and the snapshots (one list call each, failing fast: a user waits)
-    and find which share a lineage. Raises typed EbsfsErrors a user can act on."""
+    """Check the ids, the cache directory and the snapshots (one list call each,
+    failing fast: a user waits) and find which share a lineage, with each other and
+    with snapshots in the disk cache. Raises typed EbsfsErrors a user can act on."""
     for snapshot_id in snapshot_ids:
         check_snapshot_id(snapshot_id)
     if len(set(snapshot_ids)) != len(snapshot_ids):
         raise UserInputError("a snapshot id is given twice")
-    checker = api or BotoEbsApi(_with(config.connection, retry=CHECK_RETRY, max_connections=4))
+    cache_dir = diskcache.prepare(config.cache_dir) if config.cache_dir is not None else None
+    stats = Stats()
+    checker = api or BotoEbsApi(_with(config.connection, retry=CHECK_RETRY, max_connections=4),
+                                stats=stats)
     snapshots = check_snapshots(checker, snapshot_ids)
     bases = find_bases(checker, snapshots) if share_lineage and len(snapshots) > 1 else {}
-    return Plan(snapshots, bases)
+    disk_bases = {}
+    if cache_dir is not None and share_lineage:
+        disk_bases = find_disk_bases(checker, cache_dir, snapshots)
+    return Plan(snapshots, bases, disk_bases, stats)
 
 
 def build(config: EngineConfig, checked: Plan, api: EbsApi | None = None) -> Engine:
     """The engine over a client sized for the fetches (made here, after any fork)."""
     if api is None:
-        api = BotoEbsApi(_with(config.connection, max_connections=fetch_ceiling(config) + 8))
-    return Engine(api, config, checked.snapshots, checked.bases)
+        api = BotoEbsApi(_with(config.connection, max_connections=fetch_ceiling(config) + 8),
+                         stats=checked.stats)
+    return Engine(api, config, checked.snapshots, checked.bases, checked.disk_bases,
+                  checked.stats)
 
 
 def connect(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
@@ -258,6 +335,7 @@ class EngineThread:
             if self._started.is_set():
                 log.error("the engine's loop ended: %s", err)
         finally:
+            self.engine.close()
             self._started.set()
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 from ebsfs.client import ConnectionOptions
 from ebsfs.diff import Diff
 from ebsfs.engine import (
+    DEFAULT_CACHE_DIR_SIZE,
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_FETCHES,
     EngineConfig,
@@ -32,7 +33,8 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     snapshot_id: str, *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
-    request_timeout: float = 20.0, readahead: bool = True,
+    request_timeout: float = 20.0, readahead: bool = True, cache_dir: str | None = None,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -40,31 +42,36 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     `region`, `profile` and `endpoint_url` pick the service (default: the AWS chain,
     AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL); `cache_size` is bytes of blocks kept in
     memory; `max_fetches` the GetSnapshotBlock calls in flight at most; `read_timeout`
-    the seconds one read may take; `request_timeout` the seconds one call may wait.
-    `readahead=False` never fetches blocks ahead of sequential reads (for readers of
-    scattered metadata, such as forensic libraries walking a filesystem).
+    the seconds one read may take; `request_timeout` the seconds one call may wait;
+    `cache_dir` a directory where blocks are kept on disk across sessions (off when
+    None; shared safely with mounts and other files using it) and `cache_dir_size` the
+    bytes it may take at the most. `readahead=False` never fetches blocks ahead of
+    sequential reads (for readers of scattered metadata, such as forensic libraries
+    walking a filesystem).
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
     opened. Reads that fail raise OSError with errno EIO, as the mount answers.
     Close it (or use `with`) to stop its background thread."""
     config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout)
-    return open_with(config, [snapshot_id], share_lineage=False, readahead=readahead)[0]
+                     request_timeout, cache_dir, cache_dir_size)
+    # With a cache directory, earlier snapshots of the volume cached there serve it too.
+    return open_with(config, [snapshot_id], readahead=readahead)[0]
 
 
 def open_snapshots(
     snapshot_ids: list[str], *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
-    request_timeout: float = 20.0, readahead: bool = True,
+    request_timeout: float = 20.0, readahead: bool = True, cache_dir: str | None = None,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
     snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
     the engine stops when the last of the files is closed."""
     config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout)
+                     request_timeout, cache_dir, cache_dir_size)
     return open_with(config, snapshot_ids, readahead=readahead)
 
 
@@ -77,14 +84,15 @@ def open_with(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: b
 
 
 def _config(region: str | None, profile: str | None, endpoint_url: str | None,
-            cache_size: int, max_fetches: int, read_timeout: float, request_timeout: float
-            ) -> EngineConfig:
+            cache_size: int, max_fetches: int, read_timeout: float, request_timeout: float,
+            cache_dir: str | None, cache_dir_size: int) -> EngineConfig:
     connection = ConnectionOptions(
         region=region, profile=profile, endpoint_url=endpoint_url,
         connect_timeout=min(5.0, request_timeout), read_timeout=request_timeout,
     )
     return EngineConfig(connection=connection, cache_size=cache_size,
-                        max_fetches=max_fetches, read_timeout=read_timeout)
+                        max_fetches=max_fetches, read_timeout=read_timeout,
+                        cache_dir=cache_dir, cache_dir_size=cache_dir_size)
 
 
 class _SharedLoop:
@@ -210,6 +218,10 @@ class SnapshotFile(_WindowFile):
         if earlier._loop is not self._loop:
             raise ValueError("changes_since needs two files of one open_snapshots call")
         return self._loop.call(self._loop.engine.diff, earlier.snapshot_id, self.snapshot_id)
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine has done so far, as `ebsfs stats --json` shows it."""
+        return self._loop.engine.stats.report()
 
     def close(self) -> None:
         if not self.closed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import json
 import logging
 import os
 import stat
@@ -54,8 +55,10 @@ def answered(handler: Handler) -> Handler:
 class EbsOperations(pyfuse3.Operations):
     """A flat, read-only directory of the file nodes of files.py."""
 
-    def __init__(self, nodes: list[Node], mtime: float | None = None) -> None:
+    def __init__(self, nodes: list[Node], mtime: float | None = None,
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self._stats = stats
         self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
         self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
@@ -195,10 +198,14 @@ class EbsOperations(pyfuse3.Operations):
         return data
 
     def xattrs(self, inode: int) -> dict[bytes, bytes]:
-        """Extended attributes: the serving process on the root (for `ebsfs umount`),
-        the snapshot id and volume size on each image."""
+        """Extended attributes: the serving process (for `ebsfs umount`) and the
+        engine's counters as JSON (for `ebsfs stats`) on the root, the snapshot id and
+        volume size on each image."""
         if inode == ROOT_INODE:
-            return {b"user.ebsfs.pid": str(os.getpid()).encode()}
+            attrs = {b"user.ebsfs.pid": str(os.getpid()).encode()}
+            if self._stats is not None:
+                attrs[b"user.ebsfs.stats"] = json.dumps(self._stats()).encode()
+            return attrs
         node = self._nodes.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)

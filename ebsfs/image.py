@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -15,6 +16,10 @@ from ebsfs.errors import EbsfsError, InvalidBlockToken
 from ebsfs.index import BlockIndex, ChangeIndex
 from ebsfs.prefetch import Readahead, ReadPattern
 from ebsfs.remote import RemoteSnapshots
+from ebsfs.stats import Stats
+
+if TYPE_CHECKING:
+    from ebsfs.diskcache import DiskView
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,8 @@ class SnapshotImage:
     def __init__(
         self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
         remote: RemoteSnapshots, readahead: Readahead | None = None,
-        read_timeout: float = 60.0, max_window: int = 256,
+        read_timeout: float = 60.0, max_window: int = 256, disk: DiskView | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.snapshot_id = snapshot_id
         self.size = size
@@ -47,6 +53,9 @@ class SnapshotImage:
         self.read_timeout = read_timeout
         self.max_window = max_window
         """Read-ahead of one reader never passes this many blocks (a cache budget)."""
+        self.disk = disk
+        """Blocks on local disk, looked at before the service is called."""
+        self.stats = stats or Stats()
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
@@ -92,22 +101,34 @@ class SnapshotImage:
     async def block(self, index: int) -> Block:
         """Block `index` as verified, with its checksum (zeros and None if never
         written)."""
-        owner = await self._owner(index) if self.base is not None else self
+        if self.base is None:
+            return await self._own_block(index)
+        owner = await self._owner(index)
+        if owner is not self and (owner.snapshot_id, index) in self.cache:
+            self.stats.lineage_hits += 1
         return await owner._own_block(index)
 
     async def _own_block(self, index: int) -> Block:
         token = await self.index.token(index)
         if token is None:
             return NEVER_WRITTEN
+        if (self.snapshot_id, index) in self.cache:
+            self.stats.memory_hits += 1
         return await self.cache.get(
             (self.snapshot_id, index), lambda room: self._fetch(index, token, room)
         )
 
     async def _fetch(self, index: int, token: str, room: memoryview | None) -> Block:
+        """The block from the disk cache if it holds it verified, else from the service
+        (then kept on disk)."""
+        if self.disk is not None:
+            found = await self.disk.load(index, room)
+            if found is not None:
+                return found
         for _ in range(TOKEN_REFRESHES):
             try:
-                return await self.remote.get_snapshot_block(self.snapshot_id, index, token,
-                                                            into=room)
+                block = await self.remote.get_snapshot_block(self.snapshot_id, index, token,
+                                                             into=room)
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
                 self.index.invalidate(index)
@@ -115,6 +136,11 @@ class SnapshotImage:
                 if fresh is None:
                     return NEVER_WRITTEN
                 token = fresh
+            else:
+                self.stats.blocks_fetched += 1
+                if self.disk is not None:
+                    await self.disk.store(index, block)
+                return block
         raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
 
     async def _prefetch(self, index: int) -> None:
@@ -183,8 +209,10 @@ class SnapshotImage:
             return None
         slab = self.cache.peek_span(self.snapshot_id, first, last)
         if slab is not None:
+            self.stats.memory_hits += 2
             return [slab]
         blocks: list[bytes | memoryview] = []
+        hits = 0
         for i in range(first, last + 1):
             known, token = self.index.peek(i)
             if not known:
@@ -192,7 +220,9 @@ class SnapshotImage:
             data = ZERO_BLOCK if token is None else self.cache.peek((self.snapshot_id, i))
             if data is None:
                 return None
+            hits += token is not None
             blocks.append(data)
+        self.stats.memory_hits += hits
         return blocks
 
     async def _read_span(self, offset: int, end: int, first: int, last: int,

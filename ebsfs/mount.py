@@ -90,7 +90,8 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         nonlocal initialized, stopped_by_signal
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            ops = EbsOperations(await snapshot_nodes(engine, config.start_times))
+            ops = EbsOperations(await snapshot_nodes(engine, config.start_times),
+                                stats=engine.stats.report)
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))
             except RuntimeError as err:
@@ -128,6 +129,7 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         if initialized:
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", config.mountpoint)
+        engine.close()
 
 
 def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:

@@ -45,6 +45,7 @@ def test_parse_size(text, expected) -> None:
     (["--cache-size", "lots"], ["--cache-size", "lots"]),
     (["--max-fetches", "0"], ["--max-fetches"]),
     (["--read-timeout", "-1"], ["--read-timeout"]),
+    (["--cache-dir-size", "big"], ["--cache-dir-size", "big"]),
 ])
 def test_bad_option_values(args, words, mnt) -> None:
     assert_one_line_error(ebsfs("mount", *args, SNAP, str(mnt)), *words)
@@ -145,8 +146,33 @@ def test_help_explains_every_option() -> None:
     assert result.returncode == 0
     for option in ("--foreground", "--cache-size", "--max-fetches", "--read-timeout",
                    "--allow-other", "--region", "--profile", "--endpoint-url", "--verbose",
-                   "--log-file"):
+                   "--log-file", "--cache-dir", "--cache-dir-size"):
         assert option in result.stdout
+    result = ebsfs("stats", "--help")
+    assert result.returncode == 0 and "--json" in result.stdout
+
+
+@pytest.mark.parametrize("setup,words", [
+    ("file", ["is not a directory"]),
+    ("foreign", ["is not empty and is not an ebsfs cache"]),
+    ("small", ["cache dir size must be at least 1M"]),
+])
+def test_cache_dirs_that_cannot_work(emulator: EmulatorServer, mnt, tmp_path, setup,
+                                     words) -> None:
+    emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
+    cache = tmp_path / "cache"
+    size = ["--cache-dir-size", "100k"] if setup == "small" else []
+    if setup == "file":
+        cache.write_text("x")
+    elif setup == "foreign":
+        cache.mkdir()
+        (cache / "thesis.tex").write_text("mine")
+    result = ebsfs("mount", "--endpoint-url", emulator.url, "--cache-dir", str(cache), *size,
+                   SNAP, str(mnt))
+    assert_one_line_error(result, *words)
+    assert not os.path.ismount(mnt)
+    if setup == "foreign":
+        assert os.listdir(cache) == ["thesis.tex"]
 
 
 @needs_fuse

@@ -139,6 +139,21 @@ def test_region_and_endpoint_from_the_environment(served, monkeypatch) -> None:
 
 
 @pytest.mark.expected_log()
+def test_a_cache_dir_serves_the_next_file_with_no_block_calls(served, source,
+                                                               tmp_path) -> None:
+    data = source.read_bytes()
+    written = len(served.store.get(SNAP).indexes)
+    with ebsfs.open(SNAP, endpoint_url=served.url, cache_dir=str(tmp_path / "c")) as f:
+        assert f.read(SIZE) == data
+        assert f.stats()["blocks_fetched"] == written
+    served.counters.reset()
+    with ebsfs.open(SNAP, endpoint_url=served.url, cache_dir=str(tmp_path / "c")) as f:
+        assert f.read(SIZE) == data
+        stats = f.stats()
+    assert served.counters.calls["GetSnapshotBlock"] == 0
+    assert stats["disk_hits"] == written and stats["calls"]["GetSnapshotBlock"] == 0
+
+
 def test_errors_map_as_documented(served, source) -> None:
     with pytest.raises(InvalidSnapshotId):
         ebsfs.open("vol-0123", endpoint_url=served.url)
