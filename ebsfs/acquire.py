@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import collections
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -56,6 +57,7 @@ from ebsfs.manifest import (
     side_file_path,
     write_manifest,
 )
+from ebsfs.remote import in_worker
 from ebsfs.target import (
     ZEROS,
     DeviceTarget,
@@ -349,6 +351,8 @@ class _Slot:
     """On the target (or, for a stream, in hand): False for a block that turned out
     never written."""
     error: BaseException | None = None
+    fetching: bool = False
+    """Counted among the blocks being fetched (Copy._fetching)."""
 
 
 class Copy:
@@ -387,6 +391,13 @@ class Copy:
         written (a file or device) or streamed."""
         self._disk = trio.CapacityLimiter(8)
         self._hashing = trio.CapacityLimiter(3)
+        self._back = bytearray(0 if target.stream else BATCH_BYTES)
+        """Where consecutive written blocks are read back to be hashed (one batch at a
+        time: _consume digests batches in order, each done before the next)."""
+        self._fetching = 0
+        """Blocks being fetched: kept to what the service needs in flight (the
+        engine's read-ahead depth), not the window, which bounds memory only."""
+        self._fetch_done = trio.Event()
 
     async def run(self) -> None:
         self.progress.start(self.image.size, 0)
@@ -449,10 +460,30 @@ class Copy:
             async for step in steps:
                 if isinstance(step, _Slot):
                     await self._held.acquire()
+                    if step.source == FETCH:
+                        await self._fetch_room()
                     nursery.start_soon(self._obtain, step)
                 await send.send(step)
 
+    def _fetched(self, slot: _Slot) -> None:
+        """The slot's call is over (its block is fetched, or it failed): make room for
+        the next fetch, before the block is written."""
+        if slot.fetching:
+            slot.fetching = False
+            self._fetching -= 1
+            self._fetch_done.set()
+
+    async def _fetch_room(self) -> None:
+        """Wait until fewer blocks are being fetched than the service needs in flight
+        (remote.depth(): the bandwidth-delay product, as for a mount's read-ahead).
+        More would only queue behind each other on this machine's CPU."""
+        while self._fetching >= self.image.remote.depth():
+            self._fetch_done = trio.Event()
+            await self._fetch_done.wait()
+        self._fetching += 1
+
     async def _obtain(self, slot: _Slot) -> None:
+        slot.fetching = slot.source == FETCH
         try:
             await self._obtain_block(slot)
         except EbsfsError as err:
@@ -463,6 +494,7 @@ class Copy:
                 self._failure = err
                 self._nursery.cancel_scope.cancel()
         finally:
+            self._fetched(slot)
             if not self.target.stream:  # on disk now: the hasher reads it back
                 slot.data = None
                 self._held.release()
@@ -492,6 +524,7 @@ class Copy:
         else:
             with trio.move_on_after(self.read_timeout) as scope:
                 block = await self.image.block(slot.index)
+            self._fetched(slot)
             if scope.cancelled_caught:
                 raise ReadFailed(f"{self.image.snapshot_id}: block {slot.index} took over "
                                  f"{self.read_timeout:.0f}s")
@@ -500,8 +533,8 @@ class Copy:
                 return
             slot.data, slot.digest = block.data, base64.b64decode(block.checksum)
         if not self.target.stream:
-            await trio.to_thread.run_sync(self._write, slot.index, slot.data, slot.digest,
-                                          limiter=self._disk)
+            await in_worker(self._disk, functools.partial(
+                self._write, slot.index, slot.data, slot.digest), abandon_on_cancel=False)
         slot.written = True
 
     def _read_back(self, offset: int, digest: bytes) -> bytes | None:
@@ -578,15 +611,14 @@ class Copy:
         assert self.position == first * BLOCK_SIZE
         if self.target.stream:
             data: list[bytes | memoryview | None] = [slot.data for slot in slots]
-        else:  # consecutive blocks: one read back
-            back = await trio.to_thread.run_sync(
-                self.target.read, first * BLOCK_SIZE, len(slots) * BLOCK_SIZE,
-                limiter=self._disk)
-            if len(back) != len(slots) * BLOCK_SIZE:
-                raise OutputError(f"{self.target.name} ended at {first * BLOCK_SIZE + len(back)}"
+        else:  # consecutive blocks: one read back, into the one buffer kept for it
+            room = memoryview(self._back)[: len(slots) * BLOCK_SIZE]
+            got = await in_worker(self._disk, functools.partial(
+                self.target.read_into, first * BLOCK_SIZE, room), abandon_on_cancel=False)
+            if got != len(room):
+                raise OutputError(f"{self.target.name} ended at {first * BLOCK_SIZE + got}"
                                   " while being written")
-            view = memoryview(back)
-            data = [view[n * BLOCK_SIZE : (n + 1) * BLOCK_SIZE] for n in range(len(slots))]
+            data = [room[n * BLOCK_SIZE : (n + 1) * BLOCK_SIZE] for n in range(len(slots))]
         async with trio.open_nursery() as nursery:
             for hasher in self._hashers():
                 nursery.start_soon(self._in_thread, _update, hasher, data)
@@ -611,7 +643,7 @@ class Copy:
         return [self.sha256] if self.md5 is None else [self.sha256, self.md5]
 
     async def _in_thread(self, fn: Any, *args: Any) -> None:
-        await trio.to_thread.run_sync(fn, *args, limiter=self._hashing)
+        await in_worker(self._hashing, functools.partial(fn, *args), abandon_on_cancel=False)
 
     async def _zeros(self, start: int, stop: int) -> None:
         """Bytes [start, stop) the snapshot never wrote: hashed as zeros, zeroed on

@@ -48,12 +48,14 @@ class AdaptiveLimit:
             self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
 
 
-async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T]) -> T:
-    """`work()` in a worker thread under `limiter`: trio.to_thread.run_sync with
-    abandon_on_cancel=True, minus what costs per call and is not needed here (naming
-    the OS thread twice per call, context copies): a read that timed out answers EIO
+async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T], *,
+                    abandon_on_cancel: bool = True) -> T:
+    """`work()` in a worker thread under `limiter`: trio.to_thread.run_sync, minus what
+    costs per call and is not needed here (naming the OS thread twice per call, context
+    copies). Abandoned on cancellation by default: a read that timed out answers EIO
     now, and the thread ends on its own within the client's timeouts, releasing its
-    place in the limiter only then."""
+    place in the limiter only then. Otherwise a cancellation waits for the work (a
+    write must not be left running)."""
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
     token = trio.lowlevel.current_trio_token()
@@ -71,6 +73,8 @@ async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T]) -> T:
 
     def abort(_: Any) -> trio.lowlevel.Abort:
         nonlocal abandoned
+        if not abandon_on_cancel:
+            return trio.lowlevel.Abort.FAILED  # `done` reschedules us with the result
         abandoned = True
         return trio.lowlevel.Abort.SUCCEEDED
 

@@ -51,6 +51,13 @@ class Target:
     def read(self, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
+    def read_into(self, offset: int, room: memoryview) -> int:
+        """Read back into `room` (no new buffer, whose fresh pages would be faulted in
+        for every batch); the bytes read."""
+        data = self.read(offset, len(room))
+        room[: len(data)] = data
+        return len(data)
+
     def zero(self, offset: int, length: int) -> None:
         """Bytes the snapshot never wrote: make them read as zeros."""
         raise NotImplementedError
@@ -93,6 +100,12 @@ class FileTarget(Target):
     def read(self, offset: int, size: int) -> bytes:
         try:
             return os.pread(self.fd, size, offset)
+        except OSError as err:
+            raise failure("cannot read", self.part, err) from err
+
+    def read_into(self, offset: int, room: memoryview) -> int:
+        try:
+            return os.preadv(self.fd, [room], offset)
         except OSError as err:
             raise failure("cannot read", self.part, err) from err
 
@@ -156,6 +169,12 @@ class DeviceTarget(Target):
     def read(self, offset: int, size: int) -> bytes:
         try:
             return os.pread(self.fd, size, offset)
+        except OSError as err:
+            raise failure("cannot read", self.path, err) from err
+
+    def read_into(self, offset: int, room: memoryview) -> int:
+        try:
+            return os.preadv(self.fd, [room], offset)
         except OSError as err:
             raise failure("cannot read", self.path, err) from err
 

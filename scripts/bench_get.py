@@ -9,10 +9,10 @@
 3. dsnap (PyPI), the Python peer that downloads whole snapshots.
 
 For each latency (default 20 and 100 ms per call, plus up to half that in jitter) and
-each layout, dense (every block written) and sparse (the same data spread one block in
---sparse-every over a larger volume), --rounds rounds alternate the three, since this
-machine's speed drifts. Figures are medians: seconds per copy, and MB/s of written
-data; ratios are medians of each round's own. The emulator runs as its own process
+each layout, dense (1 GiB, every block written) and sparse (2 GiB, 60 % of the blocks
+written at random, as in bench_read.py), --rounds rounds alternate the three, since
+this machine's speed drifts. Figures are medians: seconds per copy, and MB/s of image;
+ratios are medians of each round's own. The emulator runs as its own process
 with the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs dsnap
 (`EBSFS_BENCH=1 bash scripts/setup.sh`) unless --skip-dsnap; no root.
 
@@ -27,7 +27,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -46,17 +45,6 @@ from ebsfs.emulator.diskimage import random_image  # noqa: E402
 MB = 1e6
 DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
 TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap")
-
-
-def sparse_image(path: Path, size: int, every: int, seed: int) -> None:
-    """`size` bytes of random blocks, one at every `every`-th block index."""
-    rng = random.Random(seed)
-    count = size // BLOCK_SIZE
-    with open(path, "wb") as f:
-        f.truncate(count * every * BLOCK_SIZE)
-        for n in range(count):
-            f.seek(n * every * BLOCK_SIZE)
-            f.write(rng.randbytes(BLOCK_SIZE))
 
 
 def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -149,10 +137,10 @@ def dsnap(url: str, snapshot_id: str, out_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=1100,
-                        help="written data per snapshot (MiB, default 1100)")
-    parser.add_argument("--sparse-every", type=int, default=4,
-                        help="the sparse snapshot writes one block in this many (default 4)")
+    parser.add_argument("--dense-mib", type=int, default=1024, help="dense image (MiB)")
+    parser.add_argument("--sparse-mib", type=int, default=2048, help="sparse image (MiB)")
+    parser.add_argument("--written", type=float, default=0.6,
+                        help="share of the sparse image's blocks written (default 0.6)")
     parser.add_argument("--latency", type=float, action="append",
                         help="seconds per call (repeatable; default 0.02 and 0.1)")
     parser.add_argument("--get-option", action="append", default=[], metavar="OPTION",
@@ -167,13 +155,13 @@ def main() -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    size = args.size_mib * 1024 * 1024 // BLOCK_SIZE * BLOCK_SIZE
+    sizes = {"dense": args.dense_mib * 1024 * 1024, "sparse": args.sparse_mib * 1024 * 1024}
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         dense, sparse = tmp / "dense.img", tmp / "sparse.img"
-        random_image(dense, size, seed=5)
-        sparse_image(sparse, size, args.sparse_every, seed=6)
+        random_image(dense, sizes["dense"], seed=5)
+        random_image(sparse, sizes["sparse"], seed=6, written=args.written)
         out_dir = tmp / "out"
         out_dir.mkdir()
         for latency in latencies:
@@ -198,14 +186,15 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait()
-    report(args, latencies, tools, size, seconds)
+    report(args, latencies, tools, sizes, seconds)
 
 
-def report(args: argparse.Namespace, latencies: list[float], tools: list[str], size: int,
-           seconds: dict[str, list[float]]) -> None:
-    print(f"whole-snapshot copies of {size / 2**20:.0f} MiB of written data (sparse: one "
-          f"block in {args.sparse_every}), {args.rounds} rounds, latency + up to half in "
-          f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}:")
+def report(args: argparse.Namespace, latencies: list[float], tools: list[str],
+           sizes: dict[str, int], seconds: dict[str, list[float]]) -> None:
+    print(f"whole-snapshot copies (dense {args.dense_mib} MiB; sparse {args.sparse_mib} MiB, "
+          f"{args.written:.0%} written), {args.rounds} rounds, latency + up to half in "
+          f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}"
+          " (MB/s of image):")
     figures: dict[str, object] = {}
     for latency in latencies:
         for layout in ("dense", "sparse"):
@@ -213,7 +202,7 @@ def report(args: argparse.Namespace, latencies: list[float], tools: list[str], s
             for tool in tools:
                 runs = seconds[f"{prefix}:{tool}"]
                 figures[f"{prefix}:{tool}"] = runs
-                rate = size / statistics.median(runs) / MB
+                rate = sizes[layout] / statistics.median(runs) / MB
                 print(f"  {prefix:<14} {tool:<13} {statistics.median(runs):7.2f} s "
                       f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})")
             for other in tools[1:]:
