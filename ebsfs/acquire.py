@@ -30,7 +30,7 @@ import os
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -57,6 +57,7 @@ from ebsfs.manifest import (
     side_file_path,
     write_manifest,
 )
+from ebsfs.progress import Progress, QuietProgress
 from ebsfs.remote import in_worker
 from ebsfs.target import (
     ZEROS,
@@ -80,28 +81,6 @@ LOOKAHEAD = 16384
 device: they hold no data, a few hundred bytes each."""
 STATE_EVERY = 2.0
 """Seconds between saves of the state (how far a device has been zeroed)."""
-
-
-class Progress(Protocol):
-    """What a face shows while a copy runs (the CLI: a bar or a line every few
-    seconds). Called on the engine's loop; must not block."""
-
-    def start(self, total: int, done: int) -> None: ...
-
-    def update(self, done: int, fetched: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class NoProgress:
-    def start(self, total: int, done: int) -> None:
-        pass
-
-    def update(self, done: int, fetched: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -705,7 +684,7 @@ def get(config: EngineConfig, request: GetRequest, progress: Progress | None = N
         api: Any = None) -> GetResult:
     """Copy a snapshot as `request` says, resuming an unfinished run of the same copy.
     Raises typed EbsfsErrors; nothing downloaded is lost on any of them."""
-    progress = progress or NoProgress()
+    progress = progress or QuietProgress()
     layout = Layout.of(request)
     done, state = preflight(request, layout)
     if done is not None:

@@ -190,11 +190,14 @@ class SnapshotImage:
         listing never stalls the reader."""
         assert self.readahead is not None
         limit = min(self.max_window, self.remote.depth())
+        frontier = stream.frontier
         for ahead in stream.observe(offset, size, limit, self.index.next_listed):
             if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
                 continue
             if self.readahead.submit(functools.partial(self._prefetch, ahead)):
                 self._prefetching.add(ahead)
+        if stream.frontier == frontier:
+            return
         chunk_blocks = self.index.chunk_blocks
         upcoming = stream.frontier + chunk_blocks // 2
         if stream.frontier and upcoming < self.index.volume_blocks:

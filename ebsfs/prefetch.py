@@ -59,6 +59,10 @@ class ReadPattern:
         """Blocks holding data (or maybe: not listed yet) that this run has read."""
         self._counted = -1
         """Blocks of the run up to this index are counted in _run_data."""
+        self._rescan_at = 0
+        """The next scan for blocks to fetch waits until the reader is past this block:
+        half way through what lies ahead (a warm reader's 1 MiB reads then cost no
+        index lookups: docs/performance.md)."""
 
     def observe(self, offset: int, size: int, limit: int, next_listed: NextListed
                 ) -> list[int]:
@@ -81,7 +85,10 @@ class ReadPattern:
             self._ahead.clear()
             self._run_data = 0
             self._counted = offset // self.block_size - 1
+            self._rescan_at = 0
         reader = (self._expected - 1) // self.block_size
+        if sequential and reader < self._rescan_at:
+            return []
         if size > 0:
             self._count_data(reader, next_listed)
         if (size <= 0 or not sequential or not self._run_data
@@ -111,6 +118,8 @@ class ReadPattern:
             self._ahead.append(found)
             frontier = found + 1
         self._frontier = frontier
+        if len(self._ahead) >= self.window:  # full: look again half way through it
+            self._rescan_at = self._ahead[len(self._ahead) // 2]
         return wanted
 
     def _window_for_run(self) -> int:
@@ -123,7 +132,7 @@ class ReadPattern:
     def _count_data(self, reader: int, next_listed: NextListed) -> None:
         """Add the blocks holding data in (_counted, reader] to _run_data."""
         index = self._counted + 1
-        for _ in range(SCAN_STEPS):
+        for _ in range(16 * SCAN_STEPS):
             if index > reader:
                 break
             found, known = next_listed(index)

@@ -1,7 +1,7 @@
-"""The command line's progress display for `get` and `verify` (part of the CLI face:
-the copy and the check only report numbers). On a terminal, a tqdm bar with bytes,
-rate and time left; otherwise a plain line every few seconds, which logs and CI keep
-readable; nothing with --quiet.
+"""Progress of `get` and `verify`: what the copy and the check report (the Progress
+protocol: numbers only), and the command line's displays of it. On a terminal, a tqdm
+bar with bytes, rate and time left; otherwise a plain line every few seconds, which
+logs and CI keep readable; nothing with --quiet.
 
 tqdm because it is small, has no dependencies, is widely kept, and gets rate
 smoothing, time left and terminal width right, which our own code would not."""
@@ -11,11 +11,22 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
 from ebsfs.diff import human
+
+
+class Progress(Protocol):
+    """What a face shows while a copy or a check runs. Called on the task's own loop or
+    thread; must not block."""
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def update(self, done: int, fetched: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class BarProgress:
@@ -96,6 +107,8 @@ class LineProgress:
 
 
 class QuietProgress:
+    """Nothing shown (--quiet, or a caller with no display)."""
+
     def start(self, total: int, done: int) -> None:
         pass
 

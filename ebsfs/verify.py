@@ -10,11 +10,11 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ebsfs import BLOCK_SIZE
 from ebsfs.errors import OutputError, VerifyFailed
 from ebsfs.manifest import Manifest, manifest_path, read_manifest
+from ebsfs.progress import Progress, QuietProgress
 from ebsfs.target import is_block_device
 
 READ_BYTES = 16 * 1024**2
@@ -22,27 +22,6 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 
 BadBlock = Callable[[int, int, str], None]
 """Told of each bad block as it is found: (block index, byte offset, what is wrong)."""
-
-
-class VerifyProgress(Protocol):
-    """What a face shows while the image is read (as for `get`)."""
-
-    def start(self, total: int, done: int) -> None: ...
-
-    def update(self, done: int, fetched: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _Silent:
-    def start(self, total: int, done: int) -> None:
-        pass
-
-    def update(self, done: int, fetched: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -59,12 +38,12 @@ class VerifyResult:
 
 
 def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None = None,
-           progress: VerifyProgress | None = None) -> VerifyResult:
+           progress: Progress | None = None) -> VerifyResult:
     """Check `image` against its manifest (default IMAGE.manifest.json). Bad blocks go
     to `on_bad` as found; the result says whether all matched. Raises ManifestError
     or OutputError when the check cannot be made at all."""
     manifest = read_manifest(manifest_file or manifest_path(image))
-    progress = progress or _Silent()
+    progress = progress or QuietProgress()
     try:
         fd = os.open(image, os.O_RDONLY)
     except OSError as err:
@@ -83,7 +62,7 @@ def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None
 
 
 def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
-           progress: VerifyProgress) -> VerifyResult:
+           progress: Progress) -> VerifyResult:
     sha256 = hashlib.sha256()
     md5 = hashlib.md5() if manifest.md5 is not None else None
     hashers = [sha256] if md5 is None else [sha256, md5]

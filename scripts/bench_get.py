@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs import BLOCK_SIZE  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
+from scripts.bench_read import dsnap  # noqa: E402
 
 MB = 1e6
 DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
@@ -118,23 +119,6 @@ def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> 
     return seconds
 
 
-def dsnap(url: str, snapshot_id: str, out_dir: Path) -> float:
-    code = (
-        "import boto3\n"
-        "from dsnap.snapshot import LocalSnapshot\n"
-        f"s = LocalSnapshot({str(out_dir)!r}, {snapshot_id!r}, "
-        "boto3_session=boto3.session.Session(region_name='us-east-1'))\n"
-        "s.fetch(force=True)\n"
-    )
-    env = {**os.environ, "AWS_ENDPOINT_URL": url}
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.monotonic() - started
-    (out_dir / f"{snapshot_id}.img").unlink()
-    return seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense-mib", type=int, default=1024, help="dense image (MiB)")
@@ -181,7 +165,7 @@ def main() -> None:
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
                             else:
-                                took = dsnap(url, snapshot_id, out_dir)
+                                took = dsnap(url, out_dir, snapshot_id)
                             seconds.setdefault(key, []).append(took)
             finally:
                 proc.terminate()

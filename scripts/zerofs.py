@@ -3,7 +3,10 @@
 It measures the FUSE ceiling of this machine for bench_read.py (same stack as ebsfs:
 pyfuse3 + trio, same mount options, same kernel cache settings).
 
-    zerofs.py MOUNTPOINT SIZE_BYTES      (foreground; SIGTERM or Ctrl-C unmounts)
+    zerofs.py MOUNTPOINT SIZE_BYTES [--distinct]    (foreground; SIGTERM or Ctrl-C unmounts)
+
+With --distinct, replies come from SIZE bytes of memory (as ebsfs's replies come from
+its cache), not from one hot 1 MiB buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ZeroFS(pyfuse3.Operations):
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self.distinct: bytearray | None = None
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -47,14 +51,22 @@ class ZeroFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # pyfuse3 replies from any buffer
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         size = max(0, min(size, self.size - off))
+        if self.distinct is not None:  # as ebsfs does: each offset its own memory
+            at = off % (len(self.distinct) - size + 1)
+            return memoryview(self.distinct)[at : at + size]
         return ZEROS[:size] if size <= len(ZEROS) else bytes(size)
 
 
 def main() -> None:
     mountpoint, size = sys.argv[1], int(sys.argv[2])
-    pyfuse3.init(ZeroFS(size), mountpoint, set(pyfuse3.default_options) | {"ro", "fsname=zerofs"})
+    fs = ZeroFS(size)
+    if len(sys.argv) > 3 and sys.argv[3] == "--distinct":
+        fs.distinct = bytearray(b"\1" * size)  # replies from as much memory as ebsfs's cache
+    pyfuse3.init(fs, mountpoint, set(pyfuse3.default_options) | {"ro", "fsname=zerofs"})
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
