@@ -16,7 +16,7 @@ ratios are medians of each round's own. The emulator runs as its own process
 with the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs dsnap
 (`EBSFS_BENCH=1 bash scripts/setup.sh`) unless --skip-dsnap; no root.
 
-    .venv/bin/python scripts/bench_get.py [--size-mib 1100] [--rounds 3]
+    .venv/bin/python scripts/bench_get.py [--latency 0.02 --latency 0.1] [--rounds 3]
 """
 
 from __future__ import annotations
