@@ -384,10 +384,11 @@ def mbr_disk(path: Path, size: int = 96 * MiB, chs_aligned: bool = False) -> Dis
 
 
 @contextlib.contextmanager
-def loop_device(file: Path, offset: int = 0, size: int | None = None) -> Iterator[str]:
-    """A read-only loop device over `size` bytes of `file` from `offset` (all of it by
-    default), always detached."""
-    cmd = ["losetup", "-r", "--show", "-f", "-o", str(offset)]
+def loop_device(file: Path, offset: int = 0, size: int | None = None,
+                writable: bool = False) -> Iterator[str]:
+    """A loop device over `size` bytes of `file` from `offset` (all of it by default),
+    read-only unless `writable`, always detached."""
+    cmd = ["losetup", *([] if writable else ["-r"]), "--show", "-f", "-o", str(offset)]
     if size is not None:
         cmd += ["--sizelimit", str(size)]
     device = _run([*cmd, str(file)]).stdout.strip()

@@ -99,16 +99,6 @@ def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str,
 
 
 @contextlib.contextmanager
-def loop_device(image: Path, offset: int) -> Iterator[str]:
-    device = subprocess.run(["losetup", "-r", "-o", str(offset), "--show", "-f", str(image)],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
-
-
-@contextlib.contextmanager
 def fs_mounted(device: str, target: Path) -> Iterator[Path]:
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-o", "ro,noload", device, str(target)], check=True,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.disks import _ntfs3g, _run, _unmount
+from tests.disks import _ntfs3g, _run, _unmount, loop_device
 
 MiB = 1024 * 1024
 RW_OPTIONS = {"ext4": "rw", "xfs": "rw,nouuid"}
@@ -26,7 +26,7 @@ RW_OPTIONS = {"ext4": "rw", "xfs": "rw,nouuid"}
 
 def mkfs(fstype: str, path: Path, size: int, offset: int = 0) -> None:
     """An empty filesystem in `path` (at `offset` bytes into it, for a partition)."""
-    with loop_device_rw(path, offset, size) as device:
+    with loop_device(path, offset, size, writable=True) as device:
         if fstype == "ext4":
             _run(["mkfs.ext4", "-q", "-F", "-b", "4096", device])
         elif fstype == "xfs":
@@ -40,24 +40,12 @@ def mkfs(fstype: str, path: Path, size: int, offset: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def loop_device_rw(file: Path, offset: int = 0, size: int | None = None) -> Iterator[str]:
-    cmd = ["losetup", "--show", "-f", "-o", str(offset)]
-    if size is not None:
-        cmd += ["--sizelimit", str(size)]
-    device = _run([*cmd, str(file)]).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
-
-
-@contextlib.contextmanager
 def mounted_rw(fstype: str, file: Path, target: Path, offset: int = 0,
                size: int | None = None) -> Iterator[Path]:
     """`file` (or a partition of it) mounted read-write; always unmounted, synced and
     detached."""
     target.mkdir(parents=True, exist_ok=True)
-    with loop_device_rw(file, offset, size) as device:
+    with loop_device(file, offset, size, writable=True) as device:
         if fstype == "ntfs":
             with _ntfs3g(device, target, "rw"):
                 yield target

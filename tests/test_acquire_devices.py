@@ -16,6 +16,7 @@ import pytest
 from ebsfs import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer
 from tests.acquiring import add, digests, file_digest, gets, sparse_blocks
+from tests.disks import loop_device
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs
 from tests.test_cli import assert_one_line_error
@@ -25,16 +26,6 @@ pytestmark = needs_root
 
 SNAP = "snap-0de0"
 GARBAGE = b"\xaa" * BLOCK_SIZE
-
-
-@contextlib.contextmanager
-def loop_device(backing: Path) -> Iterator[str]:
-    device = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
 @contextlib.contextmanager
@@ -62,7 +53,7 @@ def test_get_onto_a_loop_device(emulator: EmulatorServer, tmp_path: Path) -> Non
         f.seek(past)  # past the image: must be left alone
         f.write(GARBAGE)
     manifest_file = tmp_path / "disk.manifest.json"
-    with loop_device(backing) as device:
+    with loop_device(backing, writable=True) as device:
         result = ebsfs("get", "--endpoint-url", emulator.url, "--manifest", str(manifest_file),
                        SNAP, device, timeout=180)
         assert result.returncode == 0, result.stderr
@@ -86,7 +77,7 @@ def test_device_smaller_than_the_volume(emulator: EmulatorServer, tmp_path: Path
     backing = tmp_path / "small.raw"
     with open(backing, "wb") as f:
         f.truncate(GIB // 2)
-    with loop_device(backing) as device:
+    with loop_device(backing, writable=True) as device:
         result = ebsfs("get", "--endpoint-url", emulator.url, "--manifest",
                        str(tmp_path / "m.json"), SNAP, device)
     assert_one_line_error(result, device, "at least the volume's size")

@@ -15,10 +15,10 @@ import pytest
 from ebsfs import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import build_disk, demo_files, random_image
+from tests.disks import loop_device
 from tests.mounting import (
     drop_page_cache,
     fs_mounted,
-    loop_device,
     mounted,
     needs_fuse,
 )
