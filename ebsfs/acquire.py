@@ -5,11 +5,12 @@ Present blocks are fetched concurrently through the engine (its fetch limiter bo
 the calls in flight; every block is checked against its SHA-256 on arrival) and each
 is written at its offset as it comes; never-written blocks are holes (zeroed on a
 device, zeros in a stream). At most `window` blocks are held in memory at once,
-whatever the volume size. The whole-image SHA-256 and MD5 need the bytes in order: a
-file or a device is hashed behind the fetches, reading each block back once it is
-written (from the page cache, as a rule), so fetching never waits for the hashing of
-long never-written runs (MD5 runs at about 0.8 GB/s); a stream holds each block until
-it is hashed and written out in order.
+whatever the volume size. The whole-image SHA-256 and MD5 need the bytes in order:
+each block stays in memory until its turn, and the hashers (and a stream's writer)
+take the image in order in threads of their own (inorder.py), so fetching runs ahead
+while they work through long never-written runs (MD5 runs at about 0.7 GB/s). Blocks
+are not read back from the output for hashing: a file or a device is written with
+O_DIRECT where it allows (target.py), which keeps the image out of the page cache.
 
 Resume: each written block is recorded in the journal (journal.py). Running the same
 command again re-reads the recorded blocks from the output, checks each against its
@@ -21,7 +22,6 @@ is not done: a regular file is OUTPUT.part until then."""
 from __future__ import annotations
 
 import base64
-import collections
 import datetime
 import functools
 import hashlib
@@ -47,6 +47,7 @@ from ebsfs.errors import (
     first_leaf,
 )
 from ebsfs.image import ReadFailed, SnapshotImage
+from ebsfs.inorder import Consumer, InOrder
 from ebsfs.journal import Journal
 from ebsfs.manifest import (
     BlockListWriter,
@@ -72,13 +73,11 @@ from ebsfs.target import (
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 16 * 1024**2
-"""Bytes hashed per worker-thread call (fewer hops onto the trio thread)."""
 ZERO_STEP = 256 * 1024**2
 """Bytes of a hole hashed per call: progress moves and Ctrl-C is heard in between."""
 LOOKAHEAD = 16384
-"""Steps (blocks, 8 GiB of them) fetching may run ahead of the hashing of a file or
-device: they hold no data, a few hundred bytes each."""
+"""Steps (blocks, 8 GiB of them) fetching may run ahead of the hashing: a step holds
+no data until its block is obtained (the window bounds those), a few hundred bytes."""
 STATE_EVERY = 2.0
 """Seconds between saves of the state (how far a device has been zeroed)."""
 
@@ -338,10 +337,11 @@ class Copy:
     """One run of a copy over an engine image into a target.
 
     Concurrency rule: everything runs on the engine's trio loop; blocking file work
-    and hashing go to worker threads (`_disk` for reads and writes at distinct
-    offsets, `_hashing` for the in-order digests and stream writes). A semaphore
-    (`_held`) bounds the blocks in memory; the channel between producer and consumer
-    bounds the steps ahead of the hashing."""
+    goes to worker threads (`_disk`, reads and writes at distinct offsets), and the
+    in-order digests and stream writes to the threads of `_in_order`. A semaphore
+    (`_held`) bounds the blocks in memory (taken before a block is obtained, given
+    back once it is hashed); the channel between producer and consumer bounds the
+    steps ahead of the hashing."""
 
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
@@ -360,19 +360,21 @@ class Copy:
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5() if md5 else None
         self.position = 0
-        """Bytes of the image hashed so far (in order)."""
+        """Bytes of the image handed to the hashers so far (in order)."""
+        self.hashed = 0
+        """Bytes of the image hashed (and streamed) so far."""
         self.zeroed_through = int(state.get("zeroed_through", 0)) if state else 0
         self._saved_at = 0.0
         self._failure: EbsfsError | None = None
         self._nursery: trio.Nursery
         self._held = trio.Semaphore(window)
         """Blocks in memory: taken before a block is obtained, given back once it is
-        written (a file or device) or streamed."""
+        hashed (and streamed)."""
         self._disk = trio.CapacityLimiter(8)
-        self._hashing = trio.CapacityLimiter(3)
-        self._back = bytearray(0 if target.stream else BATCH_BYTES)
-        """Where consecutive written blocks are read back to be hashed (one batch at a
-        time: _consume digests batches in order, each done before the next)."""
+        self._zeros_ahead = trio.Semaphore(LOOKAHEAD)
+        """Runs of zeros handed to the hashers and not yet hashed (they hold no data,
+        but a volume may have millions of them)."""
+        self._in_order: InOrder
         self._fetching = 0
         """Blocks being fetched: kept to what the service needs in flight (the
         engine's read-ahead depth), not the window, which bounds memory only."""
@@ -380,14 +382,17 @@ class Copy:
 
     async def run(self) -> None:
         self.progress.start(self.image.size, 0)
-        # Steps between the producer and the in-order hasher hold no data for a file or
-        # a device (it is on disk by then), so they may run far ahead; a stream's do.
-        ahead = self.window if self.target.stream else max(self.window, LOOKAHEAD)
-        send, receive = trio.open_memory_channel[_Gap | _Slot](ahead)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._produce, nursery, send)
-            await self._consume(receive)
+        # Steps hold no data until their block is obtained (the window bounds those),
+        # so they may run far ahead of the hashing, past long never-written runs.
+        send, receive = trio.open_memory_channel[_Gap | _Slot](max(self.window, LOOKAHEAD))
+        self._in_order = InOrder(self._consumers(), self._consumer_failed)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._produce, nursery, send)
+                await self._consume(receive)
+        finally:
+            self._in_order.close()
         if self._failure is not None:
             raise self._failure
         await self._save_state(force=True)
@@ -474,9 +479,6 @@ class Copy:
                 self._nursery.cancel_scope.cancel()
         finally:
             self._fetched(slot)
-            if not self.target.stream:  # on disk now: the hasher reads it back
-                slot.data = None
-                self._held.release()
             slot.done.set()
 
     async def _obtain_block(self, slot: _Slot) -> None:
@@ -534,95 +536,53 @@ class Copy:
     # -- consuming: hash (and stream) in order ---------------------------------------
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]) -> None:
-        ahead: collections.deque[_Gap | _Slot] = collections.deque()
-        open_ = True
         async with receive:
-            while True:
-                while open_ and len(ahead) < 64:
-                    try:
-                        ahead.append(receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                    except trio.EndOfChannel:
-                        open_ = False
-                if not ahead:
-                    if not open_:
-                        return
-                    try:
-                        ahead.append(await receive.receive())
-                    except trio.EndOfChannel:
-                        open_ = False
+            async for step in receive:
+                if isinstance(step, _Gap):
+                    await self._zeros(step.first * BLOCK_SIZE, step.stop * BLOCK_SIZE)
                     continue
-                head = ahead.popleft()
-                if isinstance(head, _Gap):
-                    await self._zeros(head.first * BLOCK_SIZE, head.stop * BLOCK_SIZE)
-                    continue
-                await head.done.wait()
-                batch = [head]
-                while (ahead and isinstance(ahead[0], _Slot) and ahead[0].done.is_set()
-                       and ahead[0].index == batch[-1].index + 1
-                       and len(batch) * BLOCK_SIZE < BATCH_BYTES):
-                    batch.append(ahead.popleft())  # type: ignore[arg-type]
-                await self._absorb(batch)
-
-    async def _absorb(self, batch: list[_Slot]) -> None:
-        """Hash consecutive present blocks (and stream them) in order."""
-        ready: list[_Slot] = []  # consecutive, so read back at once
-        for slot in batch:
-            await slot.done.wait()
-            if slot.error is not None:
-                raise slot.error
-            if not slot.written:  # turned out never written
-                await self._digest(ready)
-                ready = []
-                if self.target.stream:
+                await step.done.wait()
+                if step.error is not None:
+                    raise step.error
+                offset = step.index * BLOCK_SIZE
+                if not step.written:  # turned out never written
+                    step.data = None
                     self._held.release()
-                offset = slot.index * BLOCK_SIZE
-                await self._zeros(offset, offset + BLOCK_SIZE)
-            else:
-                ready.append(slot)
-        await self._digest(ready)
+                    await self._zeros(offset, offset + BLOCK_SIZE)
+                    continue
+                assert self.position == offset and step.digest is not None
+                self.blocks.add(step.index, step.digest)
+                data, step.data = step.data, None
+                self.position = offset + BLOCK_SIZE
+                self._in_order.feed(offset, data, BLOCK_SIZE, self._block_hashed)
+        await self._in_order.drain()
 
-    async def _digest(self, slots: list[_Slot]) -> None:
-        if not slots:
-            return
-        first = slots[0].index
-        assert self.position == first * BLOCK_SIZE
+    def _block_hashed(self) -> None:
+        self._held.release()
+        self._report(BLOCK_SIZE)
+
+    def _report(self, length: int) -> None:
+        self.hashed += length
+        self.progress.update(self.hashed, self.counts.fetched + self.counts.from_base)
+
+    def _consumers(self) -> list[Consumer]:
+        hashers = [self.sha256] if self.md5 is None else [self.sha256, self.md5]
+        consumers: list[Consumer] = [functools.partial(_update, h) for h in hashers]
         if self.target.stream:
-            data: list[bytes | memoryview | None] = [slot.data for slot in slots]
-        else:  # consecutive blocks: one read back, into the one buffer kept for it
-            room = memoryview(self._back)[: len(slots) * BLOCK_SIZE]
-            got = await in_worker(self._disk, functools.partial(
-                self.target.read_into, first * BLOCK_SIZE, room), abandon_on_cancel=False)
-            if got != len(room):
-                raise OutputError(f"{self.target.name} ended at {first * BLOCK_SIZE + got}"
-                                  " while being written")
-            data = [room[n * BLOCK_SIZE : (n + 1) * BLOCK_SIZE] for n in range(len(slots))]
-        async with trio.open_nursery() as nursery:
-            for hasher in self._hashers():
-                nursery.start_soon(self._in_thread, _update, hasher, data)
-            if self.target.stream:
-                nursery.start_soon(self._in_thread, self._stream, first, data)
-        for slot in slots:
-            assert slot.digest is not None
-            self.blocks.add(slot.index, slot.digest)
-            if self.target.stream:
-                slot.data = None
-                self._held.release()
-        self.position = (slots[-1].index + 1) * BLOCK_SIZE
-        fetched = self.counts.fetched + self.counts.from_base
-        self.progress.update(self.position, fetched)
+            consumers.append(self._stream)
+        return consumers
 
-    def _stream(self, first: int, data: list[bytes | memoryview | None]) -> None:
-        for n, block in enumerate(data):
-            assert block is not None
-            self.target.write((first + n) * BLOCK_SIZE, block)
+    def _stream(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
+        if data is None:
+            self.target.zero(offset, length)
+        else:
+            self.target.write(offset, data)
 
-    def _hashers(self) -> list[Any]:
-        return [self.sha256] if self.md5 is None else [self.sha256, self.md5]
-
-    async def _in_thread(self, fn: Any, *args: Any) -> None:
-        await in_worker(self._hashing, functools.partial(fn, *args), abandon_on_cancel=False)
+    def _consumer_failed(self, err: BaseException) -> None:
+        if self._failure is None:
+            self._failure = err if isinstance(err, EbsfsError) else OutputError(
+                f"{self.target.name}: {err}")
+        self._nursery.cancel_scope.cancel()
 
     async def _zeros(self, start: int, stop: int) -> None:
         """Bytes [start, stop) the snapshot never wrote: hashed as zeros, zeroed on
@@ -630,17 +590,21 @@ class Copy:
         assert self.position == start
         for offset in range(start, stop, ZERO_STEP):
             end = min(offset + ZERO_STEP, stop)
-            async with trio.open_nursery() as nursery:
-                for hasher in self._hashers():
-                    nursery.start_soon(self._in_thread, _update_zeros, hasher, end - offset)
-                # A resumed run skips what an earlier one zeroed on the device.
-                begin = max(offset, self.zeroed_through) if self.target.zeroing_costs else offset
-                if begin < end:
-                    nursery.start_soon(self._in_thread, self.target.zero, begin, end - begin)
+            # A resumed run skips what an earlier one zeroed on the device.
+            begin = max(offset, self.zeroed_through) if self.target.zeroing_costs else offset
+            if self.target.zeroing_costs and begin < end:
+                await in_worker(self._disk, functools.partial(
+                    self.target.zero, begin, end - begin), abandon_on_cancel=False)
+            await self._zeros_ahead.acquire()
+            self._in_order.feed(offset, None, end - offset,
+                                functools.partial(self._zeros_hashed, end - offset))
             self.position = end
             self.zeroed_through = max(self.zeroed_through, end)
-            self.progress.update(self.position, self.counts.fetched + self.counts.from_base)
             await self._save_state()
+
+    def _zeros_hashed(self, length: int) -> None:
+        self._zeros_ahead.release()
+        self._report(length)
 
     async def _save_state(self, force: bool = False) -> None:
         """Remember how far a device is zeroed (a resumed run skips that part)."""
@@ -657,13 +621,11 @@ class Copy:
                                       limiter=self._disk)
 
 
-def _update(hasher: Any, data: list[bytes | memoryview | None]) -> None:
-    for block in data:
-        assert block is not None
-        hasher.update(block)
-
-
-def _update_zeros(hasher: Any, length: int) -> None:
+def _update(hasher: Any, offset: int, data: bytes | memoryview | None, length: int
+            ) -> None:
+    if data is not None:
+        hasher.update(data)
+        return
     view = memoryview(ZEROS)
     while length > 0:
         piece = min(length, len(ZEROS))

@@ -22,6 +22,9 @@ ZEROS = bytes(8 * 1024**2)
 ZERO_PIECE = 1024**3
 """Bytes zeroed per BLKZEROOUT call: progress moves and Ctrl-C is heard between them."""
 RESUME_HINT = "; run the same command again to resume (nothing downloaded is lost)"
+DIRECT_ALIGN = 4096
+"""What O_DIRECT asks of offsets, lengths and buffer addresses (at most a page on the
+file systems and disks we know; a block is 128 of them)."""
 
 
 def failure(what: str, path: str, err: OSError) -> OutputError:
@@ -51,13 +54,6 @@ class Target:
     def read(self, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
-    def read_into(self, offset: int, room: memoryview) -> int:
-        """Read back into `room` (no new buffer, whose fresh pages would be faulted in
-        for every batch); the bytes read."""
-        data = self.read(offset, len(room))
-        room[: len(data)] = data
-        return len(data)
-
     def zero(self, offset: int, length: int) -> None:
         """Bytes the snapshot never wrote: make them read as zeros."""
         raise NotImplementedError
@@ -67,6 +63,41 @@ class Target:
 
     def close(self) -> None:
         pass
+
+
+class DirectWrites:
+    """A second descriptor of the output, opened with O_DIRECT: a fetched block goes
+    from its receive buffer (page-aligned, in the engine's cache) to the disk without a
+    copy into the page cache. A copy of a whole snapshot through the page cache costs
+    a kernel copy of every byte, page-cache memory the size of the image, and its
+    writeback: the largest part of `ebsfs get`'s system time (docs/performance.md).
+    Data O_DIRECT refuses (unaligned: a block read back on resume or from a base image)
+    and file systems without it take the ordinary descriptor."""
+
+    def __init__(self, path: str, flags: int) -> None:
+        self.fd = -1
+        direct = getattr(os, "O_DIRECT", 0)
+        if direct:
+            try:
+                self.fd = os.open(path, flags | direct)
+            except OSError:  # a file system without O_DIRECT: buffered writes only
+                self.fd = -1
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Bytes written directly from the start of `data` (0: write them buffered)."""
+        if self.fd < 0 or offset % DIRECT_ALIGN or len(data) % DIRECT_ALIGN:
+            return 0
+        try:
+            return os.pwrite(self.fd, data, offset)
+        except OSError as err:
+            if err.errno == errno.EINVAL:  # an unaligned buffer
+                return 0
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class FileTarget(Target):
@@ -87,10 +118,13 @@ class FileTarget(Target):
         except OSError as err:
             os.close(self.fd)
             raise failure("cannot size", self.part, err) from err
+        self.direct = DirectWrites(self.part, os.O_WRONLY)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         try:
-            written = os.pwrite(self.fd, data, offset)
+            written = self.direct.write(offset, data)
+            if written < len(data):
+                written += os.pwrite(self.fd, memoryview(data)[written:], offset + written)
         except OSError as err:
             raise failure("cannot write", self.part, err) from err
         if written != len(data):  # a regular file writes all or fails (ENOSPC next)
@@ -100,12 +134,6 @@ class FileTarget(Target):
     def read(self, offset: int, size: int) -> bytes:
         try:
             return os.pread(self.fd, size, offset)
-        except OSError as err:
-            raise failure("cannot read", self.part, err) from err
-
-    def read_into(self, offset: int, room: memoryview) -> int:
-        try:
-            return os.preadv(self.fd, [room], offset)
         except OSError as err:
             raise failure("cannot read", self.part, err) from err
 
@@ -125,6 +153,7 @@ class FileTarget(Target):
         self.name = self.path
 
     def close(self) -> None:
+        self.direct.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -155,13 +184,15 @@ class DeviceTarget(Target):
             os.close(self.fd)
             raise OutputError(f"{path} holds {capacity} bytes, the snapshot {size}: the "
                               "device must be at least the volume's size")
+        # Not O_EXCL: this process holds the device exclusively through self.fd.
+        self.direct = DirectWrites(path, os.O_WRONLY)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert offset + len(data) <= self.size
         view = memoryview(data)
         try:
             while view:
-                written = os.pwrite(self.fd, view, offset)
+                written = self.direct.write(offset, view) or os.pwrite(self.fd, view, offset)
                 view, offset = view[written:], offset + written
         except OSError as err:
             raise failure("cannot write", self.path, err) from err
@@ -169,12 +200,6 @@ class DeviceTarget(Target):
     def read(self, offset: int, size: int) -> bytes:
         try:
             return os.pread(self.fd, size, offset)
-        except OSError as err:
-            raise failure("cannot read", self.path, err) from err
-
-    def read_into(self, offset: int, room: memoryview) -> int:
-        try:
-            return os.preadv(self.fd, [room], offset)
         except OSError as err:
             raise failure("cannot read", self.path, err) from err
 
@@ -202,6 +227,7 @@ class DeviceTarget(Target):
             raise failure("cannot flush", self.path, err) from err
 
     def close(self) -> None:
+        self.direct.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

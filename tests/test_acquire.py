@@ -123,6 +123,32 @@ def test_stream_to_stdout_is_the_exact_image(emulator: EmulatorServer, tmp_path:
     assert not list(tmp_path.glob("*.part*"))
 
 
+def test_stream_whose_reader_stops_ends_in_one_line(emulator: EmulatorServer,
+                                                   tmp_path: Path) -> None:
+    """`ebsfs get SNAP - | head -c ...`: the writer thread's failure ends the copy at
+    once, with the cause, and no manifest claims a finished image."""
+    blocks = sparse_blocks(5, volume_gib=1, every=3)
+    add(emulator.store, SNAP, blocks, volume_gib=1)
+    manifest_file = tmp_path / "stream.manifest.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebsfs", "get", "--endpoint-url", emulator.url, "-q", SNAP,
+         "-", "--manifest", str(manifest_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(3 * BLOCK_SIZE)
+    proc.stdout.close()
+    try:
+        stderr = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    expected = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(3))
+    assert head == expected
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
+                          "standard output was closed")
+    assert not manifest_file.exists()
+
+
 def ebsfs_bytes(url: str, *args: str):  # type: ignore[no-untyped-def]
     return subprocess.run([sys.executable, "-m", "ebsfs", "get", "--endpoint-url", url,
                            "-q", *args], capture_output=True, stdin=subprocess.DEVNULL,

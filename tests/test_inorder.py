@@ -1,0 +1,117 @@
+"""InOrder: every consumer takes every piece in the order fed, each in its own thread;
+`done` once per piece, after all consumers; the first failure reported once, the
+pieces after it skipped, and nothing waits forever."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from ebsfs.inorder import InOrder
+
+
+class Recorder:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.seen: list[tuple[int, bytes | None, int]] = []
+        self.threads: set[int] = set()
+        self.fail_at = fail_at
+
+    def __call__(self, offset: int, data: bytes | memoryview | None, length: int) -> None:
+        self.threads.add(threading.get_ident())
+        if offset == self.fail_at:
+            raise OSError(5, "cannot write")
+        self.seen.append((offset, None if data is None else bytes(data), length))
+
+
+def test_each_consumer_takes_every_piece_in_order_in_a_thread_of_its_own() -> None:
+    first, second = Recorder(), Recorder()
+    done: list[int] = []
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        in_order = InOrder([first, second], failures.append)
+        try:
+            for n in range(200):
+                data = None if n % 3 == 0 else bytes([n % 256]) * 10
+                in_order.feed(n * 10, data, 10, lambda n=n: done.append(n))
+                if n % 50 == 0:
+                    await trio.sleep(0)
+            await in_order.drain()
+        finally:
+            in_order.close()
+
+    trio.run(main)
+    expected = [(n * 10, None if n % 3 == 0 else bytes([n % 256]) * 10, 10) for n in range(200)]
+    assert first.seen == expected and second.seen == expected
+    assert done == list(range(200))  # once each, in order, on the trio thread
+    assert failures == []
+    assert len(first.threads) == 1 and len(second.threads) == 1
+    assert first.threads != second.threads != {threading.get_ident()}
+
+
+def test_done_waits_for_the_slowest_consumer() -> None:
+    release = threading.Event()
+    taken: list[int] = []
+
+    def slow(offset: int, data: bytes | memoryview | None, length: int) -> None:
+        release.wait(10)
+        taken.append(offset)
+
+    done: list[int] = []
+
+    async def main() -> None:
+        in_order = InOrder([Recorder(), slow], lambda err: None)
+        try:
+            in_order.feed(0, b"x", 1, lambda: done.append(0))
+            await trio.sleep(0.2)
+            assert done == []  # the fast consumer alone does not finish the piece
+            release.set()
+            await in_order.drain()
+        finally:
+            in_order.close()
+
+    trio.run(main)
+    assert done == [0] and taken == [0]
+
+
+def test_first_failure_is_reported_once_and_later_pieces_are_skipped() -> None:
+    failing, healthy = Recorder(fail_at=30), Recorder()
+    failures: list[BaseException] = []
+    done: list[int] = []
+
+    async def main() -> None:
+        in_order = InOrder([failing, healthy], failures.append)
+        try:
+            for n in range(10):
+                in_order.feed(n * 10, b"ab", 2, lambda n=n: done.append(n))
+            with pytest.raises(OSError, match="cannot write"):
+                await in_order.drain()
+        finally:
+            in_order.close()
+
+    trio.run(main)
+    assert len(failures) == 1 and isinstance(failures[0], OSError)
+    assert [offset for offset, _, _ in failing.seen] == [0, 10, 20]
+    # Every piece is still finished (nothing waits on a held block forever).
+    assert done == list(range(10))
+    assert len(healthy.seen) <= 10
+
+
+def test_close_ends_the_threads() -> None:
+    before = threading.active_count()
+
+    async def main() -> None:
+        in_order = InOrder([Recorder(), Recorder(), Recorder()], lambda err: None)
+        in_order.feed(0, None, 5, lambda: None)
+        await in_order.drain()
+        in_order.close()
+        in_order.close()  # twice is harmless
+
+    trio.run(main)
+    for _ in range(100):
+        if threading.active_count() <= before:
+            break
+        threading.Event().wait(0.02)
+    assert threading.active_count() <= before
