@@ -95,7 +95,7 @@ class GetRequest:
     base_manifest: str | None = None
     md5: bool = True
     """Also the image's MD5 (the forensic convention; it costs more CPU than the
-    SHA-256: about 0.8 GB/s of one core)."""
+    SHA-256: about 0.7 GB/s of one core)."""
     metadata: Callable[[], tuple[dict[str, Any] | None, str | None]] | None = None
     """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
     (metadata.py), and why there is none when there is none."""

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the manifest of --base-image (default: OLD_IMAGE.manifest.json)")
     get.add_argument("--no-md5", action="store_true",
                      help="record only the image's SHA-256, not its MD5 too (MD5 costs "
-                          "about a core per 0.8 GB/s: of every byte, never-written ones "
+                          "about a core per 0.7 GB/s: of every byte, never-written ones "
                           "included)")
     get.add_argument("-q", "--quiet", action="store_true",
                      help="no progress and no summary (errors still go to stderr)")

@@ -6,7 +6,10 @@
 2. a boto3 thread pool of 64 that checks each block's SHA-256 against its checksum
    header and writes it at its offset of a sparse file (what a careful, straightforward
    Python downloader does);
-3. dsnap (PyPI), the Python peer that downloads whole snapshots.
+3. dsnap (PyPI), the Python peer that downloads whole snapshots;
+4. `dd bs=1M` of the whole image through an ebsfs mount to /dev/null (the issue's bar:
+   get must be at least as fast as reading the mount; only dd is timed, not the mount,
+   and dd writes nothing, so this is the stricter side). Needs root; --skip-mount.
 
 For each latency (default 20 and 100 ms per call, plus up to half that in jitter) and
 each layout, dense (1 GiB, every block written) and sparse (2 GiB, 60 % of the blocks
@@ -14,7 +17,7 @@ written at random, as in bench_read.py), --rounds rounds alternate the three, si
 this machine's speed drifts. Figures are medians: seconds per copy, and MB/s of image;
 ratios are medians of each round's own. The emulator runs as its own process
 with the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs dsnap
-(`EBSFS_BENCH=1 bash scripts/setup.sh`) unless --skip-dsnap; no root.
+(`EBSFS_BENCH=1 bash scripts/setup.sh`) unless --skip-dsnap.
 
     .venv/bin/python scripts/bench_get.py [--latency 0.02 --latency 0.1] [--rounds 3]
 """
@@ -41,11 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs import BLOCK_SIZE  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
-from scripts.bench_read import dsnap  # noqa: E402
+from scripts.bench_read import dsnap, ebsfs, wait_for_mount  # noqa: E402
 
 MB = 1e6
 DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
-TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap")
+TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap", "mount_dd")
 
 
 def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -77,6 +80,19 @@ def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> 
     for side in out_dir.glob(f"{snapshot_id}.img.blocks*"):
         side.unlink()
     return seconds
+
+
+def mount_dd(url: str, snapshot_id: str, mnt: Path) -> float:
+    """Seconds for dd bs=1M to read the whole image through a fresh mount."""
+    ebsfs("mount", "--endpoint-url", url, snapshot_id, str(mnt))
+    try:
+        wait_for_mount(mnt)
+        started = time.monotonic()
+        subprocess.run(["dd", f"if={mnt / (snapshot_id + '.img')}", "of=/dev/null", "bs=1M",
+                        "status=none"], check=True)
+        return time.monotonic() - started
+    finally:
+        ebsfs("umount", str(mnt))
 
 
 def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> float:
@@ -132,10 +148,13 @@ def main() -> None:
                              "(repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-dsnap", action="store_true")
+    parser.add_argument("--skip-mount", action="store_true",
+                        help="no dd through a mount (it needs root and /dev/fuse)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     latencies = args.latency or [0.02, 0.1]
-    tools = [t for t in TOOLS if not (args.skip_dsnap and t == "dsnap")]
+    skipped = {"dsnap": args.skip_dsnap, "mount_dd": args.skip_mount or os.geteuid() != 0}
+    tools = [t for t in TOOLS if not skipped.get(t)]
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -146,8 +165,9 @@ def main() -> None:
         dense, sparse = tmp / "dense.img", tmp / "sparse.img"
         random_image(dense, sizes["dense"], seed=5)
         random_image(sparse, sizes["sparse"], seed=6, written=args.written)
-        out_dir = tmp / "out"
+        out_dir, mnt = tmp / "out", tmp / "mnt"
         out_dir.mkdir()
+        mnt.mkdir()
         for latency in latencies:
             proc, url = start_emulator([f"{DENSE}={dense}", f"{SPARSE}={sparse}"],
                                        "--latency", str(latency),
@@ -164,6 +184,8 @@ def main() -> None:
                                 took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
+                            elif tool == "mount_dd":
+                                took = mount_dd(url, snapshot_id, mnt)
                             else:
                                 took = dsnap(url, out_dir, snapshot_id)
                             seconds.setdefault(key, []).append(took)
