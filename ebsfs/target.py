@@ -100,7 +100,45 @@ class DirectWrites:
             self.fd = -1
 
 
-class FileTarget(Target):
+class _OnDisk(Target):
+    """A file or a device written at offsets: the ordinary descriptor `fd` (reads,
+    unaligned writes, fsync) and `direct` beside it. Errors name `self.name`."""
+
+    fd: int
+    direct: DirectWrites
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = self.direct.write(offset, view) or os.pwrite(self.fd, view, offset)
+                if written == 0:  # nothing written and no error: never loop on it
+                    raise OutputError(f"cannot write {self.name}: short write at {offset}"
+                                      f"{RESUME_HINT}")
+                view, offset = view[written:], offset + written
+        except OSError as err:
+            raise failure("cannot write", self.name, err) from err
+
+    def read(self, offset: int, size: int) -> bytes:
+        try:
+            return os.pread(self.fd, size, offset)
+        except OSError as err:
+            raise failure("cannot read", self.name, err) from err
+
+    def finish(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as err:
+            raise failure("cannot flush", self.name, err) from err
+
+    def close(self) -> None:
+        self.direct.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FileTarget(_OnDisk):
     """A sparse regular file, written as `<path>.part` and renamed by `publish` once
     the manifest is written: an OUTPUT that exists is always finished."""
 
@@ -120,31 +158,8 @@ class FileTarget(Target):
             raise failure("cannot size", self.part, err) from err
         self.direct = DirectWrites(self.part, os.O_WRONLY)
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        try:
-            written = self.direct.write(offset, data)
-            if written < len(data):
-                written += os.pwrite(self.fd, memoryview(data)[written:], offset + written)
-        except OSError as err:
-            raise failure("cannot write", self.part, err) from err
-        if written != len(data):  # a regular file writes all or fails (ENOSPC next)
-            raise OutputError(f"cannot write {self.part}: short write at {offset}"
-                              f"{RESUME_HINT}")
-
-    def read(self, offset: int, size: int) -> bytes:
-        try:
-            return os.pread(self.fd, size, offset)
-        except OSError as err:
-            raise failure("cannot read", self.part, err) from err
-
     def zero(self, offset: int, length: int) -> None:
         pass  # a hole since the file was sized, and no run writes there
-
-    def finish(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as err:
-            raise failure("cannot flush", self.part, err) from err
 
     def publish(self) -> None:
         """OUTPUT.part becomes OUTPUT (call once the manifest is written)."""
@@ -152,18 +167,12 @@ class FileTarget(Target):
         sync_directory(self.path)
         self.name = self.path
 
-    def close(self) -> None:
-        self.direct.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
 
 def device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-class DeviceTarget(Target):
+class DeviceTarget(_OnDisk):
     """A block device at least as large as the volume, opened exclusively (it fails if
     mounted). Never-written blocks are zeroed with BLKZEROOUT, or written zeros where
     the device refuses it; nothing past the image is touched."""
@@ -189,19 +198,7 @@ class DeviceTarget(Target):
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert offset + len(data) <= self.size
-        view = memoryview(data)
-        try:
-            while view:
-                written = self.direct.write(offset, view) or os.pwrite(self.fd, view, offset)
-                view, offset = view[written:], offset + written
-        except OSError as err:
-            raise failure("cannot write", self.path, err) from err
-
-    def read(self, offset: int, size: int) -> bytes:
-        try:
-            return os.pread(self.fd, size, offset)
-        except OSError as err:
-            raise failure("cannot read", self.path, err) from err
+        super().write(offset, data)
 
     def zero(self, offset: int, length: int) -> None:
         end = min(offset + length, self.size)
@@ -219,18 +216,6 @@ class DeviceTarget(Target):
             for start in range(offset, offset + piece, len(ZEROS)):
                 self.write(start, memoryview(ZEROS)[: min(len(ZEROS), offset + piece - start)])
             offset += piece
-
-    def finish(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError as err:
-            raise failure("cannot flush", self.path, err) from err
-
-    def close(self) -> None:
-        self.direct.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class StreamTarget(Target):
