@@ -323,11 +323,15 @@ class _Slot:
     index: int
     source: str
     digest: bytes | None = None
-    done: trio.Event = field(default_factory=trio.Event)
+    in_hand: trio.Event = field(default_factory=trio.Event)
+    """Set once its data is in memory and verified (or it failed, or turned out never
+    written): the hashers may take it, whether or not it is on the target yet."""
     data: bytes | memoryview | None = None
-    written: bool = False
-    """On the target (or, for a stream, in hand): False for a block that turned out
-    never written."""
+    present: bool = False
+    """Holds data: False for a block that turned out never written."""
+    shares: int = 2
+    """Holders of its place in the window: the task obtaining it (until it is written)
+    and the hashers (until they have taken it)."""
     error: BaseException | None = None
     fetching: bool = False
     """Counted among the blocks being fetched (Copy._fetching)."""
@@ -340,8 +344,8 @@ class Copy:
     goes to worker threads (`_disk`, reads and writes at distinct offsets), and the
     in-order digests and stream writes to the threads of `_in_order`. A semaphore
     (`_held`) bounds the blocks in memory (taken before a block is obtained, given
-    back once it is hashed); the channel between producer and consumer bounds the
-    steps ahead of the hashing."""
+    back once it is both written and hashed); the channel between producer and
+    consumer bounds the steps ahead of the hashing."""
 
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
@@ -369,7 +373,7 @@ class Copy:
         self._nursery: trio.Nursery
         self._held = trio.Semaphore(window)
         """Blocks in memory: taken before a block is obtained, given back once it is
-        hashed (and streamed)."""
+        both written and hashed (and streamed): _let_go."""
         self._disk = trio.CapacityLimiter(8)
         self._zeros_ahead = trio.Semaphore(LOOKAHEAD)
         """Runs of zeros handed to the hashers and not yet hashed (they hold no data,
@@ -479,7 +483,14 @@ class Copy:
                 self._nursery.cancel_scope.cancel()
         finally:
             self._fetched(slot)
-            slot.done.set()
+            slot.in_hand.set()
+            self._let_go(slot)
+
+    def _let_go(self, slot: _Slot) -> None:
+        """One holder of the slot's place in the window is done with it."""
+        slot.shares -= 1
+        if slot.shares == 0:
+            self._held.release()
 
     async def _obtain_block(self, slot: _Slot) -> None:
         offset = slot.index * BLOCK_SIZE
@@ -488,9 +499,8 @@ class Copy:
             data = await trio.to_thread.run_sync(self._read_back, offset, slot.digest,
                                                  limiter=self._disk)
             if data is not None:
-                slot.data = data
+                slot.data, slot.present = data, True
                 self.counts.resumed += 1
-                slot.written = True
                 return
             log.info("%s: block %d on disk does not match its record: fetching it again",
                      self.target.name, slot.index)
@@ -513,10 +523,14 @@ class Copy:
             if block.checksum is None:  # no longer listed: never written after all
                 return
             slot.data, slot.digest = block.data, base64.b64decode(block.checksum)
+        slot.present = True
+        # Hashing need not wait for the disk: a write that waits on the device (tens
+        # to hundreds of ms now and then with O_DIRECT) then holds only its own place
+        # in the window, instead of stopping the hashers, and behind them the window.
+        slot.in_hand.set()
         if not self.target.stream:
             await in_worker(self._disk, functools.partial(
                 self._write, slot.index, slot.data, slot.digest), abandon_on_cancel=False)
-        slot.written = True
 
     def _read_back(self, offset: int, digest: bytes) -> bytes | None:
         data = self.target.read(offset, BLOCK_SIZE)
@@ -541,24 +555,24 @@ class Copy:
                 if isinstance(step, _Gap):
                     await self._zeros(step.first * BLOCK_SIZE, step.stop * BLOCK_SIZE)
                     continue
-                await step.done.wait()
+                await step.in_hand.wait()
                 if step.error is not None:
                     raise step.error
                 offset = step.index * BLOCK_SIZE
-                if not step.written:  # turned out never written
-                    step.data = None
-                    self._held.release()
+                if not step.present:  # turned out never written
+                    self._let_go(step)
                     await self._zeros(offset, offset + BLOCK_SIZE)
                     continue
                 assert self.position == offset and step.digest is not None
                 self.blocks.add(step.index, step.digest)
                 data, step.data = step.data, None
                 self.position = offset + BLOCK_SIZE
-                self._in_order.feed(offset, data, BLOCK_SIZE, self._block_hashed)
+                self._in_order.feed(offset, data, BLOCK_SIZE,
+                                    functools.partial(self._block_hashed, step))
         await self._in_order.drain()
 
-    def _block_hashed(self) -> None:
-        self._held.release()
+    def _block_hashed(self, slot: _Slot) -> None:
+        self._let_go(slot)
         self._report(BLOCK_SIZE)
 
     def _report(self, length: int) -> None:
