@@ -529,8 +529,13 @@ class Copy:
         # in the window, instead of stopping the hashers, and behind them the window.
         slot.in_hand.set()
         if not self.target.stream:
-            await in_worker(self._disk, functools.partial(
-                self._write, slot.index, slot.data, slot.digest), abandon_on_cancel=False)
+            # Shielded: a block in hand is written (and recorded) even when the copy is
+            # being stopped (Ctrl-C, another block's failure), or a resumed run would
+            # fetch it again. At most the window's blocks wait here.
+            with trio.CancelScope(shield=True):
+                await in_worker(self._disk, functools.partial(
+                    self._write, slot.index, slot.data, slot.digest),
+                    abandon_on_cancel=False)
 
     def _read_back(self, offset: int, digest: bytes) -> bytes | None:
         data = self.target.read(offset, BLOCK_SIZE)

@@ -191,7 +191,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(emulator: EmulatorSer
     proc = start_get("--endpoint-url", emulator.url, "--max-fetches", "4", SNAP, str(out))
     stop_when(proc, lambda: gets(emulator) >= len(blocks) // 3, signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
         "ebsfs: interrupted; run the same command again to resume")
     assert "Traceback" not in stderr and not out.exists()
