@@ -609,11 +609,12 @@ class Copy:
         assert self.position == start
         for offset in range(start, stop, ZERO_STEP):
             end = min(offset + ZERO_STEP, stop)
-            # A resumed run skips what an earlier one zeroed on the device.
-            begin = max(offset, self.zeroed_through) if self.target.zeroing_costs else offset
-            if self.target.zeroing_costs and begin < end:
-                await in_worker(self._disk, functools.partial(
-                    self.target.zero, begin, end - begin), abandon_on_cancel=False)
+            if self.target.zeroing_costs:  # a device (a stream's zeros go in order)
+                # A resumed run skips what an earlier one zeroed on the device.
+                begin = max(offset, self.zeroed_through)
+                if begin < end:
+                    await in_worker(self._disk, functools.partial(
+                        self.target.zero, begin, end - begin), abandon_on_cancel=False)
             await self._zeros_ahead.acquire()
             self._in_order.feed(offset, None, end - offset,
                                 functools.partial(self._zeros_hashed, end - offset))
