@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import trio
 
 from ebsfs.inorder import InOrder
@@ -25,26 +24,38 @@ class Recorder:
         self.seen.append((offset, None if data is None else bytes(data), length))
 
 
-def test_each_consumer_takes_every_piece_in_order_in_a_thread_of_its_own() -> None:
-    first, second = Recorder(), Recorder()
-    done: list[int] = []
-    failures: list[BaseException] = []
+def feed_and_drain(consumers: list[Recorder], pieces: list[tuple[int, bytes | None, int]],
+                   done: list[int], failures: list[BaseException]) -> BaseException | None:
+    """Feed `pieces` (offset, data, length) through one InOrder, letting the trio loop
+    run now and then, each piece's `done` appending its number to `done`; wait for
+    all, close. The failure `drain` raised, if any."""
+    raised: list[BaseException] = []
 
     async def main() -> None:
-        in_order = InOrder([first, second], failures.append)
+        in_order = InOrder(list(consumers), failures.append)
         try:
-            for n in range(200):
-                data = None if n % 3 == 0 else bytes([n % 256]) * 10
-                in_order.feed(n * 10, data, 10, lambda n=n: done.append(n))
+            for n, (offset, data, length) in enumerate(pieces):
+                in_order.feed(offset, data, length, lambda n=n: done.append(n))
                 if n % 50 == 0:
                     await trio.sleep(0)
-            await in_order.drain()
+            try:
+                await in_order.drain()
+            except OSError as err:
+                raised.append(err)
         finally:
             in_order.close()
 
     trio.run(main)
-    expected = [(n * 10, None if n % 3 == 0 else bytes([n % 256]) * 10, 10) for n in range(200)]
-    assert first.seen == expected and second.seen == expected
+    return raised[0] if raised else None
+
+
+def test_each_consumer_takes_every_piece_in_order_in_a_thread_of_its_own() -> None:
+    first, second = Recorder(), Recorder()
+    done: list[int] = []
+    failures: list[BaseException] = []
+    pieces = [(n * 10, None if n % 3 == 0 else bytes([n % 256]) * 10, 10) for n in range(200)]
+    assert feed_and_drain([first, second], pieces, done, failures) is None
+    assert first.seen == pieces and second.seen == pieces
     assert done == list(range(200))  # once each, in order, on the trio thread
     assert failures == []
     assert len(first.threads) == 1 and len(second.threads) == 1
@@ -80,18 +91,9 @@ def test_first_failure_is_reported_once_and_later_pieces_are_skipped() -> None:
     failing, healthy = Recorder(fail_at=30), Recorder()
     failures: list[BaseException] = []
     done: list[int] = []
-
-    async def main() -> None:
-        in_order = InOrder([failing, healthy], failures.append)
-        try:
-            for n in range(10):
-                in_order.feed(n * 10, b"ab", 2, lambda n=n: done.append(n))
-            with pytest.raises(OSError, match="cannot write"):
-                await in_order.drain()
-        finally:
-            in_order.close()
-
-    trio.run(main)
+    raised = feed_and_drain([failing, healthy], [(n * 10, b"ab", 2) for n in range(10)],
+                            done, failures)
+    assert isinstance(raised, OSError) and "cannot write" in str(raised)
     assert len(failures) == 1 and isinstance(failures[0], OSError)
     assert [offset for offset, _, _ in failing.seen] == [0, 10, 20]
     # Every piece is still finished (nothing waits on a held block forever).
