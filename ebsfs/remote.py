@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from ebsfs import inbox
 from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
 
 T = TypeVar("T")
@@ -58,7 +59,7 @@ async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T], *,
     write must not be left running)."""
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
-    token = trio.lowlevel.current_trio_token()
+    results = inbox.current()
     task = trio.lowlevel.current_task()
     abandoned = False
 
@@ -69,7 +70,7 @@ async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T], *,
 
     def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
         with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nobody waits
-            token.run_sync_soon(done, result)
+            results.post(done, result)
 
     def abort(_: Any) -> trio.lowlevel.Abort:
         nonlocal abandoned
