@@ -22,6 +22,7 @@ is not done: a regular file is OUTPUT.part until then."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -556,11 +557,13 @@ class Copy:
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]) -> None:
         async with receive:
-            async for step in receive:
+            while (step := await self._next_step(receive)) is not None:
                 if isinstance(step, _Gap):
                     await self._zeros(step.first * BLOCK_SIZE, step.stop * BLOCK_SIZE)
                     continue
-                await step.in_hand.wait()
+                if not step.in_hand.is_set():
+                    self._in_order.flush_if_idle()  # the hashers need not wait with us
+                    await step.in_hand.wait()
                 if step.error is not None:
                     raise step.error
                 offset = step.index * BLOCK_SIZE
@@ -575,6 +578,21 @@ class Copy:
                 self._in_order.feed(offset, data, BLOCK_SIZE,
                                     functools.partial(self._block_hashed, step))
         await self._in_order.drain()
+
+    async def _next_step(self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]
+                         ) -> _Gap | _Slot | None:
+        """The next step, None at the end; what the hashers have been given so far is
+        handed on before waiting for it."""
+        try:
+            return receive.receive_nowait()
+        except trio.WouldBlock:
+            self._in_order.flush_if_idle()
+        except trio.EndOfChannel:
+            return None
+        try:
+            return await receive.receive()
+        except trio.EndOfChannel:
+            return None
 
     def _block_hashed(self, slot: _Slot) -> None:
         self._let_go(slot)
@@ -673,6 +691,11 @@ def get(config: EngineConfig, request: GetRequest, progress: Progress | None = N
         return GetResult(done, layout.manifest, layout.output, already_done=True)
     base = BaseImage(request.base_image, request.base_manifest) if request.base_image else None
     snapshot, note = request.metadata() if request.metadata else (None, None)
+    window = window_for(config)
+    # Blocks are written and hashed once, never read again: the cache need only hold
+    # the window (more would only fault in fresh memory, docs/performance.md).
+    config = dataclasses.replace(config, cache_size=min(config.cache_size,
+                                                        window * BLOCK_SIZE))
     try:
         the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False,
                                     api=api)
@@ -680,7 +703,7 @@ def get(config: EngineConfig, request: GetRequest, progress: Progress | None = N
         if base is not None:
             base.check(request.snapshot_id, image.size)
         copied = _run(the_engine, image, layout, request, state, base, progress,
-                      window_for(config), snapshot, note)
+                      window, snapshot, note)
         return copied
     finally:
         if base is not None:

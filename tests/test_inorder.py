@@ -1,6 +1,8 @@
 """InOrder: every consumer takes every piece in the order fed, each in its own thread;
 `done` once per piece, after all consumers; the first failure reported once, the
-pieces after it skipped, and nothing waits forever."""
+pieces after it skipped, and nothing waits forever. Consecutive pieces are joined in
+stages, never past a stage's size or across zeros, and a stage never waits while the
+consumers are idle."""
 
 from __future__ import annotations
 
@@ -25,14 +27,17 @@ class Recorder:
 
 
 def feed_and_drain(consumers: list[Recorder], pieces: list[tuple[int, bytes | None, int]],
-                   done: list[int], failures: list[BaseException]) -> BaseException | None:
-    """Feed `pieces` (offset, data, length) through one InOrder, letting the trio loop
-    run now and then, each piece's `done` appending its number to `done`; wait for
-    all, close. The failure `drain` raised, if any."""
+                   done: list[int], failures: list[BaseException],
+                   stage_size: int = 0, stages: int = 1) -> BaseException | None:
+    """Feed `pieces` (offset, data, length) through one InOrder (pieces joined in
+    `stages` stages of `stage_size` bytes; 0: never), letting the trio loop run now and then, each
+    piece's `done` appending its number to `done`; wait for all, close. The failure
+    `drain` raised, if any."""
     raised: list[BaseException] = []
 
     async def main() -> None:
-        in_order = InOrder(list(consumers), failures.append)
+        in_order = InOrder(list(consumers), failures.append, stage_size=stage_size,
+                           stages=stages)
         try:
             for n, (offset, data, length) in enumerate(pieces):
                 in_order.feed(offset, data, length, lambda n=n: done.append(n))
@@ -73,7 +78,7 @@ def test_done_waits_for_the_slowest_consumer() -> None:
     done: list[int] = []
 
     async def main() -> None:
-        in_order = InOrder([Recorder(), slow], lambda err: None)
+        in_order = InOrder([Recorder(), slow], lambda err: None, stage_size=0)
         try:
             in_order.feed(0, b"x", 1, lambda: done.append(0))
             await trio.sleep(0.2)
@@ -117,3 +122,64 @@ def test_close_ends_the_threads() -> None:
             break
         threading.Event().wait(0.02)
     assert threading.active_count() <= before
+
+
+def test_consecutive_pieces_are_joined_in_stages_never_across_zeros_or_gaps() -> None:
+    first, second = Recorder(), Recorder()
+    done: list[int] = []
+    pieces: list[tuple[int, bytes | None, int]] = []
+    offset = 0
+    for n in range(60):
+        if n % 13 == 12:  # zeros now and then
+            pieces.append((offset, None, 25))
+            offset += 25
+            continue
+        if n % 17 == 16:  # and a gap (pieces need not be adjacent)
+            offset += 5
+        pieces.append((offset, bytes([n]) * 10, 10))
+        offset += 10
+    # As many stages as pieces: none has to go on unjoined for want of a free stage.
+    assert feed_and_drain([first, second], pieces, done, [], stage_size=35, stages=60) is None
+    assert done == list(range(60))  # once each, in order, after the consumers took it
+    assert first.seen == second.seen
+    assert len(first.seen) < len(pieces) / 2  # joined
+    assert all(length <= 35 for _, data, length in first.seen if data is not None)
+    # The same bytes at the same offsets, zeros apart.
+    expected = {offset + i: byte for offset, data, _ in pieces if data is not None
+                for i, byte in enumerate(data)}
+    seen = {offset + i: byte for offset, data, _ in first.seen if data is not None
+            for i, byte in enumerate(data)}
+    assert seen == expected
+    assert [p for p in first.seen if p[1] is None] == [p for p in pieces if p[1] is None]
+
+
+def test_a_stage_waits_only_while_the_consumers_are_busy() -> None:
+    release = threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def slow(offset: int, data: bytes | memoryview | None, length: int) -> None:
+        release.wait(10)
+        seen.append((offset, length))
+
+    done: list[int] = []
+
+    async def main() -> None:
+        in_order = InOrder([slow], lambda err: None, stage_size=100)
+        try:
+            in_order.feed(0, b"a" * 10, 10, lambda: done.append(0))
+            in_order.flush_if_idle()  # idle: handed on at once, not held for more
+            in_order.feed(10, b"b" * 10, 10, lambda: done.append(1))
+            in_order.feed(20, b"c" * 10, 10, lambda: done.append(2))
+            in_order.flush_if_idle()  # busy with the first: the stage grows
+            await trio.sleep(0.1)
+            release.set()
+            with trio.fail_after(5):  # no drain: finishing the first hands the rest on
+                while len(done) < 3:
+                    await trio.sleep(0.01)
+            await in_order.drain()
+        finally:
+            in_order.close()
+
+    trio.run(main)
+    assert seen == [(0, 10), (10, 20)]
+    assert done == [0, 1, 2]
