@@ -73,8 +73,9 @@ class _Stage:
 class InOrder:
     """Feeds every consumer the same pieces in the order given, each consumer in its
     own thread. Use from one trio task: `feed` (and `flush_if_idle` before waiting for
-    the next piece), then `drain`; `close` in any case. Consecutive pieces with data may reach
-    the consumers joined, as one piece of up to `stage_size` bytes (0: never joined).
+    the next piece), then `drain`; `close` in any case. Consecutive pieces with data
+    may reach the consumers joined, as one piece of up to `stage_size` bytes (0: never
+    joined), through at most `stages` staging buffers.
 
     The first consumer failure is kept (`failure`), reported once through
     `on_failure` on the trio thread, and every consumer skips the pieces after it."""
@@ -204,8 +205,8 @@ class InOrder:
         self._unfinished -= 1
         if self._unfinished == 0:
             self._flush()  # the consumers are idle: give them what is staged, if any
-        if self._unfinished == 0:
-            self._all_done.set()
+            if self._unfinished == 0:
+                self._all_done.set()
 
     def _call_soon(self, fn: Callable[[Any], None], arg: Any) -> None:
         with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nobody waits
