@@ -12,6 +12,7 @@ import bisect
 import hashlib
 import hmac
 import itertools
+import math
 import mmap
 import os
 import re
@@ -261,7 +262,10 @@ class SnapshotStore:
         return picked, None
 
     def _expiry(self) -> float:
-        return time.time() + self.faults.token_lifetime
+        """When block tokens listed now expire, in whole seconds (tokens carry whole
+        seconds): rounded up, so a token never expires before the ExpiryTime its page
+        reports (truncating made a 1 s token refused at once, now and then)."""
+        return float(math.ceil(time.time() + self.faults.token_lifetime))
 
     def _block_token(self, snapshot_id: str, index: int, expiry: float) -> str:
         return self._tokens.seal("b", snapshot_id, index, int(expiry))
