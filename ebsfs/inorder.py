@@ -53,13 +53,11 @@ class _Stage:
 
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
-        self.offset = 0
-        self.used = 0
-        self.dones: list[Callable[[], None]] = []
+        self.begin(0)
 
     def begin(self, offset: int) -> None:
         self.offset, self.used = offset, 0
-        self.dones = []
+        self.dones: list[Callable[[], None]] = []
 
     def fits(self, offset: int, length: int) -> bool:
         return offset == self.offset + self.used and self.used + length <= len(self.buf)
