@@ -620,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_threshold(YOUNG_COLLECTION_EVERY, *previous[1:])
     # Python's last collection at exit walks every object boto3 made: 0.1 s at the end
     # of an `ebsfs get`. Frozen objects are left out of it; none of ours needs it.
+    atexit.unregister(gc.freeze)  # once, however often main() runs in one process
     atexit.register(gc.freeze)
     try:
         return _main(argv)
