@@ -142,10 +142,10 @@ def settle(*images: Path) -> None:
     7.5-8.2 s against 4.4-4.5 s, dd of the sparse image through the mount 4.8-6.0 s
     against 3.3-3.4 s; get 5.5-6.2 s against 5.5-5.6 s): figures that flattered get
     (docs/performance.md)."""
-    os.sync()
     if os.geteuid() == 0:
-        drop_page_cache()
+        drop_page_cache()  # syncs first
     else:
+        os.sync()
         print(f"not root: {', '.join(map(str, images))} stay in the page cache as written",
               file=sys.stderr)
 
