@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Whole-snapshot copies, three ways, side by side against the emulator:
+"""Whole-snapshot copies, four ways, side by side against the emulator:
 
 1. `ebsfs get` (a sparse file, every block checked, the image's SHA-256 and MD5, the
    manifest);
@@ -11,9 +11,12 @@
    get must be at least as fast as reading the mount; only dd is timed, not the mount,
    and dd writes nothing, so this is the stricter side). Needs root; --skip-mount.
 
+--also-no-md5 adds `ebsfs get --no-md5` to each round, beside the default get (what the
+image's MD5 costs, measured side by side).
+
 For each latency (default 20 and 100 ms per call, plus up to half that in jitter) and
 each layout, dense (1 GiB, every block written) and sparse (2 GiB, 60 % of the blocks
-written at random, as in bench_read.py), --rounds rounds alternate the three, since
+written at random, as in bench_read.py), --rounds rounds alternate the tools, since
 this machine's speed drifts. Figures are medians: seconds per copy, and MB/s of image;
 ratios are medians of each round's own. The emulator runs as its own process
 with the real quotas (1,000 GetSnapshotBlock/s per snapshot). Needs dsnap
@@ -49,6 +52,7 @@ from scripts.bench_read import drop_page_cache, dsnap, ebsfs, wait_for_mount  # 
 MB = 1e6
 DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
 TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap", "mount_dd")
+GET_NO_MD5 = "ebsfs_get_no_md5"
 
 
 def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -162,6 +166,8 @@ def main() -> None:
                         help="pass this to ebsfs get, e.g. --get-option=--no-md5 "
                              "(repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--also-no-md5", action="store_true",
+                        help="also time ebsfs get --no-md5 in every round")
     parser.add_argument("--skip-dsnap", action="store_true")
     parser.add_argument("--skip-mount", action="store_true",
                         help="no dd through a mount (it needs root and /dev/fuse)")
@@ -170,6 +176,8 @@ def main() -> None:
     latencies = args.latency or [0.02, 0.1]
     skipped = {"dsnap": args.skip_dsnap, "mount_dd": args.skip_mount or os.geteuid() != 0}
     tools = [t for t in TOOLS if not skipped.get(t)]
+    if args.also_no_md5:
+        tools.insert(1, GET_NO_MD5)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -198,6 +206,9 @@ def main() -> None:
                             key = f"{layout}@{latency * 1000:.0f}ms:{tool}"
                             if tool == "ebsfs_get":
                                 took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
+                            elif tool == GET_NO_MD5:
+                                took = ebsfs_get(url, snapshot_id, out_dir,
+                                                 [*args.get_option, "--no-md5"])
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
                             elif tool == "mount_dd":
@@ -225,14 +236,19 @@ def report(args: argparse.Namespace, latencies: list[float], tools: list[str],
                 runs = seconds[f"{prefix}:{tool}"]
                 figures[f"{prefix}:{tool}"] = runs
                 rate = sizes[layout] / statistics.median(runs) / MB
-                print(f"  {prefix:<14} {tool:<13} {statistics.median(runs):7.2f} s "
+                print(f"  {prefix:<14} {tool:<16} {statistics.median(runs):7.2f} s "
                       f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})")
-            for other in tools[1:]:
-                each = [b / a for a, b in zip(seconds[f"{prefix}:ebsfs_get"],
-                                              seconds[f"{prefix}:{other}"], strict=True)]
-                figures[f"{prefix}:ebsfs_get/{other}"] = each
-                print(f"  {prefix:<14} get / {other}: {statistics.median(each):.2f}x "
-                      f"(each: {', '.join(f'{r:.2f}' for r in each)})")
+            gets = [t for t in tools if t in ("ebsfs_get", GET_NO_MD5)]
+            for get in gets:
+                label = "get --no-md5" if get == GET_NO_MD5 else "get"
+                for other in tools:
+                    if other in gets:
+                        continue
+                    each = [b / a for a, b in zip(seconds[f"{prefix}:{get}"],
+                                                  seconds[f"{prefix}:{other}"], strict=True)]
+                    figures[f"{prefix}:{get}/{other}"] = each
+                    print(f"  {prefix:<14} {label} / {other}: {statistics.median(each):.2f}x "
+                          f"(each: {', '.join(f'{r:.2f}' for r in each)})")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
