@@ -94,9 +94,10 @@ class GetRequest:
     manifest: str | None = None
     base_image: str | None = None
     base_manifest: str | None = None
-    md5: bool = True
-    """Also the image's MD5 (the forensic convention; it costs more CPU than the
-    SHA-256: about 0.7 GB/s of one core)."""
+    md5: bool = False
+    """Also the image's MD5 (the older forensic convention). Off unless asked: it
+    takes one core per 0.7 GB/s of image, holes included, 2.4 times the SHA-256's CPU;
+    on two cores it made copies 1.2-1.5 times slower (docs/performance.md)."""
     metadata: Callable[[], tuple[dict[str, Any] | None, str | None]] | None = None
     """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
     (metadata.py), and why there is none when there is none."""
@@ -351,7 +352,7 @@ class Copy:
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
                  read_timeout: float, base: BaseImage | None = None,
-                 state: dict[str, Any] | None = None, md5: bool = True) -> None:
+                 state: dict[str, Any] | None = None, md5: bool = False) -> None:
         self.image = image
         self.target = target
         self.journal = journal

@@ -1,11 +1,11 @@
 """The pieces of an image, in order, to consumers that each run in a thread of their
-own: the whole-image SHA-256 and MD5 of `ebsfs get`, and the writer of a stream.
+own: the whole-image SHA-256 (and MD5) of `ebsfs get`, and the writer of a stream.
 
 Why threads of their own rather than a worker call per batch: hashing releases the
-GIL, and the MD5 (about 0.7 GB/s of one core, holes included) is the longest serial
-job of a copy. Fed through a queue it runs whenever there is something to hash,
-without waiting for the slower of the two hashers or for a trip through the trio loop
-between batches, while the SHA-256 runs ahead of it on the other core.
+GIL, and the MD5 when asked (about 0.7 GB/s of one core, holes included) is the
+longest serial job of a copy. Fed through a queue it runs whenever there is something
+to hash, without waiting for the slower of the two hashers or for a trip through the
+trio loop between batches, while the SHA-256 runs ahead of it on the other core.
 
 Why pieces are staged: a hasher gives up the GIL for each update and must take it
 back before the next, against dozens of fetch threads. Per 512 KiB block that wait was

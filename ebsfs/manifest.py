@@ -2,7 +2,8 @@
 when (and only when) the image is complete, and checked by `ebsfs verify`.
 
 It records what was copied (snapshot id, volume size, block size, written blocks),
-the SHA-256 and MD5 of the whole image (the forensic convention), when, with what
+the SHA-256 of the whole image (and its MD5, the older forensic convention, when
+`get --md5` asked for it), when, with what
 (ebsfs version, region, endpoint), the snapshot's EC2 metadata where it could be had,
 and the SHA-256 of every written block, in hex: inline for up to INLINE_BLOCKS blocks,
 else in a side file (`<stem>.blocks.sha256`, one `INDEX SHA256` line per block,
@@ -50,7 +51,7 @@ class Manifest:
     written_blocks: int
     sha256: str
     md5: str | None
-    """None when the copy was made with --no-md5."""
+    """None unless the copy was made with --md5."""
     started: str
     finished: str
     ebsfs_version: str

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """Whole-snapshot copies, four ways, side by side against the emulator:
 
-1. `ebsfs get` (a sparse file, every block checked, the image's SHA-256 and MD5, the
-   manifest);
+1. `ebsfs get` (a sparse file, every block checked, the image's SHA-256, the manifest,
+   the file made durable before the manifest is written);
 2. a boto3 thread pool of 64 that checks each block's SHA-256 against its checksum
-   header and writes it at its offset of a sparse file (what a careful, straightforward
-   Python downloader does);
-3. dsnap (PyPI), the Python peer that downloads whole snapshots;
+   header, writes it at its offset of a sparse file and fsyncs it (what a careful,
+   straightforward Python downloader does);
+3. dsnap (PyPI), the Python peer that downloads whole snapshots. It leaves its image in
+   the page cache, unwritten (1.2 GiB of dirty pages for the sparse image): `dsnap` is
+   its time until that is on disk (an fsync of its file after it exits, as the other
+   two copies do before they finish), `dsnap_at_exit` its time until it exits. At these
+   sizes the kernel writes nothing back while dsnap runs; a copy larger than the
+   dirty-page limit (a fifth of the memory) pays its writes during the run;
 4. `dd bs=1M` of the whole image through an ebsfs mount to /dev/null (the issue's bar:
    get must be at least as fast as reading the mount; only dd is timed, not the mount,
    and dd writes nothing, so this is the stricter side). Needs root; --skip-mount.
+   `mount_dd_copy` is the copy a user would make that way instead: dd to a file,
+   `conv=sparse,fsync`.
 
---also-no-md5 adds `ebsfs get --no-md5` to each round, beside the default get (what the
+--also-md5 adds `ebsfs get --md5` to each round, beside the default get (what the
 image's MD5 costs, measured side by side).
 
 For each latency (default 20 and 100 ms per call, plus up to half that in jitter) and
@@ -51,8 +58,10 @@ from scripts.bench_read import drop_page_cache, dsnap, ebsfs, wait_for_mount  # 
 
 MB = 1e6
 DENSE, SPARSE = "snap-0de05e", "snap-05ba75e"
-TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap", "mount_dd")
-GET_NO_MD5 = "ebsfs_get_no_md5"
+TOOLS = ("ebsfs_get", "boto3_pool64", "dsnap", "mount_dd", "mount_dd_copy")
+GET_MD5 = "ebsfs_get_md5"
+DSNAP_AT_EXIT = "dsnap_at_exit"
+"""Not a run of its own: dsnap's time until it exits, from the same run as `dsnap`."""
 
 
 def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -86,17 +95,40 @@ def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> 
     return seconds
 
 
-def mount_dd(url: str, snapshot_id: str, mnt: Path) -> float:
-    """Seconds for dd bs=1M to read the whole image through a fresh mount."""
+def mount_dd(url: str, snapshot_id: str, mnt: Path, copy_to: Path | None = None) -> float:
+    """Seconds for dd bs=1M to read the whole image through a fresh mount, to /dev/null
+    or, with `copy_to`, to a sparse file made durable (removed after)."""
     ebsfs("mount", "--endpoint-url", url, snapshot_id, str(mnt))
     try:
         wait_for_mount(mnt)
+        output = ["of=/dev/null"] if copy_to is None else [f"of={copy_to}",
+                                                            "conv=sparse,fsync"]
         started = time.monotonic()
-        subprocess.run(["dd", f"if={mnt / (snapshot_id + '.img')}", "of=/dev/null", "bs=1M",
+        subprocess.run(["dd", f"if={mnt / (snapshot_id + '.img')}", *output, "bs=1M",
                         "status=none"], check=True)
         return time.monotonic() - started
     finally:
         ebsfs("umount", str(mnt))
+        if copy_to is not None:
+            copy_to.unlink(missing_ok=True)
+
+
+def dsnap_durable(url: str, out_dir: Path, snapshot_id: str) -> tuple[float, float]:
+    """Seconds until dsnap exits, and until its image is on disk (an fsync of the file
+    it wrote, right after it exits)."""
+    with_flush: list[float] = []
+
+    def flush(image: Path) -> None:
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with_flush.append(time.monotonic())
+
+    started = time.monotonic()
+    at_exit = dsnap(url, out_dir, snapshot_id, before_removing=flush)
+    return at_exit, with_flush[0] - started
 
 
 def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> float:
@@ -163,21 +195,22 @@ def main() -> None:
     parser.add_argument("--latency", type=float, action="append",
                         help="seconds per call (repeatable; default 0.02 and 0.1)")
     parser.add_argument("--get-option", action="append", default=[], metavar="OPTION",
-                        help="pass this to ebsfs get, e.g. --get-option=--no-md5 "
+                        help="pass this to ebsfs get, e.g. --get-option=--md5 "
                              "(repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--also-no-md5", action="store_true",
-                        help="also time ebsfs get --no-md5 in every round")
+    parser.add_argument("--also-md5", action="store_true",
+                        help="also time ebsfs get --md5 in every round")
     parser.add_argument("--skip-dsnap", action="store_true")
     parser.add_argument("--skip-mount", action="store_true",
                         help="no dd through a mount (it needs root and /dev/fuse)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     latencies = args.latency or [0.02, 0.1]
-    skipped = {"dsnap": args.skip_dsnap, "mount_dd": args.skip_mount or os.geteuid() != 0}
+    no_mount = args.skip_mount or os.geteuid() != 0
+    skipped = {"dsnap": args.skip_dsnap, "mount_dd": no_mount, "mount_dd_copy": no_mount}
     tools = [t for t in TOOLS if not skipped.get(t)]
-    if args.also_no_md5:
-        tools.insert(1, GET_NO_MD5)
+    if args.also_md5:
+        tools.insert(1, GET_MD5)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -206,19 +239,26 @@ def main() -> None:
                             key = f"{layout}@{latency * 1000:.0f}ms:{tool}"
                             if tool == "ebsfs_get":
                                 took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
-                            elif tool == GET_NO_MD5:
+                            elif tool == GET_MD5:
                                 took = ebsfs_get(url, snapshot_id, out_dir,
-                                                 [*args.get_option, "--no-md5"])
+                                                 [*args.get_option, "--md5"])
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
                             elif tool == "mount_dd":
                                 took = mount_dd(url, snapshot_id, mnt)
+                            elif tool == "mount_dd_copy":
+                                took = mount_dd(url, snapshot_id, mnt,
+                                                copy_to=out_dir / "dd-copy.img")
                             else:
-                                took = dsnap(url, out_dir, snapshot_id)
+                                at_exit, took = dsnap_durable(url, out_dir, snapshot_id)
+                                seconds.setdefault(f"{layout}@{latency * 1000:.0f}ms:"
+                                                   f"{DSNAP_AT_EXIT}", []).append(at_exit)
                             seconds.setdefault(key, []).append(took)
             finally:
                 proc.terminate()
                 proc.wait()
+    if "dsnap" in tools:
+        tools.insert(tools.index("dsnap") + 1, DSNAP_AT_EXIT)
     report(args, latencies, tools, sizes, seconds)
 
 
@@ -238,9 +278,9 @@ def report(args: argparse.Namespace, latencies: list[float], tools: list[str],
                 rate = sizes[layout] / statistics.median(runs) / MB
                 print(f"  {prefix:<14} {tool:<16} {statistics.median(runs):7.2f} s "
                       f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})")
-            gets = [t for t in tools if t in ("ebsfs_get", GET_NO_MD5)]
+            gets = [t for t in tools if t in ("ebsfs_get", GET_MD5)]
             for get in gets:
-                label = "get --no-md5" if get == GET_NO_MD5 else "get"
+                label = "get --md5" if get == GET_MD5 else "get"
                 for other in tools:
                     if other in gets:
                         continue

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
     return time.monotonic() - started, total
 
 
-def dsnap(url: str, out_dir: Path, snapshot_id: str = SNAP) -> float:
-    """Seconds for dsnap to download the snapshot to a file in `out_dir` (removed)."""
+def dsnap(url: str, out_dir: Path, snapshot_id: str = SNAP,
+          before_removing: Callable[[Path], None] | None = None) -> float:
+    """Seconds for dsnap to download the snapshot to a file in `out_dir` (removed,
+    after `before_removing` if given)."""
     code = (
         "import boto3\n"
         "from dsnap.snapshot import LocalSnapshot\n"
@@ -134,6 +137,8 @@ def dsnap(url: str, out_dir: Path, snapshot_id: str = SNAP) -> float:
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.monotonic() - started
+    if before_removing is not None:
+        before_removing(out_dir / f"{snapshot_id}.img")
     (out_dir / f"{snapshot_id}.img").unlink()
     return seconds
 
