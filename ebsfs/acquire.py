@@ -98,6 +98,11 @@ class GetRequest:
     """Also the image's MD5 (the older forensic convention). Off unless asked: it
     takes one core per 0.7 GB/s of image, holes included, 2.4 times the SHA-256's CPU;
     on two cores it made copies 1.2-1.5 times slower (docs/performance.md)."""
+    image_hash: bool = True
+    """The whole image's SHA-256 (sha256sum's). Without it the manifest still pins
+    every byte (each written block's SHA-256, zeros elsewhere) and `verify` checks
+    them all; what is saved is hashing every never-written byte, about 0.6 s of one
+    core per GiB of volume, which is most of a copy of a mostly empty volume."""
     metadata: Callable[[], tuple[dict[str, Any] | None, str | None]] | None = None
     """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
     (metadata.py), and why there is none when there is none."""
@@ -176,6 +181,9 @@ def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, dic
     """Local checks before any call: (a finished copy already there, the state of an
     unfinished run to resume). One-line errors for anything that cannot work."""
     check_snapshot_id(request.snapshot_id)
+    if request.md5 and not request.image_hash:
+        raise UserInputError("--md5 and --no-image-hash do not go together: the MD5 is "
+                             "a hash of the whole image")
     if layout.kind == "stream" and os.isatty(1):
         raise UserInputError("refusing to write a disk image to a terminal: redirect "
                              "standard output or give a file name")
@@ -352,7 +360,8 @@ class Copy:
     def __init__(self, image: SnapshotImage, target: Target, journal: Journal | None,
                  blocks: BlockListWriter, progress: Progress, window: int,
                  read_timeout: float, base: BaseImage | None = None,
-                 state: dict[str, Any] | None = None, md5: bool = False) -> None:
+                 state: dict[str, Any] | None = None, md5: bool = False,
+                 image_hash: bool = True) -> None:
         self.image = image
         self.target = target
         self.journal = journal
@@ -363,7 +372,7 @@ class Copy:
         self.base = base
         self.state = state
         self.counts = Counts()
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if image_hash else None
         self.md5 = hashlib.md5() if md5 else None
         self.position = 0
         """Bytes of the image handed to the hashers so far (in order)."""
@@ -604,8 +613,8 @@ class Copy:
         self.progress.update(self.hashed, self.counts.fetched + self.counts.from_base)
 
     def _consumers(self) -> list[Consumer]:
-        hashers = [self.sha256] if self.md5 is None else [self.sha256, self.md5]
-        consumers: list[Consumer] = [functools.partial(_update, h) for h in hashers]
+        consumers: list[Consumer] = [functools.partial(_update, h)
+                                     for h in (self.sha256, self.md5) if h is not None]
         if self.target.stream:
             consumers.append(self._stream)
         return consumers
@@ -738,7 +747,8 @@ def _run(the_engine: Engine, image: SnapshotImage, layout: Layout, request: GetR
         except OSError as err:
             raise failure("cannot create", f"{layout.stem}.part.blocks", err) from err
         copy = Copy(image, target, journal, blocks, progress, window,
-                    the_engine.config.read_timeout, base, state, md5=request.md5)
+                    the_engine.config.read_timeout, base, state, md5=request.md5,
+                    image_hash=request.image_hash)
         try:
             trio.run(_copy_with_base, the_engine, copy, base)
             target.finish()
@@ -785,7 +795,8 @@ def _manifest(the_engine: Engine, image: SnapshotImage, layout: Layout, copy: Co
     counts["runs"] = int(state.get("runs", 1)) if state else 1
     return Manifest(
         snapshot_id=image.snapshot_id, volume_size=image.size, block_size=BLOCK_SIZE,
-        written_blocks=copy.blocks.count, sha256=copy.sha256.hexdigest(),
+        written_blocks=copy.blocks.count,
+        sha256=copy.sha256.hexdigest() if copy.sha256 else None,
         md5=copy.md5.hexdigest() if copy.md5 else None, started=started, finished=utc_now(),
         ebsfs_version=__version__, region=getattr(the_engine.api, "region", None),
         endpoint=getattr(the_engine.api, "endpoint_url", None),

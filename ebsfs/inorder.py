@@ -108,7 +108,11 @@ class InOrder:
         """Trio thread: the next piece. `done()` runs on the trio thread once every
         consumer has taken it (then `data` is no longer used). A piece with data is
         copied into the stage being filled while a staging buffer is free; a stage goes
-        on once full, before a piece of zeros, with `flush_if_idle` or `drain`."""
+        on once full, before a piece of zeros, with `flush_if_idle` or `drain`. With no
+        consumers at all, `done()` runs at once."""
+        if not self._queues:
+            done()
+            return
         stage = self._stage
         if stage is not None and (data is None or not stage.fits(offset, length)):
             self._flush()

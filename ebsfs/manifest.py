@@ -2,8 +2,8 @@
 when (and only when) the image is complete, and checked by `ebsfs verify`.
 
 It records what was copied (snapshot id, volume size, block size, written blocks),
-the SHA-256 of the whole image (and its MD5, the older forensic convention, when
-`get --md5` asked for it), when, with what
+the SHA-256 of the whole image (unless `get --no-image-hash`; and its MD5, the older
+forensic convention, when `get --md5` asked for it), when, with what
 (ebsfs version, region, endpoint), the snapshot's EC2 metadata where it could be had,
 and the SHA-256 of every written block, in hex: inline for up to INLINE_BLOCKS blocks,
 else in a side file (`<stem>.blocks.sha256`, one `INDEX SHA256` line per block,
@@ -49,7 +49,8 @@ class Manifest:
     volume_size: int
     block_size: int
     written_blocks: int
-    sha256: str
+    sha256: str | None
+    """None when the copy was made with --no-image-hash."""
     md5: str | None
     """None unless the copy was made with --md5."""
     started: str
@@ -258,7 +259,7 @@ def read_manifest(path: str) -> Manifest:
         manifest = Manifest(
             snapshot_id=str(data["snapshot_id"]), volume_size=int(data["volume_size"]),
             block_size=int(data["block_size"]), written_blocks=int(data["written_blocks"]),
-            sha256=str(data["sha256"]),
+            sha256=None if data["sha256"] is None else str(data["sha256"]),
             md5=None if data["md5"] is None else str(data["md5"]), started=str(data["started"]),
             finished=str(data["finished"]), ebsfs_version=str(data["ebsfs_version"]),
             region=data.get("region"), endpoint=data.get("endpoint"),

@@ -1,7 +1,7 @@
 """`ebsfs verify`: re-read an image (a file or a device) and check it against the
 manifest `ebsfs get` wrote: every written block against its SHA-256, every other
-block for zeros, and the whole image's SHA-256 and MD5. Local reads only, no service
-call; memory is one read buffer, whatever the volume."""
+block for zeros, and the whole image's SHA-256 and MD5 where the manifest has them.
+Local reads only, no service call; memory is one read buffer, whatever the volume."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ BadBlock = Callable[[int, int, str], None]
 class VerifyResult:
     manifest: Manifest
     bad_blocks: int
-    sha256: str
+    sha256: str | None
     md5: str | None
 
     @property
@@ -63,9 +63,9 @@ def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None
 
 def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
            progress: Progress) -> VerifyResult:
-    sha256 = hashlib.sha256()
+    sha256 = hashlib.sha256() if manifest.sha256 is not None else None
     md5 = hashlib.md5() if manifest.md5 is not None else None
-    hashers = [sha256] if md5 is None else [sha256, md5]
+    hashers = [h for h in (sha256, md5) if h is not None]
     listed = manifest.block_digests()
     upcoming = next(listed, None)
     bad = 0
@@ -102,4 +102,5 @@ def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
             progress.update(offset + length, 0)
     for _ in listed:  # the rest of the list is still checked for form
         pass
-    return VerifyResult(manifest, bad, sha256.hexdigest(), md5.hexdigest() if md5 else None)
+    return VerifyResult(manifest, bad, sha256.hexdigest() if sha256 else None,
+                        md5.hexdigest() if md5 else None)

@@ -381,10 +381,51 @@ def test_md5_only_when_asked(emulator: EmulatorServer, tmp_path: Path) -> None:
                           "digests differ")
 
 
+def test_no_image_hash_still_pins_every_byte(emulator: EmulatorServer, tmp_path: Path
+                                             ) -> None:
+    """--no-image-hash: no whole-image digest, but each written block's SHA-256 and the
+    zeros elsewhere are still recorded and checked, so a changed byte is still named."""
+    blocks = sparse_blocks(15, volume_gib=1, every=7)
+    add(emulator.store, SNAP, blocks, volume_gib=1)
+    out = tmp_path / "disk.img"
+    result = get(emulator.url, "--no-image-hash", SNAP, str(out))
+    assert result.returncode == 0, result.stderr
+    assert "no whole-image hash" in result.stderr.splitlines()[-1]
+    assert file_digest(out) == digests(blocks, GIB)[0]
+    m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
+    assert (m["sha256"], m["md5"], m["written_blocks"]) == (None, None, len(blocks))
+    assert m["blocks"]["list"] == [
+        [i, hashlib.sha256(blocks[i]).hexdigest()] for i in sorted(blocks)]
+    checked = ebsfs("verify", str(out))
+    assert checked.returncode == 0, checked.stderr
+    assert "OK" in checked.stdout and "no whole-image hash" in checked.stdout
+    written = next(i for i in sorted(blocks) if i + 1 not in blocks)
+    hole = written + 1
+    with open(out, "r+b") as f:
+        for offset in (written * BLOCK_SIZE + 7, hole * BLOCK_SIZE + 9):
+            f.seek(offset)
+            f.write(b"\xff")
+    result = ebsfs("verify", str(out))
+    assert result.returncode == 1
+    assert [line.split(": ")[1] for line in result.stdout.splitlines()] == [
+        f"block {written} (offset {written * BLOCK_SIZE})",
+        f"block {hole} (offset {hole * BLOCK_SIZE})"]
+
+
+def test_md5_needs_the_image_hash(emulator: EmulatorServer, tmp_path: Path) -> None:
+    add(emulator.store, SNAP, {0: pattern_block(16, 0)}, volume_gib=1)
+    out = tmp_path / "disk.img"
+    result = get(emulator.url, "--md5", "--no-image-hash", SNAP, str(out))
+    assert_one_line_error(result, "--md5", "--no-image-hash")
+    assert list(tmp_path.iterdir()) == []
+    assert gets(emulator) == 0
+
+
 def test_help_explains_every_option() -> None:
     result = ebsfs("get", "--help")
     assert result.returncode == 0
-    for option in ("--manifest", "--base-image", "--base-manifest", "--md5", "--quiet",
+    for option in ("--manifest", "--base-image", "--base-manifest", "--md5", "--no-image-hash",
+                   "--quiet",
                    "--cache-size", "--max-fetches", "--read-timeout", "--request-timeout",
                    "--region", "--profile", "--endpoint-url", "--ec2-endpoint-url",
                    "--verbose", "--log-file", "block device", "OUTPUT.part"):

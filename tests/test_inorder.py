@@ -183,3 +183,12 @@ def test_a_stage_waits_only_while_the_consumers_are_busy() -> None:
     trio.run(main)
     assert seen == [(0, 10), (10, 20)]
     assert done == [0, 1, 2]
+
+
+def test_no_consumers_means_each_piece_is_done_at_once() -> None:
+    """`get --no-image-hash` to a file: nothing takes the pieces, and nothing waits."""
+    pieces: list[tuple[int, bytes | None, int]] = [(0, b"ab", 2), (2, None, 4), (6, b"c", 1)]
+    done: list[int] = []
+    failures: list[BaseException] = []
+    assert feed_and_drain([], pieces, done, failures, stage_size=8, stages=2) is None
+    assert done == [0, 1, 2] and failures == []
