@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check an image made by `ebsfs get` against its manifest",
         description="Re-read IMAGE (a file or a device) and check it against its manifest: "
                     "each written block's SHA-256, zeros everywhere else, and the whole "
-                    "image's SHA-256 and MD5. Exit 0 when all match; otherwise each bad "
-                    "block is named (index and byte offset) and the exit status is 1. "
+                    "image's SHA-256 and MD5 where the manifest has them. Exit 0 when all "
+                    "match; otherwise each bad block is named (index and byte offset) and "
+                    "the exit status is 1. "
                     "Reads only local files.",
     )
     verify.add_argument("image", metavar="IMAGE")
