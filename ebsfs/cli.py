@@ -281,8 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "each written block's SHA-256, zeros everywhere else, and the whole "
                     "image's SHA-256 and MD5 where the manifest has them. Exit 0 when all "
                     "match; otherwise each bad block is named (index and byte offset) and "
-                    "the exit status is 1. "
-                    "Reads only local files.",
+                    "the exit status is 1. Reads only local files.",
     )
     verify.add_argument("image", metavar="IMAGE")
     verify.add_argument("--manifest", metavar="FILE",
