@@ -2,6 +2,6 @@
 
 import sys
 
-from ebsfs.cli import main
+from ebsfs.cli.main import main
 
 sys.exit(main())

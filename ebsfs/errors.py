@@ -3,6 +3,38 @@ into one-line messages and exit codes by cli.py."""
 
 from __future__ import annotations
 
+__all__ = [
+    "EbsfsError",
+    "UserInputError",
+    "ServiceError",
+    "SnapshotNotFound",
+    "InvalidSnapshotId",
+    "AccessDenied",
+    "CredentialsRejected",
+    "InvalidBlockToken",
+    "InvalidPageToken",
+    "UnrelatedSnapshots",
+    "Throttled",
+    "TransientError",
+    "ChecksumMismatch",
+    "RetriesExhausted",
+    "EndpointUnreachable",
+    "CertificateUntrusted",
+    "CredentialsMissing",
+    "CredentialRefreshFailed",
+    "ReadFailed",
+    "MountFailed",
+    "ProtocolError",
+    "PartitionTableError",
+    "CacheDirError",
+    "MetadataUnavailable",
+    "FilesystemUnreadable",
+    "OutputError",
+    "ManifestError",
+    "BaseImageMismatch",
+    "VerifyFailed",
+]
+
 
 class EbsfsError(Exception):
     """Base of every error ebsfs reports to a user."""
@@ -86,6 +118,36 @@ class CredentialRefreshFailed(TransientError):
     """Credentials that were there could not be refreshed (a failing credential_process,
     an expired SSO session, a slow instance metadata service): retried, since they
     often come back; a read that runs out of retries gets EIO and the mount lives on."""
+
+
+class ReadFailed(EbsfsError):
+    """A read could not be served (after retries, or past its time limit): EIO."""
+
+
+class MountFailed(EbsfsError):
+    """The kernel mount could not be made."""
+
+
+class ProtocolError(OSError):
+    """The server's answer is not the HTTP/1.1 this client reads (or the connection
+    ended early): the connection is useless, the call may be retried."""
+
+
+class PartitionTableError(EbsfsError):
+    """The partition table is damaged or points past the end of the disk."""
+
+
+class CacheDirError(UserInputError):
+    """The cache directory cannot be used: what and why, in one line."""
+
+
+class MetadataUnavailable(EbsfsError):
+    """EC2 could not say: no permission, unreachable, or an unknown snapshot."""
+
+
+class FilesystemUnreadable(EbsfsError):
+    """No library here reads this filesystem, or it is damaged: the message says which
+    and why, in words a user can act on."""
 
 
 SERVICE_ERRORS: dict[tuple[str, str], type[ServiceError]] = {

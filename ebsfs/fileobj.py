@@ -10,9 +10,8 @@ import io
 import threading
 from typing import Any
 
-from ebsfs.client import ConnectionOptions
-from ebsfs.diff import Diff
-from ebsfs.engine import (
+from ebsfs.engine.diff import Diff
+from ebsfs.engine.engine import (
     DEFAULT_CACHE_DIR_SIZE,
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_FETCHES,
@@ -20,10 +19,11 @@ from ebsfs.engine import (
     EngineThread,
     connect,
 )
+from ebsfs.engine.files import WindowReader
+from ebsfs.engine.image import SnapshotImage
+from ebsfs.engine.partitions import Partition
 from ebsfs.errors import EbsfsError
-from ebsfs.files import WindowReader
-from ebsfs.image import SnapshotImage
-from ebsfs.partitions import Partition
+from ebsfs.service.client import ConnectionOptions
 
 MAX_READ = 32 * 1024**2
 """Bytes asked of the engine at once (64 blocks fetched together)."""

@@ -53,7 +53,7 @@ import botocore.config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ebsfs import BLOCK_SIZE  # noqa: E402
+from ebsfs.constants import BLOCK_SIZE  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from scripts.bench_read import drop_page_cache, dsnap, ebsfs, wait_for_mount  # noqa: E402
 

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ebsfs.mount import raise_kernel_readahead  # noqa: E402
+from ebsfs.fuse.mount import raise_kernel_readahead  # noqa: E402
 
 ZEROS = bytes(1024 * 1024)
 FILE_INODE = pyfuse3.ROOT_INODE + 1

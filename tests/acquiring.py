@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ebsfs import BLOCK_SIZE, GIB
+from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer, SnapshotStore
 from tests.fakes import pattern_block
 

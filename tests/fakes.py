@@ -7,9 +7,17 @@ import collections
 import threading
 from collections.abc import Callable
 
-from ebsfs.api import MAX_RESULTS, Block, BlockPage, ChangedBlock, ChangedPage, EbsApi, verify_block
 from ebsfs.emulator.store import ApiError, SnapshotStore
 from ebsfs.errors import TransientError, service_error
+from ebsfs.service.api import (
+    MAX_RESULTS,
+    Block,
+    BlockPage,
+    ChangedBlock,
+    ChangedPage,
+    EbsApi,
+    verify_block,
+)
 
 
 class StoreApi:

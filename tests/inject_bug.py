@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ebsfs import cli
-from ebsfs.api import Block
-from ebsfs.image import SnapshotImage
+from ebsfs.cli import main as cli
+from ebsfs.engine.image import SnapshotImage
+from ebsfs.service.api import Block
 
 _flag = os.environ["EBSFS_TEST_BUG_FILE"]
 _block = SnapshotImage.block

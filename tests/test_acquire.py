@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE, GIB, acquire, manifest
-from ebsfs.client import ConnectionOptions
+from ebsfs.acquire import get as acquire
+from ebsfs.acquire import manifest
+from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer, SnapshotStore
-from ebsfs.engine import EngineConfig
+from ebsfs.engine.engine import EngineConfig
+from ebsfs.service.client import ConnectionOptions
 from tests.acquiring import (
     add,
     digests,
@@ -345,7 +347,7 @@ def test_memory_does_not_grow_with_the_volume(emulator: EmulatorServer,
     peaks = []
     for snapshot_id in (SNAP, OTHER):
         out = tmp_path / f"{snapshot_id}.img"
-        code = ("import resource, sys; from ebsfs.cli import main; rc = main(sys.argv[1:]); "
+        code = ("import resource, sys; from ebsfs.cli.main import main; rc = main(sys.argv[1:]); "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
         result = subprocess.run(
             [sys.executable, "-c", code, "get", "-q", "--endpoint-url", emulator.url,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE, GIB
+from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer
 from tests.acquiring import add, digests, file_digest, gets, sparse_blocks
 from tests.disks import loop_device

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE
-from ebsfs.api import Block
-from ebsfs.cache import SLAB_SIZE, BlockCache
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.cache import SLAB_SIZE, BlockCache
+from ebsfs.service.api import Block
 from tests.fakes import pattern_block
 
 
@@ -136,7 +136,7 @@ def test_slabs_are_mappings_unless_the_cache_could_exhaust_them(monkeypatch) -> 
         return Block(pattern_block(7, 0), None)
 
     for max_map_count, kind in ((65530, mmap.mmap), (64, bytearray)):
-        monkeypatch.setattr("ebsfs.cache._mappings_allowed", lambda n=max_map_count: n)
+        monkeypatch.setattr("ebsfs.engine.cache._mappings_allowed", lambda n=max_map_count: n)
         cache = BlockCache(32 * SLAB_SIZE)
         view = trio.run(cache.get, ("s", 0), fetch).data
         assert isinstance(view, memoryview) and isinstance(view.obj, kind)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs.cli import parse_size
+from ebsfs.cli.main import parse_size
 from ebsfs.emulator import EmulatorServer
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, force_unmount, mounted, needs_fuse

@@ -8,8 +8,7 @@ import hashlib
 
 import pytest
 
-from ebsfs import BLOCK_SIZE
-from ebsfs.client import BotoEbsApi, ConnectionOptions
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.errors import (
     AccessDenied,
@@ -21,7 +20,8 @@ from ebsfs.errors import (
     SnapshotNotFound,
     UnrelatedSnapshots,
 )
-from ebsfs.retry import RetryPolicy
+from ebsfs.service.client import BotoEbsApi, ConnectionOptions
+from ebsfs.service.retry import RetryPolicy
 from tests.fakes import pattern_block
 
 SNAP = "snap-0c0c"
@@ -158,7 +158,7 @@ def test_fetch_concurrency_shrinks_while_throttled_and_grows_back(emulator: Emul
                                                                   ) -> None:
     import trio
 
-    from ebsfs.remote import RemoteSnapshots
+    from ebsfs.engine.remote import RemoteSnapshots
 
     emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(120)})
     api = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=RetryPolicy(

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE
-from ebsfs.api import ChangedBlock, ChangedPage
-from ebsfs.diff import Diff, diff_snapshots
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
-from ebsfs.remote import RemoteSnapshots
+from ebsfs.engine.diff import Diff, diff_snapshots
+from ebsfs.engine.remote import RemoteSnapshots
+from ebsfs.service.api import ChangedBlock, ChangedPage
 from tests.fakes import pattern_block
 from tests.mounting import drop_page_cache, ebsfs, mounted, needs_fuse
 
@@ -84,7 +84,7 @@ def test_a_diff_of_any_size_holds_bounded_memory(tmp_path: Path, monkeypatch) ->
     """Four times the changed blocks (10,000 to 40,000 separate ranges) must not take
     more memory: ranges go to a temporary file and the JSON is written piece by piece.
     (Holding every index and building the JSON whole grew by about 6 MiB here.)"""
-    monkeypatch.setattr("ebsfs.diff.SPOOL_IN_MEMORY", 64 * 1024)
+    monkeypatch.setattr("ebsfs.engine.diff.SPOOL_IN_MEMORY", 64 * 1024)
     out_path = tmp_path / "diff.json"
     small = peak_bytes(10_000, out_path)
     changed = 40_000

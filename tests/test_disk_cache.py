@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE, GIB
-from ebsfs.diskcache import (
+from ebsfs.constants import BLOCK_SIZE, GIB
+from ebsfs.diskcache.store import (
     DATA_DIR,
     INDEX_NAME,
     SHARD_BLOCKS,
@@ -27,7 +27,7 @@ from ebsfs.diskcache import (
     prepare,
 )
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.engine import Engine, EngineConfig, plan
+from ebsfs.engine.engine import Engine, EngineConfig, plan
 from tests.fakes import StoreApi, pattern_block
 
 SNAP = "snap-0c1"
@@ -336,9 +336,9 @@ def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
 
 def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
         tmp_path) -> None:
-    from ebsfs.api import Block
-    from ebsfs.diskcache import DiskTier
-    from ebsfs.stats import Stats
+    from ebsfs.diskcache.store import DiskTier
+    from ebsfs.engine.stats import Stats
+    from ebsfs.service.api import Block
 
     tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats())
     tier.track([SNAP])
@@ -359,8 +359,8 @@ def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
 
 
 def test_blocks_another_process_stores_are_noticed(tmp_path) -> None:
-    from ebsfs.diskcache import DiskTier
-    from ebsfs.stats import Stats
+    from ebsfs.diskcache.store import DiskTier
+    from ebsfs.engine.stats import Stats
 
     tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats(), refresh=0.05)
     tier.track([SNAP])

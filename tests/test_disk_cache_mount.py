@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE, GIB
-from ebsfs.diskcache import DATA_DIR, INDEX_NAME
+from ebsfs.constants import BLOCK_SIZE, GIB
+from ebsfs.diskcache.store import DATA_DIR, INDEX_NAME
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
 from tests.mounting import (

@@ -13,9 +13,9 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer, SnapshotStore
-from ebsfs.sigv4 import Credentials, GetSigner
+from ebsfs.service.sigv4 import Credentials, GetSigner
 from tests.fakes import pattern_block
 
 SNAP = "snap-0aaa"
@@ -321,7 +321,7 @@ def test_signatures_are_checked_when_credentials_are_known(emulator, sparse, mon
 
 
 def test_a_request_changed_after_signing_is_refused(emulator, sparse) -> None:
-    """ebsfs.sigv4 checked by the emulator's botocore-based verifier: the signed GET
+    """ebsfs.service.sigv4 checked by the emulator's botocore-based verifier: the signed GET
     passes authentication (and fails on its made-up token); the same headers on
     another block do not."""
     host = emulator.url.split("//", 1)[1]

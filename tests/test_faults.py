@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
-from ebsfs.remote import AdaptiveLimit
+from ebsfs.engine.remote import AdaptiveLimit
 from tests.mounting import drop_page_cache, mounted, needs_fuse, serving_pid
 
 SNAP = "snap-0f1"

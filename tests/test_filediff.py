@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 import ebsfs.fileobj
-from ebsfs import BLOCK_SIZE, cli
+from ebsfs.cli import main as cli
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
-from ebsfs.filediff import ChangedBlocks, FileChange, compare_trees, diff_files
-from ebsfs.fsread import DIRECTORY, FILE, Entry, Tree
+from ebsfs.forensics.filediff import ChangedBlocks, FileChange, compare_trees, diff_files
+from ebsfs.forensics.fsread import DIRECTORY, FILE, Entry, Tree
 from tests.snapshot_pairs import GPT_PARTS, MiB, expected, make_gpt_pair, make_pair
 
 FIRST, SECOND = "snap-0f1a", "snap-0f2b"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import ebsfs
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import build_disk, demo_files, random_image
 from ebsfs.errors import InvalidSnapshotId, SnapshotNotFound

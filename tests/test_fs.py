@@ -12,12 +12,12 @@ import pyfuse3
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.engine import Engine, EngineConfig
+from ebsfs.engine.engine import Engine, EngineConfig
+from ebsfs.engine.files import snapshot_nodes
 from ebsfs.errors import TransientError
-from ebsfs.files import snapshot_nodes
-from ebsfs.fs import ROOT_INODE, EbsOperations
+from ebsfs.fuse.operations import ROOT_INODE, EbsOperations
 from tests.fakes import FailingApi, StoreApi, pattern_block
 
 GIB = 1024**3
@@ -104,7 +104,7 @@ def test_xattrs_name_the_snapshot_and_the_serving_process(ops_and_api) -> None:
 def test_changes_file_reads_in_pieces(monkeypatch) -> None:
     """The `.changes` text of a lineage mounted together, read at offsets like the
     kernel does; spilled to a temporary file when large (here past 256 bytes)."""
-    monkeypatch.setattr("ebsfs.diff.SPOOL_IN_MEMORY", 256)
+    monkeypatch.setattr("ebsfs.engine.diff.SPOOL_IN_MEMORY", 256)
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(40)}, volume_size_gib=1)
     store.add_snapshot("snap-0b", {i: pattern_block(2, i) for i in range(0, 40, 2)},

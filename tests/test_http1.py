@@ -1,4 +1,4 @@
-"""ebsfs.http1, the GET path's HTTP/1.1 client, against a scripted server: the answers
+"""ebsfs.service.http1, the GET path's HTTP/1.1 client, against a scripted server: the answers
 the emulator never gives (chunked bodies, closes, stalls, garbage) read right or fail as
 a retryable OSError, never as wrong bytes or a hang."""
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ebsfs import http1
+from ebsfs.service import http1
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 

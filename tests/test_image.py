@@ -8,14 +8,14 @@ import hashlib
 import pytest
 import trio
 
-from ebsfs import BLOCK_SIZE
-from ebsfs.cache import BlockCache
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.errors import InvalidBlockToken, TransientError
-from ebsfs.image import ReadFailed, SnapshotImage
-from ebsfs.index import BlockIndex
-from ebsfs.prefetch import Readahead, ReadPattern
-from ebsfs.remote import RemoteSnapshots
+from ebsfs.engine.cache import BlockCache
+from ebsfs.engine.image import SnapshotImage
+from ebsfs.engine.index import BlockIndex
+from ebsfs.engine.prefetch import Readahead, ReadPattern
+from ebsfs.engine.remote import RemoteSnapshots
+from ebsfs.errors import InvalidBlockToken, ReadFailed, TransientError
 from tests.fakes import FailingApi, StoreApi, pattern_block
 
 GIB = 1024**3
@@ -307,7 +307,7 @@ def test_window_grows_with_the_data_the_run_has_read() -> None:
     twice them once it is a stream, up to the limit: large reads open it as fast as
     the same bytes in small reads, no faster. (It is set when read-ahead looks ahead,
     which it does again once the reader is half way through what it fetched.)"""
-    from ebsfs.prefetch import STREAM_BLOCKS
+    from ebsfs.engine.prefetch import STREAM_BLOCKS
 
     def rule(data: int) -> int:
         return min(300, max(2, data // 2 if data < STREAM_BLOCKS else 2 * data))
@@ -436,7 +436,7 @@ def test_depth_grows_with_latency_and_shrinks_under_throttling() -> None:
 def test_latency_estimate_is_that_of_quick_answers() -> None:
     """A low percentile of recent calls: answers that waited for this machine (a mean
     that grows as more calls are in flight) must not open the window wider."""
-    from ebsfs.remote import LatencyEstimate
+    from ebsfs.engine.remote import LatencyEstimate
 
     estimate = LatencyEstimate()
     estimate.add(0.2)

@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from ebsfs import inbox
+from ebsfs.engine import inbox
 
 
 def test_calls_from_many_threads_run_once_each_in_order_on_the_trio_thread() -> None:

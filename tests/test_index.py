@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.index import BlockIndex
-from ebsfs.remote import RemoteSnapshots
+from ebsfs.engine.index import BlockIndex
+from ebsfs.engine.remote import RemoteSnapshots
 from tests.fakes import StoreApi, pattern_block
 
 TIB_BLOCKS = 2 * 1024 * 1024

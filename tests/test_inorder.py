@@ -10,7 +10,7 @@ import threading
 
 import trio
 
-from ebsfs.inorder import InOrder
+from ebsfs.acquire.inorder import InOrder
 
 
 class Recorder:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, force_unmount, mounted, needs_fuse, serving_pid, wait_gone

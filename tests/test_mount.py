@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE, GIB
+from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import build_disk, demo_files, random_image
 from tests.disks import loop_device

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import GIB
+from ebsfs.constants import GIB
 from ebsfs.emulator import EmulatorServer
 from tests.disks import Disk, gpt_disk, loop_mount_file, mbr_disk, read_tree
 from tests.mounting import mounted, needs_fuse

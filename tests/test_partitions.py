@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from ebsfs.partitions import Partition, PartitionTableError, find_partitions
+from ebsfs.engine.partitions import Partition, find_partitions
+from ebsfs.errors import PartitionTableError
 
 MIB = 1024**2
 SFDISK = ["sfdisk", "-q", "--no-reread", "--no-tell-kernel"]  # else it sleeps 250 ms a write
@@ -176,12 +177,12 @@ def test_damaged_primary_gpt_falls_back_to_backup(
 ) -> None:
     expected = sfdisk_view(gpt_disk)
     flip(gpt_disk, 512 + 40 if where == "header" else 1024 + 56)  # first usable LBA / a name
-    with caplog.at_level(logging.WARNING, logger="ebsfs.partitions"):
+    with caplog.at_level(logging.WARNING, logger="ebsfs.engine.partitions"):
         parts = scan(gpt_disk)
     assert view(parts) == expected
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "using the backup GPT" in warnings[0].getMessage()
-    assert warnings[0].name == "ebsfs.partitions"
+    assert warnings[0].name == "ebsfs.engine.partitions"
 
 
 def test_both_gpt_headers_damaged(gpt_disk: Path) -> None:

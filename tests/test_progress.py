@@ -13,8 +13,8 @@ import sys
 import termios
 from pathlib import Path
 
+from ebsfs.acquire.progress import BarProgress, LineProgress, QuietProgress, progress_for
 from ebsfs.emulator import EmulatorServer
-from ebsfs.progress import BarProgress, LineProgress, QuietProgress, progress_for
 from tests.acquiring import add, sparse_blocks
 from tests.mounting import ebsfs
 

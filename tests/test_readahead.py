@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from ebsfs.prefetch import Readahead
+from ebsfs.engine.prefetch import Readahead
 
 
 def test_work_submitted_before_run_starts_with_it_and_each_runs_once() -> None:

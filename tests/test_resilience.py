@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
 from tests.mounting import drop_page_cache, mounted, needs_fuse, serving_pid

@@ -1,4 +1,4 @@
-"""ebsfs.sigv4 against botocore's SigV4Auth: the same headers for the same request."""
+"""ebsfs.service.sigv4 against botocore's SigV4Auth: the same headers for the same request."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import botocore.awsrequest
 import botocore.credentials
 import pytest
 
-from ebsfs.sigv4 import Credentials, GetSigner
+from ebsfs.service.sigv4 import Credentials, GetSigner
 
 NOW = datetime.datetime(2026, 11, 24, 1, 2, 3, tzinfo=datetime.UTC)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ebsfs import BLOCK_SIZE
-from ebsfs import target as target_module
-from ebsfs.target import DirectWrites, FileTarget
+from ebsfs.acquire import target as target_module
+from ebsfs.acquire.target import DirectWrites, FileTarget
+from ebsfs.constants import BLOCK_SIZE
 from tests.fakes import pattern_block
 
 

@@ -1,7 +1,7 @@
 """SigV4 verification for the emulator: with known credentials configured, a request
 whose signature does not match is refused as the real service refuses it.
 
-The signature is recomputed with botocore's own signer (not ebsfs.sigv4), so the
+The signature is recomputed with botocore's own signer (not ebsfs.service.sigv4), so the
 tests that run against the emulator check ebsfs's signer end to end."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ebsfs import BLOCK_SIZE, BLOCKS_PER_GIB, GIB
+from ebsfs.constants import BLOCK_SIZE, BLOCKS_PER_GIB, GIB
 from ebsfs.emulator.faults import Dice, Faults
 
 SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]+$")

@@ -1,0 +1,2 @@
+"""`ebsfs get` and `ebsfs verify`: the verified copy, its manifest, resume record and
+outputs."""

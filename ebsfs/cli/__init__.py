@@ -1,0 +1,1 @@
+"""The command line: options, one-line errors, exit codes."""

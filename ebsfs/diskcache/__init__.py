@@ -1,0 +1,1 @@
+"""The persistent, verified disk cache behind the memory cache (`--cache-dir`)."""

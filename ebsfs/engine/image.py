@@ -1,0 +1,273 @@
+"""One snapshot as a byte-addressable image: read(offset, size) -> bytes. FUSE-free."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.cache import BlockCache
+from ebsfs.engine.diff import Diff
+from ebsfs.engine.index import BlockIndex, ChangeIndex
+from ebsfs.engine.prefetch import Readahead, ReadPattern
+from ebsfs.engine.remote import RemoteSnapshots
+from ebsfs.engine.stats import Stats
+from ebsfs.errors import EbsfsError, InvalidBlockToken, ReadFailed
+from ebsfs.service.api import Block
+
+if TYPE_CHECKING:
+    from ebsfs.diskcache.store import DiskView
+
+log = logging.getLogger(__name__)
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+ZEROS = memoryview(bytes(2 * BLOCK_SIZE))
+"""A read of blocks never written, up to a FUSE read's 1 MiB, is a view of this."""
+NEVER_WRITTEN = Block(ZERO_BLOCK, None)
+TOKEN_REFRESHES = 3
+
+
+class SnapshotImage:
+    """Reads of one snapshot: absent blocks are zeros, present ones come from the cache
+    or one GetSnapshotBlock each; a read spanning blocks fetches them concurrently."""
+
+    def __init__(
+        self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
+        remote: RemoteSnapshots, readahead: Readahead | None = None,
+        read_timeout: float = 60.0, max_window: int = 256, disk: DiskView | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.snapshot_id = snapshot_id
+        self.size = size
+        self.index = index
+        self.cache = cache
+        self.remote = remote
+        self.readahead = readahead
+        self.read_timeout = read_timeout
+        self.max_window = max_window
+        """Read-ahead of one reader never passes this many blocks (a cache budget)."""
+        self.disk = disk
+        """Blocks on local disk, looked at before the service is called."""
+        self.stats = stats or Stats()
+        self.base: tuple[SnapshotImage, ChangeIndex] | None = None
+        self._prefetching: set[int] = set()
+        """Blocks submitted for read-ahead and not done yet: submit each once."""
+
+    def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
+        """Serve blocks that `changes` says are unchanged from `base` (an earlier
+        snapshot of the same volume) through base's cache entries: one fetch for both."""
+        self.base = (base, changes)
+
+    async def changes_from_base(self) -> Diff:
+        """What differs from the base snapshot, chunk by chunk through the change index."""
+        if self.base is None:
+            raise ValueError(f"{self.snapshot_id} has no base snapshot")
+        base, changes = self.base
+        result = Diff(base.snapshot_id, self.snapshot_id, self.size, BLOCK_SIZE)
+        for chunk_no in range(changes.chunk_count):
+            # A whole 16 TiB volume may take minutes to list; each chunk may not hang.
+            with trio.move_on_after(self.read_timeout) as scope:
+                items = await changes.chunk_items(chunk_no)
+            if scope.cancelled_caught:
+                raise ReadFailed(f"listing changes of {self.snapshot_id} from "
+                                 f"{base.snapshot_id}: chunk {chunk_no} took over "
+                                 f"{self.read_timeout:.0f}s")
+            for _, change in items:
+                result.record(change)
+        result.list_calls = changes.list_calls
+        return result
+
+    async def _owner(self, index: int) -> SnapshotImage:
+        """The image whose cache entry and token serve block `index` of this one."""
+        image = self
+        while image.base is not None:
+            base, changes = image.base
+            if await changes.changed(index):
+                break
+            image = base
+        return image
+
+    def open_stream(self) -> ReadPattern:
+        """Read-pattern state for one open file handle."""
+        return ReadPattern(self.size, chunk_blocks=self.index.chunk_blocks)
+
+    async def block(self, index: int) -> Block:
+        """Block `index` as verified, with its checksum (zeros and None if never
+        written)."""
+        if self.base is None:
+            return await self._own_block(index)
+        owner = await self._owner(index)
+        if owner is not self and (owner.snapshot_id, index) in self.cache:
+            self.stats.lineage_hits += 1
+        return await owner._own_block(index)
+
+    async def _own_block(self, index: int) -> Block:
+        token = await self.index.token(index)
+        if token is None:
+            return NEVER_WRITTEN
+        if (self.snapshot_id, index) in self.cache:
+            self.stats.memory_hits += 1
+        return await self.cache.get(
+            (self.snapshot_id, index), lambda room: self._fetch(index, token, room)
+        )
+
+    async def _fetch(self, index: int, token: str, room: memoryview | None) -> Block:
+        """The block from the disk cache if it holds it verified, else from the service
+        (then kept on disk)."""
+        if self.disk is not None:
+            found = await self.disk.load(index, room)
+            if found is not None:
+                return found
+        for _ in range(TOKEN_REFRESHES):
+            try:
+                block = await self.remote.get_snapshot_block(self.snapshot_id, index, token,
+                                                             into=room)
+            except InvalidBlockToken:
+                log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
+                self.index.invalidate(index)
+                fresh = await self.index.token(index)
+                if fresh is None:
+                    return NEVER_WRITTEN
+                token = fresh
+            else:
+                self.stats.blocks_fetched += 1
+                if self.disk is not None:
+                    await self.disk.store(index, block)
+                return block
+        raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
+
+    async def _prefetch(self, index: int) -> None:
+        """Fetch ahead, within the same time limit as a read: a stalled prefetch would
+        otherwise hold its place in `_prefetching` (and its task) forever."""
+        try:
+            with trio.move_on_after(self.read_timeout):
+                await self.block(index)
+        finally:
+            self._prefetching.discard(index)
+
+    async def read(self, offset: int, size: int, stream: ReadPattern | None = None,
+                   scratch: bytearray | None = None) -> bytes | memoryview:
+        """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
+        ReadFailed. Never waits longer than read_timeout.
+
+        Bytes from several blocks are joined into `scratch` when given (and large
+        enough): a view of it is returned, valid only until the caller's next read
+        (the FUSE face replies before any other read can run; a fresh 1 MiB for every
+        such read costs page faults, docs/performance.md)."""
+        if offset >= self.size or size <= 0:
+            return b""
+        end = min(offset + size, self.size)
+        if stream is not None and self.readahead is not None:
+            self._read_ahead(stream, offset, end - offset)
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        at_hand = self._blocks_at_hand(first, last)
+        if at_hand is not None:
+            return _assemble(at_hand, offset, end, first, scratch)
+        try:
+            with trio.fail_after(self.read_timeout):
+                if first == last:
+                    return _assemble([(await self.block(first)).data], offset, end, first)
+                return await self._read_span(offset, end, first, last, scratch)
+        except trio.TooSlowError:
+            raise ReadFailed(
+                f"{self.snapshot_id}: read at {offset} took over {self.read_timeout:.0f}s"
+            ) from None
+        except ReadFailed:
+            raise
+        except EbsfsError as err:
+            raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
+
+    def _read_ahead(self, stream: ReadPattern, offset: int, size: int) -> None:
+        """Submit the prefetches the read pattern asks for, and list the next chunk of
+        the index once read-ahead is half way through the current one, so that its
+        listing never stalls the reader."""
+        assert self.readahead is not None
+        limit = min(self.max_window, self.remote.depth())
+        frontier = stream.frontier
+        for ahead in stream.observe(offset, size, limit, self.index.next_listed):
+            if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
+                continue
+            if self.readahead.submit(functools.partial(self._prefetch, ahead)):
+                self._prefetching.add(ahead)
+        if stream.frontier == frontier:
+            return
+        chunk_blocks = self.index.chunk_blocks
+        upcoming = stream.frontier + chunk_blocks // 2
+        if stream.frontier and upcoming < self.index.volume_blocks:
+            chunk_no = upcoming // chunk_blocks
+            if not self.index.at_hand(chunk_no):
+                self.readahead.submit(functools.partial(self.index.get, upcoming))
+
+    def _blocks_at_hand(self, first: int, last: int) -> list[bytes | memoryview] | None:
+        """The blocks [first, last] if all are cached or known absent, with no await:
+        the warm path skips tasks, nurseries and timers (docs/performance.md)."""
+        if self.base is not None:
+            return None
+        slab = self.cache.peek_span(self.snapshot_id, first, last)
+        if slab is not None:
+            self.stats.memory_hits += 2
+            return [slab]
+        blocks: list[bytes | memoryview] = []
+        hits = 0
+        for i in range(first, last + 1):
+            known, token = self.index.peek(i)
+            if not known:
+                return None
+            data = ZERO_BLOCK if token is None else self.cache.peek((self.snapshot_id, i))
+            if data is None:
+                return None
+            hits += token is not None
+            blocks.append(data)
+        self.stats.memory_hits += hits
+        return blocks
+
+    async def _read_span(self, offset: int, end: int, first: int, last: int,
+                         scratch: bytearray | None) -> bytes | memoryview:
+        blocks: dict[int, bytes | memoryview] = {}
+        errors: list[EbsfsError] = []
+
+        async def one(i: int) -> None:
+            try:
+                blocks[i] = (await self.block(i)).data
+            except EbsfsError as err:  # keep siblings running; report the first failure
+                errors.append(err)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(first, last + 1):
+                nursery.start_soon(one, i)
+        if errors:
+            raise errors[0]
+        if self.base is None:  # both halves of one slab: reply from it, no join
+            slab = self.cache.peek_span(self.snapshot_id, first, last)
+            if slab is not None:
+                return _assemble([slab], offset, end, first)
+        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first,
+                         scratch)
+
+
+def _assemble(blocks: list[bytes | memoryview], offset: int, end: int, first: int,
+              scratch: bytearray | None = None) -> bytes | memoryview:
+    """Bytes [offset, end) from consecutive blocks starting at block `first` (or from
+    one buffer holding them all). From one buffer, or blocks never written, a view: no
+    copy (pyfuse3 replies from any buffer); from several, joined in `scratch` if given."""
+    base = first * BLOCK_SIZE
+    if len(blocks) == 1:
+        if offset - base == 0 and end - base == len(blocks[0]):
+            return blocks[0]
+        return memoryview(blocks[0])[offset - base : end - base]
+    if end - offset <= len(ZEROS) and all(data is ZERO_BLOCK for data in blocks):
+        return ZEROS[: end - offset]
+    parts = []
+    for n, data in enumerate(blocks):
+        start = base + n * BLOCK_SIZE
+        parts.append(data[max(offset, start) - start : min(end, start + BLOCK_SIZE) - start])
+    if scratch is None or len(scratch) < end - offset:
+        return b"".join(parts)
+    at = 0
+    for part in parts:
+        scratch[at : at + len(part)] = part
+        at += len(part)
+    return memoryview(scratch)[:at]

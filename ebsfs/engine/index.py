@@ -1,0 +1,249 @@
+"""Lazily listed block indexes: which blocks a snapshot holds (ListSnapshotBlocks) and
+which differ between two snapshots (ListChangedBlocks).
+
+The volume's index space is cut into chunks of `chunk_blocks` indexes. A chunk is
+listed (ListSnapshotBlocks from its first index) the first time a read needs it, and
+kept only while it is fresh and within the entry budget: memory follows what was read,
+not the volume size, and a 16 TiB snapshot costs nothing until it is read.
+
+Paging rule (see shared/ebs-direct-api.md): a page can be short or empty while a
+NextToken remains, so a chain of pages started at index S proves only [S, last index
+returned]; only the end of the chain (no NextToken) proves up to the end of the volume.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import cachetools
+
+from ebsfs.engine.pending import SingleFlight
+from ebsfs.engine.remote import RemoteSnapshots
+from ebsfs.errors import InvalidPageToken
+from ebsfs.service.api import ChangedBlock
+
+log = logging.getLogger(__name__)
+
+CHUNK_BLOCKS = 8192
+"""4 GiB of volume: a dense chunk fits one 10,000-entry page."""
+MAX_ENTRIES = 262144
+"""Tokens kept at the most (about 60 MB): 128 GiB of dense volume."""
+MAX_EXTRA_CHUNKS = 4096
+"""Chunks past the one asked for that a single listing may fill in (sparse volumes)."""
+
+
+V = TypeVar("V")
+Page = tuple[list[tuple[int, V]], str | None, float]
+"""(entries as (block index, value) ascending, NextToken, expiry)."""
+PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
+"""(StartingBlockIndex, NextToken) -> one page."""
+
+
+async def pages(fetch_page: PageFetcher[V], start: int, name: str
+                ) -> AsyncGenerator[Page[V], None]:
+    """Pages from `start` on, to the end of the listing unless the caller stops early.
+    A NextToken that expired (they live 60 minutes) restarts the listing just past the
+    last index returned, so nothing is missed or repeated. The one paging loop of ebsfs:
+    the block and change indexes and `ebsfs diff` all use it."""
+    position, next_token = start, None
+    while True:
+        try:
+            entries, page_token, expiry = await fetch_page(position, next_token)
+        except InvalidPageToken:
+            if next_token is None:
+                raise
+            log.debug("%s: page token refused, listing again from %d", name, position)
+            next_token = None
+            continue
+        yield entries, page_token, expiry
+        if entries:
+            position = entries[-1][0] + 1
+        if page_token is None:
+            return
+        next_token = page_token
+
+
+def change_pages(remote: RemoteSnapshots, first_id: str, second_id: str
+                 ) -> PageFetcher[ChangedBlock]:
+    """ListChangedBlocks as a PageFetcher."""
+
+    async def fetch(start: int, next_token: str | None) -> Page[ChangedBlock]:
+        page = await remote.list_changed_blocks(first_id, second_id, start_index=start,
+                                                next_token=next_token)
+        return [(c.index, c) for c in page.changes], page.next_token, page.expiry
+
+    return fetch
+
+
+@dataclass
+class _Chunk(Generic[V]):
+    tokens: dict[int, V]
+    expiry: float
+    listed_at: float
+    _order: list[int] | None = None
+
+    @property
+    def order(self) -> list[int]:
+        """The listed indexes, ascending (made when first needed: read-ahead)."""
+        if self._order is None:
+            self._order = sorted(self.tokens)
+        return self._order
+
+    def fresh(self, now: float) -> bool:
+        # Refresh a little before expiry (tokens live 7 days; tests use seconds).
+        margin = min(60.0, 0.1 * (self.expiry - self.listed_at))
+        return now < self.expiry - margin
+
+
+class ChunkedIndex(Generic[V]):
+    """Maps block index -> the value a listing gave for it (None: not listed)."""
+
+    def __init__(
+        self, fetch_page: PageFetcher[V], name: str, volume_blocks: int,
+        chunk_blocks: int = CHUNK_BLOCKS, max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._fetch_page = fetch_page
+        self.name = name
+        self.volume_blocks = volume_blocks
+        self.chunk_blocks = chunk_blocks
+        self.chunk_count = -(-volume_blocks // chunk_blocks)
+        self._clock = clock
+        self._chunks: cachetools.LRUCache[int, _Chunk[V]] = cachetools.LRUCache(
+            maxsize=max(max_entries, 2 * (chunk_blocks + 1)),
+            getsizeof=lambda chunk: len(chunk.tokens) + 1,
+        )
+        self._loading: SingleFlight[int, _Chunk[V]] = SingleFlight()
+        self.list_calls = 0
+
+    def chunk_of(self, index: int) -> int:
+        return index // self.chunk_blocks
+
+    async def get(self, index: int) -> V | None:
+        """The listed value for block `index`, or None if no listing returns it."""
+        if not 0 <= index < self.volume_blocks:
+            raise IndexError(f"block {index} is outside the volume")
+        chunk = await self._chunk(self.chunk_of(index))
+        return chunk.tokens.get(index)
+
+    def peek(self, index: int) -> tuple[bool, V | None]:
+        """(True, value) when the answer is at hand without a call, else (False, None)."""
+        chunk = self._chunks.get(self.chunk_of(index))
+        if chunk is None or not chunk.fresh(self._clock()):
+            return False, None
+        return True, chunk.tokens.get(index)
+
+    def next_listed(self, index: int) -> tuple[int | None, bool]:
+        """Without a call: (the first listed index >= `index` in its chunk, or None if
+        there is none up to the chunk's end; True), or (index, False) when that chunk
+        is not at hand. Lets read-ahead skip runs of absent blocks at no cost."""
+        chunk = self._chunks.get(self.chunk_of(index))
+        if chunk is None or not chunk.fresh(self._clock()):
+            return index, False
+        order = chunk.order
+        at = bisect.bisect_left(order, index)
+        return (order[at] if at < len(order) else None), True
+
+    def at_hand(self, chunk_no: int) -> bool:
+        """The chunk is listed and fresh, or being listed now."""
+        chunk = self._chunks.get(chunk_no)
+        return (chunk is not None and chunk.fresh(self._clock())) or chunk_no in self._loading
+
+    async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
+        """Every (index, value) listed in one chunk, ascending."""
+        chunk = await self._chunk(chunk_no)
+        return sorted(chunk.tokens.items())
+
+    def invalidate(self, index: int) -> None:
+        """Forget the chunk holding `index` (its token was refused): the next lookup
+        lists it again."""
+        self._chunks.pop(self.chunk_of(index), None)
+
+    async def _chunk(self, chunk_no: int) -> _Chunk[V]:
+        chunk = self._chunks.get(chunk_no)
+        if chunk is not None:
+            if chunk.fresh(self._clock()):
+                return chunk
+            log.debug("%s: tokens of chunk %d near expiry, listing again", self.name, chunk_no)
+        return await self._loading.run(chunk_no, lambda: self._list_chunk(chunk_no))
+
+    async def _list_chunk(self, chunk_no: int) -> _Chunk[V]:
+        start = chunk_no * self.chunk_blocks
+        chunk_last = min(start + self.chunk_blocks, self.volume_blocks) - 1
+        found: dict[int, V] = {}
+        expiry = float("inf")
+        listed_at = self._clock()
+        proven_to = start - 1
+        async with aclosing(pages(self._fetch_page, start, self.name)) as listing:
+            async for entries, page_token, page_expiry in listing:
+                self.list_calls += 1
+                expiry = min(expiry, page_expiry)
+                for index, value in entries:
+                    found[index] = value
+                if page_token is None:
+                    proven_to = self.volume_blocks - 1
+                    break
+                if entries and entries[-1][0] >= chunk_last:
+                    proven_to = entries[-1][0]
+                    break
+        return self._store(chunk_no, proven_to, found, expiry, listed_at)
+
+    def _store(
+        self, chunk_no: int, proven_to: int, found: dict[int, V], expiry: float,
+        listed_at: float,
+    ) -> _Chunk[V]:
+        """Keep every chunk the listing proved completely, the asked-for one last
+        (most recently used)."""
+        if proven_to >= self.volume_blocks - 1:
+            last = self.chunk_count - 1
+        else:
+            last = (proven_to + 1) // self.chunk_blocks - 1
+        last = min(last, chunk_no + MAX_EXTRA_CHUNKS)
+        by_chunk: dict[int, dict[int, V]] = {c: {} for c in range(chunk_no, last + 1)}
+        for index, token in found.items():
+            tokens = by_chunk.get(index // self.chunk_blocks)
+            if tokens is not None:
+                tokens[index] = token
+        for c in range(last, chunk_no - 1, -1):
+            if c != chunk_no:
+                self._chunks[c] = _Chunk(by_chunk[c], expiry, listed_at)
+        asked = _Chunk(by_chunk[chunk_no], expiry, listed_at)
+        self._chunks[chunk_no] = asked
+        return asked
+
+
+class BlockIndex(ChunkedIndex[str]):
+    """Block index -> token, or None for a block the snapshot never wrote."""
+
+    def __init__(self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int,
+                 **kw: object) -> None:
+        async def fetch(start: int, next_token: str | None) -> Page[str]:
+            page = await remote.list_snapshot_blocks(
+                snapshot_id, start_index=start, next_token=next_token
+            )
+            return page.blocks, page.next_token, page.expiry
+
+        super().__init__(fetch, snapshot_id, volume_blocks, **kw)  # type: ignore[arg-type]
+        self.snapshot_id = snapshot_id
+
+    async def token(self, index: int) -> str | None:
+        return await self.get(index)
+
+
+class ChangeIndex(ChunkedIndex[ChangedBlock]):
+    """Block index -> how it changed between two snapshots of one lineage, or None
+    where the two hold the same data."""
+
+    def __init__(self, remote: RemoteSnapshots, first_id: str, second_id: str,
+                 volume_blocks: int, **kw: object) -> None:
+        super().__init__(change_pages(remote, first_id, second_id),
+                         f"{first_id}..{second_id}", volume_blocks, **kw)  # type: ignore[arg-type]
+
+    async def changed(self, index: int) -> bool:
+        return await self.get(index) is not None

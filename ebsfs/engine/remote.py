@@ -1,0 +1,182 @@
+"""Async access to an EbsApi: each blocking call runs in a worker thread under a limiter,
+so the trio loop (and with it every FUSE request) never waits on the network."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+from ebsfs.engine import inbox
+from ebsfs.service.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
+
+T = TypeVar("T")
+
+
+class AdaptiveLimit:
+    """Additive increase, multiplicative decrease of the calls in flight: halve them
+    when the service throttles (at most once a second), add one back after every
+    `recover_after` calls that went through without throttling."""
+
+    def __init__(self, limiter: trio.CapacityLimiter, maximum: int, minimum: int = 2,
+                 recover_after: int = 16) -> None:
+        self.limiter = limiter
+        self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.recover_after = recover_after
+        self._clean = 0
+        self._last_cut = -1.0
+
+    def throttled(self) -> None:
+        now = trio.current_time()
+        self._clean = 0
+        if now - self._last_cut < 1.0:
+            return
+        self._last_cut = now
+        self.limiter.total_tokens = max(self.minimum, int(self.limiter.total_tokens) // 2)
+
+    def succeeded(self) -> None:
+        self._clean += 1
+        if self._clean >= self.recover_after and self.limiter.total_tokens < self.maximum:
+            self._clean = 0
+            self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
+
+
+async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T], *,
+                    abandon_on_cancel: bool = True) -> T:
+    """`work()` in a worker thread under `limiter`: trio.to_thread.run_sync, minus what
+    costs per call and is not needed here (naming the OS thread twice per call, context
+    copies). Abandoned on cancellation by default: a read that timed out answers EIO
+    now, and the thread ends on its own within the client's timeouts, releasing its
+    place in the limiter only then. Otherwise a cancellation waits for the work (a
+    write must not be left running)."""
+    borrower = object()
+    await limiter.acquire_on_behalf_of(borrower)
+    results = inbox.current()
+    task = trio.lowlevel.current_task()
+    abandoned = False
+
+    def done(result: outcome.Outcome[T]) -> None:  # on the trio thread
+        limiter.release_on_behalf_of(borrower)
+        if not abandoned:
+            trio.lowlevel.reschedule(task, result)
+
+    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+        with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nobody waits
+            results.post(done, result)
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        nonlocal abandoned
+        if not abandon_on_cancel:
+            return trio.lowlevel.Abort.FAILED  # `done` reschedules us with the result
+        abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    try:
+        trio.lowlevel.start_thread_soon(work, deliver)
+    except BaseException:
+        limiter.release_on_behalf_of(borrower)
+        raise
+    value: T = await trio.lowlevel.wait_task_rescheduled(abort)  # the outcome, unwrapped
+    return value
+
+
+GET_RATE = 1000
+"""GetSnapshotBlock calls per second the service allows one snapshot (a fixed quota)."""
+ASSUMED_LATENCY = 0.1
+"""Seconds per call before any was timed (what AWS's guidance plans for)."""
+JITTER_ROOM = 1.5
+"""Calls in flight per call the quickest answers would need: answers vary."""
+
+
+class LatencyEstimate:
+    """How long GetSnapshotBlock calls take when nothing of ours delays them: a low
+    percentile of the last calls. Not the mean: once this machine is the bottleneck
+    (its CPU, the GIL), answers wait for us, the mean grows, and sizing the calls in
+    flight by it would only queue more of them (bufferbloat; TCP BBR uses the
+    minimum round trip for the same reason). Trio thread only."""
+
+    def __init__(self, initial: float = ASSUMED_LATENCY, keep: int = 256,
+                 percentile: float = 0.1) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=keep)
+        self._percentile = percentile
+        self._since = 0
+        self.seconds = initial
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+        self._since += 1
+        if self._since >= 16 or len(self._recent) < 16:
+            self._since = 0
+            ordered = sorted(self._recent)
+            self.seconds = ordered[int(len(ordered) * self._percentile)]
+
+
+class RemoteSnapshots:
+    """The EbsApi methods as coroutines. Block fetches and list calls have separate
+    limiters so a burst of fetches never starves the index of list calls; the fetch
+    limiter shrinks while the service throttles and grows back as it clears."""
+
+    def __init__(self, api: EbsApi, max_fetches: int = 256, max_lists: int = 4) -> None:
+        self.api = api
+        self.fetch_limiter = trio.CapacityLimiter(max_fetches)
+        self.list_limiter = trio.CapacityLimiter(max_lists)
+        self.fetch_limit = AdaptiveLimit(self.fetch_limiter, max_fetches)
+        self.latency = LatencyEstimate()
+
+    def depth(self) -> int:
+        """GetSnapshotBlock calls worth having in flight for one sequential reader: the
+        bandwidth-delay product of the service (its per-snapshot rate x the latency of
+        its quick answers, with room for jitter), never more than the fetch limit
+        allows at the moment (which throttling shrinks)."""
+        wanted = math.ceil(GET_RATE * self.latency.seconds * JITTER_ROOM)
+        return max(2, min(wanted, int(self.fetch_limiter.total_tokens)))
+
+    @staticmethod
+    async def _run(limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await in_worker(limiter, functools.partial(fn, *args, **kw))
+
+    async def list_snapshot_blocks(
+        self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
+    ) -> BlockPage:
+        return await self._run(
+            self.list_limiter, self.api.list_snapshot_blocks, snapshot_id,
+            start_index=start_index, next_token=next_token, max_results=max_results,
+        )
+
+    async def list_changed_blocks(
+        self, first_id: str, second_id: str, start_index: int = 0,
+        next_token: str | None = None, max_results: int = MAX_RESULTS,
+    ) -> ChangedPage:
+        return await self._run(
+            self.list_limiter, self.api.list_changed_blocks, first_id, second_id,
+            start_index=start_index, next_token=next_token, max_results=max_results,
+        )
+
+    async def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
+                                 into: memoryview | None = None) -> Block:
+        before = self.api.get_throttles
+        block, seconds = await self._run(self.fetch_limiter, self._timed_get, snapshot_id,
+                                         index, token, into)
+        self.latency.add(seconds)
+        if self.api.get_throttles > before:
+            self.fetch_limit.throttled()
+        else:
+            self.fetch_limit.succeeded()
+        return block
+
+    def _timed_get(self, snapshot_id: str, index: int, token: str,
+                   into: memoryview | None) -> tuple[Block, float]:
+        """In the worker thread: the call, timed from its start (waits for the limiter
+        are ours, not the service's)."""
+        started = time.monotonic()
+        block = self.api.get_snapshot_block(snapshot_id, index, token, into=into)
+        return block, time.monotonic() - started

@@ -1,0 +1,1 @@
+"""Filesystem metadata (ext4, NTFS, XFS, ...) as records, and `diff --files` over it."""

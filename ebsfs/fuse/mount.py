@@ -1,0 +1,208 @@
+"""Mount lifecycle: wire the stack, go to the background once the mount is ready,
+run pyfuse3 under trio, unmount cleanly on SIGINT/SIGTERM, and `ebsfs umount`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from ebsfs.engine.engine import Engine
+from ebsfs.engine.files import snapshot_nodes
+from ebsfs.errors import EbsfsError, MountFailed, UserInputError, first_leaf
+from ebsfs.fuse.operations import EbsOperations
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    """How to mount; what to read and how lives in the Engine (engine.py)."""
+
+    mountpoint: str
+    allow_other: bool = False
+    fuse_debug: bool = False
+    start_times: dict[str, float] = field(default_factory=dict)
+    """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=ebsfs", "subtype=ebsfs", "ro"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.fuse_debug:
+        options.add("debug")
+    return options
+
+
+KERNEL_READAHEAD_KB = 4096
+
+
+def raise_kernel_readahead(device: int, kib: int = KERNEL_READAHEAD_KB) -> None:
+    """Let the kernel read ahead 4 MiB on this mount (default 128 KiB): it then sends
+    1 MiB FUSE reads, several at once, instead of 128 KiB ones. Measured in
+    docs/performance.md. Needs root; without it the default stays. Must run after the
+    FUSE INIT exchange, which resets the value."""
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except OSError as err:
+        log.warning("kernel read-ahead of the mount stays at its default, 128 KiB (%s); "
+                    "sequential reads are about a fifth slower. As root: echo %d > %s",
+                    err.strerror or err, kib, path)
+
+
+class AbandonedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer wants an answer (ENOENT: the
+    reader was interrupted, or readahead was in flight at unmount). Nothing is lost
+    and nothing is wrong: keep it for -vv only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "fuse_reply_* failed with No such file or directory" not in record.getMessage():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("ebsfs").isEnabledFor(logging.DEBUG)
+
+
+def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Find each snapshot's partitions, mount, call `on_ready`, and serve until
+    unmounted or signalled."""
+    logging.getLogger("pyfuse3").addFilter(AbandonedReplies())
+    initialized = False
+    stopped_by_signal = False
+
+    async def main() -> None:
+        nonlocal initialized, stopped_by_signal
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            ops = EbsOperations(await snapshot_nodes(engine, config.start_times),
+                                stats=engine.stats.report)
+            try:
+                pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+            except RuntimeError as err:
+                raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
+            initialized = True
+
+            async def watch_signals() -> None:
+                nonlocal stopped_by_signal
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting %s", signum, config.mountpoint)
+                        stopped_by_signal = True
+                        pyfuse3.terminate()
+                        return
+
+            async def run_fuse() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(run_fuse)
+            # The mount answers its first request: INIT is done and the loop is serving.
+            with trio.fail_after(30):
+                root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+            raise_kernel_readahead(root.st_dev)
+            # boto3 and botocore leave ~70,000 objects that live as long as the mount;
+            # every full collection walked them all (35-45 ms each, docs/performance.md).
+            # Frozen, collections see only what serving makes.
+            gc.freeze()
+            on_ready()
+            log.info("serving %d snapshot(s) at %s", len(engine.images), config.mountpoint)
+
+    unmount = True
+    try:
+        trio.run(main)
+        # pyfuse3.main also returns when someone else unmounted (fusermount3 -u).
+        unmount = stopped_by_signal
+    finally:
+        if initialized:
+            pyfuse3.close(unmount=unmount)
+            log.info("unmounted %s", config.mountpoint)
+        engine.close()
+
+
+def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:
+    """Fork; the child runs `work(ready)` in a new session. The parent returns 0 once
+    the child calls ready(), or prints the child's error and returns 1."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("ok"):
+            return 0
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = f"the mount process exited before the mount was ready (status {status})"
+        print(f"ebsfs: error: {message.strip()}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(write_end, b"ok\n")
+        os.close(write_end)
+        reported = True
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+    code = 0
+    try:
+        work(ready)
+    except BaseException as err:  # the parent prints it; a daemon has no terminal
+        code = 1
+        leaf = first_leaf(err)
+        text = str(leaf) if isinstance(leaf, EbsfsError) else f"{type(leaf).__name__}: {leaf}"
+        log.error("mount process failed: %s\n%s", text, traceback.format_exc())
+        if not reported:
+            os.write(write_end, f"the mount process failed: {text}".encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount an ebsfs mount and wait for its process to exit."""
+    path = os.path.realpath(mountpoint)
+    if not os.path.ismount(path):
+        raise UserInputError(f"{mountpoint} is not a mount point")
+    try:
+        pid = int(os.getxattr(path, "user.ebsfs.pid"))
+    except OSError:
+        pid = 0  # not ebsfs, or its process is gone: unmount anyway
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        hint = " (files are open; close them or use --lazy)" if "busy" in detail else ""
+        raise UserInputError(f"cannot unmount {mountpoint}: {detail}{hint}")
+    if pid and not lazy:
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            if _is_zombie(pid):
+                break
+            time.sleep(0.05)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

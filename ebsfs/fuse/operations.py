@@ -1,0 +1,223 @@
+"""The FUSE layer: pyfuse3.Operations over the file nodes of files.py. Inodes and
+attributes in, FUSEError out; everything that thinks lives in files.py and below."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import json
+import logging
+import os
+import stat
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.files import ImageNode, Node, OpenFile
+from ebsfs.errors import EbsfsError
+
+log = logging.getLogger(__name__)
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+ATTR_TIMEOUT = 3600.0
+"""Attributes never change while mounted: let the kernel keep them."""
+
+
+def answered(handler: Handler) -> Handler:
+    """The net under a handler: pyfuse3 ends `pyfuse3.main()`, and with it the mount,
+    on any exception other than FUSEError. Typed errors are the normal path (EIO, one
+    log line); anything else is a bug or a library surprise: logged with its traceback
+    the first time it is seen, then in one line, and answered EIO. The mount lives on."""
+
+    @functools.wraps(handler)
+    async def guarded(self: EbsOperations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except EbsfsError as err:
+            log.error("%s failed: %s", handler.__name__, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as err:
+            self.unexpected(handler.__name__, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded  # type: ignore[return-value]
+
+
+class EbsOperations(pyfuse3.Operations):
+    """A flat, read-only directory of the file nodes of files.py."""
+
+    def __init__(self, nodes: list[Node], mtime: float | None = None,
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self._stats = stats
+        self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
+        self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
+        self._mtime_ns = int((mtime or time.time()) * 1e9)
+        self._handles: dict[int, tuple[Node, OpenFile]] = {}
+        self._next_handle = itertools.count(1)
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._seen_bugs: set[tuple[str, str, str]] = set()
+        self._scratch = bytearray(2 * BLOCK_SIZE)
+        """Where reads spanning blocks are joined. One suffices: pyfuse3 sends a read's
+        reply as soon as its handler returns, before any other handler runs again."""
+
+    def unexpected(self, handler: str, err: Exception) -> None:
+        """Log an unexpected exception: its traceback once per kind and place."""
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        key = (handler, type(err).__name__, where)
+        if key in self._seen_bugs:
+            log.error("%s failed (EIO): unexpected %s: %s at %s (traceback logged before)",
+                      handler, type(err).__name__, err, where)
+            return
+        if len(self._seen_bugs) < 1000:
+            self._seen_bugs.add(key)
+        log.error("%s failed (EIO): unexpected %s: %s; the mount goes on. Please report "
+                  "this with the traceback:", handler, type(err).__name__, err, exc_info=err)
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        if inode == ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+        elif inode in self._nodes:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = self._nodes[inode].size
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr.st_ino = inode
+        attr.st_uid, attr.st_gid = self._uid, self._gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = -(-attr.st_size // 512)
+        node = self._nodes.get(inode)
+        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(
+            node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+        attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
+        return attr
+
+    @answered
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    @answered
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(ROOT_INODE)
+        inode = self._by_name.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode)
+
+    @answered
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    def entries(self) -> list[tuple[bytes, int]]:
+        """Directory entries (name, inode) in readdir order."""
+        return [(node.name.encode(), inode) for inode, node in self._nodes.items()]
+
+    @answered
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, inode in self.entries():
+            if inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), inode):
+                break
+
+    @answered
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            opened = await node.open()
+        except EbsfsError as err:
+            log.error("opening %s failed: %s", node.name, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        handle = next(self._next_handle)  # only once nothing can fail: no leak
+        self._handles[handle] = (node, opened)
+        # keep_cache: a fixed file never changes, so the kernel's page cache stays valid;
+        # direct_io: a file whose size is only known once opened ignores st_size.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=node.fixed, direct_io=not node.fixed)
+
+    @property
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    @answered
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
+        # Any buffer works (pyfuse3 replies via the buffer protocol); a memoryview of a
+        # cached block spares a copy. The stubs only say bytes.
+        node, opened = self._handles[fh]
+        try:
+            return await opened.read(off, size, self._scratch)
+        except EbsfsError as err:
+            log.error("read of %s failed: %s", node.name, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    @answered
+    async def release(self, fh: int) -> None:
+        entry = self._handles.pop(fh, None)
+        if entry is not None:
+            entry[1].close()
+
+    @answered
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        # Partitions and reports are views of the images: count each image once.
+        total = sum(node.size for node in self._nodes.values() if isinstance(node, ImageNode))
+        data.f_bsize = data.f_frsize = BLOCK_SIZE
+        data.f_blocks = -(-total // BLOCK_SIZE)
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self._nodes) + 1
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    def xattrs(self, inode: int) -> dict[bytes, bytes]:
+        """Extended attributes: the serving process (for `ebsfs umount`) and the
+        engine's counters as JSON (for `ebsfs stats`) on the root, the snapshot id and
+        volume size on each image."""
+        if inode == ROOT_INODE:
+            attrs = {b"user.ebsfs.pid": str(os.getpid()).encode()}
+            if self._stats is not None:
+                attrs[b"user.ebsfs.stats"] = json.dumps(self._stats()).encode()
+            return attrs
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return {key.encode(): value.encode() for key, value in node.xattrs().items()}
+
+    @answered
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self.xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @answered
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self.xattrs(inode))
