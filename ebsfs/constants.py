@@ -8,3 +8,20 @@ BLOCK_SIZE = 524288
 
 GIB = 1024**3
 BLOCKS_PER_GIB = GIB // BLOCK_SIZE
+
+# Defaults of options that several faces (CLI, `ebsfs.open`, the engine) share.
+READ_TIMEOUT = 60.0
+"""Seconds one read may wait for its blocks before it fails with EIO (`--read-timeout`)."""
+
+REQUEST_TIMEOUT = 20.0
+"""Seconds one service call may go without progress before it is retried
+(`--request-timeout`)."""
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to open a connection to the endpoint."""
+
+MAX_FETCHES = 256
+"""GetSnapshotBlock calls in flight at the most (`--max-fetches`)."""
+
+MAX_CONNECTIONS = 64
+"""botocore's connection pool for the calls that go through boto3."""

@@ -10,11 +10,11 @@ import io
 import threading
 from typing import Any
 
+from ebsfs.constants import MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.engine import (
     DEFAULT_CACHE_DIR_SIZE,
     DEFAULT_CACHE_SIZE,
-    DEFAULT_MAX_FETCHES,
     EngineConfig,
     EngineThread,
     connect,
@@ -32,8 +32,8 @@ MAX_READ = 32 * 1024**2
 def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     snapshot_id: str, *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-    max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
-    request_timeout: float = 20.0, readahead: bool = True, cache_dir: str | None = None,
+    max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
@@ -62,8 +62,8 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
 def open_snapshots(
     snapshot_ids: list[str], *, region: str | None = None, profile: str | None = None,
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-    max_fetches: int = DEFAULT_MAX_FETCHES, read_timeout: float = 60.0,
-    request_timeout: float = 20.0, readahead: bool = True, cache_dir: str | None = None,
+    max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block

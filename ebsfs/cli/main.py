@@ -21,12 +21,12 @@ import trio
 from ebsfs import __version__
 from ebsfs.acquire.manifest import Manifest
 from ebsfs.acquire.progress import progress_for
+from ebsfs.constants import MAX_CONNECTIONS, MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
 from ebsfs.engine import engine
 from ebsfs.engine.diff import human
 from ebsfs.engine.engine import (
     DEFAULT_CACHE_DIR_SIZE,
     DEFAULT_CACHE_SIZE,
-    DEFAULT_MAX_FETCHES,
     Engine,
     EngineConfig,
     check_snapshot_id,
@@ -106,18 +106,18 @@ def _engine_arguments(parser: argparse.ArgumentParser, cache_help: str, timeout_
     group = parser.add_argument_group("cache and fetching")
     group.add_argument("--cache-size", type=parse_size, default="512M", metavar="SIZE",
                        help=cache_help)
-    group.add_argument("--max-fetches", type=_positive_int, default=DEFAULT_MAX_FETCHES,
+    group.add_argument("--max-fetches", type=_positive_int, default=MAX_FETCHES,
                        metavar="N",
                        help="GetSnapshotBlock calls in flight at once, at the most (default: "
-                            f"{DEFAULT_MAX_FETCHES}; read-ahead keeps as many in flight as the "
+                            f"{MAX_FETCHES}; read-ahead keeps as many in flight as the "
                             "measured latency needs, no more than half the cache holds, "
                             "fewer while the service throttles)")
-    group.add_argument("--read-timeout", type=_positive_float, default=60.0,
+    group.add_argument("--read-timeout", type=_positive_float, default=READ_TIMEOUT,
                        metavar="SECONDS", help=timeout_help)
-    group.add_argument("--request-timeout", type=_positive_float, default=20.0,
+    group.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT,
                        metavar="SECONDS",
                        help="longest wait for the service to answer one call (connect or "
-                            "body) before it is retried (default: 20)")
+                            f"body) before it is retried (default: {REQUEST_TIMEOUT:g})")
 
 
 def _ec2_argument(parser: argparse.ArgumentParser, why: str) -> None:
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "512M; at least 1M to cache anything); read-ahead uses at most a "
                       "quarter of it",
                       timeout_help="longest a read may take before it fails with EIO "
-                      "(default: 60)")
+                      f"(default: {READ_TIMEOUT:g})")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users read the mount (non-root users need "
                             "user_allow_other in /etc/fuse.conf)")
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: 512M); at most max(2 x --max-fetches, SIZE / 1 MiB) "
                       "blocks are held at once, whatever the volume size",
                       timeout_help="longest one block may take (retries included) before "
-                      "the copy stops; run it again to resume (default: 60)")
+                      f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})")
     _cache_dir_arguments(get)
     _connection_arguments(get)
     _ec2_argument(get, "its metadata goes in the manifest when ec2:DescribeSnapshots is "
@@ -357,9 +357,9 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     # botocore at DEBUG logs request URLs, and with them block tokens: never raise it.
 
 
-def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: int = 64
+def _connection(args: argparse.Namespace, retry: RetryPolicy, max_connections: int = MAX_CONNECTIONS
                 ) -> ConnectionOptions:
-    timeout = getattr(args, "request_timeout", 20.0)
+    timeout = getattr(args, "request_timeout", REQUEST_TIMEOUT)
     return ConnectionOptions(
         region=args.region, profile=args.profile,
         endpoint_url=getattr(args, "endpoint_url", None),
@@ -374,8 +374,8 @@ def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
     return EngineConfig(
         connection=_connection(args, retry or RetryPolicy()),
         cache_size=getattr(args, "cache_size", DEFAULT_CACHE_SIZE),
-        max_fetches=getattr(args, "max_fetches", DEFAULT_MAX_FETCHES),
-        read_timeout=getattr(args, "read_timeout", 60.0),
+        max_fetches=getattr(args, "max_fetches", MAX_FETCHES),
+        read_timeout=getattr(args, "read_timeout", READ_TIMEOUT),
         cache_dir=getattr(args, "cache_dir", None),
         cache_dir_size=getattr(args, "cache_dir_size", DEFAULT_CACHE_DIR_SIZE),
     )

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ebsfs.constants import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE, MAX_FETCHES, READ_TIMEOUT
 from ebsfs.diskcache import store as diskcache
 from ebsfs.diskcache.store import DiskCache, DiskTier, DiskView
 from ebsfs.engine.cache import BlockCache
@@ -50,7 +50,6 @@ SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15.0)
 """Checks before serving fail fast: a user is waiting at the prompt."""
 DEFAULT_CACHE_SIZE = 512 * 1024**2
-DEFAULT_MAX_FETCHES = 256
 """A ceiling, not a target: read-ahead keeps the service's bandwidth-delay product in
 flight (remote.py), about 200 calls at 200 ms."""
 DEFAULT_CACHE_DIR_SIZE = diskcache.DEFAULT_SIZE
@@ -64,10 +63,10 @@ class EngineConfig:
     connection: ConnectionOptions = field(default_factory=ConnectionOptions)
     cache_size: int = DEFAULT_CACHE_SIZE
     """Bytes of blocks kept in memory."""
-    max_fetches: int = DEFAULT_MAX_FETCHES
+    max_fetches: int = MAX_FETCHES
     """GetSnapshotBlock calls in flight at once, at the most (read-ahead keeps fewer
     when the latency needs fewer, and the cache budget may allow fewer)."""
-    read_timeout: float = 60.0
+    read_timeout: float = READ_TIMEOUT
     """Longest a read may take before it fails (EIO)."""
     cache_dir: str | None = None
     """Where blocks are kept on disk across sessions (None: nowhere)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ebsfs.constants import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE, READ_TIMEOUT
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.index import BlockIndex, ChangeIndex
@@ -37,7 +37,7 @@ class SnapshotImage:
     def __init__(
         self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
         remote: RemoteSnapshots, readahead: Readahead | None = None,
-        read_timeout: float = 60.0, max_window: int = 256, disk: DiskView | None = None,
+        read_timeout: float = READ_TIMEOUT, max_window: int = 256, disk: DiskView | None = None,
         stats: Stats | None = None,
     ) -> None:
         self.snapshot_id = snapshot_id

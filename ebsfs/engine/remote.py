@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from ebsfs.constants import MAX_FETCHES
 from ebsfs.engine import inbox
 from ebsfs.service.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
 
@@ -124,7 +125,7 @@ class RemoteSnapshots:
     limiters so a burst of fetches never starves the index of list calls; the fetch
     limiter shrinks while the service throttles and grows back as it clears."""
 
-    def __init__(self, api: EbsApi, max_fetches: int = 256, max_lists: int = 4) -> None:
+    def __init__(self, api: EbsApi, max_fetches: int = MAX_FETCHES, max_lists: int = 4) -> None:
         self.api = api
         self.fetch_limiter = trio.CapacityLimiter(max_fetches)
         self.list_limiter = trio.CapacityLimiter(max_lists)

@@ -24,7 +24,7 @@ import botocore.session
 import urllib3.exceptions
 
 from ebsfs import __version__
-from ebsfs.constants import BLOCK_SIZE, GIB
+from ebsfs.constants import BLOCK_SIZE, CONNECT_TIMEOUT, GIB, MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import (
     CertificateUntrusted,
@@ -68,9 +68,12 @@ class ConnectionOptions:
     region: str | None = None
     profile: str | None = None
     endpoint_url: str | None = None
-    max_connections: int = 64
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0
+    max_connections: int = MAX_CONNECTIONS
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = REQUEST_TIMEOUT
+    direct_get: bool = True
+    """GetSnapshotBlock through our own HTTP/1.1 client where it can (no proxy in the
+    way); False sends every call through boto3 (`--no-direct-get`)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
