@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ebsfs.constants import BLOCK_SIZE, BLOCKS_PER_GIB, GIB
+from ebsfs.constants import BLOCK_SIZE, BLOCKS_PER_GIB, GIB, __version__
 from ebsfs.errors import *  # noqa: F403 (the errors are part of the public API)
 from ebsfs.errors import __all__ as _errors
 
@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from ebsfs.fileobj import open as open  # noqa: A004
     from ebsfs.fileobj import open_snapshots as open_snapshots
     from ebsfs.forensics.filediff import diff_files as diff_files
-
-__version__ = "0.1.0"
 
 __all__ = ["BLOCK_SIZE", "BLOCKS_PER_GIB", "GIB", "__version__", "diff_files", "open",
            "open_snapshots", *_errors]

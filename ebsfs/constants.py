@@ -3,6 +3,9 @@ CLI, `ebsfs.open` and the engine cannot drift apart."""
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+"""The release (pyproject.toml reads it from here); recorded in manifests and the User-Agent."""
+
 BLOCK_SIZE = 524288
 """Bytes in one EBS snapshot block; block index = byte offset // BLOCK_SIZE."""
 

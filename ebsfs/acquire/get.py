@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ebsfs import __version__
+from ebsfs.constants import __version__
 from ebsfs.acquire.inorder import Consumer, InOrder
 from ebsfs.acquire.journal import Journal
 from ebsfs.acquire.manifest import (

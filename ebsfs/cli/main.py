@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import trio
 
-from ebsfs import __version__
+from ebsfs.constants import __version__
 from ebsfs.acquire.manifest import Manifest
 from ebsfs.acquire.progress import progress_for
 from ebsfs.constants import MAX_CONNECTIONS, MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT

@@ -23,7 +23,7 @@ import botocore.httpsession
 import botocore.session
 import urllib3.exceptions
 
-from ebsfs import __version__
+from ebsfs.constants import __version__
 from ebsfs.constants import BLOCK_SIZE, CONNECT_TIMEOUT, GIB, MAX_CONNECTIONS, REQUEST_TIMEOUT
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import (
