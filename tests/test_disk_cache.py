@@ -17,17 +17,12 @@ import pytest
 import trio
 
 from ebsfs.constants import BLOCK_SIZE, GIB
-from ebsfs.diskcache.store import (
-    DATA_DIR,
-    INDEX_NAME,
-    SHARD_BLOCKS,
-    CacheDirError,
-    DiskCache,
-    lineage_candidates,
-    prepare,
-)
+from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare
+from ebsfs.diskcache.shards import SHARD_BLOCKS
+from ebsfs.diskcache.store import DiskCache, lineage_candidates
 from ebsfs.emulator import Faults, SnapshotStore
 from ebsfs.engine.engine import Engine, EngineConfig, plan
+from ebsfs.errors import CacheDirError
 from tests.fakes import StoreApi, pattern_block
 
 SNAP = "snap-0c1"
@@ -336,7 +331,7 @@ def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
 
 def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
         tmp_path) -> None:
-    from ebsfs.diskcache.store import DiskTier
+    from ebsfs.engine.disktier import DiskTier
     from ebsfs.engine.stats import Stats
     from ebsfs.service.api import Block
 
@@ -359,7 +354,7 @@ def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
 
 
 def test_blocks_another_process_stores_are_noticed(tmp_path) -> None:
-    from ebsfs.diskcache.store import DiskTier
+    from ebsfs.engine.disktier import DiskTier
     from ebsfs.engine.stats import Stats
 
     tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats(), refresh=0.05)

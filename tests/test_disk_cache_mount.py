@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ebsfs.constants import BLOCK_SIZE, GIB
-from ebsfs.diskcache.store import DATA_DIR, INDEX_NAME
+from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
 from tests.mounting import (

@@ -20,9 +20,10 @@ import trio
 
 from ebsfs.constants import BLOCK_SIZE, MAX_FETCHES, READ_TIMEOUT
 from ebsfs.diskcache import store as diskcache
-from ebsfs.diskcache.store import DiskCache, DiskTier, DiskView
+from ebsfs.diskcache.store import DiskCache
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.diff import Diff, diff_snapshots
+from ebsfs.engine.disktier import DiskTier, DiskView
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.index import BlockIndex, ChangeIndex
 from ebsfs.engine.partitions import Partition, find_partitions

@@ -19,7 +19,7 @@ from ebsfs.errors import EbsfsError, InvalidBlockToken, ReadFailed
 from ebsfs.service.api import Block
 
 if TYPE_CHECKING:
-    from ebsfs.diskcache.store import DiskView
+    from ebsfs.engine.disktier import DiskView
 
 log = logging.getLogger(__name__)
 
