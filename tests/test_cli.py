@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ebsfs.cli.main import parse_size
+from ebsfs.cli import main as cli
+from ebsfs.cli.logs import HANDLER_NAME, setup_logging
+from ebsfs.cli.main import build_parser
+from ebsfs.cli.options import connection_options, engine_config, parse_size
 from ebsfs.emulator import EmulatorServer
+from ebsfs.service.client import BotoEbsApi, ConnectionOptions
+from tests.acquiring import add, sparse_blocks
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, force_unmount, mounted, needs_fuse
 
@@ -186,3 +196,103 @@ def test_already_mounted(emulator: EmulatorServer, tmp_path) -> None:
     with mounted(emulator.url, [SNAP], tmp_path / "mnt") as mnt:
         result = ebsfs("mount", "--endpoint-url", emulator.url, SNAP, str(mnt))
         assert_one_line_error(result, "already a mount point")
+
+
+@pytest.mark.parametrize("command", [
+    ["mount", SNAP, "/mnt"], ["get", SNAP, "disk.img"], ["diff", SNAP, "snap-0c2"],
+])
+def test_no_direct_get_reaches_the_connection_options(command: list[str]) -> None:
+    parser = build_parser()
+    assert engine_config(parser.parse_args(command)).connection.direct_get is True
+    args = parser.parse_args([command[0], "--no-direct-get", *command[1:]])
+    assert engine_config(args).connection.direct_get is False
+    assert connection_options(args).direct_get is False
+
+
+def test_no_direct_get_reaches_the_clients(emulator: EmulatorServer, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every EBS client that `get` and `diff` make is told, whichever path builds it."""
+    add(emulator.store, SNAP, sparse_blocks(1, volume_gib=1), volume_gib=1)
+    emulator.store.add_snapshot("snap-0c2", {0: pattern_block(2, 0)}, parent=SNAP)
+    made: list[ConnectionOptions] = []
+    real_init = BotoEbsApi.__init__
+
+    def spy(self: BotoEbsApi, options: ConnectionOptions, *args: Any, **kwargs: Any) -> None:
+        made.append(options)
+        real_init(self, options, *args, **kwargs)
+
+    monkeypatch.setattr(BotoEbsApi, "__init__", spy)
+    url = ["--endpoint-url", emulator.url, "--no-direct-get"]
+    assert cli.main(["get", "-q", *url, SNAP, str(tmp_path / "disk.img")]) == 0
+    assert cli.main(["diff", *url, SNAP, "snap-0c2"]) == 0
+    assert made and {options.direct_get for options in made} == {False}
+    made.clear()
+    assert cli.main(["diff", "--endpoint-url", emulator.url, SNAP, "snap-0c2"]) == 0
+    assert made and {options.direct_get for options in made} == {True}
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, put back as it was (handlers, levels) after the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    ebsfs_level = logging.getLogger("ebsfs").level
+    yield root
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("ebsfs").setLevel(ebsfs_level)
+
+
+@pytest.mark.expected_log("ebsfs.test: heard by both")
+def test_logging_replaces_only_its_own_handler(root_logger: logging.Logger,
+                                               tmp_path: Path) -> None:
+    """Set up twice (a second main() in one process, the mount's background child):
+    one handler of ours, the latest, and every other handler of the root logger kept
+    (pytest's capture, the test suite's log check, an embedding program's)."""
+    theirs = _Records()
+    root_logger.addHandler(theirs)
+    setup_logging(0, None, background=False)
+    setup_logging(1, str(tmp_path / "ebsfs.log"), background=False)
+    ours = [h for h in root_logger.handlers if h.get_name() == HANDLER_NAME]
+    assert len(ours) == 1 and isinstance(ours[0], logging.FileHandler)
+    assert theirs in root_logger.handlers
+    logging.getLogger("ebsfs.test").warning("heard by both")
+    ours[0].flush()
+    assert theirs.messages == ["heard by both"]
+    assert "heard by both" in (tmp_path / "ebsfs.log").read_text()
+
+
+def test_main_in_process_keeps_the_other_handlers(emulator: EmulatorServer,
+                                                  root_logger: logging.Logger) -> None:
+    theirs = _Records()
+    root_logger.addHandler(theirs)
+    emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)}, volume_size_gib=1)
+    emulator.store.add_snapshot("snap-0c2", {0: pattern_block(2, 0)}, parent=SNAP)
+    for _ in range(2):
+        assert cli.main(["diff", "--endpoint-url", emulator.url, SNAP, "snap-0c2"]) == 0
+    assert theirs in root_logger.handlers
+    assert [h.get_name() for h in root_logger.handlers].count(HANDLER_NAME) == 1
+
+
+@pytest.mark.expected_log("ebsfs: said to the new stderr")
+def test_logging_writes_to_the_stderr_of_the_moment(root_logger: logging.Logger,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller in the same process may swap sys.stderr after main() (pytest does, per
+    test): messages follow it instead of going to a stream that may be closed."""
+    setup_logging(0, None, background=False)
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("ebsfs").error("said to the new stderr")
+    assert "ERROR ebsfs: said to the new stderr" in later.getvalue()

@@ -1,5 +1,6 @@
-"""The progress display of `get` and `verify`: a bar on a terminal, a plain line every
-few seconds otherwise, nothing with --quiet."""
+"""The command line's progress display (ebsfs/cli/progress.py): for `get` and `verify` a
+bar on a terminal, a plain line every few seconds otherwise, nothing with --quiet; for
+`diff --files` a status line on a terminal."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import sys
 import termios
 from pathlib import Path
 
-from ebsfs.acquire.progress import BarProgress, LineProgress, QuietProgress, progress_for
+from ebsfs.acquire.progress import QuietProgress
+from ebsfs.cli.progress import BarProgress, LineProgress, progress_for
 from ebsfs.emulator import EmulatorServer
 from tests.acquiring import add, sparse_blocks
 from tests.mounting import ebsfs
@@ -92,6 +94,29 @@ def test_the_display_suits_standard_error() -> None:
     finally:
         os.close(master)
     assert "x:" in shown and "5.00M/10.0M" in shown and "%|" in shown
+
+
+def test_a_status_line_rewritten_in_place_then_cleared() -> None:
+    clock = Clock()
+    master, slave = terminal()
+    try:
+        with os.fdopen(slave, "w") as tty:
+            line = BarProgress(out=tty, clock=clock)
+            line.status("p1 (ext4): reading the first snapshot's metadata")
+            clock.now += 0.1
+            line.status("p1 (ext4): too soon to show")
+            clock.now += 0.2
+            line.status("p1 (ext4): 4096 entries read in the first snapshot")
+            line.close()
+        shown = read_all(master).decode(errors="replace")
+    finally:
+        os.close(master)
+    assert "ebsfs: p1 (ext4): reading the first snapshot's metadata" in shown
+    assert "too soon" not in shown
+    assert "ebsfs: p1 (ext4): 4096 entries read in the first snapshot" in shown
+    # Cleared at the end: the last thing written is blank up to the line's start.
+    assert shown.rstrip(" ").endswith("\r"), repr(shown[-80:])
+    assert "\n" not in shown
 
 
 def test_get_on_a_terminal_shows_a_bar(emulator: EmulatorServer, tmp_path: Path) -> None:

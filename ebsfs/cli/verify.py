@@ -1,0 +1,54 @@
+"""`ebsfs verify`: check an image made by `ebsfs get` against its manifest (local files
+only, no AWS)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from ebsfs.cli.get import image_digests
+
+if TYPE_CHECKING:
+    from ebsfs.cli.options import Commands
+
+
+def add_parser(commands: Commands) -> None:
+    verify = commands.add_parser(
+        "verify", help="check an image made by `ebsfs get` against its manifest",
+        description="Re-read IMAGE (a file or a device) and check it against its manifest: "
+                    "each written block's SHA-256, zeros everywhere else, and the whole "
+                    "image's SHA-256 and MD5 where the manifest has them. Exit 0 when all "
+                    "match; otherwise each bad block is named (index and byte offset) and "
+                    "the exit status is 1. Reads only local files.",
+    )
+    verify.set_defaults(run=cmd_verify)
+    verify.add_argument("image", metavar="IMAGE")
+    verify.add_argument("--manifest", metavar="FILE",
+                        help="the manifest (default: IMAGE.manifest.json)")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    verify.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    verify.add_argument("--log-file", help="append log messages to this file")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ebsfs.acquire.verify import verify
+    from ebsfs.cli.progress import progress_for
+
+    def bad(index: int, offset: int, reason: str) -> None:
+        print(f"{args.image}: block {index} (offset {offset}): {reason}", flush=True)
+
+    result = verify(args.image, args.manifest, bad,
+                    progress_for(os.path.basename(args.image), args.quiet))
+    m = result.manifest
+    if result.ok:
+        print(f"{args.image}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, "
+              f"{image_digests(m)}")
+        return 0
+    if result.bad_blocks:
+        what = f"{result.bad_blocks} bad block{'s' if result.bad_blocks != 1 else ''}"
+    else:
+        what = "the image's digests differ from the manifest's (was the manifest changed?)"
+    print(f"ebsfs: error: {args.image} does not match its manifest: {what}", file=sys.stderr)
+    return 1
