@@ -15,9 +15,11 @@ import pytest
 
 from ebsfs.acquire import get as acquire
 from ebsfs.acquire import manifest
+from ebsfs.acquire.journal import Journal
 from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer, SnapshotStore
 from ebsfs.engine.engine import EngineConfig
+from ebsfs.errors import OutputError
 from ebsfs.service.client import ConnectionOptions
 from tests.acquiring import (
     add,
@@ -421,6 +423,63 @@ def test_md5_needs_the_image_hash(emulator: EmulatorServer, tmp_path: Path) -> N
     assert_one_line_error(result, "--md5", "--no-image-hash")
     assert list(tmp_path.iterdir()) == []
     assert gets(emulator) == 0
+
+
+# The state of an unfinished copy as the versions before the typed journal state wrote
+# it (a dict through json.dumps(indent=1)); a device's copy adds zeroed_through.
+OLD_STATE = """{
+ "snapshot_id": "snap-0ac0",
+ "output": %s,
+ "volume_size": 1073741824,
+ "started": "2025-01-02T03:04:05.000006Z",
+ "ebsfs_version": "0.1.0",
+ "runs": 1%s
+}
+"""
+
+
+def test_journal_state_is_read_and_written_as_the_json_of_before(tmp_path: Path) -> None:
+    journal = Journal(str(tmp_path / "disk.img"))
+    state_file = tmp_path / "disk.img.part.json"
+    for zeroed in ("", ',\n "zeroed_through": 805306368'):
+        text = OLD_STATE % (json.dumps(str(tmp_path / "disk.img")), zeroed)
+        state_file.write_text(text)
+        state = journal.load()
+        assert (state.snapshot_id, state.volume_size, state.runs) == (SNAP, GIB, 1)
+        assert state.zeroed_through == (805306368 if zeroed else None)
+        journal.save(state)
+        assert state_file.read_text() == text
+    for broken in ('{"snapshot_id": "snap-0ac0"}', '[1]',
+                   OLD_STATE.replace('"runs": 1', '"runs": "one"') % ('"/x"', "")):
+        state_file.write_text(broken)
+        with pytest.raises(OutputError, match="is not an ebsfs journal"):
+            journal.load()
+
+
+def test_unfinished_copy_of_an_earlier_version_resumes(store: SnapshotStore,
+                                                      tmp_path: Path) -> None:
+    blocks = {i: pattern_block(12, i) for i in (0, 1, 2, 700, 900, 2047)}
+    add(store, SNAP, blocks, volume_gib=1)
+    out = tmp_path / "disk.img"
+    written = (0, 2, 700)  # by the earlier run: on disk and recorded in the journal
+    with open(f"{out}.part", "wb") as image, open(f"{out}.part.sums", "wb") as sums:
+        image.truncate(GIB)
+        for i in written:
+            image.seek(i * BLOCK_SIZE)
+            image.write(blocks[i])
+            sums.seek(i * 32)
+            sums.write(hashlib.sha256(blocks[i]).digest())
+    (tmp_path / "disk.img.part.json").write_text(OLD_STATE % (json.dumps(str(out)), ""))
+    api = StoreApi(store)
+    config = EngineConfig(ConnectionOptions(), cache_size=64 * 1024**2, max_fetches=8)
+    result = acquire.get(config, acquire.GetRequest(SNAP, str(out)), api=api)
+    assert sorted(i for _, i in api.block_gets) == [1, 900, 2047]
+    assert result.manifest.counts == {"fetched_blocks": 3, "base_blocks": 0,
+                                      "resumed_blocks": 3, "refetched_blocks": 0,
+                                      "runs": 2}
+    assert result.manifest.started == "2025-01-02T03:04:05.000006Z"
+    assert file_digest(out) == digests(blocks, GIB)[0]
+    assert leftovers(out) == []
 
 
 def test_help_explains_every_option() -> None:

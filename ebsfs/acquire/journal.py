@@ -13,9 +13,11 @@ list of blocks is ever held, whatever the volume."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from ebsfs.acquire.manifest import write_json_atomic
@@ -23,6 +25,54 @@ from ebsfs.errors import OutputError
 
 RECORD = 32
 _EMPTY = bytes(RECORD)
+
+
+@dataclass
+class JournalState:
+    """The state of an unfinished copy, `<stem>.part.json`. Its JSON is the one every
+    version since the journal began has written (the same keys in the same order), so
+    a copy left unfinished by one version resumes under another."""
+
+    snapshot_id: str
+    output: str
+    """The output's absolute path: a journal found beside another path is not its."""
+    volume_size: int
+    started: str
+    """When the first run started (UTC, ISO 8601): the manifest's `started`."""
+    ebsfs_version: str
+    """The version that started the copy."""
+    runs: int = 0
+    """Runs so far, this one included once it has opened the journal."""
+    zeroed_through: int | None = None
+    """Bytes of a device zeroed from its start (a resumed run skips them); absent for a
+    file, whose holes cost nothing."""
+
+    @classmethod
+    def from_json(cls, data: object) -> JournalState:
+        """The state in `data` (a parsed JSON object); ValueError if it is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        types: dict[str, type | tuple[type, ...]] = {
+            "snapshot_id": str, "output": str, "volume_size": int, "started": str,
+            "ebsfs_version": str, "runs": int, "zeroed_through": (int, type(None))}
+        values: dict[str, Any] = {}
+        for name, kind in types.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{name} is {value!r}")
+            values[name] = value
+        try:
+            return cls(**values)
+        except TypeError as err:  # a field without a default is missing
+            raise ValueError(str(err)) from err
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.zeroed_through is None:
+            del data["zeroed_through"]
+        return data
 
 
 class Journal:
@@ -33,25 +83,28 @@ class Journal:
         self.state_path = stem + ".part.json"
         self.sums_path = stem + ".part.sums"
         self._fd: int | None = None
+        self.state: JournalState | None = None
+        """The state of the run that has it open (`open`)."""
 
     def exists(self) -> bool:
         return os.path.exists(self.state_path)
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> JournalState:
         """The state of an unfinished run (OutputError if unreadable)."""
         try:
             with open(self.state_path, encoding="utf-8") as f:
-                state = json.load(f)
+                data = json.load(f)
         except (OSError, ValueError) as err:
             raise OutputError(f"cannot read {self.state_path} (the record of an unfinished "
                               f"copy): {getattr(err, 'strerror', None) or err}; remove it "
                               "to start over") from err
-        if not isinstance(state, dict) or "snapshot_id" not in state:
+        try:
+            return JournalState.from_json(data)
+        except ValueError:
             raise OutputError(f"{self.state_path} is not an ebsfs journal; remove it to "
-                              "start over")
-        return state
+                              "start over") from None
 
-    def open(self, state: dict[str, Any], new: bool) -> None:
+    def open(self, state: JournalState, new: bool) -> None:
         """Lock the journal for this run (a new one starts empty) and save `state`."""
         try:
             self._fd = os.open(self.sums_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -66,11 +119,12 @@ class Journal:
                               "is locked)") from None
         if new:
             os.ftruncate(self._fd, 0)
+        self.state = state
         self.save(state)
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: JournalState) -> None:
         try:
-            write_json_atomic(self.state_path, state)
+            write_json_atomic(self.state_path, state.as_json())
         except OSError as err:
             raise OutputError(f"cannot write {self.state_path}: {err.strerror}") from err
 

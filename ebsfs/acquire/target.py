@@ -11,6 +11,7 @@ import os
 import stat
 import struct
 import sys
+from enum import StrEnum
 
 from ebsfs.acquire.manifest import sync_directory
 from ebsfs.errors import OutputError
@@ -25,6 +26,20 @@ RESUME_HINT = "; run the same command again to resume (nothing downloaded is los
 DIRECT_ALIGN = 4096
 """What O_DIRECT asks of offsets, lengths and buffer addresses (at most a page on the
 file systems and disks we know; a block is 128 of them)."""
+
+
+class TargetKind(StrEnum):
+    """What an output names: a regular file, a block device, or "-" (standard output)."""
+
+    FILE = "file"
+    DEVICE = "device"
+    STREAM = "stream"
+
+    @classmethod
+    def of(cls, output: str) -> TargetKind:
+        if output == "-":
+            return cls.STREAM
+        return cls.DEVICE if is_block_device(output) else cls.FILE
 
 
 def failure(what: str, path: str, err: OSError) -> OutputError:
@@ -245,6 +260,15 @@ class StreamTarget(Target):
     def zero(self, offset: int, length: int) -> None:
         for start in range(offset, offset + length, len(ZEROS)):
             self.write(start, memoryview(ZEROS)[: min(len(ZEROS), offset + length - start)])
+
+
+def open_target(kind: TargetKind, output: str, size: int) -> Target:
+    """The target of a copy of a `size`-byte image to `output`."""
+    if kind is TargetKind.STREAM:
+        return StreamTarget()
+    if kind is TargetKind.DEVICE:
+        return DeviceTarget(output, size)
+    return FileTarget(output, size)
 
 
 def is_block_device(path: str) -> bool:

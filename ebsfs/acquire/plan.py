@@ -1,0 +1,159 @@
+"""What one `ebsfs get` is to do, decided before any block moves: the request, where
+its files go (Layout), the local checks that fail in one line before any call
+(preflight: an output already finished, an unfinished copy to resume, a name taken),
+and the plan a copy runs by (CopyPlan)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ebsfs.acquire.base import BaseImage
+from ebsfs.acquire.journal import Journal, JournalState
+from ebsfs.acquire.manifest import Manifest, manifest_path, read_manifest
+from ebsfs.acquire.target import TargetKind, check_directory
+from ebsfs.engine.cache import SLAB_SIZE
+from ebsfs.engine.engine import EngineConfig, check_snapshot_id
+from ebsfs.engine.image import SnapshotImage
+from ebsfs.errors import ManifestError, OutputError, UserInputError
+
+SnapshotMetadata = tuple[dict[str, Any] | None, str | None]
+"""The snapshot's EC2 metadata for the manifest, and why there is none when there is
+none."""
+
+
+@dataclass
+class GetRequest:
+    """What to copy where. `output` is a file path, a block device or "-" (standard
+    output). The manifest goes to `manifest` (default: OUTPUT.manifest.json, or
+    `<snapshot-id>.manifest.json` in the current directory for a device or a stream)."""
+
+    snapshot_id: str
+    output: str
+    manifest: str | None = None
+    base_image: str | None = None
+    base_manifest: str | None = None
+    md5: bool = False
+    """Also the image's MD5 (the older forensic convention). Off unless asked: it
+    takes one core per 0.7 GB/s of image, holes included, 2.4 times the SHA-256's CPU;
+    on two cores it made copies 1.2-1.5 times slower (docs/performance.md)."""
+    image_hash: bool = True
+    """The whole image's SHA-256 (sha256sum's). Without it the manifest still pins
+    every byte (each written block's SHA-256, zeros elsewhere) and `verify` checks
+    them all; what is saved is hashing every never-written byte, about 0.6 s of one
+    core per GiB of volume, which is most of a copy of a mostly empty volume."""
+    metadata: Callable[[], SnapshotMetadata] | None = None
+    """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
+    (service/ec2.py), and why there is none when there is none."""
+
+
+@dataclass
+class Layout:
+    """The files of one copy: the output, its manifest, the journal stem."""
+
+    kind: TargetKind
+    output: str
+    manifest: str
+    stem: str
+    """Journal and spool files are `<stem>.part.*`."""
+
+    @classmethod
+    def of(cls, request: GetRequest) -> Layout:
+        kind = TargetKind.of(request.output)
+        if kind is TargetKind.FILE:
+            manifest = request.manifest or manifest_path(request.output)
+            stem = request.output
+        else:
+            manifest = request.manifest or f"{request.snapshot_id}.manifest.json"
+            stem = manifest.removesuffix(".manifest.json")
+        return cls(kind, request.output, manifest, stem)
+
+
+def already_done(layout: Layout, snapshot_id: str) -> Manifest | None:
+    """The manifest of a finished copy of this snapshot at this output, if there is one."""
+    if not os.path.exists(layout.manifest):
+        return None
+    try:
+        done = read_manifest(layout.manifest)
+    except ManifestError:
+        return None
+    return done if done.snapshot_id == snapshot_id else None
+
+
+def preflight(request: GetRequest, layout: Layout
+              ) -> tuple[Manifest | None, JournalState | None]:
+    """Local checks before any call: (a finished copy already there, the state of an
+    unfinished run to resume). One-line errors for anything that cannot work."""
+    check_snapshot_id(request.snapshot_id)
+    if request.md5 and not request.image_hash:
+        raise UserInputError("--md5 and --no-image-hash do not go together: the MD5 is "
+                             "a hash of the whole image")
+    if layout.kind is TargetKind.STREAM and os.isatty(1):
+        raise UserInputError("refusing to write a disk image to a terminal: redirect "
+                             "standard output or give a file name")
+    if layout.kind is TargetKind.FILE:
+        check_directory(layout.output, "output")
+        if os.path.isdir(layout.output):
+            raise OutputError(f"{layout.output} is a directory: give a file name for the image")
+    check_directory(layout.manifest, "manifest")
+    journal = Journal(layout.stem)
+    if layout.kind is not TargetKind.STREAM and journal.exists():
+        state = journal.load()
+        if state.snapshot_id != request.snapshot_id:
+            raise UserInputError(
+                f"{layout.output} belongs to an unfinished copy of {state.snapshot_id} "
+                f"({journal.state_path}), not {request.snapshot_id}: finish it with `ebsfs "
+                f"get {state.snapshot_id} {layout.output}`, or remove "
+                f"{layout.stem}.part* to discard it")
+        if state.output != os.path.abspath(layout.output):
+            raise UserInputError(f"{journal.state_path} is the record of a copy to "
+                                 f"{state.output}, not {layout.output}")
+        return None, state
+    done = already_done(layout, request.snapshot_id)
+    if layout.kind is TargetKind.FILE:
+        if os.path.exists(layout.output):
+            if done is not None:
+                return done, None
+            raise OutputError(f"{layout.output} exists and is not a finished copy of "
+                              f"{request.snapshot_id}: remove it or choose another name")
+        if os.path.exists(layout.output + ".part"):
+            raise OutputError(f"{layout.output}.part exists but no record of an unfinished "
+                              "copy does: remove it or choose another name")
+    if layout.kind is TargetKind.DEVICE and done is not None:
+        return done, None
+    if os.path.exists(layout.manifest):
+        raise OutputError(f"manifest {layout.manifest} exists already: remove it or choose "
+                          "another with --manifest")
+    return None, None
+
+
+def window_for(config: EngineConfig) -> int:
+    """Blocks a copy holds at once: enough to keep every fetch busy twice over, and up
+    to the cache size's worth (in 1 MiB units, the cache's own) beyond that."""
+    return max(2 * config.max_fetches, config.cache_size // SLAB_SIZE)
+
+
+@dataclass
+class CopyPlan:
+    """One copy, decided: which image, to where, from which base, with which hashes,
+    resuming which unfinished run. What the copy (copy.py) and its manifest need."""
+
+    image: SnapshotImage
+    layout: Layout
+    window: int
+    """Blocks held in memory at once (window_for)."""
+    read_timeout: float
+    """Seconds a block or a page of the block list may take before the copy fails."""
+    base: BaseImage | None = None
+    resume: JournalState | None = None
+    """The state of the unfinished run this one continues (preflight), if any."""
+    sha256: bool = True
+    """The whole image's SHA-256 (GetRequest.image_hash)."""
+    md5: bool = False
+    """The whole image's MD5 (GetRequest.md5)."""
+    snapshot: dict[str, Any] | None = None
+    """The snapshot's EC2 metadata, for the manifest."""
+    snapshot_note: str | None = None
+    """Why the manifest has no EC2 metadata, when it has none."""
