@@ -34,7 +34,7 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
     request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
-    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE, direct_get: bool = True,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -47,14 +47,16 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     None; shared safely with mounts and other files using it) and `cache_dir_size` the
     bytes it may take at the most. `readahead=False` never fetches blocks ahead of
     sequential reads (for readers of scattered metadata, such as forensic libraries
-    walking a filesystem).
+    walking a filesystem). `direct_get=False` sends every GetSnapshotBlock through
+    boto3 instead of ebsfs's faster direct HTTP path (as `--no-direct-get` does; the
+    direct path also steps aside by itself when a proxy applies to the endpoint).
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
     opened. Reads that fail raise OSError with errno EIO, as the mount answers.
     Close it (or use `with`) to stop its background thread."""
     config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout, cache_dir, cache_dir_size)
+                     request_timeout, cache_dir, cache_dir_size, direct_get)
     # With a cache directory, earlier snapshots of the volume cached there serve it too.
     return open_with(config, [snapshot_id], readahead=readahead)[0]
 
@@ -64,14 +66,14 @@ def open_snapshots(
     endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
     max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
     request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
-    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE, direct_get: bool = True,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
     snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
     the engine stops when the last of the files is closed."""
     config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout, cache_dir, cache_dir_size)
+                     request_timeout, cache_dir, cache_dir_size, direct_get)
     return open_with(config, snapshot_ids, readahead=readahead)
 
 
@@ -85,10 +87,11 @@ def open_with(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: b
 
 def _config(region: str | None, profile: str | None, endpoint_url: str | None,
             cache_size: int, max_fetches: int, read_timeout: float, request_timeout: float,
-            cache_dir: str | None, cache_dir_size: int) -> EngineConfig:
+            cache_dir: str | None, cache_dir_size: int, direct_get: bool) -> EngineConfig:
     connection = ConnectionOptions(
         region=region, profile=profile, endpoint_url=endpoint_url,
         connect_timeout=min(5.0, request_timeout), read_timeout=request_timeout,
+        direct_get=direct_get,
     )
     return EngineConfig(connection=connection, cache_size=cache_size,
                         max_fetches=max_fetches, read_timeout=read_timeout,

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable
 
 from ebsfs.emulator.store import ApiError, SnapshotStore
-from ebsfs.errors import TransientError, service_error
 from ebsfs.service.api import (
     MAX_RESULTS,
     Block,
@@ -18,6 +17,7 @@ from ebsfs.service.api import (
     EbsApi,
     verify_block,
 )
+from ebsfs.service.failures import answer_error
 
 
 class StoreApi:
@@ -36,9 +36,8 @@ class StoreApi:
 
     @staticmethod
     def _map(err: ApiError) -> Exception:
-        if err.status >= 500:
-            return TransientError(err.message)
-        return service_error(err.code, err.reason, err.message)
+        """The emulator's error answer as the real client maps the same answer."""
+        return answer_error(err.status, err.code, err.reason, err.message)
 
     def list_snapshot_blocks(self, snapshot_id: str, start_index: int = 0,
                              next_token: str | None = None,

@@ -1,6 +1,7 @@
 """Snapshot metadata from EC2 (DescribeSnapshots) against moto's EC2 mock beside the
 EBS emulator: in the manifest of `ebsfs get`, as the mounted images' mtime, and in
-`ebsfs ls`; and what happens when EC2 says no."""
+`ebsfs ls`; what happens when EC2 says no (each failure in one line); and where the
+EC2 endpoint comes from."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
 
 from ebsfs.emulator import EmulatorServer
+from ebsfs.errors import MetadataUnavailable, UserInputError
+from ebsfs.service.ec2 import Ec2Snapshots, lookup
+from ebsfs.service.session import ConnectionOptions
 from tests.acquiring import add, sparse_blocks
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, mounted, needs_fuse
@@ -165,3 +170,76 @@ def test_mounted_image_mtime_is_the_snapshot_start_time(emulator: EmulatorServer
     with mounted(emulator.url, [snap["SnapshotId"]], tmp_path / "mnt") as mnt:
         image = mnt / f"{snap['SnapshotId']}.img"
         assert image.stat().st_mtime == pytest.approx(snap["StartTime"].timestamp(), abs=1e-3)
+
+
+def client_error(status: int, code: str, message: str) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": message},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "DescribeSnapshots")
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (client_error(403, "UnauthorizedOperation", "You are not authorized."),
+     "EC2 refused DescribeSnapshots (UnauthorizedOperation): the credentials need "
+     "ec2:DescribeSnapshots"),
+    (client_error(400, "InvalidSnapshot.NotFound", "The snapshot 'snap-1' does not exist."),
+     "EC2 does not know the snapshot (InvalidSnapshot.NotFound: The snapshot 'snap-1' "
+     "does not exist.)"),
+    (client_error(503, "Unavailable", "try later"),
+     "EC2 DescribeSnapshots failed: Unavailable 503: try later"),
+    (botocore.exceptions.NoCredentialsError(), "no AWS credentials found for EC2"),
+    (botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+     "cannot reach the EC2 endpoint http://127.0.0.1:9"),
+    (botocore.exceptions.CredentialRetrievalError(provider="process", error_msg="exit 1"),
+     "EC2 DescribeSnapshots failed: CredentialRetrievalError: Error when retrieving "
+     "credentials from process: exit 1"),
+    (KeyError("Snapshots"), "EC2 DescribeSnapshots failed: KeyError: 'Snapshots'"),
+])
+def test_each_ec2_failure_is_one_line_about_the_metadata(error: Exception, message: str
+                                                        ) -> None:
+    """The botocore error mapping shared with the EBS client, worded for EC2."""
+    ec2 = Ec2Snapshots(ConnectionOptions(), endpoint_url="http://127.0.0.1:9")
+
+    def failing() -> None:
+        raise error
+
+    with pytest.raises(MetadataUnavailable) as err:
+        ec2._call(failing)
+    assert str(err.value) == message
+    assert err.value.__cause__ is error
+
+
+def test_ec2_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EBS", "http://127.0.0.1:7")  # EBS's own
+    assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "https://ec2.us-east-1.amazonaws.com"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8")
+    assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "http://127.0.0.1:8"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
+    assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "http://127.0.0.1:9"
+    assert Ec2Snapshots(ConnectionOptions(), "http://127.0.0.1:10").endpoint_url == \
+        "http://127.0.0.1:10"
+
+
+def test_ec2_configuration_mistakes_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserInputError, match="^AWS profile not found: nope$"):
+        Ec2Snapshots(ConnectionOptions(profile="nope"))
+    with pytest.raises(UserInputError, match="^invalid EC2 endpoint URL: "):
+        Ec2Snapshots(ConnectionOptions(), "not a url")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(UserInputError, match="^no AWS region configured"):
+        Ec2Snapshots(ConnectionOptions())
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "https://ec2.eu-west-1.amazonaws.com"
+
+
+def test_lookup_asks_ec2_only_where_it_would_know_the_snapshots(
+        refusing_ec2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    custom_ebs = ConnectionOptions(endpoint_url="http://127.0.0.1:7")
+    assert lookup(custom_ebs, ["snap-1"]).asked is False
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EBS", "http://127.0.0.1:7")
+    assert lookup(ConnectionOptions(), ["snap-1"]).asked is False
+    monkeypatch.setenv("AWS_ENDPOINT_URL", refusing_ec2)  # EC2 too, now
+    answer = lookup(ConnectionOptions(), ["snap-1"])
+    assert answer.asked is True and answer.found == {}
+    assert answer.note is not None and "ec2:DescribeSnapshots" in answer.note
+    assert lookup(custom_ebs, ["snap-1"], refusing_ec2).asked is True

@@ -1,16 +1,20 @@
 """What ebsfs needs of the EBS direct APIs, apart from any SDK: the EbsApi interface
-(the boto3 client, the test fakes and failure injectors all provide it), its page types
-and the checksum check of a block body. No boto3 here."""
+(the boto3 client, the test fakes and failure injectors all provide it), its page types,
+the checksum check of a block body, and CallCounter (the counters a client bumps, which
+the engine's Stats provides). No boto3 here."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.errors import ChecksumMismatch
+
+T = TypeVar("T")
 
 MAX_RESULTS = 10000
 """Always sent: the service's default page size is undocumented."""
@@ -80,6 +84,24 @@ class EbsApi(Protocol):
         the data) when given, so a body lands in the cache without a copy on the trio
         thread."""
         ...
+
+
+class CallCounter(Protocol):
+    """What a client reports of the requests it sends (ebsfs.engine.stats.Stats is
+    one): a protocol here so that the service layer needs nothing from the engine."""
+
+    def counting(self, operation: str, attempt: Callable[[], T]) -> Callable[[], T]:
+        """`attempt` (one request of `operation`, run by the retry policy as often as
+        it takes), wrapped so that each run, each retry and each throttling answer is
+        counted."""
+        ...
+
+
+class NotCounting:
+    """A CallCounter that counts nothing (a client made without the engine's stats)."""
+
+    def counting(self, operation: str, attempt: Callable[[], T]) -> Callable[[], T]:
+        return attempt
 
 
 def verify_block(data: bytes | memoryview, checksum: str, algorithm: str,

@@ -4,27 +4,36 @@ mount shows as each image's mtime, and that `ebsfs ls` lists.
 
 Reading a snapshot needs no EC2 permission, so none is assumed: where
 ec2:DescribeSnapshots is refused or EC2 cannot be reached, `lookup` says why in one
-line and the caller goes on without. The second boto3 user besides client.py (EC2
-is not the EBS direct API): botocore's own retries fit these few small calls."""
+line and the caller goes on without. Its session comes from session.py and its errors
+are mapped by failures.py, as the EBS client's are; botocore's own retries fit these
+few small calls (EC2 is not the EBS direct API)."""
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import boto3
 import botocore.config
-import botocore.exceptions
-import botocore.session
 
-from ebsfs.errors import EbsfsError, MetadataUnavailable, UserInputError
-from ebsfs.service.client import ConnectionOptions
+from ebsfs.errors import (
+    CredentialRefreshFailed,
+    CredentialsMissing,
+    EbsfsError,
+    EndpointUnreachable,
+    MetadataUnavailable,
+    ServiceError,
+)
+from ebsfs.service.failures import boto_error, one_line
+from ebsfs.service.session import AwsSession, ConnectionOptions, custom_endpoint_set
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REFUSALS = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+"""EC2's error codes for a missing ec2:DescribeSnapshots permission."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,6 @@ class SnapshotInfo:
         }
 
 
-def _configured(*names: str) -> bool:
-    return any(os.environ.get(name) for name in names)
-
-
 class Ec2Snapshots:
     """DescribeSnapshots through boto3 (EC2 endpoint: `endpoint_url`, else
     AWS_ENDPOINT_URL_EC2 or AWS_ENDPOINT_URL, else AWS's)."""
@@ -82,18 +87,8 @@ class Ec2Snapshots:
             connect_timeout=min(5.0, options.connect_timeout), read_timeout=10.0,
             user_agent_extra="ebsfs",
         )
-        try:
-            core = botocore.session.Session(profile=options.profile)
-            region = options.region or os.environ.get("AWS_REGION") or None
-            session = boto3.session.Session(botocore_session=core, region_name=region)
-            self._client = session.client("ec2", endpoint_url=endpoint_url, config=config)
-        except botocore.exceptions.ProfileNotFound as err:
-            raise UserInputError(f"AWS profile not found: {options.profile}") from err
-        except botocore.exceptions.NoRegionError as err:
-            raise UserInputError("no AWS region configured: pass --region or set "
-                                 "AWS_REGION") from err
-        except ValueError as err:
-            raise UserInputError(f"invalid EC2 endpoint URL: {err}") from err
+        self._client = AwsSession(options).client("ec2", config, endpoint_url,
+                                                  endpoint_name="EC2 endpoint URL")
         self.endpoint_url: str = self._client.meta.endpoint_url
 
     def describe(self, snapshot_ids: list[str]) -> dict[str, SnapshotInfo]:
@@ -115,30 +110,26 @@ class Ec2Snapshots:
         found = self._call(lambda: [SnapshotInfo.from_ec2(item) for item in pages()])
         return sorted(found, key=lambda s: (s.start_time, s.snapshot_id))
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except botocore.exceptions.ClientError as err:
-            error = err.response.get("Error", {})
-            code, message = error.get("Code", ""), error.get("Message") or ""
-            if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
-                raise MetadataUnavailable(f"EC2 refused DescribeSnapshots ({code}): the "
-                                          "credentials need ec2:DescribeSnapshots") from err
-            if code.startswith("InvalidSnapshot"):
-                raise MetadataUnavailable(f"EC2 does not know the snapshot ({code}: "
-                                          f"{message})") from err
-            raise MetadataUnavailable(f"EC2 DescribeSnapshots failed: {code or 'HTTP '} "
-                                      f"{message}".rstrip()) from err
-        except botocore.exceptions.NoCredentialsError as err:
-            raise MetadataUnavailable("no AWS credentials found for EC2") from err
-        except (botocore.exceptions.EndpointConnectionError,
-                botocore.exceptions.ConnectTimeoutError) as err:
-            raise MetadataUnavailable(f"cannot reach the EC2 endpoint "
-                                      f"{self.endpoint_url}") from err
         except Exception as err:  # botocore's parsers raise plain exceptions too
-            detail = " ".join(f"{type(err).__name__}: {err}".split())
-            raise MetadataUnavailable(f"EC2 DescribeSnapshots failed: {detail[:200]}"
-                                      ) from err
+            raise self._unavailable(boto_error(err), err) from err
+
+    def _unavailable(self, error: EbsfsError, cause: Exception) -> MetadataUnavailable:
+        """The typed error of a failed EC2 call, said in terms of the metadata missed."""
+        if isinstance(error, ServiceError) and error.code in REFUSALS:
+            return MetadataUnavailable(f"EC2 refused DescribeSnapshots ({error.code}): the "
+                                       "credentials need ec2:DescribeSnapshots")
+        if isinstance(error, ServiceError) and error.code.startswith("InvalidSnapshot"):
+            return MetadataUnavailable(f"EC2 does not know the snapshot ({error})")
+        if isinstance(error, CredentialsMissing):
+            return MetadataUnavailable("no AWS credentials found for EC2")
+        if isinstance(error, EndpointUnreachable):
+            return MetadataUnavailable(f"cannot reach the EC2 endpoint {self.endpoint_url}")
+        # A failed refresh's own hint speaks of reads; the cause says it for EC2.
+        detail = one_line(cause) if isinstance(error, CredentialRefreshFailed) else str(error)
+        return MetadataUnavailable(f"EC2 DescribeSnapshots failed: {detail[:200]}")
 
 
 @dataclass
@@ -156,9 +147,8 @@ def lookup(options: ConnectionOptions, snapshot_ids: list[str],
     """The snapshots' EC2 metadata, or why there is none: never an error. A custom EBS
     endpoint (an emulator, a private service) with no EC2 endpoint set means AWS's EC2
     would not know those snapshots: no call is made."""
-    ebs_custom = options.endpoint_url or _configured("AWS_ENDPOINT_URL_EBS", "AWS_ENDPOINT_URL")
-    ec2_custom = endpoint_url or _configured("AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL")
-    if ebs_custom and not ec2_custom:
+    if custom_endpoint_set("EBS", options.endpoint_url) and not custom_endpoint_set(
+            "EC2", endpoint_url):
         return Lookup({}, "EC2 not asked: a custom EBS endpoint and no EC2 endpoint "
                       "(--ec2-endpoint-url or AWS_ENDPOINT_URL_EC2)", asked=False)
     try:

@@ -1,0 +1,124 @@
+"""Where and as whom ebsfs talks to AWS: the connection options, and the one place that
+turns them into a botocore session, boto3 clients (EBS and EC2), a credential chain
+and the CA bundle, with every configuration mistake as a one-line UserInputError."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.httpsession
+import botocore.session
+
+from ebsfs.constants import CONNECT_TIMEOUT, MAX_CONNECTIONS, REQUEST_TIMEOUT
+from ebsfs.errors import CredentialsMissing, UserInputError
+from ebsfs.service.failures import NO_CREDENTIALS, credential_failure
+from ebsfs.service.retry import RetryPolicy
+from ebsfs.service.sigv4 import Credentials
+
+
+@dataclass
+class ConnectionOptions:
+    """Where and as whom to connect; unset fields fall back to the AWS chain."""
+
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+    max_connections: int = MAX_CONNECTIONS
+    connect_timeout: float = CONNECT_TIMEOUT
+    read_timeout: float = REQUEST_TIMEOUT
+    direct_get: bool = True
+    """GetSnapshotBlock through our own HTTP/1.1 client unless a proxy applies to the
+    endpoint (botocore honours proxies, the direct path does not); False sends every
+    call through boto3 (`--no-direct-get`)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+def custom_endpoint_set(service: str, endpoint_url: str | None = None) -> bool:
+    """Whether calls to `service` ("EBS", "EC2") go to an endpoint other than AWS's:
+    `endpoint_url` given, or AWS_ENDPOINT_URL_<SERVICE> or AWS_ENDPOINT_URL set."""
+    return bool(endpoint_url or os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+class AwsSession:
+    """One botocore session for a ConnectionOptions: the profile (`--profile`, else
+    AWS_PROFILE), the region (`--region`, else AWS_REGION, else what botocore finds:
+    AWS_DEFAULT_REGION, the profile), and the endpoint (`endpoint_url`, else botocore's
+    AWS_ENDPOINT_URL_<SERVICE> and AWS_ENDPOINT_URL).
+
+    A session of our own, not boto3's default one: its resolved ca_bundle is public
+    API, and sessions are not thread-safe (the clients made from it are)."""
+
+    def __init__(self, options: ConnectionOptions) -> None:
+        self._options = options
+        with self._user_errors("endpoint URL"):
+            self.core = botocore.session.Session(profile=options.profile)
+            # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and
+            # the other SDKs honour.
+            region = options.region or os.environ.get("AWS_REGION") or None
+            self.boto = boto3.session.Session(botocore_session=self.core, region_name=region)
+
+    def client(self, service: str, config: botocore.config.Config,
+               endpoint_url: str | None = None, endpoint_name: str = "endpoint URL") -> Any:
+        """A boto3 client of `service` ("ebs", "ec2"); `endpoint_name` names the
+        endpoint in the message for a malformed URL."""
+        with self._user_errors(endpoint_name):
+            return self.boto.client(service, endpoint_url=endpoint_url, config=config)
+
+    def credentials(self) -> CredentialSource:
+        with self._user_errors("endpoint URL"):
+            return CredentialSource(self.boto)
+
+    def ca_file(self) -> str:
+        """The CA bundle botocore verifies the endpoint with: the profile's or
+        AWS_CA_BUNDLE's ca_bundle, else REQUESTS_CA_BUNDLE, else its default bundle
+        (certifi's). The direct GET path trusts exactly this, so both paths agree."""
+        verify = (self.core.get_config_variable("ca_bundle")
+                  or os.environ.get("REQUESTS_CA_BUNDLE"))
+        return str(botocore.httpsession.get_cert_path(verify or True))
+
+    @contextmanager
+    def _user_errors(self, endpoint_name: str) -> Iterator[None]:
+        """botocore's configuration errors (raised whenever it first reads the
+        profile) as the one-line errors a user can act on."""
+        try:
+            yield
+        except botocore.exceptions.ProfileNotFound as err:
+            raise UserInputError(f"AWS profile not found: {self._options.profile}") from err
+        except botocore.exceptions.NoRegionError as err:
+            raise UserInputError(
+                "no AWS region configured: pass --region or set AWS_REGION"
+            ) from err
+        except ValueError as err:  # a malformed endpoint URL
+            raise UserInputError(f"invalid {endpoint_name}: {err}") from err
+
+
+class CredentialSource:
+    """The session's credential chain (botocore refreshes temporary credentials in
+    it), with every way it can fail turned into a typed error: a failed refresh must
+    become EIO for one read, never an exception that ends the mount."""
+
+    def __init__(self, session: boto3.session.Session) -> None:
+        try:
+            self._credentials = session.get_credentials()
+        except botocore.exceptions.ProfileNotFound:
+            raise
+        except Exception as err:
+            raise credential_failure(err) from err
+
+    def frozen(self) -> Credentials:
+        """Current credentials, refreshed when near expiry (botocore's rule)."""
+        if self._credentials is None:
+            raise CredentialsMissing(NO_CREDENTIALS)
+        try:
+            frozen = self._credentials.get_frozen_credentials()
+        except Exception as err:  # a provider may run any code: a process, HTTP, files
+            raise credential_failure(err) from err
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
