@@ -374,3 +374,40 @@ def test_blocks_another_process_stores_are_noticed(tmp_path) -> None:
     trio.run(main)
     assert tier.stats.disk_hits == 1
     tier.close()
+
+
+def test_a_slab_queued_for_the_disk_stays_lent_until_written(tmp_path) -> None:
+    """The write queue holds views of the memory cache's slabs: their loans come back
+    only once the blocks are written, so no slab's memory is reused under the writer."""
+    from ebsfs.engine.cache import SLAB_SIZE, BlockCache, Loan
+    from ebsfs.engine.disktier import DiskTier
+    from ebsfs.engine.stats import Stats
+    from ebsfs.service.api import Block
+
+    memory = BlockCache(4 * SLAB_SIZE)
+    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats())
+    tier.track([SNAP])
+    queued: list[Loan] = []
+
+    async def fetch(room: memoryview | None, lent: Loan) -> Block:
+        assert room is not None
+        room[:] = pattern_block(1, 0)
+        block = Block(room, checksum(pattern_block(1, 0)))
+        queued.append(lent.share())
+        await tier.store(SNAP, 0, GIB, block, queued[-1])
+        return block
+
+    async def main() -> None:
+        tier._writing = True  # the writer has not run yet: the block stays queued
+        await memory.get((SNAP, 0), fetch, None)
+        assert len(queued[0]) == 1  # still lent to the queue
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tier.run)
+            with trio.fail_after(5):
+                while len(queued[0]):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    tier.close()
+    assert DiskCache(str(tmp_path / "c")).blocks == 1

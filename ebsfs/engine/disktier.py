@@ -11,6 +11,7 @@ import time
 import trio
 
 from ebsfs.diskcache.store import BlockKey, DiskCache, IndexFailed, Stored, ToStore
+from ebsfs.engine.cache import Loan
 from ebsfs.engine.index import ChangeIndex
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import EbsfsError
@@ -61,7 +62,7 @@ class DiskTier:
     off for the rest of the session, with one warning, if the cache fails.
 
     Memory: at most `queue` blocks wait in the queue and `queue` more are being
-    written (their slabs stay alive until written: 1 MiB each at worst, 32 MiB).
+    written (their slabs stay on loan until written: 1 MiB each at worst, 32 MiB).
     Other processes' stores are noticed every `refresh` seconds."""
 
     def __init__(self, cache: DiskCache, stats: Stats, max_threads: int = 4,
@@ -75,6 +76,8 @@ class DiskTier:
         self._held: dict[str, _Held] = {}
         self._send, self._receive = trio.open_memory_channel[ToStore](queue)
         self._queued: dict[BlockKey, ToStore] = {}
+        self._lent: dict[int, Loan] = {}
+        """By id() of a ToStore queued or being written: the loan of its slab."""
         self._batch = queue
         self._writing = False
         stats.disk_cache = self.describe
@@ -156,12 +159,18 @@ class DiskTier:
 
     # ---- stores ----------------------------------------------------------------------
 
-    async def store(self, snapshot_id: str, index: int, volume_size: int, block: Block) -> None:
+    async def store(self, snapshot_id: str, index: int, volume_size: int, block: Block,
+                    loan: Loan | None = None) -> None:
         """Queue a verified block for the writer (waiting only while the queue is
-        full); without a writer running, write it now."""
+        full); without a writer running, write it now. `loan` (of the memory cache's
+        slab the data is a view of) is given back once the block is written."""
         if not self.enabled or block.checksum is None:
+            if loan is not None:
+                loan.give_back()
             return
         item = ToStore(snapshot_id, index, volume_size, block.data, block.checksum)
+        if loan is not None:
+            self._lent[id(item)] = loan
         if not self._writing:
             await self._write_batch([item])
             return
@@ -171,6 +180,7 @@ class DiskTier:
             await self._send.send(item)
         except BaseException:
             self._queued.pop(key, None)
+            self._give_back(item)
             raise
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -206,6 +216,12 @@ class DiskTier:
                 key = (item.snapshot_id, item.index)
                 if self._queued.get(key) is item:
                     del self._queued[key]
+                self._give_back(item)
+
+    def _give_back(self, item: ToStore) -> None:
+        loan = self._lent.pop(id(item), None)
+        if loan is not None:
+            loan.give_back()
 
     def _count(self, result: Stored) -> None:
         self.stats.disk_stored += len(result.stored)
@@ -257,6 +273,9 @@ class DiskTier:
             except Exception as err:
                 self._failed(err)
         self._queued.clear()
+        for loan in self._lent.values():
+            loan.give_back()
+        self._lent.clear()
         self.cache.close()
 
 
@@ -292,5 +311,5 @@ class DiskView:
                 return block
         return None
 
-    async def store(self, index: int, block: Block) -> None:
-        await self.tier.store(self.snapshot_id, index, self.volume_size, block)
+    async def store(self, index: int, block: Block, loan: Loan | None = None) -> None:
+        await self.tier.store(self.snapshot_id, index, self.volume_size, block, loan)

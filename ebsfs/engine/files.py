@@ -14,6 +14,7 @@ from typing import IO, Protocol
 
 import trio
 
+from ebsfs.engine.cache import Loan
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition
@@ -25,10 +26,11 @@ log = logging.getLogger(__name__)
 class OpenFile(Protocol):
     """One open handle of a node."""
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None
-                   ) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
+                   loan: Loan | None = None) -> bytes | memoryview:
         """The bytes; a view of `scratch` (when given) may be returned, valid until the
-        next read that is given the same scratch (image.py)."""
+        next read that is given the same scratch (image.py); views of the memory
+        cache's slabs are on `loan` (cache.py)."""
         ...
 
     def close(self) -> None: ...
@@ -107,12 +109,12 @@ class WindowReader:
         self.length = length
         self.stream: ReadPattern | None = image.open_stream() if readahead else None
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None
-                   ) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
+                   loan: Loan | None = None) -> bytes | memoryview:
         if offset >= self.length or size <= 0:
             return b""
         size = min(size, self.length - offset)
-        return await self.image.read(self.start + offset, size, self.stream, scratch)
+        return await self.image.read(self.start + offset, size, self.stream, scratch, loan)
 
     def close(self) -> None:
         pass
@@ -149,7 +151,8 @@ class ReportReader:
         self.spool = spool
         self._lock = trio.Lock()
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None) -> bytes:
+    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
+                   loan: Loan | None = None) -> bytes:
         async with self._lock:
             return await trio.to_thread.run_sync(self._read, offset, size)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ebsfs.constants import BLOCK_SIZE, READ_TIMEOUT
-from ebsfs.engine.cache import BlockCache
+from ebsfs.engine.cache import BlockCache, Loan
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.index import BlockIndex, ChangeIndex
 from ebsfs.engine.prefetch import Readahead, ReadPattern
@@ -94,27 +94,28 @@ class SnapshotImage:
         """Read-pattern state for one open file handle."""
         return ReadPattern(self.size, chunk_blocks=self.index.chunk_blocks)
 
-    async def block(self, index: int) -> Block:
+    async def block(self, index: int, loan: Loan | None = None) -> Block:
         """Block `index` as verified, with its checksum (zeros and None if never
-        written)."""
+        written). A view of the cache's memory is on `loan` (cache.py)."""
         if self.base is None:
-            return await self._own_block(index)
+            return await self._own_block(index, loan)
         owner = await self._owner(index)
         if owner is not self and (owner.snapshot_id, index) in self.cache:
             self.stats.lineage_hits += 1
-        return await owner._own_block(index)
+        return await owner._own_block(index, loan)
 
-    async def _own_block(self, index: int) -> Block:
+    async def _own_block(self, index: int, loan: Loan | None) -> Block:
         token = await self.index.token(index)
         if token is None:
             return NEVER_WRITTEN
         if (self.snapshot_id, index) in self.cache:
             self.stats.memory_hits += 1
         return await self.cache.get(
-            (self.snapshot_id, index), lambda room: self._fetch(index, token, room)
-        )
+            (self.snapshot_id, index), lambda room, lent: self._fetch(index, token, room, lent),
+            loan)
 
-    async def _fetch(self, index: int, token: str, room: memoryview | None) -> Block:
+    async def _fetch(self, index: int, token: str, room: memoryview | None, lent: Loan
+                     ) -> Block:
         """The block from the disk cache if it holds it verified, else from the service
         (then kept on disk)."""
         if self.disk is not None:
@@ -135,7 +136,7 @@ class SnapshotImage:
             else:
                 self.stats.blocks_fetched += 1
                 if self.disk is not None:
-                    await self.disk.store(index, block)
+                    await self.disk.store(index, block, lent.share())
                 return block
         raise ReadFailed(f"{self.snapshot_id}: block {index}: block token refused repeatedly")
 
@@ -143,15 +144,17 @@ class SnapshotImage:
         """Fetch ahead, within the same time limit as a read: a stalled prefetch would
         otherwise hold its place in `_prefetching` (and its task) forever."""
         try:
-            with trio.move_on_after(self.read_timeout):
-                await self.block(index)
+            with trio.move_on_after(self.read_timeout), Loan() as loan:
+                await self.block(index, loan)
         finally:
             self._prefetching.discard(index)
 
     async def read(self, offset: int, size: int, stream: ReadPattern | None = None,
-                   scratch: bytearray | None = None) -> bytes | memoryview:
+                   scratch: bytearray | None = None, loan: Loan | None = None
+                   ) -> bytes | memoryview:
         """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
-        ReadFailed. Never waits longer than read_timeout.
+        ReadFailed. Never waits longer than read_timeout. Views of the cache's memory
+        are on `loan` (cache.py): give it back once done with the bytes.
 
         Bytes from several blocks are joined into `scratch` when given (and large
         enough): a view of it is returned, valid only until the caller's next read
@@ -163,14 +166,15 @@ class SnapshotImage:
         if stream is not None and self.readahead is not None:
             self._read_ahead(stream, offset, end - offset)
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        at_hand = self._blocks_at_hand(first, last)
+        at_hand = self._blocks_at_hand(first, last, loan)
         if at_hand is not None:
             return _assemble(at_hand, offset, end, first, scratch)
         try:
             with trio.fail_after(self.read_timeout):
                 if first == last:
-                    return _assemble([(await self.block(first)).data], offset, end, first)
-                return await self._read_span(offset, end, first, last, scratch)
+                    return _assemble([(await self.block(first, loan)).data], offset, end,
+                                     first)
+                return await self._read_span(offset, end, first, last, scratch, loan)
         except trio.TooSlowError:
             raise ReadFailed(
                 f"{self.snapshot_id}: read at {offset} took over {self.read_timeout:.0f}s"
@@ -201,12 +205,13 @@ class SnapshotImage:
             if not self.index.at_hand(chunk_no):
                 self.readahead.submit(functools.partial(self.index.get, upcoming))
 
-    def _blocks_at_hand(self, first: int, last: int) -> list[bytes | memoryview] | None:
+    def _blocks_at_hand(self, first: int, last: int, loan: Loan | None
+                        ) -> list[bytes | memoryview] | None:
         """The blocks [first, last] if all are cached or known absent, with no await:
         the warm path skips tasks, nurseries and timers (docs/performance.md)."""
         if self.base is not None:
             return None
-        slab = self.cache.peek_span(self.snapshot_id, first, last)
+        slab = self.cache.peek_span(self.snapshot_id, first, last, loan)
         if slab is not None:
             self.stats.memory_hits += 2
             return [slab]
@@ -216,7 +221,7 @@ class SnapshotImage:
             known, token = self.index.peek(i)
             if not known:
                 return None
-            data = ZERO_BLOCK if token is None else self.cache.peek((self.snapshot_id, i))
+            data = ZERO_BLOCK if token is None else self.cache.peek((self.snapshot_id, i), loan)
             if data is None:
                 return None
             hits += token is not None
@@ -225,13 +230,13 @@ class SnapshotImage:
         return blocks
 
     async def _read_span(self, offset: int, end: int, first: int, last: int,
-                         scratch: bytearray | None) -> bytes | memoryview:
+                         scratch: bytearray | None, loan: Loan | None) -> bytes | memoryview:
         blocks: dict[int, bytes | memoryview] = {}
         errors: list[EbsfsError] = []
 
         async def one(i: int) -> None:
             try:
-                blocks[i] = (await self.block(i)).data
+                blocks[i] = (await self.block(i, loan)).data
             except EbsfsError as err:  # keep siblings running; report the first failure
                 errors.append(err)
 
@@ -241,7 +246,7 @@ class SnapshotImage:
         if errors:
             raise errors[0]
         if self.base is None:  # both halves of one slab: reply from it, no join
-            slab = self.cache.peek_span(self.snapshot_id, first, last)
+            slab = self.cache.peek_span(self.snapshot_id, first, last, loan)
             if slab is not None:
                 return _assemble([slab], offset, end, first)
         return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first,

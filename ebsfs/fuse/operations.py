@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.cache import ReplyLoans
 from ebsfs.engine.files import ImageNode, Node, OpenFile
 from ebsfs.errors import EbsfsError
 
@@ -69,6 +70,8 @@ class EbsOperations(pyfuse3.Operations):
         self._scratch = bytearray(2 * BLOCK_SIZE)
         """Where reads spanning blocks are joined. One suffices: pyfuse3 sends a read's
         reply as soon as its handler returns, before any other handler runs again."""
+        self._loans = ReplyLoans()
+        """The same holds for views of the cache: given back at the next read."""
 
     def unexpected(self, handler: str, err: Exception) -> None:
         """Log an unexpected exception: its traceback once per kind and place."""
@@ -172,11 +175,14 @@ class EbsOperations(pyfuse3.Operations):
         # Any buffer works (pyfuse3 replies via the buffer protocol); a memoryview of a
         # cached block spares a copy. The stubs only say bytes.
         node, opened = self._handles[fh]
+        loan = self._loans.take()
         try:
-            return await opened.read(off, size, self._scratch)
+            return await opened.read(off, size, self._scratch, loan)
         except EbsfsError as err:
             log.error("read of %s failed: %s", node.name, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self._loans.answered(loan)
 
     @answered
     async def release(self, fh: int) -> None:
