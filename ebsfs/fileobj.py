@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from ebsfs.constants import MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
+from ebsfs.engine.cache import Loan
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.engine import (
     DEFAULT_CACHE_DIR_SIZE,
@@ -149,10 +150,15 @@ class _WindowFile(io.RawIOBase):
             # In pieces: one engine read fetches all its blocks at once.
             for start in range(offset, offset + size, MAX_READ):
                 piece = min(MAX_READ, offset + size - start)
-                parts.append(bytes(self._loop.call(self._window.read, start, piece)))
+                parts.append(self._loop.call(self._read_bytes, start, piece))
         except EbsfsError as err:
             raise OSError(errno.EIO, f"{self.name}: {err}") from err
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_bytes(self, offset: int, size: int) -> bytes:
+        """A copy made on the engine's thread, where the cache's views are given back."""
+        with Loan() as loan:
+            return bytes(await self._window.read(offset, size, loan=loan))
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
