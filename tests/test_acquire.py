@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ebsfs.acquire import get as acquire
 from ebsfs.acquire import manifest
 from ebsfs.acquire.journal import Journal
+from ebsfs.cli import main as cli
 from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer, SnapshotStore
+from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.engine import EngineConfig
 from ebsfs.errors import OutputError
 from ebsfs.service.client import ConnectionOptions
@@ -498,3 +501,26 @@ def test_help_explains_every_option() -> None:
     mount = ebsfs("mount", "--help").stdout
     for option in ("--cache-size", "--max-fetches", "--read-timeout", "--request-timeout"):
         assert option in mount
+
+
+def test_a_copy_recycles_the_slabs_it_has_written_and_hashed(emulator: EmulatorServer,
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Each block's slab goes back to the cache once written and hashed (its loan), so a
+    copy larger than its cache reuses memory instead of touching fresh pages."""
+    blocks = {i: pattern_block(15, i) for i in range(96)}
+    add(emulator.store, SNAP, blocks, volume_gib=1)
+    caches: list[BlockCache] = []
+    real_init = BlockCache.__init__
+
+    def spy(self: BlockCache, *args: Any, **kwargs: Any) -> None:
+        caches.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockCache, "__init__", spy)
+    out = tmp_path / "disk.img"
+    assert cli.main(["get", "-q", "--endpoint-url", emulator.url, "--cache-size", "8M",
+                     "--max-fetches", "4", SNAP, str(out)]) == 0
+    assert file_digest(out) == digests(blocks, GIB)[0]
+    assert len(caches) == 1 and caches[0].recycled > len(blocks) // 4  # of 48 slabs, 16 fit the cache

@@ -35,6 +35,7 @@ from ebsfs.acquire.plan import CopyPlan
 from ebsfs.acquire.progress import Progress
 from ebsfs.acquire.target import ZEROS, Target, failure
 from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.cache import Loan
 from ebsfs.engine.remote import in_worker
 from ebsfs.errors import EbsfsError, OutputError, ReadFailed
 
@@ -100,6 +101,8 @@ class _Slot:
     shares: int = 2
     """Holders of its place in the window: the task obtaining it (until it is written)
     and the hashers (until they have taken it)."""
+    loan: Loan = field(default_factory=Loan)
+    """The cache's slab behind `data`: kept from reuse until the last holder lets go."""
     error: BaseException | None = None
     fetching: bool = False
     """Counted among the blocks being fetched (Copy._fetching)."""
@@ -258,6 +261,7 @@ class Copy:
         """One holder of the slot's place in the window is done with it."""
         slot.shares -= 1
         if slot.shares == 0:
+            slot.loan.give_back()  # written and hashed: its slab may be recycled
             self._held.release()
 
     async def _obtain_block(self, slot: _Slot) -> None:
@@ -282,7 +286,7 @@ class Copy:
             self.counts.from_base += 1
         else:
             with trio.move_on_after(self.read_timeout) as scope:
-                block = await self.image.block(slot.index)
+                block = await self.image.block(slot.index, slot.loan)
             self._fetched(slot)
             if scope.cancelled_caught:
                 raise ReadFailed(f"{self.image.snapshot_id}: block {slot.index} took over "

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import trio
 
-from ebsfs import __version__
 from ebsfs.acquire.base import BaseImage
 from ebsfs.acquire.copy import Copy
 from ebsfs.acquire.journal import Journal, JournalState
@@ -26,7 +25,7 @@ from ebsfs.acquire.manifest import BlockListWriter, Manifest, side_file_path, wr
 from ebsfs.acquire.plan import CopyPlan, GetRequest, Layout, preflight, window_for
 from ebsfs.acquire.progress import Progress, QuietProgress
 from ebsfs.acquire.target import FileTarget, TargetKind, failure, open_target
-from ebsfs.constants import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE, __version__
 from ebsfs.engine import engine
 from ebsfs.engine.engine import Engine, EngineConfig
 from ebsfs.errors import EbsfsError, first_leaf
