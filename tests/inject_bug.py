@@ -9,6 +9,7 @@ import os
 import sys
 
 from ebsfs.cli import main as cli
+from ebsfs.engine.cache import Loan
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.service.api import Block
 
@@ -16,10 +17,10 @@ _flag = os.environ["EBSFS_TEST_BUG_FILE"]
 _block = SnapshotImage.block
 
 
-async def _buggy_block(self: SnapshotImage, index: int) -> Block:
+async def _buggy_block(self: SnapshotImage, index: int, loan: Loan | None = None) -> Block:
     if os.path.exists(_flag):
         raise RuntimeError(f"planted bug reading block {index}")
-    return await _block(self, index)
+    return await _block(self, index, loan)
 
 
 SnapshotImage.block = _buggy_block  # type: ignore[method-assign]

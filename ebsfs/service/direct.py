@@ -36,19 +36,17 @@ def why_not_direct(options: ConnectionOptions, endpoint_url: str) -> str | None:
 
 def proxy_variable(url: str) -> str | None:
     """The proxy setting that applies to `url` under the standard environment rules,
-    named by its variable (`https_proxy`, `http_proxy`, `all_proxy`; either case), or
-    None. no_proxy/NO_PROXY exempts hosts by name, domain suffix, host:port or `*`.
-    These are urllib.request's rules, the ones botocore applies (botocore itself
-    proxies only by the URL's scheme; all_proxy counts here too, to be safe)."""
+    named by its variable (`https_proxy` or `http_proxy`, either case), or None.
+    no_proxy/NO_PROXY exempts hosts by name, domain suffix, host:port or `*`. These are
+    urllib.request's rules as botocore applies them: by the URL's scheme only, so
+    all_proxy (which boto3 ignores) does not turn the direct path off either; both
+    paths go where boto3 would."""
     proxies = urllib.request.getproxies_environment()
     parts = urllib.parse.urlsplit(url)
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
     if bypass(parts.netloc, proxies):
         return None
-    for scheme in (parts.scheme, "all"):
-        if proxies.get(scheme):
-            return f"{scheme}_proxy"
-    return None
+    return f"{parts.scheme}_proxy" if proxies.get(parts.scheme) else None
 
 
 class DirectBlockGetter:
