@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 
 from ebsfs.constants import BLOCK_SIZE, MAX_FETCHES, READ_TIMEOUT
-from ebsfs.diskcache import store as diskcache
+from ebsfs.diskcache import directory, store
 from ebsfs.diskcache.store import DiskCache
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.diff import Diff, diff_snapshots
@@ -53,7 +53,7 @@ CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15
 DEFAULT_CACHE_SIZE = 512 * 1024**2
 """A ceiling, not a target: read-ahead keeps the service's bandwidth-delay product in
 flight (remote.py), about 200 calls at 200 ms."""
-DEFAULT_CACHE_DIR_SIZE = diskcache.DEFAULT_SIZE
+DEFAULT_CACHE_DIR_SIZE = store.DEFAULT_SIZE
 
 
 @dataclass
@@ -81,7 +81,7 @@ class EngineConfig:
             raise UserInputError(f"max fetches must be >= 1, got {self.max_fetches}")
         if not self.read_timeout > 0:
             raise UserInputError(f"read timeout must be > 0, got {self.read_timeout}")
-        if self.cache_dir_size < diskcache.MIN_SIZE:
+        if self.cache_dir_size < store.MIN_SIZE:
             raise UserInputError(f"cache dir size must be at least 1M, got {self.cache_dir_size}")
 
 
@@ -137,11 +137,11 @@ def find_disk_bases(api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]
     mounted = {snapshot_id for snapshot_id, _ in snapshots}
     bases: dict[str, list[str]] = {}
     for second, size in snapshots:
-        for first in diskcache.lineage_candidates(cache_dir, second, size, mounted):
+        for first in store.lineage_candidates(cache_dir, second, size, mounted):
             try:
                 api.list_changed_blocks(first, second, max_results=100)
             except UnrelatedSnapshots:
-                diskcache.record_unrelated(cache_dir, first, second)
+                store.record_unrelated(cache_dir, first, second)
                 continue
             except AccessDenied as err:
                 log.info("no reuse of cached blocks of other snapshots: %s", err)
@@ -270,7 +270,7 @@ def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool =
         check_snapshot_id(snapshot_id)
     if len(set(snapshot_ids)) != len(snapshot_ids):
         raise UserInputError("a snapshot id is given twice")
-    cache_dir = diskcache.prepare(config.cache_dir) if config.cache_dir is not None else None
+    cache_dir = directory.prepare(config.cache_dir) if config.cache_dir is not None else None
     stats = Stats()
     checker = api or BotoEbsApi(_with(config.connection, retry=CHECK_RETRY, max_connections=4),
                                 stats=stats)
