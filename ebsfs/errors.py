@@ -1,5 +1,6 @@
-"""Typed errors of the domain: raised below the CLI, turned into errno by fs.py and
-into one-line messages and exit codes by cli.py."""
+"""Typed errors of the domain, every one of them here: raised below the CLI, turned into
+errno by the FUSE face (ebsfs/fuse/operations.py) and into one-line messages and exit
+codes by the command line (ebsfs/cli/main.py). Re-exported by `ebsfs`."""
 
 from __future__ import annotations
 

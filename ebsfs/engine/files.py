@@ -1,5 +1,6 @@
 """What a mount shows, as FUSE-free file nodes: a name, a size, extended attributes and
-`open()` -> something with `read(offset, size)`. fs.py only maps them to inodes.
+`open()` -> something with `read(offset, size)`. ebsfs/fuse/operations.py only maps
+them to inodes.
 
 - `<snapshot-id>.img`: the whole disk image.
 - `<snapshot-id>-part<N>.img`: partition N of it (GPT or MBR, numbered as Linux numbers
