@@ -1,6 +1,8 @@
-"""Shared fixtures: a clean AWS environment, an in-process emulator, boto3 clients, and
-a check that fails any test logging a WARNING or ERROR it did not declare (s3ql's
-rule: an unexpected warning is a bug, and it is how a mount dying quietly shows)."""
+"""Shared fixtures: a clean AWS environment, an in-process emulator, boto3 clients; the
+`mount` marker skipped where root or /dev/fuse is missing; and a check that fails any
+test logging a WARNING or ERROR it did not declare, in its fixtures too, or not logging
+one it declared (s3ql's rule: an unexpected warning is a bug, and it is how a mount
+dying quietly shows)."""
 
 from __future__ import annotations
 
@@ -69,42 +71,127 @@ def ebs(emulator: EmulatorServer):  # type: ignore[no-untyped-def]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "expected_log(*patterns): regexes for the WARNING/ERROR messages this test expects "
-        "(searched in 'logger: message'); any other such message fails the test",
+        "expected_log(*patterns, maybe=()): regexes for the WARNING/ERROR messages this "
+        "test expects (searched in 'logger: message'); each of `patterns` must appear, "
+        "those of `maybe` may (a race decides), and any other such message fails the test",
     )
 
 
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
+def privileged() -> bool:
+    """Root with /dev/fuse: what the `mount` tier needs (real FUSE mounts, loop devices,
+    mkfs and mount, switching users)."""
+    return os.geteuid() == 0 and os.access("/dev/fuse", os.R_OK | os.W_OK)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `mount` marker is the one switch: tests carrying it are skipped where the
+    privileges are missing, and `-m "not mount"` is the unprivileged tier."""
+    if privileged():
+        return
+    skip = pytest.mark.skip(reason="mount tier: needs root and /dev/fuse")
+    for item in items:
+        if item.get_closest_marker("mount"):
+            item.add_marker(skip)
+
+
+class LogCheck(logging.Handler):
+    """Every WARNING and above logged from the start of one test's setup to the end of
+    its teardown (fixtures included), attached to the root logger."""
+
+    def __init__(self, item: pytest.Item) -> None:
         super().__init__(logging.WARNING)
+        markers = list(item.iter_markers("expected_log"))
+        self.patterns = [re.compile(p) for m in markers for p in m.args]
+        self.tolerated = [re.compile(p) for m in markers for p in m.kwargs.get("maybe", ())]
         self.records: list[logging.LogRecord] = []
+        self.checked = 0
+        self.heard: set[int] = set()
+        """Indexes of the patterns some record matched."""
+        self.completed = False
+        """Setup and call passed: only then must every expected message have come."""
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
+    def attach(self) -> None:
+        logging.getLogger().addHandler(self)
+
+    def detach(self) -> None:
+        logging.getLogger().removeHandler(self)
+
+    def problems(self, phase: str) -> list[str]:
+        """The unexpected messages since the last check, and whether this handler was
+        removed (re-attached then: whatever removed it must leave others' handlers)."""
+        found = []
+        if self not in logging.getLogger().handlers:
+            self.attach()
+            found.append(f"the log check's handler was removed from the root logger "
+                         f"(during {phase}): messages may have been missed")
+        for record in self.records[self.checked:]:
+            text = f"{record.name}: {record.getMessage()}"
+            matched = {n for n, p in enumerate(self.patterns) if p.search(text)}
+            self.heard |= matched
+            if not matched and not any(p.search(text) for p in self.tolerated):
+                found.append(f"{record.levelname} {text} (in {phase})")
+        self.checked = len(self.records)
+        return found
+
+    def missing(self) -> list[str]:
+        return [f"expected, never logged: {p.pattern!r}" for n, p in enumerate(self.patterns)
+                if n not in self.heard]
+
+
+_LOG_CHECK = pytest.StashKey[LogCheck]()
+
+
+def _fail_on(problems: list[str]) -> None:
+    if problems:
+        pytest.fail("log check (declare expected messages with @pytest.mark.expected_log):"
+                    "\n  " + "\n  ".join(problems[:20]), pytrace=False)
+
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """Collect WARNING and above from every logger during the test (the mount
-    helpers replay the mount process's log here too); fail on any undeclared one."""
-    collector = _Collector()
-    root = logging.getLogger()
-    root.addHandler(collector)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """Attach the log check before any fixture runs (s3ql's rule: an unexpected warning
+    is a bug, and it is how a mount dying quietly shows; the mount helpers replay the
+    mount process's log here too)."""
+    check = LogCheck(item)
+    item.stash[_LOG_CHECK] = check
+    check.attach()
     try:
-        result = yield
+        yield
+    except BaseException:
+        check.problems("setup")  # the failure is the news; its log is in the report
+        raise
+    _fail_on(check.problems("setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    check = item.stash[_LOG_CHECK]
+    try:
+        yield
+    except BaseException:
+        check.problems("call")
+        raise
+    problems = check.problems("call")
+    check.completed = not problems
+    _fail_on(problems)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """Detach the check after the last fixture is torn down; fail on what was logged
+    since the call, and on any expected message that never came."""
+    check = item.stash.get(_LOG_CHECK, None)
+    if check is None:  # setup never began (another plugin's setup hook failed first)
+        return (yield)
+    try:
+        yield
     finally:
-        root.removeHandler(collector)
-    patterns = [re.compile(p) for m in item.iter_markers("expected_log") for p in m.args]
-    unexpected = []
-    for record in collector.records:
-        text = f"{record.name}: {record.getMessage()}"
-        if not any(p.search(text) for p in patterns):
-            unexpected.append(f"{record.levelname} {text}")
-    if unexpected:
-        pytest.fail("unexpected log messages (declare expected ones with "
-                    "@pytest.mark.expected_log):\n  " + "\n  ".join(unexpected[:20]),
-                    pytrace=False)
-    return result
+        problems = check.problems("teardown")
+        check.detach()
+    _fail_on(problems + (check.missing() if check.completed else []))
 
 
 class CredentialHelper:
@@ -165,3 +252,21 @@ def profile_ca_bundle(https_emulator: EmulatorServer, tls_files: tuple[str, str]
         f.write(f"[profile tls]\nca_bundle = {tls_files[0]}\n"
                 "aws_access_key_id = AKIDTEST\naws_secret_access_key = secret\n")
     return "tls"
+
+
+@pytest.fixture
+def signed_regions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The region of the SigV4 scope of every request the in-process emulator receives
+    from now on (botocore's and ebsfs's own signer alike), in order."""
+    from ebsfs.emulator import server
+
+    regions: list[str] = []
+    admit = server.access_key_of
+
+    def recording(authorization: str) -> str:
+        scope = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", authorization)
+        regions.append(scope[1] if scope else "")
+        return admit(authorization)
+
+    monkeypatch.setattr(server, "access_key_of", recording)
+    return regions

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,7 @@ from tests.fakes import pattern_block
 from tests.mounting import ebsfs
 from tests.test_cli import assert_one_line_error
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (losetup, mount)")
-pytestmark = needs_root
+pytestmark = pytest.mark.mount  # root: losetup, mount
 
 SNAP = "snap-0de0"
 GARBAGE = b"\xaa" * BLOCK_SIZE

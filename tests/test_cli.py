@@ -137,18 +137,23 @@ def test_untrusted_certificate(https_emulator: EmulatorServer, mnt, monkeypatch)
     assert_one_line_error(result, "TLS certificate", "not trusted", "AWS_CA_BUNDLE")
 
 
+@needs_fuse
 def test_region_and_endpoint_from_the_environment(emulator: EmulatorServer, mnt,
-                                                  monkeypatch) -> None:
-    """AWS_REGION and AWS_ENDPOINT_URL work like --region and --endpoint-url."""
-    emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
+                                                  monkeypatch, signed_regions) -> None:
+    """AWS_REGION and AWS_ENDPOINT_URL work like --region and --endpoint-url: the
+    emulator serves the bytes, and every request is signed for eu-west-1."""
+    block = pattern_block(1, 0)
+    emulator.store.add_snapshot(SNAP, {0: block})
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", emulator.url)
-    if not os.access("/dev/fuse", os.W_OK):
-        pytest.skip("needs /dev/fuse")
     result = ebsfs("mount", SNAP, str(mnt))
     assert result.returncode == 0, result.stderr
     assert (mnt / f"{SNAP}.img").stat().st_size == 1024**3
+    with open(mnt / f"{SNAP}.img", "rb") as f:
+        assert f.read(len(block)) == block
+    assert emulator.counters.calls["GetSnapshotBlock"] >= 1
+    assert set(signed_regions) == {"eu-west-1"}
 
 
 def test_help_explains_every_option() -> None:

@@ -295,7 +295,9 @@ def test_two_mounts_share_one_cache_dir(served, source, tmp_path) -> None:
     assert gets(served) == 0
 
 
-@pytest.mark.expected_log(r"filesystem is full")
+# The cache sizes itself to the free space it sees, so a write fails for want of room
+# (and the warning comes) only if the filler wins a race with a queued write.
+@pytest.mark.expected_log(maybe=[r"filesystem is full"])
 def test_a_full_disk_never_breaks_reads(served, source, tmp_path) -> None:
     disk = tmp_path / "small"
     disk.mkdir()

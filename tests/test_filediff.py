@@ -9,7 +9,6 @@ one engine; the listing must be exactly the scenario's, and GetSnapshotBlock cal
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ebsfs.forensics.fsread import DIRECTORY, FILE, Entry, Tree
 from tests.snapshot_pairs import GPT_PARTS, MiB, expected, make_gpt_pair, make_pair
 
 FIRST, SECOND = "snap-0f1a", "snap-0f2b"
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices)")
+needs_root = pytest.mark.mount  # loop devices, mount, ntfs-3g
 
 
 # -- unit tier --------------------------------------------------------------------------

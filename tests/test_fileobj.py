@@ -103,14 +103,22 @@ def test_threads_read_at_once(served, source) -> None:
 
 
 def test_closing_stops_the_engine_thread(served) -> None:
+    """The very threads the file started are gone once close() returns (compared by
+    identity: a thread of the same name leaked by an earlier test cannot pass for
+    one of them). The emulator's request threads and trio's idle worker cache are not
+    the file's."""
     import threading
 
-    before = {t.name for t in threading.enumerate()}
+    def foreign(thread: threading.Thread) -> bool:
+        return "process_request_thread" in thread.name or thread.name.startswith("Trio")
+
+    before = set(threading.enumerate())
     f = ebsfs.open(SNAP, endpoint_url=served.url)
-    assert "ebsfs-engine" in {t.name for t in threading.enumerate()}
     f.read(10)
+    started = [t for t in threading.enumerate() if t not in before and not foreign(t)]
+    assert "ebsfs-engine" in [t.name for t in started]
     f.close()
-    assert "ebsfs-engine" not in {t.name for t in threading.enumerate()} - before
+    assert [t.name for t in started if t.is_alive()] == []
 
 
 def test_a_file_closed_in_the_engine_thread_stops_it(served) -> None:
@@ -128,14 +136,19 @@ def test_a_file_closed_in_the_engine_thread_stops_it(served) -> None:
     f.close()
 
 
-def test_region_and_endpoint_from_the_environment(served, monkeypatch) -> None:
+def test_region_and_endpoint_from_the_environment(served, source, monkeypatch,
+                                                  signed_regions) -> None:
     """AWS_REGION and AWS_ENDPOINT_URL work as they do for the CLI (boto3 alone reads
-    only AWS_DEFAULT_REGION)."""
+    only AWS_DEFAULT_REGION): the emulator serves the bytes, and every request is
+    signed for eu-west-1."""
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", served.url)
+    offset, size = BLOCK_SIZE - 3, 2 * BLOCK_SIZE
     with ebsfs.open(SNAP) as f:
-        assert f.read(4) == f.pread(4, 0)
+        assert f.pread(size, offset) == source.read_bytes()[offset : offset + size]
+    assert served.counters.calls["GetSnapshotBlock"] >= 1
+    assert set(signed_regions) == {"eu-west-1"}
 
 
 @pytest.mark.expected_log()
@@ -231,9 +244,8 @@ print(json.dumps({"sha256": digest, "pyfuse3": "pyfuse3" in sys.modules, "uid": 
 """
 
 
+@pytest.mark.mount  # root, to switch to user 65534
 def test_an_unprivileged_process_reads_without_pyfuse3(served, source, tmp_path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
     offset, size = 3 * BLOCK_SIZE - 7, 5 * BLOCK_SIZE
     want = hashlib.sha256(source.read_bytes()[offset : offset + size]).hexdigest()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

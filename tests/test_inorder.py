@@ -107,21 +107,24 @@ def test_first_failure_is_reported_once_and_later_pieces_are_skipped() -> None:
 
 
 def test_close_ends_the_threads() -> None:
-    before = threading.active_count()
+    """The very threads InOrder started (one per consumer, compared by identity, not by
+    a count that a thread ending elsewhere could balance) end after close()."""
+    started: list[threading.Thread] = []
 
     async def main() -> None:
+        before = set(threading.enumerate())
         in_order = InOrder([Recorder(), Recorder(), Recorder()], lambda err: None)
+        started.extend(t for t in threading.enumerate() if t not in before)
         in_order.feed(0, None, 5, lambda: None)
         await in_order.drain()
         in_order.close()
         in_order.close()  # twice is harmless
 
     trio.run(main)
-    for _ in range(100):
-        if threading.active_count() <= before:
-            break
-        threading.Event().wait(0.02)
-    assert threading.active_count() <= before
+    assert len(started) == 3
+    for thread in started:
+        thread.join(timeout=5)
+    assert [t.name for t in started if t.is_alive()] == []
 
 
 def test_consecutive_pieces_are_joined_in_stages_never_across_zeros_or_gaps() -> None:
