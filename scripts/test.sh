@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 .venv/bin/ruff check ebsfs tests scripts || exit 1
-.venv/bin/mypy ebsfs scripts || exit 1
+.venv/bin/mypy ebsfs scripts tests || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then  # a filter that matches nothing is a mistake, not a pass

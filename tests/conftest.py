@@ -63,7 +63,7 @@ def https_emulator(store: SnapshotStore, tls_files: tuple[str, str],
 
 
 @pytest.fixture
-def ebs(emulator: EmulatorServer):  # type: ignore[no-untyped-def]
+def ebs(emulator: EmulatorServer):
     """A real boto3 EBS client talking HTTP to the emulator."""
     return boto3.session.Session().client("ebs", endpoint_url=emulator.url, region_name="us-east-1")
 

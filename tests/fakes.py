@@ -106,15 +106,15 @@ class FailingApi:
         if err is not None:
             raise err
 
-    def list_snapshot_blocks(self, *args, **kw):  # type: ignore[no-untyped-def]
+    def list_snapshot_blocks(self, *args, **kw):
         self._maybe_fail("ListSnapshotBlocks")
         return self.inner.list_snapshot_blocks(*args, **kw)
 
-    def list_changed_blocks(self, *args, **kw):  # type: ignore[no-untyped-def]
+    def list_changed_blocks(self, *args, **kw):
         self._maybe_fail("ListChangedBlocks")
         return self.inner.list_changed_blocks(*args, **kw)
 
-    def get_snapshot_block(self, *args, **kw):  # type: ignore[no-untyped-def]
+    def get_snapshot_block(self, *args, **kw):
         self._maybe_fail("GetSnapshotBlock")
         return self.inner.get_snapshot_block(*args, **kw)
 

@@ -73,7 +73,7 @@ def replay_log(log_file: Path) -> None:
         match = _LOG_LINE.match(line)
         if match:
             logging.getLogger(f"mount.{match[2]}").log(
-                logging.getLevelName(match[1]), "%s", match[3])
+                logging.getLevelNamesMapping()[match[1]], "%s", match[3])
 
 
 @contextlib.contextmanager

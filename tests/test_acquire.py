@@ -42,7 +42,7 @@ SNAP = "snap-0ac0"
 OTHER = "snap-0ac1"
 
 
-def get(url: str, *args: str, timeout: float = 120):  # type: ignore[no-untyped-def]
+def get(url: str, *args: str, timeout: float = 120):
     return ebsfs("get", "--endpoint-url", url, *args, timeout=timeout)
 
 
@@ -156,7 +156,7 @@ def test_stream_whose_reader_stops_ends_in_one_line(emulator: EmulatorServer,
     assert not manifest_file.exists()
 
 
-def ebsfs_bytes(url: str, *args: str):  # type: ignore[no-untyped-def]
+def ebsfs_bytes(url: str, *args: str):
     return subprocess.run([sys.executable, "-m", "ebsfs", "get", "--endpoint-url", url,
                            "-q", *args], capture_output=True, stdin=subprocess.DEVNULL,
                           timeout=120)

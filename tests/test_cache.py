@@ -83,6 +83,7 @@ def test_a_viewed_slab_is_never_reused_nor_overwritten(how: str) -> None:
     in other memory; given back after its eviction, it is not recycled either."""
     cache = BlockCache(SLAB_SIZE)
     held = Loan()
+    view: bytes | memoryview | None
     if how == "fetched on a loan":
         async def fetch(room: memoryview | None, lent: Loan) -> Block:
             return Block(pattern_block(7, 0), None)

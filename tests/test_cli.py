@@ -26,14 +26,14 @@ SNAP = "snap-0c1"
 
 
 @pytest.fixture
-def mnt(tmp_path: Path):  # type: ignore[no-untyped-def]
+def mnt(tmp_path: Path):
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
     force_unmount(path)
 
 
-def assert_one_line_error(result, *words: str) -> None:  # type: ignore[no-untyped-def]
+def assert_one_line_error(result, *words: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -80,7 +80,7 @@ def get_paths(api: BotoEbsApi, monkeypatch: pytest.MonkeyPatch) -> collections.C
 
 
 @pytest.fixture(params=["direct", "botocore"])
-def api(request, emulator: EmulatorServer, monkeypatch) -> BotoEbsApi:  # type: ignore[no-untyped-def]
+def api(request, emulator: EmulatorServer, monkeypatch) -> BotoEbsApi:
     emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
     client = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY,
                                           direct_get=request.param == "direct"))

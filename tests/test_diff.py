@@ -58,7 +58,7 @@ class SyntheticChanges:
     def __init__(self, changed: int) -> None:
         self.changed = changed
 
-    def list_changed_blocks(self, first_id, second_id, start_index=0, next_token=None,  # type: ignore[no-untyped-def]
+    def list_changed_blocks(self, first_id, second_id, start_index=0, next_token=None,
                             max_results=10000):
         start = int(next_token) if next_token else start_index // 2
         stop = min(start + min(max_results, 2000), self.changed)  # short pages, as allowed

@@ -39,7 +39,7 @@ def store_blocks(cache: DiskCache, snapshot_id: str, indexes: list[int], seed: i
         assert cache.store(snapshot_id, i, GIB, data, checksum(data)).stored
 
 
-def load(cache: DiskCache, snapshot_id: str, index: int):  # type: ignore[no-untyped-def]
+def load(cache: DiskCache, snapshot_id: str, index: int):
     room = memoryview(bytearray(BLOCK_SIZE))
     return cache.load(snapshot_id, index, room), room
 

@@ -78,10 +78,10 @@ def gets(emulator: EmulatorServer, snapshot_id: str | None = None) -> int:
                if snapshot_id in (None, s))
 
 
-def stats_of(mnt: Path) -> dict:  # type: ignore[type-arg]
+def stats_of(mnt: Path) -> dict:
     result = ebsfs("stats", "--json", str(mnt))
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return json.loads(result.stdout)
 
 
 def allocated(path: Path) -> int:
@@ -352,7 +352,7 @@ def test_stats_match_the_emulator_counters(served, source, tmp_path) -> None:
     assert report["disk_hits"] == len(present(served, PARENT)) and report["blocks_fetched"] == 0
 
 
-def settled(mnt: Path) -> dict:  # type: ignore[type-arg]
+def settled(mnt: Path) -> dict:
     """The mount's stats once read-ahead has finished (two reads alike)."""
     last = stats_of(mnt)
     for _ in range(100):

@@ -21,7 +21,7 @@ from tests.fakes import pattern_block
 SNAP = "snap-0aaa"
 
 
-def list_all(ebs, snapshot_id: str, **kw) -> tuple[list[int], list[dict]]:  # type: ignore[no-untyped-def]
+def list_all(ebs, snapshot_id: str, **kw) -> tuple[list[int], list[dict]]:
     """Follow NextToken to the end; return indexes and the raw pages."""
     pages, indexes, token = [], [], None
     while True:
@@ -162,7 +162,7 @@ def test_lineage_child_shares_parent_blocks_and_lists_changes(ebs, store) -> Non
     store.add_snapshot("snap-0a02", changes, parent="snap-0a01")
     child, _ = list_all(ebs, "snap-0a02")
     assert child == sorted(set(range(400)) | {1000})
-    _changed, token = [], None
+    token: str | None = None
     entries = []
     while True:
         args = {"FirstSnapshotId": "snap-0a01", "SecondSnapshotId": "snap-0a02", "MaxResults": 100}
@@ -228,7 +228,7 @@ def test_image_loader_skips_zero_blocks(tmp_path, store) -> None:
 # ---- fault knobs --------------------------------------------------------------------
 
 
-def no_retry_client(url: str):  # type: ignore[no-untyped-def]
+def no_retry_client(url: str):
     config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1},
                                     read_timeout=5)
     return boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",

@@ -203,7 +203,7 @@ def test_pytsk3_lists_the_files_of_an_ext4_snapshot(emulator: EmulatorServer, ex
     emulator.store.add_image(DISK, ext4_disk)
     files = demo_files(blob_mib=2)
 
-    class SnapshotImg(pytsk3.Img_Info):  # type: ignore[misc]
+    class SnapshotImg(pytsk3.Img_Info):  # type: ignore[name-defined]
         def __init__(self, f: ebsfs.fileobj.SnapshotFile) -> None:
             self._f = f
             super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
@@ -218,7 +218,7 @@ def test_pytsk3_lists_the_files_of_an_ext4_snapshot(emulator: EmulatorServer, ex
         fs = pytsk3.FS_Info(SnapshotImg(disk), offset=disk.partitions()[0].partition.offset)
         found: dict[str, bytes] = {}
 
-        def walk(directory, prefix: str) -> None:  # type: ignore[no-untyped-def]
+        def walk(directory, prefix: str) -> None:
             for entry in directory:
                 name = entry.info.name.name.decode()
                 if name in (".", "..", "lost+found") or entry.info.meta is None:

@@ -23,14 +23,14 @@ from tests.fakes import FailingApi, StoreApi, pattern_block
 GIB = 1024**3
 
 
-def operations(api, snapshots, bases=None, **settings) -> EbsOperations:  # type: ignore[no-untyped-def]
+def operations(api, snapshots, bases=None, **settings) -> EbsOperations:
     """What a mount of `snapshots` serves, with no kernel: the engine and its nodes."""
     engine = Engine(api, EngineConfig(**settings), snapshots, bases)
     return EbsOperations(trio.run(snapshot_nodes, engine))
 
 
 @pytest.fixture
-def ops_and_api():  # type: ignore[no-untyped-def]
+def ops_and_api():
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
     store.add_snapshot("snap-02", {5: pattern_block(2, 5)}, volume_size_gib=2)
@@ -39,7 +39,7 @@ def ops_and_api():  # type: ignore[no-untyped-def]
     return ops, api
 
 
-def call(coro_fn, *args):  # type: ignore[no-untyped-def]
+def call(coro_fn, *args):
     return trio.run(coro_fn, *args)
 
 
@@ -114,7 +114,7 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
     inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
 
     async def read_all() -> bytes:
-        info = await ops.open(inode, os.O_RDONLY, None)
+        info = await ops.open(inode, os.O_RDONLY, None)  # type: ignore[arg-type]
         parts, offset = [], 0
         while chunk := await ops.read(info.fh, offset, 100):
             parts.append(chunk)
@@ -130,7 +130,7 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
                                                           str(BLOCK_SIZE), "38"]
 
 
-def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):  # type: ignore[no-untyped-def]
+def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(8)}, volume_size_gib=1)
     store.add_snapshot("snap-0b", {0: pattern_block(2, 0)}, parent="snap-0a")
@@ -160,7 +160,7 @@ def test_a_changes_listing_that_hangs_is_eio_within_the_read_timeout() -> None:
     release = threading.Event()
 
     class Hanging(StoreApi):
-        def list_changed_blocks(self, *args, **kw):  # type: ignore[no-untyped-def]
+        def list_changed_blocks(self, *args, **kw):
             release.wait(30)
             return super().list_changed_blocks(*args, **kw)
 
@@ -193,11 +193,11 @@ def test_an_unexpected_exception_in_a_handler_is_eio_and_the_next_call_works(
     ops, _ = ops_and_api
     inode = call(ops.lookup, ROOT_INODE, b"snap-02.img").st_ino
     info = call(ops.open, inode, os.O_RDONLY, None)
-    image = ops._handles[info.fh][0].image  # type: ignore[attr-defined]
+    image = ops._handles[info.fh][0].image
     original = image.read
     failures = iter([RuntimeError("planted"), RuntimeError("planted")])
 
-    async def buggy(*args):  # type: ignore[no-untyped-def]
+    async def buggy(*args):
         err = next(failures, None)
         if err is not None:
             raise err

@@ -34,7 +34,7 @@ def expected() -> bytearray:
     return expected_image()
 
 
-def build(api=None, cache_bytes=64 * BLOCK_SIZE, readahead=None, timeout=30.0, store=None):  # type: ignore[no-untyped-def]
+def build(api=None, cache_bytes=64 * BLOCK_SIZE, readahead=None, timeout=30.0, store=None):
     if store is None:
         store = SnapshotStore(Faults(seed=1))
         store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
@@ -139,25 +139,26 @@ def test_lru_is_bounded_in_bytes() -> None:
 def test_refused_token_is_refreshed_and_the_read_goes_on(expected) -> None:
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
-    refused = []
+    refused: list[int] = []
 
-    def plan(number: int, operation: str):  # type: ignore[no-untyped-def]
+    def plan(number: int, operation: str):
         if operation == "GetSnapshotBlock" and not refused:
             refused.append(number)
             return InvalidBlockToken("expired", "ValidationException", "INVALID_BLOCK_TOKEN")
         return None
 
-    api = FailingApi(StoreApi(store), plan)
+    inner = StoreApi(store)
+    api = FailingApi(inner, plan)
     _, _, image = build(api=api, store=store)
     assert trio.run(image.read, 0, 100) == bytes(expected[:100])
-    assert api.inner.calls["ListSnapshotBlocks"] == 2
+    assert inner.calls["ListSnapshotBlocks"] == 2
 
 
 def test_remote_failure_is_read_failed_never_wrong_bytes() -> None:
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
 
-    def plan(number: int, operation: str):  # type: ignore[no-untyped-def]
+    def plan(number: int, operation: str):
         return TransientError("boom") if operation == "GetSnapshotBlock" else None
 
     _, _, image = build(api=FailingApi(StoreApi(store), plan), store=store)
@@ -170,7 +171,7 @@ def test_read_timeout_bounds_a_stalled_fetch() -> None:
     store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
 
     class Stalled(StoreApi):
-        def get_snapshot_block(self, *a, **k):  # type: ignore[no-untyped-def]
+        def get_snapshot_block(self, *a, **k):
             import time
             time.sleep(2)
             return super().get_snapshot_block(*a, **k)
@@ -193,7 +194,7 @@ def test_an_abandoned_fetch_writing_late_never_changes_what_is_served() -> None:
     class SlowThenGarbage(StoreApi):
         stall = True
 
-        def get_snapshot_block(self, snapshot_id, index, token, into=None):  # type: ignore[no-untyped-def]
+        def get_snapshot_block(self, snapshot_id, index, token, into=None):
             if index == 0 and self.stall:
                 self.stall = False
                 import time
@@ -254,7 +255,7 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
     events: list[tuple[str, int]] = []
 
     class SmallPages(StoreApi):
-        def list_snapshot_blocks(self, snapshot_id, start_index=0, next_token=None,  # type: ignore[no-untyped-def]
+        def list_snapshot_blocks(self, snapshot_id, start_index=0, next_token=None,
                                  max_results=10000):
             # the smallest pages the service allows: two or more per chunk
             return super().list_snapshot_blocks(snapshot_id, start_index, next_token, 100)
@@ -262,12 +263,12 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
     remote = RemoteSnapshots(SmallPages(store), max_fetches=8)
     list_blocks = remote.list_snapshot_blocks
 
-    async def logged_list(snapshot_id, start_index=0, next_token=None, **kw):  # type: ignore[no-untyped-def]
+    async def logged_list(snapshot_id, start_index=0, next_token=None, **kw):
         if next_token is None:
             events.append(("list", start_index))
         return await list_blocks(snapshot_id, start_index, next_token, **kw)
 
-    remote.list_snapshot_blocks = logged_list  # type: ignore[method-assign]
+    remote.list_snapshot_blocks = logged_list  # type: ignore[method-assign, assignment]
     readahead = Readahead()
     image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048, chunk_blocks=128),
                           BlockCache(128 * BLOCK_SIZE), remote, readahead, max_window=16)
@@ -313,7 +314,7 @@ def test_window_grows_with_the_data_the_run_has_read() -> None:
         return min(300, max(2, data // 2 if data < STREAM_BLOCKS else 2 * data))
 
     pattern = ReadPattern(GIB)
-    seen = []
+    seen: list[tuple[int, int]] = []
     for n in range(160):
         pattern.observe(n * 1024 * 1024, 1024 * 1024, 300, dense)
         if pattern.window and (not seen or seen[-1][1] != pattern.window):
@@ -467,7 +468,7 @@ def test_calls_in_flight_follow_the_latency(latency) -> None:
     in_flight = [0, 0]  # now, most
 
     class Slow(StoreApi):
-        def get_snapshot_block(self, *args, **kw):  # type: ignore[no-untyped-def]
+        def get_snapshot_block(self, *args, **kw):
             with lock:
                 in_flight[0] += 1
                 in_flight[1] = max(in_flight)
@@ -538,7 +539,7 @@ def test_a_stalled_prefetch_gives_up_within_the_read_timeout() -> None:
                        volume_size_gib=1)
 
     class StallsAhead(StoreApi):
-        def get_snapshot_block(self, snapshot_id, index, token, into=None):  # type: ignore[no-untyped-def]
+        def get_snapshot_block(self, snapshot_id, index, token, into=None):
             if index >= 4:
                 release.wait(30)
             return super().get_snapshot_block(snapshot_id, index, token, into)

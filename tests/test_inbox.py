@@ -23,9 +23,11 @@ def test_calls_from_many_threads_run_once_each_in_order_on_the_trio_thread() -> 
     async def main() -> None:
         box = inbox.current()
         assert inbox.current() is box  # one per run
-        posters = [threading.Thread(target=lambda n=n: [box.post(record, (n, i))
-                                                         for i in range(500)])
-                   for n in range(8)]
+        def post_many(n: int) -> None:
+            for i in range(500):
+                box.post(record, (n, i))
+
+        posters = [threading.Thread(target=post_many, args=(n,)) for n in range(8)]
         for poster in posters:
             poster.start()
         with trio.fail_after(10):
@@ -55,7 +57,11 @@ def test_a_burst_wakes_the_loop_once() -> None:
 
     async def main() -> None:
         box = inbox.Inbox(CountingToken(trio.lowlevel.current_trio_token()))  # type: ignore[arg-type]
-        poster = threading.Thread(target=lambda: [box.post(ran.append, i) for i in range(100)])
+        def post_all() -> None:
+            for i in range(100):
+                box.post(ran.append, i)
+
+        poster = threading.Thread(target=post_all)
         poster.start()
         poster.join()  # all posted while the loop could not drain
         time.sleep(0.05)

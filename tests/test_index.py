@@ -12,7 +12,7 @@ from tests.fakes import StoreApi, pattern_block
 TIB_BLOCKS = 2 * 1024 * 1024
 
 
-def make(blocks: list[int], volume_gib: int = 1, short_pages: float = 0.0, **kw):  # type: ignore[no-untyped-def]
+def make(blocks: list[int], volume_gib: int = 1, short_pages: float = 0.0, **kw):
     store = SnapshotStore(Faults(short_pages=short_pages, seed=3))
     shared = pattern_block(0, 0)  # content is irrelevant here; one buffer keeps memory low
     store.add_snapshot("snap-01", {i: shared for i in blocks},
@@ -22,7 +22,7 @@ def make(blocks: list[int], volume_gib: int = 1, short_pages: float = 0.0, **kw)
     return store, api, index
 
 
-def present(index: BlockIndex, indexes) -> list[int]:  # type: ignore[no-untyped-def]
+def present(index: BlockIndex, indexes) -> list[int]:
     async def run() -> list[int]:
         return [i for i in indexes if await index.token(i) is not None]
     return trio.run(run)

@@ -6,6 +6,7 @@ consumers are idle."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import trio
@@ -40,7 +41,7 @@ def feed_and_drain(consumers: list[Recorder], pieces: list[tuple[int, bytes | No
                            stages=stages)
         try:
             for n, (offset, data, length) in enumerate(pieces):
-                in_order.feed(offset, data, length, lambda n=n: done.append(n))
+                in_order.feed(offset, data, length, functools.partial(done.append, n))
                 if n % 50 == 0:
                     await trio.sleep(0)
             try:

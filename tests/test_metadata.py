@@ -46,7 +46,7 @@ def moto_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def ec2_snapshot(url: str, size_gib: int, description: str, tags: dict[str, str],
-                 encrypted: bool = False) -> dict:  # type: ignore[type-arg]
+                 encrypted: bool = False) -> dict:
     ec2 = boto3.client("ec2", endpoint_url=url, region_name="us-east-1")
     volume = ec2.create_volume(Size=size_gib, AvailabilityZone="us-east-1a",
                                Encrypted=encrypted)
