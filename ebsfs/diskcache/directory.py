@@ -33,7 +33,9 @@ def prepare(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     try:
         if not os.path.exists(path):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            _make_parents(path)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
         st = os.stat(path)
         if not stat.S_ISDIR(st.st_mode):
             raise CacheDirError(f"cache directory {path} is not a directory")
@@ -50,6 +52,23 @@ def prepare(path: str) -> str:
     except OSError as err:
         raise CacheDirError(f"cache directory {path}: {err.strerror or err}") from err
     return path
+
+
+def _make_parents(path: str) -> None:
+    """The missing parents of `path`, as `mkdir -p` makes them: the umask's mode plus
+    write and search for their owner (os.makedirs under a umask such as 0277 makes a
+    parent its own creator cannot enter)."""
+    missing = []
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        os.chmod(directory, stat.S_IMODE(os.stat(directory).st_mode) | 0o300)
 
 
 def private_dir(path: str) -> None:
