@@ -17,9 +17,10 @@ import pytest
 import trio
 
 from ebsfs.constants import BLOCK_SIZE, GIB
+from ebsfs.diskcache.catalog import lineage_candidates
 from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare
 from ebsfs.diskcache.shards import SHARD_BLOCKS
-from ebsfs.diskcache.store import DiskCache, lineage_candidates
+from ebsfs.diskcache.store import DiskCache
 from ebsfs.emulator import Faults, SnapshotStore
 from ebsfs.engine.engine import Engine, EngineConfig, plan
 from ebsfs.errors import CacheDirError

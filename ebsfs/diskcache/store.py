@@ -43,102 +43,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ebsfs.constants import BLOCK_SIZE
+from ebsfs.diskcache.catalog import FORMAT, SCHEMA, IndexFailed, connect
 from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare, private_file
 from ebsfs.diskcache.shards import ShardFiles
 from ebsfs.errors import CacheDirError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
 DEFAULT_SIZE = 16 * 1024**3
 MIN_SIZE = 1024**2
 FREE_RESERVE = 1024**3
 """Free space the cache leaves on its filesystem (at most a tenth of it)."""
-BUSY_TIMEOUT = 5.0
-"""Seconds to wait for another process's write transaction before giving up one store."""
 TOUCH_BATCH = 8192
 """Uses of blocks remembered at most before they are written to the index (LRU order)."""
 _SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS snapshots (
-    snapshot TEXT PRIMARY KEY, volume_size INTEGER NOT NULL, used REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS blocks (
-    snapshot TEXT NOT NULL, idx INTEGER NOT NULL, checksum TEXT NOT NULL,
-    used REAL NOT NULL, PRIMARY KEY (snapshot, idx)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blocks_by_use ON blocks (used);
-CREATE TABLE IF NOT EXISTS unrelated (
-    first TEXT NOT NULL, second TEXT NOT NULL, PRIMARY KEY (first, second)) WITHOUT ROWID;
-"""
-
-
-class IndexFailed(Exception):
-    """SQLite failed in a way retrying will not mend (a damaged or unwritable index)."""
-
-
 def _checksum(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
-
-
-def _connect(db_path: str, writer: bool = True) -> sqlite3.Connection:
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                           check_same_thread=False)
-    if not writer:
-        return conn
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # the checksums catch what a power cut loses
-    conn.execute(f"PRAGMA journal_size_limit={4 * 1024**2}")
-    return conn
-
-
-@contextlib.contextmanager
-def _index(path: str) -> Iterator[sqlite3.Connection | None]:
-    """A short-lived connection to the index for the checks before mounting, or None
-    when there is no index yet. Closed before the mount forks."""
-    db_path = os.path.join(path, INDEX_NAME)
-    if not os.path.exists(db_path):
-        yield None
-        return
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-def lineage_candidates(path: str, snapshot_id: str, volume_size: int,
-                       exclude: set[str], limit: int = 16) -> list[str]:
-    """Snapshots of the same volume size with blocks in the cache, most recently used
-    first, except those known to be unrelated to `snapshot_id`. A damaged index just
-    offers none (opening the cache will mend it)."""
-    try:
-        with _index(path) as conn:
-            if conn is None:
-                return []
-            rows = conn.execute(
-                "SELECT s.snapshot FROM snapshots s WHERE s.volume_size = ? "
-                "AND s.snapshot != ? AND EXISTS (SELECT 1 FROM blocks b WHERE "
-                "b.snapshot = s.snapshot) AND NOT EXISTS (SELECT 1 FROM unrelated u "
-                "WHERE u.first = s.snapshot AND u.second = ?) ORDER BY s.used DESC LIMIT ?",
-                (volume_size, snapshot_id, snapshot_id, limit + len(exclude)),
-            ).fetchall()
-    except sqlite3.Error as err:
-        log.info("cache index in %s not readable for lineage (%s): no reuse", path, err)
-        return []
-    return [r[0] for r in rows if r[0] not in exclude][:limit]
-
-
-def record_unrelated(path: str, first: str, second: str) -> None:
-    """Remember that two snapshots share no lineage: never asked again."""
-    try:
-        with _index(path) as conn:
-            if conn is not None:
-                conn.execute("INSERT OR IGNORE INTO unrelated VALUES (?, ?)", (first, second))
-    except sqlite3.Error as err:
-        log.debug("could not record %s and %s as unrelated: %s", first, second, err)
-
-
 
 
 @dataclass(frozen=True)
@@ -222,8 +143,8 @@ class DiskCache:
 
     def _open(self) -> None:
         os.close(private_file(self._db_path))
-        self._writer = _connect(self._db_path)
-        self._reader_conn = _connect(self._db_path, writer=False)
+        self._writer = connect(self._db_path)
+        self._reader_conn = connect(self._db_path, writer=False)
         for suffix in ("-wal", "-shm"):  # SQLite gives them the index's mode; be sure
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self._db_path + suffix, 0o600)
@@ -231,7 +152,7 @@ class DiskCache:
         if check is None or check[0] != "ok":
             raise IndexFailed(f"integrity check: {check[0] if check else 'no answer'}")
         with self._transaction() as conn:
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             found = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
@@ -271,7 +192,7 @@ class DiskCache:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: this process's threads one at a time, other
-        processes waiting up to BUSY_TIMEOUT."""
+        processes waiting up to catalog.BUSY_TIMEOUT."""
         with self._write_lock:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")

@@ -10,7 +10,8 @@ import time
 
 import trio
 
-from ebsfs.diskcache.store import BlockKey, DiskCache, IndexFailed, Stored, ToStore
+from ebsfs.diskcache.catalog import IndexFailed
+from ebsfs.diskcache.store import BlockKey, DiskCache, Stored, ToStore
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.index import ChangeIndex
 from ebsfs.engine.stats import Stats

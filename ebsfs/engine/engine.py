@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 
 from ebsfs.constants import BLOCK_SIZE, MAX_FETCHES, READ_TIMEOUT
-from ebsfs.diskcache import directory, store
+from ebsfs.diskcache import catalog, directory, store
 from ebsfs.diskcache.store import DiskCache
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.diff import Diff, diff_snapshots
@@ -137,11 +137,11 @@ def find_disk_bases(api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]
     mounted = {snapshot_id for snapshot_id, _ in snapshots}
     bases: dict[str, list[str]] = {}
     for second, size in snapshots:
-        for first in store.lineage_candidates(cache_dir, second, size, mounted):
+        for first in catalog.lineage_candidates(cache_dir, second, size, mounted):
             try:
                 api.list_changed_blocks(first, second, max_results=100)
             except UnrelatedSnapshots:
-                store.record_unrelated(cache_dir, first, second)
+                catalog.record_unrelated(cache_dir, first, second)
                 continue
             except AccessDenied as err:
                 log.info("no reuse of cached blocks of other snapshots: %s", err)

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import cachetools
 
@@ -222,14 +222,14 @@ class BlockIndex(ChunkedIndex[str]):
     """Block index -> token, or None for a block the snapshot never wrote."""
 
     def __init__(self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int,
-                 **kw: object) -> None:
+                 **kw: Any) -> None:
         async def fetch(start: int, next_token: str | None) -> Page[str]:
             page = await remote.list_snapshot_blocks(
                 snapshot_id, start_index=start, next_token=next_token
             )
             return page.blocks, page.next_token, page.expiry
 
-        super().__init__(fetch, snapshot_id, volume_blocks, **kw)  # type: ignore[arg-type]
+        super().__init__(fetch, snapshot_id, volume_blocks, **kw)
         self.snapshot_id = snapshot_id
 
     async def token(self, index: int) -> str | None:
@@ -241,9 +241,9 @@ class ChangeIndex(ChunkedIndex[ChangedBlock]):
     where the two hold the same data."""
 
     def __init__(self, remote: RemoteSnapshots, first_id: str, second_id: str,
-                 volume_blocks: int, **kw: object) -> None:
+                 volume_blocks: int, **kw: Any) -> None:
         super().__init__(change_pages(remote, first_id, second_id),
-                         f"{first_id}..{second_id}", volume_blocks, **kw)  # type: ignore[arg-type]
+                         f"{first_id}..{second_id}", volume_blocks, **kw)
 
     async def changed(self, index: int) -> bool:
         return await self.get(index) is not None
