@@ -19,11 +19,22 @@ if TYPE_CHECKING:
     from ebsfs.fileobj import open_snapshots as open_snapshots
     from ebsfs.forensics.filediff import diff_files as diff_files
 
-__all__ = ["BLOCK_SIZE", "BLOCKS_PER_GIB", "GIB", "__version__", "diff_files", "open",
-           "open_snapshots", *_errors]
+__all__ = [
+    "BLOCK_SIZE",
+    "BLOCKS_PER_GIB",
+    "GIB",
+    "__version__",
+    "diff_files",
+    "open",
+    "open_snapshots",
+    *_errors,
+]
 
-_LAZY = {"open": "ebsfs.fileobj", "open_snapshots": "ebsfs.fileobj",
-         "diff_files": "ebsfs.forensics.filediff"}
+_LAZY = {
+    "open": "ebsfs.fileobj",
+    "open_snapshots": "ebsfs.fileobj",
+    "diff_files": "ebsfs.forensics.filediff",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -31,11 +31,19 @@ MAX_READ = 32 * 1024**2
 
 
 def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
-    snapshot_id: str, *, region: str | None = None, profile: str | None = None,
-    endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-    max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
-    request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
-    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE, direct_get: bool = True,
+    snapshot_id: str,
+    *,
+    region: str | None = None,
+    profile: str | None = None,
+    endpoint_url: str | None = None,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    max_fetches: int = MAX_FETCHES,
+    read_timeout: float = READ_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    readahead: bool = True,
+    cache_dir: str | None = None,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
+    direct_get: bool = True,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -56,47 +64,97 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
     opened. Reads that fail raise OSError with errno EIO, as the mount answers.
     Close it (or use `with`) to stop its background thread."""
-    config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout, cache_dir, cache_dir_size, direct_get)
+    config = _config(
+        region,
+        profile,
+        endpoint_url,
+        cache_size,
+        max_fetches,
+        read_timeout,
+        request_timeout,
+        cache_dir,
+        cache_dir_size,
+        direct_get,
+    )
     # With a cache directory, earlier snapshots of the volume cached there serve it too.
     return open_with(config, [snapshot_id], readahead=readahead)[0]
 
 
 def open_snapshots(
-    snapshot_ids: list[str], *, region: str | None = None, profile: str | None = None,
-    endpoint_url: str | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
-    max_fetches: int = MAX_FETCHES, read_timeout: float = READ_TIMEOUT,
-    request_timeout: float = REQUEST_TIMEOUT, readahead: bool = True, cache_dir: str | None = None,
-    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE, direct_get: bool = True,
+    snapshot_ids: list[str],
+    *,
+    region: str | None = None,
+    profile: str | None = None,
+    endpoint_url: str | None = None,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    max_fetches: int = MAX_FETCHES,
+    read_timeout: float = READ_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    readahead: bool = True,
+    cache_dir: str | None = None,
+    cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
+    direct_get: bool = True,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
     snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
     the engine stops when the last of the files is closed."""
-    config = _config(region, profile, endpoint_url, cache_size, max_fetches, read_timeout,
-                     request_timeout, cache_dir, cache_dir_size, direct_get)
+    config = _config(
+        region,
+        profile,
+        endpoint_url,
+        cache_size,
+        max_fetches,
+        read_timeout,
+        request_timeout,
+        cache_dir,
+        cache_dir_size,
+        direct_get,
+    )
     return open_with(config, snapshot_ids, readahead=readahead)
 
 
-def open_with(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
-              readahead: bool = True) -> list[SnapshotFile]:
+def open_with(
+    config: EngineConfig,
+    snapshot_ids: list[str],
+    *,
+    share_lineage: bool = True,
+    readahead: bool = True,
+) -> list[SnapshotFile]:
     """`open_snapshots` from an EngineConfig (the CLI's options)."""
     engine = connect(config, snapshot_ids, share_lineage=share_lineage)
     share = _SharedLoop(EngineThread(engine), len(snapshot_ids))
     return [SnapshotFile(share, engine.images[s], readahead=readahead) for s in snapshot_ids]
 
 
-def _config(region: str | None, profile: str | None, endpoint_url: str | None,
-            cache_size: int, max_fetches: int, read_timeout: float, request_timeout: float,
-            cache_dir: str | None, cache_dir_size: int, direct_get: bool) -> EngineConfig:
+def _config(
+    region: str | None,
+    profile: str | None,
+    endpoint_url: str | None,
+    cache_size: int,
+    max_fetches: int,
+    read_timeout: float,
+    request_timeout: float,
+    cache_dir: str | None,
+    cache_dir_size: int,
+    direct_get: bool,
+) -> EngineConfig:
     connection = ConnectionOptions(
-        region=region, profile=profile, endpoint_url=endpoint_url,
-        connect_timeout=min(5.0, request_timeout), read_timeout=request_timeout,
+        region=region,
+        profile=profile,
+        endpoint_url=endpoint_url,
+        connect_timeout=min(5.0, request_timeout),
+        read_timeout=request_timeout,
         direct_get=direct_get,
     )
-    return EngineConfig(connection=connection, cache_size=cache_size,
-                        max_fetches=max_fetches, read_timeout=read_timeout,
-                        cache_dir=cache_dir, cache_dir_size=cache_dir_size)
+    return EngineConfig(
+        connection=connection,
+        cache_size=cache_size,
+        max_fetches=max_fetches,
+        read_timeout=read_timeout,
+        cache_dir=cache_dir,
+        cache_dir_size=cache_dir_size,
+    )
 
 
 class _SharedLoop:
@@ -122,8 +180,15 @@ class _WindowFile(io.RawIOBase):
     Thread safety: `pread` may be called from any number of threads at once; `read`,
     `readinto` and `seek` share one position under a lock, as a file object's do."""
 
-    def __init__(self, loop: EngineThread, image: SnapshotImage, start: int, length: int,
-                 name: str, readahead: bool = True) -> None:
+    def __init__(
+        self,
+        loop: EngineThread,
+        image: SnapshotImage,
+        start: int,
+        length: int,
+        name: str,
+        readahead: bool = True,
+    ) -> None:
         super().__init__()
         self._loop = loop
         self._window = WindowReader(image, start, length, readahead=readahead)
@@ -204,10 +269,8 @@ class SnapshotFile(_WindowFile):
     `open_snapshots`): closing it stops the engine's thread, and with it its partition
     files."""
 
-    def __init__(self, share: _SharedLoop, image: SnapshotImage, readahead: bool = True
-                 ) -> None:
-        super().__init__(share.loop, image, 0, image.size, f"{image.snapshot_id}.img",
-                         readahead)
+    def __init__(self, share: _SharedLoop, image: SnapshotImage, readahead: bool = True) -> None:
+        super().__init__(share.loop, image, 0, image.size, f"{image.snapshot_id}.img", readahead)
         self._share = share
         self._image = image
         self._readahead = readahead
@@ -241,8 +304,15 @@ class SnapshotFile(_WindowFile):
 class PartitionFile(_WindowFile):
     """One partition of a snapshot, exactly its bytes, as a file."""
 
-    def __init__(self, loop: EngineThread, image: SnapshotImage, partition: Partition,
-                 readahead: bool = True) -> None:
-        super().__init__(loop, image, partition.offset, partition.size,
-                         f"{image.snapshot_id}-part{partition.number}.img", readahead)
+    def __init__(
+        self, loop: EngineThread, image: SnapshotImage, partition: Partition, readahead: bool = True
+    ) -> None:
+        super().__init__(
+            loop,
+            image,
+            partition.offset,
+            partition.size,
+            f"{image.snapshot_id}-part{partition.number}.img",
+            readahead,
+        )
         self.partition = partition

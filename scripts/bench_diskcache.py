@@ -39,8 +39,11 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.01)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(name, value)
     mib = args.size_mib
     names = ("cold", "cold_storing", "disk_page_cache", "disk_device", "memory")
@@ -49,8 +52,9 @@ def main() -> None:
         tmp = Path(tmp_name)
         image = tmp / "data.img"
         random_image(image, mib * 1024 * 1024, seed=5)
-        proc, url = start_emulator(image, "--latency", str(args.latency),
-                                   "--jitter", str(args.jitter))
+        proc, url = start_emulator(
+            image, "--latency", str(args.latency), "--jitter", str(args.jitter)
+        )
         mnt, cache = tmp / "mnt", tmp / "cache"
         mnt.mkdir()
         memory = f"{mib + 256}M"
@@ -58,15 +62,19 @@ def main() -> None:
         disk = ("--cache-dir", str(cache), "--cache-dir-size", f"{mib + 256}M")
         target = mnt / f"{SNAP}.img"
 
-        def timed(mount_args: tuple[str, ...], before: str = "drop",
-                  then_memory: bool = False) -> tuple[float, float | None]:
+        def timed(
+            mount_args: tuple[str, ...], before: str = "drop", then_memory: bool = False
+        ) -> tuple[float, float | None]:
             ebsfs(*mount_args)
             try:
                 if before == "drop":
                     drop_page_cache()
                 else:
-                    subprocess.run(["cat", *map(str, (cache / "blocks").iterdir())],
-                                   stdout=subprocess.DEVNULL, check=True)
+                    subprocess.run(
+                        ["cat", *map(str, (cache / "blocks").iterdir())],
+                        stdout=subprocess.DEVNULL,
+                        check=True,
+                    )
                 first = mib * 1024 * 1024 / dd(target, mib) / MB
                 second = None
                 if then_memory:
@@ -91,17 +99,25 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    print(f"sequential read of {mib} MiB of present data, latency {args.latency * 1000:.0f} ms "
-          f"+ up to {args.jitter * 1000:.0f} ms jitter ({args.rounds} rounds):")
+    print(
+        f"sequential read of {mib} MiB of present data, latency {args.latency * 1000:.0f} ms "
+        f"+ up to {args.jitter * 1000:.0f} ms jitter ({args.rounds} rounds):"
+    )
     for name, values in runs.items():
-        print(f"  {name:<16} {statistics.median(values):8.1f} MB/s   "
-              f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
-    for label, a, b in (("cold storing / cold", "cold_storing", "cold"),
-                        ("disk (page cache) / memory", "disk_page_cache", "memory"),
-                        ("disk (device) / memory", "disk_device", "memory")):
+        print(
+            f"  {name:<16} {statistics.median(values):8.1f} MB/s   "
+            f"(runs: {', '.join(f'{v:.0f}' for v in values)})"
+        )
+    for label, a, b in (
+        ("cold storing / cold", "cold_storing", "cold"),
+        ("disk (page cache) / memory", "disk_page_cache", "memory"),
+        ("disk (device) / memory", "disk_device", "memory"),
+    ):
         each = [x / y for x, y in zip(runs[a], runs[b], strict=True)]
-        print(f"  {label + ':':<28} {statistics.median(each):.2f}   "
-              f"(each: {', '.join(f'{r:.2f}' for r in each)})")
+        print(
+            f"  {label + ':':<28} {statistics.median(each):.2f}   "
+            f"(each: {', '.join(f'{r:.2f}' for r in each)})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
 

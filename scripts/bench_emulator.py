@@ -34,9 +34,18 @@ SNAP = "snap-0be0c0"
 def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     url_file = Path(tempfile.mktemp())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ebsfs.emulator", "--snapshot", f"{SNAP}={image}",
-         "--url-file", str(url_file), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "ebsfs.emulator",
+            "--snapshot",
+            f"{SNAP}={image}",
+            "--url-file",
+            str(url_file),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     for _ in range(300):
         if url_file.exists() and url_file.read_text().strip():
@@ -84,15 +93,19 @@ def main() -> None:
         try:
             ebs = boto3.client("ebs", endpoint_url=url, region_name="us-east-1")
             blocks = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=10000)["Blocks"]
-            paths = [f"/snapshots/{SNAP}/blocks/{b['BlockIndex']}?blockToken="
-                     f"{urllib.parse.quote(b['BlockToken'], safe='')}" for b in blocks]
+            paths = [
+                f"/snapshots/{SNAP}/blocks/{b['BlockIndex']}?blockToken="
+                f"{urllib.parse.quote(b['BlockToken'], safe='')}"
+                for b in blocks
+            ]
             port = int(url.rsplit(":", 1)[1])
             queue: multiprocessing.Queue[int] = multiprocessing.Queue()
             per = args.clients // args.processes
             started = time.monotonic()
-            workers = [multiprocessing.Process(target=worker,
-                                               args=(port, paths, per, args.seconds, queue))
-                       for _ in range(args.processes)]
+            workers = [
+                multiprocessing.Process(target=worker, args=(port, paths, per, args.seconds, queue))
+                for _ in range(args.processes)
+            ]
             for w in workers:
                 w.start()
             total = sum(queue.get() for _ in workers)
@@ -102,9 +115,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    print(f"emulator: {args.clients} concurrent clients ({args.processes} processes), "
-          f"{elapsed:.1f}s, {total / 2**20:.0f} MiB, {total / elapsed / 1e6:.0f} MB/s "
-          f"({total / 524288 / elapsed:.0f} blocks/s)")
+    print(
+        f"emulator: {args.clients} concurrent clients ({args.processes} processes), "
+        f"{elapsed:.1f}s, {total / 2**20:.0f} MiB, {total / elapsed / 1e6:.0f} MB/s "
+        f"({total / 524288 / elapsed:.0f} blocks/s)"
+    )
 
 
 if __name__ == "__main__":

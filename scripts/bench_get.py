@@ -88,8 +88,21 @@ def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[byte
 def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> float:
     out = out_dir / f"{snapshot_id}.img"
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "ebsfs", "get", "-q", "--endpoint-url", url,
-                    *options, snapshot_id, str(out)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ebsfs",
+            "get",
+            "-q",
+            "--endpoint-url",
+            url,
+            *options,
+            snapshot_id,
+            str(out),
+        ],
+        check=True,
+    )
     seconds = time.monotonic() - started
     out.unlink()
     (out_dir / f"{snapshot_id}.img.manifest.json").unlink()
@@ -98,8 +111,9 @@ def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> 
     return seconds
 
 
-def mount_dd(url: str, snapshot_id: str, mnt: Path, copy_to: Path | None = None
-             ) -> tuple[float, float]:
+def mount_dd(
+    url: str, snapshot_id: str, mnt: Path, copy_to: Path | None = None
+) -> tuple[float, float]:
     """Seconds for dd bs=1M to read the whole image through a fresh mount, to /dev/null
     or, with `copy_to`, to a sparse file made durable (removed after); and seconds from
     the mount command's start to dd's end."""
@@ -107,11 +121,12 @@ def mount_dd(url: str, snapshot_id: str, mnt: Path, copy_to: Path | None = None
     ebsfs("mount", "--endpoint-url", url, snapshot_id, str(mnt))
     try:
         wait_for_mount(mnt)
-        output = ["of=/dev/null"] if copy_to is None else [f"of={copy_to}",
-                                                            "conv=sparse,fsync"]
+        output = ["of=/dev/null"] if copy_to is None else [f"of={copy_to}", "conv=sparse,fsync"]
         started = time.monotonic()
-        subprocess.run(["dd", f"if={mnt / (snapshot_id + '.img')}", *output, "bs=1M",
-                        "status=none"], check=True)
+        subprocess.run(
+            ["dd", f"if={mnt / (snapshot_id + '.img')}", *output, "bs=1M", "status=none"],
+            check=True,
+        )
         ended = time.monotonic()
         return ended - started, ended - mounting
     finally:
@@ -140,10 +155,12 @@ def dsnap_durable(url: str, out_dir: Path, snapshot_id: str) -> tuple[float, flo
 
 def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> float:
     """List, then GET every block with 64 threads, check its SHA-256, write it."""
-    config = botocore.config.Config(max_pool_connections=workers,
-                                    retries={"mode": "standard", "max_attempts": 10})
-    ebs = boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",
-                                         config=config)
+    config = botocore.config.Config(
+        max_pool_connections=workers, retries={"mode": "standard", "max_attempts": 10}
+    )
+    ebs = boto3.session.Session().client(
+        "ebs", endpoint_url=url, region_name="us-east-1", config=config
+    )
     out = out_dir / f"{snapshot_id}.pool.img"
     started = time.monotonic()
     blocks, token, volume_size = [], None, 0
@@ -159,8 +176,9 @@ def boto3_pool(url: str, snapshot_id: str, out_dir: Path, workers: int = 64) -> 
     os.ftruncate(fd, volume_size)
 
     def get(block: dict) -> None:
-        r = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"],
-                                   BlockToken=block["BlockToken"])
+        r = ebs.get_snapshot_block(
+            SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+        )
         data = r["BlockData"].read()
         if base64.b64encode(hashlib.sha256(data).digest()).decode() != r["Checksum"]:
             raise SystemExit(f"block {block['BlockIndex']}: checksum mismatch")
@@ -189,27 +207,45 @@ def settle(*images: Path) -> None:
         drop_page_cache()  # syncs first
     else:
         os.sync()
-        print(f"not root: {', '.join(map(str, images))} stay in the page cache as written",
-              file=sys.stderr)
+        print(
+            f"not root: {', '.join(map(str, images))} stay in the page cache as written",
+            file=sys.stderr,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense-mib", type=int, default=1024, help="dense image (MiB)")
     parser.add_argument("--sparse-mib", type=int, default=2048, help="sparse image (MiB)")
-    parser.add_argument("--written", type=float, default=0.6,
-                        help="share of the sparse image's blocks written (default 0.6)")
-    parser.add_argument("--latency", type=float, action="append",
-                        help="seconds per call (repeatable; default 0.02 and 0.1)")
-    parser.add_argument("--get-option", action="append", default=[], metavar="OPTION",
-                        help="pass this to ebsfs get, e.g. --get-option=--md5 "
-                             "(repeatable)")
+    parser.add_argument(
+        "--written",
+        type=float,
+        default=0.6,
+        help="share of the sparse image's blocks written (default 0.6)",
+    )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        action="append",
+        help="seconds per call (repeatable; default 0.02 and 0.1)",
+    )
+    parser.add_argument(
+        "--get-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="pass this to ebsfs get, e.g. --get-option=--md5 (repeatable)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--also-md5", action="store_true",
-                        help="also time ebsfs get --md5 in every round")
+    parser.add_argument(
+        "--also-md5", action="store_true", help="also time ebsfs get --md5 in every round"
+    )
     parser.add_argument("--skip-dsnap", action="store_true")
-    parser.add_argument("--skip-mount", action="store_true",
-                        help="no dd through a mount (it needs root and /dev/fuse)")
+    parser.add_argument(
+        "--skip-mount",
+        action="store_true",
+        help="no dd through a mount (it needs root and /dev/fuse)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     latencies = args.latency or [0.02, 0.1]
@@ -233,9 +269,13 @@ def main() -> None:
         out_dir.mkdir()
         mnt.mkdir()
         for latency in latencies:
-            proc, url = start_emulator([f"{DENSE}={dense}", f"{SPARSE}={sparse}"],
-                                       "--latency", str(latency),
-                                       "--jitter", str(latency / 2))
+            proc, url = start_emulator(
+                [f"{DENSE}={dense}", f"{SPARSE}={sparse}"],
+                "--latency",
+                str(latency),
+                "--jitter",
+                str(latency / 2),
+            )
             try:
                 for layout, snapshot_id in (("dense", DENSE), ("sparse", SPARSE)):
                     # An untimed copy first: the emulator's first pass reads its image
@@ -248,21 +288,21 @@ def main() -> None:
                             if tool == "ebsfs_get":
                                 took = ebsfs_get(url, snapshot_id, out_dir, args.get_option)
                             elif tool == GET_MD5:
-                                took = ebsfs_get(url, snapshot_id, out_dir,
-                                                 [*args.get_option, "--md5"])
+                                took = ebsfs_get(
+                                    url, snapshot_id, out_dir, [*args.get_option, "--md5"]
+                                )
                             elif tool == "boto3_pool64":
                                 took = boto3_pool(url, snapshot_id, out_dir)
                             elif tool == "mount_dd":
                                 took, with_start = mount_dd(url, snapshot_id, mnt)
-                                seconds.setdefault(f"{cell}:{MOUNT_AND_DD}",
-                                                   []).append(with_start)
+                                seconds.setdefault(f"{cell}:{MOUNT_AND_DD}", []).append(with_start)
                             elif tool == "mount_dd_copy":
-                                took, _ = mount_dd(url, snapshot_id, mnt,
-                                                   copy_to=out_dir / "dd-copy.img")
+                                took, _ = mount_dd(
+                                    url, snapshot_id, mnt, copy_to=out_dir / "dd-copy.img"
+                                )
                             else:
                                 at_exit, took = dsnap_durable(url, out_dir, snapshot_id)
-                                seconds.setdefault(f"{cell}:{DSNAP_AT_EXIT}",
-                                                   []).append(at_exit)
+                                seconds.setdefault(f"{cell}:{DSNAP_AT_EXIT}", []).append(at_exit)
                             seconds.setdefault(key, []).append(took)
             finally:
                 proc.terminate()
@@ -274,12 +314,19 @@ def main() -> None:
     report(args, latencies, tools, sizes, seconds)
 
 
-def report(args: argparse.Namespace, latencies: list[float], tools: list[str],
-           sizes: dict[str, int], seconds: dict[str, list[float]]) -> None:
-    print(f"whole-snapshot copies (dense {args.dense_mib} MiB; sparse {args.sparse_mib} MiB, "
-          f"{args.written:.0%} written), {args.rounds} rounds, latency + up to half in "
-          f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}"
-          " (MB/s of image):")
+def report(
+    args: argparse.Namespace,
+    latencies: list[float],
+    tools: list[str],
+    sizes: dict[str, int],
+    seconds: dict[str, list[float]],
+) -> None:
+    print(
+        f"whole-snapshot copies (dense {args.dense_mib} MiB; sparse {args.sparse_mib} MiB, "
+        f"{args.written:.0%} written), {args.rounds} rounds, latency + up to half in "
+        f"jitter{'; ebsfs get ' + ' '.join(args.get_option) if args.get_option else ''}"
+        " (MB/s of image):"
+    )
     figures: dict[str, object] = {}
     for latency in latencies:
         for layout in ("dense", "sparse"):
@@ -288,19 +335,27 @@ def report(args: argparse.Namespace, latencies: list[float], tools: list[str],
                 runs = seconds[f"{prefix}:{tool}"]
                 figures[f"{prefix}:{tool}"] = runs
                 rate = sizes[layout] / statistics.median(runs) / MB
-                print(f"  {prefix:<14} {tool:<16} {statistics.median(runs):7.2f} s "
-                      f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})")
+                print(
+                    f"  {prefix:<14} {tool:<16} {statistics.median(runs):7.2f} s "
+                    f"{rate:8.1f} MB/s   (runs: {', '.join(f'{r:.2f}' for r in runs)})"
+                )
             gets = [t for t in tools if t in ("ebsfs_get", GET_MD5)]
             for get in gets:
                 label = "get --md5" if get == GET_MD5 else "get"
                 for other in tools:
                     if other in gets:
                         continue
-                    each = [b / a for a, b in zip(seconds[f"{prefix}:{get}"],
-                                                  seconds[f"{prefix}:{other}"], strict=True)]
+                    each = [
+                        b / a
+                        for a, b in zip(
+                            seconds[f"{prefix}:{get}"], seconds[f"{prefix}:{other}"], strict=True
+                        )
+                    ]
                     figures[f"{prefix}:{get}/{other}"] = each
-                    print(f"  {prefix:<14} {label} / {other}: {statistics.median(each):.2f}x "
-                          f"(each: {', '.join(f'{r:.2f}' for r in each)})")
+                    print(
+                        f"  {prefix:<14} {label} / {other}: {statistics.median(each):.2f}x "
+                        f"(each: {', '.join(f'{r:.2f}' for r in each)})"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

@@ -49,19 +49,25 @@ def measured(name: str, pid: int, image: Path, mib: int) -> str:
     after = user_system(pid)
     user, system = after[0] - before[0], after[1] - before[1]
     per = (user + system) / (mib * 1024 * 1024 / HALF_MIB) * 1000
-    return (f"  {name:<7} {seconds:5.2f} s  user {user:.2f} s  system {system:.2f} s  "
-            f"= {per:.3f} ms per 512 KiB")
+    return (
+        f"  {name:<7} {seconds:5.2f} s  user {user:.2f} s  system {system:.2f} s  "
+        f"= {per:.3f} ms per 512 KiB"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=2048)
-    parser.add_argument("--written", type=float, default=0.02,
-                        help="share of blocks written (default 0.02)")
+    parser.add_argument(
+        "--written", type=float, default=0.02, help="share of blocks written (default 0.02)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -71,13 +77,21 @@ def main() -> None:
         mnt, zero_mnt = tmp / "mnt", tmp / "zero"
         mnt.mkdir()
         zero_mnt.mkdir()
-        zerofs = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"),
-                                   str(zero_mnt), str(args.size_mib * 1024 * 1024)])
+        zerofs = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "zerofs.py"),
+                str(zero_mnt),
+                str(args.size_mib * 1024 * 1024),
+            ]
+        )
         try:
             emulator_control(url, "faults", {"latency": 0.02, "jitter": 0.01})
             wait_for_mount(zero_mnt)
-            print(f"cold dd of {args.size_mib} MiB, {args.written:.0%} of blocks written, "
-                  f"20 ms per call (+ up to 10 ms):")
+            print(
+                f"cold dd of {args.size_mib} MiB, {args.written:.0%} of blocks written, "
+                f"20 ms per call (+ up to 10 ms):"
+            )
             for _ in range(args.rounds):
                 ebsfs("mount", "--endpoint-url", url, SNAP, str(mnt))
                 try:
@@ -87,8 +101,9 @@ def main() -> None:
                     print(f"{line} ({get_calls(url) - calls} blocks fetched)", flush=True)
                 finally:
                     ebsfs("umount", str(mnt))
-                print(measured("zerofs", zerofs.pid, zero_mnt / "zero.img", args.size_mib),
-                      flush=True)
+                print(
+                    measured("zerofs", zerofs.pid, zero_mnt / "zero.img", args.size_mib), flush=True
+                )
         finally:
             zerofs.terminate()
             zerofs.wait()

@@ -45,7 +45,8 @@ def disk_files(seed: int = 11) -> dict[str, bytes]:
     for d in range(40):
         for f in range(100):
             text = f"file {d}/{f}\n" + "".join(
-                f"{rng.randrange(10**9)} line {n}\n" for n in range(rng.randrange(5, 200)))
+                f"{rng.randrange(10**9)} line {n}\n" for n in range(rng.randrange(5, 200))
+            )
             files[f"home/user{d:02}/notes/{f:03}.txt"] = text.encode()
     for n in range(60):
         files[f"srv/data/blob-{n:03}.bin"] = rng.randbytes(16 * 1024 * 1024)
@@ -69,9 +70,22 @@ def traced_blocks(commands: list[list[str]], image: str, out: Path) -> set[int]:
     touched: set[int] = set()
     for n, command in enumerate(commands):
         trace = out / f"trace-{n}.txt"
-        subprocess.run(["strace", "-f", "-qq", "-s", "0", "-e",
-                        "trace=openat,open,lseek,read,pread64,close", "-o", str(trace),
-                        *command], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-s",
+                "0",
+                "-e",
+                "trace=openat,open,lseek,read,pread64,close",
+                "-o",
+                str(trace),
+                *command,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         fds: dict[tuple[str, int], int] = {}  # (pid, fd) -> file offset
         for line in trace.read_text().splitlines():
             pid, _, call = line.strip().partition(" ")
@@ -104,8 +118,9 @@ def tool_commands(image: str, sector: int, inode: str | None) -> list[list[str]]
 
 
 def find_inode(image: str, sector: int) -> str:
-    listing = subprocess.run(["fls", "-r", "-p", "-o", str(sector), image], check=True,
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["fls", "-r", "-p", "-o", str(sector), image], check=True, capture_output=True, text=True
+    ).stdout
     for line in listing.splitlines():
         if line.endswith(f"\t{TARGET}"):
             return line.split()[-2].rstrip(":").split("-")[0]
@@ -119,8 +134,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-dsnap", action="store_true")
     parser.add_argument("--mount-option", action="append", default=[])
-    parser.add_argument("--kernel-readahead-kb", type=int,
-                        help="set the mount's read_ahead_kb after mounting (experiments)")
+    parser.add_argument(
+        "--kernel-readahead-kb",
+        type=int,
+        help="set the mount's read_ahead_kb after mounting (experiments)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -134,10 +152,12 @@ def main() -> None:
         inode = find_inode(str(image), sector)
         touched = traced_blocks(tool_commands(str(image), sector, inode), str(image), tmp)
         needed = touched & present
-        print(f"{args.size_gib} GiB disk, {len(present)} blocks written "
-              f"({len(present) * BLOCK / 1e9:.2f} GB); fls -r + icat of {TARGET} (inode "
-              f"{inode}) touch {len(touched)} blocks, {len(needed)} of them written",
-              flush=True)
+        print(
+            f"{args.size_gib} GiB disk, {len(present)} blocks written "
+            f"({len(present) * BLOCK / 1e9:.2f} GB); fls -r + icat of {TARGET} (inode "
+            f"{inode}) touch {len(touched)} blocks, {len(needed)} of them written",
+            flush=True,
+        )
         proc, url = start_emulator(image)
         mnt = tmp / "mnt"
         mnt.mkdir()
@@ -151,8 +171,9 @@ def main() -> None:
                 try:
                     if args.kernel_readahead_kb is not None:
                         device = os.stat(mnt).st_dev
-                        Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/"
-                             "read_ahead_kb").write_text(str(args.kernel_readahead_kb))
+                        Path(
+                            f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+                        ).write_text(str(args.kernel_readahead_kb))
                     drop_page_cache()
                     before = get_calls(url)
                     started = time.monotonic()
@@ -166,19 +187,26 @@ def main() -> None:
                     out = tmp / "dsnap"
                     out.mkdir(exist_ok=True)
                     dsnap_seconds.append(dsnap(url, out))
-                print(f"  round: fetched {fetched[-1]} blocks in {seconds[-1]:.2f} s"
-                      + (f"; dsnap full download {dsnap_seconds[-1]:.2f} s"
-                         if dsnap_seconds else ""), flush=True)
+                print(
+                    f"  round: fetched {fetched[-1]} blocks in {seconds[-1]:.2f} s"
+                    + (f"; dsnap full download {dsnap_seconds[-1]:.2f} s" if dsnap_seconds else ""),
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait()
     ratio = [f / len(needed) for f in fetched]
-    print(f"\nlatency {args.latency_ms} ms (+ up to half again of jitter): fetched "
-          f"{statistics.median(fetched):.0f} blocks (runs: {', '.join(map(str, fetched))}) "
-          f"for {len(needed)} written blocks touched: {statistics.median(ratio):.2f}x; "
-          f"{statistics.median(seconds):.2f} s"
-          + (f" against dsnap's {statistics.median(dsnap_seconds):.2f} s full download"
-             if dsnap_seconds else ""))
+    print(
+        f"\nlatency {args.latency_ms} ms (+ up to half again of jitter): fetched "
+        f"{statistics.median(fetched):.0f} blocks (runs: {', '.join(map(str, fetched))}) "
+        f"for {len(needed)} written blocks touched: {statistics.median(ratio):.2f}x; "
+        f"{statistics.median(seconds):.2f} s"
+        + (
+            f" against dsnap's {statistics.median(dsnap_seconds):.2f} s full download"
+            if dsnap_seconds
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

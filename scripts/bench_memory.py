@@ -53,22 +53,36 @@ def main() -> None:
             for latency_ms in (int(x) for x in args.latencies.split(",")):
                 latency = latency_ms / 1000
                 emulator_control(url, "faults", {"latency": latency, "jitter": latency / 2})
-                ebsfs("mount", "--endpoint-url", url, "--cache-size", args.cache_size, SNAP,
-                      str(mnt))
+                ebsfs(
+                    "mount", "--endpoint-url", url, "--cache-size", args.cache_size, SNAP, str(mnt)
+                )
                 try:
                     pid = int(os.getxattr(mnt, "user.ebsfs.pid"))
                     drop_page_cache()
                     step = args.size_mib // args.readers
-                    readers = [subprocess.Popen(
-                        ["dd", f"if={mnt / (SNAP + '.img')}", "of=/dev/null", "bs=1M",
-                         f"skip={n * step}", f"count={args.size_mib - n * step}",
-                         "status=none"]) for n in range(args.readers)]
+                    readers = [
+                        subprocess.Popen(
+                            [
+                                "dd",
+                                f"if={mnt / (SNAP + '.img')}",
+                                "of=/dev/null",
+                                "bs=1M",
+                                f"skip={n * step}",
+                                f"count={args.size_mib - n * step}",
+                                "status=none",
+                            ]
+                        )
+                        for n in range(args.readers)
+                    ]
                     for reader in readers:
                         if reader.wait() != 0:
                             raise SystemExit("a reader failed")
-                    print(f"latency {latency_ms} ms, --cache-size {args.cache_size}, "
-                          f"{args.readers} readers: mount peak RSS {peak_rss_mib(pid):.0f} "
-                          "MiB", flush=True)
+                    print(
+                        f"latency {latency_ms} ms, --cache-size {args.cache_size}, "
+                        f"{args.readers} readers: mount peak RSS {peak_rss_mib(pid):.0f} "
+                        "MiB",
+                        flush=True,
+                    )
                 finally:
                     ebsfs("umount", str(mnt))
         finally:

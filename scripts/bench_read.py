@@ -63,8 +63,9 @@ def drop_page_cache() -> None:
 def dd(path: Path, mib: int) -> float:
     """Seconds to read `mib` MiB with dd bs=1M."""
     started = time.monotonic()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", f"count={mib}", "status=none"],
-                   check=True)
+    subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=1M", f"count={mib}", "status=none"], check=True
+    )
     return time.monotonic() - started
 
 
@@ -81,8 +82,9 @@ def process_cpu(pid: int) -> float:
 
 def emulator_control(url: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{url}/_emulator/{path}", data=data,
-                                     method="POST" if data is not None else "GET")
+    request = urllib.request.Request(
+        f"{url}/_emulator/{path}", data=data, method="POST" if data is not None else "GET"
+    )
     with urllib.request.urlopen(request) as answer:
         return json.load(answer)
 
@@ -94,10 +96,12 @@ def get_calls(url: str) -> int:
 def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
     """Seconds to list and GET every block with a pool of boto3 threads, each body's
     SHA-256 checked against its x-amz-Checksum; bytes received."""
-    config = botocore.config.Config(max_pool_connections=workers,
-                                    retries={"mode": "standard", "max_attempts": 10})
-    ebs = boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",
-                                         config=config)
+    config = botocore.config.Config(
+        max_pool_connections=workers, retries={"mode": "standard", "max_attempts": 10}
+    )
+    ebs = boto3.session.Session().client(
+        "ebs", endpoint_url=url, region_name="us-east-1", config=config
+    )
     started = time.monotonic()
     blocks, token = [], None
     while True:
@@ -109,8 +113,9 @@ def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
             break
 
     def get(block: dict) -> int:
-        r = ebs.get_snapshot_block(SnapshotId=SNAP, BlockIndex=block["BlockIndex"],
-                                   BlockToken=block["BlockToken"])
+        r = ebs.get_snapshot_block(
+            SnapshotId=SNAP, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+        )
         data = r["BlockData"].read()
         if base64.b64encode(hashlib.sha256(data).digest()).decode() != r["Checksum"]:
             raise SystemExit(f"block {block['BlockIndex']}: checksum mismatch")
@@ -121,8 +126,12 @@ def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
     return time.monotonic() - started, total
 
 
-def dsnap(url: str, out_dir: Path, snapshot_id: str = SNAP,
-          before_removing: Callable[[Path], None] | None = None) -> float:
+def dsnap(
+    url: str,
+    out_dir: Path,
+    snapshot_id: str = SNAP,
+    before_removing: Callable[[Path], None] | None = None,
+) -> float:
     """Seconds for dsnap to download the snapshot to a file in `out_dir` (removed,
     after `before_removing` if given)."""
     code = (
@@ -134,8 +143,13 @@ def dsnap(url: str, out_dir: Path, snapshot_id: str = SNAP,
     )
     env = {**os.environ, "AWS_ENDPOINT_URL": url}
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seconds = time.monotonic() - started
     if before_removing is not None:
         before_removing(out_dir / f"{snapshot_id}.img")
@@ -161,17 +175,21 @@ class Cell:
 
     disk: str
     latency_ms: int
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {
-        "ebsfs": [], "pool": [], "dsnap": []})
+    seconds: dict[str, list[float]] = field(
+        default_factory=lambda: {"ebsfs": [], "pool": [], "dsnap": []}
+    )
     cpu_ms_per_block: list[float] = field(default_factory=list)
 
     def ratios(self, other: str) -> list[float]:
-        return [theirs / ours for ours, theirs in
-                zip(self.seconds["ebsfs"], self.seconds[other], strict=False)]
+        return [
+            theirs / ours
+            for ours, theirs in zip(self.seconds["ebsfs"], self.seconds[other], strict=False)
+        ]
 
 
-def run_cell(cell: Cell, url: str, mnt: Path, mib: int, size: int, args: argparse.Namespace,
-             tmp: Path) -> None:
+def run_cell(
+    cell: Cell, url: str, mnt: Path, mib: int, size: int, args: argparse.Namespace, tmp: Path
+) -> None:
     latency = cell.latency_ms / 1000
     emulator_control(url, "faults", {"latency": latency, "jitter": latency / 2})
     mount_args = ("mount", "--endpoint-url", url, *args.mount_option, SNAP, str(mnt))
@@ -198,16 +216,19 @@ def report_cell(cell: Cell, size: int) -> None:
     def rate(seconds: list[float]) -> str:
         return ", ".join(f"{size / s / MB:.0f}" for s in seconds)
 
-    line = (f"  {cell.disk:<6} {cell.latency_ms:>3} ms  ebsfs {rate(cell.seconds['ebsfs'])} "
-            f"| pool {rate(cell.seconds['pool'])}")
+    line = (
+        f"  {cell.disk:<6} {cell.latency_ms:>3} ms  ebsfs {rate(cell.seconds['ebsfs'])} "
+        f"| pool {rate(cell.seconds['pool'])}"
+    )
     if cell.seconds["dsnap"]:
         line += f" | dsnap {rate(cell.seconds['dsnap'])}"
     line += f" MB/s | cpu/block {', '.join(f'{c:.2f}' for c in cell.cpu_ms_per_block)} ms"
     print(line, flush=True)
 
 
-def warm_and_zero(url: str, mnt: Path, zero_mnt: Path, mib: int, repeat: int
-                  ) -> dict[str, list[float]]:
+def warm_and_zero(
+    url: str, mnt: Path, zero_mnt: Path, mib: int, repeat: int
+) -> dict[str, list[float]]:
     """Warm ebsfs reads (a cache holding the whole image, warmed by one read)
     alternating with reads of zerofs, all mounted at once: MB/s each. zerofs once as
     the FUSE ceiling (replies from one hot 1 MiB buffer), once replying from as much
@@ -219,9 +240,12 @@ def warm_and_zero(url: str, mnt: Path, zero_mnt: Path, mib: int, repeat: int
     ebsfs("mount", "--endpoint-url", url, "--cache-size", f"{mib + 256}M", SNAP, str(mnt))
     distinct_mnt = zero_mnt.with_name("zero-distinct")
     distinct_mnt.mkdir(exist_ok=True)
-    zeros = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "zerofs.py"),
-                               str(where), str(size), *extra])
-             for where, extra in ((zero_mnt, []), (distinct_mnt, ["--distinct"]))]
+    zeros = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "zerofs.py"), str(where), str(size), *extra]
+        )
+        for where, extra in ((zero_mnt, []), (distinct_mnt, ["--distinct"]))
+    ]
     try:
         cold_dd(mnt / f"{SNAP}.img", mib)  # fills the ebsfs cache
         wait_for_mount(zero_mnt)
@@ -230,8 +254,7 @@ def warm_and_zero(url: str, mnt: Path, zero_mnt: Path, mib: int, repeat: int
         for _ in range(repeat):
             runs["ebsfs_warm"].append(size / cold_dd(mnt / f"{SNAP}.img", mib) / MB)
             runs["zerofs"].append(size / cold_dd(zero_mnt / "zero.img", mib) / MB)
-            runs["zerofs_distinct"].append(
-                size / cold_dd(distinct_mnt / "zero.img", mib) / MB)
+            runs["zerofs_distinct"].append(size / cold_dd(distinct_mnt / "zero.img", mib) / MB)
     finally:
         for zero in zeros:
             zero.terminate()
@@ -244,12 +267,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summary(cells: list[Cell], warm: dict[str, list[float]], sizes: dict[str, int],
-            args: argparse.Namespace) -> dict[str, object]:
-    print(f"\nsequential cold read, whole image, medians of {args.rounds} rounds "
-          f"(MB/s of image; ratios of times, each round's own):")
-    print("| disk | latency | ebsfs | pool of 64 | dsnap | ebsfs/pool | ebsfs/dsnap | "
-          "CPU ms/block |")
+def summary(
+    cells: list[Cell], warm: dict[str, list[float]], sizes: dict[str, int], args: argparse.Namespace
+) -> dict[str, object]:
+    print(
+        f"\nsequential cold read, whole image, medians of {args.rounds} rounds "
+        f"(MB/s of image; ratios of times, each round's own):"
+    )
+    print(
+        "| disk | latency | ebsfs | pool of 64 | dsnap | ebsfs/pool | ebsfs/dsnap | CPU ms/block |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, object]] = []
     figures: dict[str, object] = {"cells": rows}
@@ -257,22 +284,32 @@ def summary(cells: list[Cell], warm: dict[str, list[float]], sizes: dict[str, in
         size = sizes[c.disk]
         pool_ratio = c.ratios("pool")
         dsnap_ratio = c.ratios("dsnap")
-        print(f"| {c.disk} | {c.latency_ms} ms | {size / median(c.seconds['ebsfs']) / MB:.0f} | "
-              f"{size / median(c.seconds['pool']) / MB:.0f} | "
-              f"{size / median(c.seconds['dsnap']) / MB:.0f} | "
-              f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)}) | "
-              f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)}) | "
-              f"{median(c.cpu_ms_per_block):.2f} |")
-        rows.append({
-            "disk": c.disk, "latency_ms": c.latency_ms, "bytes": size, "seconds": c.seconds,
-            "cpu_ms_per_block": c.cpu_ms_per_block})
+        print(
+            f"| {c.disk} | {c.latency_ms} ms | {size / median(c.seconds['ebsfs']) / MB:.0f} | "
+            f"{size / median(c.seconds['pool']) / MB:.0f} | "
+            f"{size / median(c.seconds['dsnap']) / MB:.0f} | "
+            f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)}) | "
+            f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)}) | "
+            f"{median(c.cpu_ms_per_block):.2f} |"
+        )
+        rows.append(
+            {
+                "disk": c.disk,
+                "latency_ms": c.latency_ms,
+                "bytes": size,
+                "seconds": c.seconds,
+                "cpu_ms_per_block": c.cpu_ms_per_block,
+            }
+        )
     if warm["ebsfs_warm"]:
         for ceiling in ("zerofs", "zerofs_distinct"):
             each = [w / z for w, z in zip(warm["ebsfs_warm"], warm[ceiling], strict=True)]
-            print(f"warm re-read (dense, {args.warm_repeat} alternating reads each): ebsfs "
-                  f"{median(warm['ebsfs_warm']):.0f} MB/s, {ceiling} "
-                  f"{median(warm[ceiling]):.0f} MB/s, warm/{ceiling} {median(each):.2f} "
-                  f"({', '.join(f'{r:.2f}' for r in each)})")
+            print(
+                f"warm re-read (dense, {args.warm_repeat} alternating reads each): ebsfs "
+                f"{median(warm['ebsfs_warm']):.0f} MB/s, {ceiling} "
+                f"{median(warm[ceiling]):.0f} MB/s, warm/{ceiling} {median(each):.2f} "
+                f"({', '.join(f'{r:.2f}' for r in each)})"
+            )
         figures["warm"] = warm
     return figures
 
@@ -281,19 +318,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense-mib", type=int, default=1024, help="dense disk size (MiB)")
     parser.add_argument("--sparse-mib", type=int, default=2048, help="sparse disk size (MiB)")
-    parser.add_argument("--written", type=float, default=0.6,
-                        help="share of the sparse disk's blocks written (default 0.6)")
+    parser.add_argument(
+        "--written",
+        type=float,
+        default=0.6,
+        help="share of the sparse disk's blocks written (default 0.6)",
+    )
     parser.add_argument("--latencies", default="20,100,200", help="ms per call, comma-separated")
     parser.add_argument("--disks", default="dense,sparse")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warm-repeat", type=int, default=9,
-                        help="alternating warm ebsfs and zerofs reads (0: none)")
+    parser.add_argument(
+        "--warm-repeat",
+        type=int,
+        default=9,
+        help="alternating warm ebsfs and zerofs reads (0: none)",
+    )
     parser.add_argument("--skip-dsnap", action="store_true")
-    parser.add_argument("--mount-option", action="append", default=[],
-                        help="extra option for `ebsfs mount` (repeatable, e.g. "
-                             "--mount-option=--max-fetches=64)")
-    parser.add_argument("--tls", action="store_true",
-                        help="serve HTTPS, as the real service does (a throwaway certificate)")
+    parser.add_argument(
+        "--mount-option",
+        action="append",
+        default=[],
+        help="extra option for `ebsfs mount` (repeatable, e.g. --mount-option=--max-fetches=64)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS, as the real service does (a throwaway certificate)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
@@ -305,8 +356,11 @@ def main() -> None:
     cells: list[Cell] = []
     warm: dict[str, list[float]] = {"ebsfs_warm": [], "zerofs": [], "zerofs_distinct": []}
     sizes: dict[str, int] = {}
-    print(f"cold reads through a fresh mount (ebsfs mount {' '.join(args.mount_option)}), "
-          f"{args.rounds} rounds per cell{' over HTTPS' if args.tls else ''}:", flush=True)
+    print(
+        f"cold reads through a fresh mount (ebsfs mount {' '.join(args.mount_option)}), "
+        f"{args.rounds} rounds per cell{' over HTTPS' if args.tls else ''}:",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         mnt, zero_mnt = tmp / "mnt", tmp / "zero"

@@ -36,8 +36,9 @@ PART = (1 * MiB, SIZE - 2 * MiB)
 def ebsfs(*args: str) -> str:
     shown = " ".join(a if not a.startswith("http") else "http://127.0.0.1:PORT" for a in args)
     print(f"$ ebsfs {shown}")
-    out = subprocess.run([sys.executable, "-m", "ebsfs", *args], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ebsfs", *args], capture_output=True, text=True, check=True
+    ).stdout
     return out
 
 
@@ -51,9 +52,13 @@ def main() -> None:
         before, after = tmp / "before.img", tmp / "after.img"
         with open(before, "wb") as f:
             f.truncate(SIZE)
-        subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(before)],
-                       input=f"label: gpt\nstart={PART[0] // 512}, size={PART[1] // 512}, "
-                             "type=linux\n", text=True, check=True, capture_output=True)
+        subprocess.run(
+            ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(before)],
+            input=f"label: gpt\nstart={PART[0] // 512}, size={PART[1] // 512}, type=linux\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         mkfs(fstype, before, PART[1], PART[0])
         with mounted_rw(fstype, before, tmp / "mnt", *PART) as mnt:
             populate(mnt, bulk_bytes=300 * 1000**2)
@@ -66,18 +71,23 @@ def main() -> None:
         written = len(store.get(AFTER).indexes)
         with EmulatorServer(store) as server:
             url = server.url
-            print(f"# {BEFORE} (before) and {AFTER} (after): a 2 GiB volume, GPT, "
-                  f"partition 1 {fstype} holding 300 MB of files ({written} blocks written)\n")
+            print(
+                f"# {BEFORE} (before) and {AFTER} (after): a 2 GiB volume, GPT, "
+                f"partition 1 {fstype} holding 300 MB of files ({written} blocks written)\n"
+            )
             print(ebsfs("diff", "--endpoint-url", url, BEFORE, AFTER).rstrip())
             print()
             server.counters.reset()
             print(ebsfs("diff", "--files", "--endpoint-url", url, BEFORE, AFTER).rstrip())
             gets = sum(server.counters.block_gets.values())
-            print(f"\n# GetSnapshotBlock calls: {gets} ({100 * gets / written:.1f} % of the "
-                  f"{written} written blocks; each block at most once: "
-                  f"{max(server.counters.block_gets.values())})\n")
-            result = json.loads(ebsfs("diff", "--files", "--json", "--endpoint-url", url,
-                                      BEFORE, AFTER))
+            print(
+                f"\n# GetSnapshotBlock calls: {gets} ({100 * gets / written:.1f} % of the "
+                f"{written} written blocks; each block at most once: "
+                f"{max(server.counters.block_gets.values())})\n"
+            )
+            result = json.loads(
+                ebsfs("diff", "--files", "--json", "--endpoint-url", url, BEFORE, AFTER)
+            )
             print("# (the entry for /usr/bin/tool, one of", len(result["files"]), "files)")
             tool = next(f for f in result["files"] if f["path"] == "/usr/bin/tool")
             print(json.dumps(tool, indent=2))

@@ -87,16 +87,16 @@ def main() -> None:
                 for snap in (BEFORE, AFTER):
                     read_all(mnt / f"{snap}.img")
                 together = gets(server)
-                print(f"GetSnapshotBlock calls: {together} (saved {apart - together} of "
-                      f"{apart}; changed blocks: {len(store.changed_indexes(BEFORE, AFTER))})")
+                print(
+                    f"GetSnapshotBlock calls: {together} (saved {apart - together} of "
+                    f"{apart}; changed blocks: {len(store.changed_indexes(BEFORE, AFTER))})"
+                )
                 print()
                 run("cat", str(mnt / f"{AFTER}.changes"))
                 listings = {}
                 for snap in (BEFORE, AFTER):
-                    listings[snap] = run("fls", "-r", "-p", "-o", "2048",
-                                         str(mnt / f"{snap}.img"))
-                new = sorted(set(listings[AFTER].splitlines()) -
-                             set(listings[BEFORE].splitlines()))
+                    listings[snap] = run("fls", "-r", "-p", "-o", "2048", str(mnt / f"{snap}.img"))
+                new = sorted(set(listings[AFTER].splitlines()) - set(listings[BEFORE].splitlines()))
                 print("\n# entries only in the after snapshot:\n" + "\n".join(new))
                 inode = next(x for x in new if x.endswith("payload.sh")).split()[1].rstrip(":")
                 run("icat", "-o", "2048", str(mnt / f"{AFTER}.img"), inode)

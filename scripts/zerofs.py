@@ -70,16 +70,20 @@ def main() -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
+
             async def tune() -> None:
                 # The same kernel read-ahead ebsfs sets, so the ceiling is comparable.
                 root = await trio.to_thread.run_sync(os.stat, mountpoint)
                 raise_kernel_readahead(root.st_dev)
+
             nursery.start_soon(tune)
+
             async def stop() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         pyfuse3.terminate()
                         return
+
             nursery.start_soon(stop)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

@@ -26,8 +26,13 @@ def sparse_blocks(seed: int, volume_gib: int = 2, every: int = 13) -> dict[int, 
     return {i: pattern_block(seed, i) for i in sorted(indexes)}
 
 
-def add(store: SnapshotStore, snapshot_id: str, blocks: Mapping[int, bytes],
-        volume_gib: int = 2, parent: str | None = None) -> None:
+def add(
+    store: SnapshotStore,
+    snapshot_id: str,
+    blocks: Mapping[int, bytes],
+    volume_gib: int = 2,
+    parent: str | None = None,
+) -> None:
     store.add_snapshot(snapshot_id, blocks, volume_size_gib=volume_gib, parent=parent)
 
 
@@ -82,13 +87,18 @@ def gets(server: EmulatorServer, snapshot_id: str | None = None) -> int:
 
 
 def start_get(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ebsfs", "get", *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ebsfs", "get", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def stop_when(proc: subprocess.Popen[str], condition: Callable[[], bool], signal_no: int,
-              timeout: float = 60) -> None:
+def stop_when(
+    proc: subprocess.Popen[str], condition: Callable[[], bool], signal_no: int, timeout: float = 60
+) -> None:
     """Send `signal_no` to `proc` once `condition()` holds; fail if it ends first."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -36,8 +36,9 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture
 def store() -> SnapshotStore:
     """Checks signatures against the credentials of aws_env, as the service would."""
-    return SnapshotStore(Faults(list_rate=0, get_rate=0, seed=1,
-                                secret_keys={"AKIDTEST": "secret"}))
+    return SnapshotStore(
+        Faults(list_rate=0, get_rate=0, seed=1, secret_keys={"AKIDTEST": "secret"})
+    )
 
 
 @pytest.fixture
@@ -53,8 +54,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.fixture
-def https_emulator(store: SnapshotStore, tls_files: tuple[str, str],
-                   monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorServer]:
+def https_emulator(
+    store: SnapshotStore, tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmulatorServer]:
     """The emulator over HTTPS, as the real service is, its certificate trusted through
     AWS_CA_BUNDLE (by boto3 and by ebsfs's own GET path alike)."""
     monkeypatch.setenv("AWS_CA_BUNDLE", tls_files[0])
@@ -125,9 +127,11 @@ class LogCheck(logging.Handler):
         found = []
         if self not in logging.getLogger().handlers:
             self.attach()
-            found.append(f"the log check's handler was removed from the root logger "
-                         f"(during {phase}): messages may have been missed")
-        for record in self.records[self.checked:]:
+            found.append(
+                f"the log check's handler was removed from the root logger "
+                f"(during {phase}): messages may have been missed"
+            )
+        for record in self.records[self.checked :]:
             text = f"{record.name}: {record.getMessage()}"
             matched = {n for n, p in enumerate(self.patterns) if p.search(text)}
             self.heard |= matched
@@ -137,8 +141,11 @@ class LogCheck(logging.Handler):
         return found
 
     def missing(self) -> list[str]:
-        return [f"expected, never logged: {p.pattern!r}" for n, p in enumerate(self.patterns)
-                if n not in self.heard]
+        return [
+            f"expected, never logged: {p.pattern!r}"
+            for n, p in enumerate(self.patterns)
+            if n not in self.heard
+        ]
 
 
 _LOG_CHECK = pytest.StashKey[LogCheck]()
@@ -146,8 +153,11 @@ _LOG_CHECK = pytest.StashKey[LogCheck]()
 
 def _fail_on(problems: list[str]) -> None:
     if problems:
-        pytest.fail("log check (declare expected messages with @pytest.mark.expected_log):"
-                    "\n  " + "\n  ".join(problems[:20]), pytrace=False)
+        pytest.fail(
+            "log check (declare expected messages with @pytest.mark.expected_log):"
+            "\n  " + "\n  ".join(problems[:20]),
+            pytrace=False,
+        )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -210,9 +220,9 @@ class CredentialHelper:
                 f"echo run >> '{self.runs}'\n"
                 f"if [ -e '{self.flag}' ]; then echo 'token service unavailable' >&2; exit 1; fi\n"
                 "exp=$(date -u -d '+5 minutes' +%Y-%m-%dT%H:%M:%SZ)\n"
-                "printf '{\"Version\": 1, \"AccessKeyId\": \"AKIDTEST\", "
-                "\"SecretAccessKey\": \"secret\", \"SessionToken\": \"session\", "
-                "\"Expiration\": \"%s\"}\\n' \"$exp\"\n"
+                'printf \'{"Version": 1, "AccessKeyId": "AKIDTEST", '
+                '"SecretAccessKey": "secret", "SessionToken": "session", '
+                '"Expiration": "%s"}\\n\' "$exp"\n'
             )
         os.chmod(script, 0o755)
         with open(config_file, "a") as f:
@@ -243,14 +253,17 @@ def credential_helper(tmp_path_factory: pytest.TempPathFactory) -> CredentialHel
 
 
 @pytest.fixture
-def profile_ca_bundle(https_emulator: EmulatorServer, tls_files: tuple[str, str],
-                      monkeypatch: pytest.MonkeyPatch) -> str:
+def profile_ca_bundle(
+    https_emulator: EmulatorServer, tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> str:
     """The HTTPS emulator trusted only through a profile's ca_bundle (no AWS_CA_BUNDLE):
     returns the profile's name."""
     monkeypatch.delenv("AWS_CA_BUNDLE")
     with open(os.environ["AWS_CONFIG_FILE"], "a") as f:
-        f.write(f"[profile tls]\nca_bundle = {tls_files[0]}\n"
-                "aws_access_key_id = AKIDTEST\naws_secret_access_key = secret\n")
+        f.write(
+            f"[profile tls]\nca_bundle = {tls_files[0]}\n"
+            "aws_access_key_id = AKIDTEST\naws_secret_access_key = secret\n"
+        )
     return "tls"
 
 

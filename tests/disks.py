@@ -103,18 +103,30 @@ def partition_files(tag: str, big_size: int = 3 * 512 * 1024 + 4099) -> dict[str
 # -- building filesystems --------------------------------------------------------------
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None, faketime: bool = False,
-         input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    faketime: bool = False,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a tool, raising with its stderr on failure; under libfaketime if asked for
     and installed."""
     if faketime and shutil.which("faketime"):
         cmd = ["faketime", "-f", FAKETIME, *cmd]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, input=input,
-                            stdin=None if input is not None else subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): "
-                           f"{result.stderr.strip() or result.stdout.strip()}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({result.returncode}): "
+            f"{result.stderr.strip() or result.stdout.strip()}"
+        )
     return result
 
 
@@ -149,12 +161,31 @@ def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str, uuid:
         stage_files(files, root)
         with open(path, "wb") as f:
             f.truncate(size)
-        _run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-L", label, "-U", uuid,
-              "-E", "root_owner=0:0,hash_seed=5e1f0e5e-0000-4000-8000-000000000001",
-              "-d", str(root), str(path)], env)
+        _run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-I",
+                "256",
+                "-L",
+                label,
+                "-U",
+                uuid,
+                "-E",
+                "root_owner=0:0,hash_seed=5e1f0e5e-0000-4000-8000-000000000001",
+                "-d",
+                str(root),
+                str(path),
+            ],
+            env,
+        )
         commands = Path(tmp) / "ctimes"
-        commands.write_text("".join(f"sif /{name} ctime @{EPOCH}\n"
-                                    for name in [*_directories(files), *files]))
+        commands.write_text(
+            "".join(f"sif /{name} ctime @{EPOCH}\n" for name in [*_directories(files), *files])
+        )
         _run(["debugfs", "-w", "-f", str(commands), str(path)], env)
 
 
@@ -166,8 +197,9 @@ def _protofile(files: dict[str, bytes], root: Path) -> str:
     def walk(directory: str, depth: int) -> None:
         indent = "  " * depth
         prefix = f"{directory}/" if directory else ""
-        children = sorted({name[len(prefix):].split("/")[0] for name in files
-                           if name.startswith(prefix)})
+        children = sorted(
+            {name[len(prefix) :].split("/")[0] for name in files if name.startswith(prefix)}
+        )
         for child in children:
             path = prefix + child
             if any(c in child for c in " :$\t\n"):
@@ -196,20 +228,37 @@ def build_xfs(path: Path, size: int, files: dict[str, bytes], label: str, uuid: 
         proto.write_text(_protofile(files, root))
         with open(path, "wb") as f:
             f.truncate(size)
-        _run(["mkfs.xfs", "-q", "-f", "-L", label, "-m", f"uuid={uuid}", "-p", str(proto),
-              str(path)], {"TEST_DIR": tmp, "TEST_DEV": str(path), "QA_CHECK_FS": "xfs"},
-             faketime=True)
+        _run(
+            [
+                "mkfs.xfs",
+                "-q",
+                "-f",
+                "-L",
+                label,
+                "-m",
+                f"uuid={uuid}",
+                "-p",
+                str(proto),
+                str(path),
+            ],
+            {"TEST_DIR": tmp, "TEST_DEV": str(path), "QA_CHECK_FS": "xfs"},
+            faketime=True,
+        )
 
 
-def _wait_mounted(proc: subprocess.Popen[bytes], cmd: list[str], target: Path, log: IO[bytes],
-                  timeout: float = 15) -> None:
+def _wait_mounted(
+    proc: subprocess.Popen[bytes], cmd: list[str], target: Path, log: IO[bytes], timeout: float = 15
+) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.ismount(target):
         if proc.poll() is not None or time.monotonic() > deadline:
             log.seek(0)
             said = log.read().decode(errors="replace").strip()
-            state = (f"exited with {proc.returncode}" if proc.returncode is not None
-                     else f"did not mount within {timeout} s")
+            state = (
+                f"exited with {proc.returncode}"
+                if proc.returncode is not None
+                else f"did not mount within {timeout} s"
+            )
             raise RuntimeError(f"{' '.join(cmd)} {state}: {said}")
         time.sleep(0.02)
 
@@ -233,8 +282,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _ntfs3g(source: str | Path, target: Path, options: str, faketime: bool = False
-            ) -> Iterator[Path]:
+def _ntfs3g(
+    source: str | Path, target: Path, options: str, faketime: bool = False
+) -> Iterator[Path]:
     """ntfs-3g in the foreground (no_detach) so that, after the unmount, waiting for it
     guarantees the volume is written back and the device closed."""
     cmd = ["ntfs-3g", "-o", f"{options},no_detach", str(source), str(target)]
@@ -251,18 +301,39 @@ def _ntfs3g(source: str | Path, target: Path, options: str, faketime: bool = Fal
             _stop(proc)
 
 
-def build_ntfs(path: Path, size: int, files: dict[str, bytes], label: str, serial: str,
-               start_sector: int = 0) -> None:
+def build_ntfs(
+    path: Path, size: int, files: dict[str, bytes], label: str, serial: str, start_sector: int = 0
+) -> None:
     """An NTFS image holding `files`: mkntfs on the plain file, then the files copied in
     through an ntfs-3g mount of it (no loop device; needs /dev/fuse and root). `serial`
     is 16 hex digits (what blkid shows as UUID); `start_sector` goes in the boot sector's
     hidden-sectors field, as Windows expects."""
     with open(path, "wb") as f:
         f.truncate(size)
-    _run(["mkntfs", "-q", "-F", "-Q", "-L", label, "-s", str(SECTOR), "-p", str(start_sector),
-          "-H", "255", "-S", "63", str(path)], faketime=True)
-    with tempfile.TemporaryDirectory() as tmp, \
-            _ntfs3g(path, Path(tmp) / "mnt", "rw", faketime=True) as mnt:
+    _run(
+        [
+            "mkntfs",
+            "-q",
+            "-F",
+            "-Q",
+            "-L",
+            label,
+            "-s",
+            str(SECTOR),
+            "-p",
+            str(start_sector),
+            "-H",
+            "255",
+            "-S",
+            "63",
+            str(path),
+        ],
+        faketime=True,
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _ntfs3g(path, Path(tmp) / "mnt", "rw", faketime=True) as mnt,
+    ):
         for name, data in files.items():
             (mnt / name).parent.mkdir(parents=True, exist_ok=True)
             (mnt / name).write_bytes(data)
@@ -342,13 +413,28 @@ def gpt_disk(path: Path, size: int = 96 * MiB) -> Disk:
     parts = []
     for number, fstype, offset, psize in GPT_LAYOUT:
         label = f"gpt-{fstype}"
-        uuid = (f"5E1F0E5E000000B{number}" if fstype == "ntfs"
-                else f"5e1f0e5e-0000-4000-8000-0000000000b{number}")
-        parts.append(PartSpec(number, offset, psize, fstype, partition_files(label), label,
-                              uuid, f"5E1F0E5E-0000-4000-8000-0000000000C{number}"))
+        uuid = (
+            f"5E1F0E5E000000B{number}"
+            if fstype == "ntfs"
+            else f"5e1f0e5e-0000-4000-8000-0000000000b{number}"
+        )
+        parts.append(
+            PartSpec(
+                number,
+                offset,
+                psize,
+                fstype,
+                partition_files(label),
+                label,
+                uuid,
+                f"5E1F0E5E-0000-4000-8000-0000000000C{number}",
+            )
+        )
     table = "label: gpt\nlabel-id: 5E1F0E5E-0000-4000-8000-0000000000D2\n" + "".join(
         f"start={p.offset // SECTOR}, size={p.size // SECTOR}, type={GPT_TYPES[p.fstype]}, "
-        f"name={p.label}, uuid={p.partuuid}\n" for p in parts)
+        f"name={p.label}, uuid={p.partuuid}\n"
+        for p in parts
+    )
     _assemble(path, size, table, parts)
     return Disk(path, size, "gpt", parts)
 
@@ -367,14 +453,27 @@ def mbr_disk(path: Path, size: int = 96 * MiB, chs_aligned: bool = False) -> Dis
     if size < MBR_EXTENDED + 42 * MiB:
         raise ValueError(f"an MBR disk needs at least {MBR_EXTENDED + 42 * MiB} bytes")
     first = 63 * SECTOR if chs_aligned else 1 * MiB
-    layout = [(1, first, 25 * MiB - first), (2, 25 * MiB, 24 * MiB),
-              (5, MBR_EXTENDED + 1 * MiB, 40 * MiB)]
-    parts = [PartSpec(n, offset, psize, "ext4", partition_files(f"mbr-p{n}"), f"mbr-p{n}",
-                      f"5e1f0e5e-0000-4000-8000-0000000000a{n}")
-             for n, offset, psize in layout]
+    layout = [
+        (1, first, 25 * MiB - first),
+        (2, 25 * MiB, 24 * MiB),
+        (5, MBR_EXTENDED + 1 * MiB, 40 * MiB),
+    ]
+    parts = [
+        PartSpec(
+            n,
+            offset,
+            psize,
+            "ext4",
+            partition_files(f"mbr-p{n}"),
+            f"mbr-p{n}",
+            f"5e1f0e5e-0000-4000-8000-0000000000a{n}",
+        )
+        for n, offset, psize in layout
+    ]
     lines = [f"start={p.offset // SECTOR}, size={p.size // SECTOR}, type=83" for p in parts]
-    lines.insert(2, f"start={MBR_EXTENDED // SECTOR}, size={(size - MBR_EXTENDED) // SECTOR}, "
-                    "type=5")
+    lines.insert(
+        2, f"start={MBR_EXTENDED // SECTOR}, size={(size - MBR_EXTENDED) // SECTOR}, type=5"
+    )
     table = "label: dos\nlabel-id: 0x5e1f0e5e\n" + "".join(f"{line}\n" for line in lines)
     _assemble(path, size, table, parts)
     return Disk(path, size, "mbr", parts)
@@ -384,8 +483,9 @@ def mbr_disk(path: Path, size: int = 96 * MiB, chs_aligned: bool = False) -> Dis
 
 
 @contextlib.contextmanager
-def loop_device(file: Path, offset: int = 0, size: int | None = None,
-                writable: bool = False) -> Iterator[str]:
+def loop_device(
+    file: Path, offset: int = 0, size: int | None = None, writable: bool = False
+) -> Iterator[str]:
     """A loop device over `size` bytes of `file` from `offset` (all of it by default),
     read-only unless `writable`, always detached."""
     cmd = ["losetup", *([] if writable else ["-r"]), "--show", "-f", "-o", str(offset)]
@@ -420,8 +520,10 @@ def mount_device(device: str, fstype: str, target: Path) -> Iterator[Path]:
 def loop_mount_partition(image: Path, part: PartSpec, target: Path) -> Iterator[Path]:
     """Mount partition `part` of the disk `image` read-only at `target` through a loop
     device by offset and sizelimit; always unmounted and detached."""
-    with loop_device(image, part.offset, part.size) as device, \
-            mount_device(device, part.fstype, target):
+    with (
+        loop_device(image, part.offset, part.size) as device,
+        mount_device(device, part.fstype, target),
+    ):
         yield target
 
 
@@ -440,8 +542,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
     found = {}
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()
-        if rel.split("/")[0] in ("lost+found", "System Volume Information") \
-                or rel.startswith("$"):
+        if rel.split("/")[0] in ("lost+found", "System Volume Information") or rel.startswith("$"):
             continue
         if path.is_file():
             found[rel] = path.read_bytes()

@@ -39,35 +39,55 @@ class StoreApi:
         """The emulator's error answer as the real client maps the same answer."""
         return answer_error(err.status, err.code, err.reason, err.message)
 
-    def list_snapshot_blocks(self, snapshot_id: str, start_index: int = 0,
-                             next_token: str | None = None,
-                             max_results: int = MAX_RESULTS) -> BlockPage:
+    def list_snapshot_blocks(
+        self,
+        snapshot_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
+    ) -> BlockPage:
         self._count("ListSnapshotBlocks")
         try:
-            r = self.store.list_snapshot_blocks(snapshot_id, next_token, str(max_results),
-                                                str(start_index))
+            r = self.store.list_snapshot_blocks(
+                snapshot_id, next_token, str(max_results), str(start_index)
+            )
         except ApiError as err:
             raise self._map(err) from err
-        return BlockPage([(b["BlockIndex"], b["BlockToken"]) for b in r["Blocks"]],
-                         r.get("NextToken"), r["ExpiryTime"], r["VolumeSize"] * 1024**3)
+        return BlockPage(
+            [(b["BlockIndex"], b["BlockToken"]) for b in r["Blocks"]],
+            r.get("NextToken"),
+            r["ExpiryTime"],
+            r["VolumeSize"] * 1024**3,
+        )
 
-    def list_changed_blocks(self, first_id: str, second_id: str, start_index: int = 0,
-                            next_token: str | None = None,
-                            max_results: int = MAX_RESULTS) -> ChangedPage:
+    def list_changed_blocks(
+        self,
+        first_id: str,
+        second_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
+    ) -> ChangedPage:
         self._count("ListChangedBlocks")
         try:
-            r = self.store.list_changed_blocks(second_id, first_id, next_token,
-                                               str(max_results), str(start_index))
+            r = self.store.list_changed_blocks(
+                second_id, first_id, next_token, str(max_results), str(start_index)
+            )
         except ApiError as err:
             raise self._map(err) from err
         return ChangedPage(
-            [ChangedBlock(c["BlockIndex"], c.get("FirstBlockToken"), c.get("SecondBlockToken"))
-             for c in r["ChangedBlocks"]],
-            r.get("NextToken"), r["ExpiryTime"], r["VolumeSize"] * 1024**3,
+            [
+                ChangedBlock(c["BlockIndex"], c.get("FirstBlockToken"), c.get("SecondBlockToken"))
+                for c in r["ChangedBlocks"]
+            ],
+            r.get("NextToken"),
+            r["ExpiryTime"],
+            r["VolumeSize"] * 1024**3,
         )
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> Block:
+    def get_snapshot_block(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
         self._count("GetSnapshotBlock")
         with self._lock:
             self.block_gets[(snapshot_id, index)] += 1
@@ -87,8 +107,7 @@ class FailingApi:
     """Wraps an EbsApi; `plan(call_number, operation)` may return an exception to raise
     instead of making that call (mountpoint-s3's failure client)."""
 
-    def __init__(self, inner: EbsApi,
-                 plan: Callable[[int, str], Exception | None]) -> None:
+    def __init__(self, inner: EbsApi, plan: Callable[[int, str], Exception | None]) -> None:
         self.inner = inner
         self.plan = plan
         self.count = 0

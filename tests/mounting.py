@@ -20,15 +20,23 @@ needs_fuse = pytest.mark.mount
 where root or /dev/fuse is missing, and `-m "not mount"` leaves them out."""
 
 
-def ebsfs(*args: str, timeout: float = 60, env: dict[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
+def ebsfs(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return run_module("ebsfs", *args, timeout=timeout, env=env)
 
 
-def run_module(module: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
-               ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+def run_module(
+    module: str, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def serving_pid(mountpoint: Path) -> int:
@@ -73,12 +81,14 @@ def replay_log(log_file: Path) -> None:
         match = _LOG_LINE.match(line)
         if match:
             logging.getLogger(f"mount.{match[2]}").log(
-                logging.getLevelNamesMapping()[match[1]], "%s", match[3])
+                logging.getLevelNamesMapping()[match[1]], "%s", match[3]
+            )
 
 
 @contextlib.contextmanager
-def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str,
-            launcher: str = "ebsfs") -> Iterator[Path]:
+def mounted(
+    url: str, snapshot_ids: list[str], mountpoint: Path, *options: str, launcher: str = "ebsfs"
+) -> Iterator[Path]:
     """A real mount through the command line (`python -m LAUNCHER mount ...`), always
     unmounted; its log is checked like the test's own."""
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -88,8 +98,9 @@ def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str,
     else:
         options = (*options, "--log-file", str(log_file))
     try:
-        result = run_module(launcher, "mount", "--endpoint-url", url, *options, *snapshot_ids,
-                            str(mountpoint))
+        result = run_module(
+            launcher, "mount", "--endpoint-url", url, *options, *snapshot_ids, str(mountpoint)
+        )
         assert result.returncode == 0, result.stderr
         yield mountpoint
     finally:
@@ -100,8 +111,9 @@ def mounted(url: str, snapshot_ids: list[str], mountpoint: Path, *options: str,
 @contextlib.contextmanager
 def fs_mounted(device: str, target: Path) -> Iterator[Path]:
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-o", "ro,noload", device, str(target)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mount", "-o", "ro,noload", device, str(target)], check=True, capture_output=True
+    )
     try:
         yield target
     finally:

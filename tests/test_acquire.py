@@ -46,8 +46,9 @@ def get(url: str, *args: str, timeout: float = 120):
     return ebsfs("get", "--endpoint-url", url, *args, timeout=timeout)
 
 
-def in_process(store: SnapshotStore, snapshot_id: str, output: Path | str, **kw: object
-               ) -> acquire.GetResult:
+def in_process(
+    store: SnapshotStore, snapshot_id: str, output: Path | str, **kw: object
+) -> acquire.GetResult:
     """A get without HTTP (the store straight behind the engine): for tests about the
     files, not the wire."""
     config = EngineConfig(ConnectionOptions(), cache_size=64 * 1024**2, max_fetches=8)
@@ -59,8 +60,9 @@ def leftovers(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if ".part" in p.name)
 
 
-def test_sparse_2gib_copied_exactly_with_its_manifest(emulator: EmulatorServer,
-                                                     tmp_path: Path) -> None:
+def test_sparse_2gib_copied_exactly_with_its_manifest(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     blocks = sparse_blocks(1)
     add(emulator.store, SNAP, blocks)
     out = tmp_path / "disk.img"
@@ -76,7 +78,8 @@ def test_sparse_2gib_copied_exactly_with_its_manifest(emulator: EmulatorServer,
     assert (m["snapshot_id"], m["volume_size"], m["block_size"]) == (SNAP, 2 * GIB, BLOCK_SIZE)
     assert m["written_blocks"] == len(blocks)
     assert m["blocks"]["list"] == [
-        [i, hashlib.sha256(blocks[i]).hexdigest()] for i in sorted(blocks)]
+        [i, hashlib.sha256(blocks[i]).hexdigest()] for i in sorted(blocks)
+    ]
     assert m["ebsfs_version"] and m["endpoint"] == emulator.url and m["region"] == "us-east-1"
     assert m["started"].endswith("Z") and m["finished"] >= m["started"]
     assert m["counts"]["fetched_blocks"] == len(blocks)
@@ -130,17 +133,32 @@ def test_stream_to_stdout_is_the_exact_image(emulator: EmulatorServer, tmp_path:
     assert not list(tmp_path.glob("*.part*"))
 
 
-def test_stream_whose_reader_stops_ends_in_one_line(emulator: EmulatorServer,
-                                                   tmp_path: Path) -> None:
+def test_stream_whose_reader_stops_ends_in_one_line(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     """`ebsfs get SNAP - | head -c ...`: the writer thread's failure ends the copy at
     once, with the cause, and no manifest claims a finished image."""
     blocks = sparse_blocks(5, volume_gib=1, every=3)
     add(emulator.store, SNAP, blocks, volume_gib=1)
     manifest_file = tmp_path / "stream.manifest.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ebsfs", "get", "--endpoint-url", emulator.url, "-q", SNAP,
-         "-", "--manifest", str(manifest_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "ebsfs",
+            "get",
+            "--endpoint-url",
+            emulator.url,
+            "-q",
+            SNAP,
+            "-",
+            "--manifest",
+            str(manifest_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     head = proc.stdout.read(3 * BLOCK_SIZE)
     proc.stdout.close()
@@ -151,19 +169,25 @@ def test_stream_whose_reader_stops_ends_in_one_line(emulator: EmulatorServer,
         proc.kill()
     expected = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(3))
     assert head == expected
-    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
-                          "standard output was closed")
+    assert_one_line_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
+        "standard output was closed",
+    )
     assert not manifest_file.exists()
 
 
 def ebsfs_bytes(url: str, *args: str):
-    return subprocess.run([sys.executable, "-m", "ebsfs", "get", "--endpoint-url", url,
-                           "-q", *args], capture_output=True, stdin=subprocess.DEVNULL,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ebsfs", "get", "--endpoint-url", url, "-q", *args],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
 
 
-def test_sigkill_at_half_resumes_with_one_pass_of_calls(emulator: EmulatorServer,
-                                                       tmp_path: Path) -> None:
+def test_sigkill_at_half_resumes_with_one_pass_of_calls(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     blocks = sparse_blocks(4)
     add(emulator.store, SNAP, blocks)
     emulator.faults.latency = 0.02  # about 2 s for the whole copy with 8 fetches
@@ -189,8 +213,9 @@ def test_sigkill_at_half_resumes_with_one_pass_of_calls(emulator: EmulatorServer
     assert leftovers(out) == []
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(emulator: EmulatorServer,
-                                                          tmp_path: Path) -> None:
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     blocks = sparse_blocks(5, volume_gib=1, every=3)
     add(emulator.store, SNAP, blocks, volume_gib=1)
     emulator.faults.latency = 0.02
@@ -200,7 +225,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(emulator: EmulatorSer
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
-        "ebsfs: interrupted; run the same command again to resume")
+        "ebsfs: interrupted; run the same command again to resume"
+    )
     assert "Traceback" not in stderr and not out.exists()
     result = get(emulator.url, "--max-fetches", "4", SNAP, str(out))
     assert result.returncode == 0, result.stderr
@@ -208,12 +234,17 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(emulator: EmulatorSer
     assert file_digest(out) == digests(blocks, GIB)[0]
 
 
-def test_incremental_copy_fetches_only_the_changed_blocks(emulator: EmulatorServer,
-                                                         tmp_path: Path) -> None:
+def test_incremental_copy_fetches_only_the_changed_blocks(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     before = sparse_blocks(6)
     add(emulator.store, SNAP, before)
-    changes = {3: pattern_block(7, 3), 2000: pattern_block(7, 2000),  # changed, new
-               4001: pattern_block(7, 4001), 10: bytes(BLOCK_SIZE)}   # new, zeroed
+    changes = {
+        3: pattern_block(7, 3),
+        2000: pattern_block(7, 2000),  # changed, new
+        4001: pattern_block(7, 4001),
+        10: bytes(BLOCK_SIZE),
+    }  # new, zeroed
     add(emulator.store, OTHER, changes, parent=SNAP)
     old = tmp_path / "monday.img"
     assert get(emulator.url, SNAP, str(old)).returncode == 0
@@ -233,8 +264,9 @@ def test_incremental_copy_fetches_only_the_changed_blocks(emulator: EmulatorServ
     assert ebsfs("verify", str(new)).returncode == 0
 
 
-def test_base_image_that_does_not_match_its_manifest(emulator: EmulatorServer,
-                                                    tmp_path: Path) -> None:
+def test_base_image_that_does_not_match_its_manifest(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     before = sparse_blocks(8, volume_gib=1)
     add(emulator.store, SNAP, before, volume_gib=1)
     add(emulator.store, OTHER, {7: pattern_block(9, 7)}, volume_gib=1, parent=SNAP)
@@ -245,10 +277,13 @@ def test_base_image_that_does_not_match_its_manifest(emulator: EmulatorServer,
         f.seek(damaged * BLOCK_SIZE + 10)
         f.write(b"tampered")
     new = tmp_path / "new.img"
-    result = get(emulator.url, "--max-fetches", "2", "--base-image", str(old), OTHER,
-                 str(new))
-    assert_one_line_error(result, "old.img does not match its manifest",
-                          f"block {damaged}", f"offset {damaged * BLOCK_SIZE}")
+    result = get(emulator.url, "--max-fetches", "2", "--base-image", str(old), OTHER, str(new))
+    assert_one_line_error(
+        result,
+        "old.img does not match its manifest",
+        f"block {damaged}",
+        f"offset {damaged * BLOCK_SIZE}",
+    )
     assert not new.exists()
     kept = {p.name for p in tmp_path.iterdir()}
     assert {"new.img.part", "new.img.part.json", "new.img.part.sums"} <= kept
@@ -265,9 +300,9 @@ def test_base_image_that_does_not_match_its_manifest(emulator: EmulatorServer,
     assert file_digest(new) == digests(image_of(emulator.store, OTHER), GIB)[0]
 
 
-def test_base_image_of_another_size_or_without_a_manifest(store: SnapshotStore,
-                                                         emulator: EmulatorServer,
-                                                         tmp_path: Path) -> None:
+def test_base_image_of_another_size_or_without_a_manifest(
+    store: SnapshotStore, emulator: EmulatorServer, tmp_path: Path
+) -> None:
     add(store, SNAP, {0: pattern_block(1, 0)}, volume_gib=1)
     add(store, OTHER, {0: pattern_block(2, 0)}, volume_gib=2)
     old = tmp_path / "old.img"
@@ -287,8 +322,9 @@ def test_output_in_a_missing_directory(emulator: EmulatorServer, tmp_path: Path)
     assert emulator.counters.calls["ListSnapshotBlocks"] == 0  # checked before any call
 
 
-def test_output_of_another_snapshots_unfinished_run(emulator: EmulatorServer,
-                                                   tmp_path: Path) -> None:
+def test_output_of_another_snapshots_unfinished_run(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     blocks = sparse_blocks(10, volume_gib=1, every=3)
     add(emulator.store, SNAP, blocks, volume_gib=1)
     add(emulator.store, OTHER, {0: pattern_block(11, 0)}, volume_gib=1)
@@ -307,8 +343,9 @@ def test_output_of_another_snapshots_unfinished_run(emulator: EmulatorServer,
     assert part.exists() and not out.exists()
 
 
-def test_finished_output_is_not_copied_again_nor_overwritten(emulator: EmulatorServer,
-                                                            tmp_path: Path) -> None:
+def test_finished_output_is_not_copied_again_nor_overwritten(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     add(emulator.store, SNAP, {0: pattern_block(1, 0)}, volume_gib=1)
     add(emulator.store, OTHER, {0: pattern_block(2, 0)}, volume_gib=1)
     out = tmp_path / "disk.img"
@@ -324,8 +361,9 @@ def test_finished_output_is_not_copied_again_nor_overwritten(emulator: EmulatorS
     assert other.read_bytes() == b"precious"
 
 
-def test_large_block_lists_go_to_a_side_file(store: SnapshotStore, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_block_lists_go_to_a_side_file(
+    store: SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocks = {i: pattern_block(12, i) for i in range(0, 300, 3)}
     add(store, SNAP, blocks, volume_gib=1)
     monkeypatch.setattr(manifest, "INLINE_BLOCKS", 10)
@@ -342,8 +380,7 @@ def test_large_block_lists_go_to_a_side_file(store: SnapshotStore, tmp_path: Pat
     assert_one_line_error(ebsfs("verify", str(out)), "does not match the SHA-256")
 
 
-def test_memory_does_not_grow_with_the_volume(emulator: EmulatorServer,
-                                             tmp_path: Path) -> None:
+def test_memory_does_not_grow_with_the_volume(emulator: EmulatorServer, tmp_path: Path) -> None:
     """A dense copy four times the size holds no more memory: blocks pass through a
     window bounded by the cache size, never the volume."""
     data = pattern_block(13, 0)
@@ -352,12 +389,31 @@ def test_memory_does_not_grow_with_the_volume(emulator: EmulatorServer,
     peaks = []
     for snapshot_id in (SNAP, OTHER):
         out = tmp_path / f"{snapshot_id}.img"
-        code = ("import resource, sys; from ebsfs.cli.main import main; rc = main(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        code = (
+            "import resource, sys; from ebsfs.cli.main import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+        )
         result = subprocess.run(
-            [sys.executable, "-c", code, "get", "-q", "--endpoint-url", emulator.url,
-             "--cache-size", "32M", "--max-fetches", "16", snapshot_id, str(out)],
-            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                code,
+                "get",
+                "-q",
+                "--endpoint-url",
+                emulator.url,
+                "--cache-size",
+                "32M",
+                "--max-fetches",
+                "16",
+                snapshot_id,
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
         assert result.returncode == 0, result.stderr
         peaks.append(int(result.stdout.split()[-1]) * 1024)
         out.unlink()
@@ -384,12 +440,12 @@ def test_md5_only_when_asked(emulator: EmulatorServer, tmp_path: Path) -> None:
     # A manifest's MD5 is checked too: the image's bytes are right, the MD5 is not.
     m["md5"] = hashlib.md5(b"another image").hexdigest()
     (tmp_path / "md5.img.manifest.json").write_text(json.dumps(m))
-    assert_one_line_error(ebsfs("verify", str(with_md5)), "does not match its manifest",
-                          "digests differ")
+    assert_one_line_error(
+        ebsfs("verify", str(with_md5)), "does not match its manifest", "digests differ"
+    )
 
 
-def test_no_image_hash_still_pins_every_byte(emulator: EmulatorServer, tmp_path: Path
-                                             ) -> None:
+def test_no_image_hash_still_pins_every_byte(emulator: EmulatorServer, tmp_path: Path) -> None:
     """--no-image-hash: no whole-image digest, but each written block's SHA-256 and the
     zeros elsewhere are still recorded and checked, so a changed byte is still named."""
     blocks = sparse_blocks(15, volume_gib=1, every=7)
@@ -402,7 +458,8 @@ def test_no_image_hash_still_pins_every_byte(emulator: EmulatorServer, tmp_path:
     m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
     assert (m["sha256"], m["md5"], m["written_blocks"]) == (None, None, len(blocks))
     assert m["blocks"]["list"] == [
-        [i, hashlib.sha256(blocks[i]).hexdigest()] for i in sorted(blocks)]
+        [i, hashlib.sha256(blocks[i]).hexdigest()] for i in sorted(blocks)
+    ]
     checked = ebsfs("verify", str(out))
     assert checked.returncode == 0, checked.stderr
     assert "OK" in checked.stdout and "no whole-image hash" in checked.stdout
@@ -416,7 +473,8 @@ def test_no_image_hash_still_pins_every_byte(emulator: EmulatorServer, tmp_path:
     assert result.returncode == 1
     assert [line.split(": ")[1] for line in result.stdout.splitlines()] == [
         f"block {written} (offset {written * BLOCK_SIZE})",
-        f"block {hole} (offset {hole * BLOCK_SIZE})"]
+        f"block {hole} (offset {hole * BLOCK_SIZE})",
+    ]
 
 
 def test_md5_needs_the_image_hash(emulator: EmulatorServer, tmp_path: Path) -> None:
@@ -452,15 +510,19 @@ def test_journal_state_is_read_and_written_as_the_json_of_before(tmp_path: Path)
         assert state.zeroed_through == (805306368 if zeroed else None)
         journal.save(state)
         assert state_file.read_text() == text
-    for broken in ('{"snapshot_id": "snap-0ac0"}', '[1]',
-                   OLD_STATE.replace('"runs": 1', '"runs": "one"') % ('"/x"', "")):
+    for broken in (
+        '{"snapshot_id": "snap-0ac0"}',
+        "[1]",
+        OLD_STATE.replace('"runs": 1', '"runs": "one"') % ('"/x"', ""),
+    ):
         state_file.write_text(broken)
         with pytest.raises(OutputError, match="is not an ebsfs journal"):
             journal.load()
 
 
-def test_unfinished_copy_of_an_earlier_version_resumes(store: SnapshotStore,
-                                                      tmp_path: Path) -> None:
+def test_unfinished_copy_of_an_earlier_version_resumes(
+    store: SnapshotStore, tmp_path: Path
+) -> None:
     blocks = {i: pattern_block(12, i) for i in (0, 1, 2, 700, 900, 2047)}
     add(store, SNAP, blocks, volume_gib=1)
     out = tmp_path / "disk.img"
@@ -477,9 +539,13 @@ def test_unfinished_copy_of_an_earlier_version_resumes(store: SnapshotStore,
     config = EngineConfig(ConnectionOptions(), cache_size=64 * 1024**2, max_fetches=8)
     result = acquire.get(config, acquire.GetRequest(SNAP, str(out)), api=api)
     assert sorted(i for _, i in api.block_gets) == [1, 900, 2047]
-    assert result.manifest.counts == {"fetched_blocks": 3, "base_blocks": 0,
-                                      "resumed_blocks": 3, "refetched_blocks": 0,
-                                      "runs": 2}
+    assert result.manifest.counts == {
+        "fetched_blocks": 3,
+        "base_blocks": 0,
+        "resumed_blocks": 3,
+        "refetched_blocks": 0,
+        "runs": 2,
+    }
     assert result.manifest.started == "2025-01-02T03:04:05.000006Z"
     assert file_digest(out) == digests(blocks, GIB)[0]
     assert leftovers(out) == []
@@ -488,11 +554,26 @@ def test_unfinished_copy_of_an_earlier_version_resumes(store: SnapshotStore,
 def test_help_explains_every_option() -> None:
     result = ebsfs("get", "--help")
     assert result.returncode == 0
-    for option in ("--manifest", "--base-image", "--base-manifest", "--md5", "--no-image-hash",
-                   "--quiet",
-                   "--cache-size", "--max-fetches", "--read-timeout", "--request-timeout",
-                   "--region", "--profile", "--endpoint-url", "--ec2-endpoint-url",
-                   "--verbose", "--log-file", "block device", "OUTPUT.part"):
+    for option in (
+        "--manifest",
+        "--base-image",
+        "--base-manifest",
+        "--md5",
+        "--no-image-hash",
+        "--quiet",
+        "--cache-size",
+        "--max-fetches",
+        "--read-timeout",
+        "--request-timeout",
+        "--region",
+        "--profile",
+        "--endpoint-url",
+        "--ec2-endpoint-url",
+        "--verbose",
+        "--log-file",
+        "block device",
+        "OUTPUT.part",
+    ):
         assert option in result.stdout, option
     assert "--manifest" in ebsfs("verify", "--help").stdout
     listing = ebsfs("ls", "--help").stdout
@@ -503,10 +584,9 @@ def test_help_explains_every_option() -> None:
         assert option in mount
 
 
-def test_a_copy_recycles_the_slabs_it_has_written_and_hashed(emulator: EmulatorServer,
-                                                            tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_a_copy_recycles_the_slabs_it_has_written_and_hashed(
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each block's slab goes back to the cache once written and hashed (its loan), so a
     copy larger than its cache reuses memory instead of touching fresh pages."""
     blocks = {i: pattern_block(15, i) for i in range(96)}
@@ -520,8 +600,23 @@ def test_a_copy_recycles_the_slabs_it_has_written_and_hashed(emulator: EmulatorS
 
     monkeypatch.setattr(BlockCache, "__init__", spy)
     out = tmp_path / "disk.img"
-    assert cli.main(["get", "-q", "--endpoint-url", emulator.url, "--cache-size", "8M",
-                     "--max-fetches", "4", SNAP, str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "get",
+                "-q",
+                "--endpoint-url",
+                emulator.url,
+                "--cache-size",
+                "8M",
+                "--max-fetches",
+                "4",
+                SNAP,
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert file_digest(out) == digests(blocks, GIB)[0]
     # 96 blocks are 48 slabs, 16 of which fit the cache: most must be recycled memory.
     assert len(caches) == 1 and caches[0].recycled > len(blocks) // 4

@@ -29,8 +29,11 @@ GARBAGE = b"\xaa" * BLOCK_SIZE
 @contextlib.contextmanager
 def tmpfs(target: Path, size: str) -> Iterator[Path]:
     target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield target
     finally:
@@ -52,8 +55,16 @@ def test_get_onto_a_loop_device(emulator: EmulatorServer, tmp_path: Path) -> Non
         f.write(GARBAGE)
     manifest_file = tmp_path / "disk.manifest.json"
     with loop_device(backing, writable=True) as device:
-        result = ebsfs("get", "--endpoint-url", emulator.url, "--manifest", str(manifest_file),
-                       SNAP, device, timeout=180)
+        result = ebsfs(
+            "get",
+            "--endpoint-url",
+            emulator.url,
+            "--manifest",
+            str(manifest_file),
+            SNAP,
+            device,
+            timeout=180,
+        )
         assert result.returncode == 0, result.stderr
         sha256 = digests(blocks, GIB)[0]
         assert file_digest(device, GIB) == sha256
@@ -64,8 +75,9 @@ def test_get_onto_a_loop_device(emulator: EmulatorServer, tmp_path: Path) -> Non
         assert m["sha256"] == sha256 and m["output"] == device
         checked = ebsfs("verify", "--manifest", str(manifest_file), device, timeout=180)
         assert checked.returncode == 0, checked.stdout + checked.stderr
-        again = ebsfs("get", "--endpoint-url", emulator.url, "--manifest",
-                      str(manifest_file), SNAP, device)
+        again = ebsfs(
+            "get", "--endpoint-url", emulator.url, "--manifest", str(manifest_file), SNAP, device
+        )
         assert again.returncode == 0 and "already a finished copy" in again.stderr
     assert not list(tmp_path.glob("*.part*"))
 
@@ -76,20 +88,27 @@ def test_device_smaller_than_the_volume(emulator: EmulatorServer, tmp_path: Path
     with open(backing, "wb") as f:
         f.truncate(GIB // 2)
     with loop_device(backing, writable=True) as device:
-        result = ebsfs("get", "--endpoint-url", emulator.url, "--manifest",
-                       str(tmp_path / "m.json"), SNAP, device)
+        result = ebsfs(
+            "get",
+            "--endpoint-url",
+            emulator.url,
+            "--manifest",
+            str(tmp_path / "m.json"),
+            SNAP,
+            device,
+        )
     assert_one_line_error(result, device, "at least the volume's size")
     assert gets(emulator) == 0
 
 
 def test_full_disk_fails_in_one_line_and_resumes_once_there_is_room(
-        emulator: EmulatorServer, tmp_path: Path) -> None:
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
     blocks = {i: pattern_block(2, i) for i in range(0, 240, 2)}  # 60 MiB of data
     add(emulator.store, SNAP, blocks, volume_gib=1)
     with tmpfs(tmp_path / "small", "24m") as small:
         out = small / "disk.img"
-        result = ebsfs("get", "--endpoint-url", emulator.url, "--max-fetches", "4", SNAP,
-                       str(out))
+        result = ebsfs("get", "--endpoint-url", emulator.url, "--max-fetches", "4", SNAP, str(out))
         assert_one_line_error(result, "No space left on device", "resumes")
         kept = {p.name for p in small.iterdir()}
         assert {"disk.img.part", "disk.img.part.json", "disk.img.part.sums"} <= kept
@@ -97,8 +116,7 @@ def test_full_disk_fails_in_one_line_and_resumes_once_there_is_room(
         first_run = gets(emulator)
         assert 0 < first_run < len(blocks)
         subprocess.run(["mount", "-o", "remount,size=128m", str(small)], check=True)
-        result = ebsfs("get", "--endpoint-url", emulator.url, "--max-fetches", "4", SNAP,
-                       str(out))
+        result = ebsfs("get", "--endpoint-url", emulator.url, "--max-fetches", "4", SNAP, str(out))
         assert result.returncode == 0, result.stderr
         assert file_digest(out) == digests(blocks, GIB)[0]
         m = json.loads((small / "disk.img.manifest.json").read_text())

@@ -14,12 +14,16 @@ from tests.fakes import pattern_block
 
 def fill(cache: BlockCache, snapshot_id: str, indexes: list[int]) -> None:
     """Fetch blocks, giving each view back at once (as read-ahead does)."""
+
     async def run() -> None:
         for i in indexes:
+
             async def fetch(room: memoryview | None, lent: Loan, i: int = i) -> Block:
                 return Block(pattern_block(7, i), None)
+
             with Loan() as loan:
                 await cache.get((snapshot_id, i), fetch, loan)
+
     trio.run(run)
 
 
@@ -85,8 +89,10 @@ def test_a_viewed_slab_is_never_reused_nor_overwritten(how: str) -> None:
     held = Loan()
     view: bytes | memoryview | None
     if how == "fetched on a loan":
+
         async def fetch(room: memoryview | None, lent: Loan) -> Block:
             return Block(pattern_block(7, 0), None)
+
         view = trio.run(cache.get, ("s", 0), fetch, held).data
     else:
         fill(cache, "s", [0, 1])

@@ -43,20 +43,29 @@ def assert_one_line_error(result, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("512M", 512 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", int(1.5 * 2**30)), ("65536", 65536),
-    ("100k", 102400),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("512M", 512 * 2**20),
+        ("2G", 2 * 2**30),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("65536", 65536),
+        ("100k", 102400),
+    ],
+)
 def test_parse_size(text, expected) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--cache-size", "lots"], ["--cache-size", "lots"]),
-    (["--max-fetches", "0"], ["--max-fetches"]),
-    (["--read-timeout", "-1"], ["--read-timeout"]),
-    (["--cache-dir-size", "big"], ["--cache-dir-size", "big"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--cache-size", "lots"], ["--cache-size", "lots"]),
+        (["--max-fetches", "0"], ["--max-fetches"]),
+        (["--read-timeout", "-1"], ["--read-timeout"]),
+        (["--cache-dir-size", "big"], ["--cache-dir-size", "big"]),
+    ],
+)
 def test_bad_option_values(args, words, mnt) -> None:
     assert_one_line_error(ebsfs("mount", *args, SNAP, str(mnt)), *words)
 
@@ -119,11 +128,14 @@ def test_access_denied(emulator: EmulatorServer, mnt, monkeypatch) -> None:
     assert_one_line_error(result, "access denied", "ebs:GetSnapshotBlock")
 
 
-@pytest.mark.parametrize("variable,value", [
-    ("AWS_SECRET_ACCESS_KEY", "wrong"), ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN"),
-])
-def test_rejected_credentials(emulator: EmulatorServer, mnt, monkeypatch, variable,
-                              value) -> None:
+@pytest.mark.parametrize(
+    "variable,value",
+    [
+        ("AWS_SECRET_ACCESS_KEY", "wrong"),
+        ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN"),
+    ],
+)
+def test_rejected_credentials(emulator: EmulatorServer, mnt, monkeypatch, variable, value) -> None:
     emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
     monkeypatch.setenv(variable, value)
     result = ebsfs("mount", "--endpoint-url", emulator.url, SNAP, str(mnt))
@@ -138,8 +150,9 @@ def test_untrusted_certificate(https_emulator: EmulatorServer, mnt, monkeypatch)
 
 
 @needs_fuse
-def test_region_and_endpoint_from_the_environment(emulator: EmulatorServer, mnt,
-                                                  monkeypatch, signed_regions) -> None:
+def test_region_and_endpoint_from_the_environment(
+    emulator: EmulatorServer, mnt, monkeypatch, signed_regions
+) -> None:
     """AWS_REGION and AWS_ENDPOINT_URL work like --region and --endpoint-url: the
     emulator serves the bytes, and every request is signed for eu-west-1."""
     block = pattern_block(1, 0)
@@ -159,21 +172,34 @@ def test_region_and_endpoint_from_the_environment(emulator: EmulatorServer, mnt,
 def test_help_explains_every_option() -> None:
     result = ebsfs("mount", "--help")
     assert result.returncode == 0
-    for option in ("--foreground", "--cache-size", "--max-fetches", "--read-timeout",
-                   "--allow-other", "--region", "--profile", "--endpoint-url", "--verbose",
-                   "--log-file", "--cache-dir", "--cache-dir-size"):
+    for option in (
+        "--foreground",
+        "--cache-size",
+        "--max-fetches",
+        "--read-timeout",
+        "--allow-other",
+        "--region",
+        "--profile",
+        "--endpoint-url",
+        "--verbose",
+        "--log-file",
+        "--cache-dir",
+        "--cache-dir-size",
+    ):
         assert option in result.stdout
     result = ebsfs("stats", "--help")
     assert result.returncode == 0 and "--json" in result.stdout
 
 
-@pytest.mark.parametrize("setup,words", [
-    ("file", ["is not a directory"]),
-    ("foreign", ["is not empty and is not an ebsfs cache"]),
-    ("small", ["cache dir size must be at least 1M"]),
-])
-def test_cache_dirs_that_cannot_work(emulator: EmulatorServer, mnt, tmp_path, setup,
-                                     words) -> None:
+@pytest.mark.parametrize(
+    "setup,words",
+    [
+        ("file", ["is not a directory"]),
+        ("foreign", ["is not empty and is not an ebsfs cache"]),
+        ("small", ["cache dir size must be at least 1M"]),
+    ],
+)
+def test_cache_dirs_that_cannot_work(emulator: EmulatorServer, mnt, tmp_path, setup, words) -> None:
     emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)})
     cache = tmp_path / "cache"
     size = ["--cache-dir-size", "100k"] if setup == "small" else []
@@ -182,8 +208,9 @@ def test_cache_dirs_that_cannot_work(emulator: EmulatorServer, mnt, tmp_path, se
     elif setup == "foreign":
         cache.mkdir()
         (cache / "thesis.tex").write_text("mine")
-    result = ebsfs("mount", "--endpoint-url", emulator.url, "--cache-dir", str(cache), *size,
-                   SNAP, str(mnt))
+    result = ebsfs(
+        "mount", "--endpoint-url", emulator.url, "--cache-dir", str(cache), *size, SNAP, str(mnt)
+    )
     assert_one_line_error(result, *words)
     assert not os.path.ismount(mnt)
     if setup == "foreign":
@@ -203,9 +230,14 @@ def test_already_mounted(emulator: EmulatorServer, tmp_path) -> None:
         assert_one_line_error(result, "already a mount point")
 
 
-@pytest.mark.parametrize("command", [
-    ["mount", SNAP, "/mnt"], ["get", SNAP, "disk.img"], ["diff", SNAP, "snap-0c2"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["mount", SNAP, "/mnt"],
+        ["get", SNAP, "disk.img"],
+        ["diff", SNAP, "snap-0c2"],
+    ],
+)
 def test_no_direct_get_reaches_the_connection_options(command: list[str]) -> None:
     parser = build_parser()
     assert engine_config(parser.parse_args(command)).connection.direct_get is True
@@ -214,8 +246,9 @@ def test_no_direct_get_reaches_the_connection_options(command: list[str]) -> Non
     assert connection_options(args).direct_get is False
 
 
-def test_no_direct_get_reaches_the_clients(emulator: EmulatorServer, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_direct_get_reaches_the_clients(
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every EBS client that `get` and `diff` make is told, whichever path builds it."""
     add(emulator.store, SNAP, sparse_blocks(1, volume_gib=1), volume_gib=1)
     emulator.store.add_snapshot("snap-0c2", {0: pattern_block(2, 0)}, parent=SNAP)
@@ -261,8 +294,7 @@ def root_logger() -> Iterator[logging.Logger]:
 
 
 @pytest.mark.expected_log("ebsfs.test: heard by both")
-def test_logging_replaces_only_its_own_handler(root_logger: logging.Logger,
-                                               tmp_path: Path) -> None:
+def test_logging_replaces_only_its_own_handler(root_logger: logging.Logger, tmp_path: Path) -> None:
     """Set up twice (a second main() in one process, the mount's background child):
     one handler of ours, the latest, and every other handler of the root logger kept
     (pytest's capture, the test suite's log check, an embedding program's)."""
@@ -279,8 +311,9 @@ def test_logging_replaces_only_its_own_handler(root_logger: logging.Logger,
     assert "heard by both" in (tmp_path / "ebsfs.log").read_text()
 
 
-def test_main_in_process_keeps_the_other_handlers(emulator: EmulatorServer,
-                                                  root_logger: logging.Logger) -> None:
+def test_main_in_process_keeps_the_other_handlers(
+    emulator: EmulatorServer, root_logger: logging.Logger
+) -> None:
     theirs = _Records()
     root_logger.addHandler(theirs)
     emulator.store.add_snapshot(SNAP, {0: pattern_block(1, 0)}, volume_size_gib=1)
@@ -292,8 +325,9 @@ def test_main_in_process_keeps_the_other_handlers(emulator: EmulatorServer,
 
 
 @pytest.mark.expected_log("ebsfs: said to the new stderr")
-def test_logging_writes_to_the_stderr_of_the_moment(root_logger: logging.Logger,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logging_writes_to_the_stderr_of_the_moment(
+    root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A caller in the same process may swap sys.stderr after main() (pytest does, per
     test): messages follow it instead of going to a stream that may be closed."""
     setup_logging(0, None, background=False)

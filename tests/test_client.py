@@ -59,8 +59,11 @@ class PathSpy:
         self.sent: collections.Counter[str] = collections.Counter()
         if api._direct is not None:
             monkeypatch.setattr(api._direct, "get", self._counting("direct", api._direct.get))
-        monkeypatch.setattr(api._client, "get_snapshot_block",
-                            self._counting("botocore", api._client.get_snapshot_block))
+        monkeypatch.setattr(
+            api._client,
+            "get_snapshot_block",
+            self._counting("botocore", api._client.get_snapshot_block),
+        )
 
     def _counting(self, path: str, call: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -82,8 +85,11 @@ def get_paths(api: BotoEbsApi, monkeypatch: pytest.MonkeyPatch) -> collections.C
 @pytest.fixture(params=["direct", "botocore"])
 def api(request, emulator: EmulatorServer, monkeypatch) -> BotoEbsApi:
     emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
-    client = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY,
-                                          direct_get=request.param == "direct"))
+    client = BotoEbsApi(
+        ConnectionOptions(
+            endpoint_url=emulator.url, retry=FAST_RETRY, direct_get=request.param == "direct"
+        )
+    )
     assert get_paths(client, monkeypatch) == {request.param: 2}
     return client
 
@@ -150,13 +156,17 @@ def test_error_mapping(api, emulator, store) -> None:
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
-def test_https_with_a_trusted_certificate(https_emulator: EmulatorServer, monkeypatch,
-                                          path) -> None:
+def test_https_with_a_trusted_certificate(
+    https_emulator: EmulatorServer, monkeypatch, path
+) -> None:
     """The real service's scheme: TLS on both GET paths, bodies cut short and corrupted
     included (a TLS stream cut mid-body must be retried, never half-served)."""
     https_emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(0, 40, 2)})
-    api = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url, retry=FAST_RETRY,
-                                       direct_get=path == "direct"))
+    api = BotoEbsApi(
+        ConnectionOptions(
+            endpoint_url=https_emulator.url, retry=FAST_RETRY, direct_get=path == "direct"
+        )
+    )
     assert https_emulator.url.startswith("https://")
     assert get_paths(api, monkeypatch) == {path: 2}
     t = tokens(api)
@@ -170,14 +180,18 @@ def test_https_with_a_trusted_certificate(https_emulator: EmulatorServer, monkey
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
-def test_https_with_an_untrusted_certificate_fails_at_once(https_emulator: EmulatorServer,
-                                                           monkeypatch, path) -> None:
+def test_https_with_an_untrusted_certificate_fails_at_once(
+    https_emulator: EmulatorServer, monkeypatch, path
+) -> None:
     https_emulator.store.add_snapshot(SNAP, {0: pattern_block(4, 0)})
     api = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url, retry=FAST_RETRY))
     t = tokens(api)
     monkeypatch.delenv("AWS_CA_BUNDLE")
-    untrusting = BotoEbsApi(ConnectionOptions(endpoint_url=https_emulator.url,
-                                              retry=FAST_RETRY, direct_get=path == "direct"))
+    untrusting = BotoEbsApi(
+        ConnectionOptions(
+            endpoint_url=https_emulator.url, retry=FAST_RETRY, direct_get=path == "direct"
+        )
+    )
     spy = PathSpy(untrusting, monkeypatch)
     with pytest.raises(CertificateUntrusted, match="AWS_CA_BUNDLE"):
         untrusting.get_snapshot_block(SNAP, 0, t[0])
@@ -188,22 +202,28 @@ def test_https_with_an_untrusted_certificate_fails_at_once(https_emulator: Emula
 
 
 def test_unreachable_endpoint() -> None:
-    api = BotoEbsApi(ConnectionOptions(endpoint_url="http://127.0.0.1:9",
-                                       retry=RetryPolicy(attempts=2, base_delay=0.001)))
+    api = BotoEbsApi(
+        ConnectionOptions(
+            endpoint_url="http://127.0.0.1:9", retry=RetryPolicy(attempts=2, base_delay=0.001)
+        )
+    )
     with pytest.raises(RetriesExhausted) as err:
         api.get_snapshot_block(SNAP, 0, "AAAA")
     assert isinstance(err.value.__cause__, EndpointUnreachable)
 
 
-def test_fetch_concurrency_shrinks_while_throttled_and_grows_back(emulator: EmulatorServer
-                                                                  ) -> None:
+def test_fetch_concurrency_shrinks_while_throttled_and_grows_back(emulator: EmulatorServer) -> None:
     import trio
 
     from ebsfs.engine.remote import RemoteSnapshots
 
     emulator.store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(120)})
-    api = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=RetryPolicy(
-        attempts=30, base_delay=0.02, max_delay=0.5, deadline=60)))
+    api = BotoEbsApi(
+        ConnectionOptions(
+            endpoint_url=emulator.url,
+            retry=RetryPolicy(attempts=30, base_delay=0.02, max_delay=0.5, deadline=60),
+        )
+    )
     remote = RemoteSnapshots(api, max_fetches=64)
     t = dict(api.list_snapshot_blocks(SNAP, max_results=1000).blocks)
     limits = []
@@ -240,8 +260,11 @@ class _ForwardProxy(http.server.BaseHTTPRequestHandler):
         target = urllib.parse.urlsplit(self.path)
         self.server.seen.append(target.path)  # type: ignore[attr-defined]
         upstream = http.client.HTTPConnection(target.hostname or "", target.port, timeout=10)
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("proxy-connection", "proxy-authorization")}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("proxy-connection", "proxy-authorization")
+        }
         upstream.request("GET", f"{target.path}?{target.query}", headers=headers)
         answer = upstream.getresponse()
         body = answer.read()
@@ -280,9 +303,9 @@ def snapshot(emulator: EmulatorServer) -> EmulatorServer:
 
 
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
-def test_a_proxy_for_the_endpoint_turns_the_direct_path_off(snapshot: EmulatorServer,
-                                                            forward_proxy, monkeypatch,
-                                                            variable) -> None:
+def test_a_proxy_for_the_endpoint_turns_the_direct_path_off(
+    snapshot: EmulatorServer, forward_proxy, monkeypatch, variable
+) -> None:
     """botocore honours the proxy and the direct path cannot: GETs go through boto3."""
     url, seen = forward_proxy
     monkeypatch.setenv(variable, url)
@@ -292,12 +315,13 @@ def test_a_proxy_for_the_endpoint_turns_the_direct_path_off(snapshot: EmulatorSe
     assert f"/snapshots/{SNAP}/blocks/2" in seen
 
 
-@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost, 127.0.0.1", "*",
-                                      "127.0.0.1:{port}", ".0.0.1"])
+@pytest.mark.parametrize(
+    "no_proxy", ["127.0.0.1", "localhost, 127.0.0.1", "*", "127.0.0.1:{port}", ".0.0.1"]
+)
 @pytest.mark.parametrize("variable", ["NO_PROXY", "no_proxy"])
-def test_no_proxy_naming_the_endpoint_keeps_the_direct_path(snapshot: EmulatorServer,
-                                                            monkeypatch, variable,
-                                                            no_proxy) -> None:
+def test_no_proxy_naming_the_endpoint_keeps_the_direct_path(
+    snapshot: EmulatorServer, monkeypatch, variable, no_proxy
+) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     port = urllib.parse.urlsplit(snapshot.url).port
@@ -306,52 +330,82 @@ def test_no_proxy_naming_the_endpoint_keeps_the_direct_path(snapshot: EmulatorSe
     assert get_paths(api, monkeypatch) == {"direct": 2}
 
 
-def test_a_proxy_for_another_scheme_keeps_the_direct_path(snapshot: EmulatorServer,
-                                                          monkeypatch) -> None:
+def test_a_proxy_for_another_scheme_keeps_the_direct_path(
+    snapshot: EmulatorServer, monkeypatch
+) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the endpoint is http://
     api = BotoEbsApi(ConnectionOptions(endpoint_url=snapshot.url, retry=FAST_RETRY))
     assert get_paths(api, monkeypatch) == {"direct": 2}
 
 
 def test_direct_get_false_turns_the_direct_path_off_and_says_so_once(
-        snapshot: EmulatorServer, monkeypatch, caplog) -> None:
+    snapshot: EmulatorServer, monkeypatch, caplog
+) -> None:
     caplog.set_level(logging.INFO, logger="ebsfs")
     listing_only = BotoEbsApi(ConnectionOptions(endpoint_url=snapshot.url, direct_get=False))
     tokens(listing_only)
     assert not caplog.records  # a client that only lists has nothing to say
-    api = BotoEbsApi(ConnectionOptions(endpoint_url=snapshot.url, retry=FAST_RETRY,
-                                       direct_get=False))
+    api = BotoEbsApi(
+        ConnectionOptions(endpoint_url=snapshot.url, retry=FAST_RETRY, direct_get=False)
+    )
     assert get_paths(api, monkeypatch) == {"botocore": 2}
     assert [r.getMessage() for r in caplog.records] == [
         "GetSnapshotBlock goes through boto3, not the faster direct path: direct GETs "
-        "turned off (--no-direct-get)"]
+        "turned off (--no-direct-get)"
+    ]
     assert caplog.records[0].levelno == logging.INFO
 
 
-@pytest.mark.parametrize(("url", "env", "expected"), [
-    ("https://ebs.us-east-1.amazonaws.com", {"HTTPS_PROXY": "http://p:3128"}, "https_proxy"),
-    ("https://ebs.us-east-1.amazonaws.com", {"https_proxy": "http://p:3128"}, "https_proxy"),
-    ("https://ebs.us-east-1.amazonaws.com", {"HTTP_PROXY": "http://p:3128"}, None),
-    ("https://ebs.us-east-1.amazonaws.com", {"all_proxy": "socks5://p:1080"}, None),
-    ("http://10.0.0.5:8080", {"http_proxy": "http://p:3128"}, "http_proxy"),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": ".amazonaws.com"}, None),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "no_proxy": "amazonaws.com"}, None),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "EBS.us-east-1.amazonaws.com"}, None),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, None),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "s3.amazonaws.com,example.com"},
-     "https_proxy"),
-    ("https://ebs.us-east-1.amazonaws.com",
-     {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "zonaws.com"}, "https_proxy"),
-    ("http://10.0.0.5:8080", {"http_proxy": "http://p:3128", "no_proxy": "10.0.0.5:8080"},
-     None),
-    ("http://10.0.0.5:8080", {"http_proxy": "http://p:3128", "no_proxy": "10.0.0.5:9090"},
-     "http_proxy"),
-])
+@pytest.mark.parametrize(
+    ("url", "env", "expected"),
+    [
+        ("https://ebs.us-east-1.amazonaws.com", {"HTTPS_PROXY": "http://p:3128"}, "https_proxy"),
+        ("https://ebs.us-east-1.amazonaws.com", {"https_proxy": "http://p:3128"}, "https_proxy"),
+        ("https://ebs.us-east-1.amazonaws.com", {"HTTP_PROXY": "http://p:3128"}, None),
+        ("https://ebs.us-east-1.amazonaws.com", {"all_proxy": "socks5://p:1080"}, None),
+        ("http://10.0.0.5:8080", {"http_proxy": "http://p:3128"}, "http_proxy"),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": ".amazonaws.com"},
+            None,
+        ),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "no_proxy": "amazonaws.com"},
+            None,
+        ),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "EBS.us-east-1.amazonaws.com"},
+            None,
+        ),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"},
+            None,
+        ),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "s3.amazonaws.com,example.com"},
+            "https_proxy",
+        ),
+        (
+            "https://ebs.us-east-1.amazonaws.com",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "zonaws.com"},
+            "https_proxy",
+        ),
+        (
+            "http://10.0.0.5:8080",
+            {"http_proxy": "http://p:3128", "no_proxy": "10.0.0.5:8080"},
+            None,
+        ),
+        (
+            "http://10.0.0.5:8080",
+            {"http_proxy": "http://p:3128", "no_proxy": "10.0.0.5:9090"},
+            "http_proxy",
+        ),
+    ],
+)
 def test_proxy_rules(monkeypatch, url: str, env: dict[str, str], expected: str | None) -> None:
     """urllib's rules, which botocore follows: per scheme, any case, no_proxy by host,
     domain suffix (not a bare string suffix), host:port, and '*'."""
@@ -364,14 +418,14 @@ def test_proxy_rules(monkeypatch, url: str, env: dict[str, str], expected: str |
 
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
-def test_the_fake_maps_errors_as_the_client_does(emulator: EmulatorServer, store, path
-                                                 ) -> None:
+def test_the_fake_maps_errors_as_the_client_does(emulator: EmulatorServer, store, path) -> None:
     """tests/fakes.StoreApi and the real client, same store, same mistakes: the same
     typed errors with the same messages."""
     store.add_snapshot(SNAP, {i: pattern_block(4, i) for i in range(4)})
     store.add_snapshot("snap-0d0d", {0: pattern_block(5, 0)})
-    real = BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY,
-                                        direct_get=path == "direct"))
+    real = BotoEbsApi(
+        ConnectionOptions(endpoint_url=emulator.url, retry=FAST_RETRY, direct_get=path == "direct")
+    )
     fake = StoreApi(store)
     t = tokens(real)
     mistakes: list[Callable[[Any], object]] = [
@@ -393,13 +447,14 @@ def test_the_fake_maps_errors_as_the_client_does(emulator: EmulatorServer, store
 # ---- the session: region, profile, endpoint, credentials ----------------------------
 
 
-def test_aws_region_comes_before_aws_default_region(emulator: EmulatorServer,
-                                                   monkeypatch) -> None:
+def test_aws_region_comes_before_aws_default_region(emulator: EmulatorServer, monkeypatch) -> None:
     assert BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url)).region == "us-east-1"
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     assert BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url)).region == "eu-west-1"
-    assert BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url,
-                                        region="ap-south-1")).region == "ap-south-1"
+    assert (
+        BotoEbsApi(ConnectionOptions(endpoint_url=emulator.url, region="ap-south-1")).region
+        == "ap-south-1"
+    )
 
 
 def test_the_profile_gives_the_region(emulator: EmulatorServer, monkeypatch) -> None:
@@ -411,8 +466,7 @@ def test_the_profile_gives_the_region(emulator: EmulatorServer, monkeypatch) -> 
 
 
 @pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_EBS", "AWS_ENDPOINT_URL"])
-def test_endpoint_from_the_environment(snapshot: EmulatorServer, monkeypatch,
-                                       variable) -> None:
+def test_endpoint_from_the_environment(snapshot: EmulatorServer, monkeypatch, variable) -> None:
     monkeypatch.setenv(variable, snapshot.url)
     api = BotoEbsApi(ConnectionOptions(retry=FAST_RETRY))
     assert api.endpoint_url == snapshot.url
@@ -420,19 +474,24 @@ def test_endpoint_from_the_environment(snapshot: EmulatorServer, monkeypatch,
     assert snapshot.counters.calls["GetSnapshotBlock"] == 2
 
 
-def test_endpoint_url_option_comes_before_the_environment(snapshot: EmulatorServer,
-                                                          monkeypatch) -> None:
+def test_endpoint_url_option_comes_before_the_environment(
+    snapshot: EmulatorServer, monkeypatch
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_EBS", "http://127.0.0.1:9")
     assert BotoEbsApi(ConnectionOptions(endpoint_url=snapshot.url)).endpoint_url == snapshot.url
 
 
-@pytest.mark.parametrize(("options", "unset", "message"), [
-    ({"profile": "nope"}, None, "AWS profile not found: nope"),
-    ({}, "AWS_DEFAULT_REGION", "no AWS region configured: pass --region or set AWS_REGION"),
-    ({"endpoint_url": "not a url"}, None, "invalid endpoint URL: Invalid endpoint: not a url"),
-])
-def test_configuration_mistakes_are_user_errors(monkeypatch, options: dict[str, Any],
-                                                unset: str | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("options", "unset", "message"),
+    [
+        ({"profile": "nope"}, None, "AWS profile not found: nope"),
+        ({}, "AWS_DEFAULT_REGION", "no AWS region configured: pass --region or set AWS_REGION"),
+        ({"endpoint_url": "not a url"}, None, "invalid endpoint URL: Invalid endpoint: not a url"),
+    ],
+)
+def test_configuration_mistakes_are_user_errors(
+    monkeypatch, options: dict[str, Any], unset: str | None, message: str
+) -> None:
     if unset:
         monkeypatch.delenv(unset)
     with pytest.raises(UserInputError) as err:

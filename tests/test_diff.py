@@ -46,8 +46,7 @@ def test_ranges_merge_adjacent_blocks() -> None:
     for i in CHANGED + [5, 100]:  # repeats are ignored
         diff.record(ChangedBlock(i, "t", "t"))
     ranges = list(diff.ranges())
-    assert [(r.first_block, r.last_block) for r in ranges] == [(3, 5), (100, 100),
-                                                               (1500, 1501)]
+    assert [(r.first_block, r.last_block) for r in ranges] == [(3, 5), (100, 100), (1500, 1501)]
     assert ranges[0].offset == 3 * BLOCK_SIZE and ranges[0].length == 3 * BLOCK_SIZE
     assert diff.changed_count == len(CHANGED) and diff.range_count == 3
 
@@ -58,13 +57,17 @@ class SyntheticChanges:
     def __init__(self, changed: int) -> None:
         self.changed = changed
 
-    def list_changed_blocks(self, first_id, second_id, start_index=0, next_token=None,
-                            max_results=10000):
+    def list_changed_blocks(
+        self, first_id, second_id, start_index=0, next_token=None, max_results=10000
+    ):
         start = int(next_token) if next_token else start_index // 2
         stop = min(start + min(max_results, 2000), self.changed)  # short pages, as allowed
-        return ChangedPage([ChangedBlock(2 * n, "a", "b") for n in range(start, stop)],
-                           str(stop) if stop < self.changed else None, float("inf"),
-                           16 * 1024**4)
+        return ChangedPage(
+            [ChangedBlock(2 * n, "a", "b") for n in range(start, stop)],
+            str(stop) if stop < self.changed else None,
+            float("inf"),
+            16 * 1024**4,
+        )
 
 
 def peak_bytes(changed: int, out_path: Path) -> int:
@@ -104,8 +107,12 @@ def test_diff_json_lists_exactly_the_changed_blocks_with_short_pages(lineage) ->
     assert data["changed_blocks"] == CHANGED
     assert data["first"] == PARENT and data["second"] == CHILD
     assert data["block_size"] == BLOCK_SIZE and data["volume_size"] == 1024**3
-    assert data["ranges"][0] == {"offset": 3 * BLOCK_SIZE, "length": 3 * BLOCK_SIZE,
-                                 "first_block": 3, "last_block": 5}
+    assert data["ranges"][0] == {
+        "offset": 3 * BLOCK_SIZE,
+        "length": 3 * BLOCK_SIZE,
+        "first_block": 3,
+        "last_block": 5,
+    }
     assert data["only_in_second"] == 2  # 1500 and 1501 were never in the parent
     assert lineage.counters.calls["ListChangedBlocks"] > 3
 
@@ -118,11 +125,14 @@ def test_diff_text_summary(lineage) -> None:
     assert f"{1500 * BLOCK_SIZE}" in result.stdout
 
 
-@pytest.mark.parametrize("first,second,words", [
-    (PARENT, OTHER, ["not of the same volume lineage"]),
-    (PARENT, "snap-0fff", ["snapshot not found"]),
-    ("snap-XYZ", CHILD, ["invalid snapshot id"]),
-])
+@pytest.mark.parametrize(
+    "first,second,words",
+    [
+        (PARENT, OTHER, ["not of the same volume lineage"]),
+        (PARENT, "snap-0fff", ["snapshot not found"]),
+        ("snap-XYZ", CHILD, ["invalid snapshot id"]),
+    ],
+)
 def test_diff_errors(lineage, first, second, words) -> None:
     result = ebsfs("diff", "--endpoint-url", lineage.url, first, second)
     assert result.returncode != 0
@@ -154,8 +164,9 @@ def test_child_read_after_parent_fetches_only_changed_blocks(lineage, tmp_path: 
         assert report.startswith(f"{PARENT} -> {CHILD}: 6 blocks changed")
         lines = report.splitlines()
         assert lines[-1].split() == [str(1500 * BLOCK_SIZE), str(2 * BLOCK_SIZE), "1500-1501"]
-        assert sorted(os.listdir(mnt)) == sorted([f"{PARENT}.img", f"{CHILD}.img",
-                                                  f"{CHILD}.changes"])
+        assert sorted(os.listdir(mnt)) == sorted(
+            [f"{PARENT}.img", f"{CHILD}.img", f"{CHILD}.changes"]
+        )
 
 
 @needs_fuse

@@ -111,8 +111,7 @@ def test_a_truncated_data_file_or_a_wrong_checksum_is_never_served(tmp_path) -> 
     assert fresh.load("snap-0c2", 7, None).damaged
 
 
-def test_space_allocated_stays_within_the_size_and_the_least_recently_used_go(
-        tmp_path) -> None:
+def test_space_allocated_stays_within_the_size_and_the_least_recently_used_go(tmp_path) -> None:
     clock = iter(range(1, 10**6))
     size = 16 * MIB
     cache = DiskCache(str(tmp_path / "c"), size, clock=lambda: float(next(clock)))
@@ -240,8 +239,11 @@ def test_a_damaged_index_starts_an_empty_cache(tmp_path) -> None:
         f.write(b"garbage" * 20)
     again = DiskCache(str(tmp_path / "c"))
     assert again.blocks == 0 and load(again, SNAP, 0)[0].checksum is None
-    assert data_file(tmp_path / "c").stat().st_blocks == 0 if data_file(
-        tmp_path / "c").exists() else True
+    assert (
+        data_file(tmp_path / "c").stat().st_blocks == 0
+        if data_file(tmp_path / "c").exists()
+        else True
+    )
     store_blocks(again, SNAP, [0])
 
 
@@ -276,17 +278,19 @@ def test_lineage_candidates_are_snapshots_of_the_same_size_with_blocks(tmp_path)
 
 def lineage_store() -> SnapshotStore:
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-0a1", {i: pattern_block(1, i) for i in range(12)},
-                       volume_size_gib=1)
-    store.add_snapshot("snap-0a2", {3: pattern_block(2, 3), 7: pattern_block(2, 7),
-                                    20: pattern_block(2, 20)}, parent="snap-0a1")
-    store.add_snapshot("snap-0b1", {i: pattern_block(3, i) for i in range(4)},
-                       volume_size_gib=1)
+    store.add_snapshot("snap-0a1", {i: pattern_block(1, i) for i in range(12)}, volume_size_gib=1)
+    store.add_snapshot(
+        "snap-0a2",
+        {3: pattern_block(2, 3), 7: pattern_block(2, 7), 20: pattern_block(2, 20)},
+        parent="snap-0a1",
+    )
+    store.add_snapshot("snap-0b1", {i: pattern_block(3, i) for i in range(4)}, volume_size_gib=1)
     return store
 
 
-def session(store: SnapshotStore, cache_dir: Path, snapshot_id: str
-            ) -> tuple[StoreApi, Engine, bytes]:
+def session(
+    store: SnapshotStore, cache_dir: Path, snapshot_id: str
+) -> tuple[StoreApi, Engine, bytes]:
     """One engine's life: plan, build, read the first 24 blocks, close."""
     api = StoreApi(store)
     config = EngineConfig(cache_dir=str(cache_dir), cache_size=8 * MIB)
@@ -299,8 +303,9 @@ def session(store: SnapshotStore, cache_dir: Path, snapshot_id: str
 
 def expected_bytes(store: SnapshotStore, snapshot_id: str) -> bytes:
     blocks = store.get(snapshot_id).blocks
-    return b"".join(bytes(blocks[i].data()) if i in blocks else bytes(BLOCK_SIZE)
-                    for i in range(24))
+    return b"".join(
+        bytes(blocks[i].data()) if i in blocks else bytes(BLOCK_SIZE) for i in range(24)
+    )
 
 
 def test_a_second_session_reads_everything_from_disk(tmp_path) -> None:
@@ -330,8 +335,7 @@ def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
 # ---- the engine's side: queued writes, what other processes stored -------------------
 
 
-def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(
-        tmp_path) -> None:
+def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(tmp_path) -> None:
     from ebsfs.engine.disktier import DiskTier
     from ebsfs.engine.stats import Stats
     from ebsfs.service.api import Block

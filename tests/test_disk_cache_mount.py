@@ -74,8 +74,7 @@ def head(path: Path, size: int = SIZE) -> bytes:
 
 
 def gets(emulator: EmulatorServer, snapshot_id: str | None = None) -> int:
-    return sum(n for (s, _), n in emulator.counters.block_gets.items()
-               if snapshot_id in (None, s))
+    return sum(n for (s, _), n in emulator.counters.block_gets.items() if snapshot_id in (None, s))
 
 
 def stats_of(mnt: Path) -> dict:
@@ -92,8 +91,7 @@ def present(emulator: EmulatorServer, snapshot_id: str) -> list[int]:
     return emulator.store.get(snapshot_id).indexes
 
 
-def test_a_remount_rereads_the_whole_snapshot_with_no_block_calls(served, source,
-                                                                   tmp_path) -> None:
+def test_a_remount_rereads_the_whole_snapshot_with_no_block_calls(served, source, tmp_path) -> None:
     cache = tmp_path / "cache"
     want = volume_sha256(source.read_bytes())
     with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache)) as mnt:
@@ -109,8 +107,9 @@ def test_a_remount_rereads_the_whole_snapshot_with_no_block_calls(served, source
 
 
 @pytest.mark.expected_log(r"failed its SHA-256 check")
-def test_bytes_flipped_in_the_cache_files_are_caught_and_refetched(served, source,
-                                                                    tmp_path) -> None:
+def test_bytes_flipped_in_the_cache_files_are_caught_and_refetched(
+    served, source, tmp_path
+) -> None:
     cache = tmp_path / "cache"
     with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
@@ -125,8 +124,9 @@ def test_bytes_flipped_in_the_cache_files_are_caught_and_refetched(served, sourc
     # And a checksum in the index that no longer fits its block.
     wrong_sum = blocks[3]
     with sqlite3.connect(cache / INDEX_NAME) as conn:
-        conn.execute("UPDATE blocks SET checksum = 'AAAA' || substr(checksum, 5) "
-                     "WHERE idx = ?", (wrong_sum,))
+        conn.execute(
+            "UPDATE blocks SET checksum = 'AAAA' || substr(checksum, 5) WHERE idx = ?", (wrong_sum,)
+        )
     served.counters.reset()
     with mounted(served.url, [PARENT], tmp_path / "m2", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
@@ -142,8 +142,9 @@ def test_bytes_flipped_in_the_cache_files_are_caught_and_refetched(served, sourc
 
 
 @pytest.mark.expected_log(r"failed its SHA-256 check", r"cache index .* is damaged")
-def test_truncated_or_overwritten_cache_files_never_serve_bad_bytes(served, source,
-                                                                    tmp_path) -> None:
+def test_truncated_or_overwritten_cache_files_never_serve_bad_bytes(
+    served, source, tmp_path
+) -> None:
     cache = tmp_path / "cache"
     with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
@@ -153,7 +154,8 @@ def test_truncated_or_overwritten_cache_files_never_serve_bad_bytes(served, sour
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
     blocks = present(served, PARENT)
     assert sorted(i for (_, i) in served.counters.block_gets) == [
-        i for i in blocks if (i + 1) * BLOCK_SIZE > SIZE // 2 + 1000]
+        i for i in blocks if (i + 1) * BLOCK_SIZE > SIZE // 2 + 1000
+    ]
     with open(cache / INDEX_NAME, "r+b") as f:
         f.write(os.urandom(4096))  # the index's header and first page
     served.counters.reset()
@@ -162,8 +164,9 @@ def test_truncated_or_overwritten_cache_files_never_serve_bad_bytes(served, sour
     assert gets(served) == len(blocks)  # an empty cache, refilled
 
 
-def test_a_mount_killed_mid_read_leaves_a_cache_that_serves_exact_bytes(served, source,
-                                                                        tmp_path) -> None:
+def test_a_mount_killed_mid_read_leaves_a_cache_that_serves_exact_bytes(
+    served, source, tmp_path
+) -> None:
     cache = tmp_path / "cache"
     served.faults.latency = 0.05  # slow enough to be killed half way
     mnt = tmp_path / "m1"
@@ -171,7 +174,9 @@ def test_a_mount_killed_mid_read_leaves_a_cache_that_serves_exact_bytes(served, 
         pid = serving_pid(mnt)
         reader = subprocess.Popen(
             [sys.executable, "-c", f"open({str(mnt / (PARENT + '.img'))!r}, 'rb').read()"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while stats_of(mnt)["disk_cache"]["stored"] < 8:
@@ -198,8 +203,17 @@ def test_a_mount_killed_mid_read_leaves_a_cache_that_serves_exact_bytes(served, 
 
 def test_allocated_bytes_stay_within_the_cache_dir_size(served, source, tmp_path) -> None:
     cache = tmp_path / "cache"
-    with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache),
-                 "--cache-dir-size", "8M", "--cache-size", "1M") as mnt:
+    with mounted(
+        served.url,
+        [PARENT],
+        tmp_path / "m1",
+        "--cache-dir",
+        str(cache),
+        "--cache-dir-size",
+        "8M",
+        "--cache-size",
+        "1M",
+    ) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
         report = stats_of(mnt)
         assert allocated(cache) <= 8 * MIB + 64 * 1024, allocated(cache)
@@ -225,12 +239,16 @@ def test_the_cache_is_private_whatever_the_umask(served, source, tmp_path) -> No
 
 
 def test_a_child_mounted_alone_after_its_parent_costs_only_its_changed_blocks(
-        served, source, tmp_path) -> None:
+    served, source, tmp_path
+) -> None:
     blocks = present(served, PARENT)
     parent = source.read_bytes()
-    changes = {blocks[2]: os.urandom(BLOCK_SIZE), blocks[20]: os.urandom(BLOCK_SIZE),
-               blocks[21]: bytes(BLOCK_SIZE),  # overwritten with zeros: a written block
-               78: os.urandom(BLOCK_SIZE)}      # written only in the child
+    changes = {
+        blocks[2]: os.urandom(BLOCK_SIZE),
+        blocks[20]: os.urandom(BLOCK_SIZE),
+        blocks[21]: bytes(BLOCK_SIZE),  # overwritten with zeros: a written block
+        78: os.urandom(BLOCK_SIZE),
+    }  # written only in the child
     served.store.add_snapshot(CHILD, changes, parent=PARENT)
     served.store.add_snapshot(OTHER, {0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1)
     child = bytearray(parent)
@@ -239,7 +257,8 @@ def test_a_child_mounted_alone_after_its_parent_costs_only_its_changed_blocks(
     cache = tmp_path / "cache"
     with mounted(served.url, [OTHER], tmp_path / "m0", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{OTHER}.img", BLOCK_SIZE) == bytes(
-            served.store.get(OTHER).blocks[0].data())
+            served.store.get(OTHER).blocks[0].data()
+        )
     with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == parent
     served.counters.reset()
@@ -271,21 +290,31 @@ def test_two_mounts_share_one_cache_dir(served, source, tmp_path) -> None:
     cache = tmp_path / "cache"
     results: dict[str, bytes] = {}
     with (
-        mounted(served.url, [PARENT], tmp_path / "a", "--cache-dir", str(cache),
-                "--cache-size", "1M") as a,
-        mounted(served.url, [PARENT], tmp_path / "b", "--cache-dir", str(cache),
-                "--cache-size", "1M") as b,
+        mounted(
+            served.url, [PARENT], tmp_path / "a", "--cache-dir", str(cache), "--cache-size", "1M"
+        ) as a,
+        mounted(
+            served.url, [PARENT], tmp_path / "b", "--cache-dir", str(cache), "--cache-size", "1M"
+        ) as b,
         mounted(served.url, [OTHER], tmp_path / "c", "--cache-dir", str(cache)) as c,
     ):
-        readers = [threading.Thread(target=lambda p=p, k=k: results.__setitem__(k, head(p)))
-                   for k, p in (("a", a / f"{PARENT}.img"), ("b", b / f"{PARENT}.img"),
-                                ("c", c / f"{OTHER}.img"))]
+        readers = [
+            threading.Thread(target=lambda p=p, k=k: results.__setitem__(k, head(p)))
+            for k, p in (
+                ("a", a / f"{PARENT}.img"),
+                ("b", b / f"{PARENT}.img"),
+                ("c", c / f"{OTHER}.img"),
+            )
+        ]
         for t in readers:
             t.start()
         for t in readers:
             t.join(timeout=120)
-        assert results == {"a": source.read_bytes(), "b": source.read_bytes(),
-                           "c": source.read_bytes()}
+        assert results == {
+            "a": source.read_bytes(),
+            "b": source.read_bytes(),
+            "c": source.read_bytes(),
+        }
         # Each block of PARENT fetched by one of the two, or both: never wrong.
         assert gets(served, PARENT) <= 2 * len(present(served, PARENT))
     served.counters.reset()
@@ -304,8 +333,9 @@ def test_a_full_disk_never_breaks_reads(served, source, tmp_path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], check=True)
     try:
         cache = disk / "cache"
-        with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache),
-                     "--cache-size", "1M") as mnt:
+        with mounted(
+            served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache), "--cache-size", "1M"
+        ) as mnt:
             assert head(mnt / f"{PARENT}.img") == source.read_bytes()
             assert allocated(cache) <= 12 * MIB
             # Now fill the filesystem to the last byte behind the cache's back.

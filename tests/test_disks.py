@@ -49,8 +49,9 @@ def mbr_chs(tmp_path_factory: pytest.TempPathFactory) -> Disk:
 
 
 def sfdisk_json(image: Path) -> dict[str, Any]:
-    out = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out)["partitiontable"]
 
 
@@ -60,8 +61,9 @@ def by_number(table: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def loops_on(image: Path) -> str:
-    return subprocess.run(["losetup", "-j", str(image)], capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["losetup", "-j", str(image)], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def mount_entry(target: Path) -> tuple[str, set[str]]:
@@ -130,8 +132,12 @@ def test_mbr_table(mbr: Disk, mbr_chs: Disk, chs: bool) -> None:
 
 def check_blkid(disk: Disk) -> None:
     for part in disk.partitions:
-        out = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(part.offset),
-                              str(disk.path)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["blkid", "-p", "-o", "export", "-O", str(part.offset), str(disk.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         found = dict(line.split("=", 1) for line in out.splitlines())
         assert found["TYPE"] == part.fstype
         assert found["LABEL"] == part.label and found["UUID"] == part.uuid
@@ -161,11 +167,21 @@ def test_builds_are_reproducible(gpt: Disk, mbr: Disk, tmp_path: Path) -> None:
 
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.parametrize(("disk_name", "number"), [
-    ("gpt", 1), ("gpt", 2), ("gpt", 3), ("mbr", 1), ("mbr", 2), ("mbr", 5), ("mbr_chs", 1),
-])
-def test_loop_mount_partition(request: pytest.FixtureRequest, disk_name: str, number: int,
-                              tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("disk_name", "number"),
+    [
+        ("gpt", 1),
+        ("gpt", 2),
+        ("gpt", 3),
+        ("mbr", 1),
+        ("mbr", 2),
+        ("mbr", 5),
+        ("mbr_chs", 1),
+    ],
+)
+def test_loop_mount_partition(
+    request: pytest.FixtureRequest, disk_name: str, number: int, tmp_path: Path
+) -> None:
     disk: Disk = request.getfixturevalue(disk_name)
     part = disk.partition(number)
     target = tmp_path / "mnt"
@@ -181,11 +197,18 @@ def test_loop_mount_partition(request: pytest.FixtureRequest, disk_name: str, nu
 
 @needs_fuse
 @pytest.mark.mount
-@pytest.mark.parametrize(("disk_name", "number"), [
-    ("gpt", 1), ("gpt", 2), ("gpt", 3), ("mbr_chs", 1),
-])
-def test_loop_mount_file(request: pytest.FixtureRequest, disk_name: str, number: int,
-                         tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("disk_name", "number"),
+    [
+        ("gpt", 1),
+        ("gpt", 2),
+        ("gpt", 3),
+        ("mbr_chs", 1),
+    ],
+)
+def test_loop_mount_file(
+    request: pytest.FixtureRequest, disk_name: str, number: int, tmp_path: Path
+) -> None:
     disk: Disk = request.getfixturevalue(disk_name)
     part = disk.partition(number)
     file = extract_partition(disk.path, part, tmp_path / "part.img")

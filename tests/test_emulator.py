@@ -75,8 +75,10 @@ def test_max_results_out_of_bounds_is_refused_by_the_service(emulator, sparse) -
     for bad in ("99", "10001", "x"):
         url = f"{emulator.url}/snapshots/{SNAP}/blocks?maxResults={bad}"
         headers = GetSigner("ebs", "us-east-1").headers(
-            Credentials("AKIDTEST", "secret"), emulator.url.split("//", 1)[1],
-            f"/snapshots/{SNAP}/blocks", f"maxResults={bad}",
+            Credentials("AKIDTEST", "secret"),
+            emulator.url.split("//", 1)[1],
+            f"/snapshots/{SNAP}/blocks",
+            f"maxResults={bad}",
         )
         request = urllib.request.Request(url, headers=headers)
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -89,8 +91,9 @@ def test_max_results_out_of_bounds_is_refused_by_the_service(emulator, sparse) -
 def test_get_block_returns_bytes_with_true_checksum(ebs, sparse) -> None:
     page = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)
     block = page["Blocks"][5]
-    r = ebs.get_snapshot_block(SnapshotId=SNAP, BlockIndex=block["BlockIndex"],
-                               BlockToken=block["BlockToken"])
+    r = ebs.get_snapshot_block(
+        SnapshotId=SNAP, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+    )
     data = r["BlockData"].read()
     assert data == pattern_block(1, block["BlockIndex"])
     assert r["DataLength"] == BLOCK_SIZE and r["ChecksumAlgorithm"] == "SHA256"
@@ -99,12 +102,14 @@ def test_get_block_returns_bytes_with_true_checksum(ebs, sparse) -> None:
 
 def test_block_token_checked_against_index_snapshot_and_tampering(ebs, store, sparse) -> None:
     store.add_snapshot("snap-0bbb", {0: pattern_block(2, 0)}, volume_size_gib=1)
-    tokens = {b["BlockIndex"]: b["BlockToken"]
-              for b in ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)["Blocks"]}
+    tokens = {
+        b["BlockIndex"]: b["BlockToken"]
+        for b in ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)["Blocks"]
+    }
     cases = [
-        (SNAP, 3, tokens[0]),                      # token of another block
-        ("snap-0bbb", 0, tokens[0]),               # token of another snapshot
-        (SNAP, 0, "AAAA" + tokens[0][4:]),         # tampered
+        (SNAP, 3, tokens[0]),  # token of another block
+        ("snap-0bbb", 0, tokens[0]),  # token of another snapshot
+        (SNAP, 0, "AAAA" + tokens[0][4:]),  # tampered
     ]
     for snapshot_id, index, token in cases:
         with pytest.raises(ebs.exceptions.ValidationException) as err:
@@ -126,8 +131,9 @@ def test_block_tokens_expire(ebs, emulator, sparse) -> None:
 
 def test_page_tokens_expire_and_ignore_starting_index(ebs, emulator, sparse) -> None:
     page = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)
-    second = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100,
-                                      NextToken=page["NextToken"], StartingBlockIndex=2000)
+    second = ebs.list_snapshot_blocks(
+        SnapshotId=SNAP, MaxResults=100, NextToken=page["NextToken"], StartingBlockIndex=2000
+    )
     assert second["Blocks"][0]["BlockIndex"] == sparse[100]
     emulator.faults.page_token_lifetime = 0.5
     page = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)
@@ -154,8 +160,9 @@ def test_block_outside_volume_or_never_written(ebs, emulator, store, sparse) -> 
 
 
 def test_lineage_child_shares_parent_blocks_and_lists_changes(ebs, store) -> None:
-    store.add_snapshot("snap-0a01", {i: pattern_block(1, i) for i in range(0, 400)},
-                       volume_size_gib=1)
+    store.add_snapshot(
+        "snap-0a01", {i: pattern_block(1, i) for i in range(0, 400)}, volume_size_gib=1
+    )
     changes = {i: pattern_block(9, i) for i in (5, 150, 399, 1000)}
     changes[7] = bytes(BLOCK_SIZE)  # zeroed in the child: still a change
     changes[20] = pattern_block(1, 20)  # rewritten with the same bytes: no change
@@ -177,18 +184,21 @@ def test_lineage_child_shares_parent_blocks_and_lists_changes(ebs, store) -> Non
     by_index = {e["BlockIndex"]: e for e in entries}
     assert "FirstBlockToken" not in by_index[1000] and "SecondBlockToken" in by_index[1000]
     second = by_index[150]
-    data = ebs.get_snapshot_block(SnapshotId="snap-0a02", BlockIndex=150,
-                                  BlockToken=second["SecondBlockToken"])["BlockData"].read()
+    data = ebs.get_snapshot_block(
+        SnapshotId="snap-0a02", BlockIndex=150, BlockToken=second["SecondBlockToken"]
+    )["BlockData"].read()
     assert data == pattern_block(9, 150)
-    first = ebs.get_snapshot_block(SnapshotId="snap-0a01", BlockIndex=150,
-                                   BlockToken=second["FirstBlockToken"])["BlockData"].read()
+    first = ebs.get_snapshot_block(
+        SnapshotId="snap-0a01", BlockIndex=150, BlockToken=second["FirstBlockToken"]
+    )["BlockData"].read()
     assert first == pattern_block(1, 150)
 
 
 def test_changed_blocks_with_short_pages(ebs, emulator, store) -> None:
     store.add_snapshot("snap-0a01", {i: pattern_block(1, i) for i in range(2048)})
-    store.add_snapshot("snap-0a02", {i: pattern_block(2, i) for i in range(0, 2048, 5)},
-                       parent="snap-0a01")
+    store.add_snapshot(
+        "snap-0a02", {i: pattern_block(2, i) for i in range(0, 2048, 5)}, parent="snap-0a01"
+    )
     emulator.faults.short_pages = 1.0
     found, token, empties = [], None, 0
     while True:
@@ -209,8 +219,9 @@ def test_unrelated_snapshots_are_refused(ebs, store) -> None:
     store.add_snapshot("snap-0a01", {0: pattern_block(1, 0)})
     store.add_snapshot("snap-0b01", {0: pattern_block(2, 0)})
     with pytest.raises(ebs.exceptions.ValidationException) as err:
-        ebs.list_changed_blocks(FirstSnapshotId="snap-0a01", SecondSnapshotId="snap-0b01",
-                                MaxResults=100)
+        ebs.list_changed_blocks(
+            FirstSnapshotId="snap-0a01", SecondSnapshotId="snap-0b01", MaxResults=100
+        )
     assert reason(err) == ("ValidationException", "UNRELATED_SNAPSHOTS")
 
 
@@ -229,10 +240,12 @@ def test_image_loader_skips_zero_blocks(tmp_path, store) -> None:
 
 
 def no_retry_client(url: str):
-    config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1},
-                                    read_timeout=5)
-    return boto3.session.Session().client("ebs", endpoint_url=url, region_name="us-east-1",
-                                          config=config)
+    config = botocore.config.Config(
+        retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=5
+    )
+    return boto3.session.Session().client(
+        "ebs", endpoint_url=url, region_name="us-east-1", config=config
+    )
 
 
 def test_latency_and_jitter(ebs, emulator, sparse) -> None:
@@ -277,8 +290,9 @@ def test_stalled_body_hits_the_client_read_timeout(emulator, sparse) -> None:
     emulator.faults.stall_rate, emulator.faults.stall_seconds = 1.0, 3.0
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017
-        client.get_snapshot_block(SnapshotId=SNAP, BlockIndex=0,
-                                  BlockToken=token)["BlockData"].read()
+        client.get_snapshot_block(SnapshotId=SNAP, BlockIndex=0, BlockToken=token)[
+            "BlockData"
+        ].read()
     assert time.monotonic() - started < 2.5
 
 
@@ -306,12 +320,16 @@ def test_denied_access_key(emulator, sparse, monkeypatch) -> None:
     assert reason(err) == ("AccessDeniedException", "UNAUTHORIZED_ACCOUNT")
 
 
-@pytest.mark.parametrize("variable,value,code", [
-    ("AWS_SECRET_ACCESS_KEY", "wrong", "InvalidSignatureException"),
-    ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN", "UnrecognizedClientException"),
-])
-def test_signatures_are_checked_when_credentials_are_known(emulator, sparse, monkeypatch,
-                                                           variable, value, code) -> None:
+@pytest.mark.parametrize(
+    "variable,value,code",
+    [
+        ("AWS_SECRET_ACCESS_KEY", "wrong", "InvalidSignatureException"),
+        ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN", "UnrecognizedClientException"),
+    ],
+)
+def test_signatures_are_checked_when_credentials_are_known(
+    emulator, sparse, monkeypatch, variable, value, code
+) -> None:
     monkeypatch.setenv(variable, value)
     client = no_retry_client(emulator.url)
     with pytest.raises(botocore.exceptions.ClientError) as err:
@@ -326,10 +344,13 @@ def test_a_request_changed_after_signing_is_refused(emulator, sparse) -> None:
     another block do not."""
     host = emulator.url.split("//", 1)[1]
     path = f"/snapshots/{SNAP}/blocks/0"
-    headers = GetSigner("ebs", "us-east-1").headers(Credentials("AKIDTEST", "secret"), host,
-                                                    path, "blockToken=abc%2B%3D")
-    for target, status in ((f"{path}?blockToken=abc%2B%3D", 400),
-                           (f"/snapshots/{SNAP}/blocks/2?blockToken=abc%2B%3D", 403)):
+    headers = GetSigner("ebs", "us-east-1").headers(
+        Credentials("AKIDTEST", "secret"), host, path, "blockToken=abc%2B%3D"
+    )
+    for target, status in (
+        (f"{path}?blockToken=abc%2B%3D", 400),
+        (f"/snapshots/{SNAP}/blocks/2?blockToken=abc%2B%3D", 403),
+    ):
         request = urllib.request.Request(emulator.url + target, headers=headers)
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request)
@@ -339,13 +360,17 @@ def test_a_request_changed_after_signing_is_refused(emulator, sparse) -> None:
 def test_counters_and_control_endpoint(ebs, emulator, sparse) -> None:
     page = ebs.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)
     for b in page["Blocks"][:3]:
-        ebs.get_snapshot_block(SnapshotId=SNAP, BlockIndex=b["BlockIndex"],
-                               BlockToken=b["BlockToken"])["BlockData"].read()
+        ebs.get_snapshot_block(
+            SnapshotId=SNAP, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"]
+        )["BlockData"].read()
     stats = json.loads(urllib.request.urlopen(f"{emulator.url}/_emulator/stats").read())
     assert stats["calls"] == {"ListSnapshotBlocks": 1, "GetSnapshotBlock": 3}
     assert stats["block_gets"] == {f"{SNAP}:0": 1, f"{SNAP}:3": 1, f"{SNAP}:6": 1}
-    request = urllib.request.Request(f"{emulator.url}/_emulator/faults", method="POST",
-                                     data=json.dumps({"latency": 0.01}).encode())
+    request = urllib.request.Request(
+        f"{emulator.url}/_emulator/faults",
+        method="POST",
+        data=json.dumps({"latency": 0.01}).encode(),
+    )
     assert json.loads(urllib.request.urlopen(request).read())["latency"] == 0.01
     assert emulator.faults.latency == 0.01
     urllib.request.urlopen(urllib.request.Request(f"{emulator.url}/_emulator/reset", method="POST"))

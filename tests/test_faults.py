@@ -62,8 +62,9 @@ def read_all(path: Path, size: int) -> str:
 
 @needs_fuse
 @pytest.mark.mount
-def test_full_reads_are_exact_under_combined_faults(emulator: EmulatorServer, source, tmp_path
-                                                    ) -> None:
+def test_full_reads_are_exact_under_combined_faults(
+    emulator: EmulatorServer, source, tmp_path
+) -> None:
     """5% errors, 3% corrupt bodies, throttling, tokens living 3 seconds, short pages:
     three full reads (a 4 MiB cache, so each pass fetches again) match the source."""
     emulator.store.add_image(SNAP, source)
@@ -98,8 +99,9 @@ def test_bodies_cut_short_are_fetched_again(emulator: EmulatorServer, source, tm
 @needs_fuse
 @pytest.mark.mount
 @pytest.mark.expected_log(r"read of snap-0f1.img failed: snap-0f1: read at 524288")
-def test_persistent_failure_is_eio_within_the_read_timeout(emulator: EmulatorServer, source,
-                                                           tmp_path) -> None:
+def test_persistent_failure_is_eio_within_the_read_timeout(
+    emulator: EmulatorServer, source, tmp_path
+) -> None:
     emulator.store.add_image(SNAP, source)
     with mounted(emulator.url, [SNAP], tmp_path / "mnt", "--read-timeout", "3") as mnt:
         emulator.faults.error_rate = 1.0
@@ -146,10 +148,14 @@ def test_concurrent_readers_small_cache_exact_bytes_and_bounded_memory(
                 offsets = list(range(n * BLOCK_SIZE, len(data) - 1024 * 1024, 1024 * 1024))
                 size = 1024 * 1024
             jobs.append((offsets, size))
-        with concurrent.futures.ProcessPoolExecutor(4) as procs, \
-                concurrent.futures.ThreadPoolExecutor(4) as threads:
-            futures = [(procs if n < 4 else threads).submit(_reader, path, offsets, size)
-                       for n, (offsets, size) in enumerate(jobs)]
+        with (
+            concurrent.futures.ProcessPoolExecutor(4) as procs,
+            concurrent.futures.ThreadPoolExecutor(4) as threads,
+        ):
+            futures = [
+                (procs if n < 4 else threads).submit(_reader, path, offsets, size)
+                for n, (offsets, size) in enumerate(jobs)
+            ]
             for (offsets, size), future in zip(jobs, futures, strict=True):
                 want = [hashlib.sha256(data[o : o + size]).hexdigest() for o in offsets]
                 assert future.result(timeout=240) == want
@@ -169,8 +175,9 @@ def test_reader_killed_mid_read(emulator: EmulatorServer, source, tmp_path) -> N
     emulator.faults.latency = 0.05
     with mounted(emulator.url, [SNAP], tmp_path / "mnt") as mnt:
         image = mnt / f"{SNAP}.img"
-        reader = subprocess.Popen(["dd", f"if={image}", "of=/dev/null", "bs=1M"],
-                                  stderr=subprocess.DEVNULL)
+        reader = subprocess.Popen(
+            ["dd", f"if={image}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL
+        )
         time.sleep(0.5)
         reader.send_signal(signal.SIGKILL)
         reader.wait(timeout=30)
@@ -184,16 +191,25 @@ def test_reader_killed_mid_read(emulator: EmulatorServer, source, tmp_path) -> N
 
 @needs_fuse
 @pytest.mark.mount
-def test_logs_never_show_tokens_or_credentials(emulator: EmulatorServer, source, tmp_path,
-                                               monkeypatch) -> None:
+def test_logs_never_show_tokens_or_credentials(
+    emulator: EmulatorServer, source, tmp_path, monkeypatch
+) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekritsekritsekrit")
     emulator.faults.secret_keys["AKIDTEST"] = "sekritsekritsekrit"
     emulator.store.add_image(SNAP, source)
     emulator.faults.error_rate, emulator.faults.truncate_rate = 0.2, 0.1
     emulator.faults.token_lifetime = 2
     log_file = tmp_path / "ebsfs.log"
-    with mounted(emulator.url, [SNAP], tmp_path / "mnt", "-vv", "--log-file",
-                 str(log_file), "--cache-size", "2M") as mnt:
+    with mounted(
+        emulator.url,
+        [SNAP],
+        tmp_path / "mnt",
+        "-vv",
+        "--log-file",
+        str(log_file),
+        "--cache-size",
+        "2M",
+    ) as mnt:
         read_all(mnt / f"{SNAP}.img", source.stat().st_size)
         time.sleep(2.5)
         drop_page_cache()
@@ -207,8 +223,9 @@ def test_logs_never_show_tokens_or_credentials(emulator: EmulatorServer, source,
 @needs_fuse
 @pytest.mark.mount
 @pytest.mark.parametrize("allow_other", [False, True])
-def test_other_users_see_the_mount_only_with_allow_other(emulator: EmulatorServer, tmp_path,
-                                                         allow_other) -> None:
+def test_other_users_see_the_mount_only_with_allow_other(
+    emulator: EmulatorServer, tmp_path, allow_other
+) -> None:
     emulator.store.add_snapshot(SNAP, {}, volume_size_gib=1)
     base = Path(tempfile.mkdtemp(prefix="ebsfs-other-"))  # pytest's tmp is private to root
     base.chmod(0o755)
@@ -216,7 +233,8 @@ def test_other_users_see_the_mount_only_with_allow_other(emulator: EmulatorServe
     with mounted(emulator.url, [SNAP], base / "mnt", *options) as mnt:
         result = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", str(mnt)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if allow_other:
             assert result.returncode == 0 and f"{SNAP}.img" in result.stdout, result.stderr
@@ -227,8 +245,9 @@ def test_other_users_see_the_mount_only_with_allow_other(emulator: EmulatorServe
 
 @needs_fuse
 @pytest.mark.mount
-def test_stalled_bodies_are_abandoned_and_fetched_again(emulator: EmulatorServer, source,
-                                                        tmp_path) -> None:
+def test_stalled_bodies_are_abandoned_and_fetched_again(
+    emulator: EmulatorServer, source, tmp_path
+) -> None:
     emulator.store.add_image(SNAP, source)
     emulator.faults.stall_rate, emulator.faults.stall_seconds = 0.2, 30
     with mounted(emulator.url, [SNAP], tmp_path / "mnt", "--request-timeout", "1") as mnt:

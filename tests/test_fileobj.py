@@ -82,8 +82,7 @@ def test_a_buffered_sequential_read_is_exact(served, source) -> None:
             digest.update(reader.read(256 * 1024))
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     gets = served.counters.block_gets
-    assert all(n == 1 for n in gets.values()) and len(gets) == len(
-        served.store.get(SNAP).indexes)
+    assert all(n == 1 for n in gets.values()) and len(gets) == len(served.store.get(SNAP).indexes)
 
 
 def test_threads_read_at_once(served, source) -> None:
@@ -97,8 +96,10 @@ def test_threads_read_at_once(served, source) -> None:
                 return False
         return True
 
-    with ebsfs.open(SNAP, endpoint_url=served.url, cache_size=2 * 1024**2) as f, \
-            concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with (
+        ebsfs.open(SNAP, endpoint_url=served.url, cache_size=2 * 1024**2) as f,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
         assert all(pool.map(work, range(8)))
 
 
@@ -136,8 +137,9 @@ def test_a_file_closed_in_the_engine_thread_stops_it(served) -> None:
     f.close()
 
 
-def test_region_and_endpoint_from_the_environment(served, source, monkeypatch,
-                                                  signed_regions) -> None:
+def test_region_and_endpoint_from_the_environment(
+    served, source, monkeypatch, signed_regions
+) -> None:
     """AWS_REGION and AWS_ENDPOINT_URL work as they do for the CLI (boto3 alone reads
     only AWS_DEFAULT_REGION): the emulator serves the bytes, and every request is
     signed for eu-west-1."""
@@ -152,8 +154,7 @@ def test_region_and_endpoint_from_the_environment(served, source, monkeypatch,
 
 
 @pytest.mark.expected_log()
-def test_a_cache_dir_serves_the_next_file_with_no_block_calls(served, source,
-                                                               tmp_path) -> None:
+def test_a_cache_dir_serves_the_next_file_with_no_block_calls(served, source, tmp_path) -> None:
     data = source.read_bytes()
     written = len(served.store.get(SNAP).indexes)
     with ebsfs.open(SNAP, endpoint_url=served.url, cache_dir=str(tmp_path / "c")) as f:
@@ -187,7 +188,8 @@ def test_partitions_of_a_gpt_disk_are_files(emulator: EmulatorServer, ext4_disk)
     with ebsfs.open(DISK, endpoint_url=emulator.url) as disk:
         parts = disk.partitions()
         assert [(p.partition.number, p.partition.offset, p.size) for p in parts] == [
-            (1, 1024 * 1024, len(data) - 2 * 1024 * 1024)]
+            (1, 1024 * 1024, len(data) - 2 * 1024 * 1024)
+        ]
         part = parts[0]
         assert part.name == f"{DISK}-part1.img"
         assert part.read(4096) == data[1024 * 1024 : 1024 * 1024 + 4096]
@@ -196,8 +198,7 @@ def test_partitions_of_a_gpt_disk_are_files(emulator: EmulatorServer, ext4_disk)
         assert part.read(8192) == data[end - 4096 : end]  # never past the partition
 
 
-def test_pytsk3_lists_the_files_of_an_ext4_snapshot(emulator: EmulatorServer, ext4_disk
-                                                     ) -> None:
+def test_pytsk3_lists_the_files_of_an_ext4_snapshot(emulator: EmulatorServer, ext4_disk) -> None:
     """A forensic library reads the snapshot through the file object, no mount."""
     pytsk3 = pytest.importorskip("pytsk3")
     emulator.store.add_image(DISK, ext4_disk)
@@ -249,20 +250,37 @@ def test_an_unprivileged_process_reads_without_pyfuse3(served, source, tmp_path)
     offset, size = 3 * BLOCK_SIZE - 7, 5 * BLOCK_SIZE
     want = hashlib.sha256(source.read_bytes()[offset : offset + size]).hexdigest()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY="secret",
-               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE="/dev/null",
-               AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true",
-               HOME="/nonexistent", PYTHONPATH=str(Path(ebsfs.__file__).parent.parent))
-    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                    sys.executable]
-    reach = subprocess.run([*unprivileged, "-c", "import boto3, trio, ebsfs"],
-                           capture_output=True, text=True, env=env, timeout=60, cwd="/")
+    env.update(
+        AWS_ACCESS_KEY_ID="AKIDTEST",
+        AWS_SECRET_ACCESS_KEY="secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+        HOME="/nonexistent",
+        PYTHONPATH=str(Path(ebsfs.__file__).parent.parent),
+    )
+    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    reach = subprocess.run(
+        [*unprivileged, "-c", "import boto3, trio, ebsfs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd="/",
+    )
     if reach.returncode != 0:  # e.g. a checkout in a 0700 directory (mktemp -d)
-        pytest.skip(f"user 65534 cannot read this checkout or its venv: "
-                    f"{reach.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(
+            f"user 65534 cannot read this checkout or its venv: "
+            f"{reach.stderr.strip().splitlines()[-1:]}"
+        )
     result = subprocess.run(
         [*unprivileged, "-c", UNPRIVILEGED, SNAP, served.url, str(offset), str(size)],
-        capture_output=True, text=True, env=env, timeout=60, cwd="/",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd="/",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -78,12 +78,15 @@ def test_open_and_read(ops_and_api) -> None:
     call(ops.release, info.fh)
 
 
-@pytest.mark.expected_log(r"read of snap-01.img failed: snap-01: read at 0: down",
-                          r"snap-01: partition table could not be read")
+@pytest.mark.expected_log(
+    r"read of snap-01.img failed: snap-01: read at 0: down",
+    r"snap-01: partition table could not be read",
+)
 def test_remote_failure_is_eio(ops_and_api) -> None:
     ops, api = ops_and_api
-    failing = FailingApi(api, lambda n, op: TransientError("down") if op == "GetSnapshotBlock"
-                         else None)
+    failing = FailingApi(
+        api, lambda n, op: TransientError("down") if op == "GetSnapshotBlock" else None
+    )
     ops = operations(failing, [("snap-01", GIB)])
     inode = call(ops.lookup, ROOT_INODE, b"snap-01.img").st_ino
     info = call(ops.open, inode, os.O_RDONLY, None)
@@ -107,10 +110,15 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
     monkeypatch.setattr("ebsfs.engine.diff.SPOOL_IN_MEMORY", 256)
     store = SnapshotStore(Faults(seed=1))
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(40)}, volume_size_gib=1)
-    store.add_snapshot("snap-0b", {i: pattern_block(2, i) for i in range(0, 40, 2)},
-                       parent="snap-0a")
-    ops = operations(StoreApi(store), [("snap-0a", GIB), ("snap-0b", GIB)],
-                     {"snap-0b": "snap-0a"}, cache_size=8 * BLOCK_SIZE)
+    store.add_snapshot(
+        "snap-0b", {i: pattern_block(2, i) for i in range(0, 40, 2)}, parent="snap-0a"
+    )
+    ops = operations(
+        StoreApi(store),
+        [("snap-0a", GIB), ("snap-0b", GIB)],
+        {"snap-0b": "snap-0a"},
+        cache_size=8 * BLOCK_SIZE,
+    )
     inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
 
     async def read_all() -> bytes:
@@ -124,10 +132,14 @@ def test_changes_file_reads_in_pieces(monkeypatch) -> None:
 
     text = trio.run(read_all).decode()
     lines = text.splitlines()
-    assert lines[0] == ("snap-0a -> snap-0b: 20 blocks changed, 10.0 MiB of a 1.0 GiB "
-                        "volume, in 20 ranges")
-    assert len(lines) == 2 + 20 and lines[-1].split() == [str(38 * BLOCK_SIZE),
-                                                          str(BLOCK_SIZE), "38"]
+    assert lines[0] == (
+        "snap-0a -> snap-0b: 20 blocks changed, 10.0 MiB of a 1.0 GiB volume, in 20 ranges"
+    )
+    assert len(lines) == 2 + 20 and lines[-1].split() == [
+        str(38 * BLOCK_SIZE),
+        str(BLOCK_SIZE),
+        "38",
+    ]
 
 
 def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):
@@ -135,17 +147,25 @@ def lineage_ops(api_wrapper=None, read_timeout: float = 60.0):
     store.add_snapshot("snap-0a", {i: pattern_block(1, i) for i in range(8)}, volume_size_gib=1)
     store.add_snapshot("snap-0b", {0: pattern_block(2, 0)}, parent="snap-0a")
     api = StoreApi(store)
-    ops = operations(api_wrapper(api) if api_wrapper else api,
-                     [("snap-0a", GIB), ("snap-0b", GIB)], {"snap-0b": "snap-0a"},
-                     cache_size=8 * BLOCK_SIZE, read_timeout=read_timeout)
+    ops = operations(
+        api_wrapper(api) if api_wrapper else api,
+        [("snap-0a", GIB), ("snap-0b", GIB)],
+        {"snap-0b": "snap-0a"},
+        cache_size=8 * BLOCK_SIZE,
+        read_timeout=read_timeout,
+    )
     return ops
 
 
-@pytest.mark.expected_log(r"opening snap-0b.changes failed",
-                          r"snap-0b: partition table could not be read")
+@pytest.mark.expected_log(
+    r"opening snap-0b.changes failed", r"snap-0b: partition table could not be read"
+)
 def test_a_changes_file_that_cannot_be_listed_leaves_no_open_handle() -> None:
-    ops = lineage_ops(lambda api: FailingApi(
-        api, lambda n, op: TransientError("down") if op == "ListChangedBlocks" else None))
+    ops = lineage_ops(
+        lambda api: FailingApi(
+            api, lambda n, op: TransientError("down") if op == "ListChangedBlocks" else None
+        )
+    )
     inode = call(ops.lookup, ROOT_INODE, b"snap-0b.changes").st_ino
     for _ in range(3):
         with pytest.raises(pyfuse3.FUSEError) as err:
@@ -154,8 +174,9 @@ def test_a_changes_file_that_cannot_be_listed_leaves_no_open_handle() -> None:
     assert ops.open_handles == 0
 
 
-@pytest.mark.expected_log(r"opening snap-0b.changes failed: .*took over 1s",
-                          r"snap-0b: partition table could not be read")
+@pytest.mark.expected_log(
+    r"opening snap-0b.changes failed: .*took over 1s", r"snap-0b: partition table could not be read"
+)
 def test_a_changes_listing_that_hangs_is_eio_within_the_read_timeout() -> None:
     release = threading.Event()
 
@@ -178,16 +199,22 @@ def test_a_changes_listing_that_hangs_is_eio_within_the_read_timeout() -> None:
 
 def test_statfs_counts_each_image_once() -> None:
     ops = lineage_ops()
-    assert [name for name, _ in ops.entries()] == [b"snap-0a.img", b"snap-0b.img",
-                                                    b"snap-0b.changes"]
+    assert [name for name, _ in ops.entries()] == [
+        b"snap-0a.img",
+        b"snap-0b.img",
+        b"snap-0b.changes",
+    ]
     data = call(ops.statfs, None)
     assert data.f_blocks * data.f_bsize == 2 * GIB
 
 
-@pytest.mark.expected_log(r"read failed \(EIO\): unexpected RuntimeError: planted",
-                          r"getattr failed \(EIO\): unexpected ZeroDivisionError")
+@pytest.mark.expected_log(
+    r"read failed \(EIO\): unexpected RuntimeError: planted",
+    r"getattr failed \(EIO\): unexpected ZeroDivisionError",
+)
 def test_an_unexpected_exception_in_a_handler_is_eio_and_the_next_call_works(
-        ops_and_api, monkeypatch, caplog) -> None:
+    ops_and_api, monkeypatch, caplog
+) -> None:
     """The net under every handler: a bug answers EIO (pyfuse3 would end the mount on
     it), logged with its traceback the first time only; the next read works."""
     ops, _ = ops_and_api

@@ -59,8 +59,7 @@ def test_a_body_of_content_length_lands_in_the_room_given(server) -> None:
         for _ in range(2):  # keep-alive: two requests on one connection
             request = read_request(conn)
             assert request.startswith(b"GET /x?y=1 HTTP/1.1\r\n") and b"Host: h\r\n" in request
-            answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\nX-Amz-Checksum: c\n",
-                   BODY)
+            answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\nX-Amz-Checksum: c\n", BODY)
 
     connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
     for _ in range(2):
@@ -75,10 +74,15 @@ def test_a_body_of_content_length_lands_in_the_room_given(server) -> None:
 def test_a_chunked_body_is_decoded(server) -> None:
     def script(conn: socket.socket) -> None:
         read_request(conn)
-        chunks = b"".join(f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n"
-                          for part in (BODY[:1000], BODY[1000:300000], BODY[300000:]))
-        answer(conn, "HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n",
-               chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+        chunks = b"".join(
+            f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n"
+            for part in (BODY[:1000], BODY[1000:300000], BODY[300000:])
+        )
+        answer(
+            conn,
+            "HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n",
+            chunks + b"0\r\nX-Trailer: 1\r\n\r\n",
+        )
 
     connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
     response = connection.get("/", {}, memoryview(bytearray(len(BODY))))
@@ -89,8 +93,9 @@ def test_an_error_answer_keeps_its_body(server) -> None:
     def script(conn: socket.socket) -> None:
         read_request(conn)
         body = b'{"message": "no"}'
-        answer(conn, f"HTTP/1.1 403 Forbidden\nContent-Length: {len(body)}\n"
-                     "Connection: close\n", body)
+        answer(
+            conn, f"HTTP/1.1 403 Forbidden\nContent-Length: {len(body)}\nConnection: close\n", body
+        )
 
     connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
     response = connection.get("/", {}, memoryview(bytearray(len(BODY))))
@@ -128,8 +133,9 @@ def test_a_stalled_body_times_out_within_the_read_timeout(server) -> None:
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("head", ["HTTP/2 200\n", "garbage\n", "HTTP/1.1 200 OK\nno colon\n",
-                                  "HTTP/1.1 200 OK\n"])
+@pytest.mark.parametrize(
+    "head", ["HTTP/2 200\n", "garbage\n", "HTTP/1.1 200 OK\nno colon\n", "HTTP/1.1 200 OK\n"]
+)
 def test_answers_this_client_cannot_read_are_protocol_errors(server, head) -> None:
     def script(conn: socket.socket) -> None:
         read_request(conn)

@@ -40,15 +40,30 @@ def build(api=None, cache_bytes=64 * BLOCK_SIZE, readahead=None, timeout=30.0, s
         store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in WRITTEN}, volume_size_gib=1)
     api = api or StoreApi(store)
     remote = RemoteSnapshots(api, max_fetches=8)
-    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048),
-                          BlockCache(cache_bytes), remote, readahead, read_timeout=timeout)
+    image = SnapshotImage(
+        "snap-01",
+        GIB,
+        BlockIndex(remote, "snap-01", 2048),
+        BlockCache(cache_bytes),
+        remote,
+        readahead,
+        read_timeout=timeout,
+    )
     return store, api, image
 
 
-@pytest.mark.parametrize("offset,size", [
-    (0, 4096), (BLOCK_SIZE - 100, 300), (3 * BLOCK_SIZE, BLOCK_SIZE),
-    (BLOCK_SIZE * 6 + 5, 3 * BLOCK_SIZE), (GIB - 10, 100), (GIB, 10), (123456, 0),
-])
+@pytest.mark.parametrize(
+    "offset,size",
+    [
+        (0, 4096),
+        (BLOCK_SIZE - 100, 300),
+        (3 * BLOCK_SIZE, BLOCK_SIZE),
+        (BLOCK_SIZE * 6 + 5, 3 * BLOCK_SIZE),
+        (GIB - 10, 100),
+        (GIB, 10),
+        (123456, 0),
+    ],
+)
 def test_read_returns_exact_bytes(expected, offset, size) -> None:
     _, _, image = build()
     data = trio.run(image.read, offset, size)
@@ -66,8 +81,7 @@ def test_a_cache_of_n_mib_holds_n_mib_of_blocks_for_a_stride_3_reader() -> None:
     """Every third block: each in a slab of its own, each costing one block of the
     budget, so 8 MiB of cache keeps 16 blocks and re-reading them fetches nothing."""
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)},
-                       volume_size_gib=1)
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)}, volume_size_gib=1)
     _, api, image = build(store=store, cache_bytes=8 * 1024 * 1024)
     wanted = list(range(0, 48, 3))  # 16 blocks
 
@@ -173,6 +187,7 @@ def test_read_timeout_bounds_a_stalled_fetch() -> None:
     class Stalled(StoreApi):
         def get_snapshot_block(self, *a, **k):
             import time
+
             time.sleep(2)
             return super().get_snapshot_block(*a, **k)
 
@@ -187,8 +202,9 @@ def test_an_abandoned_fetch_writing_late_never_changes_what_is_served() -> None:
     import threading
 
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-01", {0: pattern_block(1, 0), 1: pattern_block(1, 1)},
-                       volume_size_gib=1)
+    store.add_snapshot(
+        "snap-01", {0: pattern_block(1, 0), 1: pattern_block(1, 1)}, volume_size_gib=1
+    )
     late_write_done = threading.Event()
 
     class SlowThenGarbage(StoreApi):
@@ -198,6 +214,7 @@ def test_an_abandoned_fetch_writing_late_never_changes_what_is_served() -> None:
             if index == 0 and self.stall:
                 self.stall = False
                 import time
+
                 time.sleep(0.6)  # the reader gave up at 0.2 s
                 if into is not None:
                     into[:] = b"X" * len(into)
@@ -255,8 +272,9 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
     events: list[tuple[str, int]] = []
 
     class SmallPages(StoreApi):
-        def list_snapshot_blocks(self, snapshot_id, start_index=0, next_token=None,
-                                 max_results=10000):
+        def list_snapshot_blocks(
+            self, snapshot_id, start_index=0, next_token=None, max_results=10000
+        ):
             # the smallest pages the service allows: two or more per chunk
             return super().list_snapshot_blocks(snapshot_id, start_index, next_token, 100)
 
@@ -270,8 +288,15 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
 
     remote.list_snapshot_blocks = logged_list  # type: ignore[method-assign, assignment]
     readahead = Readahead()
-    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048, chunk_blocks=128),
-                          BlockCache(128 * BLOCK_SIZE), remote, readahead, max_window=16)
+    image = SnapshotImage(
+        "snap-01",
+        GIB,
+        BlockIndex(remote, "snap-01", 2048, chunk_blocks=128),
+        BlockCache(128 * BLOCK_SIZE),
+        remote,
+        readahead,
+        max_window=16,
+    )
     stream = image.open_stream()
 
     async def run() -> None:
@@ -326,6 +351,7 @@ def test_window_grows_with_the_data_the_run_has_read() -> None:
     for n in range(64):  # 4 MiB in 64 KiB reads: 8 blocks
         small.observe(n * 65536, 65536, 300, dense)
     assert small.window == rule(small._run_data) and small._run_data <= 8
+
 
 def test_read_ahead_skips_a_hole_but_does_not_cross_a_wide_one() -> None:
     """Blocks 0-19 and 200-299 hold data: read-ahead of a reader at the end of the
@@ -462,8 +488,7 @@ def test_calls_in_flight_follow_the_latency(latency) -> None:
     import time
 
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(600)},
-                       volume_size_gib=1)
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(600)}, volume_size_gib=1)
     lock = threading.Lock()
     in_flight = [0, 0]  # now, most
 
@@ -483,8 +508,15 @@ def test_calls_in_flight_follow_the_latency(latency) -> None:
     remote = RemoteSnapshots(Slow(store), max_fetches=256)
     remote.latency.seconds = latency
     remote.latency.add = lambda seconds: None  # type: ignore[method-assign]
-    image = SnapshotImage("snap-01", GIB, BlockIndex(remote, "snap-01", 2048),
-                          BlockCache(1024 * BLOCK_SIZE), remote, readahead, max_window=150)
+    image = SnapshotImage(
+        "snap-01",
+        GIB,
+        BlockIndex(remote, "snap-01", 2048),
+        BlockCache(1024 * BLOCK_SIZE),
+        remote,
+        readahead,
+        max_window=150,
+    )
     stream = image.open_stream()
 
     async def run() -> None:
@@ -506,8 +538,7 @@ def test_random_4k_reads_fetch_at_most_twice_the_blocks_they_touch() -> None:
     import random
 
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(2048)},
-                       volume_size_gib=1)
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(2048)}, volume_size_gib=1)
     readahead = Readahead()
     _, api, image = build(store=store, readahead=readahead, cache_bytes=512 * BLOCK_SIZE)
     stream = image.open_stream()
@@ -535,8 +566,7 @@ def test_a_stalled_prefetch_gives_up_within_the_read_timeout() -> None:
 
     release = threading.Event()
     store = SnapshotStore(Faults(seed=1))
-    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)},
-                       volume_size_gib=1)
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)}, volume_size_gib=1)
 
     class StallsAhead(StoreApi):
         def get_snapshot_block(self, snapshot_id, index, token, into=None):

@@ -23,6 +23,7 @@ def test_calls_from_many_threads_run_once_each_in_order_on_the_trio_thread() -> 
     async def main() -> None:
         box = inbox.current()
         assert inbox.current() is box  # one per run
+
         def post_many(n: int) -> None:
             for i in range(500):
                 box.post(record, (n, i))
@@ -57,6 +58,7 @@ def test_a_burst_wakes_the_loop_once() -> None:
 
     async def main() -> None:
         box = inbox.Inbox(CountingToken(trio.lowlevel.current_trio_token()))  # type: ignore[arg-type]
+
         def post_all() -> None:
             for i in range(100):
                 box.post(ran.append, i)

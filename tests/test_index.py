@@ -15,8 +15,7 @@ TIB_BLOCKS = 2 * 1024 * 1024
 def make(blocks: list[int], volume_gib: int = 1, short_pages: float = 0.0, **kw):
     store = SnapshotStore(Faults(short_pages=short_pages, seed=3))
     shared = pattern_block(0, 0)  # content is irrelevant here; one buffer keeps memory low
-    store.add_snapshot("snap-01", {i: shared for i in blocks},
-                       volume_size_gib=volume_gib)
+    store.add_snapshot("snap-01", {i: shared for i in blocks}, volume_size_gib=volume_gib)
     api = StoreApi(store)
     index = BlockIndex(RemoteSnapshots(api), "snap-01", volume_gib * 2048, **kw)
     return store, api, index
@@ -25,6 +24,7 @@ def make(blocks: list[int], volume_gib: int = 1, short_pages: float = 0.0, **kw)
 def present(index: BlockIndex, indexes) -> list[int]:
     async def run() -> list[int]:
         return [i for i in indexes if await index.token(i) is not None]
+
     return trio.run(run)
 
 
@@ -50,11 +50,18 @@ def test_sparse_listing_proves_many_chunks_at_once() -> None:
 
 
 def test_short_and_empty_pages_never_hide_a_block() -> None:
-    blocks = sorted({*range(0, 300), *range(5000, 5003), 9000, 20000,
-                     *range(100000, 524288, 9973), 524287})
+    blocks = sorted(
+        {*range(0, 300), *range(5000, 5003), 9000, 20000, *range(100000, 524288, 9973), 524287}
+    )
     store, api, index = make(blocks, volume_gib=256, short_pages=1.0)
-    probe = sorted({*blocks, *(b + 1 for b in blocks[:-1]), *(b - 1 for b in blocks[1:]),
-                    *range(0, 524288, 997)})
+    probe = sorted(
+        {
+            *blocks,
+            *(b + 1 for b in blocks[:-1]),
+            *(b - 1 for b in blocks[1:]),
+            *range(0, 524288, 997),
+        }
+    )
     assert present(index, probe) == blocks
     assert api.calls["ListSnapshotBlocks"] > 20  # really paged through short pages
 
@@ -88,8 +95,9 @@ def test_invalidate_forces_a_new_listing() -> None:
 
 
 def test_memory_follows_the_entry_budget() -> None:
-    store, api, index = make(list(range(8 * 2048)), volume_gib=8, chunk_blocks=1024,
-                             max_entries=2 * 1025)
+    store, api, index = make(
+        list(range(8 * 2048)), volume_gib=8, chunk_blocks=1024, max_entries=2 * 1025
+    )
     present(index, range(0, 8 * 2048, 512))
     assert index._chunks.currsize <= 2 * 1025
     assert len(index._chunks) <= 2

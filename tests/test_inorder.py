@@ -27,9 +27,14 @@ class Recorder:
         self.seen.append((offset, None if data is None else bytes(data), length))
 
 
-def feed_and_drain(consumers: list[Recorder], pieces: list[tuple[int, bytes | None, int]],
-                   done: list[int], failures: list[BaseException],
-                   stage_size: int = 0, stages: int = 1) -> BaseException | None:
+def feed_and_drain(
+    consumers: list[Recorder],
+    pieces: list[tuple[int, bytes | None, int]],
+    done: list[int],
+    failures: list[BaseException],
+    stage_size: int = 0,
+    stages: int = 1,
+) -> BaseException | None:
     """Feed `pieces` (offset, data, length) through one InOrder (pieces joined in
     `stages` stages of `stage_size` bytes; 0: never), letting the trio loop run now and then, each
     piece's `done` appending its number to `done`; wait for all, close. The failure
@@ -37,8 +42,7 @@ def feed_and_drain(consumers: list[Recorder], pieces: list[tuple[int, bytes | No
     raised: list[BaseException] = []
 
     async def main() -> None:
-        in_order = InOrder(list(consumers), failures.append, stage_size=stage_size,
-                           stages=stages)
+        in_order = InOrder(list(consumers), failures.append, stage_size=stage_size, stages=stages)
         try:
             for n, (offset, data, length) in enumerate(pieces):
                 in_order.feed(offset, data, length, functools.partial(done.append, n))
@@ -97,8 +101,9 @@ def test_first_failure_is_reported_once_and_later_pieces_are_skipped() -> None:
     failing, healthy = Recorder(fail_at=30), Recorder()
     failures: list[BaseException] = []
     done: list[int] = []
-    raised = feed_and_drain([failing, healthy], [(n * 10, b"ab", 2) for n in range(10)],
-                            done, failures)
+    raised = feed_and_drain(
+        [failing, healthy], [(n * 10, b"ab", 2) for n in range(10)], done, failures
+    )
     assert isinstance(raised, OSError) and "cannot write" in str(raised)
     assert len(failures) == 1 and isinstance(failures[0], OSError)
     assert [offset for offset, _, _ in failing.seen] == [0, 10, 20]
@@ -149,10 +154,18 @@ def test_consecutive_pieces_are_joined_in_stages_never_across_zeros_or_gaps() ->
     assert len(first.seen) < len(pieces) / 2  # joined
     assert all(length <= 35 for _, data, length in first.seen if data is not None)
     # The same bytes at the same offsets, zeros apart.
-    expected = {offset + i: byte for offset, data, _ in pieces if data is not None
-                for i, byte in enumerate(data)}
-    seen = {offset + i: byte for offset, data, _ in first.seen if data is not None
-            for i, byte in enumerate(data)}
+    expected = {
+        offset + i: byte
+        for offset, data, _ in pieces
+        if data is not None
+        for i, byte in enumerate(data)
+    }
+    seen = {
+        offset + i: byte
+        for offset, data, _ in first.seen
+        if data is not None
+        for i, byte in enumerate(data)
+    }
     assert seen == expected
     assert [p for p in first.seen if p[1] is None] == [p for p in pieces if p[1] is None]
 

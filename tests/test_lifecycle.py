@@ -57,8 +57,20 @@ def test_foreground_mount_and_ctrl_c(snapshot, tmp_path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ebsfs", "mount", "-f", "--endpoint-url", snapshot.url, SNAP,
-         str(mnt)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ebsfs",
+            "mount",
+            "-f",
+            "--endpoint-url",
+            snapshot.url,
+            SNAP,
+            str(mnt),
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 20

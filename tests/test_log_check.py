@@ -13,7 +13,7 @@ pytest_plugins = ["pytester"]
 
 CONFTEST = Path(__file__).with_name("conftest.py")
 
-INNER = '''
+INNER = """
 import logging
 
 import pytest
@@ -75,16 +75,18 @@ def test_removing_the_handler():
 
 def test_the_next_test_is_checked_again():
     log.warning("said after a removal")
-'''
+"""
 
 
 def test_the_log_check_fails_what_it_should(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rfE")
-    outcomes = {line.split(" ")[1].split("::")[1]: line.split(" ")[0]
-                for line in result.outlines
-                if line.startswith(("FAILED ", "ERROR ")) and "::" in line}
+    outcomes = {
+        line.split(" ")[1].split("::")[1]: line.split(" ")[0]
+        for line in result.outlines
+        if line.startswith(("FAILED ", "ERROR ")) and "::" in line
+    }
     assert outcomes == {
         "test_a_warning_in_setup": "ERROR",
         "test_a_warning_in_teardown": "ERROR",
@@ -94,13 +96,15 @@ def test_the_log_check_fails_what_it_should(pytester: pytest.Pytester) -> None:
         "test_removing_the_handler": "FAILED",
         "test_the_next_test_is_checked_again": "FAILED",
     }, result.stdout.str()
-    result.stdout.fnmatch_lines([  # errors are reported before failures
-        "*WARNING inner: said in setup (in setup)*",
-        "*WARNING inner: said in teardown (in teardown)*",
-        "*expected, never logged: 'never said'*",
-        "*ERROR inner: said in the test (in call)*",
-        "*the log check's handler was removed from the root logger (during call)*",
-        "*WARNING inner: said after a removal (in call)*",
-    ])
+    result.stdout.fnmatch_lines(
+        [  # errors are reported before failures
+            "*WARNING inner: said in setup (in setup)*",
+            "*WARNING inner: said in teardown (in teardown)*",
+            "*expected, never logged: 'never said'*",
+            "*ERROR inner: said in the test (in call)*",
+            "*the log check's handler was removed from the root logger (during call)*",
+            "*WARNING inner: said after a removal (in call)*",
+        ]
+    )
     assert "never logged: 'never said either'" not in result.stdout.str()
     result.assert_outcomes(passed=5, failed=4, errors=3)

@@ -45,23 +45,26 @@ def moto_ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         server.stop()
 
 
-def ec2_snapshot(url: str, size_gib: int, description: str, tags: dict[str, str],
-                 encrypted: bool = False) -> dict:
+def ec2_snapshot(
+    url: str, size_gib: int, description: str, tags: dict[str, str], encrypted: bool = False
+) -> dict:
     ec2 = boto3.client("ec2", endpoint_url=url, region_name="us-east-1")
-    volume = ec2.create_volume(Size=size_gib, AvailabilityZone="us-east-1a",
-                               Encrypted=encrypted)
-    spec = [{"ResourceType": "snapshot", "Tags": [{"Key": k, "Value": v}
-                                                   for k, v in tags.items()]}]
-    snap = ec2.create_snapshot(VolumeId=volume["VolumeId"], Description=description,
-                               **({"TagSpecifications": spec} if tags else {}))
+    volume = ec2.create_volume(Size=size_gib, AvailabilityZone="us-east-1a", Encrypted=encrypted)
+    spec = [{"ResourceType": "snapshot", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+    snap = ec2.create_snapshot(
+        VolumeId=volume["VolumeId"],
+        Description=description,
+        **({"TagSpecifications": spec} if tags else {}),
+    )
     return ec2.describe_snapshots(SnapshotIds=[snap["SnapshotId"]])["Snapshots"][0]
 
 
-def test_get_records_the_snapshots_ec2_metadata(emulator: EmulatorServer, moto_ec2: str,
-                                               tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    snap = ec2_snapshot(moto_ec2, 1, "web server, before the incident", {"case": "42"},
-                        encrypted=True)
+def test_get_records_the_snapshots_ec2_metadata(
+    emulator: EmulatorServer, moto_ec2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap = ec2_snapshot(
+        moto_ec2, 1, "web server, before the incident", {"case": "42"}, encrypted=True
+    )
     add(emulator.store, snap["SnapshotId"], sparse_blocks(1, volume_gib=1), volume_gib=1)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EBS", emulator.url)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_ec2)
@@ -72,8 +75,9 @@ def test_get_records_the_snapshots_ec2_metadata(emulator: EmulatorServer, moto_e
     m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
     recorded = m["snapshot"]
     assert recorded["SnapshotId"] == snap["SnapshotId"]
-    assert recorded["StartTime"] == snap["StartTime"].astimezone(
-        datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert recorded["StartTime"] == snap["StartTime"].astimezone(datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
     assert recorded["VolumeId"] == snap["VolumeId"]
     assert recorded["OwnerId"] == snap["OwnerId"] == "123456789012"
     assert recorded["Description"] == "web server, before the incident"
@@ -88,10 +92,12 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-                b"<Code>UnauthorizedOperation</Code><Message>You are not authorized to "
-                b"perform this operation.</Message></Error></Errors><RequestID>1</RequestID>"
-                b"</Response>")
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+            b"<Code>UnauthorizedOperation</Code><Message>You are not authorized to "
+            b"perform this operation.</Message></Error></Errors><RequestID>1</RequestID>"
+            b"</Response>"
+        )
         self.send_response(403)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -114,33 +120,48 @@ def refusing_ec2() -> Iterator[str]:
         server.server_close()
 
 
-def test_get_without_describe_permission_says_so_once(emulator: EmulatorServer,
-                                                     refusing_ec2: str,
-                                                     tmp_path: Path) -> None:
+def test_get_without_describe_permission_says_so_once(
+    emulator: EmulatorServer, refusing_ec2: str, tmp_path: Path
+) -> None:
     add(emulator.store, "snap-0d1", {0: pattern_block(1, 0)}, volume_gib=1)
     out = tmp_path / "disk.img"
-    result = ebsfs("get", "--endpoint-url", emulator.url, "--ec2-endpoint-url", refusing_ec2,
-                   "snap-0d1", str(out))
+    result = ebsfs(
+        "get",
+        "--endpoint-url",
+        emulator.url,
+        "--ec2-endpoint-url",
+        refusing_ec2,
+        "snap-0d1",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "EC2" in line]
-    assert notes == ["ebsfs: info: manifest without EC2 metadata: EC2 refused "
-                     "DescribeSnapshots (UnauthorizedOperation): the credentials need "
-                     "ec2:DescribeSnapshots"]
+    assert notes == [
+        "ebsfs: info: manifest without EC2 metadata: EC2 refused "
+        "DescribeSnapshots (UnauthorizedOperation): the credentials need "
+        "ec2:DescribeSnapshots"
+    ]
     m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
     assert m["snapshot"] is None and "ec2:DescribeSnapshots" in m["snapshot_note"]
     assert ebsfs("verify", str(out)).returncode == 0
 
 
-def test_ls_lists_completed_snapshots(moto_ec2: str, monkeypatch: pytest.MonkeyPatch
-                                      ) -> None:
+def test_ls_lists_completed_snapshots(moto_ec2: str, monkeypatch: pytest.MonkeyPatch) -> None:
     first = ec2_snapshot(moto_ec2, 8, "root  volume\nnightly", {"k": "v"})
     second = ec2_snapshot(moto_ec2, 16, "data", {}, encrypted=True)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_ec2)
     table = ebsfs("ls")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["SNAPSHOT", "VOLUME", "SIZE", "START", "(UTC)", "ENCRYPTED",
-                                "DESCRIPTION"]
+    assert lines[0].split() == [
+        "SNAPSHOT",
+        "VOLUME",
+        "SIZE",
+        "START",
+        "(UTC)",
+        "ENCRYPTED",
+        "DESCRIPTION",
+    ]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == sorted([first["SnapshotId"], second["SnapshotId"]])
     assert rows[first["SnapshotId"]].split()[1:4] == [first["VolumeId"], "8", "GiB"]
@@ -160,10 +181,9 @@ def test_ls_without_permission(refusing_ec2: str) -> None:
 
 
 @needs_fuse
-def test_mounted_image_mtime_is_the_snapshot_start_time(emulator: EmulatorServer,
-                                                       moto_ec2: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch
-                                                       ) -> None:
+def test_mounted_image_mtime_is_the_snapshot_start_time(
+    emulator: EmulatorServer, moto_ec2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     snap = ec2_snapshot(moto_ec2, 1, "mtime", {})
     add(emulator.store, snap["SnapshotId"], {0: pattern_block(2, 0)}, volume_gib=1)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_ec2)
@@ -174,29 +194,45 @@ def test_mounted_image_mtime_is_the_snapshot_start_time(emulator: EmulatorServer
 
 def client_error(status: int, code: str, message: str) -> botocore.exceptions.ClientError:
     return botocore.exceptions.ClientError(
-        {"Error": {"Code": code, "Message": message},
-         "ResponseMetadata": {"HTTPStatusCode": status}}, "DescribeSnapshots")
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "DescribeSnapshots",
+    )
 
 
-@pytest.mark.parametrize(("error", "message"), [
-    (client_error(403, "UnauthorizedOperation", "You are not authorized."),
-     "EC2 refused DescribeSnapshots (UnauthorizedOperation): the credentials need "
-     "ec2:DescribeSnapshots"),
-    (client_error(400, "InvalidSnapshot.NotFound", "The snapshot 'snap-1' does not exist."),
-     "EC2 does not know the snapshot (InvalidSnapshot.NotFound: The snapshot 'snap-1' "
-     "does not exist.)"),
-    (client_error(503, "Unavailable", "try later"),
-     "EC2 DescribeSnapshots failed: Unavailable 503: try later"),
-    (botocore.exceptions.NoCredentialsError(), "no AWS credentials found for EC2"),
-    (botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
-     "cannot reach the EC2 endpoint http://127.0.0.1:9"),
-    (botocore.exceptions.CredentialRetrievalError(provider="process", error_msg="exit 1"),
-     "EC2 DescribeSnapshots failed: CredentialRetrievalError: Error when retrieving "
-     "credentials from process: exit 1"),
-    (KeyError("Snapshots"), "EC2 DescribeSnapshots failed: KeyError: 'Snapshots'"),
-])
-def test_each_ec2_failure_is_one_line_about_the_metadata(error: Exception, message: str
-                                                        ) -> None:
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            client_error(403, "UnauthorizedOperation", "You are not authorized."),
+            "EC2 refused DescribeSnapshots (UnauthorizedOperation): the credentials need "
+            "ec2:DescribeSnapshots",
+        ),
+        (
+            client_error(400, "InvalidSnapshot.NotFound", "The snapshot 'snap-1' does not exist."),
+            "EC2 does not know the snapshot (InvalidSnapshot.NotFound: The snapshot 'snap-1' "
+            "does not exist.)",
+        ),
+        (
+            client_error(503, "Unavailable", "try later"),
+            "EC2 DescribeSnapshots failed: Unavailable 503: try later",
+        ),
+        (botocore.exceptions.NoCredentialsError(), "no AWS credentials found for EC2"),
+        (
+            botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+            "cannot reach the EC2 endpoint http://127.0.0.1:9",
+        ),
+        (
+            botocore.exceptions.CredentialRetrievalError(provider="process", error_msg="exit 1"),
+            "EC2 DescribeSnapshots failed: CredentialRetrievalError: Error when retrieving "
+            "credentials from process: exit 1",
+        ),
+        (KeyError("Snapshots"), "EC2 DescribeSnapshots failed: KeyError: 'Snapshots'"),
+    ],
+)
+def test_each_ec2_failure_is_one_line_about_the_metadata(error: Exception, message: str) -> None:
     """The botocore error mapping shared with the EBS client, worded for EC2."""
     ec2 = Ec2Snapshots(ConnectionOptions(), endpoint_url="http://127.0.0.1:9")
 
@@ -216,8 +252,10 @@ def test_ec2_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "http://127.0.0.1:8"
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
     assert Ec2Snapshots(ConnectionOptions()).endpoint_url == "http://127.0.0.1:9"
-    assert Ec2Snapshots(ConnectionOptions(), "http://127.0.0.1:10").endpoint_url == \
-        "http://127.0.0.1:10"
+    assert (
+        Ec2Snapshots(ConnectionOptions(), "http://127.0.0.1:10").endpoint_url
+        == "http://127.0.0.1:10"
+    )
 
 
 def test_ec2_configuration_mistakes_are_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +271,8 @@ def test_ec2_configuration_mistakes_are_user_errors(monkeypatch: pytest.MonkeyPa
 
 
 def test_lookup_asks_ec2_only_where_it_would_know_the_snapshots(
-        refusing_ec2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    refusing_ec2: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     custom_ebs = ConnectionOptions(endpoint_url="http://127.0.0.1:7")
     assert lookup(custom_ebs, ["snap-1"]).asked is False
     monkeypatch.setenv("AWS_ENDPOINT_URL_EBS", "http://127.0.0.1:7")

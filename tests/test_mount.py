@@ -62,8 +62,9 @@ def expected_sha256(source: Path, volume_size: int) -> str:
     return digest.hexdigest()
 
 
-def test_image_is_byte_identical_with_short_pages(emulator: EmulatorServer, random_disk,
-                                                  tmp_path) -> None:
+def test_image_is_byte_identical_with_short_pages(
+    emulator: EmulatorServer, random_disk, tmp_path
+) -> None:
     emulator.store.add_image("snap-0a1", random_disk)
     emulator.faults.short_pages = 1.0
     with mounted(emulator.url, ["snap-0a1"], tmp_path / "mnt") as mnt:
@@ -79,19 +80,22 @@ def test_image_is_byte_identical_with_short_pages(emulator: EmulatorServer, rand
     assert emulator.counters.calls["ListSnapshotBlocks"] > 2  # paged through short pages
 
 
-def test_https_endpoint_image_is_byte_identical(https_emulator: EmulatorServer, random_disk,
-                                                 tmp_path) -> None:
+def test_https_endpoint_image_is_byte_identical(
+    https_emulator: EmulatorServer, random_disk, tmp_path
+) -> None:
     """Over TLS, as every real user reads: lists through boto3, blocks through the
     direct GET path, both trusting the endpoint through AWS_CA_BUNDLE."""
     https_emulator.store.add_image("snap-0a5", random_disk)
     with mounted(https_emulator.url, ["snap-0a5"], tmp_path / "mnt") as mnt:
         assert sha256_file(mnt / "snap-0a5.img") == expected_sha256(random_disk, GIB)
     assert sum(https_emulator.counters.block_gets.values()) == len(
-        https_emulator.store.get("snap-0a5").indexes)
+        https_emulator.store.get("snap-0a5").indexes
+    )
 
 
-def test_loop_mounted_ext4_matches_every_file(emulator: EmulatorServer, demo_disk,
-                                              tmp_path) -> None:
+def test_loop_mounted_ext4_matches_every_file(
+    emulator: EmulatorServer, demo_disk, tmp_path
+) -> None:
     emulator.store.add_image(DEMO, demo_disk)
     files = demo_files()
     with (
@@ -108,20 +112,19 @@ def test_loop_mounted_ext4_matches_every_file(emulator: EmulatorServer, demo_dis
         assert err.value.errno == errno.EROFS
 
 
-def test_sleuthkit_reads_the_image_directly(emulator: EmulatorServer, demo_disk,
-                                            tmp_path) -> None:
+def test_sleuthkit_reads_the_image_directly(emulator: EmulatorServer, demo_disk, tmp_path) -> None:
     emulator.store.add_image(DEMO, demo_disk)
     with mounted(emulator.url, [DEMO], tmp_path / "mnt") as mnt:
         image = str(mnt / f"{DEMO}.img")
         mmls = subprocess.run(["mmls", image], capture_output=True, text=True, check=True)
         assert "GUID Partition Table" in mmls.stdout
         assert "0000002048" in mmls.stdout and "demo" in mmls.stdout
-        fls = subprocess.run(["fls", "-r", "-p", "-o", "2048", image], capture_output=True,
-                             text=True, check=True)
+        fls = subprocess.run(
+            ["fls", "-r", "-p", "-o", "2048", image], capture_output=True, text=True, check=True
+        )
         line = next(x for x in fls.stdout.splitlines() if x.endswith("var/log/auth.log"))
         inode = line.split()[1].rstrip(":")
-        icat = subprocess.run(["icat", "-o", "2048", image, inode], capture_output=True,
-                              check=True)
+        icat = subprocess.run(["icat", "-o", "2048", image, inode], capture_output=True, check=True)
         assert icat.stdout == demo_files()["var/log/auth.log"]
 
 
@@ -139,13 +142,15 @@ def test_writes_through_the_mount_are_refused(emulator: EmulatorServer, tmp_path
             (mnt / "snap-0b2.img").stat()
 
 
-def test_two_snapshots_mounted_together(emulator: EmulatorServer, demo_disk, random_disk,
-                                        tmp_path) -> None:
+def test_two_snapshots_mounted_together(
+    emulator: EmulatorServer, demo_disk, random_disk, tmp_path
+) -> None:
     emulator.store.add_image(DEMO, demo_disk)
     emulator.store.add_image("snap-0a1", random_disk, volume_size_gib=2)
     with mounted(emulator.url, [DEMO, "snap-0a1"], tmp_path / "mnt") as mnt:
-        assert sorted(os.listdir(mnt)) == sorted([f"{DEMO}.img", f"{DEMO}-part1.img",
-                                                  "snap-0a1.img"])
+        assert sorted(os.listdir(mnt)) == sorted(
+            [f"{DEMO}.img", f"{DEMO}-part1.img", "snap-0a1.img"]
+        )
         assert (mnt / "snap-0a1.img").stat().st_size == 2 * GIB
         with open(mnt / f"{DEMO}.img", "rb") as f:
             assert f.read(64 * 1024 * 1024) == demo_disk.read_bytes()

@@ -66,8 +66,9 @@ def make_disk(tmp_path: Path, script: str | None = None, size: int = DISK) -> Pa
 
 def sfdisk_view(path: Path) -> list[tuple[int, int, int, str, str]]:
     """(number, offset, size, type, name) of each data partition, as sfdisk sees them."""
-    out = subprocess.run(["sfdisk", "--json", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["sfdisk", "--json", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     table = json.loads(out)["partitiontable"]
     rows = []
     for p in table["partitions"]:
@@ -153,13 +154,16 @@ def test_zero_and_tiny_disks_are_not_partitioned(tmp_path: Path) -> None:
     assert trio.run(find_partitions, FileReader(make_disk(tmp_path, size=100)), 100) == []
 
 
-@pytest.mark.parametrize("offset, marker", [
-    (3, b"NTFS    "),
-    (3, b"EXFAT   "),
-    (0x36, b"FAT16   "),
-    (0x52, b"FAT32   "),
-    (446, b"\x12"),  # a status byte that is neither 0x00 nor 0x80
-])
+@pytest.mark.parametrize(
+    "offset, marker",
+    [
+        (3, b"NTFS    "),
+        (3, b"EXFAT   "),
+        (0x36, b"FAT16   "),
+        (0x52, b"FAT32   "),
+        (446, b"\x12"),  # a status byte that is neither 0x00 nor 0x80
+    ],
+)
 def test_boot_sectors_are_not_mbrs(tmp_path: Path, offset: int, marker: bytes) -> None:
     path = make_disk(tmp_path, size=8 * MIB)
     # boot code where the first entry would be, that reads as a plausible partition
@@ -196,14 +200,19 @@ def test_mbr_partition_past_end_of_disk(tmp_path: Path) -> None:
     path = make_disk(tmp_path, "label: dos\nsize=8MiB, type=83\ntype=83\n")
     assert [p.number for p in scan(path)] == [1, 2]
     subprocess.run(["truncate", "-s", "32M", str(path)], check=True)  # a smaller snapshot
-    with pytest.raises(PartitionTableError, match=r"partition 2 \(bytes 9437184-67108864\) "
-                                                  r"ends past the end of the disk \(33554432"):
+    with pytest.raises(
+        PartitionTableError,
+        match=r"partition 2 \(bytes 9437184-67108864\) "
+        r"ends past the end of the disk \(33554432",
+    ):
         scan(path)
 
 
 def test_gpt_partition_overlap(tmp_path: Path) -> None:
-    path = make_disk(tmp_path, f"label: gpt\nstart=2048, size=16384, type={ESP}\n"
-                               f"start=18432, size=32768, type={LINUX}\n")
+    path = make_disk(
+        tmp_path,
+        f"label: gpt\nstart=2048, size=16384, type={ESP}\nstart=18432, size=32768, type={LINUX}\n",
+    )
     assert [p.number for p in scan(path)] == [1, 2]
     # partition 1 made to end one sector into partition 2, in both GPTs, CRCs fixed up
     with path.open("r+b") as f:
@@ -240,4 +249,3 @@ def test_ebr_loop(tmp_path: Path) -> None:
     patch(path, second_ebr * 512 + 446 + 16, struct.pack("<B3xB3xII", 0, 0x05, 0, 2048))
     with pytest.raises(PartitionTableError, match=r"loops back to sector 34816"):
         scan(path)
-

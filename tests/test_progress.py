@@ -65,8 +65,11 @@ def test_a_plain_line_every_few_seconds() -> None:
     ]
     progress.update(1000 * MIB, 2000)
     progress.close()
-    assert out.getvalue().splitlines()[-1].startswith(
-        "ebsfs: disk.img: 1000.0 MiB of 1000.0 MiB (100%)")
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .startswith("ebsfs: disk.img: 1000.0 MiB of 1000.0 MiB (100%)")
+    )
 
 
 def test_no_last_line_for_a_run_that_failed_or_was_quick() -> None:
@@ -124,9 +127,20 @@ def test_get_on_a_terminal_shows_a_bar(emulator: EmulatorServer, tmp_path: Path)
     master, slave = terminal()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ebsfs", "get", "--endpoint-url", emulator.url,
-             "snap-0ba7", str(tmp_path / "disk.img")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+            [
+                sys.executable,
+                "-m",
+                "ebsfs",
+                "get",
+                "--endpoint-url",
+                emulator.url,
+                "snap-0ba7",
+                str(tmp_path / "disk.img"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+        )
         os.close(slave)
         shown = read_all(master)
         assert proc.wait(120) == 0, shown
@@ -139,6 +153,7 @@ def test_get_on_a_terminal_shows_a_bar(emulator: EmulatorServer, tmp_path: Path)
 
 def test_quiet_says_nothing(emulator: EmulatorServer, tmp_path: Path) -> None:
     add(emulator.store, "snap-0ba8", sparse_blocks(2, volume_gib=1), volume_gib=1)
-    result = ebsfs("get", "-q", "--endpoint-url", emulator.url, "snap-0ba8",
-                   str(tmp_path / "disk.img"))
+    result = ebsfs(
+        "get", "-q", "--endpoint-url", emulator.url, "snap-0ba8", str(tmp_path / "disk.img")
+    )
     assert result.returncode == 0 and result.stderr == "" and result.stdout == ""

@@ -43,13 +43,23 @@ def assert_eio(path: Path, offset: int) -> None:
     assert err.value.errno == errno.EIO
 
 
-@pytest.mark.expected_log(r"read of snap-0e1.img failed: .*AWS credentials could not be "
-                          r"refreshed .*token service unavailable.*credential_process")
+@pytest.mark.expected_log(
+    r"read of snap-0e1.img failed: .*AWS credentials could not be "
+    r"refreshed .*token service unavailable.*credential_process"
+)
 def test_a_failing_credential_process_gives_eio_then_recovers(
-        emulator: EmulatorServer, source, source_file, credential_helper, tmp_path) -> None:
+    emulator: EmulatorServer, source, source_file, credential_helper, tmp_path
+) -> None:
     emulator.store.add_image(SNAP, source_file)
-    with mounted(emulator.url, [SNAP], tmp_path / "mnt", "--profile",
-                 credential_helper.profile, "--read-timeout", "10") as mnt:
+    with mounted(
+        emulator.url,
+        [SNAP],
+        tmp_path / "mnt",
+        "--profile",
+        credential_helper.profile,
+        "--read-timeout",
+        "10",
+    ) as mnt:
         image = mnt / f"{SNAP}.img"
         pid = serving_pid(mnt)
         assert read_at(image, 0, 4096) == source[:4096]
@@ -60,8 +70,9 @@ def test_a_failing_credential_process_gives_eio_then_recovers(
         assert os.path.ismount(mnt) and serving_pid(mnt) == pid
         credential_helper.down = False
         drop_page_cache()
-        assert read_at(image, 10 * BLOCK_SIZE, BLOCK_SIZE) == \
-            source[10 * BLOCK_SIZE : 11 * BLOCK_SIZE]
+        assert (
+            read_at(image, 10 * BLOCK_SIZE, BLOCK_SIZE) == source[10 * BLOCK_SIZE : 11 * BLOCK_SIZE]
+        )
         with open(image, "rb") as f:
             assert f.read(len(source)) == source
     log = (tmp_path / "mnt.log").read_text()
@@ -70,7 +81,8 @@ def test_a_failing_credential_process_gives_eio_then_recovers(
 
 @pytest.mark.expected_log(r"read failed \(EIO\): unexpected RuntimeError: planted bug")
 def test_an_unexpected_exception_in_the_read_path_is_eio_and_the_mount_lives(
-        emulator: EmulatorServer, source, source_file, tmp_path, monkeypatch) -> None:
+    emulator: EmulatorServer, source, source_file, tmp_path, monkeypatch
+) -> None:
     flag = tmp_path / "bug"
     monkeypatch.setenv("EBSFS_TEST_BUG_FILE", str(flag))
     emulator.store.add_image(SNAP, source_file)
@@ -92,14 +104,24 @@ def test_an_unexpected_exception_in_the_read_path_is_eio_and_the_mount_lives(
 
 @pytest.mark.parametrize("path", ["direct", "botocore"])
 def test_a_ca_bundle_only_in_the_profile_reads_over_https(
-        https_emulator: EmulatorServer, profile_ca_bundle, source, source_file, tmp_path,
-        monkeypatch, path) -> None:
+    https_emulator: EmulatorServer,
+    profile_ca_bundle,
+    source,
+    source_file,
+    tmp_path,
+    monkeypatch,
+    path,
+) -> None:
     if path == "botocore":  # a proxy setting sends GETs through botocore
         monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     https_emulator.store.add_image(SNAP, source_file)
     assert "AWS_CA_BUNDLE" not in os.environ
-    with mounted(https_emulator.url, [SNAP], tmp_path / "mnt", "--profile",
-                 profile_ca_bundle) as mnt, open(mnt / f"{SNAP}.img", "rb") as f:
+    with (
+        mounted(
+            https_emulator.url, [SNAP], tmp_path / "mnt", "--profile", profile_ca_bundle
+        ) as mnt,
+        open(mnt / f"{SNAP}.img", "rb") as f,
+    ):
         assert f.read(len(source)) == source
     assert https_emulator.counters.calls["GetSnapshotBlock"] == len(source) // BLOCK_SIZE

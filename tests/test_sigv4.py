@@ -16,8 +16,7 @@ from ebsfs.service.sigv4 import Credentials, GetSigner
 NOW = datetime.datetime(2026, 11, 24, 1, 2, 3, tzinfo=datetime.UTC)
 
 
-def botocore_headers(url: str, credentials: Credentials, now: datetime.datetime
-                     ) -> dict[str, str]:
+def botocore_headers(url: str, credentials: Credentials, now: datetime.datetime) -> dict[str, str]:
     request = botocore.awsrequest.AWSRequest(method="GET", url=url)
     frozen = botocore.credentials.Credentials(*credentials).get_frozen_credentials()
     with mock.patch("botocore.auth.get_current_datetime", return_value=now):
@@ -26,10 +25,14 @@ def botocore_headers(url: str, credentials: Credentials, now: datetime.datetime
 
 
 @pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzEJr//////////wEaDGFrZ+/=="])
-@pytest.mark.parametrize("netloc,scheme", [
-    ("127.0.0.1:8123", "http"), ("ebs.eu-west-3.amazonaws.com", "https"),
-    ("proxy.internal:8443", "https"),
-])
+@pytest.mark.parametrize(
+    "netloc,scheme",
+    [
+        ("127.0.0.1:8123", "http"),
+        ("ebs.eu-west-3.amazonaws.com", "https"),
+        ("proxy.internal:8443", "https"),
+    ],
+)
 @pytest.mark.parametrize("block_token", ["AAUBAf+/xyz==", "plain", "a b&c=d"])
 def test_same_headers_as_botocore(token, netloc, scheme, block_token) -> None:
     credentials = Credentials("AKIDEXAMPLE", "wJalr/K7MDENG+bPxRfiCY", token)

@@ -27,13 +27,16 @@ def aligned(data: bytes) -> memoryview:
 
 def resident_bytes(path: Path) -> int:
     """Bytes of the file in the page cache (util-linux fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(out.split()[0])
 
 
-def test_aligned_blocks_are_written_direct_and_stay_out_of_the_page_cache(
-        tmp_path: Path) -> None:
+def test_aligned_blocks_are_written_direct_and_stay_out_of_the_page_cache(tmp_path: Path) -> None:
     blocks = {i: pattern_block(31, i) for i in (0, 3, 4, 9)}
     out = tmp_path / "disk.img"
     target = FileTarget(str(out), 16 * BLOCK_SIZE)
@@ -73,7 +76,8 @@ def test_unaligned_data_takes_the_buffered_path(tmp_path: Path) -> None:
 
 
 def test_a_file_system_without_o_direct_gets_buffered_writes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_open = os.open
 
     def no_direct(path: str, flags: int, *args: int) -> int:
@@ -94,7 +98,8 @@ def test_a_file_system_without_o_direct_gets_buffered_writes(
 
 
 def test_direct_write_errors_other_than_alignment_are_not_hidden(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     writes = DirectWrites(str(tmp_path / "x"), os.O_WRONLY | os.O_CREAT)
     if writes.fd < 0:
         pytest.skip(f"{tmp_path} has no O_DIRECT")

@@ -37,7 +37,8 @@ class BaseImage:
             os.close(self.fd)
             raise BaseImageMismatch(
                 f"base image {path} holds {size} bytes, its manifest {self.manifest_path} "
-                f"says {self.manifest.volume_size}: not the copy the manifest describes")
+                f"says {self.manifest.volume_size}: not the copy the manifest describes"
+            )
         self._digests: Iterator[tuple[int, bytes]] | None = None
         self._next: tuple[int, bytes] | None = None
         self._changes: Iterator[ChangedRange] | None = None
@@ -49,12 +50,14 @@ class BaseImage:
 
     def check(self, snapshot_id: str, volume_size: int) -> None:
         if self.snapshot_id == snapshot_id:
-            raise BaseImageMismatch(f"base image {self.path} is a copy of {snapshot_id} "
-                                    "itself: nothing to fetch")
+            raise BaseImageMismatch(
+                f"base image {self.path} is a copy of {snapshot_id} itself: nothing to fetch"
+            )
         if self.manifest.volume_size != volume_size:
             raise BaseImageMismatch(
                 f"base image {self.path} is of a {self.manifest.volume_size}-byte volume, "
-                f"{snapshot_id} of a {volume_size}-byte one: not the same volume")
+                f"{snapshot_id} of a {volume_size}-byte one: not the same volume"
+            )
 
     def start(self, changes: Iterator[ChangedRange]) -> None:
         """Begin walking the changed ranges and the base's block list (both ascending)."""
@@ -77,7 +80,8 @@ class BaseImage:
             raise BaseImageMismatch(
                 f"the base manifest {self.manifest_path} lists no block {index}, which is "
                 f"unchanged since {self.snapshot_id} and written: the manifest is not that "
-                "snapshot's")
+                "snapshot's"
+            )
         return self._next[1]
 
     def read_verified(self, index: int, digest: bytes) -> bytes:
@@ -85,19 +89,22 @@ class BaseImage:
         try:
             data = os.pread(self.fd, BLOCK_SIZE, offset)
         except OSError as err:
-            raise BaseImageMismatch(f"cannot read base image {self.path}: "
-                                    f"{err.strerror}") from err
+            raise BaseImageMismatch(f"cannot read base image {self.path}: {err.strerror}") from err
         if len(data) != BLOCK_SIZE or hashlib.sha256(data).digest() != digest:
             raise BaseImageMismatch(
                 f"base image {self.path} does not match its manifest at block {index} "
-                f"(offset {offset}): check it with `ebsfs verify {self.path}`")
+                f"(offset {offset}): check it with `ebsfs verify {self.path}`"
+            )
         return data
 
     def describe(self) -> dict[str, Any]:
-        return {"snapshot_id": self.snapshot_id, "image": os.path.abspath(self.path),
-                "manifest": os.path.abspath(self.manifest_path),
-                "manifest_sha256": file_sha256(self.manifest_path),
-                "image_sha256": self.manifest.sha256}
+        return {
+            "snapshot_id": self.snapshot_id,
+            "image": os.path.abspath(self.path),
+            "manifest": os.path.abspath(self.manifest_path),
+            "manifest_sha256": file_sha256(self.manifest_path),
+            "image_sha256": self.manifest.sha256,
+        }
 
     def close(self) -> None:
         os.close(self.fd)

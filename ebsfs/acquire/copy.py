@@ -62,8 +62,12 @@ class Counts:
     """Blocks a previous run recorded that did not read back right (fetched again)."""
 
     def as_json(self) -> dict[str, int]:
-        return {"fetched_blocks": self.fetched, "base_blocks": self.from_base,
-                "resumed_blocks": self.resumed, "refetched_blocks": self.refetched}
+        return {
+            "fetched_blocks": self.fetched,
+            "base_blocks": self.from_base,
+            "resumed_blocks": self.resumed,
+            "refetched_blocks": self.refetched,
+        }
 
 
 class Source(StrEnum):
@@ -118,8 +122,14 @@ class Copy:
     back once it is both written and hashed); the channel between producer and
     consumer bounds the steps ahead of the hashing."""
 
-    def __init__(self, plan: CopyPlan, target: Target, journal: Journal | None,
-                 blocks: BlockListWriter, progress: Progress) -> None:
+    def __init__(
+        self,
+        plan: CopyPlan,
+        target: Target,
+        journal: Journal | None,
+        blocks: BlockListWriter,
+        progress: Progress,
+    ) -> None:
         self.plan = plan
         self.image = plan.image
         self.base = plan.base
@@ -181,13 +191,14 @@ class Copy:
             with trio.move_on_after(self.read_timeout) as scope:
                 items = await index.chunk_items(chunk_no)
             if scope.cancelled_caught:
-                raise ReadFailed(f"{self.image.snapshot_id}: listing blocks of chunk "
-                                 f"{chunk_no} took over {self.read_timeout:.0f}s")
+                raise ReadFailed(
+                    f"{self.image.snapshot_id}: listing blocks of chunk "
+                    f"{chunk_no} took over {self.read_timeout:.0f}s"
+                )
             if not items:
                 continue
             present = [i for i, _ in items]
-            sources = await trio.to_thread.run_sync(self._sources, present,
-                                                    limiter=self._disk)
+            sources = await trio.to_thread.run_sync(self._sources, present, limiter=self._disk)
             for i in present:
                 if i > position:
                     yield _Gap(position, i)
@@ -201,8 +212,9 @@ class Copy:
         """Where each block of one chunk comes from, when not from the service: written
         by a previous run (the journal's record), or unchanged in the base image."""
         found: dict[int, tuple[Source, bytes]] = {}
-        recorded = (self.journal.recorded(present[0], present[-1])
-                    if self.journal is not None else {})
+        recorded = (
+            self.journal.recorded(present[0], present[-1]) if self.journal is not None else {}
+        )
         for i in present:
             digest = recorded.get(i)
             if digest is not None:
@@ -213,8 +225,9 @@ class Copy:
                     found[i] = (Source.BASE, base_digest)
         return found
 
-    async def _produce(self, nursery: trio.Nursery,
-                       send: trio.MemorySendChannel[_Gap | _Slot]) -> None:
+    async def _produce(
+        self, nursery: trio.Nursery, send: trio.MemorySendChannel[_Gap | _Slot]
+    ) -> None:
         async with send, aclosing(self._steps()) as steps:
             async for step in steps:
                 if isinstance(step, _Slot):
@@ -268,29 +281,36 @@ class Copy:
         offset = slot.index * BLOCK_SIZE
         if slot.source is Source.RESUMED:
             assert slot.digest is not None
-            data = await trio.to_thread.run_sync(self._read_back, offset, slot.digest,
-                                                 limiter=self._disk)
+            data = await trio.to_thread.run_sync(
+                self._read_back, offset, slot.digest, limiter=self._disk
+            )
             if data is not None:
                 slot.data, slot.present = data, True
                 self.counts.resumed += 1
                 return
-            log.info("%s: block %d on disk does not match its record: fetching it again",
-                     self.target.name, slot.index)
+            log.info(
+                "%s: block %d on disk does not match its record: fetching it again",
+                self.target.name,
+                slot.index,
+            )
             self.counts.refetched += 1
             slot.source = Source.FETCH
         if slot.source is Source.BASE:
             assert self.base is not None and slot.digest is not None
             base, digest = self.base, slot.digest
-            slot.data = await trio.to_thread.run_sync(base.read_verified, slot.index, digest,
-                                                      limiter=self._disk)
+            slot.data = await trio.to_thread.run_sync(
+                base.read_verified, slot.index, digest, limiter=self._disk
+            )
             self.counts.from_base += 1
         else:
             with trio.move_on_after(self.read_timeout) as scope:
                 block = await self.image.block(slot.index, slot.loan)
             self._fetched(slot)
             if scope.cancelled_caught:
-                raise ReadFailed(f"{self.image.snapshot_id}: block {slot.index} took over "
-                                 f"{self.read_timeout:.0f}s")
+                raise ReadFailed(
+                    f"{self.image.snapshot_id}: block {slot.index} took over "
+                    f"{self.read_timeout:.0f}s"
+                )
             self.counts.fetched += 1
             if block.checksum is None:  # no longer listed: never written after all
                 return
@@ -305,17 +325,18 @@ class Copy:
             # being stopped (Ctrl-C, another block's failure), or a resumed run would
             # fetch it again. At most the window's blocks wait here.
             with trio.CancelScope(shield=True):
-                await in_worker(self._disk, functools.partial(
-                    self._write, slot.index, slot.data, slot.digest),
-                    abandon_on_cancel=False)
+                await in_worker(
+                    self._disk,
+                    functools.partial(self._write, slot.index, slot.data, slot.digest),
+                    abandon_on_cancel=False,
+                )
 
     def _read_back(self, offset: int, digest: bytes) -> bytes | None:
         data = self.target.read(offset, BLOCK_SIZE)
         ok = len(data) == BLOCK_SIZE and hashlib.sha256(data).digest() == digest
         return data if ok else None
 
-    def _write(self, index: int, data: bytes | memoryview | None, digest: bytes | None
-               ) -> None:
+    def _write(self, index: int, data: bytes | memoryview | None, digest: bytes | None) -> None:
         assert data is not None and digest is not None
         self.target.write(index * BLOCK_SIZE, data)
         if self.journal is not None:
@@ -346,12 +367,14 @@ class Copy:
                 self.blocks.add(step.index, step.digest)
                 data, step.data = step.data, None
                 self.position = offset + BLOCK_SIZE
-                self._in_order.feed(offset, data, BLOCK_SIZE,
-                                    functools.partial(self._block_hashed, step))
+                self._in_order.feed(
+                    offset, data, BLOCK_SIZE, functools.partial(self._block_hashed, step)
+                )
         await self._in_order.drain()
 
-    async def _next_step(self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]
-                         ) -> _Gap | _Slot | None:
+    async def _next_step(
+        self, receive: trio.MemoryReceiveChannel[_Gap | _Slot]
+    ) -> _Gap | _Slot | None:
         """The next step, None at the end; what the hashers have been given so far is
         handed on before waiting for it."""
         try:
@@ -374,8 +397,9 @@ class Copy:
         self.progress.update(self.hashed, self.counts.fetched + self.counts.from_base)
 
     def _consumers(self) -> list[Consumer]:
-        consumers: list[Consumer] = [functools.partial(_update, h)
-                                     for h in (self.sha256, self.md5) if h is not None]
+        consumers: list[Consumer] = [
+            functools.partial(_update, h) for h in (self.sha256, self.md5) if h is not None
+        ]
         if self.target.stream:
             consumers.append(self._stream)
         return consumers
@@ -388,8 +412,9 @@ class Copy:
 
     def _consumer_failed(self, err: BaseException) -> None:
         if self._failure is None:
-            self._failure = err if isinstance(err, EbsfsError) else OutputError(
-                f"{self.target.name}: {err}")
+            self._failure = (
+                err if isinstance(err, EbsfsError) else OutputError(f"{self.target.name}: {err}")
+            )
         self._nursery.cancel_scope.cancel()
 
     async def _zeros(self, start: int, stop: int) -> None:
@@ -402,11 +427,15 @@ class Copy:
                 # A resumed run skips what an earlier one zeroed on the device.
                 begin = max(offset, self.zeroed_through)
                 if begin < end:
-                    await in_worker(self._disk, functools.partial(
-                        self.target.zero, begin, end - begin), abandon_on_cancel=False)
+                    await in_worker(
+                        self._disk,
+                        functools.partial(self.target.zero, begin, end - begin),
+                        abandon_on_cancel=False,
+                    )
             await self._zeros_ahead.acquire()
-            self._in_order.feed(offset, None, end - offset,
-                                functools.partial(self._zeros_hashed, end - offset))
+            self._in_order.feed(
+                offset, None, end - offset, functools.partial(self._zeros_hashed, end - offset)
+            )
             self.position = end
             self.zeroed_through = max(self.zeroed_through, end)
             await self._save_state()
@@ -427,12 +456,12 @@ class Copy:
             return
         self.state.zeroed_through = self.zeroed_through
         # A copy: the worker thread writes it while this loop goes on changing ours.
-        await trio.to_thread.run_sync(self.journal.save, dataclasses.replace(self.state),
-                                      limiter=self._disk)
+        await trio.to_thread.run_sync(
+            self.journal.save, dataclasses.replace(self.state), limiter=self._disk
+        )
 
 
-def _update(hasher: Any, offset: int, data: bytes | memoryview | None, length: int
-            ) -> None:
+def _update(hasher: Any, offset: int, data: bytes | memoryview | None, length: int) -> None:
     """The InOrder consumer of one hasher: `length` zeros when `data` is None."""
     if data is not None:
         hasher.update(data)

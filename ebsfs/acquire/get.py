@@ -47,8 +47,12 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def get(config: EngineConfig, request: GetRequest, progress: Progress | None = None,
-        api: EbsApi | None = None) -> GetResult:
+def get(
+    config: EngineConfig,
+    request: GetRequest,
+    progress: Progress | None = None,
+    api: EbsApi | None = None,
+) -> GetResult:
     """Copy a snapshot as `request` says, resuming an unfinished run of the same copy.
     Raises typed EbsfsErrors; nothing downloaded is lost on any of them."""
     progress = progress or QuietProgress()
@@ -61,17 +65,24 @@ def get(config: EngineConfig, request: GetRequest, progress: Progress | None = N
     window = window_for(config)
     # Blocks are written and hashed once, never read again: the cache need only hold
     # the window (more would only fault in fresh memory, docs/performance.md).
-    config = dataclasses.replace(config, cache_size=min(config.cache_size,
-                                                        window * BLOCK_SIZE))
+    config = dataclasses.replace(config, cache_size=min(config.cache_size, window * BLOCK_SIZE))
     try:
-        the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False,
-                                    api=api)
+        the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False, api=api)
         image = the_engine.images[request.snapshot_id]
         if base is not None:
             base.check(request.snapshot_id, image.size)
-        plan = CopyPlan(image, layout, window, config.read_timeout, base=base,
-                        resume=resume, sha256=request.image_hash, md5=request.md5,
-                        snapshot=snapshot, snapshot_note=note)
+        plan = CopyPlan(
+            image,
+            layout,
+            window,
+            config.read_timeout,
+            base=base,
+            resume=resume,
+            sha256=request.image_hash,
+            md5=request.md5,
+            snapshot=snapshot,
+            snapshot_note=note,
+        )
         return _run(the_engine, plan, progress)
     finally:
         if base is not None:
@@ -82,8 +93,12 @@ def _open_journal(plan: CopyPlan) -> Journal:
     """The journal of this run, locked: the unfinished run's state, or a new one."""
     journal = Journal(plan.layout.stem)
     state = plan.resume or JournalState(
-        snapshot_id=plan.image.snapshot_id, output=os.path.abspath(plan.layout.output),
-        volume_size=plan.image.size, started=utc_now(), ebsfs_version=__version__)
+        snapshot_id=plan.image.snapshot_id,
+        output=os.path.abspath(plan.layout.output),
+        volume_size=plan.image.size,
+        started=utc_now(),
+        ebsfs_version=__version__,
+    )
     state.runs += 1
     journal.open(state, new=plan.resume is None)
     return journal
@@ -117,8 +132,7 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
         manifest.path = layout.manifest
         return GetResult(manifest, layout.manifest, layout.output)
     except OSError as err:
-        raise failure("cannot write", getattr(err, "filename", None) or target.name,
-                      err) from err
+        raise failure("cannot write", getattr(err, "filename", None) or target.name, err) from err
     finally:
         progress.close()
         target.close()
@@ -145,13 +159,21 @@ def _manifest(the_engine: Engine, copy: Copy, started: str) -> Manifest:
     counts = copy.counts.as_json()
     counts["runs"] = copy.state.runs if copy.state else 1
     return Manifest(
-        snapshot_id=plan.image.snapshot_id, volume_size=plan.image.size,
-        block_size=BLOCK_SIZE, written_blocks=copy.blocks.count,
+        snapshot_id=plan.image.snapshot_id,
+        volume_size=plan.image.size,
+        block_size=BLOCK_SIZE,
+        written_blocks=copy.blocks.count,
         sha256=copy.sha256.hexdigest() if copy.sha256 else None,
-        md5=copy.md5.hexdigest() if copy.md5 else None, started=started, finished=utc_now(),
-        ebsfs_version=__version__, region=getattr(the_engine.api, "region", None),
+        md5=copy.md5.hexdigest() if copy.md5 else None,
+        started=started,
+        finished=utc_now(),
+        ebsfs_version=__version__,
+        region=getattr(the_engine.api, "region", None),
         endpoint=getattr(the_engine.api, "endpoint_url", None),
         output=("-" if layout.kind is TargetKind.STREAM else os.path.abspath(layout.output)),
-        blocks=section, snapshot=plan.snapshot, snapshot_note=plan.snapshot_note,
-        base=plan.base.describe() if plan.base is not None else None, counts=counts,
+        blocks=section,
+        snapshot=plan.snapshot,
+        snapshot_note=plan.snapshot_note,
+        base=plan.base.describe() if plan.base is not None else None,
+        counts=counts,
     )

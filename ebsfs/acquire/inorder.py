@@ -78,9 +78,13 @@ class InOrder:
     The first consumer failure is kept (`failure`), reported once through
     `on_failure` on the trio thread, and every consumer skips the pieces after it."""
 
-    def __init__(self, consumers: list[Consumer],
-                 on_failure: Callable[[BaseException], None],
-                 stage_size: int = STAGE_SIZE, stages: int = STAGES) -> None:
+    def __init__(
+        self,
+        consumers: list[Consumer],
+        on_failure: Callable[[BaseException], None],
+        stage_size: int = STAGE_SIZE,
+        stages: int = STAGES,
+    ) -> None:
         self._stage_size = stage_size
         self._spare_stages = stages if stage_size > 0 else 0
         """Staging buffers not made yet (made when first needed)."""
@@ -91,20 +95,24 @@ class InOrder:
         self._on_failure = on_failure
         self._lock = threading.Lock()
         self._queues: list[queue.SimpleQueue[_Piece | None]] = [
-            queue.SimpleQueue() for _ in consumers]
+            queue.SimpleQueue() for _ in consumers
+        ]
         self._unfinished = 0
         self._all_done = trio.Event()
         self._all_done.set()
         self.failure: BaseException | None = None
         self._threads = [
-            threading.Thread(target=self._run, args=(consumer, q), daemon=True,
-                             name=f"ebsfs-inorder-{n}")
-            for n, (consumer, q) in enumerate(zip(consumers, self._queues, strict=True))]
+            threading.Thread(
+                target=self._run, args=(consumer, q), daemon=True, name=f"ebsfs-inorder-{n}"
+            )
+            for n, (consumer, q) in enumerate(zip(consumers, self._queues, strict=True))
+        ]
         for thread in self._threads:
             thread.start()
 
-    def feed(self, offset: int, data: bytes | memoryview | None, length: int,
-             done: Callable[[], None]) -> None:
+    def feed(
+        self, offset: int, data: bytes | memoryview | None, length: int, done: Callable[[], None]
+    ) -> None:
         """Trio thread: the next piece. `done()` runs on the trio thread once every
         consumer has taken it (then `data` is no longer used). A piece with data is
         copied into the stage being filled while a staging buffer is free; a stage goes
@@ -144,8 +152,7 @@ class InOrder:
             for done in dones:
                 done()
 
-        self._hand_on(stage.offset, memoryview(stage.buf)[: stage.used], stage.used,
-                      staged_done)
+        self._hand_on(stage.offset, memoryview(stage.buf)[: stage.used], stage.used, staged_done)
 
     def _take_stage(self, offset: int) -> _Stage | None:
         """A free staging buffer, begun at `offset`; None when all are in use (the
@@ -160,8 +167,9 @@ class InOrder:
         stage.begin(offset)
         return stage
 
-    def _hand_on(self, offset: int, data: bytes | memoryview | None, length: int,
-                 done: Callable[[], None]) -> None:
+    def _hand_on(
+        self, offset: int, data: bytes | memoryview | None, length: int, done: Callable[[], None]
+    ) -> None:
         piece = _Piece(offset, data, length, done, len(self._queues))
         if self._all_done.is_set():
             self._all_done = trio.Event()

@@ -53,8 +53,14 @@ class JournalState:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         types: dict[str, type | tuple[type, ...]] = {
-            "snapshot_id": str, "output": str, "volume_size": int, "started": str,
-            "ebsfs_version": str, "runs": int, "zeroed_through": (int, type(None))}
+            "snapshot_id": str,
+            "output": str,
+            "volume_size": int,
+            "started": str,
+            "ebsfs_version": str,
+            "runs": int,
+            "zeroed_through": (int, type(None)),
+        }
         values: dict[str, Any] = {}
         for name, kind in types.items():
             if name not in data:
@@ -95,14 +101,17 @@ class Journal:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, ValueError) as err:
-            raise OutputError(f"cannot read {self.state_path} (the record of an unfinished "
-                              f"copy): {getattr(err, 'strerror', None) or err}; remove it "
-                              "to start over") from err
+            raise OutputError(
+                f"cannot read {self.state_path} (the record of an unfinished "
+                f"copy): {getattr(err, 'strerror', None) or err}; remove it "
+                "to start over"
+            ) from err
         try:
             return JournalState.from_json(data)
         except ValueError:
-            raise OutputError(f"{self.state_path} is not an ebsfs journal; remove it to "
-                              "start over") from None
+            raise OutputError(
+                f"{self.state_path} is not an ebsfs journal; remove it to start over"
+            ) from None
 
     def open(self, state: JournalState, new: bool) -> None:
         """Lock the journal for this run (a new one starts empty) and save `state`."""
@@ -115,8 +124,9 @@ class Journal:
         except BlockingIOError:
             os.close(self._fd)
             self._fd = None
-            raise OutputError(f"another ebsfs get is writing this output ({self.sums_path} "
-                              "is locked)") from None
+            raise OutputError(
+                f"another ebsfs get is writing this output ({self.sums_path} is locked)"
+            ) from None
         if new:
             os.ftruncate(self._fd, 0)
         self.state = state

@@ -69,13 +69,23 @@ class Manifest:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "snapshot_id": self.snapshot_id,
-            "volume_size": self.volume_size, "block_size": self.block_size,
-            "written_blocks": self.written_blocks, "sha256": self.sha256, "md5": self.md5,
-            "started": self.started, "finished": self.finished,
-            "ebsfs_version": self.ebsfs_version, "region": self.region,
-            "endpoint": self.endpoint, "output": self.output, "snapshot": self.snapshot,
-            "snapshot_note": self.snapshot_note, "base": self.base, "counts": self.counts,
+            "format": FORMAT,
+            "snapshot_id": self.snapshot_id,
+            "volume_size": self.volume_size,
+            "block_size": self.block_size,
+            "written_blocks": self.written_blocks,
+            "sha256": self.sha256,
+            "md5": self.md5,
+            "started": self.started,
+            "finished": self.finished,
+            "ebsfs_version": self.ebsfs_version,
+            "region": self.region,
+            "endpoint": self.endpoint,
+            "output": self.output,
+            "snapshot": self.snapshot,
+            "snapshot_note": self.snapshot_note,
+            "base": self.base,
+            "counts": self.counts,
             "blocks": self.blocks,
         }
 
@@ -92,8 +102,10 @@ class Manifest:
         side = self.side_file()
         expected = self.blocks.get("file_sha256")
         if file_sha256(side) != expected:
-            raise ManifestError(f"{side} does not match the SHA-256 its manifest "
-                                f"{self.path} records (changed or truncated)")
+            raise ManifestError(
+                f"{side} does not match the SHA-256 its manifest "
+                f"{self.path} records (changed or truncated)"
+            )
         with open(side, encoding="ascii", errors="replace") as f:
             yield from _checked(_lines(f, side), self)
 
@@ -108,8 +120,12 @@ def _inline(entries: Any, where: str) -> Iterator[tuple[int, str]]:
     if not isinstance(entries, list):
         raise ManifestError(f"{where}: the block list is not a list")
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
-                and isinstance(entry[1], str)):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], int)
+            and isinstance(entry[1], str)
+        ):
             raise ManifestError(f"{where}: malformed block entry {entry!r}")
         yield entry[0], entry[1]
 
@@ -124,8 +140,7 @@ def _lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
         yield int(parts[0]), parts[1]
 
 
-def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest
-             ) -> Iterator[tuple[int, bytes]]:
+def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest) -> Iterator[tuple[int, bytes]]:
     previous = -1
     count = 0
     for index, text in entries:
@@ -136,14 +151,14 @@ def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest
         if len(digest) != 32:
             raise ManifestError(f"{manifest.path}: block {index}: {text!r} is not a SHA-256")
         if not previous < index < manifest.volume_blocks:
-            raise ManifestError(f"{manifest.path}: block {index} out of order or past the "
-                                "volume")
+            raise ManifestError(f"{manifest.path}: block {index} out of order or past the volume")
         previous = index
         count += 1
         yield index, digest
     if count != manifest.written_blocks:
-        raise ManifestError(f"{manifest.path}: lists {count} blocks, says "
-                            f"{manifest.written_blocks}")
+        raise ManifestError(
+            f"{manifest.path}: lists {count} blocks, says {manifest.written_blocks}"
+        )
 
 
 def file_sha256(path: str) -> str:
@@ -166,9 +181,11 @@ class BlockListWriter:
         self.count = 0
         self._hash = hashlib.sha256()
         self._file = open(spool_path, "w", encoding="ascii")  # noqa: SIM115 (kept open)
-        self._write(f"# ebsfs: SHA-256 of each written {BLOCK_SIZE}-byte block of "
-                    f"{snapshot_id}: block index (byte offset = index * {BLOCK_SIZE}), "
-                    "then the hex digest\n")
+        self._write(
+            f"# ebsfs: SHA-256 of each written {BLOCK_SIZE}-byte block of "
+            f"{snapshot_id}: block index (byte offset = index * {BLOCK_SIZE}), "
+            "then the hex digest\n"
+        )
 
     def _write(self, text: str) -> None:
         self._file.write(text)
@@ -184,8 +201,7 @@ class BlockListWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        section: dict[str, Any] = {"algorithm": "sha256", "encoding": "hex",
-                                   "count": self.count}
+        section: dict[str, Any] = {"algorithm": "sha256", "encoding": "hex", "count": self.count}
         if self.count <= INLINE_BLOCKS:
             with open(self.spool_path, encoding="ascii") as f:
                 section["list"] = [[i, h] for i, h in _lines(f, self.spool_path)]
@@ -213,8 +229,9 @@ def write_manifest(path: str, manifest: Manifest) -> None:
         return
     placeholder = '"@blocks@"'
     text = json.dumps({**data, "blocks": {**data["blocks"], "list": "@blocks@"}}, indent=1)
-    listing = ("[\n" + ",\n".join(f'   [{i}, "{h}"]' for i, h in entries) + "\n  ]"
-               if entries else "[]")
+    listing = (
+        "[\n" + ",\n".join(f'   [{i}, "{h}"]' for i, h in entries) + "\n  ]" if entries else "[]"
+    )
     write_text_atomic(path, text.replace(placeholder, listing) + "\n")
 
 
@@ -247,8 +264,10 @@ def read_manifest(path: str) -> Manifest:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ManifestError(f"no manifest {path} (a copy is finished only once `ebsfs get` "
-                            "has written its manifest)") from None
+        raise ManifestError(
+            f"no manifest {path} (a copy is finished only once `ebsfs get` "
+            "has written its manifest)"
+        ) from None
     except OSError as err:
         raise ManifestError(f"cannot read manifest {path}: {err.strerror}") from err
     except ValueError as err:
@@ -257,19 +276,30 @@ def read_manifest(path: str) -> Manifest:
         raise ManifestError(f"{path} is not an ebsfs manifest ({FORMAT})")
     try:
         manifest = Manifest(
-            snapshot_id=str(data["snapshot_id"]), volume_size=int(data["volume_size"]),
-            block_size=int(data["block_size"]), written_blocks=int(data["written_blocks"]),
+            snapshot_id=str(data["snapshot_id"]),
+            volume_size=int(data["volume_size"]),
+            block_size=int(data["block_size"]),
+            written_blocks=int(data["written_blocks"]),
             sha256=None if data["sha256"] is None else str(data["sha256"]),
-            md5=None if data["md5"] is None else str(data["md5"]), started=str(data["started"]),
-            finished=str(data["finished"]), ebsfs_version=str(data["ebsfs_version"]),
-            region=data.get("region"), endpoint=data.get("endpoint"),
-            output=str(data.get("output", "")), blocks=dict(data["blocks"]),
-            snapshot=data.get("snapshot"), snapshot_note=data.get("snapshot_note"),
-            base=data.get("base"), counts=dict(data.get("counts") or {}), path=path,
+            md5=None if data["md5"] is None else str(data["md5"]),
+            started=str(data["started"]),
+            finished=str(data["finished"]),
+            ebsfs_version=str(data["ebsfs_version"]),
+            region=data.get("region"),
+            endpoint=data.get("endpoint"),
+            output=str(data.get("output", "")),
+            blocks=dict(data["blocks"]),
+            snapshot=data.get("snapshot"),
+            snapshot_note=data.get("snapshot_note"),
+            base=data.get("base"),
+            counts=dict(data.get("counts") or {}),
+            path=path,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"{path}: missing or malformed field {err}") from err
     if manifest.block_size != BLOCK_SIZE or manifest.volume_size <= 0:
-        raise ManifestError(f"{path}: block size {manifest.block_size} or volume size "
-                            f"{manifest.volume_size} is not one of an EBS snapshot")
+        raise ManifestError(
+            f"{path}: block size {manifest.block_size} or volume size "
+            f"{manifest.volume_size} is not one of an EBS snapshot"
+        )
     return manifest

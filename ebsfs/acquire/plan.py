@@ -82,17 +82,19 @@ def already_done(layout: Layout, snapshot_id: str) -> Manifest | None:
     return done if done.snapshot_id == snapshot_id else None
 
 
-def preflight(request: GetRequest, layout: Layout
-              ) -> tuple[Manifest | None, JournalState | None]:
+def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, JournalState | None]:
     """Local checks before any call: (a finished copy already there, the state of an
     unfinished run to resume). One-line errors for anything that cannot work."""
     check_snapshot_id(request.snapshot_id)
     if request.md5 and not request.image_hash:
-        raise UserInputError("--md5 and --no-image-hash do not go together: the MD5 is "
-                             "a hash of the whole image")
+        raise UserInputError(
+            "--md5 and --no-image-hash do not go together: the MD5 is a hash of the whole image"
+        )
     if layout.kind is TargetKind.STREAM and os.isatty(1):
-        raise UserInputError("refusing to write a disk image to a terminal: redirect "
-                             "standard output or give a file name")
+        raise UserInputError(
+            "refusing to write a disk image to a terminal: redirect "
+            "standard output or give a file name"
+        )
     if layout.kind is TargetKind.FILE:
         check_directory(layout.output, "output")
         if os.path.isdir(layout.output):
@@ -106,26 +108,35 @@ def preflight(request: GetRequest, layout: Layout
                 f"{layout.output} belongs to an unfinished copy of {state.snapshot_id} "
                 f"({journal.state_path}), not {request.snapshot_id}: finish it with `ebsfs "
                 f"get {state.snapshot_id} {layout.output}`, or remove "
-                f"{layout.stem}.part* to discard it")
+                f"{layout.stem}.part* to discard it"
+            )
         if state.output != os.path.abspath(layout.output):
-            raise UserInputError(f"{journal.state_path} is the record of a copy to "
-                                 f"{state.output}, not {layout.output}")
+            raise UserInputError(
+                f"{journal.state_path} is the record of a copy to "
+                f"{state.output}, not {layout.output}"
+            )
         return None, state
     done = already_done(layout, request.snapshot_id)
     if layout.kind is TargetKind.FILE:
         if os.path.exists(layout.output):
             if done is not None:
                 return done, None
-            raise OutputError(f"{layout.output} exists and is not a finished copy of "
-                              f"{request.snapshot_id}: remove it or choose another name")
+            raise OutputError(
+                f"{layout.output} exists and is not a finished copy of "
+                f"{request.snapshot_id}: remove it or choose another name"
+            )
         if os.path.exists(layout.output + ".part"):
-            raise OutputError(f"{layout.output}.part exists but no record of an unfinished "
-                              "copy does: remove it or choose another name")
+            raise OutputError(
+                f"{layout.output}.part exists but no record of an unfinished "
+                "copy does: remove it or choose another name"
+            )
     if layout.kind is TargetKind.DEVICE and done is not None:
         return done, None
     if os.path.exists(layout.manifest):
-        raise OutputError(f"manifest {layout.manifest} exists already: remove it or choose "
-                          "another with --manifest")
+        raise OutputError(
+            f"manifest {layout.manifest} exists already: remove it or choose "
+            "another with --manifest"
+        )
     return None, None
 
 

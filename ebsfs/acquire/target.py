@@ -128,8 +128,9 @@ class _OnDisk(Target):
             while view:
                 written = self.direct.write(offset, view) or os.pwrite(self.fd, view, offset)
                 if written == 0:  # nothing written and no error: never loop on it
-                    raise OutputError(f"cannot write {self.name}: short write at {offset}"
-                                      f"{RESUME_HINT}")
+                    raise OutputError(
+                        f"cannot write {self.name}: short write at {offset}{RESUME_HINT}"
+                    )
                 view, offset = view[written:], offset + written
         except OSError as err:
             raise failure("cannot write", self.name, err) from err
@@ -206,8 +207,10 @@ class DeviceTarget(_OnDisk):
         capacity = device_size(self.fd)
         if capacity < size:
             os.close(self.fd)
-            raise OutputError(f"{path} holds {capacity} bytes, the snapshot {size}: the "
-                              "device must be at least the volume's size")
+            raise OutputError(
+                f"{path} holds {capacity} bytes, the snapshot {size}: the "
+                "device must be at least the volume's size"
+            )
         # Not O_EXCL: this process holds the device exclusively through self.fd.
         self.direct = DirectWrites(path, os.O_WRONLY)
 
@@ -247,10 +250,12 @@ class StreamTarget(Target):
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
         except BrokenPipeError:
-            raise OutputError("standard output was closed before the image was complete "
-                              "(the reader stopped); no manifest written") from None
+            raise OutputError(
+                "standard output was closed before the image was complete "
+                "(the reader stopped); no manifest written"
+            ) from None
         except OSError as err:
             raise failure("cannot write", self.name, err) from err
 
@@ -285,5 +290,4 @@ def check_directory(path: str, what: str) -> None:
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {what} {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {what} {path}: directory {directory} is not "
-                          "writable")
+        raise OutputError(f"cannot write {what} {path}: directory {directory} is not writable")

@@ -33,12 +33,19 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return (self.bad_blocks == 0 and self.sha256 == self.manifest.sha256
-                and self.md5 == self.manifest.md5)
+        return (
+            self.bad_blocks == 0
+            and self.sha256 == self.manifest.sha256
+            and self.md5 == self.manifest.md5
+        )
 
 
-def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None = None,
-           progress: Progress | None = None) -> VerifyResult:
+def verify(
+    image: str,
+    manifest_file: str | None = None,
+    on_bad: BadBlock | None = None,
+    progress: Progress | None = None,
+) -> VerifyResult:
     """Check `image` against its manifest (default IMAGE.manifest.json). Bad blocks go
     to `on_bad` as found; the result says whether all matched. Raises ManifestError
     or OutputError when the check cannot be made at all."""
@@ -50,10 +57,12 @@ def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None
         raise OutputError(f"cannot read {image}: {err.strerror}") from err
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        if size < manifest.volume_size or (size != manifest.volume_size
-                                           and not is_block_device(image)):
-            raise VerifyFailed(f"{image} holds {size} bytes, its manifest says "
-                               f"{manifest.volume_size}")
+        if size < manifest.volume_size or (
+            size != manifest.volume_size and not is_block_device(image)
+        ):
+            raise VerifyFailed(
+                f"{image} holds {size} bytes, its manifest says {manifest.volume_size}"
+            )
         progress.start(manifest.volume_size, 0)
         return _check(fd, image, manifest, on_bad or (lambda *_: None), progress)
     finally:
@@ -61,8 +70,9 @@ def verify(image: str, manifest_file: str | None = None, on_bad: BadBlock | None
         os.close(fd)
 
 
-def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
-           progress: Progress) -> VerifyResult:
+def _check(
+    fd: int, image: str, manifest: Manifest, on_bad: BadBlock, progress: Progress
+) -> VerifyResult:
     sha256 = hashlib.sha256() if manifest.sha256 is not None else None
     md5 = hashlib.md5() if manifest.md5 is not None else None
     hashers = [h for h in (sha256, md5) if h is not None]
@@ -95,12 +105,16 @@ def _check(fd: int, image: str, manifest: Manifest, on_bad: BadBlock,
                         on_bad(index, index * BLOCK_SIZE, "SHA-256 differs from the manifest")
                 elif block.tobytes() != ZERO_BLOCK:  # a copy, then memcmp: 7x faster
                     bad += 1
-                    on_bad(index, index * BLOCK_SIZE,
-                           "not zeros, but the snapshot never wrote this block")
+                    on_bad(
+                        index,
+                        index * BLOCK_SIZE,
+                        "not zeros, but the snapshot never wrote this block",
+                    )
             for future in whole:
                 future.result()
             progress.update(offset + length, 0)
     for _ in listed:  # the rest of the list is still checked for form
         pass
-    return VerifyResult(manifest, bad, sha256.hexdigest() if sha256 else None,
-                        md5.hexdigest() if md5 else None)
+    return VerifyResult(
+        manifest, bad, sha256.hexdigest() if sha256 else None, md5.hexdigest() if md5 else None
+    )

@@ -17,40 +17,54 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Commands) -> None:
     diff = commands.add_parser(
-        "diff", help="list the byte ranges (or, with --files, the files) that differ "
-                     "between two snapshots",
+        "diff",
+        help="list the byte ranges (or, with --files, the files) that differ between two snapshots",
         description="List what changed between two snapshots of the same volume, from "
-                    "ListChangedBlocks (needs ebs:ListChangedBlocks): changed byte ranges, "
-                    "adjacent blocks merged, and a summary. Reads no block data. With "
-                    "--files, the files, directories and symlinks added, deleted or "
-                    "modified in each filesystem (ext2/3/4, NTFS, FAT, HFS+ through "
-                    "pytsk3; XFS with the optional extra ebsfs[xfs]), reading only "
-                    "filesystem metadata (also needs ebs:ListSnapshotBlocks and "
-                    "ebs:GetSnapshotBlock); blocks unchanged between the two are fetched "
-                    "once.",
+        "ListChangedBlocks (needs ebs:ListChangedBlocks): changed byte ranges, "
+        "adjacent blocks merged, and a summary. Reads no block data. With "
+        "--files, the files, directories and symlinks added, deleted or "
+        "modified in each filesystem (ext2/3/4, NTFS, FAT, HFS+ through "
+        "pytsk3; XFS with the optional extra ebsfs[xfs]), reading only "
+        "filesystem metadata (also needs ebs:ListSnapshotBlocks and "
+        "ebs:GetSnapshotBlock); blocks unchanged between the two are fetched "
+        "once.",
         epilog="example: ebsfs diff --files snap-0aaa snap-0bbb   (lines as git diff "
-               "--name-status: A added, D deleted, M modified with what changed, R old new "
-               "renamed)",
+        "--name-status: A added, D deleted, M modified with what changed, R old new "
+        "renamed)",
     )
     diff.set_defaults(run=cmd_diff)
     diff.add_argument("first", metavar="FIRST_SNAPSHOT", help="the earlier snapshot")
     diff.add_argument("second", metavar="SECOND_SNAPSHOT", help="the later snapshot")
-    diff.add_argument("--json", action="store_true",
-                      help="print one JSON object: first, second, block_size, volume_size "
-                           "(bytes), changed_blocks (sorted indexes), ranges, counts; with "
-                           "--files: first, second, filesystems and files (path, change, "
-                           "partition, type, reasons, old_path, before/after metadata)")
-    diff.add_argument("--files", action="store_true",
-                      help="list changed files per filesystem instead of byte ranges; a "
-                           "filesystem that cannot be read gets a one-line note and its "
-                           "changed byte ranges")
-    diff.add_argument("--atime", action="store_true",
-                      help="with --files, also count access-time changes (files only read "
-                           "between the snapshots); ignored by default")
-    diff.add_argument("--cache-size", type=parse_size, default="512M", metavar="SIZE",
-                      help="with --files, memory for cached blocks (default: 512M): "
-                           "metadata read in the first snapshot is served from it to the "
-                           "second")
+    diff.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: first, second, block_size, volume_size "
+        "(bytes), changed_blocks (sorted indexes), ranges, counts; with "
+        "--files: first, second, filesystems and files (path, change, "
+        "partition, type, reasons, old_path, before/after metadata)",
+    )
+    diff.add_argument(
+        "--files",
+        action="store_true",
+        help="list changed files per filesystem instead of byte ranges; a "
+        "filesystem that cannot be read gets a one-line note and its "
+        "changed byte ranges",
+    )
+    diff.add_argument(
+        "--atime",
+        action="store_true",
+        help="with --files, also count access-time changes (files only read "
+        "between the snapshots); ignored by default",
+    )
+    diff.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default="512M",
+        metavar="SIZE",
+        help="with --files, memory for cached blocks (default: 512M): "
+        "metadata read in the first snapshot is served from it to the "
+        "second",
+    )
     cache_dir_arguments(diff)
     connection_arguments(diff)
 
@@ -99,8 +113,9 @@ def _diff_files(args: argparse.Namespace) -> int:
     files = open_with(engine_config(args), [args.first, args.second], readahead=False)
     display = BarProgress() if sys.stderr.isatty() else None  # a status line, terminals only
     try:
-        result = diff_files(files[0], files[1], atime=args.atime,
-                            progress=display.status if display else None)
+        result = diff_files(
+            files[0], files[1], atime=args.atime, progress=display.status if display else None
+        )
     finally:
         if display is not None:
             display.close()
@@ -109,8 +124,7 @@ def _diff_files(args: argparse.Namespace) -> int:
     if args.json:  # the text says it in its place; JSON on stdout is for programs
         for fs in result.filesystems:
             if fs.note is not None:
-                print(f"ebsfs: note: {fs.label}: files not listed: {fs.note}",
-                      file=sys.stderr)
+                print(f"ebsfs: note: {fs.label}: files not listed: {fs.note}", file=sys.stderr)
         result.write_json(sys.stdout)
     else:
         result.write_text(sys.stdout)

@@ -29,59 +29,86 @@ log = logging.getLogger(__name__)
 
 def add_parser(commands: Commands) -> None:
     get = commands.add_parser(
-        "get", help="copy a snapshot to a raw image file, a block device or stdout",
+        "get",
+        help="copy a snapshot to a raw image file, a block device or stdout",
         description="Copy a snapshot's whole volume (exactly VolumeSize bytes) to OUTPUT, "
-                    "every block checked against its SHA-256, and write "
-                    "OUTPUT.manifest.json: the image's SHA-256 (and MD5 with --md5), each "
-                    "block's SHA-256, times, versions and the snapshot's EC2 metadata. A "
-                    "file is written sparse (never-written blocks are holes) as OUTPUT.part "
-                    "until the manifest is written. Interrupted (Ctrl-C, a kill, a lost "
-                    "network)? Run the same command again: it checks what was written and "
-                    "fetches only the rest. Needs ebs:ListSnapshotBlocks and "
-                    "ebs:GetSnapshotBlock (ebs:ListChangedBlocks with --base-image).",
+        "every block checked against its SHA-256, and write "
+        "OUTPUT.manifest.json: the image's SHA-256 (and MD5 with --md5), each "
+        "block's SHA-256, times, versions and the snapshot's EC2 metadata. A "
+        "file is written sparse (never-written blocks are holes) as OUTPUT.part "
+        "until the manifest is written. Interrupted (Ctrl-C, a kill, a lost "
+        "network)? Run the same command again: it checks what was written and "
+        "fetches only the rest. Needs ebs:ListSnapshotBlocks and "
+        "ebs:GetSnapshotBlock (ebs:ListChangedBlocks with --base-image).",
         epilog="examples: ebsfs get snap-0123456789abcdef0 evidence.img && ebsfs verify "
-               "evidence.img | ebsfs get snap-0123 - | gzip > disk.img.gz | "
-               "ebsfs get --base-image monday.img snap-0tuesday tuesday.img",
+        "evidence.img | ebsfs get snap-0123 - | gzip > disk.img.gz | "
+        "ebsfs get --base-image monday.img snap-0tuesday tuesday.img",
     )
     get.set_defaults(run=cmd_get)
     get.add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="the snapshot (snap-...)")
-    get.add_argument("output", metavar="OUTPUT",
-                     help="a new file, a block device at least VolumeSize bytes large "
-                          "(never-written blocks are zeroed; nothing past the image is "
-                          "written), or - for standard output (the image in order)")
-    get.add_argument("--manifest", metavar="FILE",
-                     help="where to write the manifest (default: OUTPUT.manifest.json; "
-                          "for a device or -, SNAPSHOT_ID.manifest.json here)")
-    get.add_argument("--base-image", metavar="OLD_IMAGE",
-                     help="incremental copy: OLD_IMAGE is a finished copy (with its "
-                          "manifest) of an earlier snapshot of the same volume; blocks "
-                          "ListChangedBlocks does not name are copied from it, checked "
-                          "against its manifest, and only the changed ones are fetched")
-    get.add_argument("--base-manifest", metavar="FILE",
-                     help="the manifest of --base-image (default: OLD_IMAGE.manifest.json)")
-    get.add_argument("--md5", action=argparse.BooleanOptionalAction, default=False,
-                     help="also record the image's MD5, beside its SHA-256 (the older "
-                          "forensic convention; off by default: MD5 takes one core per "
-                          "0.7 GB/s of image, never-written blocks included, and on a "
-                          "two-core machine it made copies 1.2-1.5 times slower)")
-    get.add_argument("--no-image-hash", dest="image_hash", action="store_false",
-                     help="no SHA-256 of the whole image: the manifest still records "
-                          "each written block's SHA-256 (zeros elsewhere), which pins "
-                          "every byte, and `verify` checks them all; saves hashing the "
-                          "never-written bytes (about 0.6 s of a core per GiB of "
-                          "volume), most of a copy of a mostly empty volume, at the "
-                          "cost of a digest to compare with sha256sum's")
-    get.add_argument("-q", "--quiet", action="store_true",
-                     help="no progress and no summary (errors still go to stderr)")
-    engine_arguments(get, cache_help="memory for blocks on their way to OUTPUT, e.g. 256M "
-                     "(default: 512M); at most max(2 x --max-fetches, SIZE / 1 MiB) "
-                     "blocks are held at once, whatever the volume size",
-                     timeout_help="longest one block may take (retries included) before "
-                     f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})")
+    get.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="a new file, a block device at least VolumeSize bytes large "
+        "(never-written blocks are zeroed; nothing past the image is "
+        "written), or - for standard output (the image in order)",
+    )
+    get.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="where to write the manifest (default: OUTPUT.manifest.json; "
+        "for a device or -, SNAPSHOT_ID.manifest.json here)",
+    )
+    get.add_argument(
+        "--base-image",
+        metavar="OLD_IMAGE",
+        help="incremental copy: OLD_IMAGE is a finished copy (with its "
+        "manifest) of an earlier snapshot of the same volume; blocks "
+        "ListChangedBlocks does not name are copied from it, checked "
+        "against its manifest, and only the changed ones are fetched",
+    )
+    get.add_argument(
+        "--base-manifest",
+        metavar="FILE",
+        help="the manifest of --base-image (default: OLD_IMAGE.manifest.json)",
+    )
+    get.add_argument(
+        "--md5",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also record the image's MD5, beside its SHA-256 (the older "
+        "forensic convention; off by default: MD5 takes one core per "
+        "0.7 GB/s of image, never-written blocks included, and on a "
+        "two-core machine it made copies 1.2-1.5 times slower)",
+    )
+    get.add_argument(
+        "--no-image-hash",
+        dest="image_hash",
+        action="store_false",
+        help="no SHA-256 of the whole image: the manifest still records "
+        "each written block's SHA-256 (zeros elsewhere), which pins "
+        "every byte, and `verify` checks them all; saves hashing the "
+        "never-written bytes (about 0.6 s of a core per GiB of "
+        "volume), most of a copy of a mostly empty volume, at the "
+        "cost of a digest to compare with sha256sum's",
+    )
+    get.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary (errors still go to stderr)",
+    )
+    engine_arguments(
+        get,
+        cache_help="memory for blocks on their way to OUTPUT, e.g. 256M "
+        "(default: 512M); at most max(2 x --max-fetches, SIZE / 1 MiB) "
+        "blocks are held at once, whatever the volume size",
+        timeout_help="longest one block may take (retries included) before "
+        f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})",
+    )
     cache_dir_arguments(get)
     connection_arguments(get)
-    ec2_argument(get, "its metadata goes in the manifest when ec2:DescribeSnapshots is "
-                 "allowed")
+    ec2_argument(get, "its metadata goes in the manifest when ec2:DescribeSnapshots is allowed")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -105,8 +132,13 @@ def cmd_get(args: argparse.Namespace) -> int:
         return (info.as_json() if info else None), note
 
     request = acquire.GetRequest(
-        args.snapshot_id, args.output, manifest=args.manifest, base_image=args.base_image,
-        base_manifest=args.base_manifest, md5=args.md5, image_hash=args.image_hash,
+        args.snapshot_id,
+        args.output,
+        manifest=args.manifest,
+        base_image=args.base_image,
+        base_manifest=args.base_manifest,
+        md5=args.md5,
+        image_hash=args.image_hash,
         metadata=describe_snapshot,
     )
     label = args.snapshot_id if args.output == "-" else os.path.basename(args.output)
@@ -121,8 +153,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     if quiet:
         return 0
     if result.already_done:
-        print(f"ebsfs: {args.output} is already a finished copy of {m.snapshot_id} "
-              f"(manifest {result.manifest_path}); `ebsfs verify` checks it", file=sys.stderr)
+        print(
+            f"ebsfs: {args.output} is already a finished copy of {m.snapshot_id} "
+            f"(manifest {result.manifest_path}); `ebsfs verify` checks it",
+            file=sys.stderr,
+        )
         return 0
     counts = m.counts
     got = f"{counts.get('fetched_blocks', 0)} fetched"
@@ -130,9 +165,12 @@ def cmd_get(args: argparse.Namespace) -> int:
         got += f", {counts['base_blocks']} from the base image"
     if counts.get("resumed_blocks"):
         got += f", {counts['resumed_blocks']} from the earlier run"
-    print(f"ebsfs: {m.snapshot_id} -> {args.output}: {human(m.volume_size)}, "
-          f"{m.written_blocks} written blocks ({got}); {image_digests(m)}; manifest "
-          f"{result.manifest_path}", file=sys.stderr)
+    print(
+        f"ebsfs: {m.snapshot_id} -> {args.output}: {human(m.volume_size)}, "
+        f"{m.written_blocks} written blocks ({got}); {image_digests(m)}; manifest "
+        f"{result.manifest_path}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -44,9 +44,9 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
         handler = logging.handlers.SysLogHandler("/dev/log")
     else:
         handler = _CurrentStderr()
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-    ))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
     handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     for ours in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
@@ -58,5 +58,6 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     # botocore warns with a traceback on every failed credential refresh; ebsfs says
     # in one line what failed and what to fix. Its tracebacks are for -v.
     logging.getLogger("botocore.credentials").setLevel(
-        logging.ERROR if verbose == 0 else logging.WARNING)
+        logging.ERROR if verbose == 0 else logging.WARNING
+    )
     # botocore at DEBUG logs request URLs, and with them block tokens: never raise it.

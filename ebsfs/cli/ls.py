@@ -15,17 +15,29 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Commands) -> None:
     ls = commands.add_parser(
-        "ls", help="list completed snapshots (EC2 DescribeSnapshots)",
+        "ls",
+        help="list completed snapshots (EC2 DescribeSnapshots)",
         description="List completed snapshots: id, volume, size, start time, encrypted, "
-                    "description; oldest first. Needs ec2:DescribeSnapshots.",
+        "description; oldest first. Needs ec2:DescribeSnapshots.",
     )
     ls.set_defaults(run=cmd_ls)
-    ls.add_argument("--volume", action="append", default=[], metavar="VOLUME_ID",
-                    help="only snapshots of this volume (repeatable)")
-    ls.add_argument("--owner", action="append", default=[], metavar="OWNER",
-                    help="owner account id, or self or amazon (repeatable; default: self)")
-    ls.add_argument("--json", action="store_true",
-                    help="print a JSON list of objects with EC2's field names")
+    ls.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="VOLUME_ID",
+        help="only snapshots of this volume (repeatable)",
+    )
+    ls.add_argument(
+        "--owner",
+        action="append",
+        default=[],
+        metavar="OWNER",
+        help="owner account id, or self or amazon (repeatable; default: self)",
+    )
+    ls.add_argument(
+        "--json", action="store_true", help="print a JSON list of objects with EC2's field names"
+    )
     connection_arguments(ls, ebs=False)
     ec2_argument(ls, "the endpoint asked")
 
@@ -33,18 +45,30 @@ def add_parser(commands: Commands) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     from ebsfs.service import ec2
 
-    found = ec2.Ec2Snapshots(connection_options(args), args.ec2_endpoint_url
-                             ).list(args.owner or ["self"], args.volume)
+    found = ec2.Ec2Snapshots(connection_options(args), args.ec2_endpoint_url).list(
+        args.owner or ["self"], args.volume
+    )
     if args.json:
         json.dump([s.as_json() for s in found], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     rows = [("SNAPSHOT", "VOLUME", "SIZE", "START (UTC)", "ENCRYPTED", "DESCRIPTION")]
-    rows += [(s.snapshot_id, s.volume_id, f"{s.volume_size_gib} GiB",
-              s.start_time.strftime("%Y-%m-%d %H:%M:%S"), "yes" if s.encrypted else "no",
-              " ".join(s.description.split())) for s in found]
+    rows += [
+        (
+            s.snapshot_id,
+            s.volume_id,
+            f"{s.volume_size_gib} GiB",
+            s.start_time.strftime("%Y-%m-%d %H:%M:%S"),
+            "yes" if s.encrypted else "no",
+            " ".join(s.description.split()),
+        )
+        for s in found
+    ]
     widths = [max(len(row[n]) for row in rows) for n in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-              + "  " + row[5])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[5]
+        )
     return 0

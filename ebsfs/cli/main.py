@@ -37,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="ebsfs",
         description="Amazon EBS snapshots as read-only raw disk images, read on demand "
-                    "through the EBS direct APIs.",
+        "through the EBS direct APIs.",
     )
     parser.add_argument("--version", action="version", version=f"ebsfs {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=Parser)
-    for add in (mount.add_parser, diff.add_parser, get.add_parser, verify.add_parser,
-                ls.add_parser, stats.add_parser, mount.add_umount_parser):
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+    for add in (
+        mount.add_parser,
+        diff.add_parser,
+        get.add_parser,
+        verify.add_parser,
+        ls.add_parser,
+        stats.add_parser,
+        mount.add_umount_parser,
+    ):
         add(commands)
     return parser
 
@@ -53,15 +61,21 @@ def describe(err: BaseException) -> str:
     if isinstance(err, RetriesExhausted) and isinstance(err.__cause__, EndpointUnreachable):
         return f"{err.__cause__} (is --endpoint-url right and the endpoint up?)"
     if isinstance(err, SnapshotNotFound):
-        return (f"snapshot not found: {err} (check the id and --region; only completed "
-                "snapshots in this account can be read)")
+        return (
+            f"snapshot not found: {err} (check the id and --region; only completed "
+            "snapshots in this account can be read)"
+        )
     if isinstance(err, AccessDenied):
-        return (f"access denied: {err} (needs ebs:ListSnapshotBlocks and "
-                "ebs:GetSnapshotBlock, ebs:ListChangedBlocks for diff, and kms:Decrypt for "
-                "encrypted snapshots)")
+        return (
+            f"access denied: {err} (needs ebs:ListSnapshotBlocks and "
+            "ebs:GetSnapshotBlock, ebs:ListChangedBlocks for diff, and kms:Decrypt for "
+            "encrypted snapshots)"
+        )
     if isinstance(err, CredentialsRejected):
-        return (f"AWS rejected the credentials: {err} (check the access key, secret and "
-                "session token of the profile or environment in use, and the clock)")
+        return (
+            f"AWS rejected the credentials: {err} (check the access key, secret and "
+            "session token of the profile or environment in use, and the clock)"
+        )
     if isinstance(err, UnrelatedSnapshots):
         return f"the snapshots are not of the same volume lineage: {err}"
     if isinstance(err, CredentialsMissing | UserInputError | InvalidSnapshotId):
@@ -94,8 +108,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         setup_logging(args.verbose, args.log_file, background=False)
     except OSError as err:
-        print(f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}",
-              file=sys.stderr)
+        print(
+            f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}", file=sys.stderr
+        )
         return 1
     try:
         code: int = args.run(args)

@@ -30,44 +30,59 @@ log = logging.getLogger(__name__)
 
 def add_parser(commands: Commands) -> None:
     mount = commands.add_parser(
-        "mount", help="mount snapshots as MOUNTPOINT/<snapshot-id>.img",
+        "mount",
+        help="mount snapshots as MOUNTPOINT/<snapshot-id>.img",
         description="Mount each snapshot as MOUNTPOINT/<snapshot-id>.img, a read-only file "
-                    "of VolumeSize GiB. Returns once the mount is ready and keeps serving in "
-                    "the background (use -f to stay in front). Needs ebs:ListSnapshotBlocks "
-                    "and ebs:GetSnapshotBlock.",
+        "of VolumeSize GiB. Returns once the mount is ready and keeps serving in "
+        "the background (use -f to stay in front). Needs ebs:ListSnapshotBlocks "
+        "and ebs:GetSnapshotBlock.",
         epilog="example: ebsfs mount snap-0123456789abcdef0 /mnt/snap && "
-               "losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img",
+        "losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img",
     )
     mount.set_defaults(run=cmd_mount)
-    mount.add_argument("snapshot_ids", nargs="+", metavar="SNAPSHOT_ID",
-                       help="snapshot ids (snap-...), completed and in this account")
+    mount.add_argument(
+        "snapshot_ids",
+        nargs="+",
+        metavar="SNAPSHOT_ID",
+        help="snapshot ids (snap-...), completed and in this account",
+    )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
-    mount.add_argument("-f", "--foreground", action="store_true",
-                       help="stay in the foreground; Ctrl-C unmounts")
-    engine_arguments(mount, cache_help="memory for cached blocks, e.g. 256M, 2G (default: "
-                     "512M; at least 1M to cache anything); read-ahead uses at most a "
-                     "quarter of it",
-                     timeout_help="longest a read may take before it fails with EIO "
-                     f"(default: {READ_TIMEOUT:g})")
-    mount.add_argument("--allow-other", action="store_true",
-                       help="let other users read the mount (non-root users need "
-                            "user_allow_other in /etc/fuse.conf)")
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground; Ctrl-C unmounts"
+    )
+    engine_arguments(
+        mount,
+        cache_help="memory for cached blocks, e.g. 256M, 2G (default: "
+        "512M; at least 1M to cache anything); read-ahead uses at most a "
+        "quarter of it",
+        timeout_help="longest a read may take before it fails with EIO "
+        f"(default: {READ_TIMEOUT:g})",
+    )
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users read the mount (non-root users need "
+        "user_allow_other in /etc/fuse.conf)",
+    )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
     connection_arguments(mount)
-    ec2_argument(mount, "the images' mtime is the snapshot's StartTime when "
-                 "ec2:DescribeSnapshots is allowed")
+    ec2_argument(
+        mount, "the images' mtime is the snapshot's StartTime when ec2:DescribeSnapshots is allowed"
+    )
 
 
 def add_umount_parser(commands: Commands) -> None:
     umount = commands.add_parser(
-        "umount", help="unmount and wait for the mount process to exit",
+        "umount",
+        help="unmount and wait for the mount process to exit",
         description="Unmount an ebsfs mount and wait for its process to exit.",
     )
     umount.set_defaults(run=cmd_umount)
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument("--lazy", action="store_true",
-                        help="detach now even if files are open (fusermount3 -z)")
+    umount.add_argument(
+        "--lazy", action="store_true", help="detach now even if files are open (fusermount3 -z)"
+    )
     umount.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     umount.add_argument("--log-file", help=argparse.SUPPRESS)
 
@@ -95,15 +110,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if described.note:
         log.info("image mtimes are the mount time: %s", described.note)
     mount_config = fuse_mount.MountConfig(
-        mountpoint=os.path.abspath(mountpoint), allow_other=args.allow_other,
+        mountpoint=os.path.abspath(mountpoint),
+        allow_other=args.allow_other,
         fuse_debug=args.fuse_debug,
         start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
     )
     count = len(checked.snapshots)
     if args.foreground:
-        fuse_mount.serve(engine.build(config, checked), mount_config, on_ready=lambda: print(
-            f"ebsfs: mounted {count} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
-            file=sys.stderr, flush=True))
+        fuse_mount.serve(
+            engine.build(config, checked),
+            mount_config,
+            on_ready=lambda: print(
+                f"ebsfs: mounted {count} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
         return 0
 
     def in_background(ready: Callable[[], None]) -> None:

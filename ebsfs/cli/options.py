@@ -74,85 +74,134 @@ def connection_arguments(parser: argparse.ArgumentParser, ebs: bool = True) -> N
     """Where and as whom to connect, and the logging options; `ebs` for the commands
     that call the EBS direct APIs (all but `ls`)."""
     group = parser.add_argument_group("AWS connection (default: the standard AWS chain)")
-    group.add_argument("--region", help="AWS region of the snapshots (default: AWS_REGION, "
-                       "AWS_DEFAULT_REGION or the profile's region)")
-    group.add_argument("--profile", help="named profile from ~/.aws/config (default: "
-                       "AWS_PROFILE or the default chain)")
+    group.add_argument(
+        "--region",
+        help="AWS region of the snapshots (default: AWS_REGION, "
+        "AWS_DEFAULT_REGION or the profile's region)",
+    )
+    group.add_argument(
+        "--profile",
+        help="named profile from ~/.aws/config (default: AWS_PROFILE or the default chain)",
+    )
     if ebs:
-        group.add_argument("--endpoint-url", help="EBS endpoint to use instead of AWS's, e.g. "
-                           "the local emulator (default: AWS_ENDPOINT_URL_EBS or "
-                           "AWS_ENDPOINT_URL)")
-        group.add_argument("--no-direct-get", dest="direct_get", action="store_false",
-                           help="send GetSnapshotBlock through boto3 instead of ebsfs's own "
-                                "HTTP/1.1 client (slower; for proxies or endpoints the "
-                                "direct path cannot talk to); *_PROXY and NO_PROXY are "
-                                "honoured either way")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging: -v for progress, -vv for every call")
-    parser.add_argument("--log-file", help="append log messages to this file (default: "
-                        "stderr in the foreground, syslog in the background)")
+        group.add_argument(
+            "--endpoint-url",
+            help="EBS endpoint to use instead of AWS's, e.g. "
+            "the local emulator (default: AWS_ENDPOINT_URL_EBS or "
+            "AWS_ENDPOINT_URL)",
+        )
+        group.add_argument(
+            "--no-direct-get",
+            dest="direct_get",
+            action="store_false",
+            help="send GetSnapshotBlock through boto3 instead of ebsfs's own "
+            "HTTP/1.1 client (slower; for proxies or endpoints the "
+            "direct path cannot talk to); *_PROXY and NO_PROXY are "
+            "honoured either way",
+        )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging: -v for progress, -vv for every call",
+    )
+    parser.add_argument(
+        "--log-file",
+        help="append log messages to this file (default: "
+        "stderr in the foreground, syslog in the background)",
+    )
 
 
-def engine_arguments(parser: argparse.ArgumentParser, cache_help: str, timeout_help: str
-                     ) -> None:
+def engine_arguments(parser: argparse.ArgumentParser, cache_help: str, timeout_help: str) -> None:
     """How much to hold and how to fetch: the options every command that reads blocks
     shares (mount, get), with the same names and defaults as EngineConfig."""
     group = parser.add_argument_group("cache and fetching")
-    group.add_argument("--cache-size", type=parse_size, default="512M", metavar="SIZE",
-                       help=cache_help)
-    group.add_argument("--max-fetches", type=positive_int, default=MAX_FETCHES,
-                       metavar="N",
-                       help="GetSnapshotBlock calls in flight at once, at the most (default: "
-                            f"{MAX_FETCHES}; read-ahead keeps as many in flight as the "
-                            "measured latency needs, no more than half the cache holds, "
-                            "fewer while the service throttles)")
-    group.add_argument("--read-timeout", type=positive_float, default=READ_TIMEOUT,
-                       metavar="SECONDS", help=timeout_help)
-    group.add_argument("--request-timeout", type=positive_float, default=REQUEST_TIMEOUT,
-                       metavar="SECONDS",
-                       help="longest wait for the service to answer one call (connect or "
-                            f"body) before it is retried (default: {REQUEST_TIMEOUT:g})")
+    group.add_argument(
+        "--cache-size", type=parse_size, default="512M", metavar="SIZE", help=cache_help
+    )
+    group.add_argument(
+        "--max-fetches",
+        type=positive_int,
+        default=MAX_FETCHES,
+        metavar="N",
+        help="GetSnapshotBlock calls in flight at once, at the most (default: "
+        f"{MAX_FETCHES}; read-ahead keeps as many in flight as the "
+        "measured latency needs, no more than half the cache holds, "
+        "fewer while the service throttles)",
+    )
+    group.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=READ_TIMEOUT,
+        metavar="SECONDS",
+        help=timeout_help,
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help="longest wait for the service to answer one call (connect or "
+        f"body) before it is retried (default: {REQUEST_TIMEOUT:g})",
+    )
 
 
 def ec2_argument(parser: argparse.ArgumentParser, why: str) -> None:
-    parser.add_argument("--ec2-endpoint-url", metavar="URL",
-                        help=f"EC2 endpoint for DescribeSnapshots ({why}; default: "
-                             "AWS_ENDPOINT_URL_EC2, AWS_ENDPOINT_URL or AWS's; with a custom "
-                             "EBS endpoint and none of these, EC2 is not asked)")
+    parser.add_argument(
+        "--ec2-endpoint-url",
+        metavar="URL",
+        help=f"EC2 endpoint for DescribeSnapshots ({why}; default: "
+        "AWS_ENDPOINT_URL_EC2, AWS_ENDPOINT_URL or AWS's; with a custom "
+        "EBS endpoint and none of these, EC2 is not asked)",
+    )
 
 
 def cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
     """--cache-dir and --cache-dir-size, for every command that reads blocks."""
     group = parser.add_argument_group("disk cache (off unless --cache-dir is given)")
-    group.add_argument("--cache-dir", metavar="DIR",
-                       help="keep fetched blocks in DIR (created 0700) and read them from "
-                            "there later, in this and later sessions, each checked against "
-                            "its SHA-256 first; snapshot data is then on local disk. DIR may "
-                            "be shared by several mounts at once")
-    group.add_argument("--cache-dir-size", type=parse_size, default="16G", metavar="SIZE",
-                       help="space DIR may take at the most, e.g. 4G, 500G (default: 16G; "
-                            "less when free space is short: the cache leaves 1G or a tenth "
-                            "of its filesystem free); least recently used blocks go first")
+    group.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep fetched blocks in DIR (created 0700) and read them from "
+        "there later, in this and later sessions, each checked against "
+        "its SHA-256 first; snapshot data is then on local disk. DIR may "
+        "be shared by several mounts at once",
+    )
+    group.add_argument(
+        "--cache-dir-size",
+        type=parse_size,
+        default="16G",
+        metavar="SIZE",
+        help="space DIR may take at the most, e.g. 4G, 500G (default: 16G; "
+        "less when free space is short: the cache leaves 1G or a tenth "
+        "of its filesystem free); least recently used blocks go first",
+    )
 
 
-def connection_options(args: argparse.Namespace, retry: RetryPolicy | None = None,
-                       max_connections: int = MAX_CONNECTIONS) -> ConnectionOptions:
+def connection_options(
+    args: argparse.Namespace,
+    retry: RetryPolicy | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+) -> ConnectionOptions:
     """The connection settings from the options (those a command lacks: defaults)."""
     from ebsfs.service.client import ConnectionOptions
     from ebsfs.service.retry import RetryPolicy
 
     timeout = getattr(args, "request_timeout", REQUEST_TIMEOUT)
     return ConnectionOptions(
-        region=args.region, profile=args.profile,
+        region=args.region,
+        profile=args.profile,
         endpoint_url=getattr(args, "endpoint_url", None),
-        max_connections=max_connections, retry=retry or RetryPolicy(),
-        connect_timeout=min(CONNECT_TIMEOUT, timeout), read_timeout=timeout,
+        max_connections=max_connections,
+        retry=retry or RetryPolicy(),
+        connect_timeout=min(CONNECT_TIMEOUT, timeout),
+        read_timeout=timeout,
         direct_get=getattr(args, "direct_get", True),
     )
 
 
-def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None
-                  ) -> EngineConfig:
+def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None) -> EngineConfig:
     """The engine's settings from the options every reading command shares."""
     from ebsfs.engine.engine import EngineConfig
 

@@ -27,8 +27,12 @@ class BarProgress:
     """A tqdm bar over the image's bytes (the position reached in order), or, through
     `status`, one line of text rewritten in place and cleared at `close`."""
 
-    def __init__(self, label: str = "", out: IO[str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        label: str = "",
+        out: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.label = label
         self.out = out or sys.stderr
         self.clock = clock
@@ -37,9 +41,18 @@ class BarProgress:
         self._status_shown: float | None = None
 
     def start(self, total: int, done: int) -> None:
-        self._bar = tqdm(total=total, initial=done, unit="B", unit_scale=True,
-                         unit_divisor=1024, desc=self.label, file=self.out,
-                         dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+        self._bar = tqdm(
+            total=total,
+            initial=done,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=self.label,
+            file=self.out,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            smoothing=0.1,
+        )
         self._done = done
 
     def update(self, done: int, fetched: int) -> None:
@@ -60,8 +73,13 @@ class BarProgress:
         line = f"{self.label}: {text}" if self.label else text
         if self._bar is None:
             # No numbers: only the text, cut to the terminal's width by tqdm.
-            self._bar = tqdm(desc=line, bar_format="ebsfs: {desc}", file=self.out,
-                             leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                desc=line,
+                bar_format="ebsfs: {desc}",
+                file=self.out,
+                leave=False,
+                dynamic_ncols=True,
+            )
         else:
             self._bar.set_description_str(line)
 
@@ -75,8 +93,13 @@ class LineProgress:
     """`ebsfs: LABEL: 1.2 GiB of 8.0 GiB (15%), 210 MB/s, 35s left, 2400 blocks fetched`
     every `interval` seconds, and once at the end."""
 
-    def __init__(self, label: str, out: IO[str] | None = None, interval: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        label: str,
+        out: IO[str] | None = None,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.label = label
         self.out = out or sys.stderr
         self.interval = interval
@@ -103,8 +126,10 @@ class LineProgress:
         elapsed = max(now - self._started, 1e-6)
         rate = (self._done - self._first) / elapsed
         share = 100.0 * self._done / self.total if self.total else 100.0
-        text = (f"ebsfs: {self.label}: {human(self._done)} of {human(self.total)} "
-                f"({share:.0f}%), {rate / 1e6:.0f} MB/s")
+        text = (
+            f"ebsfs: {self.label}: {human(self._done)} of {human(self.total)} "
+            f"({share:.0f}%), {rate / 1e6:.0f} MB/s"
+        )
         if rate > 0 and self._done < self.total:
             text += f", {_duration((self.total - self._done) / rate)} left"
         if self._fetched:
@@ -128,8 +153,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_for(label: str, quiet: bool, out: IO[str] | None = None
-                 ) -> BarProgress | LineProgress | QuietProgress:
+def progress_for(
+    label: str, quiet: bool, out: IO[str] | None = None
+) -> BarProgress | LineProgress | QuietProgress:
     """The display that suits where standard error goes."""
     out = out or sys.stderr
     if quiet:

@@ -16,19 +16,23 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Commands) -> None:
     stats = commands.add_parser(
-        "stats", help="what a mount has done: calls, fetches, cache hits, estimated cost",
+        "stats",
+        help="what a mount has done: calls, fetches, cache hits, estimated cost",
         description="Show what the mount at MOUNTPOINT has done since it started: calls "
-                    "per operation (retries included), retries and throttling, blocks and "
-                    "bytes fetched, memory and disk cache hits, blocks served through "
-                    "another snapshot's cached blocks (lineage), and the estimated cost of "
-                    "the calls (GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per "
-                    "1,000). Read from the extended attribute user.ebsfs.stats of the mount "
-                    "point.",
+        "per operation (retries included), retries and throttling, blocks and "
+        "bytes fetched, memory and disk cache hits, blocks served through "
+        "another snapshot's cached blocks (lineage), and the estimated cost of "
+        "the calls (GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per "
+        "1,000). Read from the extended attribute user.ebsfs.stats of the mount "
+        "point.",
     )
     stats.set_defaults(run=cmd_stats)
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
-    stats.add_argument("--json", action="store_true", help="print the figures as one JSON "
-                       "object (bytes, counts and dollars)")
+    stats.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures as one JSON object (bytes, counts and dollars)",
+    )
     stats.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     stats.add_argument("--log-file", help=argparse.SUPPRESS)
 
@@ -42,8 +46,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         report = json.loads(os.getxattr(path, "user.ebsfs.stats"))
     except OSError as err:
-        raise UserInputError(f"{path} is not an ebsfs mount (no statistics: "
-                             f"{err.strerror})") from err
+        raise UserInputError(
+            f"{path} is not an ebsfs mount (no statistics: {err.strerror})"
+        ) from err
     except ValueError as err:
         raise UserInputError(f"{path}: statistics unreadable: {err}") from err
     if args.json:

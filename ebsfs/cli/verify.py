@@ -16,17 +16,19 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Commands) -> None:
     verify = commands.add_parser(
-        "verify", help="check an image made by `ebsfs get` against its manifest",
+        "verify",
+        help="check an image made by `ebsfs get` against its manifest",
         description="Re-read IMAGE (a file or a device) and check it against its manifest: "
-                    "each written block's SHA-256, zeros everywhere else, and the whole "
-                    "image's SHA-256 and MD5 where the manifest has them. Exit 0 when all "
-                    "match; otherwise each bad block is named (index and byte offset) and "
-                    "the exit status is 1. Reads only local files.",
+        "each written block's SHA-256, zeros everywhere else, and the whole "
+        "image's SHA-256 and MD5 where the manifest has them. Exit 0 when all "
+        "match; otherwise each bad block is named (index and byte offset) and "
+        "the exit status is 1. Reads only local files.",
     )
     verify.set_defaults(run=cmd_verify)
     verify.add_argument("image", metavar="IMAGE")
-    verify.add_argument("--manifest", metavar="FILE",
-                        help="the manifest (default: IMAGE.manifest.json)")
+    verify.add_argument(
+        "--manifest", metavar="FILE", help="the manifest (default: IMAGE.manifest.json)"
+    )
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress")
     verify.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     verify.add_argument("--log-file", help="append log messages to this file")
@@ -39,12 +41,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     def bad(index: int, offset: int, reason: str) -> None:
         print(f"{args.image}: block {index} (offset {offset}): {reason}", flush=True)
 
-    result = verify(args.image, args.manifest, bad,
-                    progress_for(os.path.basename(args.image), args.quiet))
+    result = verify(
+        args.image, args.manifest, bad, progress_for(os.path.basename(args.image), args.quiet)
+    )
     m = result.manifest
     if result.ok:
-        print(f"{args.image}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, "
-              f"{image_digests(m)}")
+        print(
+            f"{args.image}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, "
+            f"{image_digests(m)}"
+        )
         return 0
     if result.bad_blocks:
         what = f"{result.bad_blocks} bad block{'s' if result.bad_blocks != 1 else ''}"

@@ -36,8 +36,9 @@ class IndexFailed(Exception):
 
 
 def connect(db_path: str, writer: bool = True) -> sqlite3.Connection:
-    conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        db_path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
     if not writer:
         return conn
     conn.execute("PRAGMA journal_mode=WAL")
@@ -61,8 +62,9 @@ def _index(path: str) -> Iterator[sqlite3.Connection | None]:
         conn.close()
 
 
-def lineage_candidates(path: str, snapshot_id: str, volume_size: int,
-                       exclude: set[str], limit: int = 16) -> list[str]:
+def lineage_candidates(
+    path: str, snapshot_id: str, volume_size: int, exclude: set[str], limit: int = 16
+) -> list[str]:
     """Snapshots of the same volume size with blocks in the cache, most recently used
     first, except those known to be unrelated to `snapshot_id`. A damaged index just
     offers none (opening the cache will mend it)."""

@@ -40,12 +40,16 @@ def prepare(path: str) -> str:
         if not stat.S_ISDIR(st.st_mode):
             raise CacheDirError(f"cache directory {path} is not a directory")
         if st.st_uid != os.geteuid():
-            raise CacheDirError(f"cache directory {path} belongs to uid {st.st_uid}, not to "
-                                "you: use a directory of your own")
+            raise CacheDirError(
+                f"cache directory {path} belongs to uid {st.st_uid}, not to "
+                "you: use a directory of your own"
+            )
         entries = set(os.listdir(path))
         if entries and INDEX_NAME not in entries and DATA_DIR not in entries:
-            raise CacheDirError(f"cache directory {path} is not empty and is not an ebsfs "
-                                "cache: give an empty or new directory")
+            raise CacheDirError(
+                f"cache directory {path} is not empty and is not an ebsfs "
+                "cache: give an empty or new directory"
+            )
         os.chmod(path, 0o700)
         private_dir(os.path.join(path, DATA_DIR))
         _check_hole_punching(path)
@@ -115,4 +119,3 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-

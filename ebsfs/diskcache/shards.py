@@ -59,8 +59,9 @@ class ShardFiles:
         fd = self._fd(snapshot_id, shard)
         return 0 if fd is None else os.preadv(fd, [buffer], offset * BLOCK_SIZE)
 
-    def write(self, snapshot_id: str, index: int, volume_size: int,
-              data: bytes | memoryview) -> bool:
+    def write(
+        self, snapshot_id: str, index: int, volume_size: int, data: bytes | memoryview
+    ) -> bool:
         """The block's bytes in its data file; False when the filesystem is full."""
         shard, offset = divmod(index, SHARD_BLOCKS)
         fd = self._fd(snapshot_id, shard, volume_size)

@@ -58,6 +58,7 @@ TOUCH_BATCH = 8192
 """Uses of blocks remembered at most before they are written to the index (LRU order)."""
 _SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 
+
 def _checksum(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
@@ -106,8 +107,9 @@ class DiskCache:
     (index included) and by the free space of its filesystem, least recently used out
     first. Thread-safe; every method blocks (call from worker threads)."""
 
-    def __init__(self, path: str, max_bytes: int = DEFAULT_SIZE,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str, max_bytes: int = DEFAULT_SIZE, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = prepare(path)
         self.max_bytes = max_bytes
         self._db_path = os.path.join(self.path, INDEX_NAME)
@@ -130,14 +132,19 @@ class DiskCache:
             except sqlite3.OperationalError:
                 raise  # busy or unwritable: not damage, and maybe another process's
             except (sqlite3.DatabaseError, IndexFailed) as err:
-                log.warning("cache index %s is damaged (%s): starting with an empty cache",
-                            self._db_path, err)
+                log.warning(
+                    "cache index %s is damaged (%s): starting with an empty cache",
+                    self._db_path,
+                    err,
+                )
                 self._reset()
                 self._open()
         except (sqlite3.Error, IndexFailed, OSError) as err:
             self._close_connections()
-            raise CacheDirError(f"cache directory {self.path}: cannot open its index: "
-                                f"{getattr(err, 'strerror', None) or err}") from err
+            raise CacheDirError(
+                f"cache directory {self.path}: cannot open its index: "
+                f"{getattr(err, 'strerror', None) or err}"
+            ) from err
 
     # ---- opening ---------------------------------------------------------------------
 
@@ -177,14 +184,22 @@ class DiskCache:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('blocks', ?)", (str(self.blocks),))
 
         def held(snapshot_id: str, first: int, count: int) -> set[int]:
-            return {row[0] for row in conn.execute(
-                "SELECT idx FROM blocks WHERE snapshot = ? AND idx >= ? AND idx < ?",
-                (snapshot_id, first, first + count))}
+            return {
+                row[0]
+                for row in conn.execute(
+                    "SELECT idx FROM blocks WHERE snapshot = ? AND idx >= ? AND idx < ?",
+                    (snapshot_id, first, first + count),
+                )
+            }
 
         punched = self._shards.reconcile(held)
         if punched:
-            log.info("cache %s: %d partly written blocks with no index entry freed "
-                     "(a process was stopped while storing)", self.path, punched)
+            log.info(
+                "cache %s: %d partly written blocks with no index entry freed "
+                "(a process was stopped while storing)",
+                self.path,
+                punched,
+            )
         self._update_usage(conn)
 
     # ---- connections -----------------------------------------------------------------
@@ -235,7 +250,8 @@ class DiskCache:
             try:
                 row = self._reader_conn.execute(
                     "SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
-                    (snapshot_id, index)).fetchone()
+                    (snapshot_id, index),
+                ).fetchone()
             except sqlite3.OperationalError as err:
                 log.debug("cache lookup of %s:%d failed: %s", snapshot_id, index, err)
                 return MISS
@@ -250,8 +266,9 @@ class DiskCache:
             return Loaded(checksum, data=buffer)
         return self._check_again(snapshot_id, index, buffer, checksum)
 
-    def _read_verified(self, snapshot_id: str, index: int, buffer: memoryview,
-                       checksum: str) -> bool:
+    def _read_verified(
+        self, snapshot_id: str, index: int, buffer: memoryview, checksum: str
+    ) -> bool:
         try:
             read = self._shards.read(snapshot_id, index, buffer)
         except OSError as err:
@@ -259,14 +276,17 @@ class DiskCache:
             return False
         return read == BLOCK_SIZE and _checksum(buffer) == checksum
 
-    def _check_again(self, snapshot_id: str, index: int, buffer: memoryview,
-                     checksum: str) -> Loaded:
+    def _check_again(
+        self, snapshot_id: str, index: int, buffer: memoryview, checksum: str
+    ) -> Loaded:
         """Inside a write transaction, where nobody evicts: still the same entry and
         still bad is damage (dropped); gone or replaced was another process evicting."""
         try:
             with self._transaction() as conn:
-                row = conn.execute("SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
-                                   (snapshot_id, index)).fetchone()
+                row = conn.execute(
+                    "SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
+                    (snapshot_id, index),
+                ).fetchone()
                 if row is None or row[0] != checksum:
                     return MISS
                 if self._read_verified(snapshot_id, index, buffer, checksum):
@@ -291,28 +311,42 @@ class DiskCache:
         with self._touch_lock:
             touched, self._touched = self._touched, {}
         if touched:
-            conn.executemany("UPDATE blocks SET used = ? WHERE snapshot = ? AND idx = ?",
-                             [(t, s, i) for (s, i), t in touched.items()])
+            conn.executemany(
+                "UPDATE blocks SET used = ? WHERE snapshot = ? AND idx = ?",
+                [(t, s, i) for (s, i), t in touched.items()],
+            )
             latest: dict[str, float] = {}
             for (s, _), t in touched.items():
                 latest[s] = max(t, latest.get(s, 0.0))
-            conn.executemany("UPDATE snapshots SET used = ? WHERE snapshot = ?",
-                             [(t, s) for s, t in latest.items()])
+            conn.executemany(
+                "UPDATE snapshots SET used = ? WHERE snapshot = ?",
+                [(t, s) for s, t in latest.items()],
+            )
 
     # ---- stores ----------------------------------------------------------------------
 
-    def store(self, snapshot_id: str, index: int, volume_size: int,
-              data: bytes | bytearray | memoryview, checksum: str) -> Stored:
+    def store(
+        self,
+        snapshot_id: str,
+        index: int,
+        volume_size: int,
+        data: bytes | bytearray | memoryview,
+        checksum: str,
+    ) -> Stored:
         """Keep one verified block (see store_many)."""
-        return self.store_many([ToStore(snapshot_id, index, volume_size, memoryview(data),
-                                        checksum)])
+        return self.store_many(
+            [ToStore(snapshot_id, index, volume_size, memoryview(data), checksum)]
+        )
 
     def store_many(self, items: list[ToStore]) -> Stored:
         """Keep verified blocks, evicting the least recently used to make room: one
         transaction for the lot (SQLite's cost per commit, and the write lock, shared)."""
         result = Stored()
-        items = [item for item in items if len(item.data) == BLOCK_SIZE
-                 and _SNAPSHOT_ID.match(item.snapshot_id)]
+        items = [
+            item
+            for item in items
+            if len(item.data) == BLOCK_SIZE and _SNAPSHOT_ID.match(item.snapshot_id)
+        ]
         if self._closed or not items:
             return result
         try:
@@ -320,8 +354,10 @@ class DiskCache:
                 self._write_touches(conn)
                 new = []
                 for item in items:
-                    if conn.execute("SELECT 1 FROM blocks WHERE snapshot = ? AND idx = ?",
-                                    (item.snapshot_id, item.index)).fetchone():
+                    if conn.execute(
+                        "SELECT 1 FROM blocks WHERE snapshot = ? AND idx = ?",
+                        (item.snapshot_id, item.index),
+                    ).fetchone():
                         result.present.append((item.snapshot_id, item.index))  # by another
                     else:
                         new.append(item)
@@ -331,30 +367,37 @@ class DiskCache:
                 excess = self.blocks + len(items) - budget
                 if excess > 0:
                     victims = conn.execute(
-                        "SELECT snapshot, idx FROM blocks ORDER BY used LIMIT ?",
-                        (excess,)).fetchall()
+                        "SELECT snapshot, idx FROM blocks ORDER BY used LIMIT ?", (excess,)
+                    ).fetchall()
                     self._drop(conn, victims)
                     result.evicted = [(s, i) for s, i in victims]
                 room = budget - (self.blocks - len(result.evicted))
                 items = items[: max(0, room)]
                 now = self._clock()
                 for item in items:
-                    if not self._shards.write(item.snapshot_id, item.index, item.volume_size,
-                                              item.data):
+                    if not self._shards.write(
+                        item.snapshot_id, item.index, item.volume_size, item.data
+                    ):
                         result.full = True
                         break
                     result.stored.append((item.snapshot_id, item.index))
                 if result.stored:
                     conn.executemany(
                         "INSERT INTO blocks VALUES (?, ?, ?, ?)",
-                        [(item.snapshot_id, item.index, item.checksum, now)
-                         for item in items[: len(result.stored)]])
-                    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? "
-                                 "WHERE key = 'blocks'", (len(result.stored),))
+                        [
+                            (item.snapshot_id, item.index, item.checksum, now)
+                            for item in items[: len(result.stored)]
+                        ],
+                    )
+                    conn.execute(
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'blocks'",
+                        (len(result.stored),),
+                    )
                     conn.executemany(
                         "INSERT INTO snapshots VALUES (?, ?, ?) ON CONFLICT (snapshot) "
                         "DO UPDATE SET used = excluded.used",
-                        {(item.snapshot_id, item.volume_size, now) for item in items})
+                        {(item.snapshot_id, item.volume_size, now) for item in items},
+                    )
                 self._update_usage(conn)
         except sqlite3.OperationalError as err:
             # Busy past the timeout, or no room for the index itself: nothing kept.
@@ -367,14 +410,19 @@ class DiskCache:
     def held(self, snapshot_id: str) -> list[int]:
         """The indexes of a snapshot's blocks held now."""
         with self._read_lock:
-            return [row[0] for row in self._reader_conn.execute(
-                "SELECT idx FROM blocks WHERE snapshot = ?", (snapshot_id,))]
+            return [
+                row[0]
+                for row in self._reader_conn.execute(
+                    "SELECT idx FROM blocks WHERE snapshot = ?", (snapshot_id,)
+                )
+            ]
 
     def held_since(self, snapshot_ids: list[str], since: float) -> list[BlockKey]:
         """Blocks of these snapshots stored or used since `since` (by any process)."""
         with self._read_lock:
             rows = self._reader_conn.execute(
-                "SELECT snapshot, idx FROM blocks WHERE used >= ?", (since,)).fetchall()
+                "SELECT snapshot, idx FROM blocks WHERE used >= ?", (since,)
+            ).fetchall()
         wanted = set(snapshot_ids)
         return [(s, i) for s, i in rows if s in wanted]
 
@@ -389,11 +437,11 @@ class DiskCache:
     def _drop(self, conn: sqlite3.Connection, keys: list[tuple[str, int]]) -> int:
         """Inside a write transaction: forget blocks and free their space."""
         for snapshot_id, index in keys:
-            conn.execute("DELETE FROM blocks WHERE snapshot = ? AND idx = ?",
-                         (snapshot_id, index))
+            conn.execute("DELETE FROM blocks WHERE snapshot = ? AND idx = ?", (snapshot_id, index))
             self._shards.punch(snapshot_id, index)
-        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'blocks'",
-                     (len(keys),))
+        conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'blocks'", (len(keys),)
+        )
         return len(keys)
 
     # ---- the end ---------------------------------------------------------------------

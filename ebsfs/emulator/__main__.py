@@ -65,46 +65,91 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ebsfs-emulator", description=__doc__, epilog=EPILOG,
+        prog="ebsfs-emulator",
+        description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--snapshot", action="append", type=_snapshot_spec, default=[],
-                   metavar="ID=PATH[,parent=ID][,size=GiB]",
-                   help="serve the raw image PATH as completed snapshot ID; with parent=, "
-                        "as a later snapshot of the same volume (ListChangedBlocks works "
-                        "between them); size= sets VolumeSize (default: image size rounded "
-                        "up to GiB). Repeatable; parents first.")
+    p.add_argument(
+        "--snapshot",
+        action="append",
+        type=_snapshot_spec,
+        default=[],
+        metavar="ID=PATH[,parent=ID][,size=GiB]",
+        help="serve the raw image PATH as completed snapshot ID; with parent=, "
+        "as a later snapshot of the same volume (ListChangedBlocks works "
+        "between them); size= sets VolumeSize (default: image size rounded "
+        "up to GiB). Repeatable; parents first.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")
     p.add_argument("--url-file", help="also write the endpoint URL to this file once listening")
-    p.add_argument("--tls-cert", metavar="PEM",
-                   help="serve HTTPS, like the real service, with this certificate chain "
-                        "(clients trust it through AWS_CA_BUNDLE)")
+    p.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS, like the real service, with this certificate chain "
+        "(clients trust it through AWS_CA_BUNDLE)",
+    )
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     f = p.add_argument_group("faults and load (defaults behave like the real service)")
     f.add_argument("--latency", type=_seconds, default=0.0, help="seconds added to every call")
     f.add_argument("--jitter", type=_seconds, default=0.0, help="up to this many more seconds")
-    f.add_argument("--error-rate", type=_share, default=0.0,
-                   help="share of calls answered InternalServerException")
-    f.add_argument("--corrupt-rate", type=_share, default=0.0,
-                   help="share of block bodies corrupted under a true checksum header")
-    f.add_argument("--truncate-rate", type=_share, default=0.0,
-                   help="share of block bodies cut short")
-    f.add_argument("--short-pages", type=_share, default=0.0,
-                   help="share of list pages cut short or empty while NextToken is set")
-    f.add_argument("--token-lifetime", type=_seconds, default=7 * 24 * 3600.0,
-                   help="seconds a block token lives (default 7 days)")
-    f.add_argument("--get-rate", type=_seconds, default=1000.0,
-                   help="GetSnapshotBlock calls/s per snapshot before throttling "
-                        "(default 1000, 0 = unlimited)")
-    f.add_argument("--list-rate", type=_seconds, default=50.0,
-                   help="list calls/s before throttling (default 50, 0 = unlimited)")
-    f.add_argument("--deny-access-key", action="append", default=[], metavar="KEY_ID",
-                   help="answer AccessDeniedException to requests signed with this key id")
-    f.add_argument("--credentials", action="append", type=_credentials, default=[],
-                   metavar="KEY_ID:SECRET",
-                   help="check every request's SigV4 signature and accept only these "
-                        "credentials (repeatable; default: any signature passes)")
+    f.add_argument(
+        "--error-rate",
+        type=_share,
+        default=0.0,
+        help="share of calls answered InternalServerException",
+    )
+    f.add_argument(
+        "--corrupt-rate",
+        type=_share,
+        default=0.0,
+        help="share of block bodies corrupted under a true checksum header",
+    )
+    f.add_argument(
+        "--truncate-rate", type=_share, default=0.0, help="share of block bodies cut short"
+    )
+    f.add_argument(
+        "--short-pages",
+        type=_share,
+        default=0.0,
+        help="share of list pages cut short or empty while NextToken is set",
+    )
+    f.add_argument(
+        "--token-lifetime",
+        type=_seconds,
+        default=7 * 24 * 3600.0,
+        help="seconds a block token lives (default 7 days)",
+    )
+    f.add_argument(
+        "--get-rate",
+        type=_seconds,
+        default=1000.0,
+        help="GetSnapshotBlock calls/s per snapshot before throttling "
+        "(default 1000, 0 = unlimited)",
+    )
+    f.add_argument(
+        "--list-rate",
+        type=_seconds,
+        default=50.0,
+        help="list calls/s before throttling (default 50, 0 = unlimited)",
+    )
+    f.add_argument(
+        "--deny-access-key",
+        action="append",
+        default=[],
+        metavar="KEY_ID",
+        help="answer AccessDeniedException to requests signed with this key id",
+    )
+    f.add_argument(
+        "--credentials",
+        action="append",
+        type=_credentials,
+        default=[],
+        metavar="KEY_ID:SECRET",
+        help="check every request's SigV4 signature and accept only these "
+        "credentials (repeatable; default: any signature passes)",
+    )
     f.add_argument("--seed", type=int, help="seed for the fault dice")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p
@@ -112,14 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     faults = Faults(
-        latency=args.latency, jitter=args.jitter, error_rate=args.error_rate,
-        corrupt_rate=args.corrupt_rate, truncate_rate=args.truncate_rate,
-        short_pages=args.short_pages, token_lifetime=args.token_lifetime,
-        get_rate=args.get_rate, list_rate=args.list_rate,
-        deny_access_keys=args.deny_access_key, secret_keys=dict(args.credentials),
+        latency=args.latency,
+        jitter=args.jitter,
+        error_rate=args.error_rate,
+        corrupt_rate=args.corrupt_rate,
+        truncate_rate=args.truncate_rate,
+        short_pages=args.short_pages,
+        token_lifetime=args.token_lifetime,
+        get_rate=args.get_rate,
+        list_rate=args.list_rate,
+        deny_access_keys=args.deny_access_key,
+        secret_keys=dict(args.credentials),
         seed=args.seed,
     )
     store = SnapshotStore(faults)
@@ -127,18 +180,27 @@ def main(argv: list[str] | None = None) -> int:
         print("ebsfs-emulator: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     try:
-        server = EmulatorServer(store, host=args.host, port=args.port,
-                                tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+        server = EmulatorServer(
+            store,
+            host=args.host,
+            port=args.port,
+            tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        )
     except (OSError, ValueError) as err:
-        print(f"ebsfs-emulator: error: cannot load the TLS certificate {args.tls_cert} "
-              f"with key {args.tls_key}: {getattr(err, 'strerror', None) or err}",
-              file=sys.stderr)
+        print(
+            f"ebsfs-emulator: error: cannot load the TLS certificate {args.tls_cert} "
+            f"with key {args.tls_key}: {getattr(err, 'strerror', None) or err}",
+            file=sys.stderr,
+        )
         return 1
     try:
         for spec in args.snapshot:
             snap = store.add_image(**spec)
-            print(f"ebsfs-emulator: {snap.snapshot_id}: {snap.volume_size_gib} GiB, "
-                  f"{len(snap.indexes)} blocks written", flush=True)
+            print(
+                f"ebsfs-emulator: {snap.snapshot_id}: {snap.volume_size_gib} GiB, "
+                f"{len(snap.indexes)} blocks written",
+                flush=True,
+            )
     except (OSError, ValueError) as err:
         print(f"ebsfs-emulator: error: {err}", file=sys.stderr)
         return 1
@@ -146,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
     except OSError as err:
-        print(f"ebsfs-emulator: error: cannot listen on {args.host}:{args.port}: {err}",
-              file=sys.stderr)
+        print(
+            f"ebsfs-emulator: error: cannot listen on {args.host}:{args.port}: {err}",
+            file=sys.stderr,
+        )
         return 1
     print(f"ebsfs-emulator: listening on {server.url}", flush=True)
     if args.url_file:

@@ -25,8 +25,12 @@ _AUTHORIZATION = re.compile(
 def _parse(authorization: str) -> re.Match[str]:
     m = _AUTHORIZATION.match(authorization)
     if m is None:
-        raise ApiError(403, "IncompleteSignatureException", "",
-                       "Authorization header requires a valid AWS4-HMAC-SHA256 signature")
+        raise ApiError(
+            403,
+            "IncompleteSignatureException",
+            "",
+            "Authorization header requires a valid AWS4-HMAC-SHA256 signature",
+        )
     return m
 
 
@@ -35,22 +39,32 @@ def access_key_of(authorization: str) -> str:
     return _parse(authorization)["key"]
 
 
-def verify_signature(method: str, path_and_query: str, headers: Mapping[str, str],
-                     secret_keys: Mapping[str, str]) -> None:
+def verify_signature(
+    method: str, path_and_query: str, headers: Mapping[str, str], secret_keys: Mapping[str, str]
+) -> None:
     """Raise the service's 403 unless the request is signed with a known key's secret.
     `headers` are keyed by lower-case name."""
     m = _parse(headers.get("authorization", ""))
     secret = secret_keys.get(m["key"])
     if secret is None:
-        raise ApiError(403, "UnrecognizedClientException", "",
-                       "The security token included in the request is invalid.")
+        raise ApiError(
+            403,
+            "UnrecognizedClientException",
+            "",
+            "The security token included in the request is invalid.",
+        )
     amz_date = headers.get("x-amz-date", "")
     signed = m["signed"].split(";")
     if "host" not in signed or not amz_date.startswith(m["day"]):
-        raise ApiError(403, "IncompleteSignatureException", "",
-                       "Host and X-Amz-Date must be signed, for the day of the scope")
+        raise ApiError(
+            403,
+            "IncompleteSignatureException",
+            "",
+            "Host and X-Amz-Date must be signed, for the day of the scope",
+        )
     request = botocore.awsrequest.AWSRequest(
-        method=method, url=f"http://{headers.get('host', '')}{path_and_query}",
+        method=method,
+        url=f"http://{headers.get('host', '')}{path_and_query}",
         headers={name: headers.get(name, "") for name in signed},
     )
     request.context["timestamp"] = amz_date
@@ -62,6 +76,9 @@ def verify_signature(method: str, path_and_query: str, headers: Mapping[str, str
         signer.string_to_sign(request, signer.canonical_request(request)), request
     )
     if expected != m["signature"]:
-        raise ApiError(403, "InvalidSignatureException", "",
-                       "The request signature we calculated does not match the signature "
-                       "you provided.")
+        raise ApiError(
+            403,
+            "InvalidSignatureException",
+            "",
+            "The request signature we calculated does not match the signature you provided.",
+        )

@@ -25,7 +25,7 @@ def demo_files(seed: int = 7, blob_mib: int = 4) -> dict[str, bytes]:
     )
     return {
         "README.txt": b"This ext4 filesystem lives inside an EBS snapshot served by the "
-                      b"ebsfs emulator.\nebsfs read only the blocks you looked at.\n",
+        b"ebsfs emulator.\nebsfs read only the blocks you looked at.\n",
         "etc/hostname": b"web-1\n",
         "etc/os-release": b'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n',
         "var/log/auth.log": auth.encode(),
@@ -47,10 +47,22 @@ def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str = "dem
         subprocess.run(
             # Fixed UUID and hash seed: the same files give the same blocks, so two
             # images of one "volume" differ only where their files do.
-            ["mkfs.ext4", "-q", "-F", "-L", label, "-U", FS_UUID,
-             "-E", "root_owner=0:0,hash_seed=5e1f0e5e-0000-4000-8000-000000000001",
-             "-d", str(root), str(path)],
-            check=True, capture_output=True,
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                label,
+                "-U",
+                FS_UUID,
+                "-E",
+                "root_owner=0:0,hash_seed=5e1f0e5e-0000-4000-8000-000000000001",
+                "-d",
+                str(root),
+                str(path),
+            ],
+            check=True,
+            capture_output=True,
             env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
         )
 
@@ -67,9 +79,11 @@ def build_disk(path: Path, size: int, files: dict[str, bytes], label: str = "dem
         subprocess.run(
             ["sfdisk", "--quiet", str(path)],
             input="label: gpt\nlabel-id: 5E1F0E5E-0000-4000-8000-0000000000D1\n"
-                  f"start={PARTITION_START // 512}, size={part_size // 512}, type=linux, "
-                  f"name={label}, uuid=5E1F0E5E-0000-4000-8000-0000000000F1\n",
-            text=True, check=True, capture_output=True,
+            f"start={PARTITION_START // 512}, size={part_size // 512}, type=linux, "
+            f"name={label}, uuid=5E1F0E5E-0000-4000-8000-0000000000F1\n",
+            text=True,
+            check=True,
+            capture_output=True,
         )
         copy_sparse(part, path, PARTITION_START)
     return PARTITION_START
@@ -88,8 +102,9 @@ def copy_sparse(source: Path, target: Path, offset: int, chunk: int = 524288) ->
             position += len(data)
 
 
-def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0,
-                 written: float = 1.0) -> None:
+def random_image(
+    path: Path, size: int, seed: int = 1, sparse_every: int = 0, written: float = 1.0
+) -> None:
     """An image of random (deterministic) blocks. With sparse_every=N, every Nth
     512 KiB block is left zero so the snapshot has absent blocks; with written=F, each
     block is written with probability F (holes at random, as real volumes have)."""
@@ -98,7 +113,8 @@ def random_image(path: Path, size: int, seed: int = 1, sparse_every: int = 0,
     with open(path, "wb") as f:
         for n in range(size // block):
             hole = (sparse_every and n % sparse_every == 0) or (
-                written < 1.0 and rng.random() >= written)
+                written < 1.0 and rng.random() >= written
+            )
             if hole:
                 f.seek(block, os.SEEK_CUR)
             else:

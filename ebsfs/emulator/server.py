@@ -50,8 +50,9 @@ class _HttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], emulator: EmulatorServer,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, address: tuple[str, int], emulator: EmulatorServer, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.emulator = emulator
         self.tls = tls
         self.open_sockets: set[socket.socket] = set()
@@ -121,7 +122,10 @@ class EmulatorServer:
     and comes back)."""
 
     def __init__(
-        self, store: SnapshotStore | None = None, host: str = "127.0.0.1", port: int = 0,
+        self,
+        store: SnapshotStore | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
         tls: tuple[str, str] | None = None,
     ) -> None:
         """`tls`: (certificate chain, private key) PEM files to serve HTTPS, as the real
@@ -152,8 +156,10 @@ class EmulatorServer:
         self._httpd = _HttpServer((self._host, self._port), self, self._tls)
         self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-            name="ebs-emulator", daemon=True,
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="ebs-emulator",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -221,18 +227,23 @@ class EmulatorServer:
     def _route(path: str, q: dict[str, str]) -> tuple[str | None, dict[str, Any]]:
         if m := _GET.match(path):
             return "GetSnapshotBlock", {
-                "snapshot_id": m[1], "block_index": m[2], "block_token": q.get("blockToken"),
+                "snapshot_id": m[1],
+                "block_index": m[2],
+                "block_token": q.get("blockToken"),
             }
         if m := _LIST.match(path):
             return "ListSnapshotBlocks", {
-                "snapshot_id": m[1], "next_token": q.get("pageToken"),
+                "snapshot_id": m[1],
+                "next_token": q.get("pageToken"),
                 "max_results": q.get("maxResults"),
                 "starting_block_index": q.get("startingBlockIndex"),
             }
         if m := _CHANGED.match(path):
             return "ListChangedBlocks", {
-                "second_id": m[1], "first_id": q.get("firstSnapshotId"),
-                "next_token": q.get("pageToken"), "max_results": q.get("maxResults"),
+                "second_id": m[1],
+                "first_id": q.get("firstSnapshotId"),
+                "next_token": q.get("pageToken"),
+                "max_results": q.get("maxResults"),
                 "starting_block_index": q.get("startingBlockIndex"),
             }
         return None, {}
@@ -244,15 +255,20 @@ class EmulatorServer:
             headers = {name.lower(): value for name, value in req.headers.items()}
             verify_signature(req.command, req.path, headers, self.faults.secret_keys)
         if key in self.faults.deny_access_keys:
-            raise ApiError(403, "AccessDeniedException", "UNAUTHORIZED_ACCOUNT",
-                           "User is not authorized to perform this operation")
+            raise ApiError(
+                403,
+                "AccessDeniedException",
+                "UNAUTHORIZED_ACCOUNT",
+                "User is not authorized to perform this operation",
+            )
         if operation == "GetSnapshotBlock":
             scope, rate = "get:" + args["snapshot_id"], self.faults.get_rate
         else:
             scope, rate = "list", self.faults.list_rate
         if not self.limiter.allow(scope, rate):
-            raise ApiError(400, "RequestThrottledException", "ACCOUNT_THROTTLED",
-                           "Request rate exceeded")
+            raise ApiError(
+                400, "RequestThrottledException", "ACCOUNT_THROTTLED", "Request rate exceeded"
+            )
 
     def _send_block(self, req: _Handler, args: dict[str, Any]) -> None:
         block = self.store.get_snapshot_block(**args)
@@ -285,8 +301,13 @@ class EmulatorServer:
             req.wfile.write(data)
         self.counters.block(args["snapshot_id"], int(args["block_index"]), len(data))
 
-    def _send_json(self, req: _Handler, status: int, body: dict[str, Any],
-                   headers: dict[str, str] | None = None) -> None:
+    def _send_json(
+        self,
+        req: _Handler,
+        status: int,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
         payload = json.dumps(body).encode()
         req.send_response(status)
         req.send_header("Content-Type", "application/json")

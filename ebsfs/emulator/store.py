@@ -69,7 +69,11 @@ class Snapshot:
     """A completed snapshot: its volume size, lineage and written blocks."""
 
     def __init__(
-        self, snapshot_id: str, volume_size_gib: int, lineage: str, parent: str | None,
+        self,
+        snapshot_id: str,
+        volume_size_gib: int,
+        lineage: str,
+        parent: str | None,
         blocks: dict[int, StoredBlock],
     ) -> None:
         self.snapshot_id = snapshot_id
@@ -123,8 +127,11 @@ class SnapshotStore:
     # ---- loading -------------------------------------------------------------------
 
     def add_snapshot(
-        self, snapshot_id: str, blocks: Mapping[int, bytes | memoryview | StoredBlock],
-        volume_size_gib: int | None = None, parent: str | None = None,
+        self,
+        snapshot_id: str,
+        blocks: Mapping[int, bytes | memoryview | StoredBlock],
+        volume_size_gib: int | None = None,
+        parent: str | None = None,
     ) -> Snapshot:
         """Add a completed snapshot. A child starts from its parent's blocks and
         overrides those given; blocks equal to the parent's keep the parent's object
@@ -161,7 +168,10 @@ class SnapshotStore:
         return snap
 
     def add_image(
-        self, snapshot_id: str, path: str | os.PathLike[str], volume_size_gib: int | None = None,
+        self,
+        snapshot_id: str,
+        path: str | os.PathLike[str],
+        volume_size_gib: int | None = None,
         parent: str | None = None,
     ) -> Snapshot:
         """Add a snapshot of a raw image file, mapped read-only rather than copied."""
@@ -202,7 +212,9 @@ class SnapshotStore:
             snap = self._snapshots.get(snapshot_id)
         if snap is None:
             raise ApiError(
-                404, "ResourceNotFoundException", "SNAPSHOT_NOT_FOUND",
+                404,
+                "ResourceNotFoundException",
+                "SNAPSHOT_NOT_FOUND",
                 f"The snapshot '{snapshot_id}' does not exist.",
             )
         return snap
@@ -234,7 +246,10 @@ class SnapshotStore:
             return start
         fields = self._tokens.open(token)
         if (
-            fields is None or len(fields) != 4 or fields[0] != kind or fields[1] != key
+            fields is None
+            or len(fields) != 4
+            or fields[0] != kind
+            or fields[1] != key
             or float(fields[3]) < time.time()
         ):
             raise _validation("INVALID_PAGE_TOKEN", "The pagination token is invalid or expired")
@@ -271,7 +286,10 @@ class SnapshotStore:
         return self._tokens.seal("b", snapshot_id, index, int(expiry))
 
     def list_snapshot_blocks(
-        self, snapshot_id: str, next_token: str | None = None, max_results: str | None = None,
+        self,
+        snapshot_id: str,
+        next_token: str | None = None,
+        max_results: str | None = None,
         starting_block_index: str | None = None,
     ) -> dict[str, Any]:
         snap = self._require(snapshot_id)
@@ -311,16 +329,18 @@ class SnapshotStore:
             cached = self._changed_cache.get(key)
         if cached is None:
             every: Iterable[int] = set(first.blocks) | set(second.blocks)
-            cached = sorted(
-                i for i in every if first.blocks.get(i) is not second.blocks.get(i)
-            )
+            cached = sorted(i for i in every if first.blocks.get(i) is not second.blocks.get(i))
             with self._lock:
                 self._changed_cache[key] = cached
         return cached
 
     def list_changed_blocks(
-        self, second_id: str, first_id: str | None = None, next_token: str | None = None,
-        max_results: str | None = None, starting_block_index: str | None = None,
+        self,
+        second_id: str,
+        first_id: str | None = None,
+        next_token: str | None = None,
+        max_results: str | None = None,
+        starting_block_index: str | None = None,
     ) -> dict[str, Any]:
         changed = self.changed_indexes(first_id, second_id)
         second = self._require(second_id)
@@ -363,8 +383,12 @@ class SnapshotStore:
             raise _validation("INVALID_BLOCK", f"Block index {index} is outside the volume")
         fields = self._tokens.open(block_token or "")
         if (
-            fields is None or len(fields) != 4 or fields[0] != "b" or fields[1] != snapshot_id
-            or int(fields[2]) != index or float(fields[3]) < time.time()
+            fields is None
+            or len(fields) != 4
+            or fields[0] != "b"
+            or fields[1] != snapshot_id
+            or int(fields[2]) != index
+            or float(fields[3]) < time.time()
         ):
             raise _validation("INVALID_BLOCK_TOKEN", "The block token is invalid or expired")
         block = snap.blocks.get(index)

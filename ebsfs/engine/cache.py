@@ -128,8 +128,17 @@ class _Slab:
     memory of a slab that loans still hold (`lent`) or that was viewed with no loan
     (`kept`)."""
 
-    __slots__ = ("buf", "parts", "filled", "reserved", "checksums", "retired", "lent", "kept",
-                 "recycled")
+    __slots__ = (
+        "buf",
+        "parts",
+        "filled",
+        "reserved",
+        "checksums",
+        "retired",
+        "lent",
+        "kept",
+        "recycled",
+    )
 
     def __init__(self, buf: mmap.mmap | None) -> None:
         self.buf = buf
@@ -223,8 +232,9 @@ class BlockCache:
             return None
         return slab.lend(part, loan)
 
-    def peek_span(self, snapshot_id: str, first: int, last: int, loan: Loan | None
-                  ) -> memoryview | None:
+    def peek_span(
+        self, snapshot_id: str, first: int, last: int, loan: Loan | None
+    ) -> memoryview | None:
         """Blocks [first, last] as one view (on `loan`) when they are exactly one filled
         slab."""
         if first % SLAB_BLOCKS or last - first + 1 != SLAB_BLOCKS:
@@ -249,8 +259,7 @@ class BlockCache:
         write it any more: no loan holds it (a fetch's room is on loan too), no view
         went out without one, and no abandoned fetch may still write into it."""
         buf = slab.buf
-        if (buf is None or slab.lent or slab.kept or slab.retired
-                or len(self._spare) >= SPARE_SLABS):
+        if buf is None or slab.lent or slab.kept or slab.retired or len(self._spare) >= SPARE_SLABS:
             return
         slab.buf = None  # the slab object may live on in a given-back loan; its memory may not
         slab.recycled = True
@@ -323,8 +332,7 @@ class BlockCache:
             slab = self._lru.get(slab_key)
             if slab is not None and slab.filled[part]:
                 return Block(slab.lend(part, loan), slab.checksums[part])
-            block, slab = await self._flights.run(
-                key, lambda: self._fetch_into_slab(key, fetch))
+            block, slab = await self._flights.run(key, lambda: self._fetch_into_slab(key, fetch))
             if slab is None:
                 return block
             # Whoever ran the fetch gets here with no await since; a reader that waited

@@ -104,9 +104,13 @@ class Diff:
     def write_json(self, out: TextSink) -> None:
         """One JSON object, written piece by piece (never built whole in memory)."""
         head = {
-            "first": self.first, "second": self.second, "block_size": self.block_size,
-            "volume_size": self.volume_size, "changed_bytes": self.changed_bytes,
-            "only_in_first": self.only_in_first, "only_in_second": self.only_in_second,
+            "first": self.first,
+            "second": self.second,
+            "block_size": self.block_size,
+            "volume_size": self.volume_size,
+            "changed_bytes": self.changed_bytes,
+            "only_in_first": self.only_in_first,
+            "only_in_second": self.only_in_second,
         }
         out.write(json.dumps(head)[:-1] + ', "changed_blocks": [')
         separator = ""
@@ -118,26 +122,34 @@ class Diff:
         out.write('], "ranges": [')
         separator = ""
         for r in self.ranges():
-            out.write(f'{separator}{{"offset": {r.offset}, "length": {r.length}, '
-                      f'"first_block": {r.first_block}, "last_block": {r.last_block}}}')
+            out.write(
+                f'{separator}{{"offset": {r.offset}, "length": {r.length}, '
+                f'"first_block": {r.first_block}, "last_block": {r.last_block}}}'
+            )
             separator = ", "
         out.write("]}\n")
 
     def write_text(self, out: TextSink) -> None:
         """A summary line, then one line per range."""
-        out.write(f"{self.first} -> {self.second}: {self.changed_count} blocks changed, "
-                  f"{human(self.changed_bytes)} of a {human(self.volume_size)} volume, "
-                  f"in {self.range_count} ranges\n")
+        out.write(
+            f"{self.first} -> {self.second}: {self.changed_count} blocks changed, "
+            f"{human(self.changed_bytes)} of a {human(self.volume_size)} volume, "
+            f"in {self.range_count} ranges\n"
+        )
         if self.only_in_first or self.only_in_second:
-            out.write(f"  {self.only_in_second} blocks written only in {self.second}, "
-                      f"{self.only_in_first} present only in {self.first}\n")
+            out.write(
+                f"  {self.only_in_second} blocks written only in {self.second}, "
+                f"{self.only_in_first} present only in {self.first}\n"
+            )
         if self.changed_count:
             out.write(f"{'offset':>16} {'length':>14}  blocks\n")
         for r in self.ranges():
-            blocks = (f"{r.first_block}" if r.first_block == r.last_block
-                      else f"{r.first_block}-{r.last_block}")
+            blocks = (
+                f"{r.first_block}"
+                if r.first_block == r.last_block
+                else f"{r.first_block}-{r.last_block}"
+            )
             out.write(f"{r.offset:>16} {r.length:>14}  {blocks}\n")
-
 
     def text_file(self) -> IO[bytes]:
         """`write_text` into a temporary file (in memory up to 1 MiB), positioned at 0:
@@ -168,8 +180,9 @@ async def diff_snapshots(remote: RemoteSnapshots, first: str, second: str) -> Di
     """(volume size, block size) of each page: the Diff needs them before any entry."""
 
     async def fetch_noting_size(start: int, next_token: str | None) -> Page[ChangedBlock]:
-        page = await remote.list_changed_blocks(first, second, start_index=start,
-                                                next_token=next_token)
+        page = await remote.list_changed_blocks(
+            first, second, start_index=start, next_token=next_token
+        )
         sizes.append((page.volume_size, page.block_size))
         return [(c.index, c) for c in page.changes], page.next_token, page.expiry
 

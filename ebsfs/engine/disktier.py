@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 WARNINGS_SHOWN = 5
 """Damaged entries warned about one by one; the rest only count (and log at -v)."""
 
+
 class _Held:
     """Which blocks of one snapshot the disk cache holds, as far as this process knows:
     a bit per block, 1 KiB per 8192 blocks touched (4 GiB of volume). Loads of blocks
@@ -66,8 +67,14 @@ class DiskTier:
     written (their slabs stay on loan until written: 1 MiB each at worst, 32 MiB).
     Other processes' stores are noticed every `refresh` seconds."""
 
-    def __init__(self, cache: DiskCache, stats: Stats, max_threads: int = 4,
-                 queue: int = 16, refresh: float = 2.0) -> None:
+    def __init__(
+        self,
+        cache: DiskCache,
+        stats: Stats,
+        max_threads: int = 4,
+        queue: int = 16,
+        refresh: float = 2.0,
+    ) -> None:
         self.cache = cache
         self.stats = stats
         self.limiter = trio.CapacityLimiter(max_threads)
@@ -98,23 +105,32 @@ class DiskTier:
         return held is None or index in held or (snapshot_id, index) in self._queued
 
     def describe(self) -> dict[str, object]:
-        return {"path": self.cache.path, "used_bytes": self.cache.used_bytes,
-                "limit_bytes": self.cache.limit_bytes, "blocks": self.cache.blocks,
-                "enabled": self.enabled}
+        return {
+            "path": self.cache.path,
+            "used_bytes": self.cache.used_bytes,
+            "limit_bytes": self.cache.limit_bytes,
+            "blocks": self.cache.blocks,
+            "enabled": self.enabled,
+        }
 
     def _failed(self, err: Exception) -> None:
         """Anything the disk cache raises turns it off, never fails a read."""
         if self.enabled:
             self.enabled = False
             expected = isinstance(err, IndexFailed | OSError | sqlite3.Error)
-            log.warning("disk cache %s turned off for this session (%s: %s); blocks are "
-                        "fetched instead", self.cache.path, type(err).__name__, err,
-                        exc_info=None if expected else err)
+            log.warning(
+                "disk cache %s turned off for this session (%s: %s); blocks are fetched instead",
+                self.cache.path,
+                type(err).__name__,
+                err,
+                exc_info=None if expected else err,
+            )
 
     # ---- loads -----------------------------------------------------------------------
 
-    async def load(self, snapshot_id: str, index: int, room: memoryview | None,
-                   lineage: bool = False) -> Block | None:
+    async def load(
+        self, snapshot_id: str, index: int, room: memoryview | None, lineage: bool = False
+    ) -> Block | None:
         """The verified block from disk, or None (a miss, or damage: then fetch)."""
         if not self.enabled:
             return None
@@ -127,8 +143,13 @@ class DiskTier:
             return None
         try:
             found = await trio.to_thread.run_sync(
-                self.cache.load, snapshot_id, index, room, limiter=self.limiter,
-                abandon_on_cancel=True)
+                self.cache.load,
+                snapshot_id,
+                index,
+                room,
+                limiter=self.limiter,
+                abandon_on_cancel=True,
+            )
         except Exception as err:
             self._failed(err)
             return None
@@ -151,17 +172,23 @@ class DiskTier:
         self.stats.disk_damaged += 1
         shown = self.stats.disk_damaged
         if shown <= WARNINGS_SHOWN:
-            log.warning("disk cache: block %d of %s failed its SHA-256 check (damaged "
-                        "cache file?): dropped, fetching it again%s", index, snapshot_id,
-                        "; further damaged blocks are only counted (ebsfs stats)"
-                        if shown == WARNINGS_SHOWN else "")
+            log.warning(
+                "disk cache: block %d of %s failed its SHA-256 check (damaged "
+                "cache file?): dropped, fetching it again%s",
+                index,
+                snapshot_id,
+                "; further damaged blocks are only counted (ebsfs stats)"
+                if shown == WARNINGS_SHOWN
+                else "",
+            )
         else:
             log.info("disk cache: block %d of %s damaged: dropped", index, snapshot_id)
 
     # ---- stores ----------------------------------------------------------------------
 
-    async def store(self, snapshot_id: str, index: int, volume_size: int, block: Block,
-                    loan: Loan | None = None) -> None:
+    async def store(
+        self, snapshot_id: str, index: int, volume_size: int, block: Block, loan: Loan | None = None
+    ) -> None:
         """Queue a verified block for the writer (waiting only while the queue is
         full); without a writer running, write it now. `loan` (of the memory cache's
         slab the data is a view of) is given back once the block is written."""
@@ -184,8 +211,7 @@ class DiskTier:
             self._give_back(item)
             raise
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued blocks in batches, and every few seconds learn what other
         processes stored and write down the uses of blocks read (LRU order)."""
         async with trio.open_nursery() as nursery:
@@ -237,8 +263,11 @@ class DiskTier:
                 held.add(index)
         if result.full and not self._full_warned:
             self._full_warned = True
-            log.warning("disk cache %s: its filesystem is full; blocks that do not fit are "
-                        "not kept (reads go on)", self.cache.path)
+            log.warning(
+                "disk cache %s: its filesystem is full; blocks that do not fit are "
+                "not kept (reads go on)",
+                self.cache.path,
+            )
 
     async def _refresher(self) -> None:
         since = time.time()
@@ -285,8 +314,13 @@ class DiskView:
     ListChangedBlocks says did not change since an earlier snapshot in the cache are
     served from that snapshot's entries."""
 
-    def __init__(self, tier: DiskTier, snapshot_id: str, volume_size: int,
-                 bases: list[tuple[str, ChangeIndex]] | None = None) -> None:
+    def __init__(
+        self,
+        tier: DiskTier,
+        snapshot_id: str,
+        volume_size: int,
+        bases: list[tuple[str, ChangeIndex]] | None = None,
+    ) -> None:
         self.tier = tier
         self.snapshot_id = snapshot_id
         self.volume_size = volume_size
@@ -304,8 +338,13 @@ class DiskView:
                 if await changes.changed(index):
                     continue
             except EbsfsError as err:  # no reuse for this block: fetch it
-                log.debug("%s: changes since %s not known for block %d: %s",
-                          self.snapshot_id, base_id, index, err)
+                log.debug(
+                    "%s: changes since %s not known for block %d: %s",
+                    self.snapshot_id,
+                    base_id,
+                    index,
+                    err,
+                )
                 continue
             block = await self.tier.load(base_id, index, room, lineage=True)
             if block is not None:

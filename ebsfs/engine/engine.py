@@ -128,8 +128,9 @@ def find_bases(api: EbsApi, snapshots: list[tuple[str, int]]) -> dict[str, str]:
     return bases
 
 
-def find_disk_bases(api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]]
-                    ) -> dict[str, list[str]]:
+def find_disk_bases(
+    api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]]
+) -> dict[str, list[str]]:
     """For each snapshot, the snapshots of the same volume with blocks in the disk
     cache (same size, then one ListChangedBlocks call per candidate), most recently used
     first. Unrelated pairs are remembered (never asked again); no ebs:ListChangedBlocks
@@ -150,8 +151,12 @@ def find_disk_bases(api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]
                 log.info("cached blocks of %s not reused for %s: %s", first, second, err)
                 continue
             except EbsfsError as err:
-                log.warning("cached blocks of %s not reused for %s: could not compare them "
-                            "(%s)", first, second, err)
+                log.warning(
+                    "cached blocks of %s not reused for %s: could not compare them (%s)",
+                    first,
+                    second,
+                    err,
+                )
                 continue
             log.info("%s reuses the cached blocks of %s that did not change", second, first)
             bases.setdefault(second, []).append(first)
@@ -167,10 +172,15 @@ class Engine:
     going in that loop for read-ahead to happen (reads work without it). `close` once
     done with it (the disk cache's last writes)."""
 
-    def __init__(self, api: EbsApi, config: EngineConfig, snapshots: list[tuple[str, int]],
-                 bases: dict[str, str] | None = None,
-                 disk_bases: dict[str, list[str]] | None = None,
-                 stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        api: EbsApi,
+        config: EngineConfig,
+        snapshots: list[tuple[str, int]],
+        bases: dict[str, str] | None = None,
+        disk_bases: dict[str, list[str]] | None = None,
+        stats: Stats | None = None,
+    ) -> None:
         self.api = api
         self.config = config
         self.stats = stats or Stats()
@@ -188,13 +198,26 @@ class Engine:
             blocks = -(-size // BLOCK_SIZE)
             disk = None
             if self.disk is not None:
-                disk = DiskView(self.disk, snapshot_id, size, [
-                    (first, ChangeIndex(self.remote, first, snapshot_id, blocks))
-                    for first in (disk_bases or {}).get(snapshot_id, [])])
+                disk = DiskView(
+                    self.disk,
+                    snapshot_id,
+                    size,
+                    [
+                        (first, ChangeIndex(self.remote, first, snapshot_id, blocks))
+                        for first in (disk_bases or {}).get(snapshot_id, [])
+                    ],
+                )
             self.images[snapshot_id] = SnapshotImage(
-                snapshot_id, size, BlockIndex(self.remote, snapshot_id, blocks),
-                self.cache, self.remote, self.readahead, read_timeout=config.read_timeout,
-                max_window=window, disk=disk, stats=self.stats,
+                snapshot_id,
+                size,
+                BlockIndex(self.remote, snapshot_id, blocks),
+                self.cache,
+                self.remote,
+                self.readahead,
+                read_timeout=config.read_timeout,
+                max_window=window,
+                disk=disk,
+                stats=self.stats,
             )
         for second, first in (bases or {}).items():
             image = self.images[second]
@@ -202,8 +225,7 @@ class Engine:
             image.share_with(self.images[first], changes)
         self._partitions: dict[str, list[Partition]] = {}
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve read-ahead (and the disk cache's writes) until cancelled."""
         async with trio.open_nursery() as nursery:
             if self.disk is not None:
@@ -230,12 +252,20 @@ class Engine:
         try:
             found = await find_partitions(read, image.size)
         except PartitionTableError as err:
-            log.warning("%s: partition table ignored, no partition files (the whole image "
-                        "is still there): %s", snapshot_id, err)
+            log.warning(
+                "%s: partition table ignored, no partition files (the whole image "
+                "is still there): %s",
+                snapshot_id,
+                err,
+            )
             found = []
         except EbsfsError as err:
-            log.warning("%s: partition table could not be read, no partition files (the "
-                        "whole image is still there): %s", snapshot_id, err)
+            log.warning(
+                "%s: partition table could not be read, no partition files (the "
+                "whole image is still there): %s",
+                snapshot_id,
+                err,
+            )
             found = []
         self._partitions[snapshot_id] = found
         return found
@@ -261,8 +291,13 @@ class Plan:
     """The checks' calls, counted with the engine's later ones."""
 
 
-def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
-         api: EbsApi | None = None) -> Plan:
+def plan(
+    config: EngineConfig,
+    snapshot_ids: list[str],
+    *,
+    share_lineage: bool = True,
+    api: EbsApi | None = None,
+) -> Plan:
     """Check the ids, the cache directory and the snapshots (one list call each,
     failing fast: a user waits) and find which share a lineage, with each other and
     with snapshots in the disk cache. Raises typed EbsfsErrors a user can act on."""
@@ -272,8 +307,9 @@ def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool =
         raise UserInputError("a snapshot id is given twice")
     cache_dir = directory.prepare(config.cache_dir) if config.cache_dir is not None else None
     stats = Stats()
-    checker = api or BotoEbsApi(_with(config.connection, retry=CHECK_RETRY, max_connections=4),
-                                stats=stats)
+    checker = api or BotoEbsApi(
+        _with(config.connection, retry=CHECK_RETRY, max_connections=4), stats=stats
+    )
     snapshots = check_snapshots(checker, snapshot_ids)
     bases = find_bases(checker, snapshots) if share_lineage and len(snapshots) > 1 else {}
     disk_bases = {}
@@ -285,14 +321,19 @@ def plan(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool =
 def build(config: EngineConfig, checked: Plan, api: EbsApi | None = None) -> Engine:
     """The engine over a client sized for the fetches (made here, after any fork)."""
     if api is None:
-        api = BotoEbsApi(_with(config.connection, max_connections=fetch_ceiling(config) + 8),
-                         stats=checked.stats)
-    return Engine(api, config, checked.snapshots, checked.bases, checked.disk_bases,
-                  checked.stats)
+        api = BotoEbsApi(
+            _with(config.connection, max_connections=fetch_ceiling(config) + 8), stats=checked.stats
+        )
+    return Engine(api, config, checked.snapshots, checked.bases, checked.disk_bases, checked.stats)
 
 
-def connect(config: EngineConfig, snapshot_ids: list[str], *, share_lineage: bool = True,
-            api: EbsApi | None = None) -> Engine:
+def connect(
+    config: EngineConfig,
+    snapshot_ids: list[str],
+    *,
+    share_lineage: bool = True,
+    api: EbsApi | None = None,
+) -> Engine:
     """`plan`, then `build`: an engine ready to read the snapshots."""
     return build(config, plan(config, snapshot_ids, share_lineage=share_lineage, api=api), api)
 

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class OpenFile(Protocol):
     """One open handle of a node."""
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
-                   loan: Loan | None = None) -> bytes | memoryview:
+    async def read(
+        self, offset: int, size: int, scratch: bytearray | None = None, loan: Loan | None = None
+    ) -> bytes | memoryview:
         """The bytes; a view of `scratch` (when given) may be returned, valid until the
         next read that is given the same scratch (image.py); views of the memory
         cache's slabs are on `loan` (cache.py)."""
@@ -64,8 +65,10 @@ class ImageNode:
         self.mtime = mtime
 
     def xattrs(self) -> dict[str, str]:
-        attrs = {"user.ebsfs.snapshot_id": self.image.snapshot_id,
-                 "user.ebsfs.volume_size": str(self.image.size)}
+        attrs = {
+            "user.ebsfs.snapshot_id": self.image.snapshot_id,
+            "user.ebsfs.volume_size": str(self.image.size),
+        }
         if self.image.base is not None:
             attrs["user.ebsfs.base_snapshot"] = self.image.base[0].snapshot_id
         return attrs
@@ -79,8 +82,9 @@ class PartitionNode:
 
     fixed = True
 
-    def __init__(self, image: SnapshotImage, partition: Partition,
-                 mtime: float | None = None) -> None:
+    def __init__(
+        self, image: SnapshotImage, partition: Partition, mtime: float | None = None
+    ) -> None:
         self.image = image
         self.partition = partition
         self.name = f"{image.snapshot_id}-part{partition.number}.img"
@@ -89,9 +93,13 @@ class PartitionNode:
 
     def xattrs(self) -> dict[str, str]:
         p = self.partition
-        return {"user.ebsfs.snapshot_id": self.image.snapshot_id,
-                "user.ebsfs.partition": str(p.number), "user.ebsfs.offset": str(p.offset),
-                "user.ebsfs.partition_type": p.type, "user.ebsfs.scheme": p.scheme}
+        return {
+            "user.ebsfs.snapshot_id": self.image.snapshot_id,
+            "user.ebsfs.partition": str(p.number),
+            "user.ebsfs.offset": str(p.offset),
+            "user.ebsfs.partition_type": p.type,
+            "user.ebsfs.scheme": p.scheme,
+        }
 
     async def open(self) -> OpenFile:
         return WindowReader(self.image, self.partition.offset, self.partition.size)
@@ -103,15 +111,17 @@ class WindowReader:
     `readahead` is False: readers of scattered metadata would pay for blocks never
     read)."""
 
-    def __init__(self, image: SnapshotImage, start: int, length: int,
-                 readahead: bool = True) -> None:
+    def __init__(
+        self, image: SnapshotImage, start: int, length: int, readahead: bool = True
+    ) -> None:
         self.image = image
         self.start = start
         self.length = length
         self.stream: ReadPattern | None = image.open_stream() if readahead else None
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
-                   loan: Loan | None = None) -> bytes | memoryview:
+    async def read(
+        self, offset: int, size: int, scratch: bytearray | None = None, loan: Loan | None = None
+    ) -> bytes | memoryview:
         if offset >= self.length or size <= 0:
             return b""
         size = min(size, self.length - offset)
@@ -127,8 +137,7 @@ class ChangesNode:
     fixed = False
     size = 0
 
-    def __init__(self, engine: Engine, image: SnapshotImage, mtime: float | None = None
-                 ) -> None:
+    def __init__(self, engine: Engine, image: SnapshotImage, mtime: float | None = None) -> None:
         self.engine = engine
         self.image = image
         self.name = f"{image.snapshot_id}.changes"
@@ -136,8 +145,10 @@ class ChangesNode:
 
     def xattrs(self) -> dict[str, str]:
         assert self.image.base is not None
-        return {"user.ebsfs.snapshot_id": self.image.snapshot_id,
-                "user.ebsfs.base_snapshot": self.image.base[0].snapshot_id}
+        return {
+            "user.ebsfs.snapshot_id": self.image.snapshot_id,
+            "user.ebsfs.base_snapshot": self.image.base[0].snapshot_id,
+        }
 
     async def open(self) -> OpenFile:
         diff = await self.engine.changes(self.image.snapshot_id)
@@ -152,8 +163,9 @@ class ReportReader:
         self.spool = spool
         self._lock = trio.Lock()
 
-    async def read(self, offset: int, size: int, scratch: bytearray | None = None,
-                   loan: Loan | None = None) -> bytes:
+    async def read(
+        self, offset: int, size: int, scratch: bytearray | None = None, loan: Loan | None = None
+    ) -> bytes:
         async with self._lock:
             return await trio.to_thread.run_sync(self._read, offset, size)
 
@@ -165,8 +177,7 @@ class ReportReader:
         self.spool.close()
 
 
-async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = None
-                         ) -> list[Node]:
+async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = None) -> list[Node]:
     """Every file of a mount of the engine's snapshots, in directory order: each image,
     its partitions, and its `.changes` when it shares blocks with a base. A snapshot's
     files show its start time (from EC2, when known) as their mtime."""
@@ -176,6 +187,9 @@ async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = 
         nodes.append(ImageNode(image, times.get(snapshot_id)))
         for partition in await engine.partitions(snapshot_id):
             nodes.append(PartitionNode(image, partition, times.get(snapshot_id)))
-    nodes += [ChangesNode(engine, image, times.get(image.snapshot_id))
-              for image in engine.images.values() if image.base]
+    nodes += [
+        ChangesNode(engine, image, times.get(image.snapshot_id))
+        for image in engine.images.values()
+        if image.base
+    ]
     return nodes

@@ -35,9 +35,16 @@ class SnapshotImage:
     or one GetSnapshotBlock each; a read spanning blocks fetches them concurrently."""
 
     def __init__(
-        self, snapshot_id: str, size: int, index: BlockIndex, cache: BlockCache,
-        remote: RemoteSnapshots, readahead: Readahead | None = None,
-        read_timeout: float = READ_TIMEOUT, max_window: int = 256, disk: DiskView | None = None,
+        self,
+        snapshot_id: str,
+        size: int,
+        index: BlockIndex,
+        cache: BlockCache,
+        remote: RemoteSnapshots,
+        readahead: Readahead | None = None,
+        read_timeout: float = READ_TIMEOUT,
+        max_window: int = 256,
+        disk: DiskView | None = None,
         stats: Stats | None = None,
     ) -> None:
         self.snapshot_id = snapshot_id
@@ -72,9 +79,11 @@ class SnapshotImage:
             with trio.move_on_after(self.read_timeout) as scope:
                 items = await changes.chunk_items(chunk_no)
             if scope.cancelled_caught:
-                raise ReadFailed(f"listing changes of {self.snapshot_id} from "
-                                 f"{base.snapshot_id}: chunk {chunk_no} took over "
-                                 f"{self.read_timeout:.0f}s")
+                raise ReadFailed(
+                    f"listing changes of {self.snapshot_id} from "
+                    f"{base.snapshot_id}: chunk {chunk_no} took over "
+                    f"{self.read_timeout:.0f}s"
+                )
             for _, change in items:
                 result.record(change)
         result.list_calls = changes.list_calls
@@ -111,11 +120,12 @@ class SnapshotImage:
         if (self.snapshot_id, index) in self.cache:
             self.stats.memory_hits += 1
         return await self.cache.get(
-            (self.snapshot_id, index), lambda room, lent: self._fetch(index, token, room, lent),
-            loan)
+            (self.snapshot_id, index),
+            lambda room, lent: self._fetch(index, token, room, lent),
+            loan,
+        )
 
-    async def _fetch(self, index: int, token: str, room: memoryview | None, lent: Loan
-                     ) -> Block:
+    async def _fetch(self, index: int, token: str, room: memoryview | None, lent: Loan) -> Block:
         """The block from the disk cache if it holds it verified, else from the service
         (then kept on disk)."""
         if self.disk is not None:
@@ -124,8 +134,9 @@ class SnapshotImage:
                 return found
         for _ in range(TOKEN_REFRESHES):
             try:
-                block = await self.remote.get_snapshot_block(self.snapshot_id, index, token,
-                                                             into=room)
+                block = await self.remote.get_snapshot_block(
+                    self.snapshot_id, index, token, into=room
+                )
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
                 self.index.invalidate(index)
@@ -149,9 +160,14 @@ class SnapshotImage:
         finally:
             self._prefetching.discard(index)
 
-    async def read(self, offset: int, size: int, stream: ReadPattern | None = None,
-                   scratch: bytearray | None = None, loan: Loan | None = None
-                   ) -> bytes | memoryview:
+    async def read(
+        self,
+        offset: int,
+        size: int,
+        stream: ReadPattern | None = None,
+        scratch: bytearray | None = None,
+        loan: Loan | None = None,
+    ) -> bytes | memoryview:
         """Exactly the image's bytes in [offset, offset+size) clipped to its end, or
         ReadFailed. Never waits longer than read_timeout. Views of the cache's memory
         are on `loan` (cache.py): give it back once done with the bytes.
@@ -172,8 +188,7 @@ class SnapshotImage:
         try:
             with trio.fail_after(self.read_timeout):
                 if first == last:
-                    return _assemble([(await self.block(first, loan)).data], offset, end,
-                                     first)
+                    return _assemble([(await self.block(first, loan)).data], offset, end, first)
                 return await self._read_span(offset, end, first, last, scratch, loan)
         except trio.TooSlowError:
             raise ReadFailed(
@@ -205,8 +220,9 @@ class SnapshotImage:
             if not self.index.at_hand(chunk_no):
                 self.readahead.submit(functools.partial(self.index.get, upcoming))
 
-    def _blocks_at_hand(self, first: int, last: int, loan: Loan | None
-                        ) -> list[bytes | memoryview] | None:
+    def _blocks_at_hand(
+        self, first: int, last: int, loan: Loan | None
+    ) -> list[bytes | memoryview] | None:
         """The blocks [first, last] if all are cached or known absent, with no await:
         the warm path skips tasks, nurseries and timers (docs/performance.md)."""
         if self.base is not None:
@@ -229,8 +245,15 @@ class SnapshotImage:
         self.stats.memory_hits += hits
         return blocks
 
-    async def _read_span(self, offset: int, end: int, first: int, last: int,
-                         scratch: bytearray | None, loan: Loan | None) -> bytes | memoryview:
+    async def _read_span(
+        self,
+        offset: int,
+        end: int,
+        first: int,
+        last: int,
+        scratch: bytearray | None,
+        loan: Loan | None,
+    ) -> bytes | memoryview:
         blocks: dict[int, bytes | memoryview] = {}
         errors: list[EbsfsError] = []
 
@@ -249,12 +272,16 @@ class SnapshotImage:
             slab = self.cache.peek_span(self.snapshot_id, first, last, loan)
             if slab is not None:
                 return _assemble([slab], offset, end, first)
-        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first,
-                         scratch)
+        return _assemble([blocks[i] for i in range(first, last + 1)], offset, end, first, scratch)
 
 
-def _assemble(blocks: list[bytes | memoryview], offset: int, end: int, first: int,
-              scratch: bytearray | None = None) -> bytes | memoryview:
+def _assemble(
+    blocks: list[bytes | memoryview],
+    offset: int,
+    end: int,
+    first: int,
+    scratch: bytearray | None = None,
+) -> bytes | memoryview:
     """Bytes [offset, end) from consecutive blocks starting at block `first` (or from
     one buffer holding them all). From one buffer, or blocks never written, a view: no
     copy (pyfuse3 replies from any buffer); from several, joined in `scratch` if given."""

@@ -45,8 +45,7 @@ PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
 """(StartingBlockIndex, NextToken) -> one page."""
 
 
-async def pages(fetch_page: PageFetcher[V], start: int, name: str
-                ) -> AsyncGenerator[Page[V], None]:
+async def pages(fetch_page: PageFetcher[V], start: int, name: str) -> AsyncGenerator[Page[V], None]:
     """Pages from `start` on, to the end of the listing unless the caller stops early.
     A NextToken that expired (they live 60 minutes) restarts the listing just past the
     last index returned, so nothing is missed or repeated. The one paging loop of ebsfs:
@@ -69,13 +68,15 @@ async def pages(fetch_page: PageFetcher[V], start: int, name: str
         next_token = page_token
 
 
-def change_pages(remote: RemoteSnapshots, first_id: str, second_id: str
-                 ) -> PageFetcher[ChangedBlock]:
+def change_pages(
+    remote: RemoteSnapshots, first_id: str, second_id: str
+) -> PageFetcher[ChangedBlock]:
     """ListChangedBlocks as a PageFetcher."""
 
     async def fetch(start: int, next_token: str | None) -> Page[ChangedBlock]:
-        page = await remote.list_changed_blocks(first_id, second_id, start_index=start,
-                                                next_token=next_token)
+        page = await remote.list_changed_blocks(
+            first_id, second_id, start_index=start, next_token=next_token
+        )
         return [(c.index, c) for c in page.changes], page.next_token, page.expiry
 
     return fetch
@@ -105,8 +106,12 @@ class ChunkedIndex(Generic[V]):
     """Maps block index -> the value a listing gave for it (None: not listed)."""
 
     def __init__(
-        self, fetch_page: PageFetcher[V], name: str, volume_blocks: int,
-        chunk_blocks: int = CHUNK_BLOCKS, max_entries: int = MAX_ENTRIES,
+        self,
+        fetch_page: PageFetcher[V],
+        name: str,
+        volume_blocks: int,
+        chunk_blocks: int = CHUNK_BLOCKS,
+        max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._fetch_page = fetch_page
@@ -195,7 +200,11 @@ class ChunkedIndex(Generic[V]):
         return self._store(chunk_no, proven_to, found, expiry, listed_at)
 
     def _store(
-        self, chunk_no: int, proven_to: int, found: dict[int, V], expiry: float,
+        self,
+        chunk_no: int,
+        proven_to: int,
+        found: dict[int, V],
+        expiry: float,
         listed_at: float,
     ) -> _Chunk[V]:
         """Keep every chunk the listing proved completely, the asked-for one last
@@ -221,8 +230,9 @@ class ChunkedIndex(Generic[V]):
 class BlockIndex(ChunkedIndex[str]):
     """Block index -> token, or None for a block the snapshot never wrote."""
 
-    def __init__(self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int,
-                 **kw: Any) -> None:
+    def __init__(
+        self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int, **kw: Any
+    ) -> None:
         async def fetch(start: int, next_token: str | None) -> Page[str]:
             page = await remote.list_snapshot_blocks(
                 snapshot_id, start_index=start, next_token=next_token
@@ -240,10 +250,15 @@ class ChangeIndex(ChunkedIndex[ChangedBlock]):
     """Block index -> how it changed between two snapshots of one lineage, or None
     where the two hold the same data."""
 
-    def __init__(self, remote: RemoteSnapshots, first_id: str, second_id: str,
-                 volume_blocks: int, **kw: Any) -> None:
-        super().__init__(change_pages(remote, first_id, second_id),
-                         f"{first_id}..{second_id}", volume_blocks, **kw)
+    def __init__(
+        self, remote: RemoteSnapshots, first_id: str, second_id: str, volume_blocks: int, **kw: Any
+    ) -> None:
+        super().__init__(
+            change_pages(remote, first_id, second_id),
+            f"{first_id}..{second_id}",
+            volume_blocks,
+            **kw,
+        )
 
     async def changed(self, index: int) -> bool:
         return await self.get(index) is not None

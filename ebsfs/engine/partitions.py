@@ -84,14 +84,18 @@ def _is_mbr(sector: bytes) -> bool:
     55AA), and each entry's status is 0x00 or 0x80."""
     if len(sector) < 512 or sector[510:512] != MBR_SIGNATURE:
         return False
-    if (sector[3:11] in (b"NTFS    ", b"EXFAT   ") or sector[0x36:0x3B] in (b"FAT12", b"FAT16")
-            or sector[0x52:0x57] == b"FAT32"):
+    if (
+        sector[3:11] in (b"NTFS    ", b"EXFAT   ")
+        or sector[0x36:0x3B] in (b"FAT12", b"FAT16")
+        or sector[0x52:0x57] == b"FAT32"
+    ):
         return False
     return all(status in (0x00, 0x80) for status, *_ in _mbr_entries(sector))
 
 
-async def _mbr(read: Read, entries: list[tuple[int, int, int, int]], disk_size: int,
-               ss: int) -> list[Partition]:
+async def _mbr(
+    read: Read, entries: list[tuple[int, int, int, int]], disk_size: int, ss: int
+) -> list[Partition]:
     """Primaries by slot (1-4), then the logicals of the EBR chain from 5 on. The extended
     container itself is not listed: it holds EBRs, not data (fdisk -l shows it, we do not)."""
     parts: list[Partition] = []
@@ -109,7 +113,8 @@ async def _mbr(read: Read, entries: list[tuple[int, int, int, int]], disk_size: 
         if ext_end > disk_size:
             raise PartitionTableError(
                 f"extended partition {ext_number} (bytes {ext_first * ss}-{ext_end}) "
-                f"ends past the end of the disk ({disk_size} bytes)")
+                f"ends past the end of the disk ({disk_size} bytes)"
+            )
         ebr, seen = ext_first, set[int]()
         while True:
             if ebr in seen:
@@ -118,7 +123,8 @@ async def _mbr(read: Read, entries: list[tuple[int, int, int, int]], disk_size: 
                 raise PartitionTableError(f"the EBR chain is longer than {MAX_EBRS}")
             if not ext_first <= ebr < ext_first + ext_count:
                 raise PartitionTableError(
-                    f"an EBR at sector {ebr} lies outside extended partition {ext_number}")
+                    f"an EBR at sector {ebr} lies outside extended partition {ext_number}"
+                )
             seen.add(ebr)
             table = await _read_exact(read, ebr * ss, 512)
             if table[510:512] != MBR_SIGNATURE:
@@ -130,7 +136,8 @@ async def _mbr(read: Read, entries: list[tuple[int, int, int, int]], disk_size: 
                     raise PartitionTableError(
                         f"logical partition {number} (bytes {part.offset}-"
                         f"{part.offset + part.size}) ends past its extended partition "
-                        f"(bytes {ext_first * ss}-{ext_end})")
+                        f"(bytes {ext_first * ss}-{ext_end})"
+                    )
                 parts.append(part)
                 number += 1
             if ntype not in EXTENDED_TYPES or ncount == 0:
@@ -158,8 +165,7 @@ def _gpt_header(sector: bytes, lba: int, disk_size: int, ss: int) -> tuple[int, 
     return elba, count, esize, ecrc
 
 
-async def _gpt_at(read: Read, lba: int, sector: bytes, disk_size: int,
-                  ss: int) -> list[Partition]:
+async def _gpt_at(read: Read, lba: int, sector: bytes, disk_size: int, ss: int) -> list[Partition]:
     """The partitions of the GPT whose header is `sector`, read from `lba`."""
     elba, count, esize, ecrc = _gpt_header(sector, lba, disk_size, ss)
     array = await _read_exact(read, elba * ss, count * esize)
@@ -172,8 +178,16 @@ async def _gpt_at(read: Read, lba: int, sector: bytes, disk_size: int,
             continue
         first, last = struct.unpack_from("<QQ", entry, 32)
         name = entry[56:128].decode("utf-16-le", errors="replace").split("\0", 1)[0]
-        parts.append(Partition(i + 1, first * ss, (last - first + 1) * ss, "gpt",
-                               str(uuid.UUID(bytes_le=entry[:16])), name))
+        parts.append(
+            Partition(
+                i + 1,
+                first * ss,
+                (last - first + 1) * ss,
+                "gpt",
+                str(uuid.UUID(bytes_le=entry[:16])),
+                name,
+            )
+        )
     return parts
 
 
@@ -184,8 +198,7 @@ async def _gpt(read: Read, header: bytes, disk_size: int, ss: int) -> list[Parti
     except PartitionTableError as primary:
         last = disk_size // ss - 1
         try:
-            parts = await _gpt_at(read, last, await _read_exact(read, last * ss, ss),
-                                  disk_size, ss)
+            parts = await _gpt_at(read, last, await _read_exact(read, last * ss, ss), disk_size, ss)
         except PartitionTableError as backup:
             raise PartitionTableError(f"primary GPT: {primary}; backup GPT: {backup}") from None
         log.warning("primary GPT damaged (%s); using the backup GPT at LBA %d", primary, last)
@@ -197,14 +210,19 @@ def _check(parts: list[Partition], disk_size: int, ss: int) -> None:
     for p in parts:
         end = p.offset + p.size
         if p.size <= 0:
-            raise PartitionTableError(f"partition {p.number} ends before it starts "
-                                      f"(first LBA {p.offset // ss}, last {end // ss - 1})")
+            raise PartitionTableError(
+                f"partition {p.number} ends before it starts "
+                f"(first LBA {p.offset // ss}, last {end // ss - 1})"
+            )
         if end > disk_size:
-            raise PartitionTableError(f"partition {p.number} (bytes {p.offset}-{end}) ends "
-                                      f"past the end of the disk ({disk_size} bytes)")
+            raise PartitionTableError(
+                f"partition {p.number} (bytes {p.offset}-{end}) ends "
+                f"past the end of the disk ({disk_size} bytes)"
+            )
     ordered = sorted(parts, key=lambda p: p.offset)
     for a, b in zip(ordered, ordered[1:], strict=False):
         if b.offset < a.offset + a.size:
             raise PartitionTableError(
                 f"partitions {a.number} (bytes {a.offset}-{a.offset + a.size}) and "
-                f"{b.number} (bytes {b.offset}-{b.offset + b.size}) overlap")
+                f"{b.number} (bytes {b.offset}-{b.offset + b.size}) overlap"
+            )

@@ -40,8 +40,12 @@ class ReadPattern:
     """Per open file: which blocks to fetch ahead after each read. Pure logic."""
 
     def __init__(
-        self, volume_size: int, initial_window: int = 2, tolerance: int = 2 * BLOCK_SIZE,
-        block_size: int = BLOCK_SIZE, chunk_blocks: int = 8192,
+        self,
+        volume_size: int,
+        initial_window: int = 2,
+        tolerance: int = 2 * BLOCK_SIZE,
+        block_size: int = BLOCK_SIZE,
+        chunk_blocks: int = 8192,
     ) -> None:
         self.volume_blocks = -(-volume_size // block_size)
         self.initial_window = initial_window
@@ -64,8 +68,7 @@ class ReadPattern:
         half way through what lies ahead (a warm reader's 1 MiB reads then cost no
         index lookups: docs/performance.md)."""
 
-    def observe(self, offset: int, size: int, limit: int, next_listed: NextListed
-                ) -> list[int]:
+    def observe(self, offset: int, size: int, limit: int, next_listed: NextListed) -> list[int]:
         """Record a read; return the blocks to fetch ahead of it that no earlier read of
         this sequential run returned: enough that `window` blocks holding data lie
         ahead of the reader, the window following the blocks of data the run has read
@@ -91,8 +94,12 @@ class ReadPattern:
             return []
         if size > 0:
             self._count_data(reader, next_listed)
-        if (size <= 0 or not sequential or not self._run_data
-                or self._expected - self._run_start <= self.block_size):
+        if (
+            size <= 0
+            or not sequential
+            or not self._run_data
+            or self._expected - self._run_start <= self.block_size
+        ):
             return []
         self.window = min(max(limit, 1), max(self.initial_window, self._window_for_run()))
         reach = min(self.volume_blocks, reader + 1 + 4 * self.window)

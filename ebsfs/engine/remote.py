@@ -26,8 +26,9 @@ class AdaptiveLimit:
     when the service throttles (at most once a second), add one back after every
     `recover_after` calls that went through without throttling."""
 
-    def __init__(self, limiter: trio.CapacityLimiter, maximum: int, minimum: int = 2,
-                 recover_after: int = 16) -> None:
+    def __init__(
+        self, limiter: trio.CapacityLimiter, maximum: int, minimum: int = 2, recover_after: int = 16
+    ) -> None:
         self.limiter = limiter
         self.maximum = maximum
         self.minimum = min(minimum, maximum)
@@ -50,8 +51,9 @@ class AdaptiveLimit:
             self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
 
 
-async def in_worker(limiter: trio.CapacityLimiter, work: Callable[[], T], *,
-                    abandon_on_cancel: bool = True) -> T:
+async def in_worker(
+    limiter: trio.CapacityLimiter, work: Callable[[], T], *, abandon_on_cancel: bool = True
+) -> T:
     """`work()` in a worker thread under `limiter`: trio.to_thread.run_sync, minus what
     costs per call and is not needed here (naming the OS thread twice per call, context
     copies). Abandoned on cancellation by default: a read that timed out answers EIO
@@ -104,8 +106,9 @@ class LatencyEstimate:
     flight by it would only queue more of them (bufferbloat; TCP BBR uses the
     minimum round trip for the same reason). Trio thread only."""
 
-    def __init__(self, initial: float = ASSUMED_LATENCY, keep: int = 256,
-                 percentile: float = 0.1) -> None:
+    def __init__(
+        self, initial: float = ASSUMED_LATENCY, keep: int = 256, percentile: float = 0.1
+    ) -> None:
         self._recent: collections.deque[float] = collections.deque(maxlen=keep)
         self._percentile = percentile
         self._since = 0
@@ -145,28 +148,46 @@ class RemoteSnapshots:
         return await in_worker(limiter, functools.partial(fn, *args, **kw))
 
     async def list_snapshot_blocks(
-        self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
+        self,
+        snapshot_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
         max_results: int = MAX_RESULTS,
     ) -> BlockPage:
         return await self._run(
-            self.list_limiter, self.api.list_snapshot_blocks, snapshot_id,
-            start_index=start_index, next_token=next_token, max_results=max_results,
+            self.list_limiter,
+            self.api.list_snapshot_blocks,
+            snapshot_id,
+            start_index=start_index,
+            next_token=next_token,
+            max_results=max_results,
         )
 
     async def list_changed_blocks(
-        self, first_id: str, second_id: str, start_index: int = 0,
-        next_token: str | None = None, max_results: int = MAX_RESULTS,
+        self,
+        first_id: str,
+        second_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
     ) -> ChangedPage:
         return await self._run(
-            self.list_limiter, self.api.list_changed_blocks, first_id, second_id,
-            start_index=start_index, next_token=next_token, max_results=max_results,
+            self.list_limiter,
+            self.api.list_changed_blocks,
+            first_id,
+            second_id,
+            start_index=start_index,
+            next_token=next_token,
+            max_results=max_results,
         )
 
-    async def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                                 into: memoryview | None = None) -> Block:
+    async def get_snapshot_block(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
         before = self.api.get_throttles
-        block, seconds = await self._run(self.fetch_limiter, self._timed_get, snapshot_id,
-                                         index, token, into)
+        block, seconds = await self._run(
+            self.fetch_limiter, self._timed_get, snapshot_id, index, token, into
+        )
         self.latency.add(seconds)
         if self.api.get_throttles > before:
             self.fetch_limit.throttled()
@@ -174,8 +195,9 @@ class RemoteSnapshots:
             self.fetch_limit.succeeded()
         return block
 
-    def _timed_get(self, snapshot_id: str, index: int, token: str,
-                   into: memoryview | None) -> tuple[Block, float]:
+    def _timed_get(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None
+    ) -> tuple[Block, float]:
         """In the worker thread: the call, timed from its start (waits for the limiter
         are ours, not the service's)."""
         started = time.monotonic()

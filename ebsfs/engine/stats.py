@@ -19,8 +19,11 @@ from ebsfs.errors import Throttled
 T = TypeVar("T")
 
 OPERATIONS = ("ListSnapshotBlocks", "ListChangedBlocks", "GetSnapshotBlock")
-PRICE_PER_1000 = {"GetSnapshotBlock": 0.003, "ListSnapshotBlocks": 0.0006,
-                  "ListChangedBlocks": 0.0006}
+PRICE_PER_1000 = {
+    "GetSnapshotBlock": 0.003,
+    "ListSnapshotBlocks": 0.0006,
+    "ListChangedBlocks": 0.0006,
+}
 """US dollars per 1,000 calls (the EBS direct API price list; regions differ slightly)."""
 
 
@@ -98,8 +101,10 @@ class Stats:
         }
         if self.disk_cache is not None:
             report["disk_cache"] = {
-                **self.disk_cache(), "stored": self.disk_stored,
-                "evicted": self.disk_evicted, "damaged": self.disk_damaged,
+                **self.disk_cache(),
+                "stored": self.disk_stored,
+                "evicted": self.disk_evicted,
+                "damaged": self.disk_damaged,
             }
         return report
 
@@ -118,15 +123,21 @@ def format_report(report: dict[str, Any]) -> str:
     if disk is None:
         lines.append("disk cache      off (--cache-dir)")
     else:
-        lines.append(f"disk cache      {report.get('disk_hits', 0):,} hits, {disk['stored']:,} "
-                     f"stored, {disk['evicted']:,} evicted, {disk['damaged']:,} damaged; "
-                     f"{_size(disk['used_bytes'])} of {_size(disk['limit_bytes'])} in "
-                     f"{disk['path']}")
-    lines.append(f"lineage         {report.get('lineage_hits', 0):,} blocks served from "
-                 "another snapshot's cached blocks")
-    lines.append(f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
-                 "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
-                 "retries included)")
+        lines.append(
+            f"disk cache      {report.get('disk_hits', 0):,} hits, {disk['stored']:,} "
+            f"stored, {disk['evicted']:,} evicted, {disk['damaged']:,} damaged; "
+            f"{_size(disk['used_bytes'])} of {_size(disk['limit_bytes'])} in "
+            f"{disk['path']}"
+        )
+    lines.append(
+        f"lineage         {report.get('lineage_hits', 0):,} blocks served from "
+        "another snapshot's cached blocks"
+    )
+    lines.append(
+        f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
+        "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
+        "retries included)"
+    )
     return "\n".join(lines)
 
 

@@ -142,8 +142,10 @@ class FileDiff:
                 out.write(f"# {fs.label} ({what}): files not listed: {fs.note}\n")
                 continue
             counts = _count(fs.changes)
-            out.write(f"# {fs.label} ({what}): {counts[ADDED]} added, {counts[DELETED]} "
-                      f"deleted, {counts[MODIFIED]} modified\n")
+            out.write(
+                f"# {fs.label} ({what}): {counts[ADDED]} added, {counts[DELETED]} "
+                f"deleted, {counts[MODIFIED]} modified\n"
+            )
             for c in fs.changes:
                 reasons = ",".join(r for r in c.reasons if r != "renamed")
                 if "renamed" in c.reasons:
@@ -154,14 +156,18 @@ class FileDiff:
         counts = self.counts()
         total = sum(counts.values())
         listed = sum(1 for fs in self.filesystems if fs.note is None)
-        out.write(f"{self.first} -> {self.second}: {total} changed in {listed} "
-                  f"filesystem{'s' if listed != 1 else ''} ({counts[ADDED]} added, "
-                  f"{counts[DELETED]} deleted, {counts[MODIFIED]} modified); "
-                  f"{self.blocks.changed_count} blocks changed "
-                  f"({human(self.blocks.changed_bytes)})\n")
+        out.write(
+            f"{self.first} -> {self.second}: {total} changed in {listed} "
+            f"filesystem{'s' if listed != 1 else ''} ({counts[ADDED]} added, "
+            f"{counts[DELETED]} deleted, {counts[MODIFIED]} modified); "
+            f"{self.blocks.changed_count} blocks changed "
+            f"({human(self.blocks.changed_bytes)})\n"
+        )
         if self.outside_bytes:
-            out.write(f"  {human(self.outside_bytes)} of changed blocks lie outside the "
-                      "filesystems read (partition table, unpartitioned space)\n")
+            out.write(
+                f"  {human(self.outside_bytes)} of changed blocks lie outside the "
+                "filesystems read (partition table, unpartitioned space)\n"
+            )
         for fs in self.filesystems:
             if fs.note is None:
                 continue
@@ -176,19 +182,29 @@ class FileDiff:
         """One JSON object: first, second, files (path, change, partition, type,
         reasons, old_path, before/after metadata), filesystems (with notes and, for
         those not listed, their changed ranges), changed_blocks, changed_bytes."""
-        head = {"first": self.first, "second": self.second,
-                "block_size": self.blocks.block_size,
-                "volume_size": self.blocks.volume_size,
-                "changed_blocks": self.blocks.changed_count,
-                "changed_bytes": self.blocks.changed_bytes,
-                "outside_bytes": self.outside_bytes, "counts": self.counts()}
+        head = {
+            "first": self.first,
+            "second": self.second,
+            "block_size": self.blocks.block_size,
+            "volume_size": self.blocks.volume_size,
+            "changed_blocks": self.blocks.changed_count,
+            "changed_bytes": self.blocks.changed_bytes,
+            "outside_bytes": self.outside_bytes,
+            "counts": self.counts(),
+        }
         out.write(json.dumps(head)[:-1] + ', "filesystems": [')
         for k, fs in enumerate(self.filesystems):
             item: dict[str, Any] = {
-                "partition": fs.partition, "offset": fs.offset, "size": fs.size,
-                "type": fs.fstype, "note": fs.note, "entries_first": fs.entries[0],
-                "entries_second": fs.entries[1], "changed_bytes": fs.changed_bytes,
-                "changes": len(fs.changes)}
+                "partition": fs.partition,
+                "offset": fs.offset,
+                "size": fs.size,
+                "type": fs.fstype,
+                "note": fs.note,
+                "entries_first": fs.entries[0],
+                "entries_second": fs.entries[1],
+                "changed_bytes": fs.changed_bytes,
+                "changes": len(fs.changes),
+            }
             if fs.note is not None:
                 item["ranges"] = [{"offset": o, "length": n} for o, n in self._ranges_in(fs)]
             out.write((", " if k else "") + json.dumps(item))
@@ -209,17 +225,32 @@ def _count(changes: list[FileChange]) -> dict[str, int]:
 
 
 def _change_json(c: FileChange, partition: int | None) -> dict[str, Any]:
-    return {"path": c.path, "change": c.change, "partition": partition, "type": c.kind,
-            "reasons": c.reasons, "old_path": c.old_path,
-            "before": _entry_json(c.before), "after": _entry_json(c.after)}
+    return {
+        "path": c.path,
+        "change": c.change,
+        "partition": partition,
+        "type": c.kind,
+        "reasons": c.reasons,
+        "old_path": c.old_path,
+        "before": _entry_json(c.before),
+        "after": _entry_json(c.after),
+    }
 
 
 def _entry_json(e: Entry | None) -> dict[str, Any] | None:
     if e is None:
         return None
-    return {"inode": e.inode, "size": e.size, "mode": None if e.mode is None else f"{e.mode:04o}",
-            "uid": e.uid, "gid": e.gid, "mtime": _time(e.mtime), "ctime": _time(e.ctime),
-            "atime": _time(e.atime), "crtime": _time(e.crtime)}
+    return {
+        "inode": e.inode,
+        "size": e.size,
+        "mode": None if e.mode is None else f"{e.mode:04o}",
+        "uid": e.uid,
+        "gid": e.gid,
+        "mtime": _time(e.mtime),
+        "ctime": _time(e.ctime),
+        "atime": _time(e.atime),
+        "crtime": _time(e.crtime),
+    }
 
 
 def _time(ns: int | None) -> str | None:
@@ -239,8 +270,13 @@ SameBytes = Callable[[list[tuple[int, int]]], bool]
 filesystem."""
 
 
-def compare_trees(first: Tree, second: Tree, changed_pieces: Callable[[int, int], list[
-        tuple[int, int]]], same_bytes: SameBytes, atime: bool = False) -> list[FileChange]:
+def compare_trees(
+    first: Tree,
+    second: Tree,
+    changed_pieces: Callable[[int, int], list[tuple[int, int]]],
+    same_bytes: SameBytes,
+    atime: bool = False,
+) -> list[FileChange]:
     """The names added, deleted and modified from `first` to `second`, sorted by path.
     `changed_pieces(offset, length)` gives the parts of a byte range of the filesystem
     inside changed blocks."""
@@ -260,12 +296,21 @@ def compare_trees(first: Tree, second: Tree, changed_pieces: Callable[[int, int]
         found = sorted(new_links - old_links)
         kept = sorted(old_links & new_links)
         for before, after in zip(lost, found, strict=False):
-            changes.append(FileChange(MODIFIED, second.path(after), new.kind,
-                                      ["renamed", *reasons], first.path(before), old, new))
-        for link in lost[len(found):]:
+            changes.append(
+                FileChange(
+                    MODIFIED,
+                    second.path(after),
+                    new.kind,
+                    ["renamed", *reasons],
+                    first.path(before),
+                    old,
+                    new,
+                )
+            )
+        for link in lost[len(found) :]:
             path = first.path(link)
             gone[path] = FileChange(DELETED, path, old.kind, before=old)
-        for link in found[len(lost):]:
+        for link in found[len(lost) :]:
             path = second.path(link)
             came[path] = FileChange(ADDED, path, new.kind, after=new)
         if reasons and (kept or not old.links):
@@ -306,8 +351,13 @@ def _metadata_reasons(old: Entry, new: Entry, atime: bool) -> list[str]:
     return reasons
 
 
-def _reasons(old: Entry, new: Entry, changed_pieces: Callable[[int, int], list[tuple[int, int]]],
-             same_bytes: SameBytes, atime: bool) -> list[str]:
+def _reasons(
+    old: Entry,
+    new: Entry,
+    changed_pieces: Callable[[int, int], list[tuple[int, int]]],
+    same_bytes: SameBytes,
+    atime: bool,
+) -> list[str]:
     """What differs about one object; [] if nothing a user would call a change."""
     reasons = []
     if old.kind != DIRECTORY:
@@ -316,8 +366,7 @@ def _reasons(old: Entry, new: Entry, changed_pieces: Callable[[int, int], list[t
         if old.size != new.size or old.extents != new.extents or old.inline != new.inline:
             reasons.insert(0, "content")
         else:
-            pieces = [p for offset, length in new.extents
-                      for p in changed_pieces(offset, length)]
+            pieces = [p for offset, length in new.extents for p in changed_pieces(offset, length)]
             if pieces and not same_bytes(pieces):
                 reasons.insert(0, "content")
     elif old.size != new.size:
@@ -332,8 +381,9 @@ Progress = Callable[[str], None]
 """Called with a short line saying how far the reading is."""
 
 
-def diff_files(first: Snapshot, second: Snapshot, *, atime: bool = False,
-               progress: Progress | None = None) -> FileDiff:
+def diff_files(
+    first: Snapshot, second: Snapshot, *, atime: bool = False, progress: Progress | None = None
+) -> FileDiff:
     """The files changed from `first` to `second` (two files of one
     `ebsfs.open_snapshots`, the earlier first), for each filesystem on the volume.
     A filesystem that cannot be read gets a note, not an exception; reads that fail
@@ -363,12 +413,23 @@ def diff_files(first: Snapshot, second: Snapshot, *, atime: bool = False,
         else:
             _compare(fs, a, b, changed, atime, progress)
         found.append(fs)
-    return FileDiff(first.snapshot_id, second.snapshot_id, blocks, found,
-                    outside_bytes=max(0, blocks.changed_bytes - covered))
+    return FileDiff(
+        first.snapshot_id,
+        second.snapshot_id,
+        blocks,
+        found,
+        outside_bytes=max(0, blocks.changed_bytes - covered),
+    )
 
 
-def _compare(fs: FilesystemChanges, first: PositionalReader, second: PositionalReader,
-             changed: ChangedBlocks, atime: bool, progress: Progress | None) -> None:
+def _compare(
+    fs: FilesystemChanges,
+    first: PositionalReader,
+    second: PositionalReader,
+    changed: ChangedBlocks,
+    atime: bool,
+    progress: Progress | None,
+) -> None:
     """Fill `fs` from the filesystem at its place in both snapshots."""
     if fs.partition is None:
         fs.changed_bytes = sum(n for _, n in changed.pieces(0, fs.size))
@@ -382,6 +443,7 @@ def _compare(fs: FilesystemChanges, first: PositionalReader, second: PositionalR
 
             def report(count: int, which: str = which) -> None:
                 progress(f"{fs.label}: {count} entries read in the {which} snapshot")
+
         try:
             trees.append(read_tree(source, report))
         except FilesystemUnreadable as err:
@@ -403,5 +465,6 @@ def _compare(fs: FilesystemChanges, first: PositionalReader, second: PositionalR
         return True
 
     fs.changes = compare_trees(old, new, pieces, same_bytes, atime)
-    log.info("%s (%s): %d and %d entries, %d changes", fs.label, fs.fstype, *fs.entries,
-             len(fs.changes))
+    log.info(
+        "%s (%s): %d and %d entries, %d changes", fs.label, fs.fstype, *fs.entries, len(fs.changes)
+    )

@@ -222,8 +222,9 @@ def _tsk_tree(reader: PagedReader, progress: Progress | None) -> Tree:
         fs = pytsk3.FS_Info(image)
     except OSError as err:
         if "Cannot determine file system type" in str(err):
-            raise FilesystemUnreadable("no filesystem ebsfs can read (The Sleuth Kit "
-                                       "recognises none here)") from err
+            raise FilesystemUnreadable(
+                "no filesystem ebsfs can read (The Sleuth Kit recognises none here)"
+            ) from err
         raise FilesystemUnreadable(f"damaged or unreadable: {_one_line(err)}") from err
     fstype = _tsk_name(pytsk3, int(fs.info.ftype))
     walker = _TskWalker(pytsk3, fs, fstype, progress)
@@ -232,8 +233,23 @@ def _tsk_tree(reader: PagedReader, progress: Progress | None) -> Tree:
 
 
 def _tsk_name(pytsk3: Any, ftype: int) -> str:
-    for name in ("EXT4", "EXT3", "EXT2", "NTFS", "FAT32", "FAT16", "FAT12", "EXFAT", "HFS",
-                 "ISO9660", "FFS1", "FFS1B", "FFS2", "YAFFS2", "APFS"):
+    for name in (
+        "EXT4",
+        "EXT3",
+        "EXT2",
+        "NTFS",
+        "FAT32",
+        "FAT16",
+        "FAT12",
+        "EXFAT",
+        "HFS",
+        "ISO9660",
+        "FFS1",
+        "FFS1B",
+        "FFS2",
+        "YAFFS2",
+        "APFS",
+    ):
         if ftype == int(getattr(pytsk3, f"TSK_FS_TYPE_{name}", -1)):
             return name.lower()
     return f"type {ftype:#x}"
@@ -250,15 +266,20 @@ class _TskWalker:
         self.block_size = int(fs.info.block_size)
         self.root = int(fs.info.root_inum)
         self.entries: dict[int, Entry] = {}
-        self.kinds = {int(pytsk3.TSK_FS_META_TYPE_REG): FILE,
-                      int(pytsk3.TSK_FS_META_TYPE_DIR): DIRECTORY,
-                      int(pytsk3.TSK_FS_META_TYPE_LNK): SYMLINK}
+        self.kinds = {
+            int(pytsk3.TSK_FS_META_TYPE_REG): FILE,
+            int(pytsk3.TSK_FS_META_TYPE_DIR): DIRECTORY,
+            int(pytsk3.TSK_FS_META_TYPE_LNK): SYMLINK,
+        }
         self.nonresident = int(pytsk3.TSK_FS_ATTR_NONRES)
         self.sparse = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(
-            pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
+            pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER
+        )
         self.allocated = int(pytsk3.TSK_FS_NAME_FLAG_ALLOC)
-        self.data_types = {int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT),
-                           int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA)}
+        self.data_types = {
+            int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT),
+            int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA),
+        }
 
     def walk(self) -> None:
         root = self.fs.open_meta(inode=self.root)
@@ -285,8 +306,7 @@ class _TskWalker:
         if kind is None:
             return None  # TSK's virtual $OrphanFiles, devices, sockets, FIFOs
         inode = int(meta.addr)
-        if self.fstype == "ntfs" and parent == self.root and name.startswith("$") \
-                and inode < 24:
+        if self.fstype == "ntfs" and parent == self.root and name.startswith("$") and inode < 24:
             return None  # NTFS's own metadata files ($MFT, $LogFile, $Extend, ...)
         known = self.entries.get(inode)
         if known is not None:
@@ -314,25 +334,34 @@ class _TskWalker:
                     for run in attr:
                         if int(run.flags) & self.sparse:
                             continue
-                        extents.append((int(run.addr) * self.block_size,
-                                        int(run.len) * self.block_size))
+                        extents.append(
+                            (int(run.addr) * self.block_size, int(run.len) * self.block_size)
+                        )
                 elif int(info.size) > 0:
-                    inline.update(stream + f.read_random(0, int(info.size), info.type,
-                                                         info.id))
+                    inline.update(stream + f.read_random(0, int(info.size), info.type, info.id))
                     has_inline = True
         if kind == SYMLINK and meta.link:
-            inline.update(b"link\0" + bytes(meta.link, "utf-8", "surrogateescape")
-                          if isinstance(meta.link, str) else meta.link)
+            inline.update(
+                b"link\0" + bytes(meta.link, "utf-8", "surrogateescape")
+                if isinstance(meta.link, str)
+                else meta.link
+            )
             has_inline = True
         ntfs = self.fstype == "ntfs"
         return Entry(
-            inode=int(meta.addr), kind=kind, size=int(meta.size),
-            mode=None if ntfs else int(meta.mode), uid=None if ntfs else int(meta.uid),
+            inode=int(meta.addr),
+            kind=kind,
+            size=int(meta.size),
+            mode=None if ntfs else int(meta.mode),
+            uid=None if ntfs else int(meta.uid),
             gid=None if ntfs else int(meta.gid),
-            atime=_ns(meta.atime, meta.atime_nano), mtime=_ns(meta.mtime, meta.mtime_nano),
-            ctime=_ns(meta.ctime, meta.ctime_nano), crtime=_ns(meta.crtime, meta.crtime_nano),
+            atime=_ns(meta.atime, meta.atime_nano),
+            mtime=_ns(meta.mtime, meta.mtime_nano),
+            ctime=_ns(meta.ctime, meta.ctime_nano),
+            crtime=_ns(meta.crtime, meta.crtime_nano),
             generation=int(meta.seq) if ntfs else None,
-            extents=tuple(extents), inline=inline.digest() if has_inline else None,
+            extents=tuple(extents),
+            inline=inline.digest() if has_inline else None,
         )
 
 
@@ -348,8 +377,8 @@ def _xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
         import pyfsxfs
     except ImportError as err:
         raise FilesystemUnreadable(
-            "XFS needs the optional extra: pip install 'ebsfs[xfs]' (libfsxfs-python, "
-            "LGPL-3.0)") from err
+            "XFS needs the optional extra: pip install 'ebsfs[xfs]' (libfsxfs-python, LGPL-3.0)"
+        ) from err
     volume = pyfsxfs.volume()
     try:
         volume.open_file_object(reader)
@@ -409,13 +438,19 @@ def _xfs_entry(e: Any, kind: str) -> Entry:
         inline = hashlib.sha256(e.read_buffer(int(e.size))).digest()
     mode = int(e.file_mode)
     return Entry(
-        inode=int(e.inode_number), kind=kind, size=int(e.size) if kind != DIRECTORY else 0,
-        mode=mode & 0o7777, uid=int(e.owner_identifier), gid=int(e.group_identifier),
+        inode=int(e.inode_number),
+        kind=kind,
+        size=int(e.size) if kind != DIRECTORY else 0,
+        mode=mode & 0o7777,
+        uid=int(e.owner_identifier),
+        gid=int(e.group_identifier),
         atime=_xfs_time(e.get_access_time_as_integer),
         mtime=_xfs_time(e.get_modification_time_as_integer),
         ctime=_xfs_time(e.get_inode_change_time_as_integer),
         crtime=_xfs_time(e.get_creation_time_as_integer),
-        generation=None, extents=tuple(extents), inline=inline,
+        generation=None,
+        extents=tuple(extents),
+        inline=inline,
     )
 
 

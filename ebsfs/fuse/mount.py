@@ -59,9 +59,13 @@ def raise_kernel_readahead(device: int, kib: int = KERNEL_READAHEAD_KB) -> None:
         with open(path, "w") as f:
             f.write(str(kib))
     except OSError as err:
-        log.warning("kernel read-ahead of the mount stays at its default, 128 KiB (%s); "
-                    "sequential reads are about a fifth slower. As root: echo %d > %s",
-                    err.strerror or err, kib, path)
+        log.warning(
+            "kernel read-ahead of the mount stays at its default, 128 KiB (%s); "
+            "sequential reads are about a fifth slower. As root: echo %d > %s",
+            err.strerror or err,
+            kib,
+            path,
+        )
 
 
 class AbandonedReplies(logging.Filter):
@@ -87,8 +91,9 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         nonlocal initialized, stopped_by_signal
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            ops = EbsOperations(await snapshot_nodes(engine, config.start_times),
-                                stats=engine.stats.report)
+            ops = EbsOperations(
+                await snapshot_nodes(engine, config.start_times), stats=engine.stats.report
+            )
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))
             except RuntimeError as err:

@@ -56,8 +56,12 @@ def answered(handler: Handler) -> Handler:
 class EbsOperations(pyfuse3.Operations):
     """A flat, read-only directory of the file nodes of files.py."""
 
-    def __init__(self, nodes: list[Node], mtime: float | None = None,
-                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        nodes: list[Node],
+        mtime: float | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self._stats = stats
         self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
@@ -79,13 +83,24 @@ class EbsOperations(pyfuse3.Operations):
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
         key = (handler, type(err).__name__, where)
         if key in self._seen_bugs:
-            log.error("%s failed (EIO): unexpected %s: %s at %s (traceback logged before)",
-                      handler, type(err).__name__, err, where)
+            log.error(
+                "%s failed (EIO): unexpected %s: %s at %s (traceback logged before)",
+                handler,
+                type(err).__name__,
+                err,
+                where,
+            )
             return
         if len(self._seen_bugs) < 1000:
             self._seen_bugs.add(key)
-        log.error("%s failed (EIO): unexpected %s: %s; the mount goes on. Please report "
-                  "this with the traceback:", handler, type(err).__name__, err, exc_info=err)
+        log.error(
+            "%s failed (EIO): unexpected %s: %s; the mount goes on. Please report "
+            "this with the traceback:",
+            handler,
+            type(err).__name__,
+            err,
+            exc_info=err,
+        )
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -104,20 +119,21 @@ class EbsOperations(pyfuse3.Operations):
         attr.st_blksize = BLOCK_SIZE
         attr.st_blocks = -(-attr.st_size // 512)
         node = self._nodes.get(inode)
-        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(
-            node.mtime * 1e9)
+        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
         return attr
 
     @answered
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
-                      ) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
     @answered
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -146,8 +162,7 @@ class EbsOperations(pyfuse3.Operations):
                 break
 
     @answered
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._nodes.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)

@@ -69,17 +69,25 @@ class EbsApi(Protocol):
     their own, much lower, quota and do not count)."""
 
     def list_snapshot_blocks(
-        self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
+        self,
+        snapshot_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
         max_results: int = MAX_RESULTS,
     ) -> BlockPage: ...
 
     def list_changed_blocks(
-        self, first_id: str, second_id: str, start_index: int = 0,
-        next_token: str | None = None, max_results: int = MAX_RESULTS,
+        self,
+        first_id: str,
+        second_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
     ) -> ChangedPage: ...
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> Block:
+    def get_snapshot_block(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
         """The verified block: its data written into `into` (and `into` returned as
         the data) when given, so a body lands in the cache without a copy on the trio
         thread."""
@@ -104,8 +112,7 @@ class NotCounting:
         return attempt
 
 
-def verify_block(data: bytes | memoryview, checksum: str, algorithm: str,
-                 data_length: int) -> None:
+def verify_block(data: bytes | memoryview, checksum: str, algorithm: str, data_length: int) -> None:
     """Raise ChecksumMismatch unless `data` is the whole block its headers describe."""
     if algorithm != "SHA256":
         raise ChecksumMismatch(f"unexpected checksum algorithm {algorithm!r}")

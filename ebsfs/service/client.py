@@ -34,8 +34,11 @@ __all__ = ["BotoEbsApi", "ConnectionOptions"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-               urllib3.exceptions.HTTPError)
+BOTO_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    urllib3.exceptions.HTTPError,
+)
 """What a boto3 call raises when the call fails (anything else is a bug of ours)."""
 
 
@@ -68,9 +71,13 @@ class BotoEbsApi:
         """Why GetSnapshotBlock goes through boto3, or None: it takes the direct path."""
         self._direct: DirectBlockGetter | None = None
         if self.why_not_direct is None:
-            self._direct = DirectBlockGetter(self._credentials, self.endpoint_url,
-                                             self._client.meta.region_name, options,
-                                             session.ca_file())
+            self._direct = DirectBlockGetter(
+                self._credentials,
+                self.endpoint_url,
+                self._client.meta.region_name,
+                options,
+                session.ca_file(),
+            )
         self._path_told = False
         self._path_lock = threading.Lock()
 
@@ -82,8 +89,10 @@ class BotoEbsApi:
                 return
             self._path_told = True
         if self.why_not_direct is not None:
-            log.info("GetSnapshotBlock goes through boto3, not the faster direct path: %s",
-                     self.why_not_direct)
+            log.info(
+                "GetSnapshotBlock goes through boto3, not the faster direct path: %s",
+                self.why_not_direct,
+            )
 
     def _retried_get(self, what: str, attempt: Callable[[], T]) -> T:
         """RetryPolicy around one GET attempt, counting throttling answers on the way."""
@@ -111,23 +120,36 @@ class BotoEbsApi:
         return self._retry.call(operation, self.stats.counting(name, attempt))
 
     def list_snapshot_blocks(
-        self, snapshot_id: str, start_index: int = 0, next_token: str | None = None,
+        self,
+        snapshot_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
         max_results: int = MAX_RESULTS,
     ) -> BlockPage:
-        r = self._call("list_snapshot_blocks", SnapshotId=snapshot_id,
-                       **_paging(start_index, next_token, max_results))
+        r = self._call(
+            "list_snapshot_blocks",
+            SnapshotId=snapshot_id,
+            **_paging(start_index, next_token, max_results),
+        )
         return BlockPage(
             blocks=[(b["BlockIndex"], b["BlockToken"]) for b in r.get("Blocks", [])],
             **_page_fields(r),
         )
 
     def list_changed_blocks(
-        self, first_id: str, second_id: str, start_index: int = 0,
-        next_token: str | None = None, max_results: int = MAX_RESULTS,
+        self,
+        first_id: str,
+        second_id: str,
+        start_index: int = 0,
+        next_token: str | None = None,
+        max_results: int = MAX_RESULTS,
     ) -> ChangedPage:
-        r = self._call("list_changed_blocks", FirstSnapshotId=first_id,
-                       SecondSnapshotId=second_id,
-                       **_paging(start_index, next_token, max_results))
+        r = self._call(
+            "list_changed_blocks",
+            FirstSnapshotId=first_id,
+            SecondSnapshotId=second_id,
+            **_paging(start_index, next_token, max_results),
+        )
         return ChangedPage(
             changes=[
                 ChangedBlock(c["BlockIndex"], c.get("FirstBlockToken"), c.get("SecondBlockToken"))
@@ -136,8 +158,9 @@ class BotoEbsApi:
             **_page_fields(r),
         )
 
-    def get_snapshot_block(self, snapshot_id: str, index: int, token: str,
-                           into: memoryview | None = None) -> Block:
+    def get_snapshot_block(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
         """The verified bytes of one block. The GET and the body read are retried
         together: botocore's retries end when the headers arrive."""
         if not self._path_told:
@@ -148,8 +171,7 @@ class BotoEbsApi:
             return self._retried_get(what, lambda: direct.get(snapshot_id, index, token, into))
         return self._retried_get(what, lambda: self._boto_get(snapshot_id, index, token, into))
 
-    def _boto_get(self, snapshot_id: str, index: int, token: str,
-                  into: memoryview | None) -> Block:
+    def _boto_get(self, snapshot_id: str, index: int, token: str, into: memoryview | None) -> Block:
         """One attempt through boto3: the verified block, or a typed error."""
         self._credentials.frozen()
         try:
@@ -161,8 +183,7 @@ class BotoEbsApi:
         stream = r["BlockData"]
         try:
             data = stream.read()
-        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError,
-                OSError) as err:
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as err:
             raise TransientError(f"reading block {index} failed: {err}") from err
         finally:
             stream.close()

@@ -63,8 +63,14 @@ class DirectBlockGetter:
     small, stay on boto3.
     """
 
-    def __init__(self, credentials: CredentialSource, endpoint_url: str, region: str,
-                 options: ConnectionOptions, ca_file: str) -> None:
+    def __init__(
+        self,
+        credentials: CredentialSource,
+        endpoint_url: str,
+        region: str,
+        options: ConnectionOptions,
+        ca_file: str,
+    ) -> None:
         endpoint = urllib.parse.urlsplit(endpoint_url)
         self._https = endpoint.scheme == "https"
         self._host = endpoint.hostname or ""
@@ -95,18 +101,19 @@ class DirectBlockGetter:
             conn.close()
 
     def _signed_headers(self, path: str, query: str) -> dict[str, str]:
-        headers = self._signer.headers(self._credentials.frozen(), self._host_header,
-                                       path, query)
+        headers = self._signer.headers(self._credentials.frozen(), self._host_header, path, query)
         headers["Host"] = self._host_header
         headers["User-Agent"] = self._user_agent
         return headers
 
-    def get(self, snapshot_id: str, index: int, token: str,
-            into: memoryview | None = None) -> Block:
+    def get(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
         """One attempt: the verified block (received straight into `into` when given),
         or a typed error."""
-        path = (f"{self._base_path}/snapshots/{urllib.parse.quote(snapshot_id, safe='')}"
-                f"/blocks/{index}")
+        path = (
+            f"{self._base_path}/snapshots/{urllib.parse.quote(snapshot_id, safe='')}/blocks/{index}"
+        )
         query = f"blockToken={urllib.parse.quote(token, safe='')}"
         headers = self._signed_headers(path, query)
         try:
@@ -123,8 +130,9 @@ class DirectBlockGetter:
         answer = response.headers
         body = into if response.body is None else response.body
         if response.status != 200:
-            raise rest_json_error(response.status, answer.get("x-amzn-errortype"),
-                                  response.body or b"")
+            raise rest_json_error(
+                response.status, answer.get("x-amzn-errortype"), response.body or b""
+            )
         assert body is not None
         try:
             length = int(answer.get("x-amz-data-length") or -1)

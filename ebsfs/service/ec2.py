@@ -55,11 +55,15 @@ class SnapshotInfo:
         if start.tzinfo is None:
             start = start.replace(tzinfo=datetime.UTC)
         return cls(
-            snapshot_id=item["SnapshotId"], volume_id=item.get("VolumeId", ""),
+            snapshot_id=item["SnapshotId"],
+            volume_id=item.get("VolumeId", ""),
             volume_size_gib=int(item.get("VolumeSize", 0)),
-            start_time=start.astimezone(datetime.UTC), state=item.get("State", ""),
-            owner_id=item.get("OwnerId", ""), description=item.get("Description", ""),
-            encrypted=bool(item.get("Encrypted", False)), kms_key_id=item.get("KmsKeyId"),
+            start_time=start.astimezone(datetime.UTC),
+            state=item.get("State", ""),
+            owner_id=item.get("OwnerId", ""),
+            description=item.get("Description", ""),
+            encrypted=bool(item.get("Encrypted", False)),
+            kms_key_id=item.get("KmsKeyId"),
             tags={t["Key"]: t.get("Value", "") for t in item.get("Tags", [])},
         )
 
@@ -70,10 +74,16 @@ class SnapshotInfo:
     def as_json(self) -> dict[str, Any]:
         """EC2's own field names, as the manifest and `ebsfs ls --json` give them."""
         return {
-            "SnapshotId": self.snapshot_id, "VolumeId": self.volume_id,
-            "VolumeSize": self.volume_size_gib, "StartTime": self.start_iso,
-            "State": self.state, "OwnerId": self.owner_id, "Description": self.description,
-            "Encrypted": self.encrypted, "KmsKeyId": self.kms_key_id, "Tags": self.tags,
+            "SnapshotId": self.snapshot_id,
+            "VolumeId": self.volume_id,
+            "VolumeSize": self.volume_size_gib,
+            "StartTime": self.start_iso,
+            "State": self.state,
+            "OwnerId": self.owner_id,
+            "Description": self.description,
+            "Encrypted": self.encrypted,
+            "KmsKeyId": self.kms_key_id,
+            "Tags": self.tags,
         }
 
 
@@ -84,16 +94,19 @@ class Ec2Snapshots:
     def __init__(self, options: ConnectionOptions, endpoint_url: str | None = None) -> None:
         config = botocore.config.Config(
             retries={"mode": "standard", "total_max_attempts": 3},
-            connect_timeout=min(5.0, options.connect_timeout), read_timeout=10.0,
+            connect_timeout=min(5.0, options.connect_timeout),
+            read_timeout=10.0,
             user_agent_extra="ebsfs",
         )
-        self._client = AwsSession(options).client("ec2", config, endpoint_url,
-                                                  endpoint_name="EC2 endpoint URL")
+        self._client = AwsSession(options).client(
+            "ec2", config, endpoint_url, endpoint_name="EC2 endpoint URL"
+        )
         self.endpoint_url: str = self._client.meta.endpoint_url
 
     def describe(self, snapshot_ids: list[str]) -> dict[str, SnapshotInfo]:
-        items = self._call(lambda: self._client.describe_snapshots(
-            SnapshotIds=snapshot_ids)["Snapshots"])
+        items = self._call(
+            lambda: self._client.describe_snapshots(SnapshotIds=snapshot_ids)["Snapshots"]
+        )
         return {item["SnapshotId"]: SnapshotInfo.from_ec2(item) for item in items}
 
     def list(self, owners: list[str], volumes: list[str]) -> list[SnapshotInfo]:
@@ -119,8 +132,10 @@ class Ec2Snapshots:
     def _unavailable(self, error: EbsfsError, cause: Exception) -> MetadataUnavailable:
         """The typed error of a failed EC2 call, said in terms of the metadata missed."""
         if isinstance(error, ServiceError) and error.code in REFUSALS:
-            return MetadataUnavailable(f"EC2 refused DescribeSnapshots ({error.code}): the "
-                                       "credentials need ec2:DescribeSnapshots")
+            return MetadataUnavailable(
+                f"EC2 refused DescribeSnapshots ({error.code}): the "
+                "credentials need ec2:DescribeSnapshots"
+            )
         if isinstance(error, ServiceError) and error.code.startswith("InvalidSnapshot"):
             return MetadataUnavailable(f"EC2 does not know the snapshot ({error})")
         if isinstance(error, CredentialsMissing):
@@ -142,19 +157,26 @@ class Lookup:
     asked: bool
 
 
-def lookup(options: ConnectionOptions, snapshot_ids: list[str],
-           endpoint_url: str | None = None) -> Lookup:
+def lookup(
+    options: ConnectionOptions, snapshot_ids: list[str], endpoint_url: str | None = None
+) -> Lookup:
     """The snapshots' EC2 metadata, or why there is none: never an error. A custom EBS
     endpoint (an emulator, a private service) with no EC2 endpoint set means AWS's EC2
     would not know those snapshots: no call is made."""
     if custom_endpoint_set("EBS", options.endpoint_url) and not custom_endpoint_set(
-            "EC2", endpoint_url):
-        return Lookup({}, "EC2 not asked: a custom EBS endpoint and no EC2 endpoint "
-                      "(--ec2-endpoint-url or AWS_ENDPOINT_URL_EC2)", asked=False)
+        "EC2", endpoint_url
+    ):
+        return Lookup(
+            {},
+            "EC2 not asked: a custom EBS endpoint and no EC2 endpoint "
+            "(--ec2-endpoint-url or AWS_ENDPOINT_URL_EC2)",
+            asked=False,
+        )
     try:
         found = Ec2Snapshots(options, endpoint_url).describe(snapshot_ids)
     except EbsfsError as err:
         return Lookup({}, str(err), asked=True)
     missing = [s for s in snapshot_ids if s not in found]
-    return Lookup(found, f"EC2 did not describe {', '.join(missing)}" if missing else None,
-                  asked=True)
+    return Lookup(
+        found, f"EC2 did not describe {', '.join(missing)}" if missing else None, asked=True
+    )

@@ -21,17 +21,17 @@ from ebsfs.errors import (
     service_error,
 )
 
-NO_CREDENTIALS = (
-    "no AWS credentials found (environment, --profile, config files, instance role)"
-)
+NO_CREDENTIALS = "no AWS credentials found (environment, --profile, config files, instance role)"
 CREDENTIAL_HINT = (
     "reads fail with EIO until they can: check the profile's credential_process, "
     "run `aws sso login` for an SSO profile, or check the instance role and its "
     "metadata service"
 )
 CREDENTIAL_ERRORS = (
-    botocore.exceptions.CredentialRetrievalError, botocore.exceptions.TokenRetrievalError,
-    botocore.exceptions.MetadataRetrievalError, botocore.exceptions.SSOError,
+    botocore.exceptions.CredentialRetrievalError,
+    botocore.exceptions.TokenRetrievalError,
+    botocore.exceptions.MetadataRetrievalError,
+    botocore.exceptions.SSOError,
     botocore.exceptions.RefreshWithMFAUnsupportedError,
     botocore.exceptions.PartialCredentialsError,
 )
@@ -76,8 +76,9 @@ def boto_error(err: Exception) -> EbsfsError:
         return credential_failure(err)
     if isinstance(err, botocore.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(err):
         return untrusted(str(err.kwargs.get("endpoint_url", "")), err)
-    if isinstance(err, botocore.exceptions.EndpointConnectionError
-                  | botocore.exceptions.ConnectTimeoutError):
+    if isinstance(
+        err, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
+    ):
         return EndpointUnreachable(f"cannot reach {err.kwargs.get('endpoint_url')}")
     return TransientError(f"{type(err).__name__}: {err}")
 
@@ -89,8 +90,9 @@ def credential_failure(err: Exception) -> CredentialRefreshFailed | CredentialsM
     detail = one_line(err)
     if len(detail) > 300:
         detail = detail[:297] + "..."
-    return CredentialRefreshFailed(f"AWS credentials could not be refreshed ({detail}); "
-                                   f"{CREDENTIAL_HINT}")
+    return CredentialRefreshFailed(
+        f"AWS credentials could not be refreshed ({detail}); {CREDENTIAL_HINT}"
+    )
 
 
 def untrusted(url: str, err: Exception) -> CertificateUntrusted:

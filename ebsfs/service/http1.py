@@ -44,8 +44,14 @@ class Connection:
     kernel's: connect within `connect_timeout`, then every send and receive within
     `read_timeout` (a stalled answer raises TimeoutError)."""
 
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None,
-                 connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
         sock = socket.create_connection((host, port), timeout=connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -70,8 +76,11 @@ class Connection:
     def get(self, target: str, headers: dict[str, str], into: memoryview | None) -> Response:
         """GET `target`. A 200 answer whose body is exactly len(into) bytes is received
         into `into` (response.body stays None); any other body goes to response.body."""
-        request = f"GET {target} HTTP/1.1\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        request = (
+            f"GET {target} HTTP/1.1\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            + "\r\n"
+        )
         self._call(self._sock.sendall, request.encode("latin-1"))
         filled, head_end = self._read_head()
         response = _parse_head(self._view[:head_end])
@@ -87,11 +96,11 @@ class Connection:
                 raise ProtocolError("the answer is longer than its Content-Length")
             if response.status == 200 and into is not None and size == len(into):
                 into[: len(extra)] = extra
-                self._receive_into(into[len(extra):])
+                self._receive_into(into[len(extra) :])
             else:
                 room = bytearray(size)
                 room[: len(extra)] = extra
-                self._receive_into(memoryview(room)[len(extra):])
+                self._receive_into(memoryview(room)[len(extra) :])
                 response.body = bytes(room)
         return response
 
@@ -181,7 +190,9 @@ def _parse_head(head: memoryview) -> Response:
         if not colon:
             raise ProtocolError(f"a malformed header line: {line[:80]!r}")
         headers[name.strip().lower()] = value.strip()
-    will_close = (headers.get("connection", "").lower() == "close"
-                  or version == "HTTP/1.0" and headers.get("connection", "").lower()
-                  != "keep-alive")
+    will_close = (
+        headers.get("connection", "").lower() == "close"
+        or version == "HTTP/1.0"
+        and headers.get("connection", "").lower() != "keep-alive"
+    )
     return Response(int(code), headers, will_close)

@@ -43,8 +43,11 @@ class ConnectionOptions:
 def custom_endpoint_set(service: str, endpoint_url: str | None = None) -> bool:
     """Whether calls to `service` ("EBS", "EC2") go to an endpoint other than AWS's:
     `endpoint_url` given, or AWS_ENDPOINT_URL_<SERVICE> or AWS_ENDPOINT_URL set."""
-    return bool(endpoint_url or os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
-                or os.environ.get("AWS_ENDPOINT_URL"))
+    return bool(
+        endpoint_url
+        or os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
 
 
 class AwsSession:
@@ -65,8 +68,13 @@ class AwsSession:
             region = options.region or os.environ.get("AWS_REGION") or None
             self.boto = boto3.session.Session(botocore_session=self.core, region_name=region)
 
-    def client(self, service: str, config: botocore.config.Config,
-               endpoint_url: str | None = None, endpoint_name: str = "endpoint URL") -> Any:
+    def client(
+        self,
+        service: str,
+        config: botocore.config.Config,
+        endpoint_url: str | None = None,
+        endpoint_name: str = "endpoint URL",
+    ) -> Any:
         """A boto3 client of `service` ("ebs", "ec2"); `endpoint_name` names the
         endpoint in the message for a malformed URL."""
         with self._user_errors(endpoint_name):
@@ -80,8 +88,7 @@ class AwsSession:
         """The CA bundle botocore verifies the endpoint with: the profile's or
         AWS_CA_BUNDLE's ca_bundle, else REQUESTS_CA_BUNDLE, else its default bundle
         (certifi's). The direct GET path trusts exactly this, so both paths agree."""
-        verify = (self.core.get_config_variable("ca_bundle")
-                  or os.environ.get("REQUESTS_CA_BUNDLE"))
+        verify = self.core.get_config_variable("ca_bundle") or os.environ.get("REQUESTS_CA_BUNDLE")
         return str(botocore.httpsession.get_cert_path(verify or True))
 
     @contextmanager

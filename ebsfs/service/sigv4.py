@@ -48,8 +48,14 @@ class GetSigner:
                 self._keys[cache_key] = key
         return key
 
-    def headers(self, credentials: Credentials, host: str, path: str, query: str,
-                now: datetime.datetime | None = None) -> dict[str, str]:
+    def headers(
+        self,
+        credentials: Credentials,
+        host: str,
+        path: str,
+        query: str,
+        now: datetime.datetime | None = None,
+    ) -> dict[str, str]:
         """The headers to add to `GET path?query` sent with `Host: host`. `path` and
         `query` must already be URI-encoded as AWS expects (the query's parameters
         sorted by name)."""
@@ -60,22 +66,30 @@ class GetSigner:
         if credentials.token:
             signed["x-amz-security-token"] = credentials.token
         names = ";".join(sorted(signed))
-        canonical = "\n".join([
-            "GET", path, query,
-            "".join(f"{name}:{signed[name]}\n" for name in sorted(signed)),
-            names, EMPTY_PAYLOAD_SHA256,
-        ])
+        canonical = "\n".join(
+            [
+                "GET",
+                path,
+                query,
+                "".join(f"{name}:{signed[name]}\n" for name in sorted(signed)),
+                names,
+                EMPTY_PAYLOAD_SHA256,
+            ]
+        )
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
-        to_sign = "\n".join([
-            ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()
-        ])
-        signature = hmac.new(self._signing_key(credentials.secret_key, day),
-                             to_sign.encode(), hashlib.sha256).hexdigest()
+        to_sign = "\n".join(
+            [ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        signature = hmac.new(
+            self._signing_key(credentials.secret_key, day), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
         out = {"X-Amz-Date": amz_date}
         if credentials.token:
             out["X-Amz-Security-Token"] = credentials.token
-        out["Authorization"] = (f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
-                                f"SignedHeaders={names}, Signature={signature}")
+        out["Authorization"] = (
+            f"{ALGORITHM} Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={names}, Signature={signature}"
+        )
         return out
 
 
