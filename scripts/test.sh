@@ -5,6 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 .venv/bin/ruff check ebsfs tests scripts || exit 1
+.venv/bin/ruff format --check -q ebsfs tests scripts || { echo "test: run .venv/bin/ruff format ebsfs tests scripts" >&2; exit 1; }
 .venv/bin/mypy ebsfs scripts tests || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
