@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "PartitionTableError",
     "CacheDirError",
+    "CacheIndexFailed",
     "MetadataUnavailable",
     "FilesystemUnreadable",
     "OutputError",
@@ -140,6 +141,11 @@ class PartitionTableError(EbsfsError):
 
 class CacheDirError(UserInputError):
     """The cache directory cannot be used: what and why, in one line."""
+
+
+class CacheIndexFailed(EbsfsError):
+    """The disk cache's SQLite index failed in a way retrying will not mend (damaged or
+    unwritable): the disk cache turns itself off for the session, reads go on."""
 
 
 class MetadataUnavailable(EbsfsError):

@@ -31,10 +31,6 @@ CREATE TABLE IF NOT EXISTS unrelated (
 """
 
 
-class IndexFailed(Exception):
-    """SQLite failed in a way retrying will not mend (a damaged or unwritable index)."""
-
-
 def connect(db_path: str, writer: bool = True) -> sqlite3.Connection:
     conn = sqlite3.connect(
         db_path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False

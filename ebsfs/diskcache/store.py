@@ -43,10 +43,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ebsfs.constants import BLOCK_SIZE
-from ebsfs.diskcache.catalog import FORMAT, SCHEMA, IndexFailed, connect
+from ebsfs.diskcache.catalog import FORMAT, SCHEMA, connect
 from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare, private_file
 from ebsfs.diskcache.shards import ShardFiles
-from ebsfs.errors import CacheDirError
+from ebsfs.errors import CacheDirError, CacheIndexFailed
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class DiskCache:
                 self._open()
             except sqlite3.OperationalError:
                 raise  # busy or unwritable: not damage, and maybe another process's
-            except (sqlite3.DatabaseError, IndexFailed) as err:
+            except (sqlite3.DatabaseError, CacheIndexFailed) as err:
                 log.warning(
                     "cache index %s is damaged (%s): starting with an empty cache",
                     self._db_path,
@@ -139,7 +139,7 @@ class DiskCache:
                 )
                 self._reset()
                 self._open()
-        except (sqlite3.Error, IndexFailed, OSError) as err:
+        except (sqlite3.Error, CacheIndexFailed, OSError) as err:
             self._close_connections()
             raise CacheDirError(
                 f"cache directory {self.path}: cannot open its index: "
@@ -157,7 +157,7 @@ class DiskCache:
                 os.chmod(self._db_path + suffix, 0o600)
         check = self._writer.execute("PRAGMA quick_check").fetchone()
         if check is None or check[0] != "ok":
-            raise IndexFailed(f"integrity check: {check[0] if check else 'no answer'}")
+            raise CacheIndexFailed(f"integrity check: {check[0] if check else 'no answer'}")
         with self._transaction() as conn:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -166,7 +166,7 @@ class DiskCache:
             if found is None:
                 conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
             elif found[0] != FORMAT:
-                raise IndexFailed(f"format {found[0]!r}, this ebsfs writes {FORMAT!r}")
+                raise CacheIndexFailed(f"format {found[0]!r}, this ebsfs writes {FORMAT!r}")
             self._reconcile(conn)
 
     def _reset(self) -> None:
@@ -256,7 +256,7 @@ class DiskCache:
                 log.debug("cache lookup of %s:%d failed: %s", snapshot_id, index, err)
                 return MISS
             except sqlite3.DatabaseError as err:
-                raise IndexFailed(str(err)) from err
+                raise CacheIndexFailed(str(err)) from err
         if row is None:
             return MISS
         checksum: str = row[0]
@@ -297,7 +297,7 @@ class DiskCache:
             log.debug("cache re-check of %s:%d failed: %s", snapshot_id, index, err)
             return MISS
         except sqlite3.DatabaseError as err:
-            raise IndexFailed(str(err)) from err
+            raise CacheIndexFailed(str(err)) from err
         return Loaded(damaged=True)
 
     def _touch(self, snapshot_id: str, index: int) -> None:
@@ -404,7 +404,7 @@ class DiskCache:
             log.debug("cache store of %d blocks skipped: %s", len(items), err)
             return Stored(full="full" in str(err))
         except sqlite3.DatabaseError as err:
-            raise IndexFailed(str(err)) from err
+            raise CacheIndexFailed(str(err)) from err
         return result
 
     def held(self, snapshot_id: str) -> list[int]:

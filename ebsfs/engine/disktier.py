@@ -10,12 +10,11 @@ import time
 
 import trio
 
-from ebsfs.diskcache.catalog import IndexFailed
 from ebsfs.diskcache.store import BlockKey, DiskCache, Stored, ToStore
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.index import ChangeIndex
 from ebsfs.engine.stats import Stats
-from ebsfs.errors import EbsfsError
+from ebsfs.errors import CacheIndexFailed, EbsfsError
 from ebsfs.service.api import Block
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class DiskTier:
         """Anything the disk cache raises turns it off, never fails a read."""
         if self.enabled:
             self.enabled = False
-            expected = isinstance(err, IndexFailed | OSError | sqlite3.Error)
+            expected = isinstance(err, CacheIndexFailed | OSError | sqlite3.Error)
             log.warning(
                 "disk cache %s turned off for this session (%s: %s); blocks are fetched instead",
                 self.cache.path,
