@@ -44,6 +44,8 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     cache_dir: str | None = None,
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
     direct_get: bool = True,
+    prefetch_metadata: bool = True,
+    prefetch_metadata_budget: int | None = None,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -59,6 +61,13 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     walking a filesystem). `direct_get=False` sends every GetSnapshotBlock through
     boto3 instead of ebsfs's faster direct HTTP path (as `--no-direct-get` does; the
     direct path also steps aside by itself when a proxy applies to the endpoint).
+    `prefetch_metadata` (on by default): once a read touches the start of a filesystem
+    ext4, XFS or NTFS (its superblock or boot sector, which every library reads first),
+    its metadata (inode tables, directories, extent trees, MFT, index blocks; never
+    file contents) is fetched ahead in the background, in parallel, so a walk of the
+    tree does not wait a service call per block; `prefetch_metadata_budget` caps the
+    bytes it may fetch (default: a quarter of `cache_size`, or of `cache_dir_size` with
+    a `cache_dir`). It never delays or fails a read.
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
@@ -75,6 +84,8 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
         cache_dir,
         cache_dir_size,
         direct_get,
+        prefetch_metadata,
+        prefetch_metadata_budget,
     )
     # With a cache directory, earlier snapshots of the volume cached there serve it too.
     return open_with(config, [snapshot_id], readahead=readahead)[0]
@@ -94,6 +105,8 @@ def open_snapshots(
     cache_dir: str | None = None,
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE,
     direct_get: bool = True,
+    prefetch_metadata: bool = True,
+    prefetch_metadata_budget: int | None = None,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
@@ -110,6 +123,8 @@ def open_snapshots(
         cache_dir,
         cache_dir_size,
         direct_get,
+        prefetch_metadata,
+        prefetch_metadata_budget,
     )
     return open_with(config, snapshot_ids, readahead=readahead)
 
@@ -138,6 +153,8 @@ def _config(
     cache_dir: str | None,
     cache_dir_size: int,
     direct_get: bool,
+    prefetch_metadata: bool,
+    prefetch_metadata_budget: int | None,
 ) -> EngineConfig:
     connection = ConnectionOptions(
         region=region,
@@ -154,6 +171,8 @@ def _config(
         read_timeout=read_timeout,
         cache_dir=cache_dir,
         cache_dir_size=cache_dir_size,
+        prefetch_metadata=prefetch_metadata,
+        prefetch_metadata_budget=prefetch_metadata_budget,
     )
 
 
@@ -191,7 +210,9 @@ class _WindowFile(io.RawIOBase):
     ) -> None:
         super().__init__()
         self._loop = loop
-        self._window = WindowReader(image, start, length, readahead=readahead)
+        self._window = WindowReader(
+            image, start, length, readahead=readahead, metadata=loop.engine.metadata
+        )
         self._position = 0
         self._lock = threading.Lock()
         self.name = name

@@ -8,7 +8,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ebsfs.cli.options import cache_dir_arguments, connection_arguments, engine_config, parse_size
+from ebsfs.cli.options import (
+    cache_dir_arguments,
+    connection_arguments,
+    engine_config,
+    parse_size,
+    prefetch_arguments,
+)
 from ebsfs.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -66,6 +72,7 @@ def add_parser(commands: Commands) -> None:
         "second",
     )
     cache_dir_arguments(diff)
+    prefetch_arguments(diff)
     connection_arguments(diff)
 
 

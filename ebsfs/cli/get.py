@@ -118,6 +118,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     from ebsfs.service import ec2
 
     config = engine_config(args)
+    config.prefetch_metadata = False  # a copy reads every block anyway
     quiet = args.quiet
 
     def describe_snapshot() -> tuple[dict[str, object] | None, str | None]:

@@ -17,6 +17,7 @@ from ebsfs.cli.options import (
     ec2_argument,
     engine_arguments,
     engine_config,
+    prefetch_arguments,
 )
 from ebsfs.constants import READ_TIMEOUT
 from ebsfs.errors import UserInputError
@@ -66,6 +67,7 @@ def add_parser(commands: Commands) -> None:
     )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
+    prefetch_arguments(mount)
     connection_arguments(mount)
     ec2_argument(
         mount, "the images' mtime is the snapshot's StartTime when ec2:DescribeSnapshots is allowed"

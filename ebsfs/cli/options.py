@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
-_ENGINE_OPTIONS = ("cache_size", "max_fetches", "read_timeout", "cache_dir", "cache_dir_size")
+_ENGINE_OPTIONS = (
+    "cache_size",
+    "max_fetches",
+    "read_timeout",
+    "cache_dir",
+    "cache_dir_size",
+    "prefetch_metadata",
+    "prefetch_metadata_budget",
+)
 """EngineConfig fields a command may have as options of the same name; a command
 without one gets the engine's default."""
 
@@ -176,6 +184,32 @@ def cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
         help="space DIR may take at the most, e.g. 4G, 500G (default: 16G; "
         "less when free space is short: the cache leaves 1G or a tenth "
         "of its filesystem free); least recently used blocks go first",
+    )
+
+
+def prefetch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--no-prefetch-metadata and --prefetch-metadata-budget (mount, diff)."""
+    group = parser.add_argument_group("metadata prefetch (on unless --no-prefetch-metadata)")
+    group.add_argument(
+        "--no-prefetch-metadata",
+        dest="prefetch_metadata",
+        action="store_false",
+        help="do not fetch filesystem metadata ahead. By default, once a tool reads "
+        "the start of an ext4, XFS or NTFS filesystem (a partition, or a disk with "
+        "no partition table), its metadata (inode tables, directories, extent "
+        "trees, MFT, index blocks; never file contents) is fetched in the "
+        "background, in parallel, one round trip per level of the tree, so a walk "
+        "such as fls -r or find waits far fewer service calls. It uses at most half "
+        "of --max-fetches, so the tool's own reads never wait behind it",
+    )
+    group.add_argument(
+        "--prefetch-metadata-budget",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="bytes the metadata prefetch may fetch, all filesystems together, "
+        "e.g. 64M, 2G (default: a quarter of --cache-size, or of --cache-dir-size "
+        "with --cache-dir); once spent it stops, with a log line",
     )
 
 

@@ -26,6 +26,7 @@ from ebsfs.engine.diff import Diff, diff_snapshots
 from ebsfs.engine.disktier import DiskTier, DiskView
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.index import BlockIndex, ChangeIndex
+from ebsfs.engine.metaprefetch import MetadataPrefetch
 from ebsfs.engine.partitions import Partition, find_partitions
 from ebsfs.engine.prefetch import Readahead
 from ebsfs.engine.remote import RemoteSnapshots
@@ -73,6 +74,12 @@ class EngineConfig:
     """Where blocks are kept on disk across sessions (None: nowhere)."""
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE
     """Bytes the disk cache may take at the most (less if free space is short)."""
+    prefetch_metadata: bool = True
+    """Fetch a filesystem's metadata ahead, in parallel, once a tool opens it
+    (engine/metaprefetch.py)."""
+    prefetch_metadata_budget: int | None = None
+    """Bytes the metadata prefetch may bring in, all filesystems together (None: a
+    quarter of `cache_size`, or of `cache_dir_size` with a `cache_dir`)."""
 
     def __post_init__(self) -> None:
         if self.cache_size < 0:
@@ -83,6 +90,20 @@ class EngineConfig:
             raise UserInputError(f"read timeout must be > 0, got {self.read_timeout}")
         if self.cache_dir_size < store.MIN_SIZE:
             raise UserInputError(f"cache dir size must be at least 1M, got {self.cache_dir_size}")
+        if self.prefetch_metadata_budget is not None and self.prefetch_metadata_budget < 0:
+            raise UserInputError(
+                f"metadata prefetch budget must be >= 0, got {self.prefetch_metadata_budget}"
+            )
+
+
+def metadata_budget(config: EngineConfig) -> int:
+    """Blocks the metadata prefetch may bring in: as configured, or a quarter of the
+    cache the blocks land in (the disk cache when there is one: memory then only
+    passes them on), so that they are still there when the tool reads them."""
+    if config.prefetch_metadata_budget is not None:
+        return config.prefetch_metadata_budget // BLOCK_SIZE
+    pool = config.cache_dir_size if config.cache_dir is not None else config.cache_size
+    return pool // 4 // BLOCK_SIZE
 
 
 def fetch_ceiling(config: EngineConfig) -> int:
@@ -224,13 +245,27 @@ class Engine:
             changes = ChangeIndex(self.remote, first, second, image.index.volume_blocks)
             image.share_with(self.images[first], changes)
         self._partitions: dict[str, list[Partition]] = {}
+        self.metadata: MetadataPrefetch | None = None
+        """The metadata prefetch, None when it is off; faces tell it of reads."""
+        if config.prefetch_metadata:
+            self.metadata = MetadataPrefetch(
+                budget=metadata_budget(config),
+                fetch_limiter=self.remote.fetch_limiter,
+                read_timeout=config.read_timeout,
+                partitions=self.partitions,
+                known_partitions=self.known_partitions,
+                stats=self.stats,
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve read-ahead (and the disk cache's writes) until cancelled."""
+        """Serve read-ahead, the metadata prefetch (and the disk cache's writes) until
+        cancelled."""
         async with trio.open_nursery() as nursery:
             if self.disk is not None:
                 await nursery.start(self.disk.run)
             await nursery.start(self.readahead.run)
+            if self.metadata is not None:
+                await nursery.start(self.metadata.run)
             task_status.started()
 
     def close(self) -> None:
@@ -269,6 +304,10 @@ class Engine:
             found = []
         self._partitions[snapshot_id] = found
         return found
+
+    def known_partitions(self, snapshot_id: str) -> list[Partition] | None:
+        """The partitions if they were looked for already, else None (no read)."""
+        return self._partitions.get(snapshot_id)
 
     async def changes(self, snapshot_id: str) -> Diff:
         """What differs between a snapshot and its base (mounted with it)."""

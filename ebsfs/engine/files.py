@@ -18,6 +18,7 @@ import trio
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.image import SnapshotImage
+from ebsfs.engine.metaprefetch import MetadataPrefetch
 from ebsfs.engine.partitions import Partition
 from ebsfs.engine.prefetch import ReadPattern
 
@@ -58,11 +59,17 @@ class ImageNode:
 
     fixed = True
 
-    def __init__(self, image: SnapshotImage, mtime: float | None = None) -> None:
+    def __init__(
+        self,
+        image: SnapshotImage,
+        mtime: float | None = None,
+        metadata: MetadataPrefetch | None = None,
+    ) -> None:
         self.image = image
         self.name = f"{image.snapshot_id}.img"
         self.size = image.size
         self.mtime = mtime
+        self.metadata = metadata
 
     def xattrs(self) -> dict[str, str]:
         attrs = {
@@ -74,7 +81,7 @@ class ImageNode:
         return attrs
 
     async def open(self) -> OpenFile:
-        return WindowReader(self.image, 0, self.image.size)
+        return WindowReader(self.image, 0, self.image.size, metadata=self.metadata)
 
 
 class PartitionNode:
@@ -83,13 +90,18 @@ class PartitionNode:
     fixed = True
 
     def __init__(
-        self, image: SnapshotImage, partition: Partition, mtime: float | None = None
+        self,
+        image: SnapshotImage,
+        partition: Partition,
+        mtime: float | None = None,
+        metadata: MetadataPrefetch | None = None,
     ) -> None:
         self.image = image
         self.partition = partition
         self.name = f"{image.snapshot_id}-part{partition.number}.img"
         self.size = partition.size
         self.mtime = mtime
+        self.metadata = metadata
 
     def xattrs(self) -> dict[str, str]:
         p = self.partition
@@ -102,22 +114,30 @@ class PartitionNode:
         }
 
     async def open(self) -> OpenFile:
-        return WindowReader(self.image, self.partition.offset, self.partition.size)
+        p = self.partition
+        return WindowReader(self.image, p.offset, p.size, metadata=self.metadata)
 
 
 class WindowReader:
     """Reads of bytes [start, start+length) of an image, offsets relative to start, with
     the read-pattern state of one handle (read-ahead follows each handle, unless
     `readahead` is False: readers of scattered metadata would pay for blocks never
-    read)."""
+    read). Reads are shown to the metadata prefetch, when given: a read of a
+    filesystem's head starts its walk (engine/metaprefetch.py)."""
 
     def __init__(
-        self, image: SnapshotImage, start: int, length: int, readahead: bool = True
+        self,
+        image: SnapshotImage,
+        start: int,
+        length: int,
+        readahead: bool = True,
+        metadata: MetadataPrefetch | None = None,
     ) -> None:
         self.image = image
         self.start = start
         self.length = length
         self.stream: ReadPattern | None = image.open_stream() if readahead else None
+        self.metadata = metadata
 
     async def read(
         self, offset: int, size: int, scratch: bytearray | None = None, loan: Loan | None = None
@@ -125,6 +145,8 @@ class WindowReader:
         if offset >= self.length or size <= 0:
             return b""
         size = min(size, self.length - offset)
+        if self.metadata is not None:
+            self.metadata.saw(self.image, self.start, self.length, self.start + offset, size)
         return await self.image.read(self.start + offset, size, self.stream, scratch, loan)
 
     def close(self) -> None:
@@ -184,9 +206,10 @@ async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = 
     times = start_times or {}
     nodes: list[Node] = []
     for snapshot_id, image in engine.images.items():
-        nodes.append(ImageNode(image, times.get(snapshot_id)))
+        mtime = times.get(snapshot_id)
+        nodes.append(ImageNode(image, mtime, engine.metadata))
         for partition in await engine.partitions(snapshot_id):
-            nodes.append(PartitionNode(image, partition, times.get(snapshot_id)))
+            nodes.append(PartitionNode(image, partition, mtime, engine.metadata))
     nodes += [
         ChangesNode(engine, image, times.get(image.snapshot_id))
         for image in engine.images.values()

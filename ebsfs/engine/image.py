@@ -113,6 +113,13 @@ class SnapshotImage:
             self.stats.lineage_hits += 1
         return await owner._own_block(index, loan)
 
+    async def held(self, index: int) -> bool:
+        """Whether block `index` reads with no fetch: never written, or in memory under
+        the image that serves it (the metadata prefetch counts only the others)."""
+        owner = self if self.base is None else await self._owner(index)
+        known, token = owner.index.peek(index)
+        return (known and token is None) or (owner.snapshot_id, index) in self.cache
+
     async def _own_block(self, index: int, loan: Loan | None) -> Block:
         token = await self.index.token(index)
         if token is None:

@@ -1,6 +1,6 @@
 """What an engine has done so far, for `ebsfs stats` and `SnapshotFile.stats()`: calls
-per operation (retries included), blocks fetched, cache hits, lineage reuse, and the
-estimated cost of the calls.
+per operation (retries included), blocks fetched, cache hits, lineage reuse, metadata
+prefetch (per filesystem walked), and the estimated cost of the calls.
 
 Concurrency rule: requests are counted in the worker threads that send them, under a
 lock held only for the increment; everything else is counted on the trio thread with
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from ebsfs.constants import BLOCK_SIZE
@@ -25,6 +26,20 @@ PRICE_PER_1000 = {
     "ListChangedBlocks": 0.0006,
 }
 """US dollars per 1,000 calls (the EBS direct API price list; regions differ slightly)."""
+
+
+@dataclass
+class WalkCounters:
+    """One filesystem's metadata prefetch (engine/metaprefetch.py)."""
+
+    filesystem: str
+    """The walker's name: ext4, xfs, ntfs."""
+    state: str = "running"
+    """running, finished (the walker had no more), stopped (see `reason`)."""
+    reason: str = ""
+    waves: int = 0
+    blocks: int = 0
+    """Blocks this walk brought into memory (fetched or from the disk cache)."""
 
 
 class Stats:
@@ -53,6 +68,13 @@ class Stats:
         dropped and fetched again."""
         self.disk_cache: Callable[[], dict[str, Any]] | None = None
         """Where the disk cache is and how full, when there is one."""
+        self.prefetch_budget: int | None = None
+        """Blocks the metadata prefetch may bring in (None: it is off)."""
+        self.prefetch_blocks = 0
+        self.prefetch_waves = 0
+        self.walks: dict[str, WalkCounters] = {}
+        """Per filesystem walked (its file's name, e.g. snap-0a1-part1), at most one
+        each: a window is walked once per engine."""
 
     # ---- worker threads --------------------------------------------------------------
 
@@ -98,6 +120,7 @@ class Stats:
             "disk_hits": self.disk_hits,
             "lineage_hits": self.lineage_hits,
             "estimated_cost_usd": round(self.cost, 6),
+            "metadata_prefetch": self._prefetch_report(),
         }
         if self.disk_cache is not None:
             report["disk_cache"] = {
@@ -107,6 +130,22 @@ class Stats:
                 "damaged": self.disk_damaged,
             }
         return report
+
+    def _prefetch_report(self) -> dict[str, Any]:
+        if self.prefetch_budget is None:
+            return {"enabled": False}
+        states = [walk.state for walk in self.walks.values()]
+        return {
+            "enabled": True,
+            "budget_blocks": self.prefetch_budget,
+            "blocks": self.prefetch_blocks,
+            "bytes": self.prefetch_blocks * BLOCK_SIZE,
+            "waves": self.prefetch_waves,
+            "walks_started": len(states),
+            "walks_finished": states.count("finished"),
+            "walks_stopped": states.count("stopped"),
+            "filesystems": {name: asdict(walk) for name, walk in self.walks.items()},
+        }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -133,12 +172,33 @@ def format_report(report: dict[str, Any]) -> str:
         f"lineage         {report.get('lineage_hits', 0):,} blocks served from "
         "another snapshot's cached blocks"
     )
+    lines += _prefetch_lines(report.get("metadata_prefetch"))
     lines.append(
         f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
         "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
         "retries included)"
     )
     return "\n".join(lines)
+
+
+def _prefetch_lines(prefetch: dict[str, Any] | None) -> list[str]:
+    if prefetch is None:  # a mount of an older ebsfs
+        return []
+    if not prefetch.get("enabled"):
+        return ["metadata        prefetch off (--no-prefetch-metadata)"]
+    lines = [
+        f"metadata        {prefetch['blocks']:,} blocks prefetched "
+        f"({_size(prefetch['bytes'])}) in {prefetch['waves']:,} waves, budget "
+        f"{prefetch['budget_blocks']:,}; {prefetch['walks_started']:,} filesystems walked: "
+        f"{prefetch['walks_finished']:,} finished, {prefetch['walks_stopped']:,} stopped"
+    ]
+    for name, walk in prefetch.get("filesystems", {}).items():
+        why = f" ({walk['reason']})" if walk.get("reason") else ""
+        lines.append(
+            f"  {name}  {walk['filesystem']} {walk['state']}{why}, {walk['waves']:,} waves, "
+            f"{walk['blocks']:,} blocks"
+        )
+    return lines
 
 
 def dollars(amount: float) -> str:
