@@ -24,6 +24,7 @@ from ebsfs.engine.files import WindowReader
 from ebsfs.engine.fsmeta import walkers
 from ebsfs.engine.fsmeta.walk import Read, WalkStopped, Wave
 from ebsfs.engine.stats import format_report
+from ebsfs.errors import ReadFailed, TransientError
 from ebsfs.service.api import Block
 from tests.fakes import StoreApi, pattern_block
 
@@ -263,13 +264,19 @@ def test_a_walker_bug_is_logged_once_and_reads_go_on(caplog: pytest.LogCaptureFi
     assert len(warned) == 1 and warned[0].exc_info  # the traceback, once
 
 
-def test_hostile_waves_end_quickly_with_bounded_work() -> None:
-    """A wave of two million extents, negative, empty and overflowing ones, then a read
-    outside the filesystem: bounded work, a few blocks, WalkStopped, no exception."""
+def test_hostile_waves_end_quickly_with_bounded_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More extents than a wave may have, negative, empty and overflowing ones, then a
+    read outside the filesystem: bounded work, a few blocks, WalkStopped, no exception.
+    (The caps are lowered here; at their real values a wave costs about a second.)"""
+    from ebsfs.engine import metaprefetch
+
+    monkeypatch.setattr(metaprefetch, "MAX_WAVE_EXTENTS", 20_000)
+    monkeypatch.setattr(metaprefetch, "PLAN_SLICE", 1000)
 
     class Hostile(FakeWalker):
         async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
-            yield [(i % 7 * BLOCK_SIZE, 1) for i in range(2_000_000)]
+            # Blocks 0-6 over and over, then blocks 7-20 past the cap: never looked at.
+            yield [(i % 7 * BLOCK_SIZE, 1) for i in range(20_000)] + blocks_wave(range(7, 21))
             yield [(0, -5), (-10, 5), (GIB - 1, 2**40), (2**62, 2**62), (5 * BLOCK_SIZE, 0)]
             await read(-1, 10)
             while True:
@@ -286,6 +293,91 @@ def test_hostile_waves_end_quickly_with_bounded_work() -> None:
 
     engine, api = run_engine(disk(), Hostile([]), body)
     assert engine.stats.prefetch_blocks == 6  # blocks 1-6; 2047 was never written
+
+
+def test_a_wave_looks_at_a_bounded_number_of_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ebsfs.engine import metaprefetch
+
+    monkeypatch.setattr(metaprefetch, "MAX_WAVE_BLOCKS", 10)
+
+    class Wide(FakeWalker):
+        async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
+            yield [(0, GIB)]
+
+    async def body(engine: Engine, api: CountingApi) -> None:
+        await reader(engine).read(0, 10)
+        assert (await settled(engine))["filesystems"][SNAP]["state"] == "finished"
+
+    engine, api = run_engine(disk(), Wide([]), body)
+    assert engine.stats.prefetch_blocks == 9  # blocks 1-9 of the first 10 looked at
+
+
+class FailingBlocks(CountingApi):
+    """GETs of the blocks in `failing` fail (a service that keeps failing them)."""
+
+    failing: set[int] = set()
+
+    def get_snapshot_block(
+        self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
+    ) -> Block:
+        if index in self.failing:
+            raise TransientError(f"block {index} unavailable")
+        return super().get_snapshot_block(snapshot_id, index, token, into)
+
+
+def run_failing(failing: set[int], walker: FakeWalker, body: Any) -> Engine:
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot(SNAP, disk(), volume_size_gib=1)
+    api = FailingBlocks(store)
+    api.failing = failing
+    walker.gets = api.gets
+    engine = Engine(api, EngineConfig(cache_size=256 * BLOCK_SIZE), [(SNAP, GIB)])
+    assert engine.metadata is not None
+    engine.metadata.walkers = [walker]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            with trio.fail_after(20):
+                await body(engine)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return engine
+
+
+def test_a_block_the_service_fails_stops_the_walk_not_the_reads() -> None:
+    walker = FakeWalker([blocks_wave(range(1, 9)), blocks_wave(range(9, 12))])
+
+    async def body(engine: Engine) -> None:
+        await reader(engine).read(0, 10)
+        walk = (await settled(engine))["filesystems"][SNAP]
+        assert walk["state"] == "stopped" and walk["reason"].startswith("read failed: ")
+        assert "block 5 unavailable" in walk["reason"]
+        assert walk["waves"] == 1 and walk["blocks"] == 7
+        assert bytes(await reader(engine).read(30 * BLOCK_SIZE, 4)) == pattern_block(1, 30)[:4]
+
+    run_failing({5}, walker, body)
+
+
+def test_a_head_that_cannot_be_read_starts_no_walk() -> None:
+    walker = FakeWalker([blocks_wave(range(1, 9))])
+
+    async def body(engine: Engine) -> None:
+        with pytest.raises(ReadFailed):
+            await reader(engine).read(0, 10)  # the tool's own read reports it
+        await trio.sleep(0.2)
+        assert engine.stats.walks == {} and walker.walks == 0
+        # Nor were the partitions looked for (and found missing for good).
+        assert engine.known_partitions(SNAP) is None
+        assert bytes(await reader(engine).read(30 * BLOCK_SIZE, 4)) == pattern_block(1, 30)[:4]
+        failing.clear()  # the service recovers: the next read of the head walks
+        await reader(engine).read(0, 10)
+        assert (await settled(engine))["walks_finished"] == 1
+        assert engine.known_partitions(SNAP) == []
+
+    failing = {0}
+    run_failing(failing, walker, body)
 
 
 def test_an_extent_over_the_whole_disk_costs_the_budget_and_no_more() -> None:

@@ -155,6 +155,14 @@ class MetadataPrefetch:
         self._start(functools.partial(self._walk, image, start, length))
 
     async def _discover(self, image: SnapshotImage, offset: int, size: int) -> None:
+        """Find the partitions, once the first sectors can be read: a failed read here
+        must not leave the engine with no partitions for good (it keeps what it found)."""
+        try:
+            with Loan() as loan:
+                await image.read(0, 4096, loan=loan)  # the tool's own read, joined
+        except EbsfsError:
+            self._discovering.discard(image.snapshot_id)  # the next read tries again
+            return
         await self._partitions(image.snapshot_id)  # logs and gives [] on damage, never raises
         self.saw(image, 0, image.size, offset, size)
 
