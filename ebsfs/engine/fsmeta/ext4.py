@@ -1,0 +1,402 @@
+"""ext2/3/4 metadata for the prefetch, one wave per level: the superblock and group
+descriptors; the inode tables in use (and their bitmaps, which tools check); then every
+directory's and slow symlink's blocks with every extent-tree or indirect block, of files
+too, level by level.
+
+These are what `fls -r`, a timeline or `diff --files` read one dependent block at a
+time. A regular file's data (its leaf extents, its direct blocks) is never followed.
+Checksums are not verified (the stdlib has no crc32c): every pointer is checked against
+the filesystem's size instead, every tree node is visited once, every loop is capped."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ebsfs.engine.fsmeta.walk import Extent, Read, WalkStopped, Wave
+
+SUPERBLOCK = 1024
+MAGIC = 0xEF53
+EXTENT_MAGIC = 0xF30A
+
+MAX_GROUPS = 1 << 19
+"""Block groups read: 64 TiB of 4 KiB blocks, the largest EBS volume."""
+MAX_INODES = 1 << 24
+"""Inode slots examined in all (4 GiB of tables at 256 bytes an inode)."""
+MAX_EXTENTS = 1 << 21
+"""Extents yielded in all; reaching it ends the walk after the wave in hand."""
+MAX_DEPTH = 5
+"""ext4's own limit on an extent tree's depth (a block map has 3 levels)."""
+MAX_WAVES = 12
+"""Levels below the inode tables are at most MAX_DEPTH + 1: more means a loop."""
+MAX_DIR_BYTES = 1 << 32
+"""Largest directory or symlink whose blocks are followed (largedir's own ceiling)."""
+
+# Superblock features that change where metadata is (ext4's disk layout document).
+INCOMPAT_COMPRESSION = 0x1
+INCOMPAT_JOURNAL_DEV = 0x8
+INCOMPAT_META_BG = 0x10
+INCOMPAT_64BIT = 0x80
+INCOMPAT_KNOWN = 0x3F7DF  # every incompat feature e2fsprogs 1.47 knows
+RO_COMPAT_SPARSE_SUPER = 0x1
+RO_COMPAT_GDT_CSUM = 0x10
+RO_COMPAT_METADATA_CSUM = 0x400
+COMPAT_HAS_JOURNAL = 0x4
+COMPAT_SPARSE_SUPER2 = 0x200
+
+BG_INODE_UNINIT = 0x1
+INODE_EXTENTS_FL = 0x80000
+INODE_INLINE_DATA_FL = 0x10000000
+S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0xF000, 0x4000, 0x8000, 0xA000
+ROOT_INODE = 2
+FAST_SYMLINK = 60
+"""A symlink target shorter than this is kept in i_block itself."""
+
+_INODE = struct.Struct("<H2xI18xH4xI4x60s8xI")
+"""mode, size_lo, links_count, flags, i_block, size_high: the first 112 bytes."""
+_HEADER = struct.Struct("<HHHH4x")
+"""Extent header: magic, entries, max, depth."""
+_LEAF = struct.Struct("<IHHI")
+"""Extent: first logical block, length, start (high 16, low 32 bits)."""
+_INDEX = struct.Struct("<IIH2x")
+"""Extent index: first logical block, child (low 32, high 16 bits)."""
+UNWRITTEN = 32768
+"""An extent longer than this is unwritten (reads as zeros): nothing to fetch."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the superblock says, checked."""
+
+    block_size: int
+    blocks: int
+    """Blocks a pointer may name: the superblock's count, cut to the device's size."""
+    groups: int
+    inodes_per_group: int
+    inode_size: int
+    desc_size: int
+    first_ino: int
+    journal: int
+    """The journal's inode: reserved, yet its block map is read at every open (jbd2,
+    The Sleuth Kit), so its indirect or extent-tree blocks are fetched."""
+    uninit_valid: bool
+    """GDT_CSUM or METADATA_CSUM: bg_itable_unused and INODE_UNINIT can be trusted."""
+    descriptors: list[Extent] = field(hash=False)
+    """Where the group descriptors are, in group order."""
+
+
+def _u32(raw: bytes, offset: int) -> int:
+    return int(struct.unpack_from("<I", raw, offset)[0])
+
+
+def _u16(raw: bytes, offset: int) -> int:
+    return int(struct.unpack_from("<H", raw, offset)[0])
+
+
+def geometry(sb: bytes, size: int) -> Geometry:
+    """The layout a superblock (its 1024 bytes) describes, or WalkStopped saying why it
+    cannot be followed."""
+    if len(sb) < 1024 or _u16(sb, 0x38) != MAGIC:
+        raise WalkStopped("no ext2/3/4 superblock")
+    log_block = _u32(sb, 0x18)
+    if log_block > 6:
+        raise WalkStopped(f"block size 2^{10 + log_block} bytes")
+    bs = 1024 << log_block
+    compat, incompat, ro_compat = _u32(sb, 0x5C), _u32(sb, 0x60), _u32(sb, 0x64)
+    for flag, name in (
+        (INCOMPAT_JOURNAL_DEV, "an external journal device, no filesystem"),
+        (INCOMPAT_COMPRESSION, "compression"),
+        (~INCOMPAT_KNOWN & 0xFFFFFFFF, f"unknown incompat features {incompat:#x}"),
+    ):
+        if incompat & flag:
+            raise WalkStopped(f"ext4 with {name}")
+    wide = bool(incompat & INCOMPAT_64BIT)
+    desc_size = _u16(sb, 0xFE) if wide else 32
+    if desc_size < 32 or desc_size > bs or desc_size & (desc_size - 1):
+        raise WalkStopped(f"group descriptors of {desc_size} bytes")
+    blocks_count = _u32(sb, 0x04) | (_u32(sb, 0x150) << 32 if wide else 0)
+    first_data = _u32(sb, 0x14)
+    per_group, ipg = _u32(sb, 0x20), _u32(sb, 0x28)
+    # mke2fs's own bounds: at least 256 blocks a group (bigalloc groups are larger).
+    if not 0 < ipg <= 8 * bs or per_group < 256 or first_data >= blocks_count:
+        raise WalkStopped("damaged superblock (group sizes)")
+    groups = -(-(blocks_count - first_data) // per_group)
+    if groups > MAX_GROUPS or groups * ipg != _u32(sb, 0x00):
+        raise WalkStopped(f"damaged superblock ({groups} groups, {_u32(sb, 0)} inodes)")
+    revision = _u32(sb, 0x4C)
+    inode_size = _u16(sb, 0x58) if revision else 128
+    first_ino = _u32(sb, 0x54) if revision else 11
+    if inode_size < 128 or inode_size > bs or inode_size & (inode_size - 1):
+        raise WalkStopped(f"inodes of {inode_size} bytes")
+    per_block = bs // desc_size
+    if incompat & INCOMPAT_META_BG:
+        first_meta = min(_u32(sb, 0x104), -(-groups // per_block))
+    else:
+        first_meta = -(-groups // per_block)
+    gdt = (first_data + 1) * bs
+    descriptors = [(gdt, min(first_meta * per_block, groups) * desc_size)]
+    backups = (_u32(sb, 0x24C), _u32(sb, 0x250))
+    for meta in range(first_meta * per_block, groups, per_block):
+        # meta_bg: each run of per_block groups keeps its descriptors in its first group,
+        # after that group's superblock copy if it has one.
+        sparse = ro_compat & RO_COMPAT_SPARSE_SUPER, compat & COMPAT_SPARSE_SUPER2
+        start = first_data + meta * per_group + (1 if _has_super(meta, *sparse, backups) else 0)
+        descriptors.append((start * bs, min(per_block, groups - meta) * desc_size))
+    return Geometry(
+        block_size=bs,
+        blocks=min(blocks_count, size // bs),
+        groups=groups,
+        inodes_per_group=ipg,
+        inode_size=inode_size,
+        desc_size=desc_size,
+        first_ino=max(first_ino, ROOT_INODE + 1),
+        journal=_u32(sb, 0xE0) if compat & COMPAT_HAS_JOURNAL else 0,
+        uninit_valid=bool(ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM)),
+        descriptors=[d for d in descriptors if d[1] > 0],
+    )
+
+
+def _has_super(group: int, sparse: int, sparse2: int, backups: tuple[int, int]) -> bool:
+    """Whether a group starts with a copy of the superblock."""
+    if group == 0:
+        return True
+    if sparse2:
+        return group in backups
+    if not sparse:
+        return True
+    if group == 1:
+        return True
+    for base in (3, 5, 7):
+        n = base
+        while n < group:
+            n *= base
+        if n == group:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A block of a tree to read once its wave is fetched."""
+
+    block: int
+    level: int
+    """Extent node: the depth its header must state. Block map: 1 = indirect, 2, 3."""
+    extents: bool
+    data: bool
+    """A directory or symlink: leaf extents / mapped blocks are metadata too."""
+    blocks: int
+    """The file's length in blocks: nothing mapped at or beyond it is followed."""
+    first: int = 0
+    """Block map: the logical block the node starts at."""
+
+
+class _Pass:
+    """One walk's state: what the next wave holds and which nodes it must parse."""
+
+    def __init__(self, geo: Geometry) -> None:
+        self.geo = geo
+        self.wave: list[Extent] = []
+        self.nodes: list[_Node] = []
+        self.seen: set[int] = set()
+        self.count = 0
+        self.room = geo.blocks
+        """Blocks still allowed: real metadata never adds up to more than the disk."""
+        self.stopped = ""
+
+    def extent(self, block: int, count: int) -> bool:
+        """Add blocks to the wave if they lie in the filesystem and the cap allows."""
+        if block <= 0 or count <= 0 or block + count > self.geo.blocks:
+            return False
+        if self.count >= MAX_EXTENTS:
+            self.stopped = f"more than {MAX_EXTENTS} extents"
+            return False
+        if count > self.room:
+            self.stopped = "more metadata than the disk holds"
+            return False
+        self.count += 1
+        self.room -= count
+        self.wave.append((block * self.geo.block_size, count * self.geo.block_size))
+        return True
+
+    def node(self, node: _Node) -> None:
+        """A tree block: fetched in this wave, parsed after it; each block once."""
+        if node.block not in self.seen and self.extent(node.block, 1):
+            self.seen.add(node.block)
+            self.nodes.append(node)
+
+    def take(self) -> Wave:
+        """The wave in hand, merged (flex_bg tables and runs of blocks touch)."""
+        merged: list[Extent] = []
+        for offset, length in sorted(self.wave):
+            if merged and offset <= merged[-1][0] + merged[-1][1]:
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[1], offset + length - last[0]))
+            else:
+                merged.append((offset, length))
+        self.wave = []
+        return merged
+
+    def inode(self, raw: memoryview, number: int) -> None:
+        """Queue what one inode's tree needs, if it is in use and holds any."""
+        mode, size_lo, links, flags, iblock, size_hi = _INODE.unpack_from(raw)
+        if not links or not mode:
+            return
+        if number < self.geo.first_ino and number not in (ROOT_INODE, self.geo.journal):
+            return  # the resize inode and others no tool walking the tree reads
+        kind = mode & S_IFMT
+        if kind not in (S_IFDIR, S_IFREG, S_IFLNK) or flags & INODE_INLINE_DATA_FL:
+            return
+        size = size_lo | size_hi << 32
+        extents = bool(flags & INODE_EXTENTS_FL)
+        if kind == S_IFLNK and size < FAST_SYMLINK and not extents:
+            return
+        data = kind != S_IFREG
+        if data and size > MAX_DIR_BYTES:
+            size = MAX_DIR_BYTES
+        blocks = -(-size // self.geo.block_size)
+        if extents:
+            self.extent_node(bytes(iblock), _Node(0, -1, True, data, blocks))
+        else:
+            self.inode_map(struct.unpack("<15I", iblock), data, blocks)
+
+    def extent_node(self, raw: bytes, node: _Node) -> None:
+        """An extent tree node: its children next wave; a directory's data extents too."""
+        magic, entries, maximum, depth = _HEADER.unpack_from(raw)
+        capacity = (len(raw) - _HEADER.size) // _LEAF.size
+        if magic != EXTENT_MAGIC or entries > min(maximum, capacity) or depth > MAX_DEPTH:
+            return
+        if node.level >= 0 and depth != node.level:
+            return  # a child must be exactly one level down: this cuts cycles too
+        for i in range(entries):
+            at = _HEADER.size + i * _LEAF.size
+            if depth == 0:
+                if not node.data:
+                    return  # a file's leaf: its data is not ours
+                logical, length, hi, lo = _LEAF.unpack_from(raw, at)
+                if length <= UNWRITTEN and logical < node.blocks:
+                    self.extent(hi << 32 | lo, min(length, node.blocks - logical))
+            else:
+                logical, lo, hi = _INDEX.unpack_from(raw, at)
+                if logical < node.blocks:
+                    self.node(_Node(hi << 32 | lo, depth - 1, True, node.data, node.blocks))
+
+    def inode_map(self, pointers: tuple[int, ...], data: bool, blocks: int) -> None:
+        """An old block-mapped inode: 12 direct blocks, then indirect, double, triple."""
+        per = self.geo.block_size // 4
+        if data:
+            for logical, block in enumerate(pointers[:12]):
+                if logical < blocks and block:
+                    self.extent(block, 1)
+        first = 12
+        for level, block in enumerate(pointers[12:], start=1):
+            if first < blocks and block:
+                self.node(_Node(block, level, False, data, blocks, first))
+            first += per**level
+
+    def map_node(self, raw: bytes, node: _Node) -> None:
+        """An indirect block: its pointers are data (level 1) or lower indirect blocks."""
+        pointers = struct.unpack(f"<{len(raw) // 4}I", raw)
+        span = (self.geo.block_size // 4) ** (node.level - 1)
+        for i, block in enumerate(pointers):
+            logical = node.first + i * span
+            if logical >= node.blocks:
+                return
+            if not block:
+                continue
+            if node.level > 1:
+                self.node(_Node(block, node.level - 1, False, node.data, node.blocks, logical))
+            elif node.data:
+                self.extent(block, 1)
+
+
+class Ext4Walker:
+    """ext2, ext3 and ext4 (the superblock magic is the same)."""
+
+    name = "ext4"
+
+    def probe(self, head: bytes) -> bool:
+        """The superblock magic and a block size ext4 allows."""
+        return (
+            len(head) >= SUPERBLOCK + 1024
+            and _u16(head, SUPERBLOCK + 0x38) == MAGIC
+            and _u32(head, SUPERBLOCK + 0x18) <= 6
+        )
+
+    async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
+        """Superblock and descriptors, inode tables, then the trees level by level."""
+        if size < SUPERBLOCK + 1024:
+            raise WalkStopped("too small for ext2/3/4")
+        geo = geometry(await read(SUPERBLOCK, 1024), size)
+        for offset, length in geo.descriptors:
+            if offset + length > size:
+                raise WalkStopped("group descriptors past the end of the filesystem")
+        yield [(SUPERBLOCK, 1024), *geo.descriptors]
+        gdt = b"".join([await read(offset, length) for offset, length in geo.descriptors])
+        walk = _Pass(geo)
+        tables = self._tables(walk, gdt)
+        if tables:
+            yield walk.take()
+        examined = 0
+        for group, block, used in tables:
+            if examined + used > MAX_INODES:
+                walk.stopped = f"more than {MAX_INODES} inodes"
+                break
+            examined += used
+            raw = memoryview(await read(block * geo.block_size, used * geo.inode_size))
+            first = group * geo.inodes_per_group + 1
+            for i in range(len(raw) // geo.inode_size):
+                walk.inode(raw[i * geo.inode_size : (i + 1) * geo.inode_size], first + i)
+        for _ in range(MAX_WAVES):
+            nodes, walk.nodes = walk.nodes, []
+            wave = walk.take()
+            if wave:
+                yield wave
+            if walk.stopped:
+                raise WalkStopped(walk.stopped)
+            if not nodes:
+                return
+            for node in nodes:
+                found = await read(node.block * geo.block_size, geo.block_size)
+                if len(found) < geo.block_size:
+                    continue
+                if node.extents:
+                    walk.extent_node(found, node)
+                else:
+                    walk.map_node(found, node)
+        raise WalkStopped(f"trees deeper than {MAX_WAVES} levels")
+
+    def _tables(self, walk: _Pass, gdt: bytes) -> list[tuple[int, int, int]]:
+        """(group, first block, inodes in use) of each inode table worth reading, its
+        blocks and the group's inode bitmap added to the wave."""
+        geo = walk.geo
+        tables = []
+        for group in range(geo.groups):
+            raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
+            if len(raw) < 32:
+                break
+            bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
+            free, flags, unused = _u16(raw, 0x0E), _u16(raw, 0x12), _u16(raw, 0x1C)
+            if geo.desc_size >= 64:
+                bitmap |= _u32(raw, 0x24) << 32
+                table |= _u32(raw, 0x28) << 32
+                free |= _u16(raw, 0x2E) << 16
+                unused |= _u16(raw, 0x32) << 16
+            used = geo.inodes_per_group
+            if geo.uninit_valid:
+                if flags & BG_INODE_UNINIT:
+                    continue
+                used = max(0, used - unused)
+            elif free == used:
+                continue  # no inode in use: the count is journalled with the bitmap
+            length = -(-used * geo.inode_size // geo.block_size)
+            if used == 0:
+                continue
+            if walk.extent(table, length):
+                walk.extent(bitmap, 1)
+                tables.append((group, table, used))
+        return tables
+
+
+WALKER = Ext4Walker()

@@ -1,0 +1,144 @@
+"""What the filesystem walkers' tests share (issue 25): a walker run over a local image
+file with no engine, the byte ranges a forensic library reads through fsread, and both
+as sets of 512 KiB snapshot blocks, so a walker is checked against an independent
+parser rather than against itself."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent, Walker, WalkStopped
+from ebsfs.forensics import fsread
+
+MARKER = b"FILEDATA"
+"""What large test files are filled with: a snapshot block of nothing else is content."""
+
+
+@dataclass
+class WalkResult:
+    """A walker's waves, what it read that no earlier wave announced, and how it ended."""
+
+    waves: list[list[Extent]] = field(default_factory=list)
+    unannounced: list[Extent] = field(default_factory=list)
+    reads: int = 0
+    stopped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def extents(self) -> list[Extent]:
+        return [extent for wave in self.waves for extent in wave]
+
+    @property
+    def total(self) -> int:
+        """Bytes yielded, overlaps counted once per wave."""
+        return sum(length for _, length in self.extents)
+
+
+def _covered(offset: int, length: int, known: list[Extent]) -> bool:
+    return any(o <= offset and offset + length <= o + n for o, n in known)
+
+
+def run_walker(walker: Walker, path: Path, offset: int = 0, size: int | None = None) -> WalkResult:
+    """Walk the filesystem at `offset` of `path` (os.pread, no engine), as the runner
+    would: the head counts as fetched, each wave is announced before the walker resumes.
+    Every read must lie inside [0, size) (an AssertionError otherwise: a walker bug)."""
+    size = os.path.getsize(path) - offset if size is None else size
+    result = WalkResult()
+    known: list[Extent] = [(0, min(HEAD_SIZE, size))]
+
+    async def read(at: int, length: int) -> bytes:
+        assert at >= 0 and length >= 0 and at + length <= size, (at, length, size)
+        result.reads += 1
+        if not _covered(at, length, known):
+            result.unannounced.append((at, length))
+        return os.pread(fd, length, offset + at)
+
+    async def drive() -> None:
+        async for wave in walker.walk(read, size):
+            for at, length in wave:
+                assert at >= 0 and length > 0 and at + length <= size, (at, length, size)
+            result.waves.append(wave)
+            known.extend(wave)
+
+    fd = os.open(path, os.O_RDONLY)
+    start = time.monotonic()
+    try:
+        trio.run(drive)
+    except WalkStopped as err:
+        result.stopped = str(err) or "WalkStopped"
+    finally:
+        os.close(fd)
+        result.seconds = time.monotonic() - start
+    return result
+
+
+class RecordingReader:
+    """A PositionalReader over a file (or a window of it) that remembers every range
+    read, for fsread.read_tree."""
+
+    def __init__(self, path: Path, offset: int = 0, size: int | None = None) -> None:
+        self._path = path
+        self._offset = offset
+        self.size = os.path.getsize(path) - offset if size is None else size
+        self.ranges: list[Extent] = []
+
+    def pread(self, size: int, offset: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        self.ranges.append((offset, size))
+        with open(self._path, "rb") as f:
+            return os.pread(f.fileno(), size, self._offset + offset)
+
+
+def library_reads(path: Path, offset: int = 0, size: int | None = None) -> list[Extent]:
+    """The byte ranges fsread's libraries (pytsk3, libfsxfs) read to list every file
+    with its metadata and extents, as `diff --files` does."""
+    reader = RecordingReader(path, offset, size)
+    fsread.read_tree(reader)
+    return reader.ranges
+
+
+def blocks_of(extents: Iterable[Extent]) -> set[int]:
+    """The 512 KiB snapshot blocks a set of byte ranges touches."""
+    blocks: set[int] = set()
+    for offset, length in extents:
+        if length > 0:
+            blocks.update(range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1))
+    return blocks
+
+
+def content_blocks(path: Path, offset: int = 0, size: int | None = None) -> set[int]:
+    """Snapshot blocks holding nothing but MARKER: file content, never metadata."""
+    size = os.path.getsize(path) - offset if size is None else size
+    full = MARKER * (BLOCK_SIZE // len(MARKER))
+    found = set()
+    with open(path, "rb") as f:
+        for block in range(size // BLOCK_SIZE):
+            if os.pread(f.fileno(), BLOCK_SIZE, offset + block * BLOCK_SIZE) == full:
+                found.add(block)
+    return found
+
+
+def marker_file(size: int) -> bytes:
+    """A large file's content: MARKER repeated."""
+    return (MARKER * (size // len(MARKER) + 1))[:size]
+
+
+def scribble(image: bytes, extents: list[Extent], seed: int, pieces: int = 40) -> bytes:
+    """A copy of `image` with random bytes written over random pieces (1 byte to 4 KiB)
+    of the given metadata extents: damage an attacker or a bad disk could cause."""
+    rng = random.Random(seed)
+    data = bytearray(image)
+    for _ in range(pieces):
+        at, length = rng.choice(extents)
+        start = at + rng.randrange(length)
+        span = min(rng.choice((1, 4, 16, 256, 4096)), len(data) - start)
+        data[start : start + span] = rng.randbytes(span)
+    return bytes(data)

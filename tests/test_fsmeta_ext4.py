@@ -1,0 +1,370 @@
+"""The ext4 walker of the metadata prefetch (issue 25) against real images made by
+mke2fs: it covers what The Sleuth Kit reads to list every file (an independent parser),
+never a block of file content, in a few waves; and hostile metadata ends it quickly."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.engine.fsmeta import ext4
+from ebsfs.engine.fsmeta.walk import HEAD_SIZE
+from tests.disks import EPOCH, MiB, build_ext4, partition_files, stage_files
+from tests.fsmeta_helpers import (
+    MARKER,
+    WalkResult,
+    blocks_of,
+    content_blocks,
+    library_reads,
+    marker_file,
+    run_walker,
+    scribble,
+)
+
+QUICK = 2.0
+"""Seconds a walk of a damaged image may take (a clean one takes a fraction)."""
+
+
+def linux_root(
+    dirs: int = 300, per_dir: int = 10, big: tuple[int, ...] = (3, 5, 6)
+) -> dict[str, bytes]:
+    """A tree shaped like a small Linux root: `dirs` package directories of small files,
+    one directory of 1,500 names (an htree over many blocks), a 24-level chain, large
+    files of MARKER (`big` MiB each) and a sparse file of 700 extents (an extent tree of
+    depth 1: mke2fs -d leaves zero blocks as holes)."""
+    rng = random.Random("ebsfs-fsmeta-ext4")
+    tops = ["etc", "usr/share/doc", "usr/lib/python3/dist-packages", "usr/include", "opt/app"]
+    files: dict[str, bytes] = {}
+    for d in range(dirs):
+        for f in range(per_dir):
+            size = rng.choice((0, 30, 200, 1500, 4000, 9000, 20000))
+            files[f"{tops[d % len(tops)]}/pkg{d:03d}/file{f}.conf"] = rng.randbytes(size)
+    for i in range(1500):
+        files[f"var/lib/dpkg/info/lib-some-long-package-name-{i:05d}.list"] = b"/usr\n"
+    files["/".join(f"deep{i}" for i in range(24)) + "/bottom.txt"] = b"bottom\n"
+    for i, mib in enumerate(big):
+        files[f"var/cache/big{i}.bin"] = marker_file(mib * MiB + 123)
+    files["var/lib/fragmented.db"] = (MARKER * 512 + bytes(4096)) * 700
+    return files
+
+
+def mkfs(path: Path, size: int, files: dict[str, bytes], *options: str) -> None:
+    """mke2fs -d with other options than build_ext4's (block size, features)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        stage_files(files, root)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        subprocess.run(
+            ["mke2fs", "-q", "-F", *options, "-d", str(root), str(path)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "E2FSPROGS_FAKE_TIME": str(EPOCH)},
+        )
+
+
+def debugfs(path: Path, *requests: str, write: bool = False) -> str:
+    """Run debugfs requests on an image (its output), to find things independently."""
+    return subprocess.run(
+        ["debugfs", *(["-w"] if write else []), "-f", "-", str(path)],
+        input="".join(f"{r}\n" for r in requests),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+SYMLINKS = ("symlink etc/fast /usr/bin/x", "symlink etc/slow /" + "long-target/" * 10)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three layouts: ext4 as build_ext4 makes it (4 KiB blocks, flex_bg, 64-bit
+    descriptors, metadata_csum, 4 groups); ext3 with 1 KiB blocks (block maps, no
+    checksums so whole inode tables, 8 groups); ext4 with meta_bg descriptors spread
+    over the disk (1 KiB blocks, 64 groups)."""
+    tmp = tmp_path_factory.mktemp("ext4")
+    made = {
+        "ext4": tmp / "ext4.img",
+        "ext3-1k": tmp / "ext3.img",
+        "meta_bg": tmp / "meta_bg.img",
+    }
+    build_ext4(
+        made["ext4"], 512 * MiB, linux_root(), "fsmeta", "5e1f0e5e-0000-4000-8000-000000002500"
+    )
+    small = linux_root(dirs=60, per_dir=5, big=(3,))
+    mkfs(made["ext3-1k"], 64 * MiB, small, "-t", "ext3", "-b", "1024")
+    # 1 KiB blocks, 1 MiB groups: 64 groups, 16 descriptors a block, so 4 meta groups
+    meta = ("-t", "ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode")
+    mkfs(made["meta_bg"], 64 * MiB, small, *meta)
+    for path in made.values():
+        debugfs(path, *SYMLINKS, write=True)
+    return made
+
+
+def report(name: str, **numbers: object) -> None:
+    print(f"\n[{name}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+
+
+@pytest.mark.parametrize("layout", ["ext4", "ext3-1k", "meta_bg"])
+def test_the_walk_covers_what_sleuthkit_reads_and_no_file_content(
+    images: dict[str, Path], layout: str
+) -> None:
+    """Measured at 512 KiB. The Sleuth Kit also reads every inode slot of every group
+    (its search for orphan files, which `fls -r` does too); the walker reads only the
+    slots in use, as the kernel does, so the bar is on what TSK reads outside the
+    unused slots (found by dumpe2fs); the raw figure is reported beside it."""
+    path = images[layout]
+    walk = run_walker(ext4.WALKER, path)
+    assert walk.stopped is None
+    assert walk.unannounced == [], "read what no earlier wave announced: a miss per read"
+    library = blocks_of(library_reads(path))
+    content = content_blocks(path)
+    ours = blocks_of(walk.extents)
+    wanted = library - content - inside(unused_inode_slots(path))
+    coverage = len(wanted & ours) / len(wanted)
+    raw = len((library - content) & ours) / len(library - content)
+    total = os.path.getsize(path) // BLOCK_SIZE
+    report(
+        layout,
+        waves=len(walk.waves),
+        extents=len(walk.extents),
+        bytes=walk.total,
+        blocks=f"{len(ours)}/{total}",
+        library_blocks=len(wanted),
+        coverage=f"{coverage:.1%}",
+        raw_coverage=f"{raw:.1%}",
+        missed=sorted(wanted - ours),
+        content_blocks=len(content),
+        seconds=f"{walk.seconds:.3f}",
+    )
+    assert coverage >= 0.9
+    assert not ours & content, "a block of nothing but file content was yielded"
+    assert len(walk.waves) <= 6
+    assert len(ours) < total / 4
+    if layout == "ext4":
+        assert len(content) >= 20  # the large files lie in marker-only blocks: can fail
+    if layout == "meta_bg":  # the superblock and 4 descriptor blocks, 16 MiB apart
+        assert len(walk.waves[0]) == 5
+
+
+def unused_inode_slots(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of inode tables no inode uses yet, as dumpe2fs reports them (INODE_UNINIT
+    groups whole, others past bg_itable_unused); none without checksummed descriptors."""
+    out = subprocess.run(["dumpe2fs", str(path)], capture_output=True, text=True).stdout
+    head = dict(re.findall(r"^([A-Za-z ]+):\s+(\S+)", out, re.M))
+    bs, ipg, isize = (int(head[k]) for k in ("Block size", "Inodes per group", "Inode size"))
+    ranges = []
+    for group in re.split(r"\nGroup \d+:", out)[1:]:
+        start, end = (int(n) for n in re.findall(r"Inode table at (\d+)-(\d+)", group)[0])
+        unused = re.findall(r"(\d+) unused inodes", group)
+        if "INODE_UNINIT" in group:
+            ranges.append((start * bs, (end + 1 - start) * bs))
+        elif unused:
+            used = -(-(ipg - int(unused[0])) * isize // bs)
+            ranges.append(((start + used) * bs, (end + 1 - start - used) * bs))
+    return ranges
+
+
+def inside(ranges: list[tuple[int, int]]) -> set[int]:
+    """The 512 KiB blocks lying wholly inside the union of `ranges`."""
+    merged: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], offset + length)
+        else:
+            merged.append([offset, offset + length])
+    return {b for start, end in merged for b in range(-(-start // BLOCK_SIZE), end // BLOCK_SIZE)}
+
+
+def test_waves_come_level_by_level(images: dict[str, Path]) -> None:
+    """Wave 1 is the superblock and descriptors; wave 2 the inode tables and bitmaps
+    (flex_bg packs them: a few extents); what the trees need comes after."""
+    walk = run_walker(ext4.WALKER, images["ext4"])
+    assert walk.waves[0][0] == (1024, 1024)
+    assert all(offset < HEAD_SIZE for offset, _ in walk.waves[0])
+    stats = debugfs(images["ext4"], "stats")
+    assert "flex_bg" in stats and "metadata_csum" in stats and "64bit" in stats
+    # 4,800 inodes in use of 32,768: only group 0's table, in use up to its last inode
+    assert sum(length for _, length in walk.waves[1]) < 3 * MiB
+    # the fragmented file's extent leaves (depth 1) and the htree's blocks come later
+    assert len(walk.waves) >= 3
+
+
+def test_a_regular_files_extent_leaves_are_fetched_not_its_data(images: dict[str, Path]) -> None:
+    path = images["ext4"]
+    out = debugfs(path, "stat var/lib/fragmented.db")
+    tree_blocks = [int(b) for b in re.findall(r"\(ETB0\):(\d+)", out)]
+    assert len(tree_blocks) >= 2  # 700 extents: leaves of 340 under the inode's index
+    walk = run_walker(ext4.WALKER, path)
+    yielded = walk.extents
+    for block in tree_blocks:
+        assert any(o <= block * 4096 < o + n for o, n in yielded), block
+    big = debugfs(path, "stat var/cache/big0.bin")
+    first_data = int(re.findall(r"\(0-\d+\):(\d+)", big)[0])
+    assert not any(o <= first_data * 4096 < o + n for o, n in yielded)
+
+
+# -- hostile input ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, WalkResult]:
+    """A 24 MiB ext4 image and its clean walk (the metadata to scribble over)."""
+    path = tmp_path_factory.mktemp("small") / "small.img"
+    build_ext4(
+        path, 24 * MiB, partition_files("hostile"), "h", "5e1f0e5e-0000-4000-8000-000000002501"
+    )
+    debugfs(path, *SYMLINKS, "mkdir a", "mkdir a/b", write=True)
+    walk = run_walker(ext4.WALKER, path)
+    assert walk.stopped is None and len(walk.waves) >= 3
+    return path.read_bytes(), walk
+
+
+def walk_bytes(image: bytes, tmp_path: Path) -> WalkResult:
+    path = tmp_path / "damaged.img"
+    path.write_bytes(image)
+    return run_walker(ext4.WALKER, path)
+
+
+def ends_quickly(walk: WalkResult, size: int) -> None:
+    assert walk.seconds < QUICK
+    assert walk.total <= 2 * size
+    assert len(walk.waves) <= ext4.MAX_WAVES + 2
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bytes_over_the_metadata(
+    small: tuple[bytes, WalkResult], seed: int, tmp_path: Path
+) -> None:
+    image, clean = small
+    # the superblock and descriptors in a quarter of the runs, what lies below in the rest
+    targets = clean.waves[0] if seed % 4 == 0 else [e for wave in clean.waves[1:] for e in wave]
+    walk = walk_bytes(scribble(image, targets, seed, pieces=10 + seed * 5), tmp_path)
+    ends_quickly(walk, len(image))
+
+
+def put(image: bytearray, offset: int, data: bytes) -> None:
+    image[offset : offset + len(data)] = data
+
+
+def root_inode(image: bytes, tmp_path: Path) -> int:
+    """Byte offset of inode 2, found by debugfs (not by the walker's parser)."""
+    path = tmp_path / "probe.img"
+    path.write_bytes(image)
+    out = debugfs(path, "imap <2>")
+    block = int(out.split("located at block ")[1].split(",")[0])
+    return block * 4096 + int(out.split("offset ")[1].split()[0], 16)
+
+
+def extent_header(entries: int, depth: int, maximum: int = 4) -> bytes:
+    return struct.pack("<HHHHI", ext4.EXTENT_MAGIC, entries, maximum, depth, 0)
+
+
+FREE = 5000
+"""A block of the 24 MiB image nothing uses (of 6,144)."""
+
+
+@pytest.mark.parametrize(
+    "case", ["index_to_itself", "deep_cycle", "indirect_to_itself", "huge_leaf", "huge_dir"]
+)
+def test_self_referencing_trees_and_huge_counts(
+    small: tuple[bytes, WalkResult], case: str, tmp_path: Path
+) -> None:
+    image = bytearray(small[0])
+    inode = root_inode(small[0], tmp_path)
+    block = FREE * 4096
+    flags, iblock, size = inode + 0x20, inode + 0x28, inode + 0x04
+    if case == "index_to_itself":  # depth 1 in the inode, the child claims depth 1 again
+        put(image, iblock, extent_header(1, 1) + struct.pack("<IIH2x", 0, FREE, 0))
+        put(image, block, extent_header(1, 1, 340) + struct.pack("<IIH2x", 0, FREE, 0))
+    elif case == "deep_cycle":  # depth 5 and every child the same block
+        put(image, iblock, extent_header(1, 5) + struct.pack("<IIH2x", 0, FREE, 0))
+        put(image, block, extent_header(340, 4, 340) + struct.pack("<IIH2x", 0, FREE, 0) * 340)
+    elif case == "indirect_to_itself":  # block map: a double indirect block naming itself
+        put(image, flags, struct.pack("<I", 0))
+        put(image, iblock, struct.pack("<15I", *[0] * 13, FREE, 0))
+        put(image, block, struct.pack("<I", FREE) * 1024)
+        put(image, size, struct.pack("<I", 0xFFFFFFFF))
+    elif case == "huge_leaf":  # 340 extents of nearly the whole disk, a 4 GiB directory
+        put(image, iblock, extent_header(1, 1) + struct.pack("<IIH2x", 0, FREE, 0))
+        leaf = struct.pack("<IHHI", 0, 6000, 0, 1)
+        put(image, block, extent_header(340, 0, 340) + leaf * 340)
+        put(image, size, struct.pack("<I", 0xFFFFFFFF))
+    elif case == "huge_dir":  # the root claims 2^64 - 1 bytes: its real blocks, no more
+        put(image, size, struct.pack("<I", 0xFFFFFFFF))
+        put(image, inode + 0x6C, struct.pack("<I", 0xFFFFFFFF))
+    walk = walk_bytes(bytes(image), tmp_path)
+    report(case, stopped=walk.stopped, waves=len(walk.waves), bytes=walk.total, s=walk.seconds)
+    ends_quickly(walk, len(image))
+    assert walk.unannounced == []
+    if case == "huge_leaf":  # bounded by the disk: one merged extent, fetched once
+        assert walk.total <= len(image) + small[1].total
+    elif case != "huge_dir":  # the root's tree was cut: nothing under FREE but FREE itself
+        assert blocks_of(walk.extents) <= blocks_of(small[1].extents) | {block // BLOCK_SIZE}
+
+
+def superblock_field(offset: int, fmt: str, value: int) -> tuple[int, str, int]:
+    return 1024 + offset, fmt, value
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (superblock_field(0x60, "<I", ext4.INCOMPAT_COMPRESSION), "compression"),
+        (superblock_field(0x60, "<I", ext4.INCOMPAT_JOURNAL_DEV), "journal"),
+        (superblock_field(0x60, "<I", 0x80000000), "unknown incompat"),
+        (superblock_field(0x18, "<I", 40), "block size"),
+        (superblock_field(0x28, "<I", 0xFFFFFFFF), "damaged superblock"),
+        (superblock_field(0x04, "<I", 0xFFFFFFFF), "damaged superblock"),
+        (superblock_field(0x00, "<I", 0xFFFFFFFF), "damaged superblock"),
+        (superblock_field(0x58, "<H", 100), "inodes of 100 bytes"),
+        (superblock_field(0xFE, "<H", 48), "descriptors of 48 bytes"),
+        (superblock_field(0x38, "<H", 0), "no ext2/3/4 superblock"),
+    ],
+)
+def test_what_cannot_be_followed_is_named(
+    small: tuple[bytes, WalkResult], change: tuple[int, str, int], reason: str, tmp_path: Path
+) -> None:
+    """Incompat features are set beside the image's own; other fields replaced."""
+    image = bytearray(small[0])
+    offset, fmt, value = change
+    if offset == 1024 + 0x60:
+        value |= struct.unpack_from(fmt, image, offset)[0]
+    put(image, offset, struct.pack(fmt, value))
+    walk = walk_bytes(bytes(image), tmp_path)
+    assert walk.stopped is not None and reason in walk.stopped, walk.stopped
+    assert walk.waves == []
+
+
+def test_groups_all_naming_one_table_are_bounded(images: dict[str, Path], tmp_path: Path) -> None:
+    """ext3 with 1 KiB blocks (32-byte descriptors at 2048): every descriptor rewritten
+    to name group 0's table, and the walk still ends quickly."""
+    image = bytearray(images["ext3-1k"].read_bytes())
+    groups = debugfs(images["ext3-1k"], "stats").count(" Group ")
+    assert groups >= 8
+    first = bytes(image[2048 : 2048 + 32])
+    for g in range(groups):
+        put(image, 2048 + g * 32, first)
+    walk = walk_bytes(bytes(image), tmp_path)
+    assert walk.stopped is None
+    ends_quickly(walk, len(image))
+    assert len(walk.waves[1]) <= 2  # the one table and its bitmap (perhaps merged)
+
+
+def test_probe() -> None:
+    head = bytearray(HEAD_SIZE)
+    assert not ext4.WALKER.probe(bytes(head))
+    put(head, 1024 + 0x38, struct.pack("<H", ext4.MAGIC))
+    assert ext4.WALKER.probe(bytes(head))
+    put(head, 1024 + 0x18, struct.pack("<I", 9))
+    assert not ext4.WALKER.probe(bytes(head))
+    assert not ext4.WALKER.probe(b"\0" * 100)
