@@ -66,8 +66,8 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     its metadata (inode tables, directories, extent trees, MFT, index blocks; never
     file contents) is fetched ahead in the background, in parallel, so a walk of the
     tree does not wait a service call per block; `prefetch_metadata_budget` caps the
-    bytes it may fetch (default: a quarter of `cache_size`, or of `cache_dir_size` with
-    a `cache_dir`). It never delays or fails a read.
+    bytes it may fetch (default: half of `cache_size`, or a quarter of `cache_dir_size`
+    with a `cache_dir`). It never delays or fails a read.
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be

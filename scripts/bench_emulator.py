@@ -47,12 +47,14 @@ def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    for _ in range(300):
+    for _ in range(2400):  # 2 minutes: a large image's written blocks are indexed first
         if url_file.exists() and url_file.read_text().strip():
             return proc, url_file.read_text().strip()
+        if proc.poll() is not None:
+            raise SystemExit(f"emulator exited with status {proc.returncode}")
         time.sleep(0.05)
     proc.kill()
-    raise SystemExit("emulator did not start")
+    raise SystemExit("emulator did not start within 2 minutes")
 
 
 def worker(port: int, paths: list[str], threads: int, seconds: float, out) -> None:

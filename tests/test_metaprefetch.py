@@ -215,8 +215,8 @@ def test_the_budget_bounds_the_blocks_and_stops_every_walk(
     assert len(spent) == 1 and spent[0].levelno == logging.INFO
 
 
-def test_the_default_budget_is_a_quarter_of_the_cache_it_lands_in() -> None:
-    assert metadata_budget(EngineConfig(cache_size=512 * 1024**2)) == 256
+def test_the_default_budget_is_half_the_memory_cache_or_a_quarter_of_the_disk_cache() -> None:
+    assert metadata_budget(EngineConfig(cache_size=512 * 1024**2)) == 512
     with_disk = EngineConfig(cache_dir="/nonexistent", cache_dir_size=16 * GIB)
     assert metadata_budget(with_disk) == 8192
     assert metadata_budget(EngineConfig(prefetch_metadata_budget=64 * 1024**2)) == 128

@@ -208,8 +208,8 @@ def prefetch_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="bytes the metadata prefetch may fetch, all filesystems together, "
-        "e.g. 64M, 2G (default: a quarter of --cache-size, or of --cache-dir-size "
-        "with --cache-dir); once spent it stops, with a log line",
+        "e.g. 64M, 2G (default: half of --cache-size, or a quarter of "
+        "--cache-dir-size with --cache-dir); once spent it stops, with a log line",
     )
 
 

@@ -78,8 +78,8 @@ class EngineConfig:
     """Fetch a filesystem's metadata ahead, in parallel, once a tool opens it
     (engine/metaprefetch.py)."""
     prefetch_metadata_budget: int | None = None
-    """Bytes the metadata prefetch may bring in, all filesystems together (None: a
-    quarter of `cache_size`, or of `cache_dir_size` with a `cache_dir`)."""
+    """Bytes the metadata prefetch may bring in, all filesystems together (None: half
+    of `cache_size`, or a quarter of `cache_dir_size` with a `cache_dir`)."""
 
     def __post_init__(self) -> None:
         if self.cache_size < 0:
@@ -97,13 +97,16 @@ class EngineConfig:
 
 
 def metadata_budget(config: EngineConfig) -> int:
-    """Blocks the metadata prefetch may bring in: as configured, or a quarter of the
-    cache the blocks land in (the disk cache when there is one: memory then only
-    passes them on), so that they are still there when the tool reads them."""
+    """Blocks the metadata prefetch may bring in: as configured, or half the memory
+    cache (read-ahead takes at most a quarter, so prefetched blocks are still there when
+    the tool reads them; a quarter was too little for a 40,000-file ext4 tree, whose
+    `find` then waited a call per block for the rest: docs/performance.md), or a quarter
+    of the disk cache when there is one (memory then only passes blocks on)."""
     if config.prefetch_metadata_budget is not None:
         return config.prefetch_metadata_budget // BLOCK_SIZE
-    pool = config.cache_dir_size if config.cache_dir is not None else config.cache_size
-    return pool // 4 // BLOCK_SIZE
+    if config.cache_dir is not None:
+        return config.cache_dir_size // 4 // BLOCK_SIZE
+    return config.cache_size // 2 // BLOCK_SIZE
 
 
 def fetch_ceiling(config: EngineConfig) -> int:
