@@ -618,5 +618,7 @@ def test_a_copy_recycles_the_slabs_it_has_written_and_hashed(
         == 0
     )
     assert file_digest(out) == digests(blocks, GIB)[0]
-    # 96 blocks are 48 slabs, 16 of which fit the cache: most must be recycled memory.
-    assert len(caches) == 1 and caches[0].recycled > len(blocks) // 4
+    # 96 blocks are 48 slabs, 16 of which fit the cache. How many of the other 32 land in
+    # recycled memory depends on timing (at most 8 spare mappings wait at once; 24 and 31
+    # seen); with no loan given back it is 0.
+    assert len(caches) == 1 and caches[0].recycled >= len(blocks) // 8
