@@ -32,6 +32,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,11 @@ def emulator_control(url: str, path: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(
         f"{url}/_emulator/{path}", data=data, method="POST" if data is not None else "GET"
     )
-    with urllib.request.urlopen(request) as answer:
+    # Over --tls the emulator's throwaway certificate is trusted as every client here
+    # trusts it: through AWS_CA_BUNDLE (urllib does not read that variable itself).
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    context = ssl.create_default_context(cafile=bundle) if bundle else None
+    with urllib.request.urlopen(request, context=context) as answer:
         return json.load(answer)
 
 
