@@ -1,14 +1,15 @@
-"""What the filesystem walkers' tests share (issue 25): a walker run over a local image
-file with no engine, the byte ranges a forensic library reads through fsread, and both
-as sets of 512 KiB snapshot blocks, so a walker is checked against an independent
-parser rather than against itself."""
+"""What the filesystem walkers' tests share (issue 25): the one runner of a walker over
+a local image (a file, or bytes with damage laid over them) with no engine, the byte
+ranges a forensic library reads through fsread, and both as sets of 512 KiB snapshot
+blocks, so a walker is checked against an independent parser rather than against
+itself."""
 
 from __future__ import annotations
 
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,12 @@ MARKER = b"FILEDATA"
 
 @dataclass
 class WalkResult:
-    """A walker's waves, what it read that no earlier wave announced, and how it ended."""
+    """A walker's waves in order, every read it made, what it read that no earlier wave
+    announced, and how it ended."""
 
     waves: list[list[Extent]] = field(default_factory=list)
     unannounced: list[Extent] = field(default_factory=list)
-    reads: int = 0
+    reads: list[Extent] = field(default_factory=list)
     stopped: str | None = None
     seconds: float = 0.0
 
@@ -42,24 +44,83 @@ class WalkResult:
         return sum(length for _, length in self.extents)
 
 
+class Image:
+    """An image to walk or to hand a library (fsread's PositionalReader): a file or
+    bytes, `size` bytes long (zeros past the bytes given, as a sparse file reads), with
+    patches laid over what is read, so damage needs no copy of the image, and every
+    range read noted, for what a library reads."""
+
+    def __init__(self, source: Path | bytes, size: int | None = None) -> None:
+        self._source = source
+        given = source.stat().st_size if isinstance(source, Path) else len(source)
+        self.size = given if size is None else size
+        self.patches: list[tuple[int, bytes]] = []
+        self.reads: list[Extent] = []
+
+    def pread(self, size: int, offset: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        self.reads.append((offset, size))
+        if isinstance(self._source, Path):
+            fd = os.open(self._source, os.O_RDONLY)
+            try:
+                data = bytearray(os.pread(fd, size, offset))
+            finally:
+                os.close(fd)
+        else:
+            data = bytearray(self._source[offset : offset + size])
+        data.extend(bytes(size - len(data)))
+        for at, patch in self.patches:
+            lo, hi = max(at, offset), min(at + len(patch), offset + size)
+            if lo < hi:
+                data[lo - offset : hi - offset] = patch[lo - at : hi - at]
+        return bytes(data)
+
+
 def _covered(offset: int, length: int, known: list[Extent]) -> bool:
     return any(o <= offset and offset + length <= o + n for o, n in known)
 
 
-def run_walker(walker: Walker, path: Path, offset: int = 0, size: int | None = None) -> WalkResult:
-    """Walk the filesystem at `offset` of `path` (os.pread, no engine), as the runner
-    would: the head counts as fetched, each wave is announced before the walker resumes.
-    Every read must lie inside [0, size) (an AssertionError otherwise: a walker bug)."""
-    size = os.path.getsize(path) - offset if size is None else size
+def run_walker(
+    walker: Walker,
+    image: Path | fsread.PositionalReader,
+    offset: int = 0,
+    size: int | None = None,
+    *,
+    probe: bool = False,
+) -> WalkResult:
+    """Walk the filesystem at `offset` of `image` (a file read with os.pread, or an
+    Image), with no engine, as the runner would: the head counts as fetched, each wave
+    is announced before the walker resumes; with `probe`, the walker must first claim
+    the head, as the runner asks before walking. Every read and every extent yielded
+    must lie inside [0, size) (an AssertionError otherwise: a walker bug)."""
+    if isinstance(image, Path):
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            whole = os.fstat(fd).st_size
+            return _run(walker, lambda n, at: os.pread(fd, n, at), whole, offset, size, probe)
+        finally:
+            os.close(fd)
+    return _run(walker, image.pread, image.size, offset, size, probe)
+
+
+def _run(
+    walker: Walker,
+    pread: Callable[[int, int], bytes],
+    whole: int,
+    offset: int,
+    size: int | None,
+    probe: bool,
+) -> WalkResult:
+    size = whole - offset if size is None else size
     result = WalkResult()
     known: list[Extent] = [(0, min(HEAD_SIZE, size))]
 
     async def read(at: int, length: int) -> bytes:
         assert at >= 0 and length >= 0 and at + length <= size, (at, length, size)
-        result.reads += 1
+        result.reads.append((at, length))
         if not _covered(at, length, known):
             result.unannounced.append((at, length))
-        return os.pread(fd, length, offset + at)
+        return pread(length, offset + at)
 
     async def drive() -> None:
         async for wave in walker.walk(read, size):
@@ -68,14 +129,14 @@ def run_walker(walker: Walker, path: Path, offset: int = 0, size: int | None = N
             result.waves.append(wave)
             known.extend(wave)
 
-    fd = os.open(path, os.O_RDONLY)
+    if probe:
+        assert walker.probe(pread(min(HEAD_SIZE, size), offset)), f"not {walker.name}"
     start = time.monotonic()
     try:
         trio.run(drive)
     except WalkStopped as err:
         result.stopped = str(err) or "WalkStopped"
     finally:
-        os.close(fd)
         result.seconds = time.monotonic() - start
     return result
 

@@ -19,99 +19,27 @@ import struct
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.fsmeta import ntfs
-from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent
 from ebsfs.forensics import fsread
 from tests.disks import MiB, build_ntfs
+from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker
 
 CLUSTER, RECORD, MFT_LCN = 4096, 1024, 4
-MARKER = b"FILEDATA"
 
 
 # -- helpers ----------------------------------------------------------------------------
 
 
-@dataclass
-class Walked:
-    waves: list[Wave]
-    stopped: str | None
-    reads: list[Extent]
-    seconds: float
-
-    @property
-    def extents(self) -> list[Extent]:
-        return [e for wave in self.waves for e in wave]
-
-
-class Volume:
-    """A volume to walk: a file (os.pread) or bytes, with patches laid over it."""
-
-    def __init__(self, size: int, path: Path | None = None, data: bytes = b"") -> None:
-        self.size = size
-        self.fd = os.open(path, os.O_RDONLY) if path else None
-        self.data = data
-        self.patches: list[tuple[int, bytes]] = []
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        if self.fd is not None:
-            out = bytearray(os.pread(self.fd, length, offset))
-        else:
-            out = bytearray(self.data[offset : offset + length])
-        out.extend(bytes(length - len(out)))  # past the bytes given: zeros (sparse)
-        for at, patch in self.patches:
-            lo, hi = max(at, offset), min(at + len(patch), offset + length)
-            if lo < hi:
-                out[lo - offset : hi - offset] = patch[lo - at : hi - at]
-        return bytes(out)
-
-
-def walk(volume: Volume) -> Walked:
-    """Run the walker to its end over `volume`, as the runner would (without a cache)."""
-    reads: list[Extent] = []
-
-    async def read(offset: int, length: int) -> bytes:
-        assert offset >= 0 and length >= 0
-        reads.append((offset, length))
-        return volume.pread(length, offset)
-
-    async def run() -> Walked:
-        assert ntfs.WALKER.probe(volume.pread(HEAD_SIZE, 0))
-        waves: list[Wave] = []
-        start = time.monotonic()
-        try:
-            async for wave in ntfs.WALKER.walk(read, volume.size):
-                waves.append(wave)
-        except WalkStopped as err:
-            return Walked(waves, str(err), reads, time.monotonic() - start)
-        return Walked(waves, None, reads, time.monotonic() - start)
-
-    return trio.run(run)
-
-
-def in_volume(walked: Walked, size: int) -> None:
-    for offset, length in walked.extents:
-        assert offset >= 0 and length > 0 and offset + length <= size
-
-
-def blocks(extents: list[Extent]) -> set[int]:
-    return {
-        b
-        for offset, length in extents
-        if length > 0
-        for b in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1)
-    }
+def walk(volume: Image) -> WalkResult:
+    """The NTFS walker over `volume` through the shared runner (claiming its boot sector
+    first)."""
+    return run_walker(ntfs.WALKER, volume, probe=True)
 
 
 # -- hand-made volumes ------------------------------------------------------------------
@@ -225,7 +153,7 @@ def boot(
     return bytes(raw)
 
 
-def volume(records: dict[int, bytes], mft_records: int = 64, size: int = 16 * MiB) -> Volume:
+def volume(records: dict[int, bytes], mft_records: int = 64, size: int = 16 * MiB) -> Image:
     """A hand-made volume: the boot sector, the MFT at cluster MFT_LCN (record 0 made
     here unless given), zeros elsewhere."""
     records = dict(records)
@@ -237,7 +165,7 @@ def volume(records: dict[int, bytes], mft_records: int = 64, size: int = 16 * Mi
     for n, raw in records.items():
         at = MFT_LCN * CLUSTER + n * RECORD
         data[at : at + RECORD] = raw
-    return Volume(size, data=bytes(data))
+    return Image(bytes(data), size)
 
 
 IDX, DATA, ALIST = 0xA0, 0x80, 0x20
@@ -318,18 +246,9 @@ def test_the_mft_continued_in_extension_records_is_followed() -> None:
 def test_a_bad_boot_sector_stops_the_walk(boot_sector: bytes) -> None:
     vol = volume({})
     vol.patches.append((0, boot_sector))
-    reads: list[Extent] = []
-
-    async def read(offset: int, length: int) -> bytes:
-        reads.append((offset, length))
-        return vol.pread(length, offset)
-
-    async def run() -> list[Wave]:
-        return [wave async for wave in ntfs.WALKER.walk(read, vol.size)]
-
-    with pytest.raises(WalkStopped):
-        trio.run(run)
-    assert reads == [(0, 512)]
+    walked = run_walker(ntfs.WALKER, vol)  # no probe: the walker must stop by itself
+    assert walked.stopped is not None
+    assert walked.reads == [(0, 512)]
 
 
 def test_self_referencing_mft_segments_end() -> None:
@@ -346,7 +265,6 @@ def test_self_referencing_mft_segments_end() -> None:
         }
     )
     walked = walk(vol)
-    in_volume(walked, vol.size)
     assert walked.seconds < 5 and len(walked.waves) <= 6
     assert sum(n for _, n in walked.extents) <= vol.size
 
@@ -362,7 +280,6 @@ def test_huge_runs_and_sizes_are_cut_at_the_volume() -> None:
     )
     walked = walk(vol)
     assert walked.stopped is None
-    in_volume(walked, vol.size)
     mft = MFT_LCN * CLUSTER
     assert walked.waves[2] == [(mft, vol.size - mft)]
     assert walked.seconds < 10
@@ -423,14 +340,14 @@ def test_random_bytes_over_the_mft_end_quickly(blank_ntfs: bytes) -> None:
     """Random spans over the boot sector and the MFT's first records, some left torn
     (the fixup check must catch them), some re-signed so the parser meets the garbage."""
     size = len(blank_ntfs)
-    clean = walk(Volume(size, data=blank_ntfs))
+    clean = walk(Image(blank_ntfs, size))
     assert clean.stopped is None
     mft, length = clean.waves[2][0]  # mkntfs's MFT: one extent
     rng = random.Random(25)
     outcomes = {"stopped": 0, "finished": 0}
     start = time.monotonic()
     for trial in range(300):
-        vol = Volume(size, data=blank_ntfs)
+        vol = Image(blank_ntfs, size)
         n = rng.randrange(length // RECORD)  # $MFT, the system files, the root
         at = mft + n * RECORD
         if trial % 10 == 0:
@@ -445,7 +362,6 @@ def test_random_bytes_over_the_mft_end_quickly(blank_ntfs: bytes) -> None:
             outcomes["stopped"] += 1
             continue
         walked = walk(vol)
-        in_volume(walked, size)
         assert walked.seconds < 2 and len(walked.waves) <= 4 + ntfs.MAX_MFT_SEGMENTS
         outcomes["stopped" if walked.stopped else "finished"] += 1
     print(f"random damage: {outcomes} in {time.monotonic() - start:.1f} s")
@@ -533,20 +449,15 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
     finally:
         os.close(source.fd)
     assert tree.fstype == "ntfs" and len(tree.entries) > 3000
-    vol = Volume(size, path=path)
-    try:
-        walked = walk(vol)
-    finally:
-        vol.close()
+    walked = walk(Image(path, size))
     assert walked.stopped is None
-    in_volume(walked, size)
 
     content, empty = classify(path, size)
     assert len(content) >= 4 * 11  # four files of 6 MiB
     # pytsk3's FS_Info tries other filesystems first and reads zeros far into the
     # volume (52 MiB here): blocks never written, which a snapshot does not hold.
-    library = blocks(source.ranges) - content - empty
-    mine = blocks(walked.extents)
+    library = blocks_of(source.ranges) - content - empty
+    mine = blocks_of(walked.extents)
     covered = len(library & mine) / len(library)
     data = [e for entry in tree.entries.values() for e in entry.extents]
     total = sum(n for _, n in walked.extents)
@@ -554,7 +465,7 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
         f"ntfs walk: {len(walked.waves)} waves {[len(w) for w in walked.waves]}, "
         f"{total / MiB:.1f} MiB in {len(mine)} blocks ({100 * total / size:.1f} % of the "
         f"volume, {len(mine)} of {size // BLOCK_SIZE - len(empty)} written blocks) in "
-        f"{walked.seconds:.2f} s; pytsk3 read {len(blocks(source.ranges))} blocks, "
+        f"{walked.seconds:.2f} s; pytsk3 read {len(blocks_of(source.ranges))} blocks, "
         f"{len(library)} of them written and not file content: {100 * covered:.1f} % "
         f"covered, missed {sorted(library - mine)}; {len(content)} blocks of file content"
     )
@@ -568,21 +479,17 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
 @pytest.mark.mount
 def test_random_bytes_over_a_real_mft_end_quickly(populated: tuple[Path, int]) -> None:
     path, size = populated
-    vol = Volume(size, path=path)
-    try:
-        clean = walk(vol)
-        mft, length = clean.waves[2][0]
-        rng = random.Random(2025)
-        for _ in range(20):
-            vol.patches = []
-            for _ in range(50):  # 50 records hit, half re-signed
-                at = mft + rng.randrange(length // RECORD) * RECORD
-                raw = bytearray(vol.pread(RECORD, at))
-                lo = rng.randrange(0x38, RECORD - 8)
-                raw[lo : lo + 8] = rng.randbytes(8)
-                vol.patches.append((at, bytes(sign(raw) if rng.random() < 0.5 else raw)))
-            walked = walk(vol)
-            in_volume(walked, size)
-            assert walked.seconds < 5 and len(walked.waves) <= 5
-    finally:
-        vol.close()
+    vol = Image(path, size)
+    clean = walk(vol)
+    mft, length = clean.waves[2][0]
+    rng = random.Random(2025)
+    for _ in range(20):
+        vol.patches = []
+        for _ in range(50):  # 50 records hit, half re-signed
+            at = mft + rng.randrange(length // RECORD) * RECORD
+            raw = bytearray(vol.pread(RECORD, at))
+            lo = rng.randrange(0x38, RECORD - 8)
+            raw[lo : lo + 8] = rng.randbytes(8)
+            vol.patches.append((at, bytes(sign(raw) if rng.random() < 0.5 else raw)))
+        walked = walk(vol)  # the runner checks every extent lies in the volume
+        assert walked.seconds < 5 and len(walked.waves) <= 5

@@ -2,8 +2,8 @@
 readers on real images made by mkfs.xfs: libfsxfs (what `diff --files` reads XFS
 with) walking the whole tree through a reader that records what it reads, and a scan of
 the image for every B+tree and directory block by its magic. The walker runs over the
-image file through os.pread, no engine. Hostile input: random bytes over the metadata,
-self-referencing B+tree pointers, huge counts.
+image file through the shared runner (tests/fsmeta_helpers.py), no engine. Hostile
+input: random bytes over the metadata, self-referencing B+tree pointers, huge counts.
 
 Run with `-s` to see the figures (coverage, blocks, waves, time)."""
 
@@ -14,23 +14,20 @@ import os
 import random
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.fsmeta import xfs
-from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import Extent
 from ebsfs.forensics.fsread import read_tree
 from tests.disks import MiB, build_xfs, loop_device
+from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker
 
 pyfsxfs = pytest.importorskip("pyfsxfs")
 
-MARKER = b"FILEDATA"
 IMAGE_SIZE = 512 * MiB
 METADATA_MAGICS = (b"IAB3", b"BMA3", b"XDB3", b"XDD3", b"XDF3")
 """Blocks a walk must reach (v5): inobt, bmbt, directory data/block/free-index."""
@@ -39,83 +36,9 @@ METADATA_MAGICS = (b"IAB3", b"BMA3", b"XDB3", b"XDD3", b"XDF3")
 # -- helpers ------------------------------------------------------------------------------
 
 
-@dataclass
-class Image:
-    """An image file read through os.pread, with byte patches laid over it (for damage)
-    and a log of the ranges read."""
-
-    path: Path
-    patches: dict[int, bytes] = field(default_factory=dict)
-    reads: list[Extent] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.size = self.path.stat().st_size
-
-    def pread(self, size: int, offset: int) -> bytes:
-        """fsread's PositionalReader."""
-        size = max(0, min(size, self.size - offset))
-        self.reads.append((offset, size))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = bytearray(os.pread(fd, size, offset))
-        finally:
-            os.close(fd)
-        for at, patch in self.patches.items():
-            lo, hi = max(at, offset), min(at + len(patch), offset + size)
-            if lo < hi:
-                data[lo - offset : hi - offset] = patch[lo - at : hi - at]
-        return bytes(data)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        """walk.Read."""
-        return self.pread(length, offset)
-
-
-@dataclass
-class Walked:
-    waves: list[Wave]
-    stopped: str | None
-    seconds: float
-
-    @property
-    def extents(self) -> list[Extent]:
-        return [e for wave in self.waves for e in wave]
-
-    @property
-    def bytes(self) -> int:
-        return sum(length for _, length in self.extents)
-
-
-def walk(image: Image, probe: bool = True) -> Walked:
-    """Run the walker to its end as the runner would: each wave read before resuming."""
-    waves: list[Wave] = []
-
-    async def run() -> str | None:
-        head = await image.read(0, HEAD_SIZE)
-        assert xfs.WALKER.probe(head) or not probe
-        generator = xfs.WALKER.walk(image.read, image.size)
-        try:
-            async for wave in generator:
-                for offset, length in wave:
-                    assert offset >= 0 and length > 0 and offset + length <= image.size
-                waves.append(wave)
-        except WalkStopped as stop:
-            return str(stop)
-        return None
-
-    start = time.monotonic()
-    stopped = trio.run(run)
-    return Walked(waves, stopped, time.monotonic() - start)
-
-
-def blocks(extents: list[Extent]) -> set[int]:
-    """The 512 KiB snapshot blocks the extents touch."""
-    return {
-        b
-        for offset, length in extents
-        if length > 0
-        for b in range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1)
-    }
+def walk(image: Image, probe: bool = True) -> WalkResult:
+    """The XFS walker over `image` through the shared runner (claiming its head first)."""
+    return run_walker(xfs.WALKER, image, probe=probe)
 
 
 def file_content(data: bytes) -> bool:
@@ -198,7 +121,7 @@ def library_blocks(image: Image) -> tuple[set[int], int]:
     """The 512 KiB blocks libfsxfs reads walking the whole tree, and the entries read."""
     image.reads.clear()
     tree = read_tree(image)
-    return blocks(image.reads), len(tree.entries)
+    return blocks_of(image.reads), len(tree.entries)
 
 
 def content_blocks(path: Path, indexes: set[int]) -> set[int]:
@@ -212,17 +135,17 @@ def content_blocks(path: Path, indexes: set[int]) -> set[int]:
     return found
 
 
-def check(path: Path, label: str, library: bool = True, magic: bool = True) -> Walked:
+def check(path: Path, label: str, library: bool = True, magic: bool = True) -> WalkResult:
     """The walk ends, names no block of file content, and (`library`) covers >= 90 %
     of the non-content blocks libfsxfs reads walking the tree, and (`magic`) reaches
     every inobt, bmbt and directory block in the image."""
     image = Image(path)
     walked = walk(image)
     assert walked.stopped is None
-    ours = blocks(walked.extents)
+    ours = blocks_of(walked.extents)
     said = (
         f"\n{label}: walker {len(walked.waves)} waves, {len(walked.extents)} extents, "
-        f"{walked.bytes / MiB:.2f} MiB ({walked.bytes / image.size:.2%} of "
+        f"{walked.total / MiB:.2f} MiB ({walked.total / image.size:.2%} of "
         f"{image.size // MiB} MiB), {len(ours)} blocks of {image.size // BLOCK_SIZE}, "
         f"{walked.seconds * 1000:.0f} ms"
     )
@@ -255,8 +178,8 @@ def test_walker_covers_what_libfsxfs_reads_and_no_file_content(root_image: Path)
     walked = check(root_image, "mkfs.xfs -p tree")
     # superblock, AG headers, inobt (one level here), inode chunks, directory blocks
     assert len(walked.waves) <= 6
-    assert walked.bytes < 0.02 * IMAGE_SIZE
-    assert len(blocks(walked.extents)) < 0.1 * (IMAGE_SIZE // BLOCK_SIZE)
+    assert walked.total < 0.02 * IMAGE_SIZE
+    assert len(blocks_of(walked.extents)) < 0.1 * (IMAGE_SIZE // BLOCK_SIZE)
 
 
 @contextlib.contextmanager
@@ -364,11 +287,11 @@ def test_random_bytes_over_the_metadata_end_the_walk_quickly(
             f"\nrandom bytes over {share:.0%} of the metadata, sparing {spare} bytes a "
             f"sector (seed {trial}): "
             f"{walked.stopped or 'finished'}, {len(walked.waves)} waves, "
-            f"{walked.bytes / MiB:.2f} MiB (clean {clean.bytes / MiB:.2f}), "
+            f"{walked.total / MiB:.2f} MiB (clean {clean.total / MiB:.2f}), "
             f"{walked.seconds:.2f} s"
         )
         assert walked.seconds < 5
-        assert walked.bytes < IMAGE_SIZE / 4
+        assert walked.total < IMAGE_SIZE / 4
         assert len(walked.waves) <= 4 * xfs.MAX_LEVELS + 9
 
 
@@ -381,7 +304,8 @@ def test_hostile_superblocks_stop_the_walk(root_image: Path) -> None:
         "agblocks 1": (84, struct.pack(">I", 1)),
     }
     for name, (offset, patch) in cases.items():
-        image = Image(root_image, {offset: patch})
+        image = Image(root_image)
+        image.patches = [(offset, patch)]
         walked = walk(image, probe=False)
         assert walked.stopped is not None, name
         assert len(walked.waves) == 1, name
@@ -395,20 +319,20 @@ def test_self_referencing_and_huge_btrees_are_cut(root_image: Path) -> None:
     node = root * geo["block"]
     maxrecs = (geo["block"] - 56) // 8
     # AG 0's inobt: a root of level 1 whose only child is itself
-    image.patches = {
-        agi + 24: struct.pack(">I", 2),
-        node + 4: struct.pack(">HH", 1, 1),
-        node + 56 + maxrecs * 4: struct.pack(">I", root),
-    }
+    image.patches = [
+        (agi + 24, struct.pack(">I", 2)),
+        (node + 4, struct.pack(">HH", 1, 1)),
+        (node + 56 + maxrecs * 4, struct.pack(">I", root)),
+    ]
     walked = walk(image)
     clean = walk(Image(root_image))
     assert walked.stopped is None and len(walked.waves) <= len(clean.waves)
-    assert walked.bytes < clean.bytes  # AG 0's inodes are gone, the other AGs' stay
+    assert walked.total < clean.total  # AG 0's inodes are gone, the other AGs' stay
     # a leaf claiming 65,535 records; an AGI claiming 2**32-1 levels
-    image.patches = {node + 4: struct.pack(">HH", 0, 0xFFFF)}
-    assert walk(image).bytes < clean.bytes
-    image.patches = {agi + 24: struct.pack(">I", 2**32 - 1)}
-    assert walk(image).bytes < clean.bytes
+    image.patches = [(node + 4, struct.pack(">HH", 0, 0xFFFF))]
+    assert walk(image).total < clean.total
+    image.patches = [(agi + 24, struct.pack(">I", 2**32 - 1))]
+    assert walk(image).total < clean.total
 
 
 def test_every_inode_a_directory_with_hostile_extents(tmp_path: Path) -> None:
