@@ -73,22 +73,23 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
     opened. Reads that fail raise OSError with errno EIO, as the mount answers.
     Close it (or use `with`) to stop its background thread."""
-    config = _config(
-        region,
-        profile,
-        endpoint_url,
-        cache_size,
-        max_fetches,
-        read_timeout,
-        request_timeout,
-        cache_dir,
-        cache_dir_size,
-        direct_get,
-        prefetch_metadata,
-        prefetch_metadata_budget,
-    )
-    # With a cache directory, earlier snapshots of the volume cached there serve it too.
-    return open_with(config, [snapshot_id], readahead=readahead)[0]
+    # open_snapshots with one snapshot: the keywords become an EngineConfig in one place.
+    return open_snapshots(
+        [snapshot_id],
+        region=region,
+        profile=profile,
+        endpoint_url=endpoint_url,
+        cache_size=cache_size,
+        max_fetches=max_fetches,
+        read_timeout=read_timeout,
+        request_timeout=request_timeout,
+        readahead=readahead,
+        cache_dir=cache_dir,
+        cache_dir_size=cache_dir_size,
+        direct_get=direct_get,
+        prefetch_metadata=prefetch_metadata,
+        prefetch_metadata_budget=prefetch_metadata_budget,
+    )[0]
 
 
 def open_snapshots(
@@ -112,20 +113,25 @@ def open_snapshots(
     unchanged between two snapshots of one volume is fetched once for both (the later
     snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
     the engine stops when the last of the files is closed."""
-    config = _config(
-        region,
-        profile,
-        endpoint_url,
-        cache_size,
-        max_fetches,
-        read_timeout,
-        request_timeout,
-        cache_dir,
-        cache_dir_size,
-        direct_get,
-        prefetch_metadata,
-        prefetch_metadata_budget,
+    connection = ConnectionOptions(
+        region=region,
+        profile=profile,
+        endpoint_url=endpoint_url,
+        connect_timeout=min(5.0, request_timeout),
+        read_timeout=request_timeout,
+        direct_get=direct_get,
     )
+    config = EngineConfig(
+        connection=connection,
+        cache_size=cache_size,
+        max_fetches=max_fetches,
+        read_timeout=read_timeout,
+        cache_dir=cache_dir,
+        cache_dir_size=cache_dir_size,
+        prefetch_metadata=prefetch_metadata,
+        prefetch_metadata_budget=prefetch_metadata_budget,
+    )
+    # With a cache directory, earlier snapshots of the volume cached there serve them too.
     return open_with(config, snapshot_ids, readahead=readahead)
 
 
@@ -140,40 +146,6 @@ def open_with(
     engine = connect(config, snapshot_ids, share_lineage=share_lineage)
     share = _SharedLoop(EngineThread(engine), len(snapshot_ids))
     return [SnapshotFile(share, engine.images[s], readahead=readahead) for s in snapshot_ids]
-
-
-def _config(
-    region: str | None,
-    profile: str | None,
-    endpoint_url: str | None,
-    cache_size: int,
-    max_fetches: int,
-    read_timeout: float,
-    request_timeout: float,
-    cache_dir: str | None,
-    cache_dir_size: int,
-    direct_get: bool,
-    prefetch_metadata: bool,
-    prefetch_metadata_budget: int | None,
-) -> EngineConfig:
-    connection = ConnectionOptions(
-        region=region,
-        profile=profile,
-        endpoint_url=endpoint_url,
-        connect_timeout=min(5.0, request_timeout),
-        read_timeout=request_timeout,
-        direct_get=direct_get,
-    )
-    return EngineConfig(
-        connection=connection,
-        cache_size=cache_size,
-        max_fetches=max_fetches,
-        read_timeout=read_timeout,
-        cache_dir=cache_dir,
-        cache_dir_size=cache_dir_size,
-        prefetch_metadata=prefetch_metadata,
-        prefetch_metadata_budget=prefetch_metadata_budget,
-    )
 
 
 class _SharedLoop:
