@@ -12,14 +12,9 @@ from typing import Any
 
 from ebsfs.constants import MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
 from ebsfs.engine.cache import Loan
+from ebsfs.engine.config import DEFAULT_CACHE_DIR_SIZE, DEFAULT_CACHE_SIZE, EngineConfig
 from ebsfs.engine.diff import Diff
-from ebsfs.engine.engine import (
-    DEFAULT_CACHE_DIR_SIZE,
-    DEFAULT_CACHE_SIZE,
-    EngineConfig,
-    EngineThread,
-    connect,
-)
+from ebsfs.engine.engine import EngineThread, connect
 from ebsfs.engine.files import WindowReader
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition

@@ -21,7 +21,7 @@ from ebsfs.cli import main as cli
 from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer, SnapshotStore
 from ebsfs.engine.cache import BlockCache
-from ebsfs.engine.engine import EngineConfig
+from ebsfs.engine.config import EngineConfig
 from ebsfs.errors import OutputError
 from ebsfs.service.client import ConnectionOptions
 from tests.acquiring import (

@@ -22,7 +22,9 @@ from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare
 from ebsfs.diskcache.shards import SHARD_BLOCKS
 from ebsfs.diskcache.store import DiskCache
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.engine.engine import Engine, EngineConfig, plan
+from ebsfs.engine.config import EngineConfig
+from ebsfs.engine.engine import Engine
+from ebsfs.engine.plan import plan
 from ebsfs.errors import CacheDirError
 from tests.fakes import StoreApi, pattern_block
 

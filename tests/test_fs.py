@@ -14,7 +14,8 @@ import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import Faults, SnapshotStore
-from ebsfs.engine.engine import Engine, EngineConfig
+from ebsfs.engine.config import EngineConfig
+from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
 from ebsfs.errors import TransientError
 from ebsfs.fuse.operations import ROOT_INODE, EbsOperations

@@ -113,3 +113,56 @@ def test_concurrent_lookups_share_one_listing() -> None:
 
     trio.run(run)
     assert api.calls["ListSnapshotBlocks"] == 1
+
+
+def first_page(api: StoreApi, max_results: int = 10000):
+    """The page from block 0, as the checks before a mount get it (engine/plan.py)."""
+    return api.list_snapshot_blocks("snap-01", max_results=max_results)
+
+
+def test_a_page_got_earlier_is_the_first_page_and_costs_no_call() -> None:
+    store, api, _ = make([0, 5, 2000])
+    page = first_page(api)
+    index = BlockIndex(RemoteSnapshots(api), "snap-01", 2048, first_page=page)
+    calls = api.calls["ListSnapshotBlocks"]
+    assert present(index, [0, 1, 5, 2047]) == [0, 5]
+    assert api.calls["ListSnapshotBlocks"] == calls
+    assert index.list_calls == 0
+    # Used once: after its chunk is forgotten, the chunk is listed again.
+    index.invalidate(0)
+    assert present(index, [0, 5]) == [0, 5]
+    assert api.calls["ListSnapshotBlocks"] == calls + 1
+
+
+def test_a_short_page_got_earlier_is_continued_from_its_next_token() -> None:
+    store, api, _ = make(list(range(0, 600)), volume_gib=1)
+    page = first_page(api, max_results=100)
+    assert page.next_token is not None
+    index = BlockIndex(RemoteSnapshots(api), "snap-01", 2048, first_page=page)
+    calls = api.calls["ListSnapshotBlocks"]
+    assert present(index, [0, 99, 100, 599, 600]) == [0, 99, 100, 599]
+    assert api.calls["ListSnapshotBlocks"] > calls  # the rest was listed after it
+
+
+def test_an_expired_page_got_earlier_is_not_used() -> None:
+    store, api, _ = make([0, 1])
+    store.faults.token_lifetime = 100
+    page = first_page(api)
+    store.faults.token_lifetime = 10**6  # pages listed from now on live long
+    now = [page.expiry + 1]  # past the first page's ExpiryTime, not the later ones'
+    index = BlockIndex(RemoteSnapshots(api), "snap-01", 2048, first_page=page, clock=lambda: now[0])
+    calls = api.calls["ListSnapshotBlocks"]
+    assert present(index, [0, 1]) == [0, 1]
+    assert api.calls["ListSnapshotBlocks"] == calls + 1
+
+
+def test_a_page_got_earlier_serves_only_chunk_zero() -> None:
+    store, api, _ = make([*range(100), 9000], volume_gib=8)
+    page = first_page(api, max_results=100)  # blocks 0-99, then a NextToken
+    index = BlockIndex(
+        RemoteSnapshots(api), "snap-01", 8 * 2048, chunk_blocks=8192, first_page=page
+    )
+    assert present(index, [9000]) == [9000]  # chunk 1 listed from its own start
+    calls = api.calls["ListSnapshotBlocks"]
+    assert present(index, [0, 1, 100]) == [0, 1]  # chunk 0 still starts from the page got earlier
+    assert api.calls["ListSnapshotBlocks"] == calls + 1  # ...and pages on from its NextToken

@@ -19,7 +19,8 @@ from ebsfs.cli.main import build_parser
 from ebsfs.cli.options import engine_config
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
-from ebsfs.engine.engine import Engine, EngineConfig, metadata_budget
+from ebsfs.engine.config import EngineConfig, metadata_budget
+from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import WindowReader
 from ebsfs.engine.fsmeta import walkers
 from ebsfs.engine.fsmeta.walk import Read, WalkStopped, Wave

@@ -27,7 +27,8 @@ from ebsfs.acquire.progress import Progress, QuietProgress
 from ebsfs.acquire.target import FileTarget, TargetKind, failure, open_target
 from ebsfs.constants import BLOCK_SIZE, __version__
 from ebsfs.engine import engine
-from ebsfs.engine.engine import Engine, EngineConfig
+from ebsfs.engine.config import EngineConfig
+from ebsfs.engine.engine import Engine
 from ebsfs.errors import EbsfsError, first_leaf
 from ebsfs.service.api import EbsApi
 

@@ -15,7 +15,7 @@ from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import Manifest, manifest_path, read_manifest
 from ebsfs.acquire.target import TargetKind, check_directory
 from ebsfs.engine.cache import SLAB_SIZE
-from ebsfs.engine.engine import EngineConfig, check_snapshot_id
+from ebsfs.engine.config import EngineConfig, check_snapshot_id
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.errors import ManifestError, OutputError, UserInputError
 

@@ -77,7 +77,7 @@ def add_parser(commands: Commands) -> None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ebsfs.engine.engine import check_snapshot_id
+    from ebsfs.engine.config import check_snapshot_id
 
     check_snapshot_id(args.first)
     check_snapshot_id(args.second)
@@ -92,13 +92,14 @@ def _diff_blocks(args: argparse.Namespace) -> int:
     import trio
 
     from ebsfs.engine import engine
+    from ebsfs.engine.plan import Plan
     from ebsfs.service.retry import RetryPolicy
 
     # Many pages against a 50 calls/s quota: retry throttling patiently.
     config = engine_config(args, RetryPolicy(attempts=6, deadline=30.0))
     # No snapshot checked or opened: ListChangedBlocks is all a diff of blocks needs
     # (and all the permission it asks for).
-    the_engine = engine.build(config, engine.Plan(snapshots=[], bases={}))
+    the_engine = engine.build(config, Plan(snapshots=[], bases={}))
     try:
         result = trio.run(the_engine.diff, args.first, args.second)
     finally:

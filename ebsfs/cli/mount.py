@@ -4,6 +4,7 @@ the engine are imported only when one of them runs."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
 import sys
@@ -90,9 +91,8 @@ def add_umount_parser(commands: Commands) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ebsfs.engine import engine
-    from ebsfs.engine.engine import check_snapshot_id
-    from ebsfs.fuse import mount as fuse_mount
+    from ebsfs.engine.config import check_snapshot_id
+    from ebsfs.engine.plan import plan
     from ebsfs.service import ec2
 
     mountpoint = args.mountpoint
@@ -107,8 +107,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
     config = engine_config(args)
-    checked = engine.plan(config, args.snapshot_ids)
-    described = ec2.lookup(config.connection, args.snapshot_ids, args.ec2_endpoint_url)
+    # The checks and the EC2 lookup wait on the network while this thread loads trio,
+    # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
+    # Both threads are done before the fork below.
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
+        checking = pool.submit(plan, config, args.snapshot_ids)
+        describing = pool.submit(
+            ec2.lookup, config.connection, args.snapshot_ids, args.ec2_endpoint_url
+        )
+        from ebsfs.engine import engine
+        from ebsfs.fuse import mount as fuse_mount
+
+        checked = checking.result()
+        described = describing.result()
     if described.note:
         log.info("image mtimes are the mount time: %s", described.note)
     mount_config = fuse_mount.MountConfig(

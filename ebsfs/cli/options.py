@@ -20,7 +20,7 @@ from ebsfs.constants import (
 )
 
 if TYPE_CHECKING:
-    from ebsfs.engine.engine import EngineConfig
+    from ebsfs.engine.config import EngineConfig
     from ebsfs.service.client import ConnectionOptions
     from ebsfs.service.retry import RetryPolicy
 
@@ -237,7 +237,7 @@ def connection_options(
 
 def engine_config(args: argparse.Namespace, retry: RetryPolicy | None = None) -> EngineConfig:
     """The engine's settings from the options every reading command shares."""
-    from ebsfs.engine.engine import EngineConfig
+    from ebsfs.engine.config import EngineConfig
 
     given = {name: getattr(args, name) for name in _ENGINE_OPTIONS if hasattr(args, name)}
     return EngineConfig(connection=connection_options(args, retry), **given)

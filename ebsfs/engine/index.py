@@ -26,7 +26,7 @@ import cachetools
 from ebsfs.engine.pending import SingleFlight
 from ebsfs.engine.remote import RemoteSnapshots
 from ebsfs.errors import InvalidPageToken
-from ebsfs.service.api import ChangedBlock
+from ebsfs.service.api import BlockPage, ChangedBlock
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,21 @@ PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
 """(StartingBlockIndex, NextToken) -> one page."""
 
 
-async def pages(fetch_page: PageFetcher[V], start: int, name: str) -> AsyncGenerator[Page[V], None]:
+async def pages(
+    fetch_page: PageFetcher[V], start: int, name: str, first: Page[V] | None = None
+) -> AsyncGenerator[Page[V], None]:
     """Pages from `start` on, to the end of the listing unless the caller stops early.
     A NextToken that expired (they live 60 minutes) restarts the listing just past the
     last index returned, so nothing is missed or repeated. The one paging loop of ebsfs:
-    the block and change indexes and `ebsfs diff` all use it."""
+    the block and change indexes and `ebsfs diff` all use it. `first`, when given, is
+    the page from `start` got earlier: it is used instead of asking again."""
     position, next_token = start, None
     while True:
         try:
-            entries, page_token, expiry = await fetch_page(position, next_token)
+            if first is not None:
+                (entries, page_token, expiry), first = first, None
+            else:
+                entries, page_token, expiry = await fetch_page(position, next_token)
         except InvalidPageToken:
             if next_token is None:
                 raise
@@ -113,8 +119,12 @@ class ChunkedIndex(Generic[V]):
         chunk_blocks: int = CHUNK_BLOCKS,
         max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        first_page: Page[V] | None = None,
     ) -> None:
+        """`first_page`: the listing's page from block 0, got earlier (the checks
+        before a mount): the first listing of chunk 0 starts from it."""
         self._fetch_page = fetch_page
+        self._first_page = first_page
         self.name = name
         self.volume_blocks = volume_blocks
         self.chunk_blocks = chunk_blocks
@@ -185,9 +195,17 @@ class ChunkedIndex(Generic[V]):
         expiry = float("inf")
         listed_at = self._clock()
         proven_to = start - 1
-        async with aclosing(pages(self._fetch_page, start, self.name)) as listing:
+        first = None
+        if start == 0 and self._first_page is not None:
+            first, self._first_page = self._first_page, None
+            if not _Chunk({}, first[2], listed_at).fresh(self._clock()):
+                first = None  # its tokens are (nearly) expired: list again
+        given = first is not None  # that page was a call of its own, counted by its maker
+        async with aclosing(pages(self._fetch_page, start, self.name, first)) as listing:
             async for entries, page_token, page_expiry in listing:
-                self.list_calls += 1
+                if not given:
+                    self.list_calls += 1
+                given = False
                 expiry = min(expiry, page_expiry)
                 for index, value in entries:
                     found[index] = value
@@ -231,7 +249,12 @@ class BlockIndex(ChunkedIndex[str]):
     """Block index -> token, or None for a block the snapshot never wrote."""
 
     def __init__(
-        self, remote: RemoteSnapshots, snapshot_id: str, volume_blocks: int, **kw: Any
+        self,
+        remote: RemoteSnapshots,
+        snapshot_id: str,
+        volume_blocks: int,
+        first_page: BlockPage | None = None,
+        **kw: Any,
     ) -> None:
         async def fetch(start: int, next_token: str | None) -> Page[str]:
             page = await remote.list_snapshot_blocks(
@@ -239,7 +262,12 @@ class BlockIndex(ChunkedIndex[str]):
             )
             return page.blocks, page.next_token, page.expiry
 
-        super().__init__(fetch, snapshot_id, volume_blocks, **kw)
+        first = (
+            None
+            if first_page is None
+            else (first_page.blocks, first_page.next_token, first_page.expiry)
+        )
+        super().__init__(fetch, snapshot_id, volume_blocks, first_page=first, **kw)
         self.snapshot_id = snapshot_id
 
     async def token(self, index: int) -> str | None:

@@ -1,0 +1,176 @@
+"""Before any engine exists: check the snapshots (they exist, we may read them, their
+sizes) and find which share a lineage, failing fast with errors a user can act on.
+No trio here: the mount runs this while it loads the rest (cli/mount.py).
+
+The checks' answers are kept for the engine, so that starting costs no call twice:
+each snapshot's first ListSnapshotBlocks page (it becomes the block index's first
+page: the first read, of block 0, then lists nothing) and the botocore session (the
+engine's client is made from it in about 4 ms instead of 100)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebsfs.diskcache import catalog, directory
+from ebsfs.engine.config import EngineConfig, check_snapshot_id
+from ebsfs.engine.stats import Stats
+from ebsfs.errors import (
+    AccessDenied,
+    EbsfsError,
+    ServiceError,
+    SnapshotNotFound,
+    UnrelatedSnapshots,
+    UserInputError,
+)
+from ebsfs.service.api import MAX_RESULTS, BlockPage, EbsApi
+from ebsfs.service.client import BotoEbsApi
+from ebsfs.service.retry import RetryPolicy
+from ebsfs.service.session import AwsSession, ConnectionOptions
+
+log = logging.getLogger(__name__)
+
+CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=15.0)
+"""Checks before serving fail fast: a user is waiting at the prompt."""
+CHECK_THREADS = 8
+"""Snapshots checked at once (a mount of many waits one call, not one per snapshot)."""
+FIRST_PAGES_KEPT = 16
+"""Snapshots whose first page is listed in full (MAX_RESULTS entries, about 2.5 MB
+of tokens each) and kept for the engine; the others are checked with a short page."""
+
+
+@dataclass
+class Checked:
+    """One snapshot, checked: its size, and its first ListSnapshotBlocks page (from
+    block 0) when kept for the block index."""
+
+    snapshot_id: str
+    size: int
+    first_page: BlockPage | None
+
+
+def check_snapshots(api: EbsApi, snapshot_ids: list[str]) -> list[Checked]:
+    """One list call per snapshot, several at once: it exists, we may read it, and its
+    size in bytes. The first error in the order given is raised (the same one each
+    time, whatever answered first)."""
+
+    def check(position: int, snapshot_id: str) -> Checked:
+        keep = position < FIRST_PAGES_KEPT
+        page = api.list_snapshot_blocks(snapshot_id, max_results=MAX_RESULTS if keep else 100)
+        return Checked(snapshot_id, page.volume_size, page if keep else None)
+
+    if len(snapshot_ids) == 1:
+        return [check(0, snapshot_ids[0])]
+    workers = min(CHECK_THREADS, len(snapshot_ids))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
+        futures = [pool.submit(check, n, s) for n, s in enumerate(snapshot_ids)]
+        return [future.result() for future in futures]
+
+
+def find_bases(api: EbsApi, snapshots: list[tuple[str, int]]) -> dict[str, str]:
+    """For each snapshot, the first one before it in the list that is of the same
+    volume (one ListChangedBlocks call per pair tried). Unrelated pairs, or no
+    ebs:ListChangedBlocks permission, just mean no sharing."""
+    bases: dict[str, str] = {}
+    for k, (second, size) in enumerate(snapshots):
+        for first, first_size in snapshots[:k]:
+            if first_size != size:
+                continue
+            try:
+                api.list_changed_blocks(first, second, max_results=100)
+            except (UnrelatedSnapshots, AccessDenied) as err:
+                log.info("%s and %s share no blocks: %s", first, second, err)
+                continue
+            bases[second] = first
+            break
+    return bases
+
+
+def find_disk_bases(
+    api: EbsApi, cache_dir: str, snapshots: list[tuple[str, int]]
+) -> dict[str, list[str]]:
+    """For each snapshot, the snapshots of the same volume with blocks in the disk
+    cache (same size, then one ListChangedBlocks call per candidate), most recently used
+    first. Unrelated pairs are remembered (never asked again); no ebs:ListChangedBlocks
+    permission just means no reuse."""
+    mounted = {snapshot_id for snapshot_id, _ in snapshots}
+    bases: dict[str, list[str]] = {}
+    for second, size in snapshots:
+        for first in catalog.lineage_candidates(cache_dir, second, size, mounted):
+            try:
+                api.list_changed_blocks(first, second, max_results=100)
+            except UnrelatedSnapshots:
+                catalog.record_unrelated(cache_dir, first, second)
+                continue
+            except AccessDenied as err:
+                log.info("no reuse of cached blocks of other snapshots: %s", err)
+                return bases
+            except (SnapshotNotFound, ServiceError) as err:
+                log.info("cached blocks of %s not reused for %s: %s", first, second, err)
+                continue
+            except EbsfsError as err:
+                log.warning(
+                    "cached blocks of %s not reused for %s: could not compare them (%s)",
+                    first,
+                    second,
+                    err,
+                )
+                continue
+            log.info("%s reuses the cached blocks of %s that did not change", second, first)
+            bases.setdefault(second, []).append(first)
+    return bases
+
+
+@dataclass
+class Plan:
+    """Snapshots checked (id, size in bytes) and which share blocks with which, in
+    memory (`bases`, mounted together) and in the disk cache (`disk_bases`), with what
+    the checks found that the engine can use (`first_pages`, `session`)."""
+
+    snapshots: list[tuple[str, int]]
+    bases: dict[str, str]
+    disk_bases: dict[str, list[str]] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    """The checks' calls, counted with the engine's later ones."""
+    first_pages: dict[str, BlockPage] = field(default_factory=dict)
+    """Snapshot id -> its ListSnapshotBlocks page from block 0, as the check got it."""
+    session: AwsSession | None = None
+    """The checks' botocore session, for the engine's client (None: make one)."""
+
+
+def plan(
+    config: EngineConfig,
+    snapshot_ids: list[str],
+    *,
+    share_lineage: bool = True,
+    api: EbsApi | None = None,
+) -> Plan:
+    """Check the ids, the cache directory and the snapshots (one list call each,
+    failing fast: a user waits) and find which share a lineage, with each other and
+    with snapshots in the disk cache. Raises typed EbsfsErrors a user can act on."""
+    for snapshot_id in snapshot_ids:
+        check_snapshot_id(snapshot_id)
+    if len(set(snapshot_ids)) != len(snapshot_ids):
+        raise UserInputError("a snapshot id is given twice")
+    cache_dir = directory.prepare(config.cache_dir) if config.cache_dir is not None else None
+    stats = Stats()
+    session = None
+    if api is None:
+        options = with_options(config.connection, retry=CHECK_RETRY, max_connections=CHECK_THREADS)
+        api = boto = BotoEbsApi(options, stats=stats)
+        session = boto.session
+    checked = check_snapshots(api, snapshot_ids)
+    snapshots = [(c.snapshot_id, c.size) for c in checked]
+    bases = find_bases(api, snapshots) if share_lineage and len(snapshots) > 1 else {}
+    disk_bases = {}
+    if cache_dir is not None and share_lineage:
+        disk_bases = find_disk_bases(api, cache_dir, snapshots)
+    first_pages = {c.snapshot_id: c.first_page for c in checked if c.first_page is not None}
+    return Plan(snapshots, bases, disk_bases, stats, first_pages, session)
+
+
+def with_options(options: ConnectionOptions, **changes: Any) -> ConnectionOptions:
+    """`options` with some fields changed."""
+    return ConnectionOptions(**{**options.__dict__, **changes})

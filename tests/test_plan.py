@@ -1,0 +1,71 @@
+"""The checks before an engine exists (engine/plan.py): several snapshots at once with a
+deterministic error, and what they hand on to the engine so that starting costs no call
+twice (the first page of each block index, the botocore session)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from ebsfs.emulator import SnapshotStore
+from ebsfs.engine import plan as planning
+from ebsfs.engine.config import EngineConfig
+from ebsfs.engine.engine import build, connect
+from ebsfs.errors import SnapshotNotFound
+from ebsfs.service.session import ConnectionOptions
+from tests.fakes import StoreApi, pattern_block
+
+SNAPSHOTS = ["snap-0a", "snap-0b", "snap-0c"]
+
+
+def store_api() -> StoreApi:
+    store = SnapshotStore()
+    for n, snapshot_id in enumerate(SNAPSHOTS):
+        store.add_snapshot(snapshot_id, {0: pattern_block(n, 0), 3: pattern_block(n, 3)})
+    return StoreApi(store)
+
+
+def test_each_snapshot_is_checked_once_and_its_first_page_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(planning, "FIRST_PAGES_KEPT", 2)
+    api = store_api()
+    checked = planning.plan(EngineConfig(), SNAPSHOTS, share_lineage=False, api=api)
+    assert checked.snapshots == [(s, 1024**3) for s in SNAPSHOTS]
+    assert api.calls["ListSnapshotBlocks"] == 3
+    # The first two keep their page from block 0 (both blocks on it); the third not.
+    assert sorted(checked.first_pages) == SNAPSHOTS[:2]
+    assert [i for i, _ in checked.first_pages["snap-0a"].blocks] == [0, 3]
+
+
+def test_the_first_missing_snapshot_in_the_order_given_is_the_error() -> None:
+    api = store_api()
+    ids = ["snap-0a", "snap-0dead1", "snap-0b", "snap-0dead2"]
+    for _ in range(5):  # checked in parallel: the error must not depend on who answers first
+        with pytest.raises(SnapshotNotFound, match="snap-0dead1"):
+            planning.plan(EngineConfig(), ids, share_lineage=False, api=api)
+
+
+def test_reading_block_zero_after_the_checks_lists_nothing() -> None:
+    api = store_api()
+    engine = connect(EngineConfig(), ["snap-0a"], api=api)
+    listed = api.calls["ListSnapshotBlocks"]
+    image = engine.images["snap-0a"]
+
+    async def read() -> bytes:
+        return bytes(await image.read(0, 4096))
+
+    assert trio.run(read) == bytes(pattern_block(0, 0)[:4096])
+    assert api.calls["ListSnapshotBlocks"] == listed == 1
+    assert api.calls["GetSnapshotBlock"] == 1
+
+
+def test_the_engines_client_is_made_from_the_checks_session() -> None:
+    options = ConnectionOptions(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    config = EngineConfig(connection=options)
+    checker = planning.BotoEbsApi(options)  # what plan() makes when given no api
+    checked = planning.Plan([("snap-0a", 1024**3)], {}, session=checker.session)
+    engine = build(config, checked)
+    assert engine.api.session is checker.session  # type: ignore[attr-defined]
+    alone = build(config, planning.Plan([("snap-0a", 1024**3)], {}))
+    assert alone.api.session is not checker.session  # type: ignore[attr-defined]
