@@ -1,7 +1,10 @@
 """ext2/3/4 metadata for the prefetch, one wave per level: the superblock and group
 descriptors; the inode tables in use (and their bitmaps, which tools check); then every
 directory's and slow symlink's blocks with every extent-tree or indirect block, of files
-too, level by level.
+too, level by level; last, the rest of every inode table and bitmap, which The Sleuth
+Kit reads through looking for orphan files (`fls -r` lists them under $OrphanFiles,
+after the tree): mostly never written, so mostly free, but the first blocks of each
+flex group's tables are, and each cost `fls -r` a round trip of its own.
 
 These are what `fls -r`, a timeline or `diff --files` read one dependent block at a
 time. A regular file's data (its leaf extents, its direct blocks) is never followed.
@@ -32,6 +35,10 @@ MAX_WAVES = 12
 """Levels below the inode tables are at most MAX_DEPTH + 1: more means a loop."""
 MAX_DIR_BYTES = 1 << 32
 """Largest directory or symlink whose blocks are followed (largedir's own ceiling)."""
+MAX_SLOT_SWEEP = 1 << 30
+"""Bytes of unused inode slots in the last wave at the most (4 million inodes of 256
+bytes, a 64 GiB filesystem at mkfs's default ratio): past it, the slots of the first
+groups only."""
 
 # Superblock features that change where metadata is (ext4's disk layout document).
 INCOMPAT_COMPRESSION = 0x1
@@ -356,6 +363,8 @@ class Ext4Walker:
             if walk.stopped:
                 raise WalkStopped(walk.stopped)
             if not nodes:
+                if self._unused_slots(walk, gdt, tables):
+                    yield walk.take()
                 return
             for node in nodes:
                 found = await read(node.block * geo.block_size, geo.block_size)
@@ -366,6 +375,29 @@ class Ext4Walker:
                 else:
                     walk.map_node(found, node)
         raise WalkStopped(f"trees deeper than {MAX_WAVES} levels")
+
+    def _unused_slots(self, walk: _Pass, gdt: bytes, read: list[tuple[int, int, int]]) -> bool:
+        """Queue every inode table's blocks not read yet and every group's inode bitmap
+        (up to MAX_SLOT_SWEEP bytes, in group order); True if any were queued."""
+        geo = walk.geo
+        done = {group: used for group, _, used in read}
+        room = MAX_SLOT_SWEEP // geo.block_size
+        full = -(-geo.inodes_per_group * geo.inode_size // geo.block_size)
+        for group in range(geo.groups):
+            raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
+            if len(raw) < 32 or room <= 0:
+                break
+            bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
+            if geo.desc_size >= 64:
+                bitmap |= _u32(raw, 0x24) << 32
+                table |= _u32(raw, 0x28) << 32
+            skip = -(-done.get(group, 0) * geo.inode_size // geo.block_size)
+            count = min(full - skip, room)
+            if count > 0 and walk.extent(table + skip, count):
+                room -= count
+                if group not in done:
+                    walk.extent(bitmap, 1)
+        return bool(walk.wave)
 
     def _tables(self, walk: _Pass, gdt: bytes) -> list[tuple[int, int, int]]:
         """(group, first block, inodes in use) of each inode table worth reading, its
