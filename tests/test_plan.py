@@ -69,3 +69,19 @@ def test_the_engines_client_is_made_from_the_checks_session() -> None:
     assert engine.api.session is checker.session  # type: ignore[attr-defined]
     alone = build(config, planning.Plan([("snap-0a", 1024**3)], {}))
     assert alone.api.session is not checker.session  # type: ignore[attr-defined]
+
+
+def test_block_zero_comes_with_the_checks_and_is_not_fetched_again() -> None:
+    api = store_api()
+    checked = planning.plan(EngineConfig(), ["snap-0a"], api=api)
+    assert api.calls["GetSnapshotBlock"] == 1
+    assert bytes(checked.first_blocks["snap-0a"].data) == bytes(pattern_block(0, 0))
+    engine = build(EngineConfig(), checked, api)
+    image = engine.images["snap-0a"]
+
+    async def read() -> bytes:
+        return bytes(await image.read(0, 8192)) + bytes(await image.read(3 * 524288, 16))
+
+    assert trio.run(read) == bytes(pattern_block(0, 0)[:8192]) + bytes(pattern_block(0, 3)[:16])
+    assert api.calls["GetSnapshotBlock"] == 2  # block 3 only: block 0 came with the checks
+    assert engine.stats.blocks_fetched == 2

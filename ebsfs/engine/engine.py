@@ -31,7 +31,7 @@ from ebsfs.engine.prefetch import Readahead
 from ebsfs.engine.remote import RemoteSnapshots
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import EbsfsError, PartitionTableError
-from ebsfs.service.api import BlockPage, EbsApi
+from ebsfs.service.api import Block, BlockPage, EbsApi
 from ebsfs.service.client import BotoEbsApi
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class Engine:
         disk_bases: dict[str, list[str]] | None = None,
         stats: Stats | None = None,
         first_pages: dict[str, BlockPage] | None = None,
+        first_blocks: dict[str, Block] | None = None,
     ) -> None:
-        """`first_pages`: ListSnapshotBlocks pages from block 0 that the checks got
-        (plan.py), used as the block indexes' first pages."""
+        """`first_pages`, `first_blocks`: ListSnapshotBlocks pages from block 0 and
+        blocks 0 that the checks got (plan.py), used instead of asking again."""
         self.api = api
         self.config = config
         self.stats = stats or Stats()
@@ -101,6 +102,7 @@ class Engine:
                 max_window=window,
                 disk=disk,
                 stats=self.stats,
+                first_block=(first_blocks or {}).get(snapshot_id),
             )
         for second, first in (bases or {}).items():
             image = self.images[second]
@@ -194,6 +196,7 @@ def build(config: EngineConfig, checked: Plan, api: EbsApi | None = None) -> Eng
         checked.disk_bases,
         checked.stats,
         checked.first_pages,
+        checked.first_blocks,
     )
 
 

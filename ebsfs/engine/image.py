@@ -46,7 +46,10 @@ class SnapshotImage:
         max_window: int = 256,
         disk: DiskView | None = None,
         stats: Stats | None = None,
+        first_block: Block | None = None,
     ) -> None:
+        """`first_block`: block 0 as fetched beside the checks (engine/plan.py): its
+        first fetch is answered with it."""
         self.snapshot_id = snapshot_id
         self.size = size
         self.index = index
@@ -62,6 +65,7 @@ class SnapshotImage:
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
+        self._first_block = first_block
 
     def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
         """Serve blocks that `changes` says are unchanged from `base` (an earlier
@@ -135,6 +139,12 @@ class SnapshotImage:
     async def _fetch(self, index: int, token: str, room: memoryview | None, lent: Loan) -> Block:
         """The block from the disk cache if it holds it verified, else from the service
         (then kept on disk)."""
+        if index == 0 and self._first_block is not None:
+            block, self._first_block = self._first_block, None
+            self.stats.blocks_fetched += 1  # the cache copies it into `room`
+            if self.disk is not None:
+                await self.disk.store(index, block, lent.share())
+            return block
         if self.disk is not None:
             found = await self.disk.load(index, room)
             if found is not None:
