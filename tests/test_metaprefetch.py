@@ -4,6 +4,7 @@ for the tool's own reads, once per window, the options and the counters."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 import threading
@@ -189,6 +190,41 @@ def test_cached_blocks_and_holes_are_not_fetched_again() -> None:
     engine, api = run_engine(blocks, walker, body)
     assert sorted(i for _, i in api.block_gets) == list(range(16))
     assert engine.stats.prefetch_blocks == 14  # not block 0 (the head), nor 3
+
+
+def test_a_walker_parsing_cached_metadata_lets_other_tasks_run_between_its_reads() -> None:
+    """Walkers parse on the engine's loop; a wave's reads are cache hits, which return
+    without yielding. The runner's read yields at every call, so a walk of a huge MFT or
+    inode table never holds the tools' reads back for more than one read's parsing."""
+    between: list[int] = []
+
+    class ManyReads(FakeWalker):
+        async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
+            yield blocks_wave(range(1, 5))
+            for n in range(200):  # every one a cache hit
+                await read(BLOCK_SIZE + n * 4096, 4096)
+                between.append(ticks[0])
+
+    walker = ManyReads([])
+    ticks = [0]
+
+    async def body(engine: Engine, api: CountingApi) -> None:
+        async def ticker() -> None:
+            while True:
+                ticks[0] += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await reader(engine).read(0, 4096)
+            await settled(engine)
+            nursery.cancel_scope.cancel()
+
+    run_engine(disk(), walker, body)
+    assert len(between) == 200
+    # The ticker ran between most two reads of the walker (trio shuffles each batch of
+    # runnable tasks, so not all); with no checkpoint in the runner's read, never.
+    assert sum(1 for a, b in itertools.pairwise(between) if b > a) >= 100
 
 
 # -- the budget -------------------------------------------------------------------------

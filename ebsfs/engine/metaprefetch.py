@@ -181,6 +181,11 @@ class MetadataPrefetch:
         label = self._label(image, start, length)
 
         async def read(offset: int, size: int) -> bytes:
+            # Walkers parse on this (the engine's) thread between reads: a checkpoint at
+            # every read lets the tools' reads in, so a walk never holds the loop longer
+            # than parsing one read's bytes takes (a wave's reads are all cache hits,
+            # which return without one).
+            await trio.lowlevel.checkpoint()
             if offset < 0 or size < 0 or size > MAX_WALKER_READ:
                 raise WalkStopped(f"read of {size} bytes at {offset} refused")
             if offset >= length or size == 0:

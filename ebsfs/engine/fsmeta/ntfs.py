@@ -46,8 +46,10 @@ MAX_LIST_BYTES = 256 * 1024
 MAX_STREAM = 256 * 1024 * 1024
 """Bytes taken of any one metadata stream (a directory's index blocks, a system
 stream)."""
-READ_CHUNK = 4 * 1024 * 1024
-"""MFT bytes parsed per read (records are scanned chunk by chunk, not all held)."""
+READ_CHUNK = 1024 * 1024
+"""MFT bytes parsed per read (records are scanned chunk by chunk, not all held). The
+walk parses on the engine's loop and yields to the tools' reads at each read, so the
+records of one read are the longest a tool's read waits for the parsing: 1,024 here."""
 
 ATTRIBUTE_LIST, DATA, INDEX_ALLOCATION, END = 0x20, 0x80, 0xA0, 0xFFFFFFFF
 IN_USE = 0x0001

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""How long `ebsfs mount` takes to return (the mount ready, in the background), from the
+command's start, at several latencies: the part of every forensic walk that comes
+before the tool's first read (issue 25).
+
+A small GPT disk with an ext4 partition is served by the emulator; each round runs the
+mount command of each tree given (alternating, so drift hits them alike), then
+unmounts. Prints the median and slowest per latency and tree. Needs root.
+
+    sudo .venv/bin/python scripts/bench_start.py [--latencies 20,100,200] [--rounds 5]
+        [--trees /tmp/before,.]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ebsfs.emulator.diskimage import build_disk  # noqa: E402
+from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_read import emulator_control  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def ebsfs(tree: Path, *args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    subprocess.run([sys.executable, "-m", "ebsfs", *args], check=True, env=env, cwd="/")
+
+
+def timed_mount(tree: Path, url: str, mnt: Path) -> float:
+    started = time.monotonic()
+    ebsfs(tree, "mount", "--endpoint-url", url, SNAP, str(mnt))
+    seconds = time.monotonic() - started
+    ebsfs(tree, "umount", str(mnt))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--latencies", default="20,100,200", help="ms per call")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--trees", default=str(ROOT), help="source trees, comma-separated")
+    args = parser.parse_args()
+    trees = [Path(t).resolve() for t in args.trees.split(",")]
+    for tree in trees:
+        if not (tree / "ebsfs" / "__main__.py").exists():
+            parser.error(f"{tree} holds no ebsfs package")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        image, mnt = tmp / "disk.img", tmp / "mnt"
+        mnt.mkdir()
+        files = {f"d{d}/f{f}.txt": b"%d/%d\n" % (d, f) for d in range(10) for f in range(10)}
+        build_disk(image, 1024 * MIB, files)
+        proc, url = start_emulator(image)
+        try:
+            timed_mount(trees[-1], url, mnt)  # untimed: the first run loads files from disk
+            for latency_ms in (int(x) for x in args.latencies.split(",")):
+                emulator_control(url, "faults", {"latency": latency_ms / 1000, "jitter": 0})
+                seconds: dict[Path, list[float]] = {tree: [] for tree in trees}
+                for round_no in range(args.rounds):
+                    for tree in trees if round_no % 2 == 0 else trees[::-1]:
+                        seconds[tree].append(timed_mount(tree, url, mnt))
+                for tree in trees:
+                    s = seconds[tree]
+                    print(
+                        f"{latency_ms:>4} ms  {str(tree):<24} mount returns after "
+                        f"{statistics.median(s):.3f} s median, {max(s):.3f} s slowest "
+                        f"({', '.join(f'{x:.2f}' for x in s)})",
+                        flush=True,
+                    )
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
