@@ -73,7 +73,10 @@ def test_the_engines_client_is_made_from_the_checks_session() -> None:
 
 def test_block_zero_comes_with_the_checks_and_is_not_fetched_again() -> None:
     api = store_api()
-    checked = planning.plan(EngineConfig(), ["snap-0a"], api=api)
+    assert not planning.plan(EngineConfig(), ["snap-0a"], api=api).first_blocks
+    assert api.calls["GetSnapshotBlock"] == 0  # only when asked (ebsfs get fetches nothing)
+    api = store_api()
+    checked = planning.plan(EngineConfig(), ["snap-0a"], api=api, fetch_first_block=True)
     assert api.calls["GetSnapshotBlock"] == 1
     assert bytes(checked.first_blocks["snap-0a"].data) == bytes(pattern_block(0, 0))
     engine = build(EngineConfig(), checked, api)

@@ -111,7 +111,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
     # Both threads are done before the fork below.
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
-        checking = pool.submit(plan, config, args.snapshot_ids)
+        checking = pool.submit(plan, config, args.snapshot_ids, fetch_first_block=True)
         describing = pool.submit(
             ec2.lookup, config.connection, args.snapshot_ids, args.ec2_endpoint_url
         )

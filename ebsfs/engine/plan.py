@@ -5,10 +5,12 @@ No trio here: the mount runs this while it loads the rest (cli/mount.py).
 The checks' answers are kept for the engine, so that starting costs no call twice:
 each snapshot's first ListSnapshotBlocks page (it becomes the block index's first
 page: the first read, of block 0, then lists nothing) and the botocore session (the
-engine's client is made from it in about 4 ms instead of 100). Block 0 itself is
-fetched beside the check: every face reads it first (the partition table, or a bare
-filesystem's head), and `ebsfs mount` runs the checks while it loads the rest, so the
-call costs the mount's start nothing where it would cost a round trip after."""
+engine's client is made from it in about 4 ms instead of 100). On request (`ebsfs
+mount`, which runs the checks while it loads the rest) block 0 itself is fetched
+beside the check: the mount reads it first (the partition table, or a bare
+filesystem's head), and the call then costs its start nothing where it would cost a
+round trip after. Not by default: `ebsfs get` checks its target after the checks and
+must fail without having fetched anything."""
 
 from __future__ import annotations
 
@@ -57,16 +59,18 @@ class Checked:
     """Block 0, verified, when the page lists it and its fetch worked."""
 
 
-def check_snapshots(api: EbsApi, snapshot_ids: list[str]) -> list[Checked]:
+def check_snapshots(
+    api: EbsApi, snapshot_ids: list[str], fetch_first_block: bool = False
+) -> list[Checked]:
     """One list call per snapshot, several at once: it exists, we may read it, and its
-    size in bytes. The first error in the order given is raised (the same one each
-    time, whatever answered first)."""
+    size in bytes (and its block 0 when asked). The first error in the order given is
+    raised (the same one each time, whatever answered first)."""
 
     def check(position: int, snapshot_id: str) -> Checked:
         keep = position < FIRST_PAGES_KEPT
         page = api.list_snapshot_blocks(snapshot_id, max_results=MAX_RESULTS if keep else 100)
         checked = Checked(snapshot_id, page.volume_size, page if keep else None)
-        if keep and page.blocks and page.blocks[0][0] == 0:
+        if fetch_first_block and keep and page.blocks and page.blocks[0][0] == 0:
             try:
                 checked.first_block = api.get_snapshot_block(snapshot_id, 0, page.blocks[0][1])
             except EbsfsError as err:  # the engine's own read of it retries and reports
@@ -160,10 +164,12 @@ def plan(
     *,
     share_lineage: bool = True,
     api: EbsApi | None = None,
+    fetch_first_block: bool = False,
 ) -> Plan:
     """Check the ids, the cache directory and the snapshots (one list call each,
     failing fast: a user waits) and find which share a lineage, with each other and
-    with snapshots in the disk cache. Raises typed EbsfsErrors a user can act on."""
+    with snapshots in the disk cache (and fetch each block 0 when asked). Raises typed
+    EbsfsErrors a user can act on."""
     for snapshot_id in snapshot_ids:
         check_snapshot_id(snapshot_id)
     if len(set(snapshot_ids)) != len(snapshot_ids):
@@ -175,7 +181,7 @@ def plan(
         options = with_options(config.connection, retry=CHECK_RETRY, max_connections=CHECK_THREADS)
         api = boto = BotoEbsApi(options, stats=stats)
         session = boto.session
-    checked = check_snapshots(api, snapshot_ids)
+    checked = check_snapshots(api, snapshot_ids, fetch_first_block)
     snapshots = [(c.snapshot_id, c.size) for c in checked]
     bases = find_bases(api, snapshots) if share_lineage and len(snapshots) > 1 else {}
     disk_bases = {}
