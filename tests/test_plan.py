@@ -88,3 +88,18 @@ def test_block_zero_comes_with_the_checks_and_is_not_fetched_again() -> None:
     assert trio.run(read) == bytes(pattern_block(0, 0)[:8192]) + bytes(pattern_block(0, 3)[:16])
     assert api.calls["GetSnapshotBlock"] == 2  # block 3 only: block 0 came with the checks
     assert engine.stats.blocks_fetched == 2
+
+
+def test_block_zero_of_a_snapshot_served_through_its_base_is_not_fetched_beside_the_checks() -> (
+    None
+):
+    store = SnapshotStore()
+    store.add_snapshot("snap-0a", {0: pattern_block(0, 0), 3: pattern_block(0, 3)})
+    store.add_snapshot(
+        "snap-0b", {0: pattern_block(0, 0), 3: pattern_block(1, 3)}, parent="snap-0a"
+    )
+    api = StoreApi(store)
+    checked = planning.plan(EngineConfig(), ["snap-0a", "snap-0b"], api=api, fetch_first_block=True)
+    assert checked.bases == {"snap-0b": "snap-0a"}
+    assert sorted(checked.first_blocks) == ["snap-0a"]  # 0b's block 0 may be 0a's
+    assert [s for s, _ in api.block_gets] == ["snap-0a"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ebsfs.diskcache import catalog, directory
 from ebsfs.engine.config import EngineConfig, check_snapshot_id
@@ -59,29 +60,48 @@ class Checked:
     """Block 0, verified, when the page lists it and its fetch worked."""
 
 
-def check_snapshots(
-    api: EbsApi, snapshot_ids: list[str], fetch_first_block: bool = False
-) -> list[Checked]:
+def check_snapshots(api: EbsApi, snapshot_ids: list[str]) -> list[Checked]:
     """One list call per snapshot, several at once: it exists, we may read it, and its
-    size in bytes (and its block 0 when asked). The first error in the order given is
-    raised (the same one each time, whatever answered first)."""
+    size in bytes. The first error in the order given is raised (the same one each
+    time, whatever answered first)."""
 
     def check(position: int, snapshot_id: str) -> Checked:
         keep = position < FIRST_PAGES_KEPT
         page = api.list_snapshot_blocks(snapshot_id, max_results=MAX_RESULTS if keep else 100)
-        checked = Checked(snapshot_id, page.volume_size, page if keep else None)
-        if fetch_first_block and keep and page.blocks and page.blocks[0][0] == 0:
-            try:
-                checked.first_block = api.get_snapshot_block(snapshot_id, 0, page.blocks[0][1])
-            except EbsfsError as err:  # the engine's own read of it retries and reports
-                log.debug("%s: block 0 not fetched beside the check: %s", snapshot_id, err)
-        return checked
+        return Checked(snapshot_id, page.volume_size, page if keep else None)
 
-    if len(snapshot_ids) == 1:
-        return [check(0, snapshot_ids[0])]
-    workers = min(CHECK_THREADS, len(snapshot_ids))
+    return _each(check, snapshot_ids)
+
+
+def fetch_first_blocks(api: EbsApi, checked: list[Checked]) -> None:
+    """Block 0 of each snapshot whose kept page lists it, several at once, into
+    `first_block`. A failure is left to the engine's own read of it (it retries and
+    reports)."""
+
+    def fetch(_: int, one: Checked) -> None:
+        page = one.first_page
+        if page is None or not page.blocks or page.blocks[0][0] != 0:
+            return
+        try:
+            one.first_block = api.get_snapshot_block(one.snapshot_id, 0, page.blocks[0][1])
+        except EbsfsError as err:
+            log.debug("%s: block 0 not fetched beside the checks: %s", one.snapshot_id, err)
+
+    _each(fetch, checked)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each(work: Callable[[int, T], R], items: list[T]) -> list[R]:
+    """`work(position, item)` for every item, up to CHECK_THREADS at once, results in
+    order; the first error in that order is raised."""
+    if len(items) == 1:
+        return [work(0, items[0])]
+    workers = max(1, min(CHECK_THREADS, len(items)))
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
-        futures = [pool.submit(check, n, s) for n, s in enumerate(snapshot_ids)]
+        futures = [pool.submit(work, n, item) for n, item in enumerate(items)]
         return [future.result() for future in futures]
 
 
@@ -181,9 +201,11 @@ def plan(
         options = with_options(config.connection, retry=CHECK_RETRY, max_connections=CHECK_THREADS)
         api = boto = BotoEbsApi(options, stats=stats)
         session = boto.session
-    checked = check_snapshots(api, snapshot_ids, fetch_first_block)
+    checked = check_snapshots(api, snapshot_ids)
     snapshots = [(c.snapshot_id, c.size) for c in checked]
     bases = find_bases(api, snapshots) if share_lineage and len(snapshots) > 1 else {}
+    if fetch_first_block:  # not of a snapshot served through its base: maybe unchanged
+        fetch_first_blocks(api, [c for c in checked if c.snapshot_id not in bases])
     disk_bases = {}
     if cache_dir is not None and share_lineage:
         disk_bases = find_disk_bases(api, cache_dir, snapshots)
