@@ -17,6 +17,7 @@ import trio
 from ebsfs.constants import MAX_FETCHES
 from ebsfs.engine import inbox
 from ebsfs.service.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
+from ebsfs.service.http1 import Abandon, abandonable
 
 T = TypeVar("T")
 
@@ -51,23 +52,50 @@ class AdaptiveLimit:
             self.limiter.total_tokens = int(self.limiter.total_tokens) + 1
 
 
+class Strays:
+    """Worker threads still running for calls nobody waits for any more (trio thread
+    only). A call given up gives its slot back at once while fewer than `limit` run:
+    the direct GET path ends them within milliseconds (http1.Abandon), but a boto3
+    call cannot be interrupted, and a server trickling its answers must not be able to
+    pile up threads without end either."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+
 async def in_worker(
-    limiter: trio.CapacityLimiter, work: Callable[[], T], *, abandon_on_cancel: bool = True
+    limiter: trio.CapacityLimiter,
+    work: Callable[[], T],
+    *,
+    abandon_on_cancel: bool = True,
+    strays: Strays | None = None,
 ) -> T:
     """`work()` in a worker thread under `limiter`: trio.to_thread.run_sync, minus what
     costs per call and is not needed here (naming the OS thread twice per call, context
     copies). Abandoned on cancellation by default: a read that timed out answers EIO
-    now, and the thread ends on its own within the client's timeouts, releasing its
-    place in the limiter only then. Otherwise a cancellation waits for the work (a
+    now and tells the call it is abandoned (http1.Abandon: its exchange with the
+    service and its retries end). Its place in the limiter is given back at once when
+    `strays` has room (slow answers nobody waits for must not starve the calls somebody
+    does), else when the thread ends. Otherwise a cancellation waits for the work (a
     write must not be left running)."""
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
     results = inbox.current()
     task = trio.lowlevel.current_task()
     abandoned = False
+    released = False
+    gone = Abandon()
+
+    def run() -> T:  # in the worker thread
+        with abandonable(gone):
+            return work()
 
     def done(result: outcome.Outcome[T]) -> None:  # on the trio thread
-        limiter.release_on_behalf_of(borrower)
+        if not released:
+            limiter.release_on_behalf_of(borrower)
+        elif strays is not None:
+            strays.count -= 1
         if not abandoned:
             trio.lowlevel.reschedule(task, result)
 
@@ -76,14 +104,19 @@ async def in_worker(
             results.post(done, result)
 
     def abort(_: Any) -> trio.lowlevel.Abort:
-        nonlocal abandoned
+        nonlocal abandoned, released
         if not abandon_on_cancel:
             return trio.lowlevel.Abort.FAILED  # `done` reschedules us with the result
         abandoned = True
+        if strays is not None and strays.count < strays.limit:
+            strays.count += 1
+            released = True
+            limiter.release_on_behalf_of(borrower)
+        gone.fire()
         return trio.lowlevel.Abort.SUCCEEDED
 
     try:
-        trio.lowlevel.start_thread_soon(work, deliver)
+        trio.lowlevel.start_thread_soon(run, deliver)
     except BaseException:
         limiter.release_on_behalf_of(borrower)
         raise
@@ -134,6 +167,8 @@ class RemoteSnapshots:
         self.list_limiter = trio.CapacityLimiter(max_lists)
         self.fetch_limit = AdaptiveLimit(self.fetch_limiter, max_fetches)
         self.latency = LatencyEstimate()
+        self.strays = Strays(max_fetches + max_lists)
+        """Calls given up whose threads still run, up to as many again as may run."""
 
     def depth(self) -> int:
         """GetSnapshotBlock calls worth having in flight for one sequential reader: the
@@ -143,9 +178,8 @@ class RemoteSnapshots:
         wanted = math.ceil(GET_RATE * self.latency.seconds * JITTER_ROOM)
         return max(2, min(wanted, int(self.fetch_limiter.total_tokens)))
 
-    @staticmethod
-    async def _run(limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
-        return await in_worker(limiter, functools.partial(fn, *args, **kw))
+    async def _run(self, limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await in_worker(limiter, functools.partial(fn, *args, **kw), strays=self.strays)
 
     async def list_snapshot_blocks(
         self,

@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 
 from ebsfs.constants import __version__
-from ebsfs.errors import EndpointUnreachable, TransientError, UserInputError
+from ebsfs.errors import EndpointUnreachable, ReadFailed, TransientError, UserInputError
 from ebsfs.service import http1
 from ebsfs.service.api import Block, verify_block
 from ebsfs.service.failures import rest_json_error, untrusted
@@ -116,16 +116,26 @@ class DirectBlockGetter:
         )
         query = f"blockToken={urllib.parse.quote(token, safe='')}"
         headers = self._signed_headers(path, query)
+        gone = http1.current_abandon()
+        if gone is not None and gone.fired:
+            raise abandoned(index)
         try:
-            response = self._connection().get(f"{path}?{query}", headers, into)
+            conn = self._connection()
+            if gone is None:
+                response = conn.get(f"{path}?{query}", headers, into)
+            else:  # a read that gives up ends the exchange at once (remote.in_worker)
+                with gone.hook(conn.abort):
+                    response = conn.get(f"{path}?{query}", headers, into)
         except OSError as err:
             self._drop_connection()
+            if gone is not None and gone.fired:
+                raise abandoned(index) from err
             if isinstance(err, ssl.SSLCertVerificationError):
                 raise untrusted(self._url, err) from err
             if isinstance(err, ConnectionRefusedError | socket.gaierror):
                 raise EndpointUnreachable(f"cannot reach {self._url}: {err}") from err
             raise TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}") from err
-        if response.will_close:
+        if response.will_close or (gone is not None and gone.fired):  # maybe shut down
             self._drop_connection()
         answer = response.headers
         body = into if response.body is None else response.body
@@ -134,16 +144,20 @@ class DirectBlockGetter:
                 response.status, answer.get("x-amzn-errortype"), response.body or b""
             )
         assert body is not None
-        try:
-            length = int(answer.get("x-amz-data-length") or -1)
-        except ValueError:
-            length = -1
+        stated = answer.get("x-amz-data-length") or ""
+        plain = stated.isascii() and stated.isdigit() and len(stated) <= 18
+        length = int(stated) if plain else -1
         checksum = answer.get("x-amz-checksum") or ""
         verify_block(body, checksum, answer.get("x-amz-checksum-algorithm") or "", length)
         if into is None or body is into:
             return Block(body, checksum)
         into[:] = body  # an answer of another length fails verification before this
         return Block(into, checksum)
+
+
+def abandoned(index: int) -> ReadFailed:
+    """What a GET nobody waits for any more ends with: not retried."""
+    return ReadFailed(f"GetSnapshotBlock {index}: given up, the read that asked for it is gone")
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

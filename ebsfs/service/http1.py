@@ -8,22 +8,109 @@ GIL, which 64-256 worker threads fight over. This one sends the request in one c
 reads the head in one or two, and receives a plain-HTTP body in one recv (MSG_WAITALL)
 on a blocking socket whose timeouts the kernel keeps (SO_RCVTIMEO): about 0.2 ms less
 CPU per block (docs/performance.md). Only what the EBS direct APIs answer is supported:
-a status line, headers, and a body of Content-Length bytes or chunked."""
+a status line, headers, and a body of Content-Length bytes or chunked.
+
+The server is not trusted (a hostile or broken endpoint, or whoever sits on a plain-http
+path): the head is parsed ASCII-strict, heads, header counts and bodies are capped, every
+answer that does not parse is a ProtocolError (the connection is dropped, the call
+retried), and an attempt has an overall deadline: after `read_timeout` of grace the
+answer must keep coming at MIN_RATE on average, so a server trickling a byte at a time
+cannot hold a call (and its worker thread) for hours. A call nobody waits for any more
+is ended from outside (Abandon)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.errors import ProtocolError
 
 T = TypeVar("T")
 
 MAX_HEAD = 65536
 """Bytes of status line and headers accepted at the most."""
+MAX_HEADERS = 100
+"""Header lines accepted at the most (http.client's limit; the service sends about 10)."""
+MAX_BODY = 2 * BLOCK_SIZE
+"""Bytes of a body accepted at the most: a block, or an error answer's few hundred
+bytes; a server announcing a gigabyte gets a ProtocolError, not a gigabyte of memory."""
+MAX_LINE = 8192
+"""Bytes of one chunk-size or trailer line accepted at the most."""
+MIN_RATE = 32 * 1024
+"""Bytes per second an answer must average once the first `read_timeout` has passed:
+a block may take read_timeout + 16 s at the most. Low enough for hundreds of calls
+sharing a slow link, high enough that a trickle ends in seconds, not hours."""
+
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e]*)?")
+_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e]*")
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_EXTENSION = re.compile(rb"[\t\x20-\x7e]*")
+
+
+class Abandon:
+    """Set (from any thread) once nobody waits for a call any more, for example when
+    the read that asked for a block gave up: the worker thread then ends the exchange
+    under way (`hook`) and tries no more, instead of holding its fetch slot, its
+    connection and its room in the cache until its own deadline and retries end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+        self.fired = False
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    @contextlib.contextmanager
+    def hook(self, on_fire: Callable[[], None]) -> Iterator[None]:
+        """Run `on_fire` if the call is abandoned while the block runs (at once if it
+        already is)."""
+        with self._lock:
+            fired = self.fired
+            if not fired:
+                self._hooks.append(on_fire)
+        if fired:
+            on_fire()
+        try:
+            yield
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._hooks.remove(on_fire)
+
+
+_ABANDON: contextvars.ContextVar[Abandon | None] = contextvars.ContextVar(
+    "ebsfs_abandon", default=None
+)
+
+
+def current_abandon() -> Abandon | None:
+    """The Abandon of the call this thread runs for, if its caller gave it one."""
+    return _ABANDON.get()
+
+
+@contextlib.contextmanager
+def abandonable(abandon: Abandon) -> Iterator[None]:
+    """Calls made in the block (in this thread) stop once `abandon` fires."""
+    token = _ABANDON.set(abandon)
+    try:
+        yield
+    finally:
+        _ABANDON.reset(token)
 
 
 class Response:
@@ -42,7 +129,8 @@ class Response:
 class Connection:
     """One keep-alive connection (one thread uses it at a time). Timeouts are the
     kernel's: connect within `connect_timeout`, then every send and receive within
-    `read_timeout` (a stalled answer raises TimeoutError)."""
+    `read_timeout` (a stalled answer raises TimeoutError), and the whole answer
+    within its deadline (MIN_RATE)."""
 
     def __init__(
         self,
@@ -58,20 +146,29 @@ class Connection:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)  # handshake, timed
             sock.settimeout(None)
-            seconds = int(read_timeout)
-            limit = struct.pack("ll", seconds, int((read_timeout - seconds) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            _kernel_timeouts(sock, read_timeout, both=True)
         except BaseException:
             sock.close()
             raise
         self._sock = sock
         self._plain = tls is None
+        self._read_timeout = read_timeout
+        self._waiting = read_timeout
+        """The receive timeout the kernel holds now (shorter near the deadline)."""
+        self._deadline = 0.0
         self._head = bytearray(MAX_HEAD)
         self._view = memoryview(self._head)
 
     def close(self) -> None:
         self._sock.close()
+
+    def abort(self) -> None:
+        """From another thread: end the exchange under way (a receive blocked in it
+        returns at once, and the call fails with a ProtocolError or OSError)."""
+        with contextlib.suppress(OSError):
+            # socket.socket's own shutdown: SSLSocket's would drop its SSL object
+            # under the reading thread's feet.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def get(self, target: str, headers: dict[str, str], into: memoryview | None) -> Response:
         """GET `target`. A 200 answer whose body is exactly len(into) bytes is received
@@ -81,27 +178,26 @@ class Connection:
             + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
             + "\r\n"
         )
+        self._deadline = time.monotonic() + self._read_timeout
         self._call(self._sock.sendall, request.encode("latin-1"))
         filled, head_end = self._read_head()
-        response = _parse_head(self._view[:head_end])
+        response = parse_head(bytes(self._view[:head_end]))
         extra = self._view[head_end + 4 : filled]
-        length = response.headers.get("content-length")
-        if "chunked" in response.headers.get("transfer-encoding", "").lower():
-            response.body = self._read_chunked(bytes(extra))
-        elif length is None:
-            raise ProtocolError("the answer has no Content-Length")
+        limit = max(MAX_BODY, len(into) if into is not None else 0)
+        size = body_size(response.headers, limit)
+        if size is None:
+            response.body = self._read_chunked(bytes(extra), limit)
+            return response
+        if len(extra) > size:
+            raise ProtocolError("the answer is longer than its Content-Length")
+        if response.status == 200 and into is not None and size == len(into):
+            into[: len(extra)] = extra
+            self._receive_into(into[len(extra) :])
         else:
-            size = int(length)
-            if len(extra) > size:
-                raise ProtocolError("the answer is longer than its Content-Length")
-            if response.status == 200 and into is not None and size == len(into):
-                into[: len(extra)] = extra
-                self._receive_into(into[len(extra) :])
-            else:
-                room = bytearray(size)
-                room[: len(extra)] = extra
-                self._receive_into(memoryview(room)[len(extra) :])
-                response.body = bytes(room)
+            room = bytearray(size)
+            room[: len(extra)] = extra
+            self._receive_into(memoryview(room)[len(extra) :])
+            response.body = bytes(room)
         return response
 
     @staticmethod
@@ -112,12 +208,32 @@ class Connection:
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise TimeoutError("the service did not answer in time") from None
 
+    def _receive(self, room: memoryview, flags: int = 0) -> int:
+        """One receive into `room` within the attempt's deadline, which every byte
+        received moves on by 1/MIN_RATE s. 0 at the end of the stream."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"the answer came slower than {MIN_RATE // 1024} KiB/s "
+                f"after {self._read_timeout:g}s"
+            )
+        wait = min(self._read_timeout, remaining)
+        if wait != self._waiting:  # only near the deadline: no system call otherwise
+            _kernel_timeouts(self._sock, wait)
+            self._waiting = wait
+        if flags:
+            got = self._call(self._sock.recv_into, room, len(room), flags)
+        else:
+            got = self._call(self._sock.recv_into, room)
+        self._deadline += got / MIN_RATE
+        return got
+
     def _read_head(self) -> tuple[int, int]:
         """Receive until the end of the headers: (bytes in the buffer, where the
         blank line starts)."""
         filled = 0
         while True:
-            got = self._call(self._sock.recv_into, self._view[filled:])
+            got = self._receive(self._view[filled:])
             if not got:
                 raise ProtocolError("the connection closed before an answer")
             start = max(0, filled - 3)
@@ -131,45 +247,51 @@ class Connection:
     def _receive_into(self, room: memoryview) -> None:
         flags = socket.MSG_WAITALL if self._plain else 0
         while room:
-            got = self._call(self._sock.recv_into, room, len(room), flags)
+            got = self._receive(room, flags)
             if not got:
                 raise ProtocolError("the connection closed in the middle of the body")
             room = room[got:]
 
-    def _read_chunked(self, pending: bytes) -> bytes:
+    def _read_chunked(self, pending: bytes, limit: int) -> bytes:
+        """A chunked body of `limit` bytes at the most, trailers skipped."""
         body = bytearray()
         buffered = bytearray(pending)
+        scratch = bytearray(65536)
+
+        def more() -> None:
+            got = self._receive(memoryview(scratch))
+            if not got:
+                raise ProtocolError("the connection closed in a chunked body")
+            buffered.extend(scratch[:got])
 
         def line() -> bytes:
-            while b"\r\n" not in buffered:
-                more = self._call(self._sock.recv, 65536)
-                if not more:
-                    raise ProtocolError("the connection closed in a chunked body")
-                buffered.extend(more)
-                if len(buffered) > MAX_HEAD and b"\r\n" not in buffered:
-                    raise ProtocolError("a chunk size line is too long")
-            text, _, rest = bytes(buffered).partition(b"\r\n")
-            buffered[:] = rest
+            while (end := buffered.find(b"\r\n")) < 0:
+                if len(buffered) > MAX_LINE:
+                    raise ProtocolError("a line of a chunked body is too long")
+                more()
+            if end > MAX_LINE:
+                raise ProtocolError("a line of a chunked body is too long")
+            text = bytes(buffered[:end])
+            del buffered[: end + 2]
             return text
 
         def take(count: int) -> bytes:
             while len(buffered) < count:
-                more = self._call(self._sock.recv, max(65536, count - len(buffered)))
-                if not more:
-                    raise ProtocolError("the connection closed in a chunked body")
-                buffered.extend(more)
+                more()
             data = bytes(buffered[:count])
             del buffered[:count]
             return data
 
         while True:
-            try:
-                size = int(line().split(b";", 1)[0], 16)
-            except ValueError:
-                raise ProtocolError("a chunk size is not hexadecimal") from None
+            size = chunk_size(line())
+            if size > limit - len(body):
+                raise ProtocolError(f"a chunked body of more than {limit} bytes")
             if size == 0:
-                while line():  # trailers, up to the blank line
-                    pass
+                trailers = 0
+                while trailer := line():  # trailers, up to the blank line
+                    trailers += len(trailer)
+                    if trailers > MAX_HEAD:
+                        raise ProtocolError("the chunked body's trailers are too long")
                 if buffered:
                     raise ProtocolError("bytes after the end of a chunked body")
                 return bytes(body)
@@ -178,21 +300,71 @@ class Connection:
                 raise ProtocolError("a chunk does not end in CRLF")
 
 
-def _parse_head(head: memoryview) -> Response:
-    lines = bytes(head).decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+def _kernel_timeouts(sock: socket.socket, seconds: float, both: bool = False) -> None:
+    """SO_RCVTIMEO (and SO_SNDTIMEO) of `seconds`, never 0 (which means forever)."""
+    whole = int(seconds)
+    micro = max(0 if whole else 1, int((seconds - whole) * 1e6))
+    limit = struct.pack("ll", whole, micro)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+    if both:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+
+
+def parse_head(head: bytes) -> Response:
+    """The status line and headers (the head without its blank line), ASCII-strict:
+    anything else is a ProtocolError."""
+    lines = head.split(b"\r\n")
+    status = _STATUS.fullmatch(lines[0])
+    if status is None:
+        raise ProtocolError(f"not an HTTP/1.1 status line: {_shown(lines[0])}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise ProtocolError(f"more than {MAX_HEADERS} header lines")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise ProtocolError(f"a malformed header line: {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    will_close = (
-        headers.get("connection", "").lower() == "close"
-        or version == "HTTP/1.0"
-        and headers.get("connection", "").lower() != "keep-alive"
-    )
-    return Response(int(code), headers, will_close)
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
+            raise ProtocolError(f"a malformed header line: {_shown(line)}")
+        key = name.decode("ascii").lower()
+        text = value.decode("ascii")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    connection = headers.get("connection", "").lower()
+    http10 = status[1] == b"0"
+    will_close = connection == "close" or (http10 and connection != "keep-alive")
+    return Response(int(status[2]), headers, will_close)
+
+
+def body_size(headers: dict[str, str], limit: int) -> int | None:
+    """The body's Content-Length, or None for a chunked body; a ProtocolError for
+    anything else this client will not read (no length, two framings, an encoding
+    other than chunked, more than `limit` bytes)."""
+    encoding = headers.get("transfer-encoding")
+    length = headers.get("content-length")
+    if encoding is not None:
+        if encoding.lower() != "chunked":
+            raise ProtocolError(f"a Transfer-Encoding this client does not read: {encoding[:40]!r}")
+        if length is not None:
+            raise ProtocolError("an answer with both Content-Length and Transfer-Encoding")
+        return None
+    if length is None:
+        raise ProtocolError("the answer has no Content-Length")
+    if not _DECIMAL.fullmatch(length):
+        raise ProtocolError(f"a Content-Length that is not a number: {length[:40]!r}")
+    size = int(length)
+    if size > limit:
+        raise ProtocolError(f"an answer of {size} bytes (at most {limit} expected)")
+    return size
+
+
+def chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line (extensions ignored), or a ProtocolError."""
+    digits, _, extension = line.partition(b";")
+    digits = digits.rstrip(b" \t")
+    if not _HEX.fullmatch(digits) or not _EXTENSION.fullmatch(extension):
+        raise ProtocolError(f"a chunk size is not hexadecimal: {_shown(line)}")
+    return int(digits, 16)
+
+
+def _shown(raw: bytes) -> str:
+    """Up to 80 bytes of what the server sent, printable whatever they hold."""
+    return repr(raw[:80])
