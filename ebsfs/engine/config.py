@@ -12,7 +12,8 @@ from ebsfs.diskcache import store
 from ebsfs.errors import InvalidSnapshotId, UserInputError
 from ebsfs.service.session import ConnectionOptions
 
-SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
+SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{1,59}")
+"""Matched whole (fullmatch): with re.match, `$` also matches before a final newline."""
 DEFAULT_CACHE_SIZE = 512 * 1024**2
 """A ceiling, not a target: read-ahead keeps the service's bandwidth-delay product in
 flight (remote.py), about 200 calls at 200 ms."""
@@ -79,7 +80,7 @@ def fetch_ceiling(config: EngineConfig) -> int:
 
 def check_snapshot_id(snapshot_id: str) -> str:
     """The id as given, or InvalidSnapshotId: the service wants ^snap-[0-9a-f]+$."""
-    if not SNAPSHOT_ID.match(snapshot_id):
+    if not SNAPSHOT_ID.fullmatch(snapshot_id):
         raise InvalidSnapshotId(
             f"invalid snapshot id {snapshot_id!r}: expected 'snap-' followed by hex digits"
         )

@@ -25,7 +25,7 @@ import cachetools
 
 from ebsfs.engine.pending import SingleFlight
 from ebsfs.engine.remote import RemoteSnapshots
-from ebsfs.errors import InvalidPageToken
+from ebsfs.errors import InvalidPageToken, ServiceError
 from ebsfs.service.api import BlockPage, ChangedBlock
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ MAX_ENTRIES = 262144
 """Tokens kept at the most (about 60 MB): 128 GiB of dense volume."""
 MAX_EXTRA_CHUNKS = 4096
 """Chunks past the one asked for that a single listing may fill in (sparse volumes)."""
+MAX_IDLE_PAGES = 10000
+"""Pages in a row bringing no new entry (empty pages, refused NextTokens) after which a
+listing is given up as not advancing. The service does return runs of empty pages,
+ListChangedBlocks above all; 10,000 of them is 200 s at its quota of 50 list calls a
+second (if each scans as few as 10,000 indexes, they cover a 48 TiB gap). Not a bound on
+pages that bring entries: those advance through a volume of known size."""
 
 
 V = TypeVar("V")
@@ -46,15 +52,31 @@ PageFetcher = Callable[[int, str | None], Awaitable[Page[V]]]
 
 
 async def pages(
-    fetch_page: PageFetcher[V], start: int, name: str, first: Page[V] | None = None
+    fetch_page: PageFetcher[V],
+    start: int,
+    name: str,
+    first: Page[V] | None = None,
+    max_idle: int | None = None,
 ) -> AsyncGenerator[Page[V], None]:
     """Pages from `start` on, to the end of the listing unless the caller stops early.
     A NextToken that expired (they live 60 minutes) restarts the listing just past the
     last index returned, so nothing is missed or repeated. The one paging loop of ebsfs:
     the block and change indexes and `ebsfs diff` all use it. `first`, when given, is
-    the page from `start` got earlier: it is used instead of asking again."""
+    the page from `start` got earlier: it is used instead of asking again.
+
+    The service is not trusted to end its listing: entries at or below an index
+    already listed (repeats, disorder) are dropped, and a listing that brings nothing
+    new for `max_idle` pages in a row (MAX_IDLE_PAGES), or hands back the NextToken
+    it was given with nothing new, fails with a ServiceError instead of paging forever."""
+    limit = MAX_IDLE_PAGES if max_idle is None else max_idle
     position, next_token = start, None
+    idle = 0
     while True:
+        if idle > limit:
+            raise ServiceError(
+                f"{name}: {idle} pages in a row from the service listed nothing new: "
+                "its listing does not advance"
+            )
         try:
             if first is not None:
                 (entries, page_token, expiry), first = first, None
@@ -65,13 +87,43 @@ async def pages(
                 raise
             log.debug("%s: page token refused, listing again from %d", name, position)
             next_token = None
+            idle += 1
             continue
+        entries = _advancing(entries, position)
+        if not entries and page_token is not None and page_token == next_token:
+            raise ServiceError(
+                f"{name}: the service answered a page with nothing new and the NextToken "
+                "it was given: its listing does not advance"
+            )
         yield entries, page_token, expiry
         if entries:
             position = entries[-1][0] + 1
+            idle = 0
+        else:
+            idle += 1
         if page_token is None:
             return
         next_token = page_token
+
+
+def _advancing(entries: list[tuple[int, V]], position: int) -> list[tuple[int, V]]:
+    """`entries` without any at an index below `position` or not above the one before
+    (the service lists ascending; repeats and disorder from a broken or hostile one
+    are dropped, so every entry kept moves the listing on)."""
+    last = position - 1
+    for index, _ in entries:
+        if index <= last:
+            break
+        last = index
+    else:
+        return entries
+    kept: list[tuple[int, V]] = []
+    last = position - 1
+    for entry in entries:
+        if entry[0] > last:
+            kept.append(entry)
+            last = entry[0]
+    return kept
 
 
 def change_pages(

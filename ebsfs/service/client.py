@@ -14,7 +14,7 @@ import botocore.exceptions
 import urllib3.exceptions
 
 from ebsfs.constants import BLOCK_SIZE, GIB
-from ebsfs.errors import Throttled, TransientError
+from ebsfs.errors import ReadFailed, ServiceError, Throttled, TransientError
 from ebsfs.service.api import (
     MAX_RESULTS,
     Block,
@@ -26,7 +26,8 @@ from ebsfs.service.api import (
     verify_block,
 )
 from ebsfs.service.direct import DirectBlockGetter, why_not_direct
-from ebsfs.service.failures import boto_error
+from ebsfs.service.failures import boto_error, redact
+from ebsfs.service.http1 import current_abandon
 from ebsfs.service.session import AwsSession, ConnectionOptions
 
 __all__ = ["BotoEbsApi", "ConnectionOptions"]
@@ -106,6 +107,9 @@ class BotoEbsApi:
         """RetryPolicy around one GET attempt, counting throttling answers on the way."""
 
         def counted() -> T:
+            gone = current_abandon()
+            if gone is not None and gone.fired:  # nobody waits: no more attempts
+                raise ReadFailed(f"{what}: given up, the read that asked for it is gone")
             try:
                 return attempt()
             except Throttled:
@@ -116,13 +120,16 @@ class BotoEbsApi:
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         def attempt() -> dict[str, Any]:
+            gone = current_abandon()
+            if gone is not None and gone.fired:  # nobody waits: no more attempts
+                raise ReadFailed(f"{operation}: given up, the read that asked for it is gone")
             # Resolve (and refresh) credentials first, so their failures are typed and
             # retried like the service's instead of escaping from botocore's signer.
             self._credentials.frozen()
             try:
                 return getattr(self._client, operation)(**params)
             except BOTO_ERRORS as err:
-                raise boto_error(err) from err
+                raise boto_error(err, params.get("NextToken")) from err
 
         name = "".join(part.capitalize() for part in operation.split("_"))
         return self._retry.call(operation, self.stats.counting(name, attempt))
@@ -139,9 +146,13 @@ class BotoEbsApi:
             SnapshotId=snapshot_id,
             **_paging(start_index, next_token, max_results),
         )
+        fields = _page_fields(r, "ListSnapshotBlocks")
         return BlockPage(
-            blocks=[(b["BlockIndex"], b["BlockToken"]) for b in r.get("Blocks", [])],
-            **_page_fields(r),
+            blocks=[
+                (_index(b, "BlockIndex", fields), _token(b, "BlockToken"))
+                for b in _entries(r, "Blocks", max_results)
+            ],
+            **fields,
         )
 
     def list_changed_blocks(
@@ -158,12 +169,17 @@ class BotoEbsApi:
             SecondSnapshotId=second_id,
             **_paging(start_index, next_token, max_results),
         )
+        fields = _page_fields(r, "ListChangedBlocks")
         return ChangedPage(
             changes=[
-                ChangedBlock(c["BlockIndex"], c.get("FirstBlockToken"), c.get("SecondBlockToken"))
-                for c in r.get("ChangedBlocks", [])
+                ChangedBlock(
+                    _index(c, "BlockIndex", fields),
+                    _token(c, "FirstBlockToken", optional=True),
+                    _token(c, "SecondBlockToken", optional=True),
+                )
+                for c in _entries(r, "ChangedBlocks", max_results)
             ],
-            **_page_fields(r),
+            **fields,
         )
 
     def get_snapshot_block(
@@ -187,12 +203,12 @@ class BotoEbsApi:
                 SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
             )
         except BOTO_ERRORS as err:
-            raise boto_error(err) from err
+            raise boto_error(err, token) from err
         stream = r["BlockData"]
         try:
             data = stream.read()
         except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as err:
-            raise TransientError(f"reading block {index} failed: {err}") from err
+            raise TransientError(redact(f"reading block {index} failed: {err}", token)) from err
         finally:
             stream.close()
         checksum = r.get("Checksum", "")
@@ -210,11 +226,60 @@ def _paging(start_index: int, next_token: str | None, max_results: int) -> dict[
     return {"MaxResults": max_results, "StartingBlockIndex": start_index}
 
 
-def _page_fields(r: dict[str, Any]) -> dict[str, Any]:
-    """What every list page carries besides its entries."""
+MAX_VOLUME_GIB = 1024 * 1024
+"""A VolumeSize above this (1 PiB; EBS volumes end at 64 TiB) is not believed."""
+MAX_TOKEN = 4096
+"""Characters of a block or page token accepted (the service's are about 200)."""
+
+
+def _bad_page(what: str) -> ServiceError:
+    """A list answer that cannot be right (a broken or hostile endpoint): not retried."""
+    return ServiceError(f"the service's list answer cannot be right: {what}")
+
+
+def _page_fields(r: dict[str, Any], operation: str) -> dict[str, Any]:
+    """What every list page carries besides its entries, checked: these sizes decide
+    how much ebsfs lists, allocates and serves."""
+    volume = r.get("VolumeSize")
+    if type(volume) is not int or not 0 < volume <= MAX_VOLUME_GIB:
+        raise _bad_page(f"{operation}: VolumeSize {str(volume)[:40]!r}")
+    block_size = r.get("BlockSize", BLOCK_SIZE)
+    if block_size != BLOCK_SIZE:
+        raise _bad_page(f"{operation}: BlockSize {str(block_size)[:40]!r}, not {BLOCK_SIZE}")
+    next_token = r.get("NextToken") or None
+    if next_token is not None and (not isinstance(next_token, str) or len(next_token) > MAX_TOKEN):
+        raise _bad_page(f"{operation}: a NextToken that is not a short string")
     return {
-        "next_token": r.get("NextToken") or None,
+        "next_token": next_token,
         "expiry": r["ExpiryTime"].timestamp() if "ExpiryTime" in r else float("inf"),
-        "volume_size": r["VolumeSize"] * GIB,
-        "block_size": r.get("BlockSize", BLOCK_SIZE),
+        "volume_size": volume * GIB,
+        "block_size": block_size,
     }
+
+
+def _entries(r: dict[str, Any], key: str, max_results: int) -> list[dict[str, Any]]:
+    """A page's entries: a list of at most `max_results` objects."""
+    entries = r.get(key, [])
+    if not isinstance(entries, list) or len(entries) > max_results:
+        raise _bad_page(f"{key}: not a list of at most {max_results} entries")
+    if not all(isinstance(entry, dict) for entry in entries):
+        raise _bad_page(f"{key}: an entry that is not an object")
+    return entries
+
+
+def _index(entry: dict[str, Any], key: str, fields: dict[str, Any]) -> int:
+    """A block index inside the volume the page describes."""
+    index = entry.get(key)
+    if type(index) is not int or not 0 <= index < fields["volume_size"] // BLOCK_SIZE:
+        raise _bad_page(f"{key} {str(index)[:40]!r} outside the volume")
+    return index
+
+
+def _token(entry: dict[str, Any], key: str, optional: bool = False) -> Any:
+    """A block token: a short string (absent only where `optional`)."""
+    token = entry.get(key)
+    if token is None and optional:
+        return None
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
+        raise _bad_page(f"a {key} that is not a short string")
+    return token

@@ -38,9 +38,35 @@ CREDENTIAL_ERRORS = (
 """botocore's failures to obtain or refresh credentials (as opposed to AWS refusing them)."""
 
 
+MAX_MESSAGE = 300
+"""Characters of a server's error message kept: it goes into logs and onto terminals."""
+_SECRET_PARAMETER = re.compile(
+    r"((?:block|page|firstBlock|secondBlock|next)Token|X-Amz-Security-Token|X-Amz-Signature"
+    r"|X-Amz-Credential)(=|%3D)[^&\s\"'<>]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """`text` without block and page tokens or signing material: query parameters
+    that carry them (botocore's errors quote the request URL), and the given values
+    wherever they appear (plain or URL-quoted). Tokens are bearer secrets for a
+    snapshot's data for 7 days; messages go to logs, terminals and bug reports."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+            quoted = urllib.parse.quote(secret, safe="")
+            if quoted != secret:
+                text = text.replace(quoted, "<redacted>")
+    return _SECRET_PARAMETER.sub(r"\1\2<redacted>", text)
+
+
 def answer_error(status: int, code: str, reason: str, message: str) -> EbsfsError:
     """An error answer of the service (HTTP status, error type, Reason, Message): 5xx
-    (or no error type at all) is worth retrying, the rest maps to its typed error."""
+    (or no error type at all) is worth retrying, the rest maps to its typed error.
+    The message is the server's text: cut short and redacted."""
+    message = redact(message[:MAX_MESSAGE])
+    code, reason = code[:100], reason[:100]
     if status >= 500 or not code:
         return TransientError(f"{code or 'HTTP'} {status}: {message}")
     return service_error(code, reason, message)
@@ -51,19 +77,28 @@ def rest_json_error(status: int, error_type: str | None, body: bytes) -> EbsfsEr
     botocore's parse of the same answer would be."""
     try:
         data = json.loads(body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." a million deep
         data = {}
     if not isinstance(data, dict):
         data = {}
-    code = (error_type or data.get("__type") or data.get("code") or "").split(":")[0]
+    code = str(error_type or data.get("__type") or data.get("code") or "").split(":")[0]
     code = code.rsplit("#", 1)[-1]
     message = str(data.get("message") or data.get("Message") or "")
     return answer_error(status, code, str(data.get("Reason") or ""), message)
 
 
-def boto_error(err: Exception) -> EbsfsError:
+def boto_error(err: Exception, *secrets: str | None) -> EbsfsError:
     """A botocore or urllib3 failure (or anything else a boto3 call raised) as the
-    typed ebsfs error."""
+    typed ebsfs error, its message without tokens (`secrets`: the call's own)."""
+    typed = _boto_error(err)
+    text = str(typed)
+    clean = redact(text, *secrets)
+    if clean != text:
+        typed.args = (clean, *typed.args[1:])
+    return typed
+
+
+def _boto_error(err: Exception) -> EbsfsError:
     if isinstance(err, botocore.exceptions.ClientError):
         response = err.response
         return answer_error(

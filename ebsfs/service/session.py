@@ -4,7 +4,10 @@ and the CA bundle, with every configuration mistake as a one-line UserInputError
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +24,8 @@ from ebsfs.errors import CredentialsMissing, UserInputError
 from ebsfs.service.failures import NO_CREDENTIALS, credential_failure
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.sigv4 import Credentials
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +66,8 @@ class AwsSession:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self._options = options
+        self._warned: set[str] = set()
+        """Plain-http endpoints already warned of."""
         with self._user_errors("endpoint URL"):
             self.core = botocore.session.Session(profile=options.profile)
             # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and
@@ -78,7 +85,27 @@ class AwsSession:
         """A boto3 client of `service` ("ebs", "ec2"); `endpoint_name` names the
         endpoint in the message for a malformed URL."""
         with self._user_errors(endpoint_name):
-            return self.boto.client(service, endpoint_url=endpoint_url, config=config)
+            client = self.boto.client(service, endpoint_url=endpoint_url, config=config)
+        self._warn_if_plain(str(client.meta.endpoint_url))
+        return client
+
+    def _warn_if_plain(self, url: str) -> None:
+        """Say once per endpoint when calls go over plain http to another host: the
+        session token, the signed headers, block tokens and the blocks' bytes then
+        cross the network readable by anyone on the path (who may also change the
+        answers: checksums come with them). A warning, not a refusal: a lab endpoint
+        on a private network is a choice the user can make knowingly; loopback
+        (the emulator, an SSH tunnel) never leaves the host and is not warned of."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or url in self._warned or is_loopback(parts.hostname or ""):
+            return
+        self._warned.add(url)
+        log.warning(
+            "%s is plain http: the session token, signed requests, block tokens and "
+            "the snapshot's data cross the network unencrypted and can be read or "
+            "changed on the way; use https",
+            f"{parts.scheme}://{parts.netloc}",
+        )
 
     def credentials(self) -> CredentialSource:
         with self._user_errors("endpoint URL"):
@@ -105,6 +132,18 @@ class AwsSession:
             ) from err
         except ValueError as err:  # a malformed endpoint URL
             raise UserInputError(f"invalid {endpoint_name}: {err}") from err
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine by definition: localhost
+    names and loopback addresses (not resolved: a name's DNS answer proves nothing)."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class CredentialSource:
