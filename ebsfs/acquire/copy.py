@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from ebsfs.acquire.inorder import Consumer, InOrder
-from ebsfs.acquire.journal import Journal
+from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter
 from ebsfs.acquire.plan import CopyPlan
 from ebsfs.acquire.progress import Progress
@@ -339,7 +339,7 @@ class Copy:
     def _write(self, index: int, data: bytes | memoryview | None, digest: bytes | None) -> None:
         assert data is not None and digest is not None
         self.target.write(index * BLOCK_SIZE, data)
-        if self.journal is not None:
+        if self.journal is not None and index * BLOCK_SIZE != self.target.unrecorded:
             try:
                 self.journal.record(index, digest)
             except OSError as err:
@@ -445,7 +445,8 @@ class Copy:
         self._report(length)
 
     async def _save_state(self, force: bool = False) -> None:
-        """Remember how far a device is zeroed (a resumed run skips that part)."""
+        """Remember how far a device is zeroed (a resumed run skips that part), once
+        those zeros are on stable storage."""
         if self.state is None or self.journal is None or not self.target.zeroing_costs:
             return
         now = trio.current_time()
@@ -454,11 +455,18 @@ class Copy:
         self._saved_at = now
         if self.state.zeroed_through == self.zeroed_through:
             return
-        self.state.zeroed_through = self.zeroed_through
         # A copy: the worker thread writes it while this loop goes on changing ours.
-        await trio.to_thread.run_sync(
-            self.journal.save, dataclasses.replace(self.state), limiter=self._disk
-        )
+        state = dataclasses.replace(self.state, zeroed_through=self.zeroed_through)
+        await trio.to_thread.run_sync(self._flush_and_save, state, limiter=self._disk)
+        self.state.zeroed_through = state.zeroed_through
+
+    def _flush_and_save(self, state: JournalState) -> None:
+        """The zeros `state` claims reach stable storage before the journal says so
+        (BLKZEROOUT and O_DIRECT writes may sit in the disk's write cache): after a
+        power cut a resumed run must never skip zeroing what the disk lost."""
+        assert self.journal is not None
+        self.target.flush()
+        self.journal.save(state)
 
 
 def _update(hasher: Any, offset: int, data: bytes | memoryview | None, length: int) -> None:

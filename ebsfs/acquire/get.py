@@ -7,12 +7,16 @@ command again re-reads the recorded blocks from the output, checks each against 
 record (a mismatch is fetched again), and fetches only the rest. An incremental copy
 (`--base-image`) takes every block that ListChangedBlocks does not name from the base
 image (base.py), checked against the base's manifest. Until the manifest is written
-the image is not done: a regular file is OUTPUT.part until then."""
+the image is not done: a regular file is OUTPUT.part until then.
+
+A resumed run first makes sure its target is the one the journal's run was writing
+(identity.py): another file or disk under the same name is refused in one line."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,11 +24,19 @@ import trio
 
 from ebsfs.acquire.base import BaseImage
 from ebsfs.acquire.copy import Copy
+from ebsfs.acquire.identity import check_resume, identify, new_nonce
 from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter, Manifest, side_file_path, write_manifest
 from ebsfs.acquire.plan import CopyPlan, GetRequest, Layout, preflight, window_for
 from ebsfs.acquire.progress import Progress, QuietProgress
-from ebsfs.acquire.target import FileTarget, TargetKind, failure, open_target
+from ebsfs.acquire.target import (
+    DeviceTarget,
+    FileTarget,
+    Target,
+    TargetKind,
+    failure,
+    open_target,
+)
 from ebsfs.constants import BLOCK_SIZE, __version__
 from ebsfs.engine import engine
 from ebsfs.engine.config import EngineConfig
@@ -33,6 +45,8 @@ from ebsfs.errors import EbsfsError, first_leaf
 from ebsfs.service.api import EbsApi
 
 __all__ = ["GetRequest", "GetResult", "get"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +104,7 @@ def get(
             base.close()
 
 
-def _open_journal(plan: CopyPlan) -> Journal:
+def _open_journal(plan: CopyPlan, target: FileTarget | DeviceTarget) -> Journal:
     """The journal of this run, locked: the unfinished run's state, or a new one."""
     journal = Journal(plan.layout.stem)
     state = plan.resume or JournalState(
@@ -100,9 +114,40 @@ def _open_journal(plan: CopyPlan) -> Journal:
         started=utc_now(),
         ebsfs_version=__version__,
     )
+    journal.lock(new=plan.resume is None)
+    try:
+        _identify(plan, target, state)
+    except BaseException:
+        journal.close()
+        raise
     state.runs += 1
-    journal.open(state, new=plan.resume is None)
+    journal.state = state
+    journal.save(state)
     return journal
+
+
+def _identify(plan: CopyPlan, target: FileTarget | DeviceTarget, state: JournalState) -> None:
+    """Check a resumed run's target is the journal's (refused in one line if not; an
+    earlier run's zeroing forgotten where it cannot be proven), and record it, a
+    device with a new fingerprint where it has none of this copy's."""
+    current = identify(target.fd)
+    device = target if isinstance(target, DeviceTarget) else None
+    trusted = True
+    # A .part this run created holds nothing of an earlier run's: nothing to check.
+    if plan.resume is not None and not (isinstance(target, FileTarget) and target.created):
+        found = device.fingerprint_found() if device is not None else None
+        start_over = f"{plan.layout.stem}.part*"
+        trusted = check_resume(state.target, current, found, target.name, start_over)
+        if not trusted and state.zeroed_through:
+            log.info("%s: identity not proven: zeroing it again", target.name)
+            state.zeroed_through = 0
+    if device is not None and device.unrecorded is not None:
+        fingerprint = state.target.fingerprint if trusted and state.target else None
+        if fingerprint is None:
+            fingerprint = new_nonce()
+            device.stamp(fingerprint)  # durable before the journal names it
+        current.fingerprint = fingerprint
+    state.target = current
 
 
 def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
@@ -110,8 +155,8 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
     target = open_target(layout.kind, layout.output, plan.image.size)
     journal = None
     try:
-        if target.resumable:
-            journal = _open_journal(plan)
+        if isinstance(target, FileTarget | DeviceTarget):
+            journal = _open_journal(plan, target)
         started = journal.state.started if journal and journal.state else utc_now()
         try:
             blocks = BlockListWriter(f"{layout.stem}.part.blocks", plan.image.snapshot_id)
@@ -120,7 +165,7 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
         copy = Copy(plan, target, journal, blocks, progress)
         try:
             trio.run(_copy_with_base, the_engine, copy)
-            target.finish()
+            _finish(target, journal)
             manifest = _manifest(the_engine, copy, started)
             write_manifest(layout.manifest, manifest)
         except BaseException:
@@ -139,6 +184,18 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
         target.close()
         if journal is not None:
             journal.close()
+
+
+def _finish(target: Target, journal: Journal | None) -> None:
+    """Everything on stable storage; a device's fingerprint retired in the journal
+    before its block gets its own bytes (a run cut short after that resumes, trusting
+    only what re-reads right, instead of finding no fingerprint and refusing)."""
+    target.flush()
+    state = journal.state if journal is not None else None
+    if journal is not None and state and state.target and state.target.fingerprint:
+        state.target = dataclasses.replace(state.target, fingerprint=None)
+        journal.save(state)
+    target.finish()
 
 
 async def _copy_with_base(the_engine: Engine, copy: Copy) -> None:

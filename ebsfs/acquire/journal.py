@@ -17,10 +17,12 @@ import dataclasses
 import fcntl
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
-from ebsfs.acquire.manifest import write_json_atomic
+from ebsfs.acquire.identity import TargetIdentity
+from ebsfs.acquire.manifest import PRIVATE, private_flags, write_json_atomic
 from ebsfs.errors import OutputError
 
 RECORD = 32
@@ -45,7 +47,10 @@ class JournalState:
     """Runs so far, this one included once it has opened the journal."""
     zeroed_through: int | None = None
     """Bytes of a device zeroed from its start (a resumed run skips them); absent for a
-    file, whose holes cost nothing."""
+    file, whose holes cost nothing. Saved only once those zeros are flushed."""
+    target: TargetIdentity | None = None
+    """Which file or device the copy writes (identity.py); absent in the journals of
+    versions before it, which ignore it."""
 
     @classmethod
     def from_json(cls, data: object) -> JournalState:
@@ -62,6 +67,8 @@ class JournalState:
             "zeroed_through": (int, type(None)),
         }
         values: dict[str, Any] = {}
+        if data.get("target") is not None:
+            values["target"] = TargetIdentity.from_json(data["target"])
         for name, kind in types.items():
             if name not in data:
                 continue
@@ -78,6 +85,9 @@ class JournalState:
         data = dataclasses.asdict(self)
         if self.zeroed_through is None:
             del data["zeroed_through"]
+        del data["target"]
+        if self.target is not None:
+            data["target"] = self.target.as_json()
         return data
 
 
@@ -115,8 +125,15 @@ class Journal:
 
     def open(self, state: JournalState, new: bool) -> None:
         """Lock the journal for this run (a new one starts empty) and save `state`."""
+        self.lock(new)
+        self.state = state
+        self.save(state)
+
+    def lock(self, new: bool) -> None:
+        """Lock the journal for this run (a new one starts empty); OutputError if
+        another run holds it."""
         try:
-            self._fd = os.open(self.sums_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = os.open(self.sums_path, private_flags(os.O_RDWR), PRIVATE)
         except OSError as err:
             raise OutputError(f"cannot create {self.sums_path}: {err.strerror}") from err
         try:
@@ -127,10 +144,11 @@ class Journal:
             raise OutputError(
                 f"another ebsfs get is writing this output ({self.sums_path} is locked)"
             ) from None
+        mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
+        if mode & 0o077:  # left by a version that made it 0644
+            os.fchmod(self._fd, mode & 0o700)
         if new:
             os.ftruncate(self._fd, 0)
-        self.state = state
-        self.save(state)
 
     def save(self, state: JournalState) -> None:
         try:

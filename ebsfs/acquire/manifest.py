@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -28,6 +29,33 @@ INLINE_BLOCKS = 4096
 """Blocks listed inside the manifest at most (about 300 KB of JSON); more go to a side file."""
 MANIFEST_SUFFIX = ".manifest.json"
 BLOCKS_SUFFIX = ".blocks.sha256"
+SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{1,59}")
+"""engine.config's, without importing the engine (`verify` reads local files only)."""
+LINE_MAX = 4096
+"""Characters a side file's line may have (its lines have under 150)."""
+MANIFEST_MAX = 64 * 1024**2
+"""Bytes a manifest may have (one with INLINE_BLOCKS blocks and EC2 metadata has
+under 1 MiB): a larger one is not ebsfs's, and is not parsed into memory."""
+PRIVATE = 0o600
+"""The mode evidence files are created with (the umask may take more away): an image
+holds the volume's secrets (keys, password hashes, mail), and its manifest, journal
+and block lists pin the volume's contents block by block (a reader can confirm a
+guessed file) and carry the snapshot's tags and description. 0644, the mode a
+default umask gives, showed them to every local user."""
+
+
+def private_flags(flags: int) -> int:
+    """`flags` for creating an evidence file: created if missing, never through a
+    symbolic link (a link planted in a shared directory would redirect the write)."""
+    return flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_private(path: str) -> IO[str]:
+    """A new text file at `path`, mode PRIVATE (a stale one of the same name replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, private_flags(os.O_WRONLY) | os.O_EXCL, PRIVATE)
+    return open(fd, "w", encoding="utf-8")
 
 
 def manifest_path(output: str) -> str:
@@ -126,12 +154,16 @@ def _inline(entries: Any, where: str) -> Iterator[tuple[int, str]]:
             and isinstance(entry[0], int)
             and isinstance(entry[1], str)
         ):
-            raise ManifestError(f"{where}: malformed block entry {entry!r}")
+            raise ManifestError(f"{where}: malformed block entry {entry!r:.80}")
         yield entry[0], entry[1]
 
 
 def _lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(f, 1):
+    number = 0
+    while line := f.readline(LINE_MAX):
+        number += 1
+        if len(line) == LINE_MAX and not line.endswith("\n"):  # a hostile file's
+            raise ManifestError(f"{where}:{number}: line longer than {LINE_MAX} characters")
         if line.startswith("#") or not line.strip():
             continue
         parts = line.split()
@@ -149,7 +181,7 @@ def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest) -> Iterator
         except ValueError:
             digest = b""
         if len(digest) != 32:
-            raise ManifestError(f"{manifest.path}: block {index}: {text!r} is not a SHA-256")
+            raise ManifestError(f"{manifest.path}: block {index}: {text!r:.80} is not a SHA-256")
         if not previous < index < manifest.volume_blocks:
             raise ManifestError(f"{manifest.path}: block {index} out of order or past the volume")
         previous = index
@@ -180,7 +212,7 @@ class BlockListWriter:
         self.spool_path = spool_path
         self.count = 0
         self._hash = hashlib.sha256()
-        self._file = open(spool_path, "w", encoding="ascii")  # noqa: SIM115 (kept open)
+        self._file = open_private(spool_path)
         self._write(
             f"# ebsfs: SHA-256 of each written {BLOCK_SIZE}-byte block of "
             f"{snapshot_id}: block index (byte offset = index * {BLOCK_SIZE}), "
@@ -241,7 +273,7 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_private(tmp) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -262,6 +294,8 @@ def read_manifest(path: str) -> Manifest:
     """The manifest at `path`, or ManifestError saying why it cannot be used."""
     try:
         with open(path, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_size > MANIFEST_MAX:
+                raise ManifestError(f"{path} is too large to be an ebsfs manifest")
             data = json.load(f)
     except FileNotFoundError:
         raise ManifestError(
@@ -297,6 +331,8 @@ def read_manifest(path: str) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"{path}: missing or malformed field {err}") from err
+    if not SNAPSHOT_ID.fullmatch(manifest.snapshot_id):  # printed by `verify`
+        raise ManifestError(f"{path}: snapshot_id is not a snapshot id")
     if manifest.block_size != BLOCK_SIZE or manifest.volume_size <= 0:
         raise ManifestError(
             f"{path}: block size {manifest.block_size} or volume size "

@@ -18,6 +18,7 @@ from ebsfs.engine.cache import SLAB_SIZE
 from ebsfs.engine.config import EngineConfig, check_snapshot_id
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.errors import ManifestError, OutputError, UserInputError
+from ebsfs.quoting import printable
 
 SnapshotMetadata = tuple[dict[str, Any] | None, str | None]
 """The snapshot's EC2 metadata for the manifest, and why there is none when there is
@@ -71,6 +72,12 @@ class Layout:
         return cls(kind, request.output, manifest, stem)
 
 
+def shown(text: str) -> str:
+    """`text` from a journal (a file anyone with the directory may have planted) for a
+    one-line message: its control characters escaped."""
+    return printable(text)
+
+
 def already_done(layout: Layout, snapshot_id: str) -> Manifest | None:
     """The manifest of a finished copy of this snapshot at this output, if there is one."""
     if not os.path.exists(layout.manifest):
@@ -105,15 +112,15 @@ def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, Jou
         state = journal.load()
         if state.snapshot_id != request.snapshot_id:
             raise UserInputError(
-                f"{layout.output} belongs to an unfinished copy of {state.snapshot_id} "
+                f"{layout.output} belongs to an unfinished copy of {shown(state.snapshot_id)} "
                 f"({journal.state_path}), not {request.snapshot_id}: finish it with `ebsfs "
-                f"get {state.snapshot_id} {layout.output}`, or remove "
+                f"get {shown(state.snapshot_id)} {layout.output}`, or remove "
                 f"{layout.stem}.part* to discard it"
             )
         if state.output != os.path.abspath(layout.output):
             raise UserInputError(
                 f"{journal.state_path} is the record of a copy to "
-                f"{state.output}, not {layout.output}"
+                f"{shown(state.output)}, not {layout.output}"
             )
         return None, state
     done = already_done(layout, request.snapshot_id)
@@ -125,7 +132,7 @@ def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, Jou
                 f"{layout.output} exists and is not a finished copy of "
                 f"{request.snapshot_id}: remove it or choose another name"
             )
-        if os.path.exists(layout.output + ".part"):
+        if os.path.lexists(layout.output + ".part"):  # a dangling symlink too
             raise OutputError(
                 f"{layout.output}.part exists but no record of an unfinished "
                 "copy does: remove it or choose another name"

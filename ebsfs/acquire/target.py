@@ -13,7 +13,9 @@ import struct
 import sys
 from enum import StrEnum
 
-from ebsfs.acquire.manifest import sync_directory
+from ebsfs.acquire.identity import FINGERPRINT_BYTES, fingerprint_bytes
+from ebsfs.acquire.manifest import PRIVATE, private_flags, sync_directory
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.errors import OutputError
 
 BLKZEROOUT = 0x127F
@@ -62,6 +64,9 @@ class Target:
     resumable = True
     zeroing_costs = False
     """Zeroing writes to the target (a device): a resumed run skips what was zeroed."""
+    unrecorded: int | None = None
+    """The offset of a block written only by `finish` (a device's fingerprint block):
+    never recorded in the journal, so never read back by a resumed run."""
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         raise NotImplementedError
@@ -73,8 +78,13 @@ class Target:
         """Bytes the snapshot never wrote: make them read as zeros."""
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Everything written and zeroed so far is on stable storage: called before
+        the journal says so, so that a power cut never leaves it claiming more."""
+
     def finish(self) -> None:
         """Everything written is on stable storage."""
+        self.flush()
 
     def close(self) -> None:
         pass
@@ -141,9 +151,9 @@ class _OnDisk(Target):
         except OSError as err:
             raise failure("cannot read", self.name, err) from err
 
-    def finish(self) -> None:
+    def flush(self) -> None:
         try:
-            os.fsync(self.fd)
+            os.fsync(self.fd)  # on a device also the disk's write cache (a FLUSH)
         except OSError as err:
             raise failure("cannot flush", self.name, err) from err
 
@@ -162,16 +172,32 @@ class FileTarget(_OnDisk):
         self.path = path
         self.part = path + ".part"
         self.name = self.part
+        self.created = True
+        """Created by this run: whatever an earlier run left cannot be in it."""
         try:
-            self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(self.part, private_flags(os.O_RDWR) | os.O_EXCL, PRIVATE)
+        except FileExistsError:
+            self.created = False
+            try:
+                self.fd = os.open(self.part, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError as err:
+                raise failure("cannot open", self.part, err) from err
         except OSError as err:
             raise failure("cannot create", self.part, err) from err
         try:
-            if os.fstat(self.fd).st_size != size:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"{self.part} is not a regular file: remove it to start over")
+            if stat.S_IMODE(st.st_mode) & 0o077:  # left by a version that made it 0644
+                os.fchmod(self.fd, stat.S_IMODE(st.st_mode) & 0o700)
+            if st.st_size != size:
                 os.ftruncate(self.fd, size)  # holes: never-written blocks cost no space
         except OSError as err:
             os.close(self.fd)
             raise failure("cannot size", self.part, err) from err
+        except OutputError:
+            os.close(self.fd)
+            raise
         self.direct = DirectWrites(self.part, os.O_WRONLY)
 
     def zero(self, offset: int, length: int) -> None:
@@ -191,7 +217,11 @@ def device_size(fd: int) -> int:
 class DeviceTarget(_OnDisk):
     """A block device at least as large as the volume, opened exclusively (it fails if
     mounted). Never-written blocks are zeroed with BLKZEROOUT, or written zeros where
-    the device refuses it; nothing past the image is touched."""
+    the device refuses it; nothing past the image is touched.
+
+    The image's last block is held back: while the copy runs it holds this copy's
+    fingerprint (identity.py: a resumed run checks it is writing the same disk), and
+    `finish` writes its own bytes (or zeros) there, after everything else."""
 
     zeroing_costs = True
 
@@ -213,13 +243,42 @@ class DeviceTarget(_OnDisk):
             )
         # Not O_EXCL: this process holds the device exclusively through self.fd.
         self.direct = DirectWrites(path, os.O_WRONLY)
+        whole = size >= BLOCK_SIZE and size % BLOCK_SIZE == 0  # every EBS volume
+        self.unrecorded = size - BLOCK_SIZE if whole else None
+        self.held: bytes | None = None
+        """The last block's bytes once the copy has them (None: zeros)."""
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         assert offset + len(data) <= self.size
+        if offset == self.unrecorded:
+            assert len(data) == BLOCK_SIZE
+            self.held = bytes(data)  # its buffer goes back to the cache after this
+            return
         super().write(offset, data)
+
+    def stamp(self, nonce: str) -> None:
+        """Write this copy's fingerprint into the held block, durably."""
+        assert self.unrecorded is not None
+        super().write(self.unrecorded, fingerprint_bytes(nonce))
+        self.flush()
+
+    def fingerprint_found(self) -> bytes | None:
+        """What the device holds where a fingerprint goes (None: no place for one)."""
+        if self.unrecorded is None:
+            return None
+        return self.read(self.unrecorded, FINGERPRINT_BYTES)
+
+    def finish(self) -> None:
+        """The held block's own bytes over the fingerprint, then everything flushed."""
+        if self.unrecorded is not None:
+            super().write(self.unrecorded, self.held or bytes(BLOCK_SIZE))
+        self.flush()
 
     def zero(self, offset: int, length: int) -> None:
         end = min(offset + length, self.size)
+        if self.unrecorded is not None and end > self.unrecorded:
+            end = max(offset, self.unrecorded)  # zeros go there at `finish`
+            self.held = None
         while offset < end:
             piece = min(ZERO_PIECE, end - offset)
             if self.zeroout:

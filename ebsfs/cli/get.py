@@ -18,6 +18,7 @@ from ebsfs.cli.options import (
 )
 from ebsfs.constants import READ_TIMEOUT
 from ebsfs.errors import first_leaf
+from ebsfs.quoting import printable
 
 if TYPE_CHECKING:
     from ebsfs.acquire.manifest import Manifest
@@ -128,7 +129,11 @@ def cmd_get(args: argparse.Namespace) -> int:
             log.info("manifest without EC2 metadata: %s", note)
             # EC2 was asked and said no: one line, so that nobody expects it there.
             if described.asked and not quiet and args.verbose == 0:
-                print(f"ebsfs: info: manifest without EC2 metadata: {note}", file=sys.stderr)
+                # The note quotes EC2's answer: no raw control characters.
+                print(
+                    f"ebsfs: info: manifest without EC2 metadata: {printable(note)}",
+                    file=sys.stderr,
+                )
         info = described.found.get(args.snapshot_id)
         return (info.as_json() if info else None), note
 
@@ -155,7 +160,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         return 0
     if result.already_done:
         print(
-            f"ebsfs: {args.output} is already a finished copy of {m.snapshot_id} "
+            f"ebsfs: {printable(args.output)} is already a finished copy of {m.snapshot_id} "
             f"(manifest {result.manifest_path}); `ebsfs verify` checks it",
             file=sys.stderr,
         )
@@ -167,7 +172,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     if counts.get("resumed_blocks"):
         got += f", {counts['resumed_blocks']} from the earlier run"
     print(
-        f"ebsfs: {m.snapshot_id} -> {args.output}: {human(m.volume_size)}, "
+        f"ebsfs: {m.snapshot_id} -> {printable(args.output)}: {human(m.volume_size)}, "
         f"{m.written_blocks} written blocks ({got}); {image_digests(m)}; manifest "
         f"{result.manifest_path}",
         file=sys.stderr,

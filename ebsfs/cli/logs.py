@@ -39,6 +39,10 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler: logging.Handler
     if log_file:
+        # Created 0600 (the umask may take more away): the log names snapshots,
+        # paths and errors of an acquisition, no other local user's business. An
+        # existing file keeps its mode (it may be a shared log on purpose).
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         handler = logging.FileHandler(log_file)
     elif background and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log")

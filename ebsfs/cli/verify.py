@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ebsfs.cli.get import image_digests
+from ebsfs.quoting import printable
 
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
@@ -38,8 +39,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ebsfs.acquire.verify import verify
     from ebsfs.cli.progress import progress_for
 
+    shown = printable(args.image)  # a name a shell glob may have found: no raw controls
+
     def bad(index: int, offset: int, reason: str) -> None:
-        print(f"{args.image}: block {index} (offset {offset}): {reason}", flush=True)
+        print(f"{shown}: block {index} (offset {offset}): {reason}", flush=True)
 
     result = verify(
         args.image, args.manifest, bad, progress_for(os.path.basename(args.image), args.quiet)
@@ -47,13 +50,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     m = result.manifest
     if result.ok:
         print(
-            f"{args.image}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, "
-            f"{image_digests(m)}"
+            f"{shown}: OK: {m.snapshot_id}, {m.written_blocks} written blocks, {image_digests(m)}"
         )
         return 0
     if result.bad_blocks:
         what = f"{result.bad_blocks} bad block{'s' if result.bad_blocks != 1 else ''}"
     else:
         what = "the image's digests differ from the manifest's (was the manifest changed?)"
-    print(f"ebsfs: error: {args.image} does not match its manifest: {what}", file=sys.stderr)
+    print(f"ebsfs: error: {shown} does not match its manifest: {what}", file=sys.stderr)
     return 1
