@@ -491,3 +491,21 @@ def test_an_error_body_of_the_wrong_shape_is_still_an_error(serve, body: dict) -
     server = one_answer(serve, head.encode() + raw)
     with pytest.raises((ServiceError, RetriesExhausted)):
         direct_api(server).get_snapshot_block("snap-01", 3, TOKEN)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"VolumeSize": 1, "ExpiryTime": "abc", "Blocks": []}',
+        b'{"VolumeSize": 1, "ExpiryTime": 1e400, "Blocks": []}',
+        b'{"VolumeSize": 1, "ExpiryTime": [1], "Blocks": []}',
+        b'{"VolumeSize": 1, "Blocks": {"a": 1}}',
+        b"[1, 2]",
+        b"[" * 100000,
+    ],
+)
+def test_list_answers_botocore_cannot_parse_are_service_failures(serve, body: bytes) -> None:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    server = one_answer(serve, head.encode() + b"\r\n\r\n" + body)
+    with pytest.raises((ServiceError, RetriesExhausted)):
+        direct_api(server).list_snapshot_blocks("snap-01")

@@ -41,6 +41,11 @@ BOTO_ERRORS = (
     urllib3.exceptions.HTTPError,
 )
 """What a boto3 call raises when the call fails (anything else is a bug of ours)."""
+UNPARSEABLE = (ValueError, TypeError, AttributeError, KeyError, RuntimeError, RecursionError)
+"""What botocore's response parsers raise on an answer that is not what the service
+sends (a timestamp of "abc" or 1e400, an object for a list, JSON nested a million
+deep): a garbled answer, retried as a transient failure like one the GET path cannot
+parse, never a traceback."""
 
 
 class BotoEbsApi:
@@ -130,6 +135,8 @@ class BotoEbsApi:
                 return getattr(self._client, operation)(**params)
             except BOTO_ERRORS as err:
                 raise boto_error(err, params.get("NextToken")) from err
+            except UNPARSEABLE as err:
+                raise garbled(operation, err, params.get("NextToken")) from err
 
         name = "".join(part.capitalize() for part in operation.split("_"))
         return self._retry.call(operation, self.stats.counting(name, attempt))
@@ -204,6 +211,8 @@ class BotoEbsApi:
             )
         except BOTO_ERRORS as err:
             raise boto_error(err, token) from err
+        except UNPARSEABLE as err:
+            raise garbled("GetSnapshotBlock", err, token) from err
         stream = r["BlockData"]
         try:
             data = stream.read()
@@ -217,6 +226,12 @@ class BotoEbsApi:
             return Block(data, checksum)
         into[:] = data
         return Block(into, checksum)
+
+
+def garbled(operation: str, err: Exception, *secrets: str | None) -> TransientError:
+    """An answer botocore could not parse, as a transient failure (message redacted)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return TransientError(redact(f"{operation}: an answer that does not parse ({text})", *secrets))
 
 
 def _paging(start_index: int, next_token: str | None, max_results: int) -> dict[str, Any]:
