@@ -8,15 +8,16 @@ escape is printed as it is; one that does is put in double quotes, with C escape
 Unsafe: C0 and C1 controls and DEL, bytes that are not UTF-8, Unicode format characters
 (bidirectional overrides, zero-width joiners: they make text read other than it is),
 line and paragraph separators, and unassigned or private code points. Valid UTF-8 text
-in other scripts stays readable. Names are `str` decoded with surrogateescape (how
-ebsfs carries raw bytes) or `bytes`."""
+in other scripts stays readable, unless `ascii_only` (for an output that is not UTF-8:
+then every byte past ASCII is escaped, as core.quotePath=true does). Names are `str`
+decoded with surrogateescape (how ebsfs carries raw bytes) or `bytes`."""
 
 from __future__ import annotations
 
 import base64
 import unicodedata
 
-__all__ = ["quote", "printable", "raw_bytes", "raw_b64"]
+__all__ = ["quote", "printable", "raw_bytes", "raw_b64", "utf8_stream"]
 
 _LETTERS = {
     "\a": "\\a",
@@ -49,7 +50,7 @@ def raw_b64(text: str | bytes) -> str:
     return base64.b64encode(raw_bytes(text)).decode("ascii")
 
 
-def _escaped(text: str | bytes, quote_marks: bool) -> tuple[str, bool]:
+def _escaped(text: str | bytes, quote_marks: bool, ascii_only: bool) -> tuple[str, bool]:
     """The text with every unsafe character escaped, and whether any was."""
     decoded = raw_bytes(text).decode("utf-8", "surrogateescape")
     out: list[str] = []
@@ -64,7 +65,7 @@ def _escaped(text: str | bytes, quote_marks: bool) -> tuple[str, bool]:
             changed = True
         elif code < 0x80 and 0x20 <= code < 0x7F:
             out.append(ch)
-        elif unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        elif ascii_only or unicodedata.category(ch) in _UNSAFE_CATEGORIES:
             out.append("".join(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass")))
             changed = True
         else:
@@ -72,15 +73,21 @@ def _escaped(text: str | bytes, quote_marks: bool) -> tuple[str, bool]:
     return "".join(out), changed
 
 
-def quote(name: str | bytes) -> str:
+def quote(name: str | bytes, ascii_only: bool = False) -> str:
     """A name as git prints a path: as it is if nothing in it needs escaping, else in
     double quotes with C escapes (so a quoted name always starts with `"`)."""
-    text, changed = _escaped(name, quote_marks=True)
+    text, changed = _escaped(name, True, ascii_only)
     return f'"{text}"' if changed else text
 
 
-def printable(text: str | bytes) -> str:
+def printable(text: str | bytes, ascii_only: bool = False) -> str:
     """A message holding others' text (a server's answer, a library's error) as one
     safe line: unsafe characters escaped as in `quote`, no quotes added, quotation
     marks and backslashes left as they are."""
-    return _escaped(text, quote_marks=False)[0]
+    return _escaped(text, False, ascii_only)[0]
+
+
+def utf8_stream(stream: object) -> bool:
+    """Whether a text stream writes UTF-8 (else names are printed in ASCII only)."""
+    encoding = str(getattr(stream, "encoding", None) or "").lower().replace("-", "")
+    return encoding in ("utf8", "utf8sig")

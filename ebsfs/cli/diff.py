@@ -36,7 +36,7 @@ def add_parser(commands: Commands) -> None:
         "once.",
         epilog="example: ebsfs diff --files snap-0aaa snap-0bbb   (lines as git diff "
         "--name-status: A added, D deleted, M modified with what changed, R old new "
-        "renamed)",
+        "renamed, U what could not be read; names quoted as git quotes them)",
     )
     diff.set_defaults(run=cmd_diff)
     diff.add_argument("first", metavar="FIRST_SNAPSHOT", help="the earlier snapshot")
@@ -55,6 +55,14 @@ def add_parser(commands: Commands) -> None:
         help="list changed files per filesystem instead of byte ranges; a "
         "filesystem that cannot be read gets a one-line note and its "
         "changed byte ranges",
+    )
+    diff.add_argument(
+        "-z",
+        dest="nul",
+        action="store_true",
+        help="with --files, for programs: only the changed names, each field ended by "
+        "NUL and names as their raw bytes (STATUS, PARTITION, [OLD], PATH, REASONS); "
+        "notes on stderr",
     )
     diff.add_argument(
         "--atime",
@@ -83,6 +91,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     check_snapshot_id(args.second)
     if args.atime and not args.files:
         raise UserInputError("--atime needs --files")
+    if args.nul and not args.files:
+        raise UserInputError("-z needs --files")
+    if args.nul and args.json:
+        raise UserInputError("-z and --json cannot be used together")
     if args.files:
         return _diff_files(args)
     return _diff_blocks(args)
@@ -115,6 +127,7 @@ def _diff_files(args: argparse.Namespace) -> int:
     from ebsfs.cli.progress import BarProgress
     from ebsfs.fileobj import open_with
     from ebsfs.forensics.filediff import diff_files
+    from ebsfs.quoting import printable, quote, utf8_stream
 
     if args.first == args.second:
         raise UserInputError("the two snapshots are the same")
@@ -129,11 +142,21 @@ def _diff_files(args: argparse.Namespace) -> int:
             display.close()
         for f in files:
             f.close()
-    if args.json:  # the text says it in its place; JSON on stdout is for programs
+    if args.json or args.nul:  # the text says it in its place; these are for programs
+        ascii_only = not utf8_stream(sys.stderr)
         for fs in result.filesystems:
             if fs.note is not None:
-                print(f"ebsfs: note: {fs.label}: files not listed: {fs.note}", file=sys.stderr)
+                note = printable(fs.note, ascii_only)
+                print(f"ebsfs: note: {fs.label}: files not listed: {note}", file=sys.stderr)
+            for u in fs.unreadable:
+                path = quote(u.path, ascii_only)
+                print(f"ebsfs: note: {fs.label}: {path}: {u.describe(ascii_only)}", file=sys.stderr)
+    if args.json:
         result.write_json(sys.stdout)
+    elif args.nul:
+        sys.stdout.flush()
+        result.write_z(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     else:
-        result.write_text(sys.stdout)
+        result.write_text(sys.stdout, ascii_only=not utf8_stream(sys.stdout))
     return 0

@@ -43,6 +43,7 @@ def add_parser(commands: Commands) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ebsfs.quoting import quote, utf8_stream
     from ebsfs.service import ec2
 
     found = ec2.Ec2Snapshots(connection_options(args), args.ec2_endpoint_url).list(
@@ -52,15 +53,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         json.dump([s.as_json() for s in found], sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
+    # EC2's answer is others' text (other owners' descriptions, a hostile endpoint):
+    # quoted as git quotes names, so no cell moves the cursor or forges a row.
+    ascii_only = not utf8_stream(sys.stdout)
     rows = [("SNAPSHOT", "VOLUME", "SIZE", "START (UTC)", "ENCRYPTED", "DESCRIPTION")]
     rows += [
         (
-            s.snapshot_id,
-            s.volume_id,
+            quote(s.snapshot_id, ascii_only),
+            quote(s.volume_id, ascii_only),
             f"{s.volume_size_gib} GiB",
             s.start_time.strftime("%Y-%m-%d %H:%M:%S"),
             "yes" if s.encrypted else "no",
-            " ".join(s.description.split()),
+            quote(" ".join(s.description.split()), ascii_only),
         )
         for s in found
     ]

@@ -30,6 +30,7 @@ from ebsfs.errors import (
     UserInputError,
     first_leaf,
 )
+from ebsfs.quoting import printable, utf8_stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(err: BaseException) -> str:
-    """The one line a user sees for an error."""
+    """The one line a user sees for an error (made printable by `say`)."""
     if isinstance(err, RetriesExhausted) and isinstance(err.__cause__, EndpointUnreachable):
         return f"{err.__cause__} (is --endpoint-url right and the endpoint up?)"
     if isinstance(err, SnapshotNotFound):
@@ -81,6 +82,14 @@ def describe(err: BaseException) -> str:
     if isinstance(err, CredentialsMissing | UserInputError | InvalidSnapshotId):
         return str(err)
     return str(err) or type(err).__name__
+
+
+def say(text: str) -> None:
+    """An error line on stderr. Errors quote others' text (a server's message, a
+    library's account of a snapshot's metadata): its controls are escaped and its
+    lines joined, so it cannot drive the terminal or forge a line."""
+    line = printable(" ".join(text.splitlines()), ascii_only=not utf8_stream(sys.stderr))
+    print(line, file=sys.stderr)
 
 
 YOUNG_COLLECTION_EVERY = 10_000
@@ -108,22 +117,20 @@ def _main(argv: list[str] | None) -> int:
     try:
         setup_logging(args.verbose, args.log_file, background=False)
     except OSError as err:
-        print(
-            f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}", file=sys.stderr
-        )
+        say(f"ebsfs: error: cannot open log file {args.log_file}: {err.strerror}")
         return 1
     try:
         code: int = args.run(args)
         return code
     except EbsfsError as err:
-        print(f"ebsfs: error: {describe(err)}", file=sys.stderr)
+        say(f"ebsfs: error: {describe(err)}")
         return 1
     except BaseExceptionGroup as group:  # from trio, in the foreground
         leaf = first_leaf(group)
         if isinstance(leaf, KeyboardInterrupt):
             return 130
         text = describe(leaf) if isinstance(leaf, EbsfsError) else f"{type(leaf).__name__}: {leaf}"
-        print(f"ebsfs: error: {text}", file=sys.stderr)
+        say(f"ebsfs: error: {text}")
         return 1
     except KeyboardInterrupt:
         print("ebsfs: interrupted", file=sys.stderr)

@@ -24,12 +24,14 @@ from typing import Any, Protocol
 
 from ebsfs.engine.diff import Diff, TextSink, human
 from ebsfs.errors import FilesystemUnreadable
-from ebsfs.forensics.fsread import DIRECTORY, Entry, PositionalReader, Tree, read_tree
+from ebsfs.forensics.compare import ADDED, DELETED, MODIFIED, STATUS, FileChange, compare_trees
+from ebsfs.forensics.fsread import Entry, PositionalReader, Tree, read_tree
+from ebsfs.quoting import printable, quote, raw_b64, raw_bytes
+
+__all__ = ["ChangedBlocks", "FileChange", "FileDiff", "compare_trees", "diff_files"]
 
 log = logging.getLogger(__name__)
 
-ADDED, DELETED, MODIFIED = "added", "deleted", "modified"
-STATUS = {ADDED: "A", DELETED: "D", MODIFIED: "M"}
 COMPARE_PIECE = 4 * 1024**2
 """Bytes compared at once when changed blocks must be read."""
 
@@ -79,21 +81,6 @@ class ChangedBlocks:
 
 
 @dataclass
-class FileChange:
-    """One line of the listing: what happened to one name."""
-
-    change: str
-    path: str
-    kind: str
-    reasons: list[str] = field(default_factory=list)
-    """For modified: what differs (renamed, replaced, content, size, mode, owner,
-    mtime, ctime, crtime, atime)."""
-    old_path: str | None = None
-    before: Entry | None = None
-    after: Entry | None = None
-
-
-@dataclass
 class FilesystemChanges:
     """The changed files of one filesystem, or why they could not be listed."""
 
@@ -108,10 +95,27 @@ class FilesystemChanges:
     """Files, directories and symlinks read in the first and in the second snapshot."""
     changed_bytes: int = 0
     """Bytes of changed blocks inside this filesystem."""
+    unreadable: list[Unread] = field(default_factory=list)
+    """What could not be read in it (the rest was compared)."""
 
     @property
     def label(self) -> str:
         return "the volume" if self.partition is None else f"partition {self.partition}"
+
+
+@dataclass
+class Unread:
+    """A directory or an entry that could not be read, by its path."""
+
+    snapshot: str
+    """"first", "second" or "both"."""
+    path: str
+    what: str
+    reason: str
+
+    def describe(self, ascii_only: bool = False) -> str:
+        where = "both snapshots" if self.snapshot == "both" else f"the {self.snapshot} snapshot"
+        return f"{self.what} unreadable in {where}: {printable(self.reason, ascii_only)}"
 
 
 @dataclass
@@ -132,34 +136,44 @@ class FileDiff:
                 found[c.change] += 1
         return found
 
-    def write_text(self, out: TextSink) -> None:
+    def write_text(self, out: TextSink, ascii_only: bool = False) -> None:
         """Per filesystem, a `# ...` header and one `git diff --name-status` line per
-        name (`A`, `D`, `M path reasons`, `R old new reasons`); then the summary, and
-        the changed byte ranges of any filesystem whose files could not be listed."""
+        name (`A`, `D`, `M path reasons`, `R old new reasons`, `U path what could not
+        be read`), names quoted as git quotes them; then the summary, and the changed
+        byte ranges of any filesystem whose files could not be listed."""
+
+        def q(name: str) -> str:
+            return quote(name, ascii_only)
+
         for fs in self.filesystems:
             what = fs.fstype or "unknown"
             if fs.note is not None:
-                out.write(f"# {fs.label} ({what}): files not listed: {fs.note}\n")
+                note = printable(fs.note, ascii_only)
+                out.write(f"# {fs.label} ({what}): files not listed: {note}\n")
                 continue
             counts = _count(fs.changes)
             out.write(
                 f"# {fs.label} ({what}): {counts[ADDED]} added, {counts[DELETED]} "
-                f"deleted, {counts[MODIFIED]} modified\n"
+                f"deleted, {counts[MODIFIED]} modified{_unreadable(fs)}\n"
             )
             for c in fs.changes:
                 reasons = ",".join(r for r in c.reasons if r != "renamed")
                 if "renamed" in c.reasons:
-                    line = f"R\t{c.old_path}\t{c.path}"
+                    line = f"R\t{q(c.old_path or '')}\t{q(c.path)}"
                 else:
-                    line = f"{STATUS[c.change]}\t{c.path}"
+                    line = f"{STATUS[c.change]}\t{q(c.path)}"
                 out.write(line + (f"\t{reasons}" if reasons else "") + "\n")
+            for u in fs.unreadable:
+                out.write(f"U\t{q(u.path)}\t{u.describe(ascii_only)}\n")
         counts = self.counts()
         total = sum(counts.values())
         listed = sum(1 for fs in self.filesystems if fs.note is None)
+        unread = sum(len(fs.unreadable) for fs in self.filesystems)
         out.write(
             f"{self.first} -> {self.second}: {total} changed in {listed} "
             f"filesystem{'s' if listed != 1 else ''} ({counts[ADDED]} added, "
-            f"{counts[DELETED]} deleted, {counts[MODIFIED]} modified); "
+            f"{counts[DELETED]} deleted, {counts[MODIFIED]} modified"
+            f"{f', {unread} unreadable' if unread else ''}); "
             f"{self.blocks.changed_count} blocks changed "
             f"({human(self.blocks.changed_bytes)})\n"
         )
@@ -174,6 +188,26 @@ class FileDiff:
             out.write(f"changed byte ranges of {fs.label} (offsets in the volume):\n")
             for offset, length in self._ranges_in(fs):
                 out.write(f"{offset:>16} {length:>14}\n")
+
+    def write_z(self, out: BinarySink) -> None:
+        """Only the names, for programs (`-z`, as git's): each field ends with NUL
+        and names are their raw bytes. A record is STATUS, PARTITION (empty for a
+        bare filesystem), for R the old path, PATH, then REASONS (comma-separated,
+        maybe empty); `U` records give what could not be read instead of reasons.
+        Notes and the summary are not written (the faces say them on stderr)."""
+        for fs in self.filesystems:
+            part = b"" if fs.partition is None else str(fs.partition).encode()
+            for c in fs.changes:
+                renamed = "renamed" in c.reasons
+                fields = [b"R" if renamed else STATUS[c.change].encode(), part]
+                if renamed:
+                    fields.append(_raw(c.old_path or ""))
+                reasons = ",".join(r for r in c.reasons if r != "renamed")
+                fields += [_raw(c.path), reasons.encode()]
+                out.write(b"".join(f + b"\0" for f in fields))
+            for u in fs.unreadable:
+                text = printable(u.describe(), ascii_only=True).encode()
+                out.write(b"U\0" + part + b"\0" + _raw(u.path) + b"\0" + text + b"\0")
 
     def _ranges_in(self, fs: FilesystemChanges) -> list[tuple[int, int]]:
         return ChangedBlocks.of(self.blocks).pieces(fs.offset, fs.size)
@@ -199,11 +233,21 @@ class FileDiff:
                 "offset": fs.offset,
                 "size": fs.size,
                 "type": fs.fstype,
-                "note": fs.note,
+                "note": None if fs.note is None else printable(fs.note),
                 "entries_first": fs.entries[0],
                 "entries_second": fs.entries[1],
                 "changed_bytes": fs.changed_bytes,
                 "changes": len(fs.changes),
+                "unreadable": [
+                    {
+                        "path": quote(u.path),
+                        "path_b64": raw_b64(u.path),
+                        "snapshot": u.snapshot,
+                        "what": u.what,
+                        "reason": printable(u.reason),
+                    }
+                    for u in fs.unreadable
+                ],
             }
             if fs.note is not None:
                 item["ranges"] = [{"offset": o, "length": n} for o, n in self._ranges_in(fs)]
@@ -224,14 +268,32 @@ def _count(changes: list[FileChange]) -> dict[str, int]:
     return found
 
 
+class BinarySink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _raw(path: str) -> bytes:
+    """A path's raw bytes for `-z` (quoted in the one case a NUL would break it)."""
+    data = raw_bytes(path)
+    return data if b"\0" not in data else quote(path).encode()
+
+
+def _unreadable(fs: FilesystemChanges) -> str:
+    return f", {len(fs.unreadable)} unreadable" if fs.unreadable else ""
+
+
 def _change_json(c: FileChange, partition: int | None) -> dict[str, Any]:
+    """Paths as printed (quoted when they need it) and, exactly, as base64 of their
+    bytes."""
     return {
-        "path": c.path,
+        "path": quote(c.path),
+        "path_b64": raw_b64(c.path),
         "change": c.change,
         "partition": partition,
         "type": c.kind,
         "reasons": c.reasons,
-        "old_path": c.old_path,
+        "old_path": None if c.old_path is None else quote(c.old_path),
+        "old_path_b64": None if c.old_path is None else raw_b64(c.old_path),
         "before": _entry_json(c.before),
         "after": _entry_json(c.after),
     }
@@ -260,118 +322,6 @@ def _time(ns: int | None) -> str | None:
     seconds, fraction = divmod(ns, 10**9)
     stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{stamp}.{fraction:09d}Z"
-
-
-# -- comparing two trees ----------------------------------------------------------------
-
-
-SameBytes = Callable[[list[tuple[int, int]]], bool]
-"""Whether the two snapshots hold the same bytes at these (offset, length) of the
-filesystem."""
-
-
-def compare_trees(
-    first: Tree,
-    second: Tree,
-    changed_pieces: Callable[[int, int], list[tuple[int, int]]],
-    same_bytes: SameBytes,
-    atime: bool = False,
-) -> list[FileChange]:
-    """The names added, deleted and modified from `first` to `second`, sorted by path.
-    `changed_pieces(offset, length)` gives the parts of a byte range of the filesystem
-    inside changed blocks."""
-    changes: list[FileChange] = []
-    gone: dict[str, FileChange] = {}
-    came: dict[str, FileChange] = {}
-    for inode, old in first.entries.items():
-        new = second.entries.get(inode)
-        if new is None or new.identity() != old.identity():
-            for link in old.links:
-                path = first.path(link)
-                gone[path] = FileChange(DELETED, path, old.kind, before=old)
-            continue
-        reasons = _reasons(old, new, changed_pieces, same_bytes, atime)
-        old_links, new_links = set(old.links), set(new.links)
-        lost = sorted(old_links - new_links)
-        found = sorted(new_links - old_links)
-        kept = sorted(old_links & new_links)
-        for before, after in zip(lost, found, strict=False):
-            changes.append(
-                FileChange(
-                    MODIFIED,
-                    second.path(after),
-                    new.kind,
-                    ["renamed", *reasons],
-                    first.path(before),
-                    old,
-                    new,
-                )
-            )
-        for link in lost[len(found) :]:
-            path = first.path(link)
-            gone[path] = FileChange(DELETED, path, old.kind, before=old)
-        for link in found[len(lost) :]:
-            path = second.path(link)
-            came[path] = FileChange(ADDED, path, new.kind, after=new)
-        if reasons and (kept or not old.links):
-            path = second.path(kept[0]) if kept else "/"
-            changes.append(FileChange(MODIFIED, path, new.kind, reasons, None, old, new))
-    for inode, new in second.entries.items():
-        earlier = first.entries.get(inode)
-        if earlier is not None and earlier.identity() == new.identity():
-            continue
-        for link in new.links:
-            path = second.path(link)
-            came[path] = FileChange(ADDED, path, new.kind, after=new)
-    for path in sorted(gone.keys() & came.keys()):
-        # The same name on a new inode (an editor's save, `mv new old`): modified.
-        was, now = gone.pop(path).before, came.pop(path).after
-        assert was is not None and now is not None
-        reasons = ["replaced", *_metadata_reasons(was, now, atime)]
-        if was.size != now.size or was.inline != now.inline or was.kind != now.kind:
-            reasons.append("content")
-        changes.append(FileChange(MODIFIED, path, now.kind, reasons, None, was, now))
-    changes.extend(gone.values())
-    changes.extend(came.values())
-    changes.sort(key=lambda c: (c.path, c.change))
-    return changes
-
-
-def _metadata_reasons(old: Entry, new: Entry, atime: bool) -> list[str]:
-    reasons = []
-    if old.mode != new.mode:
-        reasons.append("mode")
-    if (old.uid, old.gid) != (new.uid, new.gid):
-        reasons.append("owner")
-    for name in ("mtime", "ctime", "crtime"):
-        if getattr(old, name) != getattr(new, name):
-            reasons.append(name)
-    if atime and old.atime != new.atime:
-        reasons.append("atime")
-    return reasons
-
-
-def _reasons(
-    old: Entry,
-    new: Entry,
-    changed_pieces: Callable[[int, int], list[tuple[int, int]]],
-    same_bytes: SameBytes,
-    atime: bool,
-) -> list[str]:
-    """What differs about one object; [] if nothing a user would call a change."""
-    reasons = []
-    if old.kind != DIRECTORY:
-        if old.size != new.size:
-            reasons.append("size")
-        if old.size != new.size or old.extents != new.extents or old.inline != new.inline:
-            reasons.insert(0, "content")
-        else:
-            pieces = [p for offset, length in new.extents for p in changed_pieces(offset, length)]
-            if pieces and not same_bytes(pieces):
-                reasons.insert(0, "content")
-    elif old.size != new.size:
-        reasons.append("size")
-    return reasons + _metadata_reasons(old, new, atime)
 
 
 # -- the snapshots ----------------------------------------------------------------------
@@ -452,6 +402,7 @@ def _compare(
     old, new = trees
     fs.fstype = new.fstype
     fs.entries = (len(old.entries), len(new.entries))
+    fs.unreadable = _unread(old, new)
 
     def pieces(offset: int, length: int) -> list[tuple[int, int]]:
         return [(o - fs.offset, n) for o, n in changed.pieces(fs.offset + offset, length)]
@@ -468,3 +419,18 @@ def _compare(
     log.info(
         "%s (%s): %d and %d entries, %d changes", fs.label, fs.fstype, *fs.entries, len(fs.changes)
     )
+
+
+def _unread(first: Tree, second: Tree) -> list[Unread]:
+    """What each tree could not read, by path; once when both could not."""
+    found: dict[tuple[str, str], Unread] = {}
+    for which, tree in (("first", first), ("second", second)):
+        for u in tree.unreadable:
+            what = u.what if u.inode is not None else "a name in the directory"
+            path = tree.path(u.link)
+            known = found.get((path, what))
+            if known is not None:
+                known.snapshot = "both" if known.snapshot != which else which
+                continue
+            found[(path, what)] = Unread(which, path, what, u.reason)
+    return sorted(found.values(), key=lambda u: raw_bytes(u.path))

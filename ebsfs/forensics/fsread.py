@@ -8,18 +8,25 @@ libfsxfs (`pyfsxfs`, LGPL-3.0-or-later), an optional extra (`pip install
 
 Only metadata is read: directories, inodes (MFT records) and extent maps, never file
 contents (data held inside the metadata itself, such as NTFS resident data or a fast
-symlink's target, comes with it and is hashed)."""
+symlink's target, comes with it and is hashed, up to INLINE_MAX bytes).
+
+The metadata is the attacker's: a directory or an entry the library cannot read is
+noted (`Tree.unreadable`) and the walk goes on, so that one damaged directory cannot
+hide the rest of the filesystem; only a failed read of the snapshot itself (the
+engine's error) stops it. Time and memory follow the metadata's size: no file data is
+read for a listing, and a path is built from at most MAX_PATH characters."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ebsfs.errors import EbsfsError, FilesystemUnreadable
+from ebsfs.quoting import printable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,16 @@ PAGES_KEPT = 64
 512 bytes to a few KiB, and each piece would otherwise be a trip into the engine."""
 PROGRESS_EVERY = 1000
 """Entries between two progress reports."""
+MAX_PATH = 4096
+"""Longest path built whole (Linux's PATH_MAX). A deeper name is given from the inode
+number of an ancestor (`inode:N/rest/of/it`, never starting with `/` like a real path):
+an attacker may nest directories 100,000 deep, and whole paths would cost the square
+of that in time and memory."""
+INLINE_MAX = 64 * 1024
+"""Most bytes of data kept inside the metadata read for one entry (an ext4 inode or
+an NTFS MFT record holds less): an entry that claims more is noted unreadable."""
+LIBRARY_ERRORS = (OSError, RuntimeError, ValueError, UnicodeError, OverflowError)
+"""What the libraries raise on structures they cannot follow."""
 
 FILE, DIRECTORY, SYMLINK = "file", "dir", "symlink"
 
@@ -75,28 +92,53 @@ class Entry:
 
 
 @dataclass
+class Unreadable:
+    """A part of the tree that could not be read: a directory's listing (some or all of
+    its entries missing) or one entry's metadata."""
+
+    what: str
+    """"directory" (its listing) or "entry"."""
+    inode: int | None
+    """The directory or the entry; None for a name in a directory that could not be
+    read at all (then `link` is the directory's)."""
+    link: tuple[int, str] | None
+    """Its name (parent inode, name); None for the root directory."""
+    reason: str
+    directory: int | None = None
+    """For a name that could not be read (`inode` None): the directory holding it,
+    whose other snapshot's names it may be."""
+
+
+@dataclass
 class Tree:
-    """The entries of one filesystem by inode, and how to name them."""
+    """The entries of one filesystem by inode, how to name them, and what could not be
+    read."""
 
     fstype: str
     block_size: int
     root: int
     entries: dict[int, Entry]
+    unreadable: list[Unreadable] = field(default_factory=list)
 
-    def path(self, link: tuple[int, str]) -> str:
-        """The absolute path of a name: its parents' names up to the root."""
+    def path(self, link: tuple[int, str] | None) -> str:
+        """The absolute path of a name: its parents' names up to the root, or, past
+        MAX_PATH characters or a broken chain, `inode:N/...` from the last ancestor
+        reached (bounded work per name, whatever the depth)."""
+        if link is None:
+            return "/"
         parent, name = link
         parts = [name]
-        seen = {parent}
+        length = len(name) + 1
         while parent != self.root:
             entry = self.entries.get(parent)
             if entry is None or not entry.links:
-                break
-            parent, name = entry.links[0]
-            if parent in seen:  # a loop in a damaged tree: stop, do not hang
-                break
-            seen.add(parent)
+                return f"inode:{parent}/" + "/".join(reversed(parts))
+            up, name = entry.links[0]
+            length += len(name) + 1  # at least 1 a step: a loop ends too
+            if length > MAX_PATH:
+                return f"inode:{parent}/" + "/".join(reversed(parts))
             parts.append(name)
+            parent = up
         return "/" + "/".join(reversed(parts))
 
 
@@ -172,30 +214,58 @@ def read_tree(source: PositionalReader, progress: Progress | None = None) -> Tre
     reader = PagedReader(source)
     try:
         if reader.pread(4, 0) == b"XFSB":
-            tree = _xfs_tree(reader, progress)
+            from ebsfs.forensics.xfsread import xfs_tree
+
+            tree = xfs_tree(reader, progress)
         else:
             tree = _tsk_tree(reader, progress)
     except FilesystemUnreadable:
-        _raise_read_failure(reader)
+        raise_read_failure(reader)
         raise
-    except (OSError, RuntimeError, ValueError) as err:
-        _raise_read_failure(reader)
+    except LIBRARY_ERRORS as err:
+        raise_read_failure(reader)
         # The libraries raise plain OSError/IOError on structures they cannot follow.
-        raise FilesystemUnreadable(f"damaged or unreadable: {_one_line(err)}") from err
-    _raise_read_failure(reader)  # a library may have skipped what it could not read
+        raise FilesystemUnreadable(f"damaged or unreadable: {one_line(err)}") from err
+    raise_read_failure(reader)  # a library may have skipped what it could not read
+    for u in tree.unreadable:
+        if u.inode == tree.root and len(tree.entries) == 1:  # nothing but the root read
+            raise FilesystemUnreadable(f"damaged or unreadable: the root directory: {u.reason}")
     return tree
 
 
-def _raise_read_failure(reader: PagedReader) -> None:
+def raise_read_failure(reader: PagedReader) -> None:
     """A failed read of the snapshot is the engine's error, not damage."""
     if reader.failure is not None:
         cause = reader.failure.__cause__
         raise cause if isinstance(cause, EbsfsError) else reader.failure
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """A library's error as one short printable line: it may quote the snapshot's
+    bytes (a name, a label), and goes to logs and terminals."""
     text = " ".join(str(err).split())
-    return text[:300] or type(err).__name__
+    return printable(text[:300]) or type(err).__name__
+
+
+class Unreadables:
+    """Notes what a walker could not read, after making sure the snapshot itself was
+    read: a failed read is the engine's error and stops the walk."""
+
+    def __init__(self, reader: PagedReader) -> None:
+        self.reader = reader
+        self.found: list[Unreadable] = []
+
+    def note(
+        self,
+        what: str,
+        inode: int | None,
+        link: tuple[int, str] | None,
+        err: BaseException,
+        directory: int | None = None,
+    ) -> None:
+        raise_read_failure(self.reader)
+        log.info("unreadable %s (inode %s): %s", what, inode, one_line(err))
+        self.found.append(Unreadable(what, inode, link, one_line(err), directory))
 
 
 # -- The Sleuth Kit ---------------------------------------------------------------------
@@ -225,11 +295,13 @@ def _tsk_tree(reader: PagedReader, progress: Progress | None) -> Tree:
             raise FilesystemUnreadable(
                 "no filesystem ebsfs can read (The Sleuth Kit recognises none here)"
             ) from err
-        raise FilesystemUnreadable(f"damaged or unreadable: {_one_line(err)}") from err
+        raise FilesystemUnreadable(f"damaged or unreadable: {one_line(err)}") from err
     fstype = _tsk_name(pytsk3, int(fs.info.ftype))
-    walker = _TskWalker(pytsk3, fs, fstype, progress)
+    walker = _TskWalker(pytsk3, fs, fstype, progress, Unreadables(reader))
     walker.walk()
-    return Tree(fstype, int(fs.info.block_size), walker.root, walker.entries)
+    return Tree(
+        fstype, int(fs.info.block_size), walker.root, walker.entries, walker.unreadable.found
+    )
 
 
 def _tsk_name(pytsk3: Any, ftype: int) -> str:
@@ -258,8 +330,16 @@ def _tsk_name(pytsk3: Any, ftype: int) -> str:
 class _TskWalker:
     """Depth-first over directories (a stack, not recursion: trees can be deep)."""
 
-    def __init__(self, pytsk3: Any, fs: Any, fstype: str, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        pytsk3: Any,
+        fs: Any,
+        fstype: str,
+        progress: Progress | None,
+        unreadable: Unreadables,
+    ) -> None:
         self.tsk = pytsk3
+        self.unreadable = unreadable
         self.fs = fs
         self.fstype = fstype
         self.progress = progress
@@ -287,10 +367,22 @@ class _TskWalker:
         stack = [self.root]
         while stack:
             directory = stack.pop()
-            for child in self.fs.open_dir(inode=directory):
-                inode = self._visit(directory, child)
-                if inode is not None:
-                    stack.append(inode)
+            try:
+                for child in self.fs.open_dir(inode=directory):
+                    try:
+                        inode = self._visit(directory, child)
+                    except LIBRARY_ERRORS as err:  # not even its name: the rest goes on
+                        link = self._link(directory)
+                        self.unreadable.note("entry", None, link, err, directory)
+                        continue
+                    if inode is not None:
+                        stack.append(inode)
+            except LIBRARY_ERRORS as err:  # what it listed before is kept
+                self.unreadable.note("directory", directory, self._link(directory), err)
+
+    def _link(self, directory: int) -> tuple[int, str] | None:
+        links = self.entries[directory].links
+        return links[0] if links else None
 
     def _visit(self, parent: int, child: Any) -> int | None:
         """Record one directory entry; the inode to descend into if it is a new
@@ -312,7 +404,11 @@ class _TskWalker:
         if known is not None:
             known.links.append((parent, name))
             return None  # another name of an inode seen already (a hard link)
-        entry = self._entry(child, kind)
+        try:
+            entry = self._entry(child, kind)
+        except LIBRARY_ERRORS as err:
+            self.unreadable.note("entry", inode, (parent, name), err)
+            return None
         entry.links.append((parent, name))
         self.entries[inode] = entry
         if self.progress is not None and len(self.entries) % PROGRESS_EVERY == 0:
@@ -337,6 +433,8 @@ class _TskWalker:
                         extents.append(
                             (int(run.addr) * self.block_size, int(run.len) * self.block_size)
                         )
+                elif int(info.size) > INLINE_MAX:
+                    raise ValueError(f"{int(info.size)} bytes said to be kept in the metadata")
                 elif int(info.size) > 0:
                     inline.update(stream + f.read_random(0, int(info.size), info.type, info.id))
                     has_inline = True
@@ -367,96 +465,3 @@ class _TskWalker:
 
 def _ns(seconds: int, nanoseconds: int) -> int | None:
     return None if not seconds and not nanoseconds else int(seconds) * 10**9 + int(nanoseconds)
-
-
-# -- XFS through libfsxfs ---------------------------------------------------------------
-
-
-def _xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
-    try:
-        import pyfsxfs
-    except ImportError as err:
-        raise FilesystemUnreadable(
-            "XFS needs the optional extra: pip install 'ebsfs[xfs]' (libfsxfs-python, LGPL-3.0)"
-        ) from err
-    volume = pyfsxfs.volume()
-    try:
-        volume.open_file_object(reader)
-    except OSError as err:
-        raise FilesystemUnreadable(f"damaged XFS: {_one_line(err)}") from err
-    root = volume.get_root_directory()
-    root_inode = int(root.inode_number)
-    block_size = int.from_bytes(reader.pread(4, 4), "big")
-    entries = {root_inode: _xfs_entry(root, DIRECTORY)}
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        parent = int(directory.inode_number)
-        for child in _xfs_children(directory):
-            inode = int(child.inode_number)
-            known = entries.get(inode)
-            if known is not None:
-                known.links.append((parent, child.name))
-                continue
-            kind = _XFS_KINDS.get(int(child.file_mode) & 0o170000)
-            if kind is None:
-                continue  # devices, sockets, FIFOs
-            entry = _xfs_entry(child, kind)
-            entry.links.append((parent, child.name))
-            entries[inode] = entry
-            if progress is not None and len(entries) % PROGRESS_EVERY == 0:
-                progress(len(entries))
-            if kind == DIRECTORY:
-                stack.append(child)
-    return Tree("xfs", block_size, root_inode, entries)
-
-
-_XFS_KINDS = {0o100000: FILE, 0o040000: DIRECTORY, 0o120000: SYMLINK}
-
-
-def _xfs_children(directory: Any) -> Iterator[Any]:
-    for k in range(int(directory.number_of_sub_file_entries)):
-        yield directory.get_sub_file_entry(k)
-
-
-def _xfs_entry(e: Any, kind: str) -> Entry:
-    extents: list[tuple[int, int]] = []
-    inline: bytes | None = None
-    if kind != DIRECTORY:
-        try:
-            count = int(e.number_of_extents)
-        except OSError:  # data kept in the inode (local format): no extents
-            count = 0
-        for k in range(count):
-            offset, length, flags = e.get_extent(k)
-            if not flags & 1:  # sparse
-                extents.append((int(offset), int(length)))
-    if kind == SYMLINK:
-        target = e.symbolic_link_target or ""
-        inline = hashlib.sha256(b"link\0" + target.encode("utf-8", "surrogateescape")).digest()
-    elif kind == FILE and not extents and int(e.size) > 0:
-        inline = hashlib.sha256(e.read_buffer(int(e.size))).digest()
-    mode = int(e.file_mode)
-    return Entry(
-        inode=int(e.inode_number),
-        kind=kind,
-        size=int(e.size) if kind != DIRECTORY else 0,
-        mode=mode & 0o7777,
-        uid=int(e.owner_identifier),
-        gid=int(e.group_identifier),
-        atime=_xfs_time(e.get_access_time_as_integer),
-        mtime=_xfs_time(e.get_modification_time_as_integer),
-        ctime=_xfs_time(e.get_inode_change_time_as_integer),
-        crtime=_xfs_time(e.get_creation_time_as_integer),
-        generation=None,
-        extents=tuple(extents),
-        inline=inline,
-    )
-
-
-def _xfs_time(getter: Callable[[], int | None]) -> int | None:
-    try:
-        value = getter()
-    except OSError:  # no creation time in a v4 filesystem
-        return None
-    return int(value) if value else None

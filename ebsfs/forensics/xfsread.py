@@ -1,0 +1,169 @@
+"""XFS metadata as fsread.py's records, through libfsxfs (`pyfsxfs`, LGPL-3.0-or-later,
+the optional extra `ebsfs[xfs]`).
+
+Never a byte of file data: a regular file with no extents is sparse (XFS keeps no
+regular file's data in its inode), so its size says what it holds; reading it, as
+libfsxfs would, costs the file's size in memory (`truncate -s 4G` by any user). What
+libfsxfs cannot follow (a data fork in a two-level B+tree, a name that is not UTF-8) is
+one unreadable entry, and the walk goes on."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from ebsfs.errors import FilesystemUnreadable
+from ebsfs.forensics.fsread import (
+    DIRECTORY,
+    FILE,
+    LIBRARY_ERRORS,
+    PROGRESS_EVERY,
+    SYMLINK,
+    Entry,
+    PagedReader,
+    Progress,
+    Tree,
+    Unreadables,
+    one_line,
+)
+
+SYMLINK_MAX = 1024
+"""XFS_SYMLINK_MAXLEN: the kernel refuses a longer target, so a symlink claiming one is
+damaged, and its target is not read."""
+_KINDS = {0o100000: FILE, 0o040000: DIRECTORY, 0o120000: SYMLINK}
+
+
+def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
+    """Every file, directory and symlink of the XFS in `reader`; per directory and per
+    entry, what libfsxfs cannot read is noted in `Tree.unreadable`."""
+    try:
+        import pyfsxfs
+    except ImportError as err:
+        raise FilesystemUnreadable(
+            "XFS needs the optional extra: pip install 'ebsfs[xfs]' (libfsxfs-python, LGPL-3.0)"
+        ) from err
+    volume = pyfsxfs.volume()
+    try:
+        volume.open_file_object(reader)
+    except OSError as err:
+        raise FilesystemUnreadable(f"damaged XFS: {one_line(err)}") from err
+    root = volume.get_root_directory()
+    root_inode = int(root.inode_number)
+    block_size = int.from_bytes(reader.pread(4, 4), "big")
+    walker = _Walker(progress, Unreadables(reader))
+    walker.entries[root_inode] = _entry(root, DIRECTORY)
+    walker.walk(root)
+    return Tree("xfs", block_size, root_inode, walker.entries, walker.unreadable.found)
+
+
+class _Walker:
+    """Depth-first over directories (a stack, not recursion: trees can be deep)."""
+
+    def __init__(self, progress: Progress | None, unreadable: Unreadables) -> None:
+        self.progress = progress
+        self.unreadable = unreadable
+        self.entries: dict[int, Entry] = {}
+
+    def walk(self, root: Any) -> None:
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            parent = int(directory.inode_number)
+            try:
+                count = int(directory.number_of_sub_file_entries)
+            except LIBRARY_ERRORS as err:
+                self.unreadable.note("directory", parent, self._link(parent), err)
+                continue
+            for k in range(count):
+                child = self._visit(directory, parent, k)
+                if child is not None:
+                    stack.append(child)
+
+    def _link(self, inode: int) -> tuple[int, str] | None:
+        links = self.entries[inode].links
+        return links[0] if links else None
+
+    def _visit(self, directory: Any, parent: int, k: int) -> Any | None:
+        """Record the k-th entry of a directory; the entry to descend into if it is a
+        new directory."""
+        inode: int | None = None
+        try:
+            child = directory.get_sub_file_entry(k)
+            inode = int(child.inode_number)
+            name = child.name
+            kind = _KINDS.get(int(child.file_mode) & 0o170000)
+        except LIBRARY_ERRORS as err:  # no name to give it: the directory's, and which
+            self.unreadable.note("entry", inode, self._link(parent), _Nth(k, err), parent)
+            return None
+        known = self.entries.get(inode)
+        if known is not None:
+            known.links.append((parent, name))
+            return None  # another name of an inode seen already (a hard link)
+        if kind is None:
+            return None  # devices, sockets, FIFOs
+        try:
+            entry = _entry(child, kind)
+        except LIBRARY_ERRORS as err:
+            self.unreadable.note("entry", inode, (parent, name), err)
+            return None
+        entry.links.append((parent, name))
+        self.entries[inode] = entry
+        if self.progress is not None and len(self.entries) % PROGRESS_EVERY == 0:
+            self.progress(len(self.entries))
+        return child if kind == DIRECTORY else None
+
+
+class _Nth(ValueError):
+    """Which entry of a directory could not be read, and why."""
+
+    def __init__(self, k: int, err: BaseException) -> None:
+        super().__init__(f"its entry {k}: {one_line(err)}")
+
+
+def _entry(e: Any, kind: str) -> Entry:
+    """One inode's record. Raises what libfsxfs raises for an extent map it cannot
+    follow: an entry without its extents would be a silent lie."""
+    extents: list[tuple[int, int]] = []
+    inline: bytes | None = None
+    size = int(e.size)
+    if kind != DIRECTORY:
+        try:
+            count = int(e.number_of_extents)
+        except OSError:
+            if kind == FILE:  # XFS keeps no file's data in its inode: damage
+                raise
+            count = 0  # a short symlink's target, kept in the inode
+        for k in range(count):
+            offset, length, flags = e.get_extent(k)
+            if not flags & 1:  # sparse
+                extents.append((int(offset), int(length)))
+    if kind == SYMLINK:
+        if size > SYMLINK_MAX:
+            raise ValueError(f"a symlink target of {size} bytes (XFS allows {SYMLINK_MAX})")
+        target = e.symbolic_link_target or ""
+        inline = hashlib.sha256(b"link\0" + target.encode("utf-8", "surrogateescape")).digest()
+    mode = int(e.file_mode)
+    return Entry(
+        inode=int(e.inode_number),
+        kind=kind,
+        size=size if kind != DIRECTORY else 0,
+        mode=mode & 0o7777,
+        uid=int(e.owner_identifier),
+        gid=int(e.group_identifier),
+        atime=_time(e.get_access_time_as_integer),
+        mtime=_time(e.get_modification_time_as_integer),
+        ctime=_time(e.get_inode_change_time_as_integer),
+        crtime=_time(e.get_creation_time_as_integer),
+        generation=None,
+        extents=tuple(extents),
+        inline=inline,
+    )
+
+
+def _time(getter: Callable[[], int | None]) -> int | None:
+    try:
+        value = getter()
+    except OSError:  # no creation time in a v4 filesystem
+        return None
+    return int(value) if value else None
