@@ -509,3 +509,20 @@ def test_list_answers_botocore_cannot_parse_are_service_failures(serve, body: by
     server = one_answer(serve, head.encode() + b"\r\n\r\n" + body)
     with pytest.raises((ServiceError, RetriesExhausted)):
         direct_api(server).list_snapshot_blocks("snap-01")
+
+
+def test_a_huge_body_on_the_boto3_path_is_not_read_whole(serve) -> None:
+    head = (
+        block_answer()
+        .split(b"\r\n\r\n")[0]
+        .replace(f"Content-Length: {BLOCK_SIZE}".encode(), b"Content-Length: 400000000")
+    )
+    server = one_answer(serve, head + b"\r\n\r\n" + bytes(48 * 1024**2))
+    tracemalloc.start()
+    try:
+        with pytest.raises(RetriesExhausted):
+            direct_api(server, direct=False).get_snapshot_block("snap-01", 3, TOKEN)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 1024**2

@@ -215,11 +215,15 @@ class BotoEbsApi:
             raise garbled("GetSnapshotBlock", err, token) from err
         stream = r["BlockData"]
         try:
-            data = stream.read()
+            # No more than a block and a byte: a body announcing a gigabyte is not
+            # read whole into memory (the extra byte tells that it is too long).
+            data = stream.read(BLOCK_SIZE + 1)
         except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as err:
             raise TransientError(redact(f"reading block {index} failed: {err}", token)) from err
         finally:
             stream.close()
+        if len(data) > BLOCK_SIZE:
+            raise TransientError(f"GetSnapshotBlock {index}: a body longer than a block")
         checksum = r.get("Checksum", "")
         verify_block(data, checksum, r.get("ChecksumAlgorithm", ""), r.get("DataLength", -1))
         if into is None:
