@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -271,3 +271,93 @@ def test_a_file_libfsxfs_cannot_map_is_one_unreadable_entry(tmp_path: Path) -> N
     [u] = found.unreadable
     assert (u.what, u.inode, found.path(u.link), u.directory) == ("entry", None, "/", found.root)
     assert "its entry" in u.reason and "B+ tree" in u.reason
+
+
+# -- unit tier: the XFS walker over a library that fails here and there --------------------
+
+
+class FakeXfsEntry:
+    """What the walker asks of a pyfsxfs file entry; `fail` raises where libfsxfs would."""
+
+    def __init__(
+        self, inode: int, name: str, mode: int, children: Sequence[object] = (), fail: str = ""
+    ) -> None:
+        self.inode_number, self.name, self.file_mode = inode, name, mode
+        self.children, self.fail = list(children), fail
+        self.size, self.number_of_extents = 10, 0
+        self.owner_identifier = self.group_identifier = 0
+        self.symbolic_link_target = ""
+
+    @property
+    def number_of_sub_file_entries(self) -> int:
+        if self.fail == "listing":
+            raise OSError("unsupported directory format")
+        return len(self.children)
+
+    def get_sub_file_entry(self, k: int) -> object:
+        child = self.children[k]
+        if child is None:
+            raise OSError("unsupported B+ tree node level")
+        return child
+
+    def get_extent(self, k: int) -> tuple[int, int, int]:
+        return (0, 0, 0)
+
+    def get_access_time_as_integer(self) -> int:
+        return 1
+
+    get_modification_time_as_integer = get_access_time_as_integer
+    get_inode_change_time_as_integer = get_access_time_as_integer
+    get_creation_time_as_integer = get_access_time_as_integer
+
+
+class NoReads:
+    size = 0
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return b""
+
+
+def test_the_xfs_walker_degrades_per_directory_and_per_entry() -> None:
+    from ebsfs.forensics import xfsread
+    from ebsfs.forensics.fsread import PagedReader, Unreadables
+
+    directory, regular = 0o040755, 0o100644
+    root = FakeXfsEntry(
+        128,
+        "",
+        directory,
+        [
+            FakeXfsEntry(131, "ok", regular),
+            FakeXfsEntry(132, "bad", directory, [FakeXfsEntry(140, "hidden", regular)], "listing"),
+            None,  # an entry libfsxfs cannot open: not even its name
+            FakeXfsEntry(133, "good", directory, [FakeXfsEntry(141, "inner", regular)]),
+        ],
+    )
+    walker = xfsread._Walker(None, Unreadables(PagedReader(NoReads())))
+    walker.entries[128] = xfsread._entry(root, DIRECTORY)
+    walker.walk(root)
+    found = Tree("xfs", 4096, 128, walker.entries, walker.unreadable.found)
+    assert sorted(found.path(e.links[0]) for e in found.entries.values() if e.links) == [
+        "/bad",
+        "/good",
+        "/good/inner",
+        "/ok",
+    ]
+    assert [(u.what, u.inode, found.path(u.link), u.directory) for u in found.unreadable] == [
+        ("entry", None, "/", 128),
+        ("directory", 132, "/bad", None),
+    ]
+    assert "its entry 2: unsupported B+ tree node level" in found.unreadable[0].reason
+
+
+def test_a_failed_read_of_the_snapshot_is_the_engines_error_not_an_unreadable_entry() -> None:
+    from ebsfs.errors import ReadFailed
+    from ebsfs.forensics.fsread import PagedReader, Unreadables
+
+    reader = PagedReader(NoReads())
+    failure = OSError("read failed")
+    failure.__cause__ = ReadFailed("block 7: took over 1s")
+    reader.failure = failure
+    with pytest.raises(ReadFailed, match="block 7"):
+        Unreadables(reader).note("entry", 12, (2, "x"), OSError("what the library saw"))

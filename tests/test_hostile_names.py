@@ -26,7 +26,7 @@ import pytest
 from ebsfs.cli import main as cli
 from ebsfs.emulator import EmulatorServer
 from ebsfs.engine.diff import Diff
-from ebsfs.forensics.filediff import FileChange, FileDiff, FilesystemChanges
+from ebsfs.forensics.filediff import FileChange, FileDiff, FilesystemChanges, Unread
 from ebsfs.quoting import printable, quote
 from tests.mounting import ebsfs
 
@@ -237,6 +237,41 @@ def test_diff_files_z_and_json_give_the_exact_bytes(hostile_pair: EmulatorServer
     assert sorted(base64.b64decode(f["path_b64"]) for f in files) == sorted(
         b"/" + name for name in NAMES
     )
+
+
+def test_an_output_that_is_not_utf8_gets_ascii_escapes(hostile_pair: EmulatorServer) -> None:
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    url = hostile_pair.url
+    result = ebsfs("diff", "--files", "--endpoint-url", url, FIRST, SECOND, env=env)
+    assert result.returncode == 0, result.stderr  # before: UnicodeEncodeError
+    assert result.stdout.isascii()
+    assert 'A\t"/caf\\303\\251"\n' in result.stdout
+
+
+def test_unreadable_parts_are_quoted_in_every_form() -> None:
+    fs = FilesystemChanges(2, 0, 1 << 30, "ext4", [], entries=(3, 4))
+    fs.unreadable = [Unread("second", "/etc/\x1b[2Jx", "directory", "bad \x1b[31m magic")]
+    result = FileDiff(FIRST, SECOND, Diff(FIRST, SECOND, 1 << 30, 512 * 1024), [fs])
+    text = io.StringIO()
+    result.write_text(text)
+    assert text.getvalue().splitlines()[1] == (
+        'U\t"/etc/\\033[2Jx"\tdirectory unreadable in the second snapshot: bad \\033[31m magic'
+    )
+    assert "0 modified, 1 unreadable" in text.getvalue()
+    listed = io.StringIO()
+    result.write_json(listed)
+    [item] = json.loads(listed.getvalue())["filesystems"][0]["unreadable"]
+    assert base64.b64decode(item["path_b64"]) == b"/etc/\x1b[2Jx"
+    assert (item["path"], item["reason"]) == ('"/etc/\\033[2Jx"', "bad \\033[31m magic")
+    raw = io.BytesIO()
+    result.write_z(raw)
+    assert raw.getvalue().split(b"\0") == [
+        b"U",
+        b"2",
+        b"/etc/\x1b[2Jx",
+        b"directory unreadable in the second snapshot: bad \\033[31m magic",
+        b"",
+    ]
 
 
 def ebsfs_command() -> list[str]:
