@@ -22,8 +22,9 @@ import pytest
 from ebsfs.acquire import copy as copy_module
 from ebsfs.acquire import get as acquire
 from ebsfs.acquire import manifest as manifest_module
+from ebsfs.acquire import target as target_module
 from ebsfs.acquire.journal import Journal, JournalState
-from ebsfs.acquire.target import DeviceTarget
+from ebsfs.acquire.target import DeviceTarget, FileTarget
 from ebsfs.acquire.verify import verify
 from ebsfs.cli import main as cli
 from ebsfs.cli.logs import setup_logging
@@ -443,3 +444,29 @@ def test_a_side_file_line_is_bounded(tmp_path: Path) -> None:
     side.write_text("1 " + "0" * 100_000 + "\n")
     with open(side, encoding="ascii") as f, pytest.raises(ManifestError, match="longer than"):
         list(manifest_module._lines(f, str(side)))
+
+
+def test_the_direct_descriptor_is_the_same_file_even_if_the_name_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The O_DIRECT descriptor is a second open: by name, a file (or device node)
+    put under that name in between would take every aligned block."""
+    out = tmp_path / "disk.img"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    real_open = os.open
+
+    def swapping(path: str, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0) and os.path.exists(f"{out}.part"):
+            os.replace(elsewhere, f"{out}.part")  # someone renames another file in
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(target_module.os, "open", swapping)
+    target = FileTarget(str(out), 4 * BLOCK_SIZE)
+    try:
+        if target.direct.fd < 0:
+            pytest.skip(f"{tmp_path} has no O_DIRECT")
+        ours, direct = os.fstat(target.fd), os.fstat(target.direct.fd)
+        assert (direct.st_dev, direct.st_ino) == (ours.st_dev, ours.st_ino)
+    finally:
+        target.close()

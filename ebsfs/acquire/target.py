@@ -125,6 +125,13 @@ class DirectWrites:
             self.fd = -1
 
 
+def same_file(fd: int, path: str) -> str:
+    """A name that opens what `fd` has open, whatever took `path` since (a file renamed
+    in, a device node replaced): /proc/self/fd/N, or `path` where there is no /proc."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
+
+
 class _OnDisk(Target):
     """A file or a device written at offsets: the ordinary descriptor `fd` (reads,
     unaligned writes, fsync) and `direct` beside it. Errors name `self.name`."""
@@ -198,7 +205,7 @@ class FileTarget(_OnDisk):
         except OutputError:
             os.close(self.fd)
             raise
-        self.direct = DirectWrites(self.part, os.O_WRONLY)
+        self.direct = DirectWrites(same_file(self.fd, self.part), os.O_WRONLY)
 
     def zero(self, offset: int, length: int) -> None:
         pass  # a hole since the file was sized, and no run writes there
@@ -242,7 +249,7 @@ class DeviceTarget(_OnDisk):
                 "device must be at least the volume's size"
             )
         # Not O_EXCL: this process holds the device exclusively through self.fd.
-        self.direct = DirectWrites(path, os.O_WRONLY)
+        self.direct = DirectWrites(same_file(self.fd, path), os.O_WRONLY)
         whole = size >= BLOCK_SIZE and size % BLOCK_SIZE == 0  # every EBS volume
         self.unrecorded = size - BLOCK_SIZE if whole else None
         self.held: bytes | None = None
