@@ -52,7 +52,9 @@ def add_parser(commands: Commands) -> None:
         metavar="OUTPUT",
         help="a new file, a block device at least VolumeSize bytes large "
         "(never-written blocks are zeroed; nothing past the image is "
-        "written), or - for standard output (the image in order)",
+        "written; until the copy ends the image's last block holds its "
+        "fingerprint, by which a resumed run refuses any other disk), or - "
+        "for standard output (the image in order)",
     )
     get.add_argument(
         "--manifest",
