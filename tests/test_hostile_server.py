@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import tracemalloc
@@ -526,3 +527,35 @@ def test_a_huge_body_on_the_boto3_path_is_not_read_whole(serve) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 24 * 1024**2
+
+
+def test_abort_ends_a_stalled_tls_exchange(tls_files: tuple[str, str]) -> None:
+    """Over TLS too: the raw socket is shut down under the SSL layer, and the reading
+    thread gets an OSError at once (not a crash, not a wait for its timeout)."""
+    cert, key = tls_files
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_side.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            done.wait(20)
+
+    threading.Thread(target=serve, daemon=True).start()
+    client_side = ssl.create_default_context(cafile=cert)
+    port = int(listener.getsockname()[1])
+    connection = http1.Connection("localhost", port, client_side, 2.0, 15.0)
+    threading.Timer(0.3, connection.abort).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError):
+            connection.get("/", {"Host": "h"}, None)
+        assert time.monotonic() - started < 3
+    finally:
+        done.set()
+        connection.close()
+        listener.close()
