@@ -150,6 +150,13 @@ def test_z_writes_raw_names_between_nuls() -> None:
     ]
 
 
+def test_z_quotes_the_names_for_a_terminal() -> None:
+    out = io.BytesIO()
+    HOSTILE.write_z(out, raw=False)
+    names = out.getvalue().split(b"\0")[2:15:4]
+    assert names == [quote(n, ascii_only=True).encode() for n in (FORGED, ESC, NOT_UTF8, CAFE)]
+
+
 @pytest.mark.parametrize(
     "args,words",
     [

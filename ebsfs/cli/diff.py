@@ -61,8 +61,8 @@ def add_parser(commands: Commands) -> None:
         dest="nul",
         action="store_true",
         help="with --files, for programs: only the changed names, each field ended by "
-        "NUL and names as their raw bytes (STATUS, PARTITION, [OLD], PATH, REASONS); "
-        "notes on stderr",
+        "NUL and names as their raw bytes (STATUS, PARTITION, [OLD], PATH, REASONS; "
+        "quoted on a terminal); notes on stderr",
     )
     diff.add_argument(
         "--atime",
@@ -155,7 +155,8 @@ def _diff_files(args: argparse.Namespace) -> int:
         result.write_json(sys.stdout)
     elif args.nul:
         sys.stdout.flush()
-        result.write_z(sys.stdout.buffer)
+        # Raw names are for programs: a terminal would act on their ESC sequences.
+        result.write_z(sys.stdout.buffer, raw=not sys.stdout.isatty())
         sys.stdout.buffer.flush()
     else:
         result.write_text(sys.stdout, ascii_only=not utf8_stream(sys.stdout))

@@ -189,12 +189,14 @@ class FileDiff:
             for offset, length in self._ranges_in(fs):
                 out.write(f"{offset:>16} {length:>14}\n")
 
-    def write_z(self, out: BinarySink) -> None:
+    def write_z(self, out: BinarySink, raw: bool = True) -> None:
         """Only the names, for programs (`-z`, as git's): each field ends with NUL
-        and names are their raw bytes. A record is STATUS, PARTITION (empty for a
-        bare filesystem), for R the old path, PATH, then REASONS (comma-separated,
-        maybe empty); `U` records give what could not be read instead of reasons.
-        Notes and the summary are not written (the faces say them on stderr)."""
+        and names are their raw bytes (quoted as in the text if not `raw`: for a
+        terminal). A record is STATUS, PARTITION (empty for a bare filesystem), for R
+        the old path, PATH, then REASONS (comma-separated, maybe empty); `U` records
+        give what could not be read instead of reasons. Notes and the summary are not
+        written (the faces say them on stderr)."""
+        _raw = _raw_name if raw else _quoted_name
         for fs in self.filesystems:
             part = b"" if fs.partition is None else str(fs.partition).encode()
             for c in fs.changes:
@@ -272,10 +274,14 @@ class BinarySink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-def _raw(path: str) -> bytes:
+def _raw_name(path: str) -> bytes:
     """A path's raw bytes for `-z` (quoted in the one case a NUL would break it)."""
     data = raw_bytes(path)
-    return data if b"\0" not in data else quote(path).encode()
+    return data if b"\0" not in data else _quoted_name(path)
+
+
+def _quoted_name(path: str) -> bytes:
+    return quote(path, ascii_only=True).encode("ascii")
 
 
 def _unreadable(fs: FilesystemChanges) -> str:
