@@ -269,6 +269,32 @@ def test_a_journal_without_identity_trusts_no_earlier_zeroing(
         assert verify(device, str(manifest)).ok
 
 
+@pytest.mark.mount
+def test_a_run_cut_short_after_its_fingerprint_is_retired_resumes(
+    store: SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a run: the fingerprint is retired in the journal, the last block gets
+    its own bytes, then the manifest fails. The same command resumes (zeroing again,
+    re-reading what was written) instead of refusing a disk with no fingerprint."""
+    add(store, SNAP, BLOCKS, volume_gib=1)
+    manifest = tmp_path / "m.manifest.json"
+    backing = disk_with_garbage(tmp_path / "a.raw")
+    with loop_device(backing, writable=True) as device:
+        with monkeypatch.context() as patch:
+
+            def no_manifest(path: str, _manifest: object) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+
+            patch.setattr(acquire, "write_manifest", no_manifest)
+            with pytest.raises(OutputError, match="No space left"):
+                run_get(store, device, manifest)
+        state = Journal(str(tmp_path / "m")).load()
+        assert state.target is not None and state.target.fingerprint is None
+        result = run_get(store, device, manifest)
+        assert result.manifest.counts["resumed_blocks"] == len(BLOCKS) - 1  # not the last
+        assert verify(device, str(manifest)).ok
+
+
 # -- another file under the name of OUTPUT.part -----------------------------------
 
 
