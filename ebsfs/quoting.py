@@ -15,6 +15,7 @@ decoded with surrogateescape (how ebsfs carries raw bytes) or `bytes`."""
 from __future__ import annotations
 
 import base64
+import re
 import unicodedata
 
 __all__ = ["quote", "printable", "raw_bytes", "raw_b64", "utf8_stream"]
@@ -31,6 +32,8 @@ _LETTERS = {
     "\\": "\\\\",
 }
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
+"""Printable ASCII but `"` and `\\`: nothing to escape (most names; checked in C)."""
 
 
 def raw_bytes(text: str | bytes) -> bytes:
@@ -52,6 +55,8 @@ def raw_b64(text: str | bytes) -> str:
 
 def _escaped(text: str | bytes, quote_marks: bool, ascii_only: bool) -> tuple[str, bool]:
     """The text with every unsafe character escaped, and whether any was."""
+    if isinstance(text, str) and _PLAIN.fullmatch(text):
+        return text, False
     decoded = raw_bytes(text).decode("utf-8", "surrogateescape")
     out: list[str] = []
     changed = False
