@@ -10,7 +10,10 @@ extents or the data kept in the metadata differ; when only the extents' blocks a
 among the changed ones (ListChangedBlocks), the bytes of those blocks are compared, so
 a file that merely shares a 512 KiB block with a changed one is not listed, and a write
 in place whose mtime was put back still is (its ctime betrays it too). Memory: the two
-trees (one record per inode), not the volume."""
+trees (one record per inode), not the volume.
+
+Names are the attacker's: every writer quotes them (ebsfs/quoting.py), `-z` gives
+their raw bytes between NULs, JSON gives them in base64 too."""
 
 from __future__ import annotations
 
@@ -216,8 +219,10 @@ class FileDiff:
 
     def write_json(self, out: TextSink) -> None:
         """One JSON object: first, second, files (path, change, partition, type,
-        reasons, old_path, before/after metadata), filesystems (with notes and, for
-        those not listed, their changed ranges), changed_blocks, changed_bytes."""
+        reasons, old_path, before/after metadata), filesystems (with notes, what
+        could not be read and, for those not listed, their changed ranges),
+        changed_blocks, changed_bytes. Paths are given as printed (quoted as git
+        quotes them) and exactly, as `path_b64`/`old_path_b64`: a name is any bytes."""
         head = {
             "first": self.first,
             "second": self.second,
