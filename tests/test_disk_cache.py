@@ -12,6 +12,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,8 +20,9 @@ import trio
 from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.diskcache.catalog import lineage_candidates
 from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare
+from ebsfs.diskcache.keys import data_name
 from ebsfs.diskcache.shards import SHARD_BLOCKS
-from ebsfs.diskcache.store import DiskCache
+from ebsfs.diskcache.store import DiskCache, Origin
 from ebsfs.emulator import Faults, SnapshotStore
 from ebsfs.engine.config import EngineConfig
 from ebsfs.engine.engine import Engine
@@ -30,6 +32,19 @@ from tests.fakes import StoreApi, pattern_block
 
 SNAP = "snap-0c1"
 MIB = 1024**2
+ORIGIN = Origin("http://ebs.test", "us-east-1")
+
+
+def open_cache(path: str, *args: Any, **options: Any) -> DiskCache:
+    """A disk cache of blocks from ORIGIN."""
+    return DiskCache(path, *args, origin=ORIGIN, **options)
+
+
+class PlacedApi(StoreApi):
+    """StoreApi that says where its blocks come from, as the real client does."""
+
+    endpoint_url = "http://ebs.test"
+    region = "us-east-1"
 
 
 def checksum(data: bytes) -> str:
@@ -48,7 +63,7 @@ def load(cache: DiskCache, snapshot_id: str, index: int):
 
 
 def data_file(cache_dir: Path, snapshot_id: str = SNAP, shard: int = 0) -> Path:
-    return cache_dir / DATA_DIR / f"{snapshot_id}.{shard}"
+    return cache_dir / DATA_DIR / data_name(ORIGIN.key, snapshot_id, shard)
 
 
 def allocated(path: Path) -> int:
@@ -60,7 +75,7 @@ def allocated(path: Path) -> int:
 
 
 def test_a_stored_block_loads_verified_into_the_room(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0, 5, SHARD_BLOCKS + 3])
     for i in (0, 5, SHARD_BLOCKS + 3):
         found, room = load(cache, SNAP, i)
@@ -71,13 +86,13 @@ def test_a_stored_block_loads_verified_into_the_room(tmp_path) -> None:
     # Without a room (no memory cache) it reads into memory of its own.
     assert bytes(cache.load(SNAP, 5, None).data or b"") == pattern_block(1, 5)
     cache.close()
-    again = DiskCache(str(tmp_path / "c"))
+    again = open_cache(str(tmp_path / "c"))
     assert load(again, SNAP, 5)[0].checksum is not None
     assert again.blocks == 3
 
 
 def test_flipped_bytes_are_caught_dropped_and_their_space_freed(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0, 1, 2])
     path = data_file(tmp_path / "c")
     with open(path, "r+b") as f:
@@ -94,7 +109,7 @@ def test_flipped_bytes_are_caught_dropped_and_their_space_freed(tmp_path) -> Non
 
 
 def test_a_truncated_data_file_or_a_wrong_checksum_is_never_served(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0, 1, 2, 3])
     os.truncate(data_file(tmp_path / "c"), 2 * BLOCK_SIZE + 100)
     assert load(cache, SNAP, 1)[0].checksum is not None
@@ -109,14 +124,14 @@ def test_a_truncated_data_file_or_a_wrong_checksum_is_never_served(tmp_path) -> 
     # A data file that is gone.
     store_blocks(cache, "snap-0c2", [7])
     os.unlink(data_file(tmp_path / "c", "snap-0c2"))
-    fresh = DiskCache(str(tmp_path / "c"))
+    fresh = open_cache(str(tmp_path / "c"))
     assert fresh.load("snap-0c2", 7, None).damaged
 
 
 def test_space_allocated_stays_within_the_size_and_the_least_recently_used_go(tmp_path) -> None:
     clock = iter(range(1, 10**6))
     size = 16 * MIB
-    cache = DiskCache(str(tmp_path / "c"), size, clock=lambda: float(next(clock)))
+    cache = open_cache(str(tmp_path / "c"), size, clock=lambda: float(next(clock)))
     store_blocks(cache, SNAP, list(range(20)))
     assert cache.blocks == 20
     cache._touch(SNAP, 0)  # block 0, the oldest, is read again: now the most recent
@@ -131,23 +146,23 @@ def test_space_allocated_stays_within_the_size_and_the_least_recently_used_go(tm
     assert allocated(tmp_path / "c") <= size + 64 * 1024
     cache.close()
     # A smaller size on the next session evicts down to it on the first store.
-    small = DiskCache(str(tmp_path / "c"), 4 * MIB)
+    small = open_cache(str(tmp_path / "c"), 4 * MIB)
     store_blocks(small, SNAP, [100])
     assert allocated(tmp_path / "c") <= 4 * MIB + 64 * 1024
 
 
 def test_the_cache_leaves_free_space_on_its_filesystem(tmp_path, monkeypatch) -> None:
-    real = os.statvfs
+    real = os.fstatvfs
 
     class Tight:
-        def __init__(self, path: str) -> None:
-            fs = real(path)
+        def __init__(self, fd: int) -> None:
+            fs = real(fd)
             self.f_frsize = fs.f_frsize
             self.f_blocks = 100 * MIB // fs.f_frsize
             self.f_bavail = 4 * MIB // fs.f_frsize
 
-    cache = DiskCache(str(tmp_path / "c"), 16 * MIB)
-    monkeypatch.setattr(os, "statvfs", Tight)
+    cache = open_cache(str(tmp_path / "c"), 16 * MIB)
+    monkeypatch.setattr(os, "fstatvfs", Tight)
     for i in range(12):
         data = pattern_block(1, i)
         cache.store(SNAP, i, GIB, data, checksum(data))
@@ -157,7 +172,7 @@ def test_the_cache_leaves_free_space_on_its_filesystem(tmp_path, monkeypatch) ->
 
 
 def test_a_full_disk_skips_the_store_and_breaks_nothing(tmp_path, monkeypatch) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0])
 
     def full(fd: int, data: object, offset: int) -> int:
@@ -177,7 +192,7 @@ def test_a_full_disk_skips_the_store_and_breaks_nothing(tmp_path, monkeypatch) -
 def test_directory_and_files_are_private_whatever_the_umask(tmp_path, umask) -> None:
     old = os.umask(umask)
     try:
-        cache = DiskCache(str(tmp_path / "new" / "c"))
+        cache = open_cache(str(tmp_path / "new" / "c"))
         store_blocks(cache, SNAP, [0])
         cache._touch(SNAP, 0)
         cache.close()
@@ -215,7 +230,7 @@ def test_directories_that_cannot_be_a_cache_are_refused_in_one_line(tmp_path) ->
 
 
 def test_data_written_by_a_store_that_was_killed_is_freed_on_open(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0, 2])
     cache.close()
     # What a process killed between writing data and committing its row leaves behind:
@@ -226,20 +241,20 @@ def test_data_written_by_a_store_that_was_killed_is_freed_on_open(tmp_path) -> N
     (tmp_path / "c" / DATA_DIR / "stray").write_text("?")
     before = data_file(tmp_path / "c").stat().st_blocks * 512
     assert before >= 2 * BLOCK_SIZE + BLOCK_SIZE // 2
-    again = DiskCache(str(tmp_path / "c"))
+    again = open_cache(str(tmp_path / "c"))
     assert data_file(tmp_path / "c").stat().st_blocks * 512 == 2 * BLOCK_SIZE
-    assert not (tmp_path / "c" / DATA_DIR / "stray").exists()
+    assert (tmp_path / "c" / DATA_DIR / "stray").read_text() == "?"  # not ebsfs's: kept
     assert again.blocks == 2 and load(again, SNAP, 2)[0].checksum is not None
 
 
 @pytest.mark.expected_log(r"cache index .* is damaged")
 def test_a_damaged_index_starts_an_empty_cache(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, SNAP, [0, 1])
     cache.close()
     with open(tmp_path / "c" / INDEX_NAME, "r+b") as f:
         f.write(b"garbage" * 20)
-    again = DiskCache(str(tmp_path / "c"))
+    again = open_cache(str(tmp_path / "c"))
     assert again.blocks == 0 and load(again, SNAP, 0)[0].checksum is None
     assert (
         data_file(tmp_path / "c").stat().st_blocks == 0
@@ -252,8 +267,8 @@ def test_a_damaged_index_starts_an_empty_cache(tmp_path) -> None:
 def test_two_caches_on_one_directory_share_it(tmp_path) -> None:
     """Two processes' worth of connections: what one stores the other serves, what one
     evicts the other misses without calling it damage."""
-    first = DiskCache(str(tmp_path / "c"), 8 * MIB)
-    second = DiskCache(str(tmp_path / "c"), 8 * MIB)
+    first = open_cache(str(tmp_path / "c"), 8 * MIB)
+    second = open_cache(str(tmp_path / "c"), 8 * MIB)
     store_blocks(first, SNAP, [0, 1])
     assert load(second, SNAP, 1)[0].checksum is not None
     store_blocks(second, SNAP, list(range(2, 40)))  # evicts 0 and 1, among others
@@ -263,7 +278,7 @@ def test_two_caches_on_one_directory_share_it(tmp_path) -> None:
 
 
 def test_lineage_candidates_are_snapshots_of_the_same_size_with_blocks(tmp_path) -> None:
-    cache = DiskCache(str(tmp_path / "c"))
+    cache = open_cache(str(tmp_path / "c"))
     store_blocks(cache, "snap-0a", [0])
     data = pattern_block(1, 0)
     cache.store("snap-0b", 0, 2 * GIB, data, checksum(data))
@@ -294,7 +309,7 @@ def session(
     store: SnapshotStore, cache_dir: Path, snapshot_id: str
 ) -> tuple[StoreApi, Engine, bytes]:
     """One engine's life: plan, build, read the first 24 blocks, close."""
-    api = StoreApi(store)
+    api = PlacedApi(store)
     config = EngineConfig(cache_dir=str(cache_dir), cache_size=8 * MIB)
     checked = plan(config, [snapshot_id], api=api)
     engine = Engine(api, config, checked.snapshots, checked.bases, checked.disk_bases)
@@ -315,9 +330,14 @@ def test_a_second_session_reads_everything_from_disk(tmp_path) -> None:
     api, engine, data = session(store, tmp_path / "c", "snap-0a1")
     assert data == expected_bytes(store, "snap-0a1")
     assert api.calls["GetSnapshotBlock"] == 12 and engine.stats.disk_stored == 12
+    view = engine.images["snap-0a1"].disk
+    assert view is not None and not any(view.served_from_disk(i) for i in range(24))
     api, engine, data = session(store, tmp_path / "c", "snap-0a1")
     assert data == expected_bytes(store, "snap-0a1")
     assert api.calls["GetSnapshotBlock"] == 0 and engine.stats.disk_hits == 12
+    view = engine.images["snap-0a1"].disk
+    assert view is not None  # what `ebsfs get` would record as read from the disk cache
+    assert [i for i in range(24) if view.served_from_disk(i)] == list(range(12))
 
 
 def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
@@ -342,7 +362,7 @@ def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(tm
     from ebsfs.engine.stats import Stats
     from ebsfs.service.api import Block
 
-    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats())
+    tier = DiskTier(open_cache(str(tmp_path / "c")), Stats())
     tier.track([SNAP])
 
     async def main() -> None:
@@ -354,9 +374,9 @@ def test_queued_blocks_are_served_and_written_even_when_the_writer_is_stopped(tm
         assert found is not None and bytes(found.data) == pattern_block(1, 1)
 
     trio.run(main)
-    assert DiskCache(str(tmp_path / "c")).blocks == 0
+    assert open_cache(str(tmp_path / "c")).blocks == 0
     tier.close()  # writes what was queued
-    again = DiskCache(str(tmp_path / "c"))
+    again = open_cache(str(tmp_path / "c"))
     assert again.blocks == 3 and load(again, SNAP, 2)[0].checksum is not None
 
 
@@ -364,9 +384,9 @@ def test_blocks_another_process_stores_are_noticed(tmp_path) -> None:
     from ebsfs.engine.disktier import DiskTier
     from ebsfs.engine.stats import Stats
 
-    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats(), refresh=0.05)
+    tier = DiskTier(open_cache(str(tmp_path / "c")), Stats(), refresh=0.05)
     tier.track([SNAP])
-    other = DiskCache(str(tmp_path / "c"))
+    other = open_cache(str(tmp_path / "c"))
 
     async def main() -> None:
         assert await tier.load(SNAP, 4, None) is None  # known absent: no lookup at all
@@ -392,7 +412,7 @@ def test_a_slab_queued_for_the_disk_stays_lent_until_written(tmp_path) -> None:
     from ebsfs.service.api import Block
 
     memory = BlockCache(4 * SLAB_SIZE)
-    tier = DiskTier(DiskCache(str(tmp_path / "c")), Stats())
+    tier = DiskTier(open_cache(str(tmp_path / "c")), Stats())
     tier.track([SNAP])
     queued: list[Loan] = []
 
@@ -417,4 +437,4 @@ def test_a_slab_queued_for_the_disk_stays_lent_until_written(tmp_path) -> None:
 
     trio.run(main)
     tier.close()
-    assert DiskCache(str(tmp_path / "c")).blocks == 1
+    assert open_cache(str(tmp_path / "c")).blocks == 1

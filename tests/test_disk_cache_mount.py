@@ -52,6 +52,12 @@ def served(emulator: EmulatorServer, source: Path) -> EmulatorServer:
     return emulator
 
 
+def data_file(cache: Path, snapshot_id: str = PARENT) -> Path:
+    """The one data file of a snapshot's first shard (named by its origin too)."""
+    (found,) = (cache / DATA_DIR).glob(f"{snapshot_id}.*.0")
+    return found
+
+
 def volume_sha256(data: bytes, volume: int = GIB) -> str:
     digest = hashlib.sha256(data)
     zeros = bytes(MIB)
@@ -115,7 +121,7 @@ def test_bytes_flipped_in_the_cache_files_are_caught_and_refetched(
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
     blocks = present(served, PARENT)
     flipped = [blocks[0], blocks[7], blocks[-1]]
-    with open(cache / DATA_DIR / f"{PARENT}.0", "r+b") as f:
+    with open(data_file(cache), "r+b") as f:
         for n, index in enumerate(flipped):
             f.seek(index * BLOCK_SIZE + 4096 * n + 17)
             byte = f.read(1)
@@ -148,7 +154,7 @@ def test_truncated_or_overwritten_cache_files_never_serve_bad_bytes(
     cache = tmp_path / "cache"
     with mounted(served.url, [PARENT], tmp_path / "m1", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
-    os.truncate(cache / DATA_DIR / f"{PARENT}.0", SIZE // 2 + 1000)
+    os.truncate(data_file(cache), SIZE // 2 + 1000)
     served.counters.reset()
     with mounted(served.url, [PARENT], tmp_path / "m2", "--cache-dir", str(cache)) as mnt:
         assert head(mnt / f"{PARENT}.img") == source.read_bytes()
@@ -233,7 +239,7 @@ def test_the_cache_is_private_whatever_the_umask(served, source, tmp_path) -> No
             modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
     finally:
         os.umask(old)
-    assert {INDEX_NAME, DATA_DIR, f"{PARENT}.0", f"{INDEX_NAME}-wal"} <= set(modes)
+    assert {INDEX_NAME, DATA_DIR, data_file(cache).name, f"{INDEX_NAME}-wal"} <= set(modes)
     for p in paths:
         assert modes[p.name] == (0o700 if p.is_dir() else 0o600), (p, oct(modes[p.name]))
 

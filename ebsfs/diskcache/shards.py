@@ -1,50 +1,54 @@
 """The data files of a cache directory (`blocks/`, layout in directory.py): block i of a
-snapshot at byte (i mod SHARD_BLOCKS) * 512 KiB of its shard file i // SHARD_BLOCKS.
-Each file is opened once, created at its full size and sparse, so writes never extend
-it and a punched hole gives a block's space back. The index (store.py) says which
-blocks are there; this module only moves bytes."""
+snapshot at one origin at byte (i mod SHARD_BLOCKS) * 512 KiB of its shard file
+i // SHARD_BLOCKS. Each file is opened once, created at its full size and sparse, so
+writes never extend it and a punched hole gives a block's space back. The index
+(store.py) says which blocks are there; this module only moves bytes.
+
+Every file is opened through the data directory's descriptor, never through a
+symbolic link, and only when it is a regular file of ours with one link (directory.py):
+a punched hole never reaches a file outside the cache. Files with other names are
+never opened or deleted: ebsfs did not make them."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.diskcache.directory import private_file, punch_hole
+from ebsfs.diskcache.keys import DATA_NAME, data_name
 
 SHARD_BLOCKS = 2**21
 SHARD_BYTES = SHARD_BLOCKS * BLOCK_SIZE
-_DATA_NAME = re.compile(r"^(snap-[0-9a-f]{1,59})\.(\d+)$")
 
 
 class ShardFiles:
-    """The open data files of one cache directory. Thread-safe."""
+    """The open data files of one cache directory (all origins). Thread-safe."""
 
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-        self._fds: dict[tuple[str, int], int] = {}
+    def __init__(self, data_fd: int) -> None:
+        self.data_fd = data_fd
+        self._fds: dict[tuple[str, str, int], int] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, snapshot_id: str, shard: int, volume_size: int | None = None) -> int | None:
+    def _fd(
+        self, origin: str, snapshot_id: str, shard: int, volume_size: int | None = None
+    ) -> int | None:
         """The data file of one shard, opened once; created (sparse, its full size, so
         writes never extend it) only when `volume_size` is given."""
-        key = (snapshot_id, shard)
+        key = (origin, snapshot_id, shard)
         with self._lock:
             fd = self._fds.get(key)
             if fd is not None:
                 return fd
-            file_path = os.path.join(self.data_dir, f"{snapshot_id}.{shard}")
-            if volume_size is None:
-                try:
-                    fd = os.open(file_path, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return None
-            else:
-                fd = private_file(file_path)
+            name = data_name(origin, snapshot_id, shard)
+            try:
+                fd = private_file(name, self.data_fd, create=volume_size is not None)
+            except FileNotFoundError:
+                return None
+            if volume_size is not None:
                 size = min(SHARD_BYTES, volume_size - shard * SHARD_BYTES)
                 if os.fstat(fd).st_size < size:
                     # A full-size sparse file: no writes past its end, so no filesystem
@@ -53,18 +57,23 @@ class ShardFiles:
             self._fds[key] = fd
             return fd
 
-    def read(self, snapshot_id: str, index: int, buffer: memoryview) -> int:
+    def read(self, origin: str, snapshot_id: str, index: int, buffer: memoryview) -> int:
         """Block `index` read into `buffer`: the bytes read (0 with no data file)."""
         shard, offset = divmod(index, SHARD_BLOCKS)
-        fd = self._fd(snapshot_id, shard)
+        fd = self._fd(origin, snapshot_id, shard)
         return 0 if fd is None else os.preadv(fd, [buffer], offset * BLOCK_SIZE)
 
     def write(
-        self, snapshot_id: str, index: int, volume_size: int, data: bytes | memoryview
+        self,
+        origin: str,
+        snapshot_id: str,
+        index: int,
+        volume_size: int,
+        data: bytes | memoryview,
     ) -> bool:
         """The block's bytes in its data file; False when the filesystem is full."""
         shard, offset = divmod(index, SHARD_BLOCKS)
-        fd = self._fd(snapshot_id, shard, volume_size)
+        fd = self._fd(origin, snapshot_id, shard, volume_size)
         assert fd is not None
         try:
             written = os.pwrite(fd, data, offset * BLOCK_SIZE)
@@ -78,30 +87,27 @@ class ShardFiles:
             return False
         return True
 
-    def punch(self, snapshot_id: str, index: int) -> None:
+    def punch(self, origin: str, snapshot_id: str, index: int) -> None:
         """Free the space of one block."""
         shard, offset = divmod(index, SHARD_BLOCKS)
-        fd = self._fd(snapshot_id, shard)
+        fd = self._fd(origin, snapshot_id, shard)
         if fd is not None:
             punch_hole(fd, offset * BLOCK_SIZE, BLOCK_SIZE)
 
-    def reconcile(self, held: Callable[[str, int, int], set[int]]) -> int:
-        """Punch away every allocated block that `held(snapshot_id, first, count)` (the
-        index: blocks [first, first+count) of a snapshot it has) does not name, and
-        remove files that are not data files. Returns the blocks punched."""
+    def reconcile(self, held: Callable[[str, str, int, int], set[int]]) -> int:
+        """Punch away every allocated block that `held(origin, snapshot_id, first,
+        count)` (the index: blocks [first, first+count) of a snapshot it has) does not
+        name. Returns the blocks punched."""
         punched = 0
-        for name in os.listdir(self.data_dir):
-            match = _DATA_NAME.match(name)
-            file_path = os.path.join(self.data_dir, name)
+        for name in os.listdir(self.data_fd):
+            match = DATA_NAME.fullmatch(name)
             if match is None:
-                os.unlink(file_path)
-                continue
-            snapshot_id, shard = match[1], int(match[2])
+                continue  # not ebsfs's: left alone
+            snapshot_id, origin, shard = match[1], match[2], int(match[3])
             first = shard * SHARD_BLOCKS
-            kept = {index - first for index in held(snapshot_id, first, SHARD_BLOCKS)}
-            fd = os.open(file_path, os.O_RDWR | os.O_CLOEXEC)
+            kept = {i - first for i in held(origin, snapshot_id, first, SHARD_BLOCKS)}
+            fd = private_file(name, self.data_fd, create=False)
             try:
-                os.fchmod(fd, 0o600)
                 for block in _allocated_blocks(fd):
                     if block not in kept:
                         punch_hole(fd, block * BLOCK_SIZE, BLOCK_SIZE)
@@ -111,11 +117,18 @@ class ShardFiles:
         return punched
 
     def remove_all(self) -> None:
-        """Close and delete every data file (the index that described them is gone)."""
+        """Close and delete every data file (the index that described them is gone);
+        only files of ebsfs's names that are regular files of ours."""
         self.close()
-        for name in os.listdir(self.data_dir):
+        for name in os.listdir(self.data_fd):
+            if DATA_NAME.fullmatch(name) is None:
+                continue
+            try:
+                os.close(private_file(name, self.data_fd, create=False))
+            except OSError:
+                continue  # not ours to delete
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.data_dir, name))
+                os.unlink(name, dir_fd=self.data_fd)
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,8 @@ SQLite (in the standard library) gives the index crash safety and multi-process
 locking for free.
 
 Rules that keep it correct whatever happens to the files:
+- A block is named by where it came from (its origin: the endpoint and region, keys.py)
+  as well as by snapshot and index: one cache serves only its own origin's blocks.
 - A block is served from disk only when the SHA-256 of the bytes read equals the
   checksum stored with it. A location only ever holds one block's bytes (snapshots
   never change), so damage anywhere, index included, can cost a fetch, never serve
@@ -35,18 +37,19 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.diskcache.catalog import FORMAT, SCHEMA, connect
-from ebsfs.diskcache.directory import DATA_DIR, INDEX_NAME, prepare, private_file
+from ebsfs.diskcache.directory import INDEX_FILES, INDEX_NAME, is_ours, open_dir, private_file
+from ebsfs.diskcache.keys import MISS, SNAPSHOT_ID, BlockKey, Loaded, Origin, Stored, ToStore
 from ebsfs.diskcache.shards import ShardFiles
 from ebsfs.errors import CacheDirError, CacheIndexFailed
+
+__all__ = ["MISS", "BlockKey", "DiskCache", "Loaded", "Origin", "Stored", "ToStore"]
 
 log = logging.getLogger(__name__)
 
@@ -56,66 +59,35 @@ FREE_RESERVE = 1024**3
 """Free space the cache leaves on its filesystem (at most a tenth of it)."""
 TOUCH_BATCH = 8192
 """Uses of blocks remembered at most before they are written to the index (LRU order)."""
-_SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{1,59}$")
 
 
 def _checksum(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """What a load found: the checksum of a verified hit, or why there was none."""
-
-    checksum: str | None = None
-    damaged: bool = False
-    data: memoryview | None = None
-
-
-MISS = Loaded()
-
-
-BlockKey = tuple[str, int]
-"""(snapshot id, block index)."""
-
-
-@dataclass(frozen=True)
-class ToStore:
-    """A verified block waiting to be written."""
-
-    snapshot_id: str
-    index: int
-    volume_size: int
-    data: bytes | memoryview
-    checksum: str
-
-
-@dataclass
-class Stored:
-    """What a batch of stores did."""
-
-    stored: list[BlockKey] = field(default_factory=list)
-    present: list[BlockKey] = field(default_factory=list)
-    """Stored already (by another process)."""
-    evicted: list[BlockKey] = field(default_factory=list)
-    full: bool = False
-    """The filesystem had no room for some (ENOSPC): they were not kept."""
-
-
 class DiskCache:
     """The blocks of a cache directory, bounded by `max_bytes` of allocated space
     (index included) and by the free space of its filesystem, least recently used out
-    first. Thread-safe; every method blocks (call from worker threads)."""
+    first. Serves and stores the blocks of one origin (`origin`: where they are
+    fetched from); evicts any origin's. Thread-safe; every method blocks (call from
+    worker threads)."""
 
     def __init__(
-        self, path: str, max_bytes: int = DEFAULT_SIZE, clock: Callable[[], float] = time.time
+        self,
+        path: str,
+        max_bytes: int = DEFAULT_SIZE,
+        clock: Callable[[], float] = time.time,
+        *,
+        origin: Origin,
     ) -> None:
-        self.path = prepare(path)
+        self._dir = open_dir(path)
+        self.path = self._dir.path
+        self.origin = origin
+        self._origin = origin.key
         self.max_bytes = max_bytes
         self._db_path = os.path.join(self.path, INDEX_NAME)
-        self._data_dir = os.path.join(self.path, DATA_DIR)
         self._clock = clock
-        self._shards = ShardFiles(self._data_dir)
+        self._shards = ShardFiles(self._dir.data_fd)
         self._touched: dict[tuple[str, int], float] = {}
         self._touch_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -140,21 +112,26 @@ class DiskCache:
                 self._reset()
                 self._open()
         except (sqlite3.Error, CacheIndexFailed, OSError) as err:
-            self._close_connections()
+            self._close_all()
             raise CacheDirError(
                 f"cache directory {self.path}: cannot open its index: "
                 f"{getattr(err, 'strerror', None) or err}"
             ) from err
+        except BaseException:
+            self._close_all()
+            raise
 
     # ---- opening ---------------------------------------------------------------------
 
     def _open(self) -> None:
-        os.close(private_file(self._db_path))
+        # Made (or checked) here as a regular file of ours, never through a link:
+        # SQLite would follow one.
+        os.close(private_file(INDEX_NAME, self._dir.fd))
         self._writer = connect(self._db_path)
         self._reader_conn = connect(self._db_path, writer=False)
-        for suffix in ("-wal", "-shm"):  # SQLite gives them the index's mode; be sure
+        for name in INDEX_FILES[1:]:  # SQLite gives them the index's mode; be sure
             with contextlib.suppress(FileNotFoundError):
-                os.chmod(self._db_path + suffix, 0o600)
+                os.close(private_file(name, self._dir.fd, create=False))
         check = self._writer.execute("PRAGMA quick_check").fetchone()
         if check is None or check[0] != "ok":
             raise CacheIndexFailed(f"integrity check: {check[0] if check else 'no answer'}")
@@ -166,15 +143,25 @@ class DiskCache:
             if found is None:
                 conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
             elif found[0] != FORMAT:
+                if str(found[0]).isdigit() and int(found[0]) > int(FORMAT):
+                    raise CacheDirError(
+                        f"cache directory {self.path} was made by a newer ebsfs (index "
+                        f"format {found[0]}): use another directory"
+                    )
                 raise CacheIndexFailed(f"format {found[0]!r}, this ebsfs writes {FORMAT!r}")
+            conn.execute(
+                "INSERT OR IGNORE INTO origins VALUES (?, ?, ?)",
+                (self._origin, self.origin.endpoint, self.origin.region),
+            )
             self._reconcile(conn)
 
     def _reset(self) -> None:
         """Throw the cache away: a damaged index cannot say which data is good."""
         self._close_connections()
-        for suffix in ("", "-wal", "-shm"):
+        for name in INDEX_FILES:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._db_path + suffix)
+                if is_ours(os.stat(name, dir_fd=self._dir.fd, follow_symlinks=False)):
+                    os.unlink(name, dir_fd=self._dir.fd)
         self._shards.remove_all()
 
     def _reconcile(self, conn: sqlite3.Connection) -> None:
@@ -183,12 +170,13 @@ class DiskCache:
         self.blocks = conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('blocks', ?)", (str(self.blocks),))
 
-        def held(snapshot_id: str, first: int, count: int) -> set[int]:
+        def held(origin: str, snapshot_id: str, first: int, count: int) -> set[int]:
             return {
                 row[0]
                 for row in conn.execute(
-                    "SELECT idx FROM blocks WHERE snapshot = ? AND idx >= ? AND idx < ?",
-                    (snapshot_id, first, first + count),
+                    "SELECT idx FROM blocks WHERE origin = ? AND snapshot = ? AND idx >= ? "
+                    "AND idx < ?",
+                    (origin, snapshot_id, first, first + count),
                 )
             }
 
@@ -224,7 +212,7 @@ class DiskCache:
         index_bytes = self._index_bytes()
         self.used_bytes = self.blocks * BLOCK_SIZE + index_bytes
         try:
-            fs = os.statvfs(self.path)
+            fs = os.fstatvfs(self._dir.fd)
         except OSError:
             self.limit_bytes = self.max_bytes
             return
@@ -234,9 +222,10 @@ class DiskCache:
 
     def _index_bytes(self) -> int:
         total = 0
-        for suffix in ("", "-wal", "-shm"):
+        for name in INDEX_FILES:
             with contextlib.suppress(OSError):
-                total += os.stat(self._db_path + suffix).st_blocks * 512
+                st = os.stat(name, dir_fd=self._dir.fd, follow_symlinks=False)
+                total += st.st_blocks * 512
         return total
 
     # ---- loads -----------------------------------------------------------------------
@@ -244,13 +233,13 @@ class DiskCache:
     def load(self, snapshot_id: str, index: int, room: memoryview | None) -> Loaded:
         """Block `index` of a snapshot read into `room` (or into memory of its own) and
         verified, or a miss, or damaged (dropped: fetch it again)."""
-        if self._closed:
+        if self._closed or not SNAPSHOT_ID.fullmatch(snapshot_id):
             return MISS
         with self._read_lock:
             try:
                 row = self._reader_conn.execute(
-                    "SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
-                    (snapshot_id, index),
+                    "SELECT checksum FROM blocks WHERE origin = ? AND snapshot = ? AND idx = ?",
+                    (self._origin, snapshot_id, index),
                 ).fetchone()
             except sqlite3.OperationalError as err:
                 log.debug("cache lookup of %s:%d failed: %s", snapshot_id, index, err)
@@ -270,7 +259,7 @@ class DiskCache:
         self, snapshot_id: str, index: int, buffer: memoryview, checksum: str
     ) -> bool:
         try:
-            read = self._shards.read(snapshot_id, index, buffer)
+            read = self._shards.read(self._origin, snapshot_id, index, buffer)
         except OSError as err:
             log.debug("cache read of %s:%d failed: %s", snapshot_id, index, err)
             return False
@@ -284,14 +273,14 @@ class DiskCache:
         try:
             with self._transaction() as conn:
                 row = conn.execute(
-                    "SELECT checksum FROM blocks WHERE snapshot = ? AND idx = ?",
-                    (snapshot_id, index),
+                    "SELECT checksum FROM blocks WHERE origin = ? AND snapshot = ? AND idx = ?",
+                    (self._origin, snapshot_id, index),
                 ).fetchone()
                 if row is None or row[0] != checksum:
                     return MISS
                 if self._read_verified(snapshot_id, index, buffer, checksum):
                     return Loaded(checksum, data=buffer)
-                self._drop(conn, [(snapshot_id, index)])
+                self._drop(conn, [(self._origin, snapshot_id, index)])
                 self._update_usage(conn)
         except sqlite3.OperationalError as err:  # busy past the timeout: fetch it
             log.debug("cache re-check of %s:%d failed: %s", snapshot_id, index, err)
@@ -312,15 +301,15 @@ class DiskCache:
             touched, self._touched = self._touched, {}
         if touched:
             conn.executemany(
-                "UPDATE blocks SET used = ? WHERE snapshot = ? AND idx = ?",
-                [(t, s, i) for (s, i), t in touched.items()],
+                "UPDATE blocks SET used = ? WHERE origin = ? AND snapshot = ? AND idx = ?",
+                [(t, self._origin, s, i) for (s, i), t in touched.items()],
             )
             latest: dict[str, float] = {}
             for (s, _), t in touched.items():
                 latest[s] = max(t, latest.get(s, 0.0))
             conn.executemany(
-                "UPDATE snapshots SET used = ? WHERE snapshot = ?",
-                [(t, s) for s, t in latest.items()],
+                "UPDATE snapshots SET used = ? WHERE origin = ? AND snapshot = ?",
+                [(t, self._origin, s) for s, t in latest.items()],
             )
 
     # ---- stores ----------------------------------------------------------------------
@@ -345,7 +334,7 @@ class DiskCache:
         items = [
             item
             for item in items
-            if len(item.data) == BLOCK_SIZE and _SNAPSHOT_ID.match(item.snapshot_id)
+            if len(item.data) == BLOCK_SIZE and SNAPSHOT_ID.fullmatch(item.snapshot_id)
         ]
         if self._closed or not items:
             return result
@@ -355,8 +344,8 @@ class DiskCache:
                 new = []
                 for item in items:
                     if conn.execute(
-                        "SELECT 1 FROM blocks WHERE snapshot = ? AND idx = ?",
-                        (item.snapshot_id, item.index),
+                        "SELECT 1 FROM blocks WHERE origin = ? AND snapshot = ? AND idx = ?",
+                        (self._origin, item.snapshot_id, item.index),
                     ).fetchone():
                         result.present.append((item.snapshot_id, item.index))  # by another
                     else:
@@ -367,25 +356,27 @@ class DiskCache:
                 excess = self.blocks + len(items) - budget
                 if excess > 0:
                     victims = conn.execute(
-                        "SELECT snapshot, idx FROM blocks ORDER BY used LIMIT ?", (excess,)
+                        "SELECT origin, snapshot, idx FROM blocks ORDER BY used LIMIT ?",
+                        (excess,),
                     ).fetchall()
                     self._drop(conn, victims)
-                    result.evicted = [(s, i) for s, i in victims]
-                room = budget - (self.blocks - len(result.evicted))
+                    result.evicted = [(s, i) for o, s, i in victims if o == self._origin]
+                    result.evicted_elsewhere = len(victims) - len(result.evicted)
+                room = budget - (self.blocks - len(result.evicted) - result.evicted_elsewhere)
                 items = items[: max(0, room)]
                 now = self._clock()
                 for item in items:
                     if not self._shards.write(
-                        item.snapshot_id, item.index, item.volume_size, item.data
+                        self._origin, item.snapshot_id, item.index, item.volume_size, item.data
                     ):
                         result.full = True
                         break
                     result.stored.append((item.snapshot_id, item.index))
                 if result.stored:
                     conn.executemany(
-                        "INSERT INTO blocks VALUES (?, ?, ?, ?)",
+                        "INSERT INTO blocks VALUES (?, ?, ?, ?, ?)",
                         [
-                            (item.snapshot_id, item.index, item.checksum, now)
+                            (self._origin, item.snapshot_id, item.index, item.checksum, now)
                             for item in items[: len(result.stored)]
                         ],
                     )
@@ -394,9 +385,9 @@ class DiskCache:
                         (len(result.stored),),
                     )
                     conn.executemany(
-                        "INSERT INTO snapshots VALUES (?, ?, ?) ON CONFLICT (snapshot) "
-                        "DO UPDATE SET used = excluded.used",
-                        {(item.snapshot_id, item.volume_size, now) for item in items},
+                        "INSERT INTO snapshots VALUES (?, ?, ?, ?) ON CONFLICT (origin, "
+                        "snapshot) DO UPDATE SET used = excluded.used",
+                        {(self._origin, item.snapshot_id, item.volume_size, now) for item in items},
                     )
                 self._update_usage(conn)
         except sqlite3.OperationalError as err:
@@ -413,7 +404,8 @@ class DiskCache:
             return [
                 row[0]
                 for row in self._reader_conn.execute(
-                    "SELECT idx FROM blocks WHERE snapshot = ?", (snapshot_id,)
+                    "SELECT idx FROM blocks WHERE origin = ? AND snapshot = ?",
+                    (self._origin, snapshot_id),
                 )
             ]
 
@@ -421,7 +413,8 @@ class DiskCache:
         """Blocks of these snapshots stored or used since `since` (by any process)."""
         with self._read_lock:
             rows = self._reader_conn.execute(
-                "SELECT snapshot, idx FROM blocks WHERE used >= ?", (since,)
+                "SELECT snapshot, idx FROM blocks WHERE used >= ? AND origin = ?",
+                (since, self._origin),
             ).fetchall()
         wanted = set(snapshot_ids)
         return [(s, i) for s, i in rows if s in wanted]
@@ -434,11 +427,15 @@ class DiskCache:
         with contextlib.suppress(sqlite3.OperationalError), self._transaction() as conn:
             self._write_touches(conn)
 
-    def _drop(self, conn: sqlite3.Connection, keys: list[tuple[str, int]]) -> int:
-        """Inside a write transaction: forget blocks and free their space."""
-        for snapshot_id, index in keys:
-            conn.execute("DELETE FROM blocks WHERE snapshot = ? AND idx = ?", (snapshot_id, index))
-            self._shards.punch(snapshot_id, index)
+    def _drop(self, conn: sqlite3.Connection, keys: list[tuple[str, str, int]]) -> int:
+        """Inside a write transaction: forget blocks (origin, snapshot, index) and free
+        their space."""
+        for origin, snapshot_id, index in keys:
+            conn.execute(
+                "DELETE FROM blocks WHERE origin = ? AND snapshot = ? AND idx = ?",
+                (origin, snapshot_id, index),
+            )
+            self._shards.punch(origin, snapshot_id, index)
         conn.execute(
             "UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'blocks'", (len(keys),)
         )
@@ -453,8 +450,12 @@ class DiskCache:
         self._closed = True
         with contextlib.suppress(sqlite3.Error), self._transaction() as conn:
             self._write_touches(conn)
+        self._close_all()
+
+    def _close_all(self) -> None:
         self._close_connections()
         self._shards.close()
+        self._dir.close()
 
     def _close_connections(self) -> None:
         for name in ("_writer", "_reader_conn"):

@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from ebsfs.diskcache.store import BlockKey, DiskCache, Stored, ToStore
+from ebsfs.diskcache.store import BlockKey, DiskCache, Origin, Stored, ToStore
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.index import ChangeIndex
 from ebsfs.engine.stats import Stats
@@ -88,6 +88,23 @@ class DiskTier:
         self._batch = queue
         self._writing = False
         stats.disk_cache = self.describe
+
+    @classmethod
+    def of_api(cls, api: object, path: str, max_bytes: int, stats: Stats) -> DiskTier | None:
+        """The disk cache at `path` for the blocks `api` fetches, keyed by where it
+        fetches them (its `endpoint_url` and `region`), so that a snapshot id served by
+        two endpoints never mixes their bytes. None, with a warning, for an api that
+        does not say where (its blocks could be any server's)."""
+        origin = Origin.of(api)
+        if origin is None:
+            log.warning(
+                "disk cache %s not used: the service client (%s) does not say which "
+                "endpoint its blocks come from",
+                path,
+                type(api).__name__,
+            )
+            return None
+        return cls(DiskCache(path, max_bytes, origin=origin), stats)
 
     def track(self, snapshot_ids: list[str]) -> None:
         """Learn which blocks of these snapshots are held (blocking: at build time)."""
@@ -251,7 +268,7 @@ class DiskTier:
 
     def _count(self, result: Stored) -> None:
         self.stats.disk_stored += len(result.stored)
-        self.stats.disk_evicted += len(result.evicted)
+        self.stats.disk_evicted += len(result.evicted) + result.evicted_elsewhere
         for snapshot_id, index in result.evicted:
             held = self._held.get(snapshot_id)
             if held is not None:
@@ -324,9 +341,22 @@ class DiskView:
         self.snapshot_id = snapshot_id
         self.volume_size = volume_size
         self.bases = bases or []
+        self._from_disk = _Held([])
         tier.track([snapshot_id, *(base_id for base_id, _ in self.bases)])
 
+    def served_from_disk(self, index: int) -> bool:
+        """Whether the block's bytes, as last obtained, came from the disk cache (stored
+        in an earlier session or by another process) rather than fetched: for records
+        of custody (`ebsfs get`)."""
+        return index in self._from_disk
+
     async def load(self, index: int, room: memoryview | None) -> Block | None:
+        block = await self._load(index, room)
+        if block is not None:
+            self._from_disk.add(index)
+        return block
+
+    async def _load(self, index: int, room: memoryview | None) -> Block | None:
         block = await self.tier.load(self.snapshot_id, index, room)
         if block is not None or not self.tier.enabled:
             return block
@@ -351,4 +381,6 @@ class DiskView:
         return None
 
     async def store(self, index: int, block: Block, loan: Loan | None = None) -> None:
+        """Keep a block just fetched (so it no longer counts as served from disk)."""
+        self._from_disk.discard(index)
         await self.tier.store(self.snapshot_id, index, self.volume_size, block, loan)

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import trio
 
 from ebsfs.constants import BLOCK_SIZE
-from ebsfs.diskcache.store import DiskCache
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.config import EngineConfig, fetch_ceiling, metadata_budget
 from ebsfs.engine.diff import Diff, diff_snapshots
@@ -67,7 +66,7 @@ class Engine:
         self.cache = BlockCache(config.cache_size)
         self.disk: DiskTier | None = None
         if config.cache_dir is not None:
-            self.disk = DiskTier(DiskCache(config.cache_dir, config.cache_dir_size), self.stats)
+            self.disk = DiskTier.of_api(api, config.cache_dir, config.cache_dir_size, self.stats)
         self.readahead = Readahead()
         # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
         # evicted by other prefetches before the reader gets to them.
