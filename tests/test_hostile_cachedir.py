@@ -21,6 +21,7 @@ import trio
 import ebsfs
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.diskcache.directory import prepare
+from ebsfs.diskcache.store import DiskCache, Origin
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
 from ebsfs.engine.config import EngineConfig
 from ebsfs.engine.engine import Engine
@@ -354,3 +355,14 @@ def test_a_cache_of_a_newer_ebsfs_is_refused_not_emptied(
     with pytest.raises(CacheDirError, match="made by a newer ebsfs"):
         read_all(emulator.url, cache)
     assert {p.name: p.read_bytes() for p in (cache / "blocks").iterdir()} == data
+
+
+def test_a_snapshot_id_with_a_trailing_newline_never_names_a_file(tmp_path: Path) -> None:
+    """`re.match` with `$` let "snap-0c1\\n" through: a data file named with a newline."""
+    cache = DiskCache(str(tmp_path / "c"), origin=Origin("http://ebs.test", "us-east-1"))
+    data = pattern_block(1, 0)
+    checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    assert not cache.store(f"{SNAP}\n", 0, 1024**3, data, checksum).stored
+    assert cache.load(f"{SNAP}\n", 0, None).checksum is None
+    cache.close()
+    assert all("\n" not in name for name in os.listdir(tmp_path / "c" / "blocks"))
