@@ -438,3 +438,23 @@ def test_a_slab_queued_for_the_disk_stays_lent_until_written(tmp_path) -> None:
     trio.run(main)
     tier.close()
     assert open_cache(str(tmp_path / "c")).blocks == 1
+
+
+def test_origins_share_the_size_bound_and_never_serve_each_other(tmp_path) -> None:
+    """One snapshot id at two endpoints: two sets of blocks, one LRU, one size bound."""
+    mine = open_cache(str(tmp_path / "c"), 4 * MIB)
+    other = DiskCache(str(tmp_path / "c"), 4 * MIB, origin=Origin("http://other.test", "x"))
+    store_blocks(mine, SNAP, [0, 1])
+    found, _ = load(other, SNAP, 0)
+    assert found.checksum is None and not found.damaged
+    elsewhere = 0
+    for i in range(2, 12):
+        data = pattern_block(2, i)
+        result = other.store(SNAP, i, GIB, data, checksum(data))
+        assert result.stored
+        elsewhere += result.evicted_elsewhere
+    assert elsewhere == 2  # mine went first: the least recently used
+    assert allocated(tmp_path / "c") <= 4 * MIB + 64 * 1024
+    found, _ = load(mine, SNAP, 0)
+    assert found.checksum is None and not found.damaged
+    assert mine.held(SNAP) == [] and len(other.held(SNAP)) == other.blocks
