@@ -354,6 +354,26 @@ def test_a_later_snapshot_alone_costs_only_its_changed_blocks(tmp_path) -> None:
     assert lineage_candidates(str(tmp_path / "c"), "snap-0a2", GIB, set()) == ["snap-0a1"]
 
 
+def test_snapshots_cached_from_another_endpoint_are_not_offered_as_bases(tmp_path) -> None:
+    """Their ids are not sent to this endpoint (one ListChangedBlocks each), and nothing
+    is shared: an endpoint only speaks for its own snapshots."""
+
+    class ElsewhereApi(PlacedApi):
+        endpoint_url = "http://other.test"
+
+    store = lineage_store()
+    session(store, tmp_path / "c", "snap-0a1")  # cached from http://ebs.test
+    api = ElsewhereApi(store)
+    config = EngineConfig(cache_dir=str(tmp_path / "c"), cache_size=8 * MIB)
+    checked = plan(config, ["snap-0a2"], api=api)
+    assert checked.disk_bases == {}
+    assert api.calls["ListChangedBlocks"] == 0
+    api = PlacedApi(store)  # the endpoint that cached it: offered, and related
+    checked = plan(config, ["snap-0a2"], api=api)
+    assert checked.disk_bases == {"snap-0a2": ["snap-0a1"]}
+    assert api.calls["ListChangedBlocks"] == 1
+
+
 # ---- the engine's side: queued writes, what other processes stored -------------------
 
 

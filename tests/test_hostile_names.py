@@ -379,3 +379,33 @@ def test_ls_prints_descriptions_and_ids_escaped(hostile_ec2: str) -> None:
     assert '"nightly \\302\\2332J\\302\\23331m \\342\\200\\256gnp.exe' in row
     listed = json.loads(ebsfs("ls", "--json", "--ec2-endpoint-url", hostile_ec2).stdout)
     assert listed[0]["Description"] == "nightly \x9b2J\x9b31m \u202egnp.exe\u2028forged"
+
+
+def test_log_lines_escape_others_text_and_stay_one_line(tmp_path: Path) -> None:
+    """A message quoting a snapshot's or a server's text cannot drive the terminal or
+    forge a log line; a traceback keeps its lines, each escaped."""
+    import logging
+
+    from ebsfs.cli.logs import HANDLER_NAME, setup_logging
+
+    log_file = tmp_path / "ebsfs.log"
+    setup_logging(1, str(log_file), background=False)
+    try:
+        log = logging.getLogger("ebsfs.test_hostile")
+        log.info("read %s failed", "a\x1b]0;owned\x07b\nINFO forged line")
+        try:
+            raise ValueError("bad name \x1b[2J")
+        except ValueError:
+            log.info("with a traceback", exc_info=True)
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+            root.removeHandler(handler)
+            handler.close()
+    text = log_file.read_text()
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    assert lines[0].endswith("read a\\033]0;owned\\ab\\nINFO forged line failed")
+    assert not any(line.startswith("INFO forged") for line in lines)
+    assert lines[-1] == "ValueError: bad name \\033[2J"
+    assert any(line.startswith("Traceback") for line in lines)

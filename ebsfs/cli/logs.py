@@ -11,10 +11,34 @@ import logging
 import logging.handlers
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
+
+from ebsfs.quoting import printable
 
 HANDLER_NAME = "ebsfs.cli"
 """The name of our handler on the root logger, by which a later call finds it."""
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log messages carry others' text (a server's error, a library's complaint about a
+    file name of the snapshot): escaped as ebsfs.quoting.printable, so none of it can
+    drive the terminal or forge a log line. A message is one line whatever it holds; a
+    traceback keeps its lines, each escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)  # other handlers see the original
+        safe.exc_text = None  # another handler may have cached it unescaped
+        return super().format(safe)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return "\n".join(printable(line) for line in stack_info.split("\n"))
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -49,7 +73,7 @@ def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     else:
         handler = _CurrentStderr()
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+        _PrintableFormatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     )
     handler.set_name(HANDLER_NAME)
     root = logging.getLogger()

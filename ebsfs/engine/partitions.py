@@ -151,6 +151,8 @@ def _gpt_header(sector: bytes, lba: int, disk_size: int, ss: int) -> tuple[int, 
     PartitionTableError saying what is wrong otherwise."""
     if sector[:8] != GPT_SIGNATURE:
         raise PartitionTableError(f"no GPT header at LBA {lba}")
+    if len(sector) < _GPT_HEADER.size:
+        raise PartitionTableError(f"GPT header at LBA {lba} is cut short by the disk's end")
     hsize, hcrc, my_lba, _, _, _, elba, count, esize, ecrc = _GPT_HEADER.unpack_from(sector)
     if not 92 <= hsize <= len(sector):
         raise PartitionTableError(f"GPT header at LBA {lba} has a bad size {hsize}")

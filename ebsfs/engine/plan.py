@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ebsfs.diskcache import catalog, directory
+from ebsfs.diskcache.keys import Origin
 from ebsfs.engine.config import EngineConfig, check_snapshot_id
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import (
@@ -130,15 +131,21 @@ def find_disk_bases(
     """For each snapshot, the snapshots of the same volume with blocks in the disk
     cache (same size, then one ListChangedBlocks call per candidate), most recently used
     first. Unrelated pairs are remembered (never asked again); no ebs:ListChangedBlocks
-    permission just means no reuse."""
+    permission just means no reuse. Only snapshots cached from this api's endpoint and
+    region are candidates: another endpoint's snapshot ids are not sent to this one (and
+    an endpoint calling a pair unrelated speaks only for itself)."""
+    origin = Origin.of(api)
+    if origin is None:
+        return {}
     mounted = {snapshot_id for snapshot_id, _ in snapshots}
     bases: dict[str, list[str]] = {}
     for second, size in snapshots:
-        for first in catalog.lineage_candidates(cache_dir, second, size, mounted):
+        candidates = catalog.lineage_candidates(cache_dir, second, size, mounted, origin=origin.key)
+        for first in candidates:
             try:
                 api.list_changed_blocks(first, second, max_results=100)
             except UnrelatedSnapshots:
-                catalog.record_unrelated(cache_dir, first, second)
+                catalog.record_unrelated(cache_dir, first, second, origin=origin.key)
                 continue
             except AccessDenied as err:
                 log.info("no reuse of cached blocks of other snapshots: %s", err)
