@@ -541,6 +541,7 @@ def test_unfinished_copy_of_an_earlier_version_resumes(
     assert sorted(i for _, i in api.block_gets) == [1, 900, 2047]
     assert result.manifest.counts == {
         "fetched_blocks": 3,
+        "disk_cache_blocks": 0,
         "base_blocks": 0,
         "resumed_blocks": 3,
         "refetched_blocks": 0,

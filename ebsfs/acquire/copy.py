@@ -33,6 +33,7 @@ from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter
 from ebsfs.acquire.plan import CopyPlan
 from ebsfs.acquire.progress import Progress
+from ebsfs.acquire.sources import RELIED_ON_CACHE, Counts, Origin, from_disk_cache
 from ebsfs.acquire.target import ZEROS, Target, failure
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.cache import Loan
@@ -48,26 +49,6 @@ LOOKAHEAD = 16384
 no data until its block is obtained (the window bounds those), a few hundred bytes."""
 STATE_EVERY = 2.0
 """Seconds between saves of the state (how far a device has been zeroed)."""
-
-
-@dataclass
-class Counts:
-    """Blocks of a run by where they came from (the manifest's `counts`)."""
-
-    fetched: int = 0
-    from_base: int = 0
-    resumed: int = 0
-    """Blocks a previous run wrote, re-read and found right."""
-    refetched: int = 0
-    """Blocks a previous run recorded that did not read back right (fetched again)."""
-
-    def as_json(self) -> dict[str, int]:
-        return {
-            "fetched_blocks": self.fetched,
-            "base_blocks": self.from_base,
-            "resumed_blocks": self.resumed,
-            "refetched_blocks": self.refetched,
-        }
 
 
 class Source(StrEnum):
@@ -96,6 +77,8 @@ class _Slot:
     index: int
     source: Source
     digest: bytes | None = None
+    origin: Origin = Origin.SERVICE
+    """Where its bytes came from first (a resumed block's is its first run's)."""
     in_hand: trio.Event = field(default_factory=trio.Event)
     """Set once its data is in memory and verified (or it failed, or turned out never
     written): the hashers may take it, whether or not it is on the target yet."""
@@ -202,27 +185,36 @@ class Copy:
             for i in present:
                 if i > position:
                     yield _Gap(position, i)
-                source, digest = sources.get(i, (Source.FETCH, None))
-                yield _Slot(i, source, digest)
+                source, digest, origin = sources.get(i, (Source.FETCH, None, Origin.SERVICE))
+                yield _Slot(i, source, digest, origin)
                 position = i + 1
         if position < index.volume_blocks:
             yield _Gap(position, index.volume_blocks)
 
-    def _sources(self, present: list[int]) -> dict[int, tuple[Source, bytes]]:
+    def _sources(self, present: list[int]) -> dict[int, tuple[Source, bytes, Origin]]:
         """Where each block of one chunk comes from, when not from the service: written
-        by a previous run (the journal's record), or unchanged in the base image."""
-        found: dict[int, tuple[Source, bytes]] = {}
-        recorded = (
-            self.journal.recorded(present[0], present[-1]) if self.journal is not None else {}
+        by a previous run (the journal's record, with its source), or unchanged in the
+        base image. A write-only run (`--cache-dir-write-only`) fetches again what a
+        previous run took from the disk cache (or did not say where it took it)."""
+        found: dict[int, tuple[Source, bytes, Origin]] = {}
+        first = present[0]
+        recorded, origins = (
+            (self.journal.recorded(first, present[-1]), self.journal.origins(first, present[-1]))
+            if self.journal is not None
+            else ({}, b"")
         )
         for i in present:
             digest = recorded.get(i)
+            origin = Origin.of_code(origins[i - first]) if digest is not None else Origin.SERVICE
+            if digest is not None and self.plan.cache_write_only and origin in RELIED_ON_CACHE:
+                log.info("block %d: taken from the disk cache by an earlier run: fetching it", i)
+                digest = None
             if digest is not None:
-                found[i] = (Source.RESUMED, digest)
+                found[i] = (Source.RESUMED, digest, origin)
             elif self.base is not None:
                 base_digest = self.base.unchanged_digest(i)
                 if base_digest is not None:
-                    found[i] = (Source.BASE, base_digest)
+                    found[i] = (Source.BASE, base_digest, Origin.BASE)
         return found
 
     async def _produce(
@@ -311,7 +303,12 @@ class Copy:
                     f"{self.image.snapshot_id}: block {slot.index} took over "
                     f"{self.read_timeout:.0f}s"
                 )
-            self.counts.fetched += 1
+            if from_disk_cache(self.image, slot.index):
+                slot.origin = Origin.DISK_CACHE
+                self.counts.from_disk_cache += 1
+            else:
+                slot.origin = Origin.SERVICE
+                self.counts.fetched += 1
             if block.checksum is None:  # no longer listed: never written after all
                 return
             slot.data, slot.digest = block.data, base64.b64decode(block.checksum)
@@ -327,7 +324,7 @@ class Copy:
             with trio.CancelScope(shield=True):
                 await in_worker(
                     self._disk,
-                    functools.partial(self._write, slot.index, slot.data, slot.digest),
+                    functools.partial(self._write, slot.index, slot.data, slot.digest, slot.origin),
                     abandon_on_cancel=False,
                 )
 
@@ -336,11 +333,14 @@ class Copy:
         ok = len(data) == BLOCK_SIZE and hashlib.sha256(data).digest() == digest
         return data if ok else None
 
-    def _write(self, index: int, data: bytes | memoryview | None, digest: bytes | None) -> None:
+    def _write(
+        self, index: int, data: bytes | memoryview | None, digest: bytes | None, origin: Origin
+    ) -> None:
         assert data is not None and digest is not None
         self.target.write(index * BLOCK_SIZE, data)
         if self.journal is not None and index * BLOCK_SIZE != self.target.unrecorded:
             try:
+                self.journal.record_origin(index, origin)
                 self.journal.record(index, digest)
             except OSError as err:
                 raise failure("cannot write", self.journal.sums_path, err) from err
@@ -364,7 +364,7 @@ class Copy:
                     await self._zeros(offset, offset + BLOCK_SIZE)
                     continue
                 assert self.position == offset and step.digest is not None
-                self.blocks.add(step.index, step.digest)
+                self.blocks.add(step.index, step.digest, step.origin)
                 data, step.data = step.data, None
                 self.position = offset + BLOCK_SIZE
                 self._in_order.feed(
@@ -394,7 +394,10 @@ class Copy:
 
     def _report(self, length: int) -> None:
         self.hashed += length
-        self.progress.update(self.hashed, self.counts.fetched + self.counts.from_base)
+        counts = self.counts
+        self.progress.update(
+            self.hashed, counts.fetched + counts.from_disk_cache + counts.from_base
+        )
 
     def _consumers(self) -> list[Consumer]:
         consumers: list[Consumer] = [

@@ -29,6 +29,7 @@ from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter, Manifest, side_file_path, write_manifest
 from ebsfs.acquire.plan import CopyPlan, GetRequest, Layout, preflight, window_for
 from ebsfs.acquire.progress import Progress, QuietProgress
+from ebsfs.acquire.sources import Origin, disk_cache_section, write_only
 from ebsfs.acquire.target import (
     DeviceTarget,
     FileTarget,
@@ -84,6 +85,8 @@ def get(
     try:
         the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False, api=api)
         image = the_engine.images[request.snapshot_id]
+        if request.cache_write_only:
+            write_only(image)
         if base is not None:
             base.check(request.snapshot_id, image.size)
         plan = CopyPlan(
@@ -97,6 +100,7 @@ def get(
             md5=request.md5,
             snapshot=snapshot,
             snapshot_note=note,
+            cache_write_only=request.cache_write_only,
         )
         return _run(the_engine, plan, progress)
     finally:
@@ -121,6 +125,7 @@ def _open_journal(plan: CopyPlan, target: FileTarget | DeviceTarget) -> Journal:
         journal.close()
         raise
     state.runs += 1
+    state.disk_cache = state.disk_cache or plan.image.disk is not None
     journal.state = state
     journal.save(state)
     return journal
@@ -159,7 +164,12 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
             journal = _open_journal(plan, target)
         started = journal.state.started if journal and journal.state else utc_now()
         try:
-            blocks = BlockListWriter(f"{layout.stem}.part.blocks", plan.image.snapshot_id)
+            blocks = BlockListWriter(
+                f"{layout.stem}.part.blocks",
+                plan.image.snapshot_id,
+                sources=plan.image.disk is not None
+                or bool(journal and journal.state and journal.state.disk_cache),
+            )
         except OSError as err:
             raise failure("cannot create", f"{layout.stem}.part.blocks", err) from err
         copy = Copy(plan, target, journal, blocks, progress)
@@ -234,4 +244,13 @@ def _manifest(the_engine: Engine, copy: Copy, started: str) -> Manifest:
         snapshot_note=plan.snapshot_note,
         base=plan.base.describe() if plan.base is not None else None,
         counts=counts,
+        disk_cache=(
+            disk_cache_section(
+                the_engine.disk,
+                plan.cache_write_only,
+                copy.blocks.by_source.get(Origin.DISK_CACHE, 0),
+            )
+            if the_engine.disk is not None
+            else None
+        ),
     )

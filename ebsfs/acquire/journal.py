@@ -1,14 +1,16 @@
 """What an unfinished `ebsfs get` keeps beside its output, so that running the same
 command again fetches only what is missing.
 
-Two small files with the stem of the output (`disk.img.part.json`, `.part.sums`):
-the state (which snapshot, when the copy started, how far a device was zeroed), and
-the SHA-256 of every block written so far, 32 bytes at offset index * 32 of a sparse
-file. A block's record is written (one pwrite) right after the block itself, so a
-SIGKILL loses at most the blocks in flight; a record whose block did not reach the
-disk (a power cut) is caught on resume, which re-reads every recorded block and
-checks it against its record before trusting it. Random access keeps memory flat: no
-list of blocks is ever held, whatever the volume."""
+Three small files with the stem of the output (`disk.img.part.json`, `.part.sums`,
+`.part.origins`): the state (which snapshot, when the copy started, how far a device
+was zeroed), the SHA-256 of every block written so far, 32 bytes at offset index * 32
+of a sparse file, and where each block's bytes came from (sources.py), one byte at
+offset index (a journal of a version before it has none: those blocks' source is
+"unknown"). A block's record is written (its source, then its digest: a pwrite
+each) right after the block itself, so a SIGKILL loses at most the blocks in flight;
+a record whose block did not reach the disk (a power cut) is caught on resume, which
+re-reads every recorded block and checks it against its record before trusting it.
+Random access keeps memory flat: no list of blocks is ever held, whatever the volume."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from ebsfs.acquire.identity import TargetIdentity
 from ebsfs.acquire.manifest import PRIVATE, private_flags, write_json_atomic
+from ebsfs.acquire.sources import Origin
 from ebsfs.errors import OutputError
 
 RECORD = 32
@@ -51,6 +54,9 @@ class JournalState:
     target: TargetIdentity | None = None
     """Which file or device the copy writes (identity.py); absent in the journals of
     versions before it, which ignore it."""
+    disk_cache: bool = False
+    """A run of this copy had a disk cache (`--cache-dir`): the block list names each
+    block's source. Absent (False) in the journals of versions before it."""
 
     @classmethod
     def from_json(cls, data: object) -> JournalState:
@@ -69,6 +75,10 @@ class JournalState:
         values: dict[str, Any] = {}
         if data.get("target") is not None:
             values["target"] = TargetIdentity.from_json(data["target"])
+        if "disk_cache" in data:
+            if not isinstance(data["disk_cache"], bool):
+                raise ValueError(f"disk_cache is {data['disk_cache']!r}")
+            values["disk_cache"] = data["disk_cache"]
         for name, kind in types.items():
             if name not in data:
                 continue
@@ -85,9 +95,11 @@ class JournalState:
         data = dataclasses.asdict(self)
         if self.zeroed_through is None:
             del data["zeroed_through"]
-        del data["target"]
+        del data["target"], data["disk_cache"]
         if self.target is not None:
             data["target"] = self.target.as_json()
+        if self.disk_cache:
+            data["disk_cache"] = True
         return data
 
 
@@ -98,7 +110,9 @@ class Journal:
     def __init__(self, stem: str) -> None:
         self.state_path = stem + ".part.json"
         self.sums_path = stem + ".part.sums"
+        self.origins_path = stem + ".part.origins"
         self._fd: int | None = None
+        self._origins_fd: int | None = None
         self.state: JournalState | None = None
         """The state of the run that has it open (`open`)."""
 
@@ -149,6 +163,13 @@ class Journal:
             os.fchmod(self._fd, mode & 0o700)
         if new:
             os.ftruncate(self._fd, 0)
+        try:
+            self._origins_fd = os.open(self.origins_path, private_flags(os.O_RDWR), PRIVATE)
+        except OSError as err:
+            self.close()
+            raise OutputError(f"cannot create {self.origins_path}: {err.strerror}") from err
+        if new:
+            os.ftruncate(self._origins_fd, 0)
 
     def save(self, state: JournalState) -> None:
         try:
@@ -156,10 +177,23 @@ class Journal:
         except OSError as err:
             raise OutputError(f"cannot write {self.state_path}: {err.strerror}") from err
 
+    def record_origin(self, index: int, origin: Origin) -> None:
+        """Block `index` came from `origin`: call before `record`, so that a digest is
+        never on record beside an earlier run's source."""
+        assert self._origins_fd is not None
+        os.pwrite(self._origins_fd, origin.code, index)
+
     def record(self, index: int, digest: bytes) -> None:
         """Block `index` is written and has this SHA-256 (call after writing it)."""
         assert self._fd is not None and len(digest) == RECORD
         os.pwrite(self._fd, digest, index * RECORD)
+
+    def origins(self, first: int, last: int) -> bytes:
+        """The source codes of blocks [first, last] (Origin.of_code), one byte each
+        (0 where none was recorded)."""
+        assert self._origins_fd is not None
+        raw = os.pread(self._origins_fd, last - first + 1, first)
+        return raw.ljust(last - first + 1, b"\0")
 
     def recorded(self, first: int, last: int) -> dict[int, bytes]:
         """Records of blocks [first, last] that were written, by index."""
@@ -173,12 +207,15 @@ class Journal:
         return found
 
     def close(self) -> None:
+        if self._origins_fd is not None:
+            os.close(self._origins_fd)
+            self._origins_fd = None
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
             self._fd = None
 
     def remove(self) -> None:
         self.close()
-        for path in (self.state_path, self.sums_path):
+        for path in (self.state_path, self.sums_path, self.origins_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -7,8 +7,13 @@ forensic convention, when `get --md5` asked for it), when, with what
 (ebsfs version, region, endpoint), the snapshot's EC2 metadata where it could be had,
 and the SHA-256 of every written block, in hex: inline for up to INLINE_BLOCKS blocks,
 else in a side file (`<stem>.blocks.sha256`, one `INDEX SHA256` line per block,
-ascending) whose own SHA-256 the manifest records. Memory stays bounded whatever the
-volume: the block list is written and read line by line."""
+ascending) whose own SHA-256 the manifest records. A copy that had a disk cache
+(`get --cache-dir`) names each block's source as a third field (`service`,
+`disk_cache`, `base`; sources.py), sums them up in the block list's `sources`, and
+says which cache in a `disk_cache` section: a block from the cache was checked
+against the digest stored there, not against this run's answer from the service.
+Memory stays bounded whatever the volume: the block list is written and read line
+by line."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ebsfs.acquire.sources import NAMES, Origin
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.errors import ManifestError
 
@@ -92,11 +98,13 @@ class Manifest:
     snapshot_note: str | None = None
     base: dict[str, Any] | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    disk_cache: dict[str, Any] | None = None
+    """The disk cache the copy used (sources.disk_cache_section); None without one."""
     path: str = ""
     """Where it was read from (not written)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "snapshot_id": self.snapshot_id,
             "volume_size": self.volume_size,
@@ -116,6 +124,9 @@ class Manifest:
             "counts": self.counts,
             "blocks": self.blocks,
         }
+        if self.disk_cache is not None:  # manifests without one stay as they were
+            data["disk_cache"] = self.disk_cache
+        return data
 
     @property
     def volume_blocks(self) -> int:
@@ -144,21 +155,27 @@ class Manifest:
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
 
 
-def _inline(entries: Any, where: str) -> Iterator[tuple[int, str]]:
+Entry = tuple[int, str, str | None]
+"""(index, SHA-256 hex, source or None) of one block-list entry."""
+
+
+def _inline(entries: Any, where: str) -> Iterator[Entry]:
     if not isinstance(entries, list):
         raise ManifestError(f"{where}: the block list is not a list")
     for entry in entries:
         if not (
             isinstance(entry, list)
-            and len(entry) == 2
+            and len(entry) in (2, 3)
             and isinstance(entry[0], int)
+            and not isinstance(entry[0], bool)
             and isinstance(entry[1], str)
+            and (len(entry) == 2 or entry[2] in NAMES)
         ):
             raise ManifestError(f"{where}: malformed block entry {entry!r:.80}")
-        yield entry[0], entry[1]
+        yield entry[0], entry[1], entry[2] if len(entry) == 3 else None
 
 
-def _lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
+def _lines(f: IO[str], where: str) -> Iterator[Entry]:
     number = 0
     while line := f.readline(LINE_MAX):
         number += 1
@@ -167,15 +184,30 @@ def _lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
         if line.startswith("#") or not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise ManifestError(f"{where}:{number}: expected 'INDEX SHA256'")
-        yield int(parts[0]), parts[1]
+        if (
+            len(parts) not in (2, 3)
+            or not (parts[0].isascii() and parts[0].isdigit())
+            or (len(parts) == 3 and parts[2] not in NAMES)
+        ):
+            raise ManifestError(f"{where}:{number}: expected 'INDEX SHA256 [SOURCE]'")
+        yield int(parts[0]), parts[1], parts[2] if len(parts) == 3 else None
 
 
-def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest) -> Iterator[tuple[int, bytes]]:
+def _checked(entries: Iterator[Entry], manifest: Manifest) -> Iterator[tuple[int, bytes]]:
+    """The digests, each entry checked; at the end, the count and (for a list with
+    sources) the blocks from the disk cache against what the manifest says."""
     previous = -1
     count = 0
-    for index, text in entries:
+    from_cache = 0
+    sourced = None
+    for index, text, source in entries:
+        if sourced is None:
+            sourced = source is not None
+        if sourced != (source is not None):
+            raise ManifestError(
+                f"{manifest.path}: block {index}: sources named for some blocks only"
+            )
+        from_cache += source == Origin.DISK_CACHE
         try:
             digest = bytes.fromhex(text)
         except ValueError:
@@ -190,6 +222,11 @@ def _checked(entries: Iterator[tuple[int, str]], manifest: Manifest) -> Iterator
     if count != manifest.written_blocks:
         raise ManifestError(
             f"{manifest.path}: lists {count} blocks, says {manifest.written_blocks}"
+        )
+    said = (manifest.disk_cache or {}).get("blocks")
+    if sourced and said is not None and said != from_cache:
+        raise ManifestError(
+            f"{manifest.path}: lists {from_cache} blocks from the disk cache, says {said!r:.40}"
         )
 
 
@@ -208,24 +245,34 @@ class BlockListWriter:
     """The per-block list, written line by line in ascending order to a temporary file
     as blocks are hashed; `finish` makes it the manifest's inline list or the side file."""
 
-    def __init__(self, spool_path: str, snapshot_id: str) -> None:
+    def __init__(self, spool_path: str, snapshot_id: str, sources: bool = False) -> None:
+        """`sources`: name each block's source (a copy with a disk cache)."""
         self.spool_path = spool_path
         self.count = 0
+        self.sources = sources
+        self.by_source: dict[str, int] = {}
+        """Blocks listed per source (when `sources`)."""
         self._hash = hashlib.sha256()
         self._file = open_private(spool_path)
         self._write(
             f"# ebsfs: SHA-256 of each written {BLOCK_SIZE}-byte block of "
             f"{snapshot_id}: block index (byte offset = index * {BLOCK_SIZE}), "
-            "then the hex digest\n"
+            "then the hex digest"
+            + (", then where its bytes came from (service, disk_cache, base)" if sources else "")
+            + "\n"
         )
 
     def _write(self, text: str) -> None:
         self._file.write(text)
         self._hash.update(text.encode())
 
-    def add(self, index: int, digest: bytes) -> None:
+    def add(self, index: int, digest: bytes, origin: Origin = Origin.SERVICE) -> None:
         self.count += 1
-        self._write(f"{index} {digest.hex()}\n")
+        if not self.sources:
+            self._write(f"{index} {digest.hex()}\n")
+            return
+        self.by_source[origin.value] = self.by_source.get(origin.value, 0) + 1
+        self._write(f"{index} {digest.hex()} {origin.value}\n")
 
     def finish(self, side_path: str) -> dict[str, Any]:
         """The manifest's `blocks` section; the spool becomes the side file when there
@@ -234,9 +281,13 @@ class BlockListWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         section: dict[str, Any] = {"algorithm": "sha256", "encoding": "hex", "count": self.count}
+        if self.sources:
+            section["sources"] = {o.value: self.by_source.get(o.value, 0) for o in Origin}
         if self.count <= INLINE_BLOCKS:
             with open(self.spool_path, encoding="ascii") as f:
-                section["list"] = [[i, h] for i, h in _lines(f, self.spool_path)]
+                section["list"] = [
+                    [i, h] if s is None else [i, h, s] for i, h, s in _lines(f, self.spool_path)
+                ]
             os.unlink(self.spool_path)
             return section
         os.replace(self.spool_path, side_path)
@@ -262,7 +313,9 @@ def write_manifest(path: str, manifest: Manifest) -> None:
     placeholder = '"@blocks@"'
     text = json.dumps({**data, "blocks": {**data["blocks"], "list": "@blocks@"}}, indent=1)
     listing = (
-        "[\n" + ",\n".join(f'   [{i}, "{h}"]' for i, h in entries) + "\n  ]" if entries else "[]"
+        "[\n" + ",\n".join(f"   {json.dumps(entry)}" for entry in entries) + "\n  ]"
+        if entries
+        else "[]"
     )
     write_text_atomic(path, text.replace(placeholder, listing) + "\n")
 
@@ -288,6 +341,13 @@ def sync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _section(value: object) -> dict[str, Any] | None:
+    """A manifest's `disk_cache` section: an object or absent (TypeError if not)."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise TypeError("disk_cache")
 
 
 def read_manifest(path: str) -> Manifest:
@@ -327,6 +387,7 @@ def read_manifest(path: str) -> Manifest:
             snapshot_note=data.get("snapshot_note"),
             base=data.get("base"),
             counts=dict(data.get("counts") or {}),
+            disk_cache=_section(data.get("disk_cache")),
             path=path,
         )
     except (KeyError, TypeError, ValueError) as err:

@@ -48,6 +48,10 @@ class GetRequest:
     metadata: Callable[[], SnapshotMetadata] | None = None
     """Asked once local checks passed: the snapshot's EC2 metadata for the manifest
     (service/ec2.py), and why there is none when there is none."""
+    cache_write_only: bool = False
+    """Take no block from the disk cache (fetch them all, an earlier run's cached
+    ones too), still storing what is fetched there: a copy that must not rely on
+    bytes an earlier session left on local disk."""
 
 
 @dataclass
@@ -175,3 +179,5 @@ class CopyPlan:
     """The snapshot's EC2 metadata, for the manifest."""
     snapshot_note: str | None = None
     """Why the manifest has no EC2 metadata, when it has none."""
+    cache_write_only: bool = False
+    """GetRequest.cache_write_only."""

@@ -110,6 +110,16 @@ def add_parser(commands: Commands) -> None:
         f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})",
     )
     cache_dir_arguments(get)
+    get.add_argument(
+        "--cache-dir-write-only",
+        dest="cache_write_only",
+        action="store_true",
+        help="with --cache-dir: take no block from DIR, fetch every one from the "
+        "service (also those an earlier run of this copy took from DIR), and still "
+        "store them there; for acquisitions that must not rely on bytes an earlier "
+        "session left on local disk. Without it, the manifest names the blocks that "
+        "came from DIR",
+    )
     connection_arguments(get)
     ec2_argument(get, "its metadata goes in the manifest when ec2:DescribeSnapshots is allowed")
 
@@ -148,6 +158,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         md5=args.md5,
         image_hash=args.image_hash,
         metadata=describe_snapshot,
+        cache_write_only=args.cache_write_only,
     )
     label = args.snapshot_id if args.output == "-" else os.path.basename(args.output)
     try:
@@ -169,6 +180,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         return 0
     counts = m.counts
     got = f"{counts.get('fetched_blocks', 0)} fetched"
+    if counts.get("disk_cache_blocks"):
+        got += f", {counts['disk_cache_blocks']} from the disk cache"
     if counts.get("base_blocks"):
         got += f", {counts['base_blocks']} from the base image"
     if counts.get("resumed_blocks"):
