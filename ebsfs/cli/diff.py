@@ -5,20 +5,64 @@ command does (options -> EngineConfig -> the engine)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from ebsfs.cli.options import (
     cache_dir_arguments,
     connection_arguments,
     engine_config,
     parse_size,
+    positive_float,
     prefetch_arguments,
 )
-from ebsfs.errors import UserInputError
+from ebsfs.errors import ReadFailed, UserInputError
 
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
+
+T = TypeVar("T")
+
+DIFF_TIMEOUT = 600.0
+"""Seconds a whole `ebsfs diff` may take: ample for a 16 TiB volume's listing at the
+service's quotas, and an end to an endpoint that pages slowly for ever."""
+
+
+def timed_out(args: argparse.Namespace) -> ReadFailed:
+    """The one-line error of a diff past --timeout."""
+    return ReadFailed(
+        f"diff of {args.first} and {args.second} gave up after --timeout "
+        f"{args.timeout:g}s (the endpoint answered slowly, or there was much to list); a "
+        "longer --timeout waits more"
+    )
+
+
+def within(seconds: float, work: Callable[[], T], late: Callable[[], Exception]) -> T:
+    """`work()` in a daemon thread, waited for `seconds` at the most; past them `late()`
+    is raised and the work is left behind, to end with the process. The readers walk a
+    filesystem in synchronous library code (pytsk3, libfsxfs) that nothing can cancel:
+    a thread is the one way to stop waiting for it, and its engine's thread is a daemon
+    too, so nothing holds the exit."""
+    results: list[T] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(work())
+        except BaseException as err:  # raised in the waiting thread instead
+            failures.append(err)
+
+    thread = threading.Thread(target=run, name="ebsfs-diff", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if failures:
+        raise failures[0]
+    if not results:
+        raise late()
+    return results[0]
 
 
 def add_parser(commands: Commands) -> None:
@@ -79,6 +123,15 @@ def add_parser(commands: Commands) -> None:
         "metadata read in the first snapshot is served from it to the "
         "second",
     )
+    diff.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=DIFF_TIMEOUT,
+        metavar="SECONDS",
+        help="give up after this many seconds in all (default: %(default)g), with a "
+        "one-line error and exit status 1: each call to the service has its own "
+        "limits, but an endpoint may answer slowly page after page for ever",
+    )
     cache_dir_arguments(diff)
     prefetch_arguments(diff)
     connection_arguments(diff)
@@ -104,6 +157,7 @@ def _diff_blocks(args: argparse.Namespace) -> int:
     import trio
 
     from ebsfs.engine import engine
+    from ebsfs.engine.diff import Diff
     from ebsfs.engine.plan import Plan
     from ebsfs.service.retry import RetryPolicy
 
@@ -112,8 +166,14 @@ def _diff_blocks(args: argparse.Namespace) -> int:
     # No snapshot checked or opened: ListChangedBlocks is all a diff of blocks needs
     # (and all the permission it asks for).
     the_engine = engine.build(config, Plan(snapshots=[], bases={}))
+
+    async def listing() -> Diff:
+        with trio.move_on_after(args.timeout):
+            return await the_engine.diff(args.first, args.second)
+        raise timed_out(args)
+
     try:
-        result = trio.run(the_engine.diff, args.first, args.second)
+        result = trio.run(listing)
     finally:
         the_engine.close()
     if args.json:
@@ -126,22 +186,33 @@ def _diff_blocks(args: argparse.Namespace) -> int:
 def _diff_files(args: argparse.Namespace) -> int:
     from ebsfs.cli.progress import BarProgress
     from ebsfs.fileobj import open_with
-    from ebsfs.forensics.filediff import diff_files
+    from ebsfs.forensics.filediff import FileDiff, diff_files
     from ebsfs.quoting import printable, quote, utf8_stream
 
     if args.first == args.second:
         raise UserInputError("the two snapshots are the same")
-    files = open_with(engine_config(args), [args.first, args.second], readahead=False)
     display = BarProgress() if sys.stderr.isatty() else None  # a status line, terminals only
+
+    def compare() -> FileDiff:
+        files = open_with(engine_config(args), [args.first, args.second], readahead=False)
+        try:
+            return diff_files(
+                files[0], files[1], atime=args.atime, progress=display.status if display else None
+            )
+        finally:
+            for f in files:
+                f.close()
+
+    def late() -> Exception:
+        # The walk goes on in its thread until the process ends: not a word more from it.
+        logging.disable(logging.CRITICAL)
+        return timed_out(args)
+
     try:
-        result = diff_files(
-            files[0], files[1], atime=args.atime, progress=display.status if display else None
-        )
+        result = within(args.timeout, compare, late)
     finally:
         if display is not None:
             display.close()
-        for f in files:
-            f.close()
     if args.json or args.nul:  # the text says it in its place; these are for programs
         ascii_only = not utf8_stream(sys.stderr)
         for fs in result.filesystems:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import grp
 import logging
 import os
+import pwd
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -63,8 +66,40 @@ def add_parser(commands: Commands) -> None:
     mount.add_argument(
         "--allow-other",
         action="store_true",
-        help="let other users read the mount (non-root users need "
-        "user_allow_other in /etc/fuse.conf)",
+        help="let other users read the mount, as --uid, --gid, --file-mode and "
+        "--dir-mode allow (the kernel checks them; by default anyone may read); "
+        "non-root users need user_allow_other in /etc/fuse.conf",
+    )
+    mount.add_argument(
+        "--uid",
+        type=user_id,
+        metavar="USER",
+        help="owner of every file and directory shown: a user name or a number "
+        "(default: the user who mounts)",
+    )
+    mount.add_argument(
+        "--gid",
+        type=group_id,
+        metavar="GROUP",
+        help="group of every file and directory shown: a group name or a number "
+        "(default: the group of the user who mounts)",
+    )
+    mount.add_argument(
+        "--file-mode",
+        type=read_only_mode,
+        default=0o444,
+        metavar="MODE",
+        help="permission bits of every file, in octal, read and execute bits only: the "
+        "mount is read-only (default: 0444, anyone who can reach the mount reads; "
+        "0440 with --gid keeps the evidence to a group when --allow-other is given)",
+    )
+    mount.add_argument(
+        "--dir-mode",
+        type=read_only_mode,
+        default=0o555,
+        metavar="MODE",
+        help="permission bits of the mount's directory, in octal, read and execute bits "
+        "only (default: 0555; 0550 with --gid lets only the group list and open)",
     )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
@@ -73,6 +108,54 @@ def add_parser(commands: Commands) -> None:
     ec2_argument(
         mount, "the images' mtime is the snapshot's StartTime when ec2:DescribeSnapshots is allowed"
     )
+
+
+def _numeric_id(text: str) -> int | None:
+    """A uid or gid given as digits; 2**32-1 is the kernel's "no id" (-1), refused."""
+    if re.fullmatch(r"[0-9]{1,10}", text) and int(text) < 2**32 - 1:
+        return int(text)
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid id (0 to {2**32 - 2})")
+    return None
+
+
+def user_id(text: str) -> int:
+    """--uid: a number, or the name of a user this system knows."""
+    number = _numeric_id(text)
+    if number is not None:
+        return number
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        raise argparse.ArgumentTypeError(f"no user {text!r} (a user name or a number)") from None
+
+
+def group_id(text: str) -> int:
+    """--gid: a number, or the name of a group this system knows."""
+    number = _numeric_id(text)
+    if number is not None:
+        return number
+    try:
+        return grp.getgrnam(text).gr_gid
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"no group {text!r} (a group name or a number)") from None
+
+
+def read_only_mode(text: str) -> int:
+    """--file-mode, --dir-mode: octal permission bits with no write bit (the mount is
+    read-only: a write bit would only promise what EROFS refuses) and no setuid,
+    setgid or sticky bit."""
+    match = re.fullmatch(r"(?:0o?)?([0-7]{1,4})", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode (examples: 0444, 440)")
+    mode = int(match[1], 8)
+    if mode & ~0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r}: no setuid, setgid or sticky bit")
+    if mode & 0o222:
+        raise argparse.ArgumentTypeError(
+            f"mode {text!r} has write bits: the mount is read-only (e.g. 0444, 0440)"
+        )
+    return mode
 
 
 def add_umount_parser(commands: Commands) -> None:
@@ -117,6 +200,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         )
         from ebsfs.engine import engine
         from ebsfs.fuse import mount as fuse_mount
+        from ebsfs.fuse.operations import Ownership
 
         checked = checking.result()
         described = describing.result()
@@ -125,6 +209,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mount_config = fuse_mount.MountConfig(
         mountpoint=os.path.abspath(mountpoint),
         allow_other=args.allow_other,
+        ownership=Ownership(args.uid, args.gid, args.file_mode, args.dir_mode),
         fuse_debug=args.fuse_debug,
         start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
     )

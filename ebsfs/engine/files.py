@@ -11,6 +11,7 @@ them to inodes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import IO, Protocol
 
 import trio
@@ -21,6 +22,7 @@ from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.metaprefetch import MetadataPrefetch
 from ebsfs.engine.partitions import Partition
 from ebsfs.engine.prefetch import ReadPattern
+from ebsfs.errors import ReadFailed
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,15 @@ class WindowReader:
 
 
 class ChangesNode:
-    """`<id>.changes`: the text of `ebsfs diff` against the base snapshot."""
+    """`<id>.changes`: the text of `ebsfs diff` against the base snapshot.
+
+    A hostile lineage may have millions of changed ranges, and the text of each listing
+    is spooled (memory, then a temporary file): every handle open at one time shares
+    one listing and one spool, so a thousand opens cost what one does. The listing is
+    made by the first open; the opens that come while it runs wait for it and share
+    its outcome (its failure too: a failing service is asked once, not once per open).
+    The spool goes when the last handle closes; the next open lists again. Concurrency:
+    `_report` and `_listing` change only on the trio thread, between awaits."""
 
     fixed = False
     size = 0
@@ -164,6 +174,8 @@ class ChangesNode:
         self.image = image
         self.name = f"{image.snapshot_id}.changes"
         self.mtime = mtime
+        self._report: SharedReport | None = None
+        self._listing: Listing | None = None
 
     def xattrs(self) -> dict[str, str]:
         assert self.image.base is not None
@@ -173,30 +185,84 @@ class ChangesNode:
         }
 
     async def open(self) -> OpenFile:
-        diff = await self.engine.changes(self.image.snapshot_id)
-        return ReportReader(await trio.to_thread.run_sync(diff.text_file))
+        while self._report is None:  # again if it came and went while we waited
+            listing = self._listing
+            if listing is None:
+                self._report = await self._list()
+                break
+            await listing.done.wait()
+            if listing.error is not None:
+                raise ReadFailed(listing.error)
+        return ReportReader(self._report.share(), self._released)
+
+    async def _list(self) -> SharedReport:
+        listing = self._listing = Listing()
+        try:
+            diff = await self.engine.changes(self.image.snapshot_id)
+            return SharedReport(await trio.to_thread.run_sync(diff.text_file))
+        except BaseException as err:
+            listing.error = str(err) or type(err).__name__
+            raise
+        finally:
+            self._listing = None
+            listing.done.set()
+
+    def _released(self, report: SharedReport) -> None:
+        if report.users == 0 and self._report is report:
+            self._report = None
 
 
-class ReportReader:
-    """The text of one open `.changes` file, in a temporary file past 1 MiB. Reads run
-    in a worker thread (the file may be on disk), one at a time (they seek)."""
+class Listing:
+    """A `.changes` listing under way: those who wait for it, and how it failed."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
+class SharedReport:
+    """One spooled text and the handles reading it. Reads take turns (they seek)."""
 
     def __init__(self, spool: IO[bytes]) -> None:
         self.spool = spool
-        self._lock = trio.Lock()
+        self.lock = trio.Lock()
+        self.users = 0
+
+    def share(self) -> SharedReport:
+        self.users += 1
+        return self
+
+
+class ReportReader:
+    """One open handle of a `.changes` file: reads of the shared spool in a worker
+    thread (the file may be on disk), one at a time over all handles (they seek)."""
+
+    def __init__(
+        self, report: SharedReport, released: Callable[[SharedReport], None] | None = None
+    ) -> None:
+        self.report = report
+        self._released = released
+        self._closed = False
 
     async def read(
         self, offset: int, size: int, scratch: bytearray | None = None, loan: Loan | None = None
     ) -> bytes:
-        async with self._lock:
+        async with self.report.lock:
             return await trio.to_thread.run_sync(self._read, offset, size)
 
     def _read(self, offset: int, size: int) -> bytes:
-        self.spool.seek(offset)
-        return self.spool.read(size)
+        self.report.spool.seek(offset)
+        return self.report.spool.read(size)
 
     def close(self) -> None:
-        self.spool.close()
+        if self._closed:
+            return
+        self._closed = True
+        self.report.users -= 1
+        if self.report.users == 0:
+            self.report.spool.close()
+        if self._released is not None:
+            self._released(self.report)
 
 
 async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = None) -> list[Node]:

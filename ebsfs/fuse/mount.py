@@ -20,7 +20,7 @@ import trio
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
 from ebsfs.errors import EbsfsError, MountFailed, UserInputError, first_leaf
-from ebsfs.fuse.operations import EbsOperations
+from ebsfs.fuse.operations import EbsOperations, Ownership
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class MountConfig:
     fuse_debug: bool = False
     start_times: dict[str, float] = field(default_factory=dict)
     """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
+    ownership: Ownership = field(default_factory=Ownership)
+    """Owner and modes of every file and directory shown (--uid, --gid, --file-mode,
+    --dir-mode): what the kernel checks before it lets another user read."""
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -92,7 +95,9 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             ops = EbsOperations(
-                await snapshot_nodes(engine, config.start_times), stats=engine.stats.report
+                await snapshot_nodes(engine, config.start_times),
+                stats=engine.stats.report,
+                ownership=config.ownership,
             )
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))

@@ -13,6 +13,7 @@ import stat
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -29,6 +30,27 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 ROOT_INODE = pyfuse3.ROOT_INODE
 ATTR_TIMEOUT = 3600.0
 """Attributes never change while mounted: let the kernel keep them."""
+FILE_MODE = 0o444
+DIR_MODE = 0o555
+WRITE_BITS = 0o222
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who owns what the mount shows and who may read it: with `allow_other` the kernel
+    checks these (the mount has default_permissions), so they are the access control of
+    a shared mount. None means the serving process's own uid or gid."""
+
+    uid: int | None = None
+    gid: int | None = None
+    file_mode: int = FILE_MODE
+    dir_mode: int = DIR_MODE
+
+    def __post_init__(self) -> None:
+        for mode in (self.file_mode, self.dir_mode):
+            # A read-only mount never shows a write bit; no setuid, setgid or sticky.
+            if mode & ~0o777 or mode & WRITE_BITS:
+                raise ValueError(f"mode {mode:#o}: only read and execute bits")
 
 
 def answered(handler: Handler) -> Handler:
@@ -61,15 +83,19 @@ class EbsOperations(pyfuse3.Operations):
         nodes: list[Node],
         mtime: float | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
         super().__init__()
+        owner = ownership or Ownership()
         self._stats = stats
         self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
         self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[Node, OpenFile]] = {}
         self._next_handle = itertools.count(1)
-        self._uid, self._gid = os.getuid(), os.getgid()
+        self._uid = os.getuid() if owner.uid is None else owner.uid
+        self._gid = os.getgid() if owner.gid is None else owner.gid
+        self._file_mode, self._dir_mode = owner.file_mode, owner.dir_mode
         self._seen_bugs: set[tuple[str, str, str]] = set()
         self._scratch = bytearray(2 * BLOCK_SIZE)
         """Where reads spanning blocks are joined. One suffices: pyfuse3 sends a read's
@@ -105,11 +131,11 @@ class EbsOperations(pyfuse3.Operations):
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         if inode == ROOT_INODE:
-            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_mode = stat.S_IFDIR | self._dir_mode
             attr.st_nlink = 2
             attr.st_size = 0
         elif inode in self._nodes:
-            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_mode = stat.S_IFREG | self._file_mode
             attr.st_nlink = 1
             attr.st_size = self._nodes[inode].size
         else:
