@@ -10,9 +10,11 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pyfuse3
 import pytest
 import trio
 
@@ -24,8 +26,9 @@ from ebsfs.engine.config import EngineConfig
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
+from ebsfs.errors import TransientError
 from ebsfs.fuse.operations import ROOT_INODE, EbsOperations, Ownership
-from tests.fakes import StoreApi, pattern_block
+from tests.fakes import FailingApi, StoreApi, pattern_block
 from tests.mounting import ebsfs, mounted
 
 GIB = 1024**3
@@ -39,9 +42,12 @@ def lineage_store(store: SnapshotStore) -> SnapshotStore:
     return store
 
 
-def lineage_ops(ownership: Ownership | None = None) -> EbsOperations:
+def lineage_ops(
+    ownership: Ownership | None = None, wrap: Callable[[StoreApi], Any] | None = None
+) -> EbsOperations:
     """A lineage mounted together, with no kernel: images and the child's `.changes`."""
     api = StoreApi(lineage_store(SnapshotStore(Faults(seed=1))))
+    api = wrap(api) if wrap else api
     engine = Engine(
         api, EngineConfig(cache_size=8 * BLOCK_SIZE), [(PARENT, GIB), (CHILD, GIB)], {CHILD: PARENT}
     )
@@ -238,6 +244,44 @@ def test_many_opens_of_changes_at_once_share_one_listing_and_spool(monkeypatch) 
 
     assert trio.run(open_again) == texts[0]
     assert len(made) == 2 and made[1].closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.expected_log(
+    r"opening snap-0aa2\.changes failed: .*down", r"snap-0aa2: partition table could not be read"
+)
+def test_opens_of_a_changes_that_cannot_be_listed_at_once_ask_the_service_once() -> None:
+    attempts: list[int] = []
+
+    def plan(number: int, operation: str) -> Exception | None:
+        if operation != "ListChangedBlocks":
+            return None
+        attempts.append(number)
+        return TransientError("down")
+
+    ops = lineage_ops(wrap=lambda api: FailingApi(api, plan))
+    inode = trio.run(ops.lookup, ROOT_INODE, f"{CHILD}.changes".encode()).st_ino
+
+    async def open_at_once(count: int) -> list[int]:
+        errnos: list[int] = []
+
+        async def one() -> None:
+            try:
+                await ops.open(inode, os.O_RDONLY, None)  # type: ignore[arg-type]
+            except pyfuse3.FUSEError as err:
+                errnos.append(err.errno)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+        return errnos
+
+    before = len(attempts)
+    assert trio.run(open_at_once, 1) == [errno.EIO]
+    alone = len(attempts) - before
+    assert alone >= 1
+    assert trio.run(open_at_once, 20) == [errno.EIO] * 20
+    assert len(attempts) - before - alone == alone, "one listing for all the opens"
+    assert ops.open_handles == 0
 
 
 # diff --timeout
