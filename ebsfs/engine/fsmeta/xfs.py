@@ -177,6 +177,11 @@ class _Walk:
         self.btree_blocks = 0
         self.inodes = 0
         self.damage = 0
+        self.chunks: set[tuple[int, int]] = set()
+        """(AG, first inode) of each inode chunk whose inodes were queued."""
+        self.inode_room = geo.dblocks * geo.block // geo.inode
+        """Inodes still allowed to be queued: never more than the filesystem holds, so
+        overlapping chunks (damage) cannot have the same inodes parsed again and again."""
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -288,6 +293,9 @@ class _Walk:
         if startino + CHUNK_INODES > geo.ag_blocks(agno) << geo.inopblog:
             self.damaged()
             return
+        if (agno, startino) in self.chunks:
+            self.damaged()  # one record per chunk: a second one would queue its inodes again
+            return
         if not geo.sparse:
             holemask = 0  # those two bytes are the high half of the free count
         base = geo.ag_start(agno) + startino * geo.inode
@@ -301,6 +309,10 @@ class _Walk:
             if in_use and run_start < 0:
                 run_start = i
             elif not in_use and run_start >= 0:
+                self.chunks.add((agno, startino))
+                self.inode_room -= i - run_start
+                if self.inode_room < 0:
+                    raise WalkStopped("XFS: inode chunks overlap (more inodes than it holds)")
                 self.queue(
                     _Task(
                         INODES,
