@@ -20,12 +20,14 @@ from ebsfs.acquire import manifest
 from ebsfs.acquire.verify import verify
 from ebsfs.diskcache.keys import Origin, ToStore
 from ebsfs.diskcache.store import DiskCache
-from ebsfs.emulator import SnapshotStore
+from ebsfs.emulator import EmulatorServer, SnapshotStore
 from ebsfs.engine.config import EngineConfig
 from ebsfs.errors import AccessDenied, EbsfsError, ManifestError
 from ebsfs.service.api import Block
 from ebsfs.service.client import ConnectionOptions
+from tests.acquiring import gets
 from tests.fakes import StoreApi, pattern_block
+from tests.mounting import ebsfs
 
 SNAP = "snap-0cac"
 ENDPOINT = "https://ebs.test.invalid"
@@ -56,6 +58,8 @@ class PlacedApi(StoreApi):
 
 @pytest.fixture
 def store() -> SnapshotStore:
+    """SNAP in a store of its own (conftest's, which the emulator fixture serves, is
+    replaced: no signature checks needed here)."""
     store = SnapshotStore()
     store.add_snapshot(SNAP, BLOCKS, volume_size_gib=1)
     return store
@@ -293,3 +297,24 @@ def test_side_file_names_each_blocks_source(
     assert {parts[2] for parts in lines} == {"disk_cache"}
     assert m["disk_cache"]["blocks"] == len(BLOCKS)
     assert_verifies(out)
+
+
+def test_cli_says_where_blocks_came_from(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """Through the endpoint and the command line: the summary line and the flag."""
+    cache = str(tmp_path / "cache")
+    common = ("get", "--endpoint-url", emulator.url, "--cache-dir", cache, SNAP)
+    first = ebsfs(*common, str(tmp_path / "a.img"))
+    assert first.returncode == 0, first.stderr
+    assert f"({len(BLOCKS)} fetched)" in first.stderr
+    second = ebsfs(*common, str(tmp_path / "b.img"))
+    assert second.returncode == 0, second.stderr
+    assert f"(0 fetched, {len(BLOCKS)} from the disk cache)" in second.stderr
+    m = manifest_of(tmp_path / "b.img")
+    assert m["disk_cache"]["endpoint"] == emulator.url.rstrip("/")
+    assert m["disk_cache"]["region"] and m["disk_cache"]["blocks"] == len(BLOCKS)
+    before = gets(emulator)
+    third = ebsfs(*common, str(tmp_path / "c.img"), "--cache-dir-write-only")
+    assert third.returncode == 0, third.stderr
+    assert f"({len(BLOCKS)} fetched)" in third.stderr
+    assert gets(emulator) - before == len(BLOCKS)
+    assert ebsfs("verify", str(tmp_path / "b.img")).returncode == 0
