@@ -15,6 +15,7 @@ plain tests."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -34,7 +35,7 @@ from tests.disks import MiB, build_ext4, build_xfs, partition_files, stage_files
 from tests.fsmeta_helpers import Image, WalkResult, run_walker
 
 BUDGET = settings(
-    max_examples=250,
+    max_examples=300,
     deadline=None,
     derandomize=True,
     database=None,
@@ -257,7 +258,6 @@ number; the data fork (extents, or a bmbt root's level, numrecs, keys, pointers)
 def xfs_volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
     """A small XFS (v5, mkfs.xfs -p: no mount), its clean walk's extents sorted by what
     they hold."""
-    pytest.importorskip("pyfsxfs")
     path = tmp_path_factory.mktemp("fuzz-xfs") / "xfs.img"
     build_xfs(path, 64 * MiB, tree_files("xfs"), "fuzz", "5e1f0e5e-0000-4000-8000-000000002602")
     image = path.read_bytes()
@@ -296,6 +296,7 @@ def test_the_xfs_walker_ends_within_bounds(xfs_volume: Volume, data: st.DataObje
 def test_libfsxfs_on_damaged_xfs_answers_or_refuses(
     xfs_volume: Volume, data: st.DataObject
 ) -> None:
+    pytest.importorskip("pyfsxfs")
     check_reader(damaged(xfs_volume.image, data.draw(damage(xfs_volume.targets, big_endian=True))))
 
 
@@ -308,19 +309,18 @@ base record."""
 NTFS_ATTRIBUTE = (0x00, 0x04, 0x08, 0x09, 0x0A, 0x10, 0x14, 0x18, 0x20, 0x28, 0x30, 0x38, 0x40)
 """Relative to an attribute: type, length, non-resident, name, value length and offset
 (resident) or VCNs, runlist offset, sizes (non-resident), the first runlist bytes."""
-RECORD = 1024
+RECORD, INDEX_BLOCK = 1024, 4096
 
 
 def sign(raw: bytearray) -> bytes:
-    """Rewrite a record's update-sequence array so that it passes the check: the parser
-    then meets the damage instead of skipping the record."""
+    """Make an MFT record or an index block pass its update-sequence check (the end of
+    each 512 bytes set to the sequence number; the array keeps the bytes the fixup puts
+    back): the parser then meets the damage instead of skipping the record."""
     usa = struct.unpack_from("<H", raw, 4)[0]
     if usa + 2 * (len(raw) // 512 + 1) > len(raw):
         return bytes(raw)
     for i in range(1, len(raw) // 512 + 1):
-        end = i * 512
-        raw[usa + 2 * i : usa + 2 * i + 2] = raw[end - 2 : end]
-        raw[end - 2 : end] = raw[usa : usa + 2]
+        raw[i * 512 - 2 : i * 512] = raw[usa : usa + 2]
     return bytes(raw)
 
 
@@ -329,7 +329,7 @@ def ntfs_volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
     """A 16 MiB mkntfs volume with a few files copied in by ntfscp (no mount): enough
     names for the root's index to need INDX blocks."""
     for tool in ("mkntfs", "ntfscp"):
-        if subprocess.run(["which", tool], capture_output=True).returncode:
+        if not shutil.which(tool):
             pytest.skip(f"{tool} (ntfs-3g) is not installed")
     tmp = tmp_path_factory.mktemp("fuzz-ntfs")
     path = tmp / "ntfs.img"
@@ -370,14 +370,20 @@ def ntfs_volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
 
 
 def resigned(image: bytes, patches: list[Patch], which: list[bool]) -> list[Patch]:
-    """The patches, with each MFT record they touch replaced whole and re-signed where
-    `which` says so (the others left torn: the fixup check must catch them)."""
-    touched = {offset - offset % RECORD for offset, _ in patches}
+    """The patches, with each MFT record and index block they touch replaced whole and
+    re-signed where `which` says so (the others left torn: the check must catch them)."""
     data = damaged(image, patches)
+    units = set()
+    for offset, _ in patches:
+        block = offset - offset % INDEX_BLOCK
+        if data.pread(4, block) == b"INDX":
+            units.add((block, INDEX_BLOCK))
+        else:
+            units.add((offset - offset % RECORD, RECORD))
     out = list(patches)
-    for n, start in enumerate(sorted(touched)):
-        raw = bytearray(data.pread(RECORD, start))
-        if raw[:4] == b"FILE" and which[n % len(which)]:
+    for n, (start, size) in enumerate(sorted(units)):
+        raw = bytearray(data.pread(size, start))
+        if raw[:4] in (b"FILE", b"INDX") and which[n % len(which)]:
             out.append((start, sign(raw)))
     return out
 
