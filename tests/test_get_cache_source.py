@@ -318,3 +318,35 @@ def test_cli_says_where_blocks_came_from(emulator: EmulatorServer, tmp_path: Pat
     assert f"({len(BLOCKS)} fetched)" in third.stderr
     assert gets(emulator) - before == len(BLOCKS)
     assert ebsfs("verify", str(tmp_path / "b.img")).returncode == 0
+
+
+@pytest.mark.expected_log(maybe=("refused by the test",))
+def test_resumed_without_the_cache_still_names_it(store: SnapshotStore, tmp_path: Path) -> None:
+    """The run that finishes has no --cache-dir: the blocks an earlier run took from the
+    cache are still in the image, and the manifest still says which cache."""
+    cache, out = tmp_path / "cache", tmp_path / "later.img"
+    cut_short(store, cache, out, fetches=5)
+    run_get(PlacedApi(store), None, out)
+    m = manifest_of(out)
+    taken = [i for i, s in sources(m).items() if s == "disk_cache"]
+    assert taken and all(i % 2 == 0 for i in taken)
+    assert m["disk_cache"] == {
+        "directory": str(cache),
+        "endpoint": ENDPOINT,
+        "region": REGION,
+        "read": True,
+        "blocks": len(taken),
+    }
+    assert_verifies(out)
+
+
+@pytest.mark.expected_log(maybe=("refused by the test",))
+def test_a_planted_journal_section_is_refused(store: SnapshotStore, tmp_path: Path) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "planted.img"
+    cut_short(store, cache, out, fetches=5)
+    state = Path(f"{out}.part.json")
+    data = json.loads(state.read_text())
+    data["disk_cache"]["extra"] = "\x1b]0;forged\x07"
+    state.write_text(json.dumps(data))
+    with pytest.raises(EbsfsError, match="not an ebsfs journal"):
+        run_get(PlacedApi(store), cache, out)

@@ -19,6 +19,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -125,7 +126,9 @@ def _open_journal(plan: CopyPlan, target: FileTarget | DeviceTarget) -> Journal:
         journal.close()
         raise
     state.runs += 1
-    state.disk_cache = state.disk_cache or plan.image.disk is not None
+    if plan.image.disk is not None:
+        section = disk_cache_section(plan.image.disk.tier, plan.cache_write_only, 0)
+        state.disk_cache = {k: v for k, v in section.items() if k != "blocks"}
     journal.state = state
     journal.save(state)
     return journal
@@ -168,7 +171,7 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
                 f"{layout.stem}.part.blocks",
                 plan.image.snapshot_id,
                 sources=plan.image.disk is not None
-                or bool(journal and journal.state and journal.state.disk_cache),
+                or bool(journal and journal.state and journal.state.disk_cache is not None),
             )
         except OSError as err:
             raise failure("cannot create", f"{layout.stem}.part.blocks", err) from err
@@ -244,13 +247,15 @@ def _manifest(the_engine: Engine, copy: Copy, started: str) -> Manifest:
         snapshot_note=plan.snapshot_note,
         base=plan.base.describe() if plan.base is not None else None,
         counts=counts,
-        disk_cache=(
-            disk_cache_section(
-                the_engine.disk,
-                plan.cache_write_only,
-                copy.blocks.by_source.get(Origin.DISK_CACHE, 0),
-            )
-            if the_engine.disk is not None
-            else None
-        ),
+        disk_cache=_disk_cache(the_engine, copy),
     )
+
+
+def _disk_cache(the_engine: Engine, copy: Copy) -> dict[str, Any] | None:
+    """The manifest's `disk_cache` section: this run's cache, else that of the latest
+    earlier run of the copy that had one (its blocks are still in the image)."""
+    taken = copy.blocks.by_source.get(Origin.DISK_CACHE, 0)
+    if the_engine.disk is not None:
+        return disk_cache_section(the_engine.disk, copy.plan.cache_write_only, taken)
+    earlier = copy.state.disk_cache if copy.state is not None else None
+    return None if earlier is None else {**earlier, "blocks": taken}

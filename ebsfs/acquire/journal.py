@@ -54,9 +54,10 @@ class JournalState:
     target: TargetIdentity | None = None
     """Which file or device the copy writes (identity.py); absent in the journals of
     versions before it, which ignore it."""
-    disk_cache: bool = False
-    """A run of this copy had a disk cache (`--cache-dir`): the block list names each
-    block's source. Absent (False) in the journals of versions before it."""
+    disk_cache: dict[str, Any] | None = None
+    """The disk cache (`--cache-dir`) of the latest run that had one (the manifest's
+    `disk_cache` section but its count): then the block list names each block's
+    source, even if the run that finishes has none. Absent in older journals."""
 
     @classmethod
     def from_json(cls, data: object) -> JournalState:
@@ -75,10 +76,8 @@ class JournalState:
         values: dict[str, Any] = {}
         if data.get("target") is not None:
             values["target"] = TargetIdentity.from_json(data["target"])
-        if "disk_cache" in data:
-            if not isinstance(data["disk_cache"], bool):
-                raise ValueError(f"disk_cache is {data['disk_cache']!r}")
-            values["disk_cache"] = data["disk_cache"]
+        if data.get("disk_cache") is not None:
+            values["disk_cache"] = _disk_cache(data["disk_cache"])
         for name, kind in types.items():
             if name not in data:
                 continue
@@ -98,9 +97,21 @@ class JournalState:
         del data["target"], data["disk_cache"]
         if self.target is not None:
             data["target"] = self.target.as_json()
-        if self.disk_cache:
-            data["disk_cache"] = True
+        if self.disk_cache is not None:
+            data["disk_cache"] = self.disk_cache
         return data
+
+
+def _disk_cache(value: object) -> dict[str, Any]:
+    """A journal's `disk_cache`: only the fields ebsfs writes there, of their types
+    (it goes into the manifest; the journal is a file others may have planted)."""
+    kinds = {"directory": str, "endpoint": str, "region": str, "read": bool}
+    if not isinstance(value, dict) or set(value) != set(kinds):
+        raise ValueError(f"disk_cache is {value!r:.80}")
+    for name, kind in kinds.items():
+        if not isinstance(value[name], kind) or len(str(value[name])) > 4096:
+            raise ValueError(f"disk_cache {name} is {value[name]!r:.80}")
+    return dict(value)
 
 
 class Journal:
