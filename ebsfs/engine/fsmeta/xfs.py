@@ -41,6 +41,11 @@ SB_BYTES = 512
 """The superblock's fields all lie in the first sector, whatever the sector size."""
 CHUNK_INODES = 64
 INODES_PER_HOLE_BIT = 4
+ALL_INODES = (1 << CHUNK_INODES) - 1
+_HOLES = tuple(
+    sum(0xF << (INODES_PER_HOLE_BIT * i) for i in range(8) if byte >> i & 1) for byte in range(256)
+)
+"""A byte of a holemask -> the inodes its 8 bits cover (4 each)."""
 EXTENT_SIZE = 16
 
 S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
@@ -288,41 +293,35 @@ class _Walk:
     def inode_chunk(
         self, agno: int, startino: int, holemask: int, _count: int, _freecount: int, free: int
     ) -> None:
-        """Queue the runs of inodes in use of one chunk (not free, not in a hole)."""
+        """Queue the runs of inodes in use of one chunk (not free, not in a hole), found
+        with bit operations: a walk may meet millions of records, most of them free."""
         geo = self.geo
         if startino + CHUNK_INODES > geo.ag_blocks(agno) << geo.inopblog:
             self.damaged()
             return
+        in_use = ~free & ALL_INODES
+        if geo.sparse and holemask:  # not sparse: those bytes are the free count's high half
+            in_use &= ~(_HOLES[holemask & 0xFF] | _HOLES[holemask >> 8] << 32)
+        if not in_use:
+            return
         if (agno, startino) in self.chunks:
             self.damaged()  # one record per chunk: a second one would queue its inodes again
             return
-        if not geo.sparse:
-            holemask = 0  # those two bytes are the high half of the free count
+        self.chunks.add((agno, startino))
         base = geo.ag_start(agno) + startino * geo.inode
-        run_start = -1
-        for i in range(CHUNK_INODES + 1):
-            in_use = (
-                i < CHUNK_INODES
-                and not free >> i & 1
-                and not holemask >> (i // INODES_PER_HOLE_BIT) & 1
-            )
-            if in_use and run_start < 0:
-                run_start = i
-            elif not in_use and run_start >= 0:
-                self.chunks.add((agno, startino))
-                self.inode_room -= i - run_start
-                if self.inode_room < 0:
-                    raise WalkStopped("XFS: inode chunks overlap (more inodes than it holds)")
-                self.queue(
-                    _Task(
-                        INODES,
-                        base + run_start * geo.inode,
-                        (i - run_start) * geo.inode,
-                        agno,
-                        flag=startino + run_start,
-                    )
+        while in_use:
+            start = (in_use & -in_use).bit_length() - 1
+            ones = in_use >> start
+            count = (~ones & (ones + 1)).bit_length() - 1  # the run: trailing ones
+            in_use &= ~(((1 << count) - 1) << start)
+            self.inode_room -= count
+            if self.inode_room < 0:
+                raise WalkStopped("XFS: inode chunks overlap (more inodes than it holds)")
+            self.queue(
+                _Task(
+                    INODES, base + start * geo.inode, count * geo.inode, agno, flag=startino + start
                 )
-                run_start = -1
+            )
 
     def inode_run(self, data: bytes, task: _Task) -> None:
         size = self.geo.inode
