@@ -328,7 +328,7 @@ def superblock_field(offset: int, fmt: str, value: int) -> tuple[int, str, int]:
         (superblock_field(0x60, "<I", 0x80000000), "unknown incompat"),
         (superblock_field(0x18, "<I", 40), "block size"),
         (superblock_field(0x28, "<I", 0xFFFFFFFF), "damaged superblock"),
-        (superblock_field(0x04, "<I", 0xFFFFFFFF), "damaged superblock"),
+        (superblock_field(0x04, "<I", 0xFFFFFFFF), "the device holds"),  # 2 s of descriptors
         (superblock_field(0x00, "<I", 0xFFFFFFFF), "damaged superblock"),
         (superblock_field(0x58, "<H", 100), "inodes of 100 bytes"),
         (superblock_field(0xFE, "<H", 48), "descriptors of 48 bytes"),

@@ -132,6 +132,8 @@ def geometry(sb: bytes, size: int) -> Geometry:
     # mke2fs's own bounds: at least 256 blocks a group (bigalloc groups are larger).
     if not 0 < ipg <= 8 * bs or per_group < 256 or first_data >= blocks_count:
         raise WalkStopped("damaged superblock (group sizes)")
+    if blocks_count > size // bs + per_group:  # its groups' descriptors would be parsed in vain
+        raise WalkStopped(f"{blocks_count} blocks claimed, the device holds {size // bs}")
     groups = -(-(blocks_count - first_data) // per_group)
     if groups > MAX_GROUPS or groups * ipg != _u32(sb, 0x00):
         raise WalkStopped(f"damaged superblock ({groups} groups, {_u32(sb, 0)} inodes)")
