@@ -363,15 +363,15 @@ def test_snapshots_cached_from_another_endpoint_are_not_offered_as_bases(tmp_pat
 
     store = lineage_store()
     session(store, tmp_path / "c", "snap-0a1")  # cached from http://ebs.test
-    api = ElsewhereApi(store)
+    elsewhere = ElsewhereApi(store)
     config = EngineConfig(cache_dir=str(tmp_path / "c"), cache_size=8 * MIB)
-    checked = plan(config, ["snap-0a2"], api=api)
+    checked = plan(config, ["snap-0a2"], api=elsewhere)
     assert checked.disk_bases == {}
-    assert api.calls["ListChangedBlocks"] == 0
-    api = PlacedApi(store)  # the endpoint that cached it: offered, and related
-    checked = plan(config, ["snap-0a2"], api=api)
+    assert elsewhere.calls["ListChangedBlocks"] == 0
+    placed = PlacedApi(store)  # the endpoint that cached it: offered, and related
+    checked = plan(config, ["snap-0a2"], api=placed)
     assert checked.disk_bases == {"snap-0a2": ["snap-0a1"]}
-    assert api.calls["ListChangedBlocks"] == 1
+    assert placed.calls["ListChangedBlocks"] == 1
 
 
 # ---- the engine's side: queued writes, what other processes stored -------------------
