@@ -268,6 +268,40 @@ class Unreadables:
         self.found.append(Unreadable(what, inode, link, one_line(err), directory))
 
 
+class Collected:
+    """What a reader's walk has found so far, the same for every library: the entries
+    by inode, what could not be read, and progress."""
+
+    def __init__(self, progress: Progress | None, unreadable: Unreadables) -> None:
+        self.progress = progress
+        self.unreadable = unreadable
+        self.entries: dict[int, Entry] = {}
+
+    def first_link(self, inode: int) -> tuple[int, str] | None:
+        """Where an entry was first found (the path notes of what is unreadable use)."""
+        links = self.entries[inode].links
+        return links[0] if links else None
+
+    def record(self, inode: int, parent: int, name: str, make: Callable[[], Entry]) -> bool:
+        """One name of `inode`: a further name of an inode seen already is a link of
+        it (a hard link); a new one becomes an entry (`make()`, whose library error
+        makes it one unreadable entry). True when a new entry was recorded."""
+        known = self.entries.get(inode)
+        if known is not None:
+            known.links.append((parent, name))
+            return False
+        try:
+            entry = make()
+        except LIBRARY_ERRORS as err:
+            self.unreadable.note("entry", inode, (parent, name), err)
+            return False
+        entry.links.append((parent, name))
+        self.entries[inode] = entry
+        if self.progress is not None and len(self.entries) % PROGRESS_EVERY == 0:
+            self.progress(len(self.entries))
+        return True
+
+
 # -- The Sleuth Kit ---------------------------------------------------------------------
 
 
@@ -327,7 +361,7 @@ def _tsk_name(pytsk3: Any, ftype: int) -> str:
     return f"type {ftype:#x}"
 
 
-class _TskWalker:
+class _TskWalker(Collected):
     """Depth-first over directories (a stack, not recursion: trees can be deep)."""
 
     def __init__(
@@ -338,14 +372,12 @@ class _TskWalker:
         progress: Progress | None,
         unreadable: Unreadables,
     ) -> None:
+        super().__init__(progress, unreadable)
         self.tsk = pytsk3
-        self.unreadable = unreadable
         self.fs = fs
         self.fstype = fstype
-        self.progress = progress
         self.block_size = int(fs.info.block_size)
         self.root = int(fs.info.root_inum)
-        self.entries: dict[int, Entry] = {}
         self.kinds = {
             int(pytsk3.TSK_FS_META_TYPE_REG): FILE,
             int(pytsk3.TSK_FS_META_TYPE_DIR): DIRECTORY,
@@ -372,17 +404,13 @@ class _TskWalker:
                     try:
                         inode = self._visit(directory, child)
                     except LIBRARY_ERRORS as err:  # not even its name: the rest goes on
-                        link = self._link(directory)
+                        link = self.first_link(directory)
                         self.unreadable.note("entry", None, link, err, directory)
                         continue
                     if inode is not None:
                         stack.append(inode)
             except LIBRARY_ERRORS as err:  # what it listed before is kept
-                self.unreadable.note("directory", directory, self._link(directory), err)
-
-    def _link(self, directory: int) -> tuple[int, str] | None:
-        links = self.entries[directory].links
-        return links[0] if links else None
+                self.unreadable.note("directory", directory, self.first_link(directory), err)
 
     def _visit(self, parent: int, child: Any) -> int | None:
         """Record one directory entry; the inode to descend into if it is a new
@@ -400,20 +428,8 @@ class _TskWalker:
         inode = int(meta.addr)
         if self.fstype == "ntfs" and parent == self.root and name.startswith("$") and inode < 24:
             return None  # NTFS's own metadata files ($MFT, $LogFile, $Extend, ...)
-        known = self.entries.get(inode)
-        if known is not None:
-            known.links.append((parent, name))
-            return None  # another name of an inode seen already (a hard link)
-        try:
-            entry = self._entry(child, kind)
-        except LIBRARY_ERRORS as err:
-            self.unreadable.note("entry", inode, (parent, name), err)
-            return None
-        entry.links.append((parent, name))
-        self.entries[inode] = entry
-        if self.progress is not None and len(self.entries) % PROGRESS_EVERY == 0:
-            self.progress(len(self.entries))
-        return inode if kind == DIRECTORY else None
+        new = self.record(inode, parent, name, lambda: self._entry(child, kind))
+        return inode if new and kind == DIRECTORY else None
 
     def _entry(self, f: Any, kind: str) -> Entry:
         meta = f.info.meta

@@ -18,8 +18,8 @@ from ebsfs.forensics.fsread import (
     DIRECTORY,
     FILE,
     LIBRARY_ERRORS,
-    PROGRESS_EVERY,
     SYMLINK,
+    Collected,
     Entry,
     PagedReader,
     Progress,
@@ -57,13 +57,8 @@ def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
     return Tree("xfs", block_size, root_inode, walker.entries, walker.unreadable.found)
 
 
-class _Walker:
+class _Walker(Collected):
     """Depth-first over directories (a stack, not recursion: trees can be deep)."""
-
-    def __init__(self, progress: Progress | None, unreadable: Unreadables) -> None:
-        self.progress = progress
-        self.unreadable = unreadable
-        self.entries: dict[int, Entry] = {}
 
     def walk(self, root: Any) -> None:
         stack = [root]
@@ -73,16 +68,12 @@ class _Walker:
             try:
                 count = int(directory.number_of_sub_file_entries)
             except LIBRARY_ERRORS as err:
-                self.unreadable.note("directory", parent, self._link(parent), err)
+                self.unreadable.note("directory", parent, self.first_link(parent), err)
                 continue
             for k in range(count):
                 child = self._visit(directory, parent, k)
                 if child is not None:
                     stack.append(child)
-
-    def _link(self, inode: int) -> tuple[int, str] | None:
-        links = self.entries[inode].links
-        return links[0] if links else None
 
     def _visit(self, directory: Any, parent: int, k: int) -> Any | None:
         """Record the k-th entry of a directory; the entry to descend into if it is a
@@ -94,24 +85,12 @@ class _Walker:
             name = child.name
             kind = _KINDS.get(int(child.file_mode) & 0o170000)
         except LIBRARY_ERRORS as err:  # no name to give it: the directory's, and which
-            self.unreadable.note("entry", inode, self._link(parent), _Nth(k, err), parent)
+            self.unreadable.note("entry", inode, self.first_link(parent), _Nth(k, err), parent)
             return None
-        known = self.entries.get(inode)
-        if known is not None:
-            known.links.append((parent, name))
-            return None  # another name of an inode seen already (a hard link)
         if kind is None:
-            return None  # devices, sockets, FIFOs
-        try:
-            entry = _entry(child, kind)
-        except LIBRARY_ERRORS as err:
-            self.unreadable.note("entry", inode, (parent, name), err)
-            return None
-        entry.links.append((parent, name))
-        self.entries[inode] = entry
-        if self.progress is not None and len(self.entries) % PROGRESS_EVERY == 0:
-            self.progress(len(self.entries))
-        return child if kind == DIRECTORY else None
+            return None  # devices, sockets, FIFOs (never a hard link of what is recorded)
+        new = self.record(inode, parent, name, lambda: _entry(child, kind))
+        return child if new and kind == DIRECTORY else None
 
 
 class _Nth(ValueError):
