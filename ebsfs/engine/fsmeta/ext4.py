@@ -14,8 +14,9 @@ the filesystem's size instead, every tree node is visited once, every loop is ca
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ebsfs.engine.fsmeta.walk import Extent, Read, WalkStopped, Wave
 
@@ -393,20 +394,15 @@ class Ext4Walker:
         done = {group: used for group, _, used in read}
         room = MAX_SLOT_SWEEP // geo.block_size
         full = -(-geo.inodes_per_group * geo.inode_size // geo.block_size)
-        for group in range(geo.groups):
-            raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
-            if len(raw) < 32 or room <= 0:
+        for group, desc in enumerate(_descriptors(geo, gdt)):
+            if room <= 0:
                 break
-            bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
-            if geo.desc_size >= 64:
-                bitmap |= _u32(raw, 0x24) << 32
-                table |= _u32(raw, 0x28) << 32
             skip = -(-done.get(group, 0) * geo.inode_size // geo.block_size)
             count = min(full - skip, room)
-            if count > 0 and walk.extent(table + skip, count):
+            if count > 0 and walk.extent(desc.table + skip, count):
                 room -= count
                 if group not in done:
-                    walk.extent(bitmap, 1)
+                    walk.extent(desc.bitmap, 1)
         return bool(walk.wave)
 
     def _tables(self, walk: _Pass, gdt: bytes) -> list[tuple[int, int, int]]:
@@ -414,31 +410,47 @@ class Ext4Walker:
         blocks and the group's inode bitmap added to the wave."""
         geo = walk.geo
         tables = []
-        for group in range(geo.groups):
-            raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
-            if len(raw) < 32:
-                break
-            bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
-            free, flags, unused = _u16(raw, 0x0E), _u16(raw, 0x12), _u16(raw, 0x1C)
-            if geo.desc_size >= 64:
-                bitmap |= _u32(raw, 0x24) << 32
-                table |= _u32(raw, 0x28) << 32
-                free |= _u16(raw, 0x2E) << 16
-                unused |= _u16(raw, 0x32) << 16
+        for group, desc in enumerate(_descriptors(geo, gdt)):
             used = geo.inodes_per_group
             if geo.uninit_valid:
-                if flags & BG_INODE_UNINIT:
+                if desc.flags & BG_INODE_UNINIT:
                     continue
-                used = max(0, used - unused)
-            elif free == used:
+                used = max(0, used - desc.unused)
+            elif desc.free == used:
                 continue  # no inode in use: the count is journalled with the bitmap
             length = -(-used * geo.inode_size // geo.block_size)
             if used == 0:
                 continue
-            if walk.extent(table, length):
-                walk.extent(bitmap, 1)
-                tables.append((group, table, used))
+            if walk.extent(desc.table, length):
+                walk.extent(desc.bitmap, 1)
+                tables.append((group, desc.table, used))
         return tables
+
+
+class _Descriptor(NamedTuple):
+    """The fields of a group descriptor the walk uses (64-bit halves joined)."""
+
+    bitmap: int
+    table: int
+    free: int
+    flags: int
+    unused: int
+
+
+def _descriptors(geo: Geometry, gdt: bytes) -> Iterator[_Descriptor]:
+    """Each group's descriptor in group order, up to the first the table cuts short."""
+    for group in range(geo.groups):
+        raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
+        if len(raw) < 32:
+            return
+        bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
+        free, flags, unused = _u16(raw, 0x0E), _u16(raw, 0x12), _u16(raw, 0x1C)
+        if geo.desc_size >= 64:
+            bitmap |= _u32(raw, 0x24) << 32
+            table |= _u32(raw, 0x28) << 32
+            free |= _u16(raw, 0x2E) << 16
+            unused |= _u16(raw, 0x32) << 16
+        yield _Descriptor(bitmap, table, free, flags, unused)
 
 
 WALKER = Ext4Walker()
