@@ -389,3 +389,32 @@ def test_the_unused_inode_slots_come_last_and_within_their_cap(
     capped = run_walker(ext4.WALKER, path)
     assert len(capped.waves) == len(whole.waves)
     assert sum(length for _, length in capped.waves[-1]) <= 8 * 4096 + 4 * 4096  # + bitmaps
+
+
+def test_a_hostile_slot_sweep_stays_in_the_volume_and_under_its_cap(
+    images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crafted for the last wave: every group but 0 claims no inode in use (so the
+    sweep, not the tables wave, takes its table) and names group 0's table, or one at
+    the volume's very end, past it, or at 2^32-1. The sweep must yield nothing outside
+    the volume (run_walker checks every extent), keep within MAX_SLOT_SWEEP (here 64
+    blocks) plus one bitmap a group, and end quickly."""
+    image = bytearray(images["ext3-1k"].read_bytes())
+    groups = debugfs(images["ext3-1k"], "stats").count(" Group ")
+    assert groups >= 8
+    per_group = struct.unpack_from("<I", image, 1024 + 0x28)[0]
+    first = bytes(image[2048 : 2048 + 32])
+    blocks = len(image) // 1024
+    for g in range(1, groups):
+        put(image, 2048 + g * 32, first)
+        put(image, 2048 + g * 32 + 0x0E, struct.pack("<H", per_group))  # none in use
+    for g, table in ((1, blocks - 1), (2, blocks + 10), (3, 0xFFFFFFFF)):
+        put(image, 2048 + g * 32 + 0x08, struct.pack("<I", table))
+    monkeypatch.setattr(ext4, "MAX_SLOT_SWEEP", 0)
+    before_sweep = len(walk_bytes(bytes(image), tmp_path).waves)
+    monkeypatch.setattr(ext4, "MAX_SLOT_SWEEP", 64 * 1024)
+    walk = walk_bytes(bytes(image), tmp_path)
+    ends_quickly(walk, len(image))
+    assert len(walk.waves) == before_sweep + 1  # the sweep had tables to take
+    sweep = sum(length for _, length in walk.waves[-1])
+    assert 0 < sweep <= 64 * 1024 + groups * 1024
