@@ -12,7 +12,6 @@ import http.client
 import http.server
 import logging
 import os
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,6 +37,7 @@ from ebsfs.service.client import BotoEbsApi, ConnectionOptions
 from ebsfs.service.direct import proxy_variable
 from ebsfs.service.retry import RetryPolicy
 from tests.fakes import StoreApi, pattern_block
+from tests.localhttp import serving, url_of
 
 SNAP = "snap-0c0c"
 FAST_RETRY = RetryPolicy(attempts=20, base_delay=0.001, max_delay=0.01, deadline=20)
@@ -284,16 +284,9 @@ class _ForwardProxy(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def forward_proxy() -> Iterator[tuple[str, list[str]]]:
     """The proxy's URL and the paths it has relayed."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ForwardProxy)
-    server.seen = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(_ForwardProxy) as server:
+        server.seen = []  # type: ignore[attr-defined]
+        yield url_of(server), server.seen  # type: ignore[attr-defined]
 
 
 @pytest.fixture

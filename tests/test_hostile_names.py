@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from ebsfs.emulator import EmulatorServer
 from ebsfs.engine.diff import Diff
 from ebsfs.forensics.filediff import FileChange, FileDiff, FilesystemChanges, Unread
 from ebsfs.quoting import printable, quote
+from tests.localhttp import serving, url_of
 from tests.mounting import ebsfs
 
 FIRST, SECOND = "snap-0a1a", "snap-0a2b"
@@ -302,14 +302,8 @@ def serve(answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Itera
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as server:
+        yield url_of(server)
 
 
 def reply(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import http.server
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from ebsfs.service.ec2 import Ec2Snapshots, lookup
 from ebsfs.service.session import ConnectionOptions
 from tests.acquiring import add, sparse_blocks
 from tests.fakes import pattern_block
+from tests.localhttp import serving, url_of
 from tests.mounting import ebsfs, mounted, needs_fuse
 from tests.test_cli import assert_one_line_error
 
@@ -110,14 +110,8 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def refusing_ec2() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Refusing) as server:
+        yield url_of(server)
 
 
 def test_get_without_describe_permission_says_so_once(
