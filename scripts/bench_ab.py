@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_read import MB, MIB, cold_dd, emulator_control, get_calls  # noqa: E402
 
 
@@ -48,8 +48,18 @@ def process_counters(pid: int) -> tuple[int, float]:
 
 
 def ebsfs(tree: Path, *args: str) -> None:
+    """An ebsfs command run from the source tree `tree`."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     subprocess.run([sys.executable, "-m", "ebsfs", *args], check=True, env=env, cwd="/")
+
+
+def source_trees(parser: argparse.ArgumentParser, paths: list[Path]) -> list[Path]:
+    """The trees given, resolved; a usage error for one that holds no ebsfs."""
+    trees = [path.resolve() for path in paths]
+    for tree in trees:
+        if not (tree / "ebsfs" / "__main__.py").exists():
+            parser.error(f"{tree} holds no ebsfs package")
+    return trees
 
 
 def one_run(tree: Path, url: str, mnt: Path, mib: int) -> tuple[float, float]:
@@ -90,13 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    trees = [args.before.resolve(), args.after.resolve()]
-    for tree in trees:
-        if not (tree / "ebsfs" / "__main__.py").exists():
-            parser.error(f"{tree} holds no ebsfs package")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    trees = source_trees(parser, [args.before, args.after])
+    bench_credentials()
     runs = {tree: Runs() for tree in trees}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

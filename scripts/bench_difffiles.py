@@ -16,7 +16,6 @@ and the blocks fetched, per latency.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -27,11 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_read import emulator_control, get_calls  # noqa: E402
 from scripts.bench_walk import many_files  # noqa: E402
 
 GIB = 1024**3
-FIRST, SECOND = "snap-0d1", "snap-0d2"
+FIRST, SECOND = SNAP, "snap-0d2"  # start_emulator serves its image as SNAP
 
 
 def make_second(first: Path, second: Path, offset: int, files: dict[str, bytes]) -> None:
@@ -65,33 +65,6 @@ def make_second(first: Path, second: Path, offset: int, files: dict[str, bytes])
         subprocess.run(["losetup", "-d", device], check=False)
 
 
-def start(first: Path, second: Path) -> tuple[subprocess.Popen[bytes], str]:
-    url_file = Path(tempfile.mktemp())
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebsfs.emulator",
-            "--snapshot",
-            f"{FIRST}={first}",
-            "--snapshot",
-            f"{SECOND}={second},parent={FIRST}",
-            "--url-file",
-            str(url_file),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(2400):
-        if url_file.exists() and url_file.read_text().strip():
-            return proc, url_file.read_text().strip()
-        if proc.poll() is not None:
-            raise SystemExit(f"emulator exited with status {proc.returncode}")
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("emulator did not start within 2 minutes")
-
-
 def timed_diff(url: str, prefetch: bool) -> tuple[float, int, str]:
     options = [] if prefetch else ["--no-prefetch-metadata"]
     before = get_calls(url)
@@ -112,16 +85,14 @@ def main() -> None:
     parser.add_argument("--latencies", default="20,100", help="ms per call")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files = many_files()
         first, second = tmp / "first.img", tmp / "second.img"
         offset = build_disk(first, 4 * GIB, files)
         make_second(first, second, offset, files)
-        proc, url = start(first, second)
+        proc, url = start_emulator(first, "--snapshot", f"{SECOND}={second},parent={FIRST}")
         try:
             for latency_ms in (int(x) for x in args.latencies.split(",")):
                 latency = latency_ms / 1000

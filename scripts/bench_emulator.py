@@ -31,6 +31,14 @@ from ebsfs.emulator.diskimage import random_image  # noqa: E402
 SNAP = "snap-0be0c0"
 
 
+def bench_credentials() -> None:
+    """Credentials and a region for the clients here, unless the environment has them:
+    the emulator accepts any."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
 def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     url_file = Path(tempfile.mktemp())
     proc = subprocess.Popen(
@@ -86,8 +94,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--size-mib", type=int, default=256)
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    bench_credentials()
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "bench.img"
         random_image(image, args.size_mib * 1024 * 1024, seed=3)

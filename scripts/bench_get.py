@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.constants import BLOCK_SIZE  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
+from scripts.bench_emulator import bench_credentials  # noqa: E402
 from scripts.bench_read import drop_page_cache, dsnap, ebsfs, wait_for_mount  # noqa: E402
 
 MB = 1e6
@@ -254,9 +255,7 @@ def main() -> None:
     tools = [t for t in TOOLS if not skipped.get(t)]
     if args.also_md5:
         tools.insert(1, GET_MD5)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     sizes = {"dense": args.dense_mib * 1024 * 1024, "sparse": args.sparse_mib * 1024 * 1024}
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_read import drop_page_cache, dsnap, ebsfs, emulator_control, get_calls  # noqa: E402
 
 BLOCK = 524288
@@ -140,9 +140,7 @@ def main() -> None:
         help="set the mount's read_ahead_kb after mounting (experiments)",
     )
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         image = tmp / "disk.img"

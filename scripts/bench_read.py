@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 
 MB = 1e6
 MIB = 1024 * 1024
@@ -352,9 +352,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     latencies = [int(x) for x in args.latencies.split(",")]
     disks = {"dense": (args.dense_mib, 1.0), "sparse": (args.sparse_mib, args.written)}
     chosen = args.disks.split(",")

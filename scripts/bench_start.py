@@ -14,9 +14,7 @@ unmounts. Prints the median and slowest per latency and tree. Needs root.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,15 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_ab import ebsfs, source_trees  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_read import emulator_control  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-def ebsfs(tree: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    subprocess.run([sys.executable, "-m", "ebsfs", *args], check=True, env=env, cwd="/")
 
 
 def timed_mount(tree: Path, url: str, mnt: Path) -> float:
@@ -50,13 +44,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trees", default=str(ROOT), help="source trees, comma-separated")
     args = parser.parse_args()
-    trees = [Path(t).resolve() for t in args.trees.split(",")]
-    for tree in trees:
-        if not (tree / "ebsfs" / "__main__.py").exists():
-            parser.error(f"{tree} holds no ebsfs package")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    trees = source_trees(parser, [Path(t) for t in args.trees.split(",")])
+    bench_credentials()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         image, mnt = tmp / "disk.img", tmp / "mnt"

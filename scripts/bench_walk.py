@@ -21,7 +21,6 @@ ratios of medians. Needs root (mount, losetup).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_lazy import disk_files, find_inode, present_blocks  # noqa: E402
 from scripts.bench_read import drop_page_cache, dsnap, ebsfs, emulator_control, get_calls  # noqa: E402
 
@@ -188,9 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     MOUNT_OPTIONS.extend(args.mount_option)
     args.latencies = [int(x) for x in args.latencies.split(",")]
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         for disk in args.disks.split(","):

@@ -16,7 +16,6 @@ compare two trees (copy this script there: it imports the tree it lies in).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import ebsfs  # noqa: E402
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
-from scripts.bench_emulator import SNAP, start_emulator  # noqa: E402
+from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_read import emulator_control  # noqa: E402
 from scripts.bench_walk import many_files  # noqa: E402
 
@@ -79,9 +78,7 @@ def one_run(url: str, prefetch: bool) -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    bench_credentials()
     print(f"ebsfs from {Path(ebsfs.__file__).parent}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "many.img"
