@@ -155,9 +155,14 @@ class _Chunk(Generic[V]):
         return self._order
 
     def fresh(self, now: float) -> bool:
-        # Refresh a little before expiry (tokens live 7 days; tests use seconds).
-        margin = min(60.0, 0.1 * (self.expiry - self.listed_at))
-        return now < self.expiry - margin
+        return _fresh(self.expiry, self.listed_at, now)
+
+
+def _fresh(expiry: float, listed_at: float, now: float) -> bool:
+    """Tokens listed at `listed_at` and expiring at `expiry` still usable `now`: a
+    little before expiry they are not (tokens live 7 days; tests use seconds)."""
+    margin = min(60.0, 0.1 * (expiry - listed_at))
+    return now < expiry - margin
 
 
 class ChunkedIndex(Generic[V]):
@@ -250,7 +255,7 @@ class ChunkedIndex(Generic[V]):
         first = None
         if start == 0 and self._first_page is not None:
             first, self._first_page = self._first_page, None
-            if not _Chunk({}, first[2], listed_at).fresh(self._clock()):
+            if not _fresh(first[2], listed_at, self._clock()):
                 first = None  # its tokens are (nearly) expired: list again
         given = first is not None  # that page was a call of its own, counted by its maker
         async with aclosing(pages(self._fetch_page, start, self.name, first)) as listing:
