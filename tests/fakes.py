@@ -117,6 +117,10 @@ class FailingApi:
     def get_throttles(self) -> int:
         return self.inner.get_throttles
 
+    @get_throttles.setter
+    def get_throttles(self, value: int) -> None:
+        self.inner.get_throttles = value
+
     def _maybe_fail(self, operation: str) -> None:
         with self._lock:
             self.count += 1

@@ -103,3 +103,27 @@ def test_block_zero_of_a_snapshot_served_through_its_base_is_not_fetched_beside_
     assert checked.bases == {"snap-0b": "snap-0a"}
     assert sorted(checked.first_blocks) == ["snap-0a"]  # 0b's block 0 may be 0a's
     assert [s for s, _ in api.block_gets] == ["snap-0a"]
+
+
+def test_a_hostile_answer_to_block_zero_beside_the_checks_costs_nothing_but_the_call() -> None:
+    """Crafted: the server answers the checks' block 0 with a body that fails its
+    checksum. Nothing is kept from it: the mount's engine fetches block 0 itself and
+    reads the snapshot's true bytes."""
+    from ebsfs.errors import ChecksumMismatch
+    from tests.fakes import FailingApi
+
+    inner = store_api()
+    first_get = [True]
+
+    def plan_failures(_: int, operation: str) -> Exception | None:
+        if operation == "GetSnapshotBlock" and first_get[0]:
+            first_get[0] = False
+            return ChecksumMismatch("SHA-256 of the body does not match x-amz-Checksum")
+        return None
+
+    api = FailingApi(inner, plan_failures)
+    checked = planning.plan(EngineConfig(), ["snap-0a"], api=api, fetch_first_block=True)
+    assert checked.first_blocks == {} and not first_get[0]
+    engine = build(EngineConfig(), checked, api)
+    data = trio.run(engine.images["snap-0a"].read, 0, 4096)
+    assert bytes(data) == bytes(pattern_block(0, 0)[:4096])
