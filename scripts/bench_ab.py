@@ -97,6 +97,12 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=2048, help="disk size (MiB)")
     parser.add_argument("--written", type=float, default=0.6, help="share of blocks written")
     parser.add_argument("--tls", action="store_true", help="serve HTTPS (throwaway certificate)")
+    parser.add_argument(
+        "--nagle", action="store_true", help="the server leaves Nagle's algorithm on"
+    )
+    parser.add_argument(
+        "--accept-delay", type=float, default=0.0, help="seconds before each accept"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -114,7 +120,9 @@ def main() -> None:
             os.environ["AWS_CA_BUNDLE"] = str(cert)
         image = tmp / "disk.img"
         random_image(image, args.mib * MIB, seed=5, written=args.written)
-        proc, url = start_emulator(image, *tls)
+        wire = ["--nagle"] if args.nagle else []
+        wire += ["--accept-delay", str(args.accept_delay)] if args.accept_delay else []
+        proc, url = start_emulator(image, *tls, *wire)
         try:
             latency = args.latency / 1000
             emulator_control(url, "faults", {"latency": latency, "jitter": latency / 2})
@@ -132,7 +140,9 @@ def main() -> None:
     size = args.mib * MIB
     print(
         f"\n{args.mib} MiB, {args.written:.0%} written, {args.latency:g} ms"
-        f"{' over HTTPS' if args.tls else ''}, {args.rounds} rounds:"
+        f"{' over HTTPS' if args.tls else ''}{', Nagle on' if args.nagle else ''}"
+        f"{f', accept delay {args.accept_delay:g}s' if args.accept_delay else ''}, "
+        f"{args.rounds} rounds:"
     )
     for tree in trees:
         r = runs[tree]

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ebsfs.emulator.faults import Faults
-from ebsfs.emulator.server import EmulatorServer
+from ebsfs.emulator.server import EmulatorServer, ServerProfile
 from ebsfs.emulator.store import SnapshotStore
 
 EPILOG = """\
@@ -56,6 +56,16 @@ def _share(text: str) -> float:
     return value
 
 
+def _backlog(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1-65535, got {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -91,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(clients trust it through AWS_CA_BUNDLE)",
     )
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    w = p.add_argument_group("the wire (benchmark profiles: servers unlike this one)")
+    w.add_argument(
+        "--nagle",
+        action="store_true",
+        help="leave Nagle's algorithm on (a body then waits for the client's delayed ACK)",
+    )
+    w.add_argument(
+        "--accept-delay",
+        type=_seconds,
+        default=0.0,
+        help="seconds the accept loop waits before each new connection",
+    )
+    w.add_argument(
+        "--backlog", type=_backlog, default=256, help="listen queue length (default 256)"
+    )
     f = p.add_argument_group("faults and load (defaults behave like the real service)")
     f.add_argument("--latency", type=_seconds, default=0.0, help="seconds added to every call")
     f.add_argument("--jitter", type=_seconds, default=0.0, help="up to this many more seconds")
@@ -185,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+            profile=ServerProfile(args.nagle, args.accept_delay, args.backlog),
         )
     except (OSError, ValueError) as err:
         print(

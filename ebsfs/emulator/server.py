@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -45,19 +46,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.emulator.handle_control(self)
 
 
+class _NagleHandler(_Handler):
+    """Nagle's algorithm left on, as many servers leave it: the body waits for the
+    client's delayed ACK of the headers (a profile for benchmarks, `--nagle`)."""
+
+    disable_nagle_algorithm = False
+
+
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 256
 
     def __init__(
-        self, address: tuple[str, int], emulator: EmulatorServer, tls: ssl.SSLContext | None = None
+        self,
+        address: tuple[str, int],
+        emulator: EmulatorServer,
+        tls: ssl.SSLContext | None = None,
+        profile: ServerProfile | None = None,
     ) -> None:
         self.emulator = emulator
         self.tls = tls
+        self.profile = profile or ServerProfile()
+        self.request_queue_size = self.profile.backlog  # listen() is called in __init__
         self.open_sockets: set[socket.socket] = set()
         self.sockets_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _NagleHandler if self.profile.nagle else _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept one connection, after the profile's delay: a server slow to accept
+        makes a burst of new connections wait in the listen queue."""
+        if self.profile.accept_delay:
+            time.sleep(self.profile.accept_delay)
+        return super().get_request()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Serve one connection (in its own thread): the TLS handshake happens here, so
@@ -114,6 +134,19 @@ class _HttpServer(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass(frozen=True)
+class ServerProfile:
+    """How the server behaves on the wire, beside the EBS behaviour (Faults): the real
+    service's front ends are not our loopback server. Defaults: Nagle off, accepts at
+    once, a listen queue of 256."""
+
+    nagle: bool = False
+    accept_delay: float = 0.0
+    """Seconds the accept loop waits before each accept."""
+    backlog: int = 256
+    """The listen queue's length (the kernel may cap it at net.core.somaxconn)."""
+
+
 class EmulatorServer:
     """Serves a SnapshotStore over HTTP on 127.0.0.1, in a background thread.
 
@@ -127,9 +160,12 @@ class EmulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: tuple[str, str] | None = None,
+        profile: ServerProfile | None = None,
     ) -> None:
         """`tls`: (certificate chain, private key) PEM files to serve HTTPS, as the real
-        service does; clients must trust the certificate (AWS_CA_BUNDLE)."""
+        service does; clients must trust the certificate (AWS_CA_BUNDLE). `profile`:
+        Nagle, a slow accept loop, a short listen queue (ServerProfile)."""
+        self.profile = profile
         self.store = store or SnapshotStore()
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
@@ -153,7 +189,7 @@ class EmulatorServer:
 
     def start(self) -> EmulatorServer:
         self._stopping.clear()
-        self._httpd = _HttpServer((self._host, self._port), self, self._tls)
+        self._httpd = _HttpServer((self._host, self._port), self, self._tls, self.profile)
         self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -177,7 +213,7 @@ class EmulatorServer:
 
     def serve_forever(self) -> None:
         """Run in the calling thread until interrupted (the command-line emulator)."""
-        self._httpd = _HttpServer((self._host, self._port), self, self._tls)
+        self._httpd = _HttpServer((self._host, self._port), self, self._tls, self.profile)
         self._port = self._httpd.server_address[1]
         try:
             self._httpd.serve_forever(poll_interval=0.2)
