@@ -86,6 +86,16 @@ def test_parse_head_answers_or_raises_a_protocol_error(head: bytes) -> None:
 
 
 @BUDGET
+@given(head=heads())
+def test_the_whole_head_match_keeps_the_line_by_line_rules(head: bytes) -> None:
+    """parse_head checks a head with one regular expression (_HEAD) for speed; it must
+    accept exactly the heads whose every line keeps the rules spelled out line by line."""
+    lines = head.split(b"\r\n")
+    whole = http1._HEAD.fullmatch(head) is not None and len(lines) - 1 <= http1.MAX_HEADERS
+    assert whole == (http1._what_breaks(lines) is None)
+
+
+@BUDGET
 @given(line=st.one_of(st.binary(max_size=30), VALUES.map(lambda v: v.encode("latin-1"))))
 def test_chunk_size_is_a_number_or_a_protocol_error(line: bytes) -> None:
     with contextlib.suppress(ProtocolError):

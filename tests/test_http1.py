@@ -71,6 +71,29 @@ def test_a_body_of_content_length_lands_in_the_room_given(server) -> None:
     connection.close()
 
 
+def test_an_answer_at_a_normal_pace_leaves_the_kernel_timeout_alone(server, monkeypatch) -> None:
+    """The receive timeout is shortened (a system call) only near the attempt's deadline;
+    a regression made that one or two calls a block, and the receive loop's bookkeeping
+    cost a TLS read 20 % of its CPU under 32 threads (docs/performance.md)."""
+
+    def script(conn: socket.socket) -> None:
+        for _ in range(3):
+            read_request(conn)
+            answer(conn, f"HTTP/1.1 200 OK\nContent-Length: {len(BODY)}\n", BODY)
+
+    connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
+    changed: list[float] = []
+    monkeypatch.setattr(
+        http1, "_kernel_timeouts", lambda sock, seconds, both=False: changed.append(seconds)
+    )
+    for _ in range(3):
+        room = memoryview(bytearray(len(BODY)))
+        connection.get("/", {}, room)
+        assert bytes(room) == BODY
+    connection.close()
+    assert changed == []
+
+
 def test_a_chunked_body_is_decoded(server) -> None:
     def script(conn: socket.socket) -> None:
         read_request(conn)

@@ -50,7 +50,18 @@ MIN_RATE = 32 * 1024
 a block may take read_timeout + 16 s at the most. Low enough for hundreds of calls
 sharing a slow link, high enough that a trickle ends in seconds, not hours."""
 
+SLACK = 0.5
+"""Seconds a receive may end after the attempt's deadline: the kernel's receive timeout
+is shortened (a system call) only when the deadline is nearer than read_timeout - SLACK,
+never for an answer coming at a normal pace."""
+
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e]*)?")
+_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e]*)?"
+    rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*"
+)
+"""A whole head by the same rules as _STATUS, _NAME and _VALUE (linear: a header line
+starts with CRLF, which no value holds)."""
 _NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e]*")
 _DECIMAL = re.compile(r"[0-9]{1,18}")
@@ -217,7 +228,7 @@ class Connection:
                 f"the answer came slower than {MIN_RATE // 1024} KiB/s "
                 f"after {self._read_timeout:g}s"
             )
-        wait = min(self._read_timeout, remaining)
+        wait = self._read_timeout if remaining > self._read_timeout - SLACK else remaining
         if wait != self._waiting:  # only near the deadline: no system call otherwise
             _kernel_timeouts(self._sock, wait)
             self._waiting = wait
@@ -245,12 +256,34 @@ class Connection:
                 raise ProtocolError("the answer's headers are too long")
 
     def _receive_into(self, room: memoryview) -> None:
+        """Fill `room`. `_receive` unrolled while the deadline is far: a TLS body takes
+        a receive per 16 KiB record (32 a block), and each line here runs under the
+        GIL the other worker threads wait for: this is the hottest loop of a read."""
         flags = socket.MSG_WAITALL if self._plain else 0
-        while room:
-            got = self._receive(room, flags)
-            if not got:
-                raise ProtocolError("the connection closed in the middle of the body")
-            room = room[got:]
+        receive = self._sock.recv_into
+        monotonic = time.monotonic
+        # Before `calm`, a receive bounded by the kernel's timeout ends before the
+        # deadline (plus SLACK), so it needs neither a check nor a shorter timeout.
+        steady = self._waiting == self._read_timeout
+        calm = self._deadline - self._read_timeout + SLACK if steady else 0.0
+        taken = 0  # bytes received on the fast path, not yet added to the deadline
+        try:
+            while room:
+                if monotonic() < calm:
+                    got = receive(room, len(room), flags)
+                    taken += got
+                    calm += got / MIN_RATE
+                else:  # near the deadline (a slow answer): the careful path
+                    self._deadline += taken / MIN_RATE
+                    taken = 0
+                    calm = 0.0
+                    got = self._receive(room, flags)
+                if not got:
+                    raise ProtocolError("the connection closed in the middle of the body")
+                room = room[got:]
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise TimeoutError("the service did not answer in time") from None
+        self._deadline += taken / MIN_RATE
 
     def _read_chunked(self, pending: bytes, limit: int) -> bytes:
         """A chunked body of `limit` bytes at the most, trailers skipped."""
@@ -314,24 +347,34 @@ def parse_head(head: bytes) -> Response:
     """The status line and headers (the head without its blank line), ASCII-strict:
     anything else is a ProtocolError."""
     lines = head.split(b"\r\n")
-    status = _STATUS.fullmatch(lines[0])
-    if status is None:
-        raise ProtocolError(f"not an HTTP/1.1 status line: {_shown(lines[0])}")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise ProtocolError(f"more than {MAX_HEADERS} header lines")
+    whole = _HEAD.fullmatch(head)
+    if whole is None or len(lines) - 1 > MAX_HEADERS:
+        raise ProtocolError(_what_breaks(lines) or "a malformed head")
     headers: dict[str, str] = {}
+    for line in head.decode("ascii").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        key = name.lower()
+        value = value.strip(" \t")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    connection = headers.get("connection", "").lower()
+    http10 = whole[1] == b"0"
+    will_close = connection == "close" or (http10 and connection != "keep-alive")
+    return Response(int(whole[2]), headers, will_close)
+
+
+def _what_breaks(lines: list[bytes]) -> str | None:
+    """Which rule of parse_head a head's lines break, naming the line; None when they
+    keep them all. (parse_head checks the head whole by one match, _HEAD: twice as fast
+    as line by line, for every answer; these are its rules spelled out.)"""
+    if _STATUS.fullmatch(lines[0]) is None:
+        return f"not an HTTP/1.1 status line: {_shown(lines[0])}"
+    if len(lines) - 1 > MAX_HEADERS:
+        return f"more than {MAX_HEADERS} header lines"
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        value = value.strip(b" \t")
         if not colon or not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
-            raise ProtocolError(f"a malformed header line: {_shown(line)}")
-        key = name.decode("ascii").lower()
-        text = value.decode("ascii")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    connection = headers.get("connection", "").lower()
-    http10 = status[1] == b"0"
-    will_close = connection == "close" or (http10 and connection != "keep-alive")
-    return Response(int(status[2]), headers, will_close)
+            return f"a malformed header line: {_shown(line)}"
+    return None
 
 
 def body_size(headers: dict[str, str], limit: int) -> int | None:
