@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,11 @@ from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.sigv4 import Credentials
 
 log = logging.getLogger(__name__)
+
+_warned_plain: set[str] = set()
+"""Plain-http endpoints warned of in this process: once, however many sessions (the
+EBS client's and the EC2 lookup's) reach them."""
+_warned_lock = threading.Lock()
 
 
 @dataclass
@@ -66,8 +72,6 @@ class AwsSession:
 
     def __init__(self, options: ConnectionOptions) -> None:
         self._options = options
-        self._warned: set[str] = set()
-        """Plain-http endpoints already warned of."""
         with self._user_errors("endpoint URL"):
             self.core = botocore.session.Session(profile=options.profile)
             # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and
@@ -90,16 +94,19 @@ class AwsSession:
         return client
 
     def _warn_if_plain(self, url: str) -> None:
-        """Say once per endpoint when calls go over plain http to another host: the
+        """Say once per endpoint and process when calls go over plain http to another host: the
         session token, the signed headers, block tokens and the blocks' bytes then
         cross the network readable by anyone on the path (who may also change the
         answers: checksums come with them). A warning, not a refusal: a lab endpoint
         on a private network is a choice the user can make knowingly; loopback
         (the emulator, an SSH tunnel) never leaves the host and is not warned of."""
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "http" or url in self._warned or is_loopback(parts.hostname or ""):
+        if parts.scheme != "http" or is_loopback(parts.hostname or ""):
             return
-        self._warned.add(url)
+        with _warned_lock:
+            if url in _warned_plain:
+                return
+            _warned_plain.add(url)
         log.warning(
             "%s is plain http: the session token, signed requests, block tokens and "
             "the snapshot's data cross the network unencrypted and can be read or "
