@@ -63,6 +63,8 @@ def test_parse_size(text, expected) -> None:
         (["--cache-size", "lots"], ["--cache-size", "lots"]),
         (["--max-fetches", "0"], ["--max-fetches"]),
         (["--read-timeout", "-1"], ["--read-timeout"]),
+        (["--read-timeout", "nan"], ["--read-timeout", "nan"]),  # waited forever
+        (["--request-timeout", "inf"], ["--request-timeout", "inf"]),
         (["--cache-dir-size", "big"], ["--cache-dir-size", "big"]),
     ],
 )

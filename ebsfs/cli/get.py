@@ -109,8 +109,7 @@ def add_parser(commands: Commands) -> None:
         timeout_help="longest one block may take (retries included) before "
         f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})",
     )
-    cache_dir_arguments(get)
-    get.add_argument(
+    cache_dir_arguments(get).add_argument(
         "--cache-dir-write-only",
         dest="cache_write_only",
         action="store_true",

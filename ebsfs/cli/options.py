@@ -8,6 +8,7 @@ when a command builds its settings."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
@@ -73,7 +74,7 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if value <= 0:
+    if not 0 < value < math.inf:  # nan and inf too: a timeout of nan waits forever
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
@@ -165,8 +166,9 @@ def ec2_argument(parser: argparse.ArgumentParser, why: str) -> None:
     )
 
 
-def cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
-    """--cache-dir and --cache-dir-size, for every command that reads blocks."""
+def cache_dir_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--cache-dir and --cache-dir-size, for every command that reads blocks; the group,
+    for a command's own disk-cache options."""
     group = parser.add_argument_group("disk cache (off unless --cache-dir is given)")
     group.add_argument(
         "--cache-dir",
@@ -185,6 +187,7 @@ def cache_dir_arguments(parser: argparse.ArgumentParser) -> None:
         "less when free space is short: the cache leaves 1G or a tenth "
         "of its filesystem free); least recently used blocks go first",
     )
+    return group
 
 
 def prefetch_arguments(parser: argparse.ArgumentParser) -> None:
