@@ -496,3 +496,13 @@ def test_each_xfs_inode_chunk_record_costs_a_few_steps(free: int) -> None:
     in_use = 0 if free == 2**64 - 1 else len({startino for startino, _ in records})
     print(f"\n{lines / len(records):.0f} lines a record, {in_use} inodes in use")
     assert lines < 40 * len(records) + 60 * in_use
+
+
+def test_xfs_inobt_records_examined_are_capped(monkeypatch) -> None:
+    """Records of free chunks cost a few steps each and counted against no cap: 2 GiB of
+    inobt leaves (within MAX_BTREE_BLOCKS) held the engine's loop for about 2 minutes.
+    The walk stops once MAX_INOBT_RECORDS were examined (lowered here to 500 of 1,020)."""
+    monkeypatch.setattr(xfs, "MAX_INOBT_RECORDS", 500)
+    image = xfs_v4([(64 * (1 + r % 120), 2**64 - 1) for r in range(4 * 255)])
+    walk = run_walker(xfs.WALKER, image)
+    assert walk.stopped is not None and "inobt records" in walk.stopped

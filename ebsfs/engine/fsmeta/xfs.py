@@ -27,6 +27,10 @@ MAX_LEVELS = 9
 """Depth of any B+tree (inobt or bmbt): the format's own limits are below this."""
 MAX_BTREE_BLOCKS = 500_000
 """inobt and bmbt blocks parsed in one walk."""
+MAX_INOBT_RECORDS = 1_000_000
+"""inobt records examined in one walk: 64 million inode slots, 16 x MAX_INODES. Without
+it, leaves of free records, which cost a few steps each and count against nothing else,
+could hold the engine's loop for some 2 minutes within MAX_BTREE_BLOCKS."""
 MAX_INODES = 4_000_000
 """Inodes in use parsed in one walk (a Linux root has 100,000-500,000)."""
 MAX_EXTENTS = 4_000_000
@@ -181,6 +185,7 @@ class _Walk:
         self.extents = 0
         self.btree_blocks = 0
         self.inodes = 0
+        self.inobt_records = 0
         self.damage = 0
         self.chunks: set[tuple[int, int]] = set()
         """(AG, first inode) of each inode chunk whose inodes were queued."""
@@ -287,6 +292,9 @@ class _Walk:
         if not 0 < numrecs <= (len(data) - header) // _INOBT_REC.size:
             self.damaged()
             return
+        self.inobt_records += numrecs
+        if self.inobt_records > MAX_INOBT_RECORDS:
+            raise WalkStopped(f"XFS: more than {MAX_INOBT_RECORDS} inobt records")
         for i in range(numrecs):
             self.inode_chunk(task.agno, *_INOBT_REC.unpack_from(data, header + 16 * i))
 
