@@ -13,6 +13,11 @@ GIB = 1024**3
 BLOCKS_PER_GIB = GIB // BLOCK_SIZE
 
 # Defaults of options that several faces (CLI, `ebsfs.open`, the engine) share.
+DIFF_TIMEOUT = 600.0
+"""Seconds a whole diff may take (`ebsfs diff --timeout`, a mounted `.changes` listing):
+ample for a 16 TiB volume's listing at the service's quotas, and an end to an endpoint
+that pages slowly for ever."""
+
 READ_TIMEOUT = 60.0
 """Seconds one read may wait for its blocks before it fails with EIO (`--read-timeout`)."""
 

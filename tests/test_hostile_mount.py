@@ -22,6 +22,7 @@ from ebsfs.cli.main import main
 from ebsfs.cli.mount import group_id, read_only_mode, user_id
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
+from ebsfs.engine import files
 from ebsfs.engine.config import EngineConfig
 from ebsfs.engine.diff import Diff
 from ebsfs.engine.engine import Engine
@@ -315,3 +316,32 @@ def test_diff_timeout_must_be_positive(value: str, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as exited:
         main(["diff", f"--timeout={value}", PARENT, CHILD])
     assert exited.value.code == 2 and "--timeout" in capsys.readouterr().err
+
+
+@pytest.mark.expected_log(r"opening snap-0aa2\.changes failed: listing .* took over 0\.3s")
+def test_a_changes_listing_that_pages_slowly_fails_its_open_at_the_diff_timeout(
+    monkeypatch,
+) -> None:
+    """An endpoint answering ListChangedBlocks slowly for ever held every open of the
+    mounted `.changes` (each page had only its own deadline, --read-timeout); the
+    listing has the default of `ebsfs diff --timeout` now, lowered here to 0.3 s."""
+    monkeypatch.setattr(files, "DIFF_TIMEOUT", 0.3)
+    ops = lineage_ops()
+    inode = trio.run(ops.lookup, ROOT_INODE, f"{CHILD}.changes".encode()).st_ino
+
+    async def pages_for_ever(self: Engine, snapshot_id: str) -> Diff:
+        while True:
+            await trio.sleep(0.1)  # a page every 0.1 s, each well within its deadline
+
+    monkeypatch.setattr(Engine, "changes", pages_for_ever)
+
+    async def open_it() -> int:
+        try:
+            await ops.open(inode, os.O_RDONLY, None)  # type: ignore[arg-type]
+        except pyfuse3.FUSEError as err:
+            return err.errno
+        return 0
+
+    started = time.monotonic()
+    assert trio.run(open_it) == errno.EIO
+    assert time.monotonic() - started < 5

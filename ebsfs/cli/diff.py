@@ -19,16 +19,13 @@ from ebsfs.cli.options import (
     positive_float,
     prefetch_arguments,
 )
+from ebsfs.constants import DIFF_TIMEOUT
 from ebsfs.errors import ReadFailed, UserInputError
 
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
 
 T = TypeVar("T")
-
-DIFF_TIMEOUT = 600.0
-"""Seconds a whole `ebsfs diff` may take: ample for a 16 TiB volume's listing at the
-service's quotas, and an end to an endpoint that pages slowly for ever."""
 
 
 def timed_out(args: argparse.Namespace) -> ReadFailed:

@@ -16,6 +16,7 @@ from typing import IO, Protocol
 
 import trio
 
+from ebsfs.constants import DIFF_TIMEOUT
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.image import SnapshotImage
@@ -163,7 +164,9 @@ class ChangesNode:
     one listing and one spool, so a thousand opens cost what one does. The listing is
     made by the first open; the opens that come while it runs wait for it and share
     its outcome (its failure too: a failing service is asked once, not once per open).
-    The spool goes when the last handle closes; the next open lists again. Concurrency:
+    The spool goes when the last handle closes; the next open lists again. A listing
+    has DIFF_TIMEOUT, as `ebsfs diff` has by default: an endpoint paging slowly for
+    ever fails the open (EIO), it does not hold it. Concurrency:
     `_report` and `_listing` change only on the trio thread, between awaits."""
 
     fixed = False
@@ -198,8 +201,13 @@ class ChangesNode:
     async def _list(self) -> SharedReport:
         listing = self._listing = Listing()
         try:
-            diff = await self.engine.changes(self.image.snapshot_id)
-            return SharedReport(await trio.to_thread.run_sync(diff.text_file))
+            with trio.move_on_after(DIFF_TIMEOUT):
+                diff = await self.engine.changes(self.image.snapshot_id)
+                return SharedReport(await trio.to_thread.run_sync(diff.text_file))
+            raise ReadFailed(
+                f"listing {self.name} took over {DIFF_TIMEOUT:g}s (the endpoint answered "
+                "slowly, or there was much to list); `ebsfs diff --timeout` can wait longer"
+            )
         except BaseException as err:
             listing.error = str(err) or type(err).__name__
             raise
