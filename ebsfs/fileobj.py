@@ -41,6 +41,7 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     direct_get: bool = True,
     prefetch_metadata: bool = True,
     prefetch_metadata_budget: int | None = None,
+    hedge: bool = True,
 ) -> SnapshotFile:
     """Open a snapshot as a read-only binary file of exactly its volume size.
 
@@ -62,7 +63,9 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
     file contents) is fetched ahead in the background, in parallel, so a walk of the
     tree does not wait a service call per block; `prefetch_metadata_budget` caps the
     bytes it may fetch (default: half of `cache_size`, or a quarter of `cache_dir_size`
-    with a `cache_dir`). It never delays or fails a read.
+    with a `cache_dir`). It never delays or fails a read. `hedge=False` never asks for a
+    block twice (as `--no-hedge`; by default a call far slower than recent ones is asked
+    again and the first answer used, at most 1.5 % more calls).
 
     Raises an ebsfs.errors.EbsfsError (InvalidSnapshotId, SnapshotNotFound,
     AccessDenied, CredentialsMissing, UserInputError, ...) if the snapshot cannot be
@@ -84,6 +87,7 @@ def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
         direct_get=direct_get,
         prefetch_metadata=prefetch_metadata,
         prefetch_metadata_budget=prefetch_metadata_budget,
+        hedge=hedge,
     )[0]
 
 
@@ -103,6 +107,7 @@ def open_snapshots(
     direct_get: bool = True,
     prefetch_metadata: bool = True,
     prefetch_metadata_budget: int | None = None,
+    hedge: bool = True,
 ) -> list[SnapshotFile]:
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
@@ -125,6 +130,7 @@ def open_snapshots(
         cache_dir_size=cache_dir_size,
         prefetch_metadata=prefetch_metadata,
         prefetch_metadata_budget=prefetch_metadata_budget,
+        hedge=hedge,
     )
     # With a cache directory, earlier snapshots of the volume cached there serve them too.
     return open_with(config, snapshot_ids, readahead=readahead)

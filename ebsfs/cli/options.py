@@ -33,6 +33,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE
 _ENGINE_OPTIONS = (
     "cache_size",
     "max_fetches",
+    "hedge",
     "read_timeout",
     "cache_dir",
     "cache_dir_size",
@@ -153,6 +154,16 @@ def engine_arguments(parser: argparse.ArgumentParser, cache_help: str, timeout_h
         metavar="SECONDS",
         help="longest wait for the service to answer one call (connect or "
         f"body) before it is retried (default: {REQUEST_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--no-hedge",
+        dest="hedge",
+        action="store_false",
+        help="never ask for a block twice. By default a GetSnapshotBlock call "
+        "outstanding twice as long as the slowest 5%% of recent answers is asked "
+        "again on another connection and the first answer is used, at most 1.5%% "
+        "more calls (a dropped connection or a server's slow tail then costs a "
+        "round trip, not seconds); `ebsfs stats` counts them",
     )
 
 

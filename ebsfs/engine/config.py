@@ -33,6 +33,9 @@ class EngineConfig:
     when the latency needs fewer, and the cache budget may allow fewer)."""
     read_timeout: float = READ_TIMEOUT
     """Longest a read may take before it fails (EIO)."""
+    hedge: bool = True
+    """Ask again for a block whose call is far slower than recent ones (engine/hedge.py;
+    the direct GET path only)."""
     cache_dir: str | None = None
     """Where blocks are kept on disk across sessions (None: nowhere)."""
     cache_dir_size: int = DEFAULT_CACHE_DIR_SIZE

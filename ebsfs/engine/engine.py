@@ -21,6 +21,7 @@ from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.config import EngineConfig, fetch_ceiling, metadata_budget
 from ebsfs.engine.diff import Diff, diff_snapshots
 from ebsfs.engine.disktier import DiskTier, DiskView
+from ebsfs.engine.hedge import Hedger
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.index import BlockIndex, ChangeIndex
 from ebsfs.engine.metaprefetch import MetadataPrefetch
@@ -62,7 +63,12 @@ class Engine:
         self.api = api
         self.config = config
         self.stats = stats or Stats()
-        self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config))
+        # Only calls that can be ended from outside are hedged: the direct GET path's
+        # (boto3's cannot, and a fake api has no path to say).
+        hedger = Hedger() if config.hedge and getattr(api, "why_not_direct", "") is None else None
+        self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config), hedger=hedger)
+        if hedger is not None:
+            self.stats.hedging = hedger.report
         self.cache = BlockCache(config.cache_size)
         self.disk: DiskTier | None = None
         if config.cache_dir is not None:
@@ -132,7 +138,9 @@ class Engine:
             task_status.started()
 
     def close(self) -> None:
-        """Write what the disk cache has not written yet and close it."""
+        """Write what the disk cache has not written yet and close it; stop hedging."""
+        if self.remote.hedger is not None:
+            self.remote.hedger.close()
         if self.disk is not None:
             self.disk.close()
 

@@ -16,6 +16,7 @@ import trio
 
 from ebsfs.constants import MAX_FETCHES
 from ebsfs.engine import inbox
+from ebsfs.engine.hedge import Hedger
 from ebsfs.service.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
 from ebsfs.service.http1 import Abandon, abandonable
 
@@ -161,8 +162,16 @@ class RemoteSnapshots:
     limiters so a burst of fetches never starves the index of list calls; the fetch
     limiter shrinks while the service throttles and grows back as it clears."""
 
-    def __init__(self, api: EbsApi, max_fetches: int = MAX_FETCHES, max_lists: int = 4) -> None:
+    def __init__(
+        self,
+        api: EbsApi,
+        max_fetches: int = MAX_FETCHES,
+        max_lists: int = 4,
+        hedger: Hedger | None = None,
+    ) -> None:
         self.api = api
+        self.hedger = hedger
+        """Asks again for blocks whose calls are slow (None: never)."""
         self.fetch_limiter = trio.CapacityLimiter(max_fetches)
         self.list_limiter = trio.CapacityLimiter(max_lists)
         self.fetch_limit = AdaptiveLimit(self.fetch_limiter, max_fetches)
@@ -235,5 +244,11 @@ class RemoteSnapshots:
         """In the worker thread: the call, timed from its start (waits for the limiter
         are ours, not the service's)."""
         started = time.monotonic()
-        block = self.api.get_snapshot_block(snapshot_id, index, token, into=into)
+        if self.hedger is None:
+            block = self.api.get_snapshot_block(snapshot_id, index, token, into=into)
+        else:
+            api = self.api
+            block = self.hedger.run(
+                lambda room: api.get_snapshot_block(snapshot_id, index, token, into=room), into
+            )
         return block, time.monotonic() - started

@@ -66,6 +66,8 @@ class Stats:
         self.disk_damaged = 0
         """Disk cache entries that failed their SHA-256 check (or could not be read):
         dropped and fetched again."""
+        self.hedging: Callable[[], dict[str, Any]] | None = None
+        """Calls asked twice (engine/hedge.py), when hedging is on."""
         self.disk_cache: Callable[[], dict[str, Any]] | None = None
         """Where the disk cache is and how full, when there is one."""
         self.prefetch_budget: int | None = None
@@ -121,6 +123,7 @@ class Stats:
             "lineage_hits": self.lineage_hits,
             "estimated_cost_usd": round(self.cost, 6),
             "metadata_prefetch": self._prefetch_report(),
+            "hedges": self.hedging() if self.hedging is not None else {"enabled": False},
         }
         if self.disk_cache is not None:
             report["disk_cache"] = {
@@ -173,6 +176,7 @@ def format_report(report: dict[str, Any]) -> str:
         "another snapshot's cached blocks"
     )
     lines += _prefetch_lines(report.get("metadata_prefetch"))
+    lines += _hedge_lines(report.get("hedges"))
     lines.append(
         f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
         "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
@@ -199,6 +203,19 @@ def _prefetch_lines(prefetch: dict[str, Any] | None) -> list[str]:
             f"{walk['blocks']:,} blocks"
         )
     return lines
+
+
+def _hedge_lines(hedges: dict[str, Any] | None) -> list[str]:
+    if hedges is None:  # a mount of an older ebsfs
+        return []
+    if not hedges.get("enabled"):
+        return ["hedged          off (--no-hedge, or GETs through boto3)"]
+    delay = hedges.get("delay_seconds")
+    after = "not yet: too few answers timed" if delay is None else f"after {delay * 1000:.0f} ms"
+    return [
+        f"hedged          {hedges['sent']:,} calls asked twice ({after}), "
+        f"{hedges['won']:,} answered by the second call first"
+    ]
 
 
 def dollars(amount: float) -> str:

@@ -1,0 +1,249 @@
+"""Hedged GetSnapshotBlock calls: a call outstanding well past the recent 95th
+percentile of answers is asked again, and the first good answer wins ("The Tail at
+Scale", Dean and Barroso, 2013).
+
+Why: a sequential reader waits on the one block whose call is slow (a dropped SYN
+retried after a second, a server's slow tail, a connection stuck behind a lost packet)
+and everything behind it waits too; a second call usually answers at the usual pace.
+Bounded: hedges add at most HEDGE_FRACTION to the calls over time (a token bucket filled
+by every call that ends, HEDGE_BURST deep), one per call at the most, on at most
+HEDGE_THREADS threads of their own (and so their own keep-alive connections).
+
+How, without a cost per call on the trio thread: the worker thread of each call
+registers it (a dict insert under a lock) and runs it; a watchdog thread looks at the
+oldest calls every TICK and starts the hedge of one past its time in a hedge thread,
+into a room of its own. Whichever ends first with a block wins: a hedge that wins fires
+the first call's Abandon (its exchange is shut down), and the first call's own worker
+thread, once out of its exchange, returns the hedge's block. So the bytes handed on are
+verified, and the room the first call was receiving into is never written again after
+they are (the thread that wrote it is the one returning). Only calls that can be
+abandoned are hedged: the direct GET path (a boto3 call cannot be interrupted, and its
+thread would return no sooner)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.service.api import Block
+from ebsfs.service.http1 import Abandon, abandonable, current_abandon
+
+log = logging.getLogger(__name__)
+
+HEDGE_FRACTION = 0.015
+"""Hedges per call at the most, over time: room under 2 % extra calls for retries."""
+HEDGE_BURST = 8.0
+"""Hedges that may go at once after a quiet spell (the bucket's size)."""
+HEDGE_AFTER = 2.0
+"""A call is hedged once outstanding this many times the recent 95th percentile."""
+MIN_HEDGE_DELAY = 0.02
+"""Seconds a call is given at the least: on a LAN or from a local cache answers take a
+millisecond, and a pause of this machine's own (a GC, a busy CPU) looks like a slow
+call; hedging those would only add calls to a busy moment."""
+MIN_SAMPLES = 32
+"""Answers timed before any hedging: no hedge on a guess."""
+HEDGE_THREADS = 8
+TICK = 0.005
+"""Seconds between the watchdog's looks (a hedge starts up to this late)."""
+
+GetInto = Callable[[memoryview | None], Block]
+"""One GetSnapshotBlock call (retries included) into a room, or into bytes of its own."""
+
+
+@dataclass
+class HedgeCounts:
+    sent: int = 0
+    """Second calls made."""
+    won: int = 0
+    """Of those, the ones whose answer was used."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call and its hedge (guarded by Hedger._lock)."""
+
+    get: GetInto
+    started: float
+    gone: Abandon | None
+    """The first call's Abandon (fired when the hedge wins, or by a read giving up)."""
+    hedge_gone: Abandon = field(default_factory=Abandon)
+    hedged: bool = False
+    ended: bool = False
+    """The first call's thread returned: a hedge ending later is dropped."""
+    winner: Block | None = None
+    hedge_done: threading.Event = field(default_factory=threading.Event)
+
+
+class Hedger:
+    """Hedges the calls run through `run` (one per engine)."""
+
+    def __init__(
+        self,
+        fraction: float = HEDGE_FRACTION,
+        burst: float = HEDGE_BURST,
+        after: float = HEDGE_AFTER,
+        min_delay: float = MIN_HEDGE_DELAY,
+        keep: int = 256,
+    ) -> None:
+        self.fraction = fraction
+        self.burst = burst
+        self.after = after
+        self.min_delay = min_delay
+        self.counts = HedgeCounts()
+        self._tokens = burst
+        self._recent: collections.deque[float] = collections.deque(maxlen=keep)
+        self._answers = 0
+        """Calls answered by their first try (the delay is worked out again every 16)."""
+        self._answers_seen = 0
+        self._delay: float | None = None
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        """Outstanding calls, oldest first (dicts keep insertion order)."""
+        self._numbers = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        """Set when a call registers: the watchdog sleeps on it while none is out."""
+
+    # ---- the worker threads ----------------------------------------------------------
+
+    def run(self, get: GetInto, into: memoryview | None) -> Block:
+        """`get(into)` in this (worker) thread, hedged if it is slow. Returns the first
+        call's block or the hedge's (in a room of its own), whichever ended first."""
+        call = _Call(get, time.monotonic(), current_abandon())
+        number = next(self._numbers)
+        with self._lock:
+            self._calls[number] = call
+        if not self._wake.is_set():
+            self._wake.set()
+        self._ensure_watchdog()
+        try:
+            with contextlib.ExitStack() as stack:
+                if call.gone is not None:  # a read giving up ends the hedge too
+                    stack.enter_context(call.gone.hook(call.hedge_gone.fire))
+                block = get(into)
+        except Exception:
+            with self._lock:
+                del self._calls[number]
+                call.ended = True
+                hedged = call.hedged
+            if not hedged:
+                raise
+            call.hedge_done.wait()  # it ends by its own deadlines, or at once if fired
+            if call.winner is None:
+                raise
+            return call.winner
+        with self._lock:
+            del self._calls[number]
+            call.ended = True
+            if call.winner is not None:  # both answered: this one's block is used
+                self.counts.won -= 1
+                call.winner = None
+            self._answers += 1
+            self._tokens = min(self.burst, self._tokens + self.fraction)
+        if call.hedged:
+            call.hedge_gone.fire()  # nobody needs the hedge any more
+        self._recent.append(time.monotonic() - call.started)
+        return block
+
+    def delay(self) -> float | None:
+        """Seconds after which a call is hedged; None until enough answers were timed."""
+        return self._delay
+
+    # ---- the watchdog ----------------------------------------------------------------
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is not None:
+            return
+        with self._lock:
+            if self._watchdog is not None:
+                return
+            self._pool = ThreadPoolExecutor(HEDGE_THREADS, thread_name_prefix="ebsfs-hedge")
+            self._watchdog = threading.Thread(target=self._watch, name="ebsfs-hedger", daemon=True)
+            self._watchdog.start()
+
+    def close(self) -> None:
+        """Stop the watchdog; hedges under way end by their own deadlines."""
+        self._stop.set()
+        self._wake.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(TICK):
+            if not self._calls:
+                self._wake.clear()
+                if not self._calls:  # a call registering now sets it again
+                    self._wake.wait(1.0)
+                continue
+            if self._answers - self._answers_seen >= 16 and len(self._recent) >= MIN_SAMPLES:
+                self._answers_seen = self._answers
+                self._update_delay()
+            delay = self._delay
+            if delay is None:
+                continue
+            now = time.monotonic()
+            due: list[_Call] = []
+            with self._lock:
+                for call in self._calls.values():
+                    if now - call.started < delay:
+                        break  # the rest started later
+                    if call.hedged or (call.gone is not None and call.gone.fired):
+                        continue
+                    if self._tokens < 1.0:
+                        break
+                    self._tokens -= 1.0
+                    call.hedged = True
+                    due.append(call)
+            for call in due:
+                self._start_hedge(call)
+
+    def _update_delay(self) -> None:
+        ordered = sorted(self._recent)
+        p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        self._delay = max(self.min_delay, self.after * p95)
+
+    def _start_hedge(self, call: _Call) -> None:
+        self.counts.sent += 1
+        assert self._pool is not None
+        try:
+            self._pool.submit(self._hedge, call)
+        except RuntimeError:  # shut down
+            call.hedge_done.set()
+
+    # ---- the hedge threads -----------------------------------------------------------
+
+    def _hedge(self, call: _Call) -> None:
+        try:
+            with abandonable(call.hedge_gone):
+                block = call.get(memoryview(bytearray(BLOCK_SIZE)))
+        except Exception as err:
+            log.debug("hedged call failed: %s", err)
+            call.hedge_done.set()
+            return
+        with self._lock:
+            won = not call.ended
+            if won:
+                call.winner = block
+                self.counts.won += 1
+        call.hedge_done.set()
+        if won and call.gone is not None:
+            call.gone.fire()  # the first call's exchange ends; its thread returns `block`
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "sent": self.counts.sent,
+            "won": self.counts.won,
+            "delay_seconds": self._delay,
+        }

@@ -1,0 +1,225 @@
+"""Hedged GetSnapshotBlock calls (engine/hedge.py, issue 27): a call far slower than the
+recent ones is asked again, the first answer wins, the loser is abandoned, the block is
+delivered once with verified bytes, and the extra calls are bounded and counted. The
+unit tests drive the Hedger with calls that block until abandoned; the last reads a
+snapshot through the real client against an emulator whose answers sometimes stall."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import ebsfs
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.emulator import EmulatorServer
+from ebsfs.emulator.diskimage import random_image
+from ebsfs.engine.hedge import MIN_SAMPLES, Hedger
+from ebsfs.engine.stats import format_report
+from ebsfs.errors import ReadFailed, TransientError
+from ebsfs.service.api import Block
+from ebsfs.service.http1 import Abandon, abandonable, current_abandon
+
+RIGHT = bytes(range(256)) * (BLOCK_SIZE // 256)
+
+
+def answer(room: memoryview | None) -> Block:
+    """A quick, correct answer, received into the room given (as the direct path does)."""
+    if room is None:
+        return Block(RIGHT, "c")
+    room[:] = RIGHT
+    return Block(room, "c")
+
+
+def stall_until_abandoned(room: memoryview | None, log: list[str]) -> Block:
+    """The first call of a slow block: writes part of a body, then hangs until its
+    exchange is ended from outside (what http1's Abandon hook does to a socket)."""
+    gone = current_abandon()
+    assert gone is not None
+    if room is not None:
+        room[:4] = b"PART"
+    ended = threading.Event()
+    with gone.hook(ended.set):
+        log.append("first call ended" if ended.wait(10) else "first call timed out")
+    raise ReadFailed("given up, the read that asked for it is gone")
+
+
+def run(hedger: Hedger, get: Callable[[memoryview | None], Block], room: memoryview | None):
+    """As a worker thread of remote.in_worker runs it: under an Abandon of its own."""
+    with abandonable(Abandon()):
+        return hedger.run(get, room)
+
+
+def primed(fraction: float = 0.015, burst: float = 8.0) -> Hedger:
+    """A hedger that has timed enough quick answers to hedge (delay: its minimum)."""
+    hedger = Hedger(fraction=fraction, burst=burst)
+    for _ in range(MIN_SAMPLES + 16):
+        run(hedger, answer, None)
+    hedger._update_delay()  # what the watchdog does every 16 answers
+    assert hedger.delay() == hedger.min_delay
+    return hedger
+
+
+def test_a_stalled_call_is_hedged_and_the_hedge_block_delivered_once() -> None:
+    hedger = primed()
+    calls: list[str] = []
+    log: list[str] = []
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) == 1:
+            return stall_until_abandoned(room, log)
+        return answer(room)
+
+    room = memoryview(bytearray(BLOCK_SIZE))
+    block = run(hedger, get, room)
+    assert log == ["first call ended"]  # the loser left its exchange before we returned
+    assert bytes(block.data) == RIGHT and block.data is not room  # the hedge's own room
+    assert len(calls) == 2
+    assert (hedger.counts.sent, hedger.counts.won) == (1, 1)
+    hedger.close()
+
+
+def test_no_hedge_before_enough_answers_were_timed() -> None:
+    hedger = Hedger()
+    assert hedger.delay() is None
+    released = threading.Event()
+    calls: list[str] = []
+
+    def slow(room: memoryview | None) -> Block:
+        calls.append("call")
+        released.wait(0.3)  # well past any delay a primed hedger would use
+        return answer(room)
+
+    run(hedger, slow, None)
+    assert calls == ["call"] and hedger.counts.sent == 0
+    hedger.close()
+
+
+def test_a_first_call_that_answers_first_is_used_and_the_hedge_dropped() -> None:
+    hedger = primed()
+    calls: list[str] = []
+    hedge_started = threading.Event()
+    hedge_ended = threading.Event()
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) == 1:  # slow enough to be hedged, then answers first
+            assert hedge_started.wait(5)
+            return answer(room)
+        hedge_started.set()
+        gone = current_abandon()
+        assert gone is not None
+        with gone.hook(hedge_ended.set):
+            hedge_ended.wait(10)
+        raise ReadFailed("abandoned")
+
+    room = memoryview(bytearray(BLOCK_SIZE))
+    block = run(hedger, get, room)
+    assert block.data is room and bytes(room) == RIGHT
+    assert hedge_ended.wait(5), "the hedge nobody needed was not abandoned"
+    assert (hedger.counts.sent, hedger.counts.won) == (1, 0)
+    hedger.close()
+
+
+def test_when_both_fail_the_first_call_s_error_is_raised() -> None:
+    hedger = primed()
+    calls: list[str] = []
+    hedge_failed = threading.Event()
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) == 1:
+            hedge_failed.wait(5)
+            raise TransientError("first")
+        hedge_failed.set()
+        raise TransientError("second")
+
+    with pytest.raises(TransientError, match="first"):
+        run(hedger, get, memoryview(bytearray(BLOCK_SIZE)))
+    assert hedger.counts.sent == 1 and hedger.counts.won == 0
+    hedger.close()
+
+
+def test_hedges_stay_within_their_budget() -> None:
+    """Every call slow: hedges are at most the bucket's burst plus its fraction of the
+    calls, not one per call."""
+    hedger = primed(fraction=0.015, burst=2.0)
+    calls: list[str] = []
+
+    def slow(room: memoryview | None) -> Block:
+        calls.append("call")
+        threading.Event().wait(0.06)  # three times the delay, and answers
+        return answer(room)
+
+    for _ in range(40):
+        run(hedger, slow, memoryview(bytearray(BLOCK_SIZE)))
+    assert 1 <= hedger.counts.sent <= 2 + 1  # the burst; 40 x 1.5 % refilled < 1
+    assert len(calls) == 40 + hedger.counts.sent
+    hedger.close()
+
+
+def test_a_read_giving_up_ends_the_hedge_too() -> None:
+    """in_worker fires the call's Abandon when the read that wanted it gave up: the
+    hedge under way must end with it, not run on to its own deadline."""
+    hedger = primed()
+    gone = Abandon()
+    hedge_ended = threading.Event()
+    calls: list[str] = []
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        mine = current_abandon()
+        assert mine is not None
+        ended = threading.Event()
+        if len(calls) == 2:
+            threading.Timer(0.05, gone.fire).start()  # the read gives up meanwhile
+        with mine.hook(ended.set):
+            ended.wait(10)
+        if len(calls) == 2 or mine is not gone:
+            hedge_ended.set()
+        raise ReadFailed("abandoned")
+
+    with abandonable(gone), pytest.raises(ReadFailed):
+        hedger.run(get, memoryview(bytearray(BLOCK_SIZE)))
+    assert hedge_ended.wait(5)
+    hedger.close()
+
+
+@pytest.fixture
+def stalling(emulator: EmulatorServer, tmp_path: Path) -> tuple[EmulatorServer, bytes]:
+    image = tmp_path / "disk.img"
+    random_image(image, 96 * BLOCK_SIZE, seed=7)
+    emulator.store.add_image("snap-0bead5", image)
+    # After 40 quick answers, a tenth of the bodies stall for 4 s after their headers.
+    emulator.faults.stall_seconds = 4.0
+    return emulator, image.read_bytes()
+
+
+def test_a_snapshot_read_through_stalls_is_exact_and_its_hedges_counted(stalling) -> None:
+    emulator, data = stalling
+    with ebsfs.open("snap-0bead5", endpoint_url=emulator.url, readahead=False) as f:
+        got = bytearray()
+        for index in range(96):
+            if index == MIN_SAMPLES + 8:
+                emulator.faults.stall_rate = 0.1
+            got += f.read(BLOCK_SIZE)
+        report = f.stats()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    hedges = report["hedges"]
+    assert hedges["enabled"] and hedges["won"] >= 1, hedges
+    assert emulator.counters.errors["Stalled"] >= 1
+    calls = report["calls"]["GetSnapshotBlock"]
+    assert report["blocks_fetched"] == 96
+    assert calls <= 96 + hedges["sent"] + report["retries"]
+    assert "calls asked twice" in format_report(report)
+
+
+def test_no_hedge_turns_it_off(stalling) -> None:
+    emulator, _ = stalling
+    with ebsfs.open("snap-0bead5", endpoint_url=emulator.url, readahead=False, hedge=False) as f:
+        f.read(4 * BLOCK_SIZE)
+        assert f.stats()["hedges"] == {"enabled": False}
