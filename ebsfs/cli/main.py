@@ -2,9 +2,11 @@
 package prints to the user or exits.
 
 This module assembles the parser from the commands' modules (cli/mount.py, diff.py,
-get.py, verify.py, ls.py, stats.py: each its subparser and its `cmd_*`), runs the one
-asked for and turns what it raises into a line and an exit code. It stays light so
-that `ebsfs --help` is quick: a command imports boto3, trio, pyfuse3 when it runs."""
+get.py, verify.py, ls.py, stats.py, mounts.py, completion.py: each its subparser and its
+`cmd_*`), runs the one asked for and turns what it raises into a line and an exit code.
+It also answers a shell's completion request (cli/completion.py) and mount.fuse3's call
+`ebsfs SOURCE MOUNTPOINT -o OPTIONS` (cli/mounthelper.py). It stays light so that
+`ebsfs --help` is quick: a command imports boto3, trio, pyfuse3 when it runs."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import gc
 import sys
 
 from ebsfs import __version__
-from ebsfs.cli import diff, get, ls, mount, stats, verify
+from ebsfs.cli import completion, diff, get, ls, mount, mounthelper, mounts, stats, verify
 from ebsfs.cli.logs import setup_logging
 from ebsfs.cli.options import Parser
 from ebsfs.errors import (
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         ls.add_parser,
         stats.add_parser,
         mount.add_umount_parser,
+        mounts.add_parser,
+        completion.add_parser,
     ):
         add(commands)
     return parser
@@ -112,8 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(*previous)  # as it was, for callers in the same process
 
 
+def command_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The commands `parser` knows (mount, get, ...)."""
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if completion.asked():
+        completion.complete(parser)  # exits when it has answered
+    argv = sys.argv[1:] if argv is None else argv
+    if mounthelper.is_helper_call(argv, command_names(parser)):
+        return mounthelper.run(argv)  # which comes back here as `ebsfs mount ...`
+    args = parser.parse_args(argv)
     try:
         setup_logging(args.verbose, args.log_file, background=False)
     except OSError as err:
