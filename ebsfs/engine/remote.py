@@ -16,6 +16,7 @@ import trio
 
 from ebsfs.constants import MAX_FETCHES
 from ebsfs.engine import inbox
+from ebsfs.engine.congestion import PROBE_DEPTH, CongestionGuard
 from ebsfs.engine.hedge import Hedger
 from ebsfs.service.api import MAX_RESULTS, Block, BlockPage, ChangedPage, EbsApi
 from ebsfs.service.http1 import Abandon, abandonable
@@ -176,6 +177,7 @@ class RemoteSnapshots:
         self.list_limiter = trio.CapacityLimiter(max_lists)
         self.fetch_limit = AdaptiveLimit(self.fetch_limiter, max_fetches)
         self.latency = LatencyEstimate()
+        self.congestion = CongestionGuard()
         self.strays = Strays(max_fetches + max_lists)
         """Calls given up whose threads still run, up to as many again as may run."""
 
@@ -183,8 +185,12 @@ class RemoteSnapshots:
         """GetSnapshotBlock calls worth having in flight for one sequential reader: the
         bandwidth-delay product of the service (its per-snapshot rate x the latency of
         its quick answers, with room for jitter), never more than the fetch limit
-        allows at the moment (which throttling shrinks)."""
-        wanted = math.ceil(GET_RATE * self.latency.seconds * JITTER_ROOM)
+        allows at the moment (which throttling shrinks), nor more than a latency
+        inflated by our own calls asks for (congestion.py)."""
+        if self.congestion.probing():
+            return min(PROBE_DEPTH, int(self.fetch_limiter.total_tokens))
+        latency = self.congestion.latency_for_depth(self.latency.seconds)
+        wanted = math.ceil(GET_RATE * latency * JITTER_ROOM)
         return max(2, min(wanted, int(self.fetch_limiter.total_tokens)))
 
     async def _run(self, limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -232,6 +238,8 @@ class RemoteSnapshots:
             self.fetch_limiter, self._timed_get, snapshot_id, index, token, into
         )
         self.latency.add(seconds)
+        now = trio.current_time()
+        self.congestion.answered(now - seconds, seconds, self.latency.seconds, now)
         if self.api.get_throttles > before:
             self.fetch_limit.throttled()
         else:
