@@ -1,24 +1,35 @@
 """The direct GetSnapshotBlock path: a signed GET on a keep-alive connection per worker
-thread (sigv4.py + http1.py) instead of a botocore call, and the rule for when it may
-be used (not when the user turns it off, not when a proxy applies to the endpoint)."""
+thread (sigv4.py + http1.py) instead of a botocore call, reopened at once when the
+server had closed it; the list calls' transport too (listsend.py); and the rule for when
+it may be used (not when the user turns it off, not when a proxy applies to the endpoint)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
 import ssl
 import threading
+import traceback
 import urllib.parse
 import urllib.request
 
 from ebsfs.constants import __version__
-from ebsfs.errors import EndpointUnreachable, ReadFailed, TransientError, UserInputError
+from ebsfs.errors import (
+    EbsfsError,
+    EndpointUnreachable,
+    ReadFailed,
+    TransientError,
+    UserInputError,
+)
 from ebsfs.service import http1
 from ebsfs.service.api import Block, verify_block
-from ebsfs.service.failures import rest_json_error, untrusted
+from ebsfs.service.failures import redact, rest_json_error, untrusted
 from ebsfs.service.session import ConnectionOptions, CredentialSource
 from ebsfs.service.sigv4 import GetSigner
+
+log = logging.getLogger(__name__)
 
 
 def why_not_direct(options: ConnectionOptions, endpoint_url: str) -> str | None:
@@ -59,8 +70,8 @@ class DirectBlockGetter:
     credentials included) and its resolved endpoint, signs with ebsfs.service.sigv4
     (checked against botocore's signer, at a ninth of its cost), and sends the request
     on a keep-alive connection per worker thread (ebsfs/service/http1.py), receiving
-    the body straight into the cache (docs/performance.md). List calls, rare and
-    small, stay on boto3.
+    the body straight into the cache (docs/performance.md). List calls are signed
+    and parsed by botocore but sent here too (listsend.py), on the same connections.
     """
 
     def __init__(
@@ -106,6 +117,20 @@ class DirectBlockGetter:
         headers["User-Agent"] = self._user_agent
         return headers
 
+    def host_for(self, url: str) -> str | None:
+        """The Host header botocore signs for `url` (botocore.auth's _host_from_url:
+        lower case, the port only when not the scheme's default, IPv6 in brackets),
+        or None when `url` is not on this endpoint (the request is then not ours)."""
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return None
+        ours = parts.scheme == ("https" if self._https else "http")
+        if not ours or parts.hostname != self._host.lower() or port != self._port:
+            return None
+        return self._host_header
+
     def get(
         self, snapshot_id: str, index: int, token: str, into: memoryview | None = None
     ) -> Block:
@@ -116,27 +141,8 @@ class DirectBlockGetter:
         )
         query = f"blockToken={urllib.parse.quote(token, safe='')}"
         headers = self._signed_headers(path, query)
-        gone = http1.current_abandon()
-        if gone is not None and gone.fired:
-            raise abandoned(index)
-        try:
-            conn = self._connection()
-            if gone is None:
-                response = conn.get(f"{path}?{query}", headers, into)
-            else:  # a read that gives up ends the exchange at once (remote.in_worker)
-                with gone.hook(conn.abort):
-                    response = conn.get(f"{path}?{query}", headers, into)
-        except OSError as err:
-            self._drop_connection()
-            if gone is not None and gone.fired:
-                raise abandoned(index) from err
-            if isinstance(err, ssl.SSLCertVerificationError):
-                raise untrusted(self._url, err) from err
-            if isinstance(err, ConnectionRefusedError | socket.gaierror):
-                raise EndpointUnreachable(f"cannot reach {self._url}: {err}") from err
-            raise TransientError(f"GetSnapshotBlock {index}: {type(err).__name__}: {err}") from err
-        if response.will_close or (gone is not None and gone.fired):  # maybe shut down
-            self._drop_connection()
+        what = f"GetSnapshotBlock {index}"
+        response = self.send(what, f"{path}?{query}", headers, into, secret=token)
         answer = response.headers
         body = into if response.body is None else response.body
         if response.status != 200:
@@ -154,10 +160,88 @@ class DirectBlockGetter:
         into[:] = body  # an answer of another length fails verification before this
         return Block(into, checksum)
 
+    def send(
+        self,
+        what: str,
+        target: str,
+        headers: dict[str, str],
+        into: memoryview | None = None,
+        limit: int = http1.MAX_BODY,
+        secret: str | None = None,
+    ) -> http1.Response:
+        """One signed GET on this thread's connection (`what` names it in messages,
+        `secret` is kept out of them): the answer, or a typed error. A connection the
+        server had closed while it sat idle is replaced and the GET sent again at once,
+        once (http1.Connection.went_stale), not as a retry: no back-off, not counted."""
+        gone = http1.current_abandon()
+        if gone is not None and gone.fired:
+            raise given_up(what)
+        try:
+            response = self._exchange(target, headers, into, limit, gone)
+        except OSError as err:
+            # The failed exchange's buffers (a body of up to `limit` bytes) are freed
+            # now: the exception's frames would keep them until the garbage collector
+            # breaks the cycle botocore's frames make with it, one per attempt.
+            traceback.clear_frames(err.__traceback__)
+            if gone is not None and gone.fired:
+                raise given_up(what) from err
+            raise self._failure(what, err, secret) from err
+        if response.will_close or (gone is not None and gone.fired):  # maybe shut down
+            self._drop_connection()
+        return response
 
-def abandoned(index: int) -> ReadFailed:
-    """What a GET nobody waits for any more ends with: not retried."""
-    return ReadFailed(f"GetSnapshotBlock {index}: given up, the read that asked for it is gone")
+    def _exchange(
+        self,
+        target: str,
+        headers: dict[str, str],
+        into: memoryview | None,
+        limit: int,
+        gone: http1.Abandon | None,
+    ) -> http1.Response:
+        """The GET on this thread's connection, sent again on a new one if the server
+        had closed it; the connection is dropped whenever the exchange fails."""
+        conn = self._connection()
+        try:
+            return self._once(conn, target, headers, into, limit, gone)
+        except OSError as err:
+            self._drop_connection()
+            if not conn.went_stale(err) or (gone is not None and gone.fired):
+                raise
+            log.debug("a kept-alive connection was closed by the server (%s): reopened", err)
+        conn = self._connection()
+        try:
+            return self._once(conn, target, headers, into, limit, gone)
+        except OSError:
+            self._drop_connection()
+            raise
+
+    @staticmethod
+    def _once(
+        conn: http1.Connection,
+        target: str,
+        headers: dict[str, str],
+        into: memoryview | None,
+        limit: int,
+        gone: http1.Abandon | None,
+    ) -> http1.Response:
+        if gone is None:
+            return conn.get(target, headers, into, limit)
+        with gone.hook(conn.abort):  # a read that gives up ends the exchange at once
+            return conn.get(target, headers, into, limit)
+
+    def _failure(self, what: str, err: OSError, secret: str | None) -> EbsfsError:
+        """A transport failure as the typed error the boto3 path gives for it (its
+        message without `secret`: a hostile server may echo the request)."""
+        if isinstance(err, ssl.SSLCertVerificationError):
+            return untrusted(self._url, err)
+        if isinstance(err, ConnectionRefusedError | socket.gaierror):
+            return EndpointUnreachable(f"cannot reach {self._url}: {err}")
+        return TransientError(redact(f"{what}: {type(err).__name__}: {err}", secret))
+
+
+def given_up(what: str) -> ReadFailed:
+    """What a call nobody waits for any more ends with: not retried."""
+    return ReadFailed(f"{what}: given up, the read that asked for it is gone")
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

@@ -1,5 +1,6 @@
-"""A minimal blocking HTTP/1.1 client connection for GetSnapshotBlock: one request at a
-time on a keep-alive socket, the body received straight into the caller's buffer.
+"""A minimal blocking HTTP/1.1 client connection for the direct path (GetSnapshotBlock,
+and the list calls botocore signs and parses): one GET at a time on a keep-alive socket,
+a block's body received straight into the caller's buffer.
 
 Why not http.client: per block it parses headers with the email package, reads the
 body through a BufferedReader in many small reads, and waits in poll() before every
@@ -54,6 +55,11 @@ SLACK = 0.5
 """Seconds a receive may end after the attempt's deadline: the kernel's receive timeout
 is shortened (a system call) only when the deadline is nearer than read_timeout - SLACK,
 never for an answer coming at a normal pace."""
+
+CLOSED = (ProtocolError, ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+"""What a connection the server closed (or reset) fails with: ProtocolError when a
+receive finds the end of the stream, the others on a send or a receive after a reset or
+an unannounced end of TLS."""
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t\x20-\x7e]*)?")
 _HEAD = re.compile(
@@ -167,6 +173,10 @@ class Connection:
         self._waiting = read_timeout
         """The receive timeout the kernel holds now (shorter near the deadline)."""
         self._deadline = 0.0
+        self._sent = 0
+        """Requests sent on this connection so far."""
+        self._unanswered = False
+        """No byte of the answer to the request under way has come yet."""
         self._head = bytearray(MAX_HEAD)
         self._view = memoryview(self._head)
 
@@ -181,20 +191,38 @@ class Connection:
             # under the reading thread's feet.
             socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
-    def get(self, target: str, headers: dict[str, str], into: memoryview | None) -> Response:
+    def went_stale(self, err: OSError) -> bool:
+        """Whether `err`, from the exchange just tried, only says that the server had
+        closed this kept-alive connection while it sat idle: the connection served a
+        request before, and it closed (or was reset) before any byte of this answer came.
+        Such a GET is sent again at once on a new connection, as http.client and urllib3
+        do: a GET is idempotent, and the server dropped it unanswered (a timeout is not
+        this: the server may be working on it)."""
+        return self._unanswered and self._sent > 1 and isinstance(err, CLOSED)
+
+    def get(
+        self,
+        target: str,
+        headers: dict[str, str],
+        into: memoryview | None,
+        limit: int = MAX_BODY,
+    ) -> Response:
         """GET `target`. A 200 answer whose body is exactly len(into) bytes is received
-        into `into` (response.body stays None); any other body goes to response.body."""
+        into `into` (response.body stays None); any other body goes to response.body,
+        and one longer than both `limit` and `into` is a ProtocolError."""
         request = (
             f"GET {target} HTTP/1.1\r\n"
             + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
             + "\r\n"
         )
         self._deadline = time.monotonic() + self._read_timeout
+        self._sent += 1
+        self._unanswered = True
         self._call(self._sock.sendall, request.encode("latin-1"))
         filled, head_end = self._read_head()
         response = parse_head(bytes(self._view[:head_end]))
         extra = self._view[head_end + 4 : filled]
-        limit = max(MAX_BODY, len(into) if into is not None else 0)
+        limit = max(limit, len(into) if into is not None else 0)
         size = body_size(response.headers, limit)
         if size is None:
             response.body = self._read_chunked(bytes(extra), limit)
@@ -247,6 +275,7 @@ class Connection:
             got = self._receive(self._view[filled:])
             if not got:
                 raise ProtocolError("the connection closed before an answer")
+            self._unanswered = False
             start = max(0, filled - 3)
             filled += got
             end = self._head.find(b"\r\n\r\n", start, filled)
