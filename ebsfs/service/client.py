@@ -1,6 +1,7 @@
-"""The EbsApi of api.py over boto3: list calls through a boto3 client, GetSnapshotBlock
-through the direct path (direct.py) where it may be used and through boto3 where not,
-each GET and its body read retried together by the one RetryPolicy."""
+"""The EbsApi of api.py over boto3: list calls through a boto3 client (sent over the
+direct path's connections, listsend.py, where it may be used), GetSnapshotBlock through
+the direct path (direct.py) where it may be used and through boto3 where not, each GET
+and its body read retried together by the one RetryPolicy."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ebsfs.service.api import (
 from ebsfs.service.direct import DirectBlockGetter, why_not_direct
 from ebsfs.service.failures import boto_error, redact
 from ebsfs.service.http1 import current_abandon
+from ebsfs.service.listsend import ListSender
 from ebsfs.service.session import AwsSession, ConnectionOptions
 
 __all__ = ["BotoEbsApi", "ConnectionOptions"]
@@ -82,7 +84,8 @@ class BotoEbsApi:
         self.endpoint_url: str = self._client.meta.endpoint_url
         """Where calls go, as resolved (recorded in `ebsfs get` manifests)."""
         self.why_not_direct = why_not_direct(options, self.endpoint_url)
-        """Why GetSnapshotBlock goes through boto3, or None: it takes the direct path."""
+        """Why GetSnapshotBlock goes through boto3, or None: it takes the direct path
+        (and the list calls are sent over it)."""
         self._direct: DirectBlockGetter | None = None
         if self.why_not_direct is None:
             self._direct = DirectBlockGetter(
@@ -92,6 +95,9 @@ class BotoEbsApi:
                 options,
                 session.ca_file(),
             )
+            # Lists too: botocore signs and parses them, http1 sends them (its caps,
+            # strict parsing and deadline), on the GETs' kept-alive connections.
+            ListSender(self._direct).register(self._client.meta.events)
         self._path_told = False
         self._path_lock = threading.Lock()
 
