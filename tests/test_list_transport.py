@@ -25,6 +25,7 @@ from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.auth import verify_signature
 from ebsfs.emulator.store import ApiError
+from ebsfs.engine.stats import Stats
 from ebsfs.errors import (
     CertificateUntrusted,
     EndpointUnreachable,
@@ -393,3 +394,42 @@ def test_without_the_direct_path_lists_go_through_botocore(serve) -> None:
     ref.append(serve(answer))
     api = api_for(ref[0].url, direct=False)
     assert api.list_snapshot_blocks("snap-01").blocks == [(0, "t0"), (1, "t1")]
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://EBS.Example.com",
+        "https://ebs.example.com:443",
+        "https://ebs.example.com:8443",
+        "http://127.0.0.1:8080",
+        "http://localhost",
+        "http://[::1]:8080",
+        "https://[::1]",
+    ],
+)
+def test_the_host_header_is_the_one_botocore_signs(endpoint: str) -> None:
+    """botocore signs a Host it derives from the URL (lower case, no default port,
+    IPv6 in brackets) and lets urllib3 send one: http1 must send that same one."""
+    api = api_for(endpoint)
+    assert api._direct is not None
+    url = f"{api.endpoint_url}/snapshots/snap-01/blocks?maxResults=100"
+    assert api._direct.host_for(url) == botocore.auth._host_from_url(url)
+    assert api._direct.host_for("https://elsewhere.example.com/snapshots") is None
+
+
+def test_list_calls_on_connections_the_server_closes_cost_no_retry(serve) -> None:
+    """Lists share the GETs' reopening of a kept-alive connection the server closed."""
+    ref: list[Server] = []
+
+    def once(conn: socket.socket) -> None:
+        target = parse_request(ref[0].read_request(conn))[1]
+        conn.sendall(Verifying.answer(target))  # then closes, saying nothing of it
+
+    ref.append(serve(once))
+    stats = Stats()
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=ref[0].url, retry=FEW_RETRIES), stats=stats)
+    for _ in range(3):
+        assert api.list_snapshot_blocks("snap-01").next_token == PAGE_TOKEN
+        assert bytes(api.get_snapshot_block("snap-01", 1, "SECRET-block-token").data) == BLOCK
+    assert stats.retries == 0 and stats.calls["ListSnapshotBlocks"] == 3
