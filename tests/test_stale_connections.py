@@ -16,8 +16,10 @@ from typing import TypeVar
 
 import pytest
 
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.stats import Stats
-from ebsfs.errors import RetriesExhausted, TransientError
+from ebsfs.errors import ProtocolError, RetriesExhausted, TransientError
+from ebsfs.service import http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.session import ConnectionOptions
@@ -191,3 +193,54 @@ def test_a_timeout_on_a_kept_alive_connection_is_not_resent_at_once(serve) -> No
         release.set()
     assert isinstance(api.stats, Stats) and api.stats.retries == 1
     assert len(policy.sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    ("second", "stale"),
+    [("closed", True), ("reset", True), ("half a head", False), ("silent", False)],
+)
+def test_only_a_reused_connection_failing_before_any_byte_went_stale(
+    serve, second: str, stale: bool
+) -> None:
+    """http1's rule, on the connection itself: what the second GET on a connection
+    meets after a good first answer."""
+    ref: list[Server] = []
+    release = threading.Event()
+
+    def script(conn: socket.socket) -> None:
+        ref[0].read_request(conn)
+        conn.sendall(block_answer())
+        if second == "reset":
+            reset(conn)
+        elif second == "half a head":
+            ref[0].read_request(conn)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Le")
+        elif second == "silent":
+            ref[0].read_request(conn)
+            release.wait(10)
+
+    ref.append(serve(script))
+    connection = http1.Connection("127.0.0.1", ref[0].port, None, 2.0, 0.5)
+    try:
+        connection.get("/", {"Host": "h"}, memoryview(bytearray(BLOCK_SIZE)))
+        with pytest.raises(OSError) as failure:
+            connection.get("/", {"Host": "h"}, memoryview(bytearray(BLOCK_SIZE)))
+        assert connection.went_stale(failure.value) is stale
+    finally:
+        release.set()
+        connection.close()
+
+
+def test_a_new_connection_closed_before_an_answer_is_not_stale(serve) -> None:
+    def slam(conn: socket.socket) -> None:
+        ref[0].read_request(conn)
+
+    ref: list[Server] = []
+    ref.append(serve(slam))
+    connection = http1.Connection("127.0.0.1", ref[0].port, None, 2.0, 2.0)
+    try:
+        with pytest.raises(ProtocolError) as failure:
+            connection.get("/", {"Host": "h"}, None)
+        assert not connection.went_stale(failure.value)
+    finally:
+        connection.close()
