@@ -31,6 +31,7 @@ import trio
 from ebsfs.acquire.inorder import Consumer, InOrder
 from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter
+from ebsfs.acquire.patience import Patience
 from ebsfs.acquire.plan import CopyPlan
 from ebsfs.acquire.progress import Progress
 from ebsfs.acquire.sources import RELIED_ON_CACHE, Counts, Origin, from_disk_cache
@@ -124,6 +125,10 @@ class Copy:
         """The journal's state: how far a device is zeroed is saved in it."""
         self.blocks = blocks
         self.progress = progress
+        self.patience = Patience(
+            plan.read_timeout, plan.throttle_budget, self._throttles, progress.throttled
+        )
+        """The per-block time limits, lengthened while the service throttles."""
         self.counts = Counts()
         self.sha256 = hashlib.sha256() if plan.sha256 else None
         self.md5 = hashlib.md5() if plan.md5 else None
@@ -158,7 +163,9 @@ class Copy:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._produce, nursery, send)
+                nursery.start_soon(self.patience.run)
                 await self._consume(receive)
+                self.patience.stop()
         finally:
             self._in_order.close()
         if self._failure is not None:
@@ -171,7 +178,7 @@ class Copy:
         index = self.image.index
         position = 0
         for chunk_no in range(index.chunk_count):
-            with trio.move_on_after(self.read_timeout) as scope:
+            with self.patience.limit() as scope:
                 items = await index.chunk_items(chunk_no)
             if scope.cancelled_caught:
                 raise ReadFailed(
@@ -295,7 +302,7 @@ class Copy:
             )
             self.counts.from_base += 1
         else:
-            with trio.move_on_after(self.read_timeout) as scope:
+            with self.patience.limit() as scope:
                 block = await self.image.block(slot.index, slot.loan)
             self._fetched(slot)
             if scope.cancelled_caught:
@@ -387,6 +394,10 @@ class Copy:
             return await receive.receive()
         except trio.EndOfChannel:
             return None
+
+    def _throttles(self) -> int:
+        """Throttling answers the engine's calls got so far (the checks' too)."""
+        return self.image.stats.throttles
 
     def _block_hashed(self, slot: _Slot) -> None:
         self._let_go(slot)

@@ -28,7 +28,7 @@ from ebsfs.acquire.copy import Copy
 from ebsfs.acquire.identity import check_resume, identify, new_nonce
 from ebsfs.acquire.journal import Journal, JournalState
 from ebsfs.acquire.manifest import BlockListWriter, Manifest, side_file_path, write_manifest
-from ebsfs.acquire.plan import CopyPlan, GetRequest, Layout, preflight, window_for
+from ebsfs.acquire.plan import CopyPlan, GetRequest, Layout, patient, preflight, window_for
 from ebsfs.acquire.progress import Progress, QuietProgress
 from ebsfs.acquire.sources import Origin, disk_cache_section, write_only
 from ebsfs.acquire.target import (
@@ -58,6 +58,8 @@ class GetResult:
     output: str
     already_done: bool = False
     """The output was a finished copy already: nothing was fetched or written."""
+    throttles: int = 0
+    """Throttling answers the service gave this run (all waited out)."""
 
 
 def utc_now() -> str:
@@ -83,6 +85,7 @@ def get(
     # Blocks are written and hashed once, never read again: the cache need only hold
     # the window (more would only fault in fresh memory, docs/performance.md).
     config = dataclasses.replace(config, cache_size=min(config.cache_size, window * BLOCK_SIZE))
+    config = patient(config)
     try:
         the_engine = engine.connect(config, [request.snapshot_id], share_lineage=False, api=api)
         image = the_engine.images[request.snapshot_id]
@@ -95,6 +98,7 @@ def get(
             layout,
             window,
             config.read_timeout,
+            config.connection.retry.throttle_budget or 0.0,
             base=base,
             resume=resume,
             sha256=request.image_hash,
@@ -189,7 +193,8 @@ def _run(the_engine: Engine, plan: CopyPlan, progress: Progress) -> GetResult:
         if journal is not None:
             journal.remove()
         manifest.path = layout.manifest
-        return GetResult(manifest, layout.manifest, layout.output)
+        throttles = the_engine.stats.throttles
+        return GetResult(manifest, layout.manifest, layout.output, throttles=throttles)
     except OSError as err:
         raise failure("cannot write", getattr(err, "filename", None) or target.name, err) from err
     finally:

@@ -5,6 +5,7 @@ and the plan a copy runs by (CopyPlan)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ebsfs.engine.config import EngineConfig, check_snapshot_id
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.errors import ManifestError, OutputError, UserInputError
 from ebsfs.quoting import printable
+from ebsfs.service.retry import COPY_THROTTLE_WAIT
 
 SnapshotMetadata = tuple[dict[str, Any] | None, str | None]
 """The snapshot's EC2 metadata for the manifest, and why there is none when there is
@@ -151,6 +153,18 @@ def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, Jou
     return None, None
 
 
+def patient(config: EngineConfig) -> EngineConfig:
+    """`config` with a throttle budget for its calls (COPY_THROTTLE_WAIT unless its
+    retry policy has one): a copy waits out throttling, where a mount's reads keep
+    their time limit."""
+    retry = config.connection.retry
+    if retry.throttle_budget is not None:
+        return config
+    retry = dataclasses.replace(retry, throttle_budget=COPY_THROTTLE_WAIT)
+    connection = dataclasses.replace(config.connection, retry=retry)
+    return dataclasses.replace(config, connection=connection)
+
+
 def window_for(config: EngineConfig) -> int:
     """Blocks a copy holds at once: enough to keep every fetch busy twice over, and up
     to the cache size's worth (in 1 MiB units, the cache's own) beyond that."""
@@ -168,6 +182,8 @@ class CopyPlan:
     """Blocks held in memory at once (window_for)."""
     read_timeout: float
     """Seconds a block or a page of the block list may take before the copy fails."""
+    throttle_budget: float = 0.0
+    """Seconds of throttling added to each of those limits at the most (patience.py)."""
     base: BaseImage | None = None
     resume: JournalState | None = None
     """The state of the unfinished run this one continues (preflight), if any."""

@@ -16,6 +16,10 @@ class Progress(Protocol):
 
     def update(self, done: int, fetched: int) -> None: ...
 
+    def throttled(self, answers: int) -> None:
+        """The service has answered `answers` calls so far with throttling (the copy
+        waits them out): a display says so, or a stalled bar looks like a hang."""
+
     def close(self) -> None: ...
 
 
@@ -26,6 +30,9 @@ class QuietProgress:
         pass
 
     def update(self, done: int, fetched: int) -> None:
+        pass
+
+    def throttled(self, answers: int) -> None:
         pass
 
     def close(self) -> None:

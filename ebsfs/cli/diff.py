@@ -158,8 +158,10 @@ def _diff_blocks(args: argparse.Namespace) -> int:
     from ebsfs.engine.plan import Plan
     from ebsfs.service.retry import RetryPolicy
 
-    # Many pages against a 50 calls/s quota: retry throttling patiently.
-    config = engine_config(args, RetryPolicy(attempts=6, deadline=30.0))
+    # Many pages against a 50 calls/s quota: throttling is waited out, within --timeout.
+    config = engine_config(
+        args, RetryPolicy(attempts=6, deadline=30.0, throttle_budget=args.timeout)
+    )
     # No snapshot checked or opened: ListChangedBlocks is all a diff of blocks needs
     # (and all the permission it asks for).
     the_engine = engine.build(config, Plan(snapshots=[], bases={}))
@@ -185,13 +187,16 @@ def _diff_files(args: argparse.Namespace) -> int:
     from ebsfs.fileobj import open_with
     from ebsfs.forensics.filediff import FileDiff, diff_files
     from ebsfs.quoting import printable, quote, utf8_stream
+    from ebsfs.service.retry import RetryPolicy
 
     if args.first == args.second:
         raise UserInputError("the two snapshots are the same")
     display = BarProgress() if sys.stderr.isatty() else None  # a status line, terminals only
 
     def compare() -> FileDiff:
-        files = open_with(engine_config(args), [args.first, args.second], readahead=False)
+        # Throttling is waited out within --timeout (each read within its time limit).
+        config = engine_config(args, RetryPolicy(throttle_budget=args.timeout))
+        files = open_with(config, [args.first, args.second], readahead=False)
         try:
             return diff_files(
                 files[0], files[1], atime=args.atime, progress=display.status if display else None

@@ -15,10 +15,12 @@ from ebsfs.cli.options import (
     ec2_argument,
     engine_arguments,
     engine_config,
+    positive_float,
 )
 from ebsfs.constants import READ_TIMEOUT
 from ebsfs.errors import first_leaf
 from ebsfs.quoting import printable
+from ebsfs.service.retry import COPY_THROTTLE_WAIT
 
 if TYPE_CHECKING:
     from ebsfs.acquire.manifest import Manifest
@@ -109,6 +111,17 @@ def add_parser(commands: Commands) -> None:
         timeout_help="longest one block may take (retries included) before "
         f"the copy stops; run it again to resume (default: {READ_TIMEOUT:g})",
     )
+    get.add_argument(
+        "--throttle-wait",
+        type=positive_float,
+        default=COPY_THROTTLE_WAIT,
+        metavar="SECONDS",
+        help="how long one block may wait out throttling by the service "
+        "(RequestThrottledException: the account or snapshot is busy), with "
+        "backoff and jitter, before the copy stops (default: %(default)g, an hour; "
+        "a mount's reads keep their --read-timeout instead). Time spent "
+        "throttled does not count against --read-timeout",
+    )
     cache_dir_arguments(get).add_argument(
         "--cache-dir-write-only",
         dest="cache_write_only",
@@ -125,11 +138,12 @@ def add_parser(commands: Commands) -> None:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from ebsfs.acquire import get as acquire
-    from ebsfs.cli.progress import progress_for
+    from ebsfs.cli.progress import plural, progress_for, throttling
     from ebsfs.engine.diff import human
     from ebsfs.service import ec2
+    from ebsfs.service.retry import RetryPolicy
 
-    config = engine_config(args)
+    config = engine_config(args, RetryPolicy(throttle_budget=args.throttle_wait))
     config.prefetch_metadata = False  # a copy reads every block anyway
     quiet = args.quiet
 
@@ -187,8 +201,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         got += f", {counts['resumed_blocks']} from the earlier run"
     print(
         f"ebsfs: {m.snapshot_id} -> {printable(args.output)}: {human(m.volume_size)}, "
-        f"{m.written_blocks} written blocks ({got}); {image_digests(m)}; manifest "
-        f"{result.manifest_path}",
+        f"{plural(m.written_blocks, 'written block')} ({got}); {image_digests(m)}; manifest "
+        f"{result.manifest_path}"
+        + (f"; {throttling(result.throttles)}" if result.throttles else ""),
         file=sys.stderr,
     )
     return 0

@@ -177,6 +177,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ebsfs.engine.config import check_snapshot_id
     from ebsfs.engine.plan import plan
     from ebsfs.service import ec2
+    from ebsfs.service.retry import RetryPolicy
 
     mountpoint = args.mountpoint
     for snapshot_id in args.snapshot_ids:
@@ -189,7 +190,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError(f"{mountpoint} is already a mount point")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
-    config = engine_config(args)
+    # Throttling is waited out as long as a read may wait, and no longer.
+    config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
     # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
     # Both threads are done before the fork below.

@@ -38,6 +38,8 @@ class BarProgress:
         self.clock = clock
         self._bar: tqdm[Any] | None = None
         self._done = 0
+        self._fetched = 0
+        self._throttled = 0
         self._status_shown: float | None = None
 
     def start(self, total: int, done: int) -> None:
@@ -59,9 +61,20 @@ class BarProgress:
         if self._bar is None or done <= self._done:
             return
         self._bar.update(done - self._done)
-        self._done = done
-        if fetched:
-            self._bar.set_postfix_str(f"{fetched} blocks fetched", refresh=False)
+        self._done, self._fetched = done, fetched
+        self._postfix(refresh=False)
+
+    def throttled(self, answers: int) -> None:
+        """Shown at once: the bar may stand still while the copy waits."""
+        self._throttled = answers
+        if self._bar is not None:
+            self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool) -> None:
+        assert self._bar is not None
+        text = _counts(self._fetched, self._throttled)
+        if text:
+            self._bar.set_postfix_str(text, refresh=refresh)
 
     def status(self, text: str) -> None:
         """`ebsfs: [LABEL: ]TEXT` in place of the previous status, at most every
@@ -109,6 +122,7 @@ class LineProgress:
         self._first = 0
         self._done = 0
         self._fetched = 0
+        self._throttled = 0
 
     def start(self, total: int, done: int) -> None:
         self.total = total
@@ -117,6 +131,13 @@ class LineProgress:
 
     def update(self, done: int, fetched: int) -> None:
         self._done, self._fetched = done, fetched
+        self._maybe_show()
+
+    def throttled(self, answers: int) -> None:
+        self._throttled = answers
+        self._maybe_show()
+
+    def _maybe_show(self) -> None:
         now = self.clock()
         if now - self._shown >= self.interval:
             self._shown = now
@@ -132,8 +153,9 @@ class LineProgress:
         )
         if rate > 0 and self._done < self.total:
             text += f", {_duration((self.total - self._done) / rate)} left"
-        if self._fetched:
-            text += f", {self._fetched} blocks fetched"
+        counts = _counts(self._fetched, self._throttled)
+        if counts:
+            text += f", {counts}"
         print(text, file=self.out, flush=True)
 
     def close(self) -> None:
@@ -142,6 +164,23 @@ class LineProgress:
         if self.total and self._shown > self._started and self._done >= self.total:
             self._show(self.clock())
         self.total = 0
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 block`, `2 blocks`: "1 blocks" reads as a bug."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def throttling(answers: int) -> str:
+    """`throttled 3 times (waited out)`: what a copy's display says of throttling."""
+    return f"throttled {plural(answers, 'time')} (waited out)"
+
+
+def _counts(fetched: int, throttled: int) -> str:
+    parts = [f"{plural(fetched, 'block')} fetched"] if fetched else []
+    if throttled:
+        parts.append(throttling(throttled))
+    return ", ".join(parts)
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,181 @@
+"""Issue 28, a copy that rides out throttling: `ebsfs get` waits out
+RequestThrottledException (backoff with jitter, a long budget per block, time
+throttled not counted against --read-timeout) where a mount keeps its read timeout,
+and says that it was throttled."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from ebsfs.acquire.patience import Patience
+from ebsfs.cli.progress import LineProgress
+from ebsfs.constants import GIB
+from ebsfs.emulator import EmulatorServer
+from ebsfs.errors import RetriesExhausted, Throttled, TransientError
+from ebsfs.service.retry import RetryPolicy
+from tests.acquiring import add, digests, file_digest
+from tests.fakes import pattern_block
+from tests.mounting import ebsfs
+
+SNAP = "snap-0e28"
+BLOCKS = {i: pattern_block(28, i) for i in range(16)}  # 8 MiB written
+THROTTLED_FOR = 12.0
+"""Seconds every GetSnapshotBlock is throttled: more than the 8 attempts of the
+mount's policy can wait (at most 11.3 s of backoff), so a copy that gives up as a
+mount's read does fails for certain."""
+
+
+def test_get_rides_out_throttling_and_says_so(emulator: EmulatorServer, tmp_path: Path) -> None:
+    add(emulator.store, SNAP, BLOCKS, volume_gib=1)
+    emulator.faults.get_rate = 0.05  # no call goes through: a token every 20 s
+    quiet = threading.Timer(THROTTLED_FOR, lambda: emulator.faults.update({"get_rate": 0}))
+    quiet.start()
+    try:
+        out = tmp_path / "disk.img"
+        result = ebsfs("get", "--endpoint-url", emulator.url, SNAP, str(out), timeout=120)
+    finally:
+        quiet.cancel()
+    assert result.returncode == 0, result.stderr
+    assert emulator.counters.errors["RequestThrottledException"] > 0
+    assert file_digest(out) == digests(BLOCKS, GIB)[0]
+    summary = result.stderr.splitlines()[-1]
+    assert "16 written blocks" in summary or "16 blocks written" in summary, summary
+    assert "throttled" in summary and "waited out" in summary, summary
+    m = json.loads((tmp_path / "disk.img.manifest.json").read_text())
+    assert m["counts"]["fetched_blocks"] == len(BLOCKS)
+
+
+def test_get_stops_when_throttling_outlasts_its_budget(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    add(emulator.store, SNAP, BLOCKS, volume_gib=1)
+    emulator.faults.get_rate = 0.05
+    out = tmp_path / "disk.img"
+    result = ebsfs(
+        "get", "--endpoint-url", emulator.url, "--throttle-wait", "2", SNAP, str(out), timeout=60
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "still throttled" in lines[0], result.stderr
+
+
+def test_get_help_names_the_throttle_budget() -> None:
+    shown = ebsfs("get", "--help").stdout
+    assert "--throttle-wait" in shown and "3600" in shown
+
+
+# ---- the policy -------------------------------------------------------------------
+
+
+class Answers:
+    """A call failing with `errors` in turn, then answering "ok"."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+def test_throttling_within_the_budget_is_waited_out_however_many_answers() -> None:
+    slept: list[float] = []
+    policy = RetryPolicy(attempts=3, throttle_budget=3600.0)
+    call = Answers(*[Throttled("RequestThrottledException: slow down")] * 50)
+    assert policy.call("GetSnapshotBlock", call, slept.append) == "ok"
+    assert call.calls == 51
+    assert max(slept) <= policy.throttle_max_delay
+
+
+def test_without_a_budget_throttling_is_a_failed_attempt_as_before() -> None:
+    policy = RetryPolicy(attempts=3)
+    call = Answers(*[Throttled("RequestThrottledException: slow down")] * 5)
+    with pytest.raises(RetriesExhausted, match="gave up after 3 attempts"):
+        policy.call("GetSnapshotBlock", call, lambda _: None)
+
+
+def test_other_failures_keep_their_attempts_under_a_throttle_budget() -> None:
+    policy = RetryPolicy(attempts=3, throttle_budget=3600.0)
+    throttled, failing = Throttled("slow down"), TransientError("InternalServerException 500")
+    call = Answers(throttled, failing, throttled, failing, throttled, failing, throttled)
+    with pytest.raises(RetriesExhausted, match="gave up after 6 attempts"):
+        policy.call("GetSnapshotBlock", call, lambda _: None)
+
+
+def test_throttling_past_the_budget_gives_up_saying_so() -> None:
+    slept: list[float] = []
+    policy = RetryPolicy(throttle_budget=30.0)
+    call = Answers(*[Throttled("slow down")] * 10_000)
+    with pytest.raises(RetriesExhausted, match="still throttled after waiting"):
+        policy.call("GetSnapshotBlock", call, slept.append)
+    assert sum(slept) <= 30.0
+
+
+# ---- the copy's time limits -----------------------------------------------------
+
+
+def test_time_throttled_is_added_to_the_limits_running_up_to_the_budget() -> None:
+    count = [0]
+    seen: list[int] = []
+
+    async def main() -> tuple[bool, bool, float]:
+        patience = Patience(1.0, 3.0, lambda: count[0], seen.append, tick=0.1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(patience.run)
+
+            async def busy() -> None:  # the service throttles for 10 s
+                for _ in range(100):
+                    count[0] += 1
+                    await trio.sleep(0.1)
+
+            nursery.start_soon(busy)
+            with patience.limit() as long_wait:
+                await trio.sleep(2.5)  # past its 1 s, within 1 s + 3 s of throttling
+            with patience.limit() as too_long:
+                await trio.sleep(10)
+            elapsed = trio.current_time()
+            patience.stop()
+            nursery.cancel_scope.cancel()
+        return long_wait.cancelled_caught, too_long.cancelled_caught, elapsed
+
+    kept, gave_up, elapsed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert not kept and gave_up
+    assert elapsed == pytest.approx(2.5 + 4.0, abs=0.2)
+    assert seen and seen == sorted(seen)
+
+
+def test_without_throttling_a_limit_is_the_read_timeout() -> None:
+    async def main() -> tuple[bool, float]:
+        patience = Patience(1.0, 3600.0, lambda: 0, tick=0.1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(patience.run)
+            with patience.limit() as scope:
+                await trio.sleep(5)
+            patience.stop()
+        return scope.cancelled_caught, trio.current_time()
+
+    gave_up, elapsed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert gave_up and elapsed == pytest.approx(1.0, abs=0.2)
+
+
+def test_the_progress_line_says_the_copy_is_being_throttled() -> None:
+    out, now = io.StringIO(), [100.0]
+    progress = LineProgress("disk.img", out, interval=5.0, clock=lambda: now[0])
+    progress.start(1024**3, 0)
+    now[0] += 6  # no byte moved: the copy waits on the service
+    progress.throttled(1)
+    now[0] += 6
+    progress.throttled(40)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("throttled 1 time (waited out)"), lines
+    assert lines[1].endswith("throttled 40 times (waited out)"), lines
