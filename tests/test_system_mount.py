@@ -190,27 +190,49 @@ def snapshots(emulator: EmulatorServer) -> dict[str, bytes]:
     return wanted
 
 
-def in_namespace(tmp_path: Path, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def in_namespace(
+    tmp_path: Path, script: str, sbin_helper: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run bash `script` (set -eu) in a private mount namespace with `ebsfs` (this
-    checkout) on /bin/sh's default PATH; $MP is an empty directory, unmounted with
-    fusermount3 when the script ends however it ends. The serving process is killed
-    if it outlives the script; its log (log_file=$LOG) is checked like the test's."""
+    checkout) on /bin/sh's default PATH, and with `sbin_helper` mount.fuse.ebsfs in
+    /sbin too (a read-only overlay of /usr/sbin), where mount(8) looks for helpers; $MP
+    is an empty directory, unmounted with fusermount3 when the script ends however it
+    ends. The serving process is killed if it outlives the script; its log
+    (log_file=$LOG) is checked like the test's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    wrapper = bin_dir / "ebsfs"
-    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m ebsfs "$@"\n')
-    wrapper.chmod(0o755)
+    python = shlex.quote(sys.executable)
+    for name, command in (
+        ("ebsfs", f"{python} -m ebsfs"),
+        ("mount.fuse.ebsfs", f"{python} -c {shlex.quote(HELPER)}"),
+    ):
+        calls = shlex.quote(str(tmp_path / "calls"))
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "$0 $*" >> {calls}\nexec {command} "$@"\n')
+        (bin_dir / name).chmod(0o755)
     mountpoint, log, pid_file = tmp_path / "mnt", tmp_path / "mount.log", tmp_path / "pid"
     mountpoint.mkdir()
+    bind = f"mount --bind {shlex.quote(str(bin_dir))} /usr/local/sbin\n"
+    if sbin_helper:
+        bind += (
+            f"mount -t overlay overlay -o lowerdir={shlex.quote(str(bin_dir))}:/usr/sbin "
+            "/usr/sbin || { echo 'no overlay'; exit 0; }\n"
+        )
     prologue = f"""set -eu
 MP={shlex.quote(str(mountpoint))}; LOG={shlex.quote(str(log))}
 trap 'getfattr --only-values -n user.ebsfs.pid "$MP" > {pid_file} 2>/dev/null || true
       fusermount3 -u -z "$MP" 2>/dev/null || true' EXIT
-mount --bind {shlex.quote(str(bin_dir))} /usr/local/sbin
 """
     try:
-        return subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", prologue + script],
+        result = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                prologue + bind + script,
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -221,6 +243,13 @@ mount --bind {shlex.quote(str(bin_dir))} /usr/local/sbin
         if text.isdigit() and not wait_gone(int(text), 10):
             os.kill(int(text), signal.SIGKILL)
         replay_log(log)
+    if result.stdout == "no overlay\n":
+        pytest.skip("no overlayfs here to put mount.fuse.ebsfs in /sbin")
+    return result
+
+
+HELPER = "import sys; from ebsfs.cli.mounthelper import main; sys.exit(main())"
+"""What the mount.fuse.ebsfs entry point runs (pyproject.toml)."""
 
 
 def pid_of_mount(output: str) -> int:
@@ -297,3 +326,26 @@ mountpoint -q "$MP" && echo mounted || echo not mounted
     assert result.stdout.splitlines() == ["status 1", "not mounted"]
     assert result.stderr.count("\n") == 1, result.stderr
     assert "unknown mount option 'cache_sise'" in result.stderr
+
+
+@pytest.mark.mount
+def test_mount_runs_mount_fuse_ebsfs_from_sbin(
+    emulator: EmulatorServer, snapshots: dict[str, bytes], tmp_path: Path
+) -> None:
+    """With the helper linked into /sbin, mount(8) runs it directly, without
+    mount.fuse3's filtering of the options."""
+    script = f"""
+mount -t fuse.ebsfs {SNAP_A} "$MP" -o ro,nofail,noauto,user,endpoint_url={emulator.url} \\
+    -o log_file="$LOG"
+stat -c '%s %a' "$MP/{SNAP_A}.img"
+echo "pid $(getfattr --only-values -n user.ebsfs.pid "$MP")"
+umount "$MP"
+"""
+    result = in_namespace(tmp_path, script, sbin_helper=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{1024**3} 444"
+    assert wait_gone(pid_of_mount(result.stdout))
+    # mount(8) ran the helper in /sbin, which mount(8) passes nofail and user to
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("/sbin/mount.fuse.ebsfs"), calls
+    assert "nofail" in calls[0]
