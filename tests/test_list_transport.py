@@ -433,3 +433,22 @@ def test_list_calls_on_connections_the_server_closes_cost_no_retry(serve) -> Non
         assert api.list_snapshot_blocks("snap-01").next_token == PAGE_TOKEN
         assert bytes(api.get_snapshot_block("snap-01", 1, "SECRET-block-token").data) == BLOCK
     assert stats.retries == 0 and stats.calls["ListSnapshotBlocks"] == 3
+
+
+def test_a_list_request_carries_the_header_lines_urllib3_sends(serve) -> None:
+    """The same header lines, in the same order, on both transports (Host first, a
+    body asked for unencoded), so an endpoint cannot tell the paths apart."""
+    ref: list[Server] = []
+    seen: list[list[str]] = []
+
+    def record(conn: socket.socket) -> None:
+        head = ref[0].read_request(conn).split(b"\r\n\r\n")[0].decode()
+        seen.append([line.split(":")[0] for line in head.split("\r\n")[1:]])
+        assert "Accept-Encoding: identity" in head
+        answer = sized(page_body(range(2)))
+        conn.sendall(answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+
+    ref.append(serve(record))
+    for direct in (True, False):
+        api_for(ref[0].url, direct=direct).list_snapshot_blocks("snap-01")
+    assert seen[0] == seen[1] and seen[0][0] == "Host"

@@ -58,10 +58,15 @@ class ListSender:
         host = self._getter.host_for(request.url)
         if request.method != "GET" or request.body or host is None:
             return None
-        headers = _wire_headers(request)
-        if headers is None:
+        signed = _wire_headers(request)
+        if signed is None:
             return None
-        headers.setdefault("Host", host)  # what botocore signed when the request has none
+        # As urllib3 sends them: Host first (what botocore signed when the request has
+        # none), and a body not encoded (an unsigned header, as urllib3's is).
+        headers = {"Host": signed.pop("Host", host)}
+        if not any(name.lower() == "accept-encoding" for name in signed):
+            headers["Accept-Encoding"] = "identity"
+        headers.update(signed)
         parts = urllib.parse.urlsplit(request.url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if not target.isascii():
