@@ -20,6 +20,8 @@ from ebsfs.quoting import printable, quote, utf8_stream
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
 
+MOUNTINFO = "/proc/self/mountinfo"
+
 FSTYPE = "fuse.ebsfs"
 """The type the kernel shows for an ebsfs mount (fuse with subtype=ebsfs)."""
 
@@ -123,8 +125,8 @@ def describe(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> Mount:
         return Mount(mountpoint, error=f"unreadable: {err}")
 
 
-def active(mountinfo_path: str = "/proc/self/mountinfo") -> list[Mount]:
-    with open(mountinfo_path) as f:
+def active() -> list[Mount]:
+    with open(MOUNTINFO) as f:
         return [describe(path) for path in mountpoints(f.read())]
 
 
@@ -142,5 +144,6 @@ def cmd_mounts(args: argparse.Namespace) -> int:
         if m.error is not None:
             print(f"{where}  ({printable(m.error, ascii_only=ascii_only)})")
         else:
-            print(f"{where}  pid {m.pid}  {' '.join(m.snapshots) or '(no snapshot)'}")
+            snapshots = printable(" ".join(m.snapshots) or "(no snapshot)", ascii_only=ascii_only)
+            print(f"{where}  pid {m.pid}  {snapshots}")
     return 0
