@@ -1,5 +1,10 @@
 """Where log messages go: stderr in the foreground, --log-file, or syslog once the
-mount is in the background; how much with -v and -vv.
+mount is in the background; how much with -v and -vv. A background mount with no
+syslog socket (containers, minimal hosts) logs to a default file instead, so that
+"the log says which block and why" always has a log to look in: for root
+/var/log/ebsfs/<mount point>.log, for others $XDG_STATE_HOME/ebsfs/ (default
+~/.local/state/ebsfs/), the mount point's path escaped as systemd names mount units
+(/mnt/snap -> mnt-snap.log).
 
 ebsfs adds one handler of its own to the root logger and replaces only that one when
 asked again (the mount's background child, a second `main()` in one process): other
@@ -10,10 +15,15 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket as pysocket
 import sys
 from typing import Any, TextIO
 
 from ebsfs.quoting import printable
+
+SYSLOG_SOCKET = "/dev/log"
+LOG_DIR_ROOT = "/var/log/ebsfs"
+"""Where root's background mounts log when there is no syslog (the FHS's place)."""
 
 HANDLER_NAME = "ebsfs.cli"
 """The name of our handler on the root logger, by which a later call finds it."""
@@ -57,19 +67,85 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+def syslog_usable(socket: str = SYSLOG_SOCKET) -> bool:
+    """Whether a syslog daemon listens on `socket` (absent, or nobody listening: no).
+    Asked directly: logging's SysLogHandler says nothing when it cannot connect, and
+    then drops every message."""
+    for kind in (pysocket.SOCK_DGRAM, pysocket.SOCK_STREAM):  # as SysLogHandler tries
+        with pysocket.socket(pysocket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(socket)
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def escaped_path(path: str) -> str:
+    """`path` as one file name, as `systemd-escape --path` makes it: slashes become
+    dashes, anything but ASCII letters, digits, ":", "_" and "." (and a leading ".")
+    becomes \\xNN, so two mount points never share a name (/mnt/a-b: mnt-a\\x2db)."""
+    trimmed = "/".join(part for part in path.split("/") if part)
+    if not trimmed:
+        return "-"
+    out = []
+    for n, byte in enumerate(os.fsencode(trimmed)):
+        char = chr(byte)
+        if char == "/":
+            out.append("-")
+        elif (char.isascii() and char.isalnum()) or char in ":_" or (char == "." and n):
+            out.append(char)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def default_log_dir() -> str:
+    """Root: /var/log/ebsfs; others: $XDG_STATE_HOME/ebsfs, else ~/.local/state/ebsfs
+    (the XDG Base Directory specification's place for logs)."""
+    if os.geteuid() == 0:
+        return LOG_DIR_ROOT
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the specification: a relative value is ignored
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "ebsfs")
+
+
+def default_log_file(mountpoint: str) -> str:
+    """The log file of a background mount at `mountpoint` when syslog is not there."""
+    return os.path.join(default_log_dir(), escaped_path(os.path.realpath(mountpoint)) + ".log")
+
+
+def background_log(log_file: str | None, mountpoint: str) -> str | None:
+    """Where a background mount logs: `log_file` if given, None (syslog) when a syslog
+    daemon listens, else default_log_file, its directory made (0700) and the file
+    created (0600) here, before the fork, so a failure is the mount's one-line error.
+    OSError if it cannot be."""
+    if log_file or syslog_usable():
+        return log_file
+    path = default_log_file(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    _create_private(path)
+    return path
+
+
+def _create_private(path: str) -> None:
+    """Created 0600 (the umask may take more away): a log names snapshots, paths and
+    errors of an acquisition, no other local user's business. An existing file keeps
+    its mode (it may be a shared log on purpose)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+
+
 def setup_logging(verbose: int, log_file: str | None, background: bool) -> None:
     """Log to one place at the level -v asks for. OSError if `log_file` cannot be
     opened (nothing is changed then)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler: logging.Handler
     if log_file:
-        # Created 0600 (the umask may take more away): the log names snapshots,
-        # paths and errors of an acquisition, no other local user's business. An
-        # existing file keeps its mode (it may be a shared log on purpose).
-        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        _create_private(log_file)
         handler = logging.FileHandler(log_file)
-    elif background and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+    elif background and syslog_usable():
+        handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET)
     else:
         handler = _CurrentStderr()
     handler.setFormatter(

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ebsfs.cli.logs import setup_logging
+from ebsfs.cli.logs import SYSLOG_SOCKET, background_log, default_log_file, setup_logging
 from ebsfs.cli.options import (
     cache_dir_arguments,
     connection_arguments,
@@ -39,8 +39,12 @@ def add_parser(commands: Commands) -> None:
         help="mount snapshots as MOUNTPOINT/<snapshot-id>.img",
         description="Mount each snapshot as MOUNTPOINT/<snapshot-id>.img, a read-only file "
         "of VolumeSize GiB. Returns once the mount is ready and keeps serving in "
-        "the background (use -f to stay in front). Needs ebs:ListSnapshotBlocks "
-        "and ebs:GetSnapshotBlock.",
+        "the background (use -f to stay in front) and prints one line saying "
+        "where its log goes: --log-file, else syslog, else (no syslog socket) "
+        "/var/log/ebsfs/MOUNTPOINT.log for root, $XDG_STATE_HOME/ebsfs/ "
+        "(~/.local/state/ebsfs/) for others, MOUNTPOINT's path with / as - "
+        "(as systemd-escape --path). Needs ebs:ListSnapshotBlocks and "
+        "ebs:GetSnapshotBlock.",
         epilog="example: ebsfs mount snap-0123456789abcdef0 /mnt/snap && "
         "losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img",
     )
@@ -174,6 +178,7 @@ def add_umount_parser(commands: Commands) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from ebsfs.cli.progress import plural
     from ebsfs.engine.config import check_snapshot_id
     from ebsfs.engine.plan import plan
     from ebsfs.service import ec2
@@ -190,6 +195,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError(f"{mountpoint} is already a mount point")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
+    log_file = args.log_file if args.foreground else _background_log(args.log_file, mountpoint)
     # Throttling is waited out as long as a read may wait, and no longer.
     config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
@@ -215,24 +221,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fuse_debug=args.fuse_debug,
         start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
     )
-    count = len(checked.snapshots)
+    mounted = f"ebsfs: mounted {plural(len(checked.snapshots), 'snapshot')} at {mountpoint}"
     if args.foreground:
         fuse_mount.serve(
             engine.build(config, checked),
             mount_config,
-            on_ready=lambda: print(
-                f"ebsfs: mounted {count} snapshot(s) at {mountpoint}; Ctrl-C to unmount",
-                file=sys.stderr,
-                flush=True,
-            ),
+            on_ready=lambda: print(f"{mounted}; Ctrl-C to unmount", file=sys.stderr, flush=True),
         )
         return 0
 
     def in_background(ready: Callable[[], None]) -> None:
-        setup_logging(args.verbose, args.log_file, background=True)
+        setup_logging(args.verbose, log_file, background=True)
         fuse_mount.serve(engine.build(config, checked), mount_config, on_ready=ready)
 
-    return fuse_mount.run_in_background(in_background)
+    code = fuse_mount.run_in_background(in_background)
+    if code == 0:  # one line: where it is and where its log goes
+        print(f"{mounted}; log: {log_file or 'syslog'}", file=sys.stderr, flush=True)
+    return code
+
+
+def _background_log(log_file: str | None, mountpoint: str) -> str | None:
+    """Where the background mount will log (None: syslog), checked now, in one line."""
+    try:
+        return background_log(log_file, mountpoint)
+    except OSError as err:
+        raise UserInputError(
+            f"no syslog at {SYSLOG_SOCKET} and cannot create the log file "
+            f"{default_log_file(mountpoint)}: {err.strerror or err}; give --log-file"
+        ) from err
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
