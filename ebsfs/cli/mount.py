@@ -195,7 +195,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError(f"{mountpoint} is already a mount point")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
-    log_file = args.log_file if args.foreground else _background_log(args.log_file, mountpoint)
     # Throttling is waited out as long as a read may wait, and no longer.
     config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
@@ -229,6 +228,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             on_ready=lambda: print(f"{mounted}; Ctrl-C to unmount", file=sys.stderr, flush=True),
         )
         return 0
+
+    # Only now: a mount refused by the checks above leaves no empty log behind.
+    log_file = _background_log(args.log_file, mountpoint)
 
     def in_background(ready: Callable[[], None]) -> None:
         setup_logging(args.verbose, log_file, background=True)
