@@ -103,6 +103,7 @@ def test_a_fake_mount_checks_the_options_only() -> None:
         ("rw", "read-only: give ro in the mount options"),
         ("ro,bogus", "unknown mount option 'bogus'"),
         ("foreground", "unknown mount option 'foreground'"),
+        ("remount,ro", "cannot be remounted: unmount it and mount again"),
         ("region", "mount option region needs a value: region=..."),
         ("allow_other=yes", "mount option allow_other takes no value"),
     ],

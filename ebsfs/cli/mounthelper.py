@@ -147,6 +147,8 @@ def translate(argv: list[str]) -> list[str] | None:
         key = name.replace("-", "_")
         if key == "rw":
             raise UserInputError(_READ_ONLY)
+        if key == "remount":
+            raise UserInputError("an ebsfs mount cannot be remounted: unmount it and mount again")
         if key == "noexec":
             noexec = True
             continue
