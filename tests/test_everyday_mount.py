@@ -17,7 +17,7 @@ from ebsfs.cli import logs
 from ebsfs.emulator import EmulatorServer
 from tests.acquiring import add
 from tests.fakes import pattern_block
-from tests.mounting import needs_fuse, wait_gone
+from tests.mounting import ebsfs, mounted, needs_fuse, wait_gone
 
 SNAP = "snap-0e28"
 BLOCKS = {i: pattern_block(28, i) for i in range(4)}
@@ -108,3 +108,28 @@ def test_no_syslog_socket_is_unusable(tmp_path: Path) -> None:
     assert not logs.syslog_usable(str(tmp_path / "absent"))
     (tmp_path / "plain").write_text("")
     assert not logs.syslog_usable(str(tmp_path / "plain"))
+
+
+def test_a_non_empty_mount_point_is_refused_in_one_line(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "notes.txt").write_text("mine")
+    result = ebsfs("mount", "--endpoint-url", "http://127.0.0.1:9", SNAP, str(mnt))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not empty" in lines[0] and "--nonempty" in lines[0], lines
+    assert (mnt / "notes.txt").read_text() == "mine"
+    assert "--nonempty" in ebsfs("mount", "--help").stdout
+
+
+@needs_fuse
+def test_nonempty_mounts_over_files_and_leaves_them(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    add(emulator.store, SNAP, BLOCKS, volume_gib=1)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "notes.txt").write_text("mine")
+    with mounted(emulator.url, [SNAP], mnt, "--nonempty"):
+        assert sorted(os.listdir(mnt)) == [f"{SNAP}.img"]
+    assert (mnt / "notes.txt").read_text() == "mine"

@@ -55,7 +55,16 @@ def add_parser(commands: Commands) -> None:
         metavar="SNAPSHOT_ID",
         help="snapshot ids (snap-...), completed and in this account",
     )
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", help="an existing empty directory (see --nonempty)"
+    )
+    mount.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even if MOUNTPOINT is not empty, as FUSE's -o nonempty did: its "
+        "files are hidden, not lost, until the unmount (by default a non-empty "
+        "MOUNTPOINT is refused)",
+    )
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground; Ctrl-C unmounts"
     )
@@ -193,6 +202,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise UserInputError(f"{mountpoint} is already a mount point")
+    if not args.nonempty and _has_entries(mountpoint):
+        raise UserInputError(
+            f"mount point {mountpoint} is not empty: its files would be hidden while "
+            "mounted; give --nonempty to mount over them anyway"
+        )
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
     # Throttling is waited out as long as a read may wait, and no longer.
@@ -240,6 +254,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if code == 0:  # one line: where it is and where its log goes
         print(f"{mounted}; log: {log_file or 'syslog'}", file=sys.stderr, flush=True)
     return code
+
+
+def _has_entries(directory: str) -> bool:
+    """Whether `directory` holds anything (one that cannot be listed: left to FUSE)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 def _background_log(log_file: str | None, mountpoint: str) -> str | None:
