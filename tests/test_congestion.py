@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import trio
 
 from ebsfs.emulator import Faults, SnapshotStore
@@ -96,7 +97,7 @@ def test_calls_in_flight_stop_growing_on_a_server_whose_latency_rises_with_load(
     print(f"\nunguarded: {most_unguarded} at once, {rate_unguarded:.0f}/s")
     print(f"guarded: {most} at once, {rate:.0f}/s")
     assert most_unguarded > 100  # what the loop did before
-    assert most <= 60  # 1,000/s x 1.5 x 20 ms x 1.5 = 45, and the reader's own calls
+    assert most <= 90  # 1,000/s x 1.5 x 20 ms x 2.5 = 75, and answers' jitter
     assert rate >= 0.8 * rate_unguarded  # the server's capacity either way
 
 
@@ -106,7 +107,7 @@ def test_the_floor_is_measured_again_by_a_probe_and_follows_a_slower_service() -
     for _ in range(10):
         now += 0.1
         guard.answered(now - 0.02, 0.02, 0.02, now)
-    assert guard.floor == 0.02 and guard.latency_for_depth(0.1) == 0.03
+    assert guard.floor == 0.02 and guard.latency_for_depth(0.1) == pytest.approx(0.05)
     # The service itself becomes slower (every answer 0.1 s, however few are out).
     now += congestion.FLOOR_LIFETIME
     guard.answered(now - 0.1, 0.1, 0.1, now)
