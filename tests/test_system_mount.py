@@ -75,7 +75,7 @@ def test_generic_options_of_mount_and_mount_fuse3_are_accepted() -> None:
     # and what mount.fuse3 adds (dev, suid), and the rest of the VFS flags.
     generic = (
         "ro,defaults,auto,noauto,nofail,_netdev,user,users,nouser,dev,nodev,suid,nosuid,"
-        "exec,noatime,relatime,x-systemd.automount,x-systemd.requires=network-online.target,"
+        "exec,noatime,relatime,x-systemd.automount,x-systemd.requires=network-online.target,X-mount.mkdir,"
         "comment=evidence"
     )
     assert translate([SNAP_A, "/mnt", "-o", generic]) == ["mount", "--", SNAP_A, "/mnt"]

@@ -57,7 +57,7 @@ mount(8) acts on itself (noauto, nofail, _netdev, user), the read-only mount's o
 setuid file (nodev, nosuid), times never change, and the kernel always checks
 permissions (default_permissions). mount.fuse3 adds dev and suid to every call."""
 
-IGNORED_PREFIXES = ("x-", "comment=")
+IGNORED_PREFIXES = ("x-", "X-", "comment=")
 """Options for other programs: x-systemd.*, x-gvfs-*, x-mount.* and fstab comments
 (mount(8) drops most before a helper sees them; a hand-run helper gets them all)."""
 

@@ -11,9 +11,9 @@ import queue
 import re
 import sys
 import threading
-from collections.abc import Callable
+import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from ebsfs.quoting import printable, quote, utf8_stream
 
@@ -30,8 +30,6 @@ ANSWER_TIMEOUT = 5.0
 must not hold the listing of the others."""
 
 _IMAGE = re.compile(r"^(snap-[0-9a-f]+)\.img$")
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -80,54 +78,41 @@ def mountpoints(mountinfo: str) -> list[str]:
     return found
 
 
-def _within(seconds: float, work: Callable[[], T]) -> T:
-    """`work()`, or TimeoutError after `seconds`: a mount whose process is stopped
-    answers nothing and its caller would wait for ever. The thread is a daemon: one
-    left waiting does not keep the command from exiting."""
-    answers: queue.Queue[tuple[bool, object]] = queue.Queue()
-
-    def call() -> None:
-        try:
-            answers.put((True, work()))
-        except BaseException as err:  # handed to the caller
-            answers.put((False, err))
-
-    threading.Thread(target=call, daemon=True, name="mount-query").start()
-    try:
-        ok, value = answers.get(timeout=seconds)
-    except queue.Empty:
-        raise TimeoutError(f"no answer in {seconds:g} s") from None
-    if not ok:
-        assert isinstance(value, BaseException)
-        raise value
-    return value  # type: ignore[return-value]
-
-
-def describe(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> Mount:
+def describe(mountpoint: str) -> Mount:
     """A mount's process (user.ebsfs.pid on its root) and snapshots (its images)."""
-
-    def ask() -> Mount:
+    try:
         pid = int(os.getxattr(mountpoint, "user.ebsfs.pid"))
         snapshots = []
         for name in sorted(os.listdir(mountpoint)):
             if _IMAGE.match(name):
                 path = os.path.join(mountpoint, name)
                 snapshots.append(os.getxattr(path, "user.ebsfs.snapshot_id").decode())
-        return Mount(mountpoint, pid, snapshots)
-
-    try:
-        return _within(timeout, ask)
-    except TimeoutError as err:
-        return Mount(mountpoint, error=f"not answering ({err})")
     except OSError as err:
         return Mount(mountpoint, error=err.strerror or str(err))
     except ValueError as err:
         return Mount(mountpoint, error=f"unreadable: {err}")
+    return Mount(mountpoint, pid, snapshots)
 
 
-def active() -> list[Mount]:
-    with open(MOUNTINFO) as f:
-        return [describe(path) for path in mountpoints(f.read())]
+def active(timeout: float = ANSWER_TIMEOUT) -> list[Mount]:
+    """Every ebsfs mount, asked all at once, each on a thread of its own: a mount whose
+    process is stopped answers nothing, and its caller would wait for ever. The threads
+    are daemons: one left waiting keeps neither the others nor the command's exit."""
+    with open(MOUNTINFO, errors="surrogateescape") as f:
+        paths = mountpoints(f.read())
+    answers: list[queue.Queue[Mount]] = [queue.Queue() for _ in paths]
+    for path, answer in zip(paths, answers, strict=True):
+        threading.Thread(
+            target=lambda p=path, a=answer: a.put(describe(p)), daemon=True, name="mount-query"
+        ).start()
+    deadline = time.monotonic() + timeout
+    found = []
+    for path, answer in zip(paths, answers, strict=True):
+        try:
+            found.append(answer.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            found.append(Mount(path, error=f"not answering (no answer in {timeout:g} s)"))
+    return found
 
 
 def cmd_mounts(args: argparse.Namespace) -> int:
