@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import io
+import math
+import os
 import threading
 from typing import Any
 
@@ -18,11 +20,57 @@ from ebsfs.engine.engine import EngineThread, connect
 from ebsfs.engine.files import WindowReader
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition
-from ebsfs.errors import EbsfsError
+from ebsfs.errors import EbsfsError, UserInputError
 from ebsfs.service.client import ConnectionOptions
 
 MAX_READ = 32 * 1024**2
 """Bytes asked of the engine at once (64 blocks fetched together)."""
+
+
+class BadArgument(UserInputError, ValueError):
+    """A keyword of `open` with a value it cannot take, named: a ValueError as Python's
+    own functions raise for one (and an ebsfs UserInputError, as before)."""
+
+
+_TEXTS = ("region", "profile", "endpoint_url")
+_SIZES = ("cache_size", "cache_dir_size", "prefetch_metadata_budget")
+_SECONDS = ("read_timeout", "request_timeout")
+_SWITCHES = ("readahead", "direct_get", "prefetch_metadata", "hedge")
+
+
+def _check_keywords(values: dict[str, Any]) -> None:
+    """Each keyword's value of the right kind, or BadArgument naming it: `cache_size=
+    "banana"` would otherwise surface as a TypeError from deep inside the engine."""
+
+    def bad(name: str, wanted: str) -> BadArgument:
+        return BadArgument(f"{name} must be {wanted}, got {values[name]!r}")
+
+    ids = values["snapshot_ids"]
+    if isinstance(ids, str | bytes) or not all(isinstance(i, str) for i in ids):
+        raise bad("snapshot_ids", "a list of snapshot ids (strings)")
+    for name in _TEXTS:
+        if not isinstance(values[name], str | None):
+            raise bad(name, "a string or None")
+    cache_dir = values["cache_dir"]
+    if not isinstance(cache_dir, str | os.PathLike | None):
+        raise bad("cache_dir", "a path or None")
+    for name in (*_SIZES, "max_fetches"):
+        value = values[name]
+        if value is None and name == "prefetch_metadata_budget":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(name, "a whole number" + (" of bytes" if name in _SIZES else ""))
+        if value < (1 if name == "max_fetches" else 0):
+            raise bad(name, ">= 1" if name == "max_fetches" else ">= 0")
+    for name in _SECONDS:
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad(name, "a number of seconds")
+        if not 0 < value < math.inf:
+            raise bad(name, "a number of seconds > 0")
+    for name in _SWITCHES:
+        if not isinstance(values[name], bool):
+            raise bad(name, "True or False")
 
 
 def open(  # noqa: A001 (the name users expect, as io.open and gzip.open)
@@ -112,7 +160,11 @@ def open_snapshots(
     """Open several snapshots on one engine, one file each in the order given: a block
     unchanged between two snapshots of one volume is fetched once for both (the later
     snapshot reads it through the earlier one's cache entry). Same keywords as `open`;
-    the engine stops when the last of the files is closed."""
+    the engine stops when the last of the files is closed. A keyword with a value it
+    cannot take raises ValueError (BadArgument) naming it."""
+    _check_keywords(locals())
+    if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
     connection = ConnectionOptions(
         region=region,
         profile=profile,
