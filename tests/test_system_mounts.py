@@ -136,3 +136,13 @@ def test_dead_and_stopped_mounts_are_listed_with_the_reason(
             waited,
         ]
         assert took < 1.8 * mounts.ANSWER_TIMEOUT
+
+
+def test_a_mount_point_not_in_utf8_elsewhere_breaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_bytes(b"97 22 0:54 / /mnt/caf\xe9 rw - ext4 /dev/sdb1 rw\n")
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(info))
+    assert main(["mounts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
