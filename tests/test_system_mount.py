@@ -118,7 +118,16 @@ def test_sloppy_ignores_unknown_options() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [[SNAP_A], [SNAP_A, "/mnt", "extra"], [f"{SNAP_A},,{SNAP_B}", "/mnt"], [",", "/m"]]
+    "argv",
+    [
+        [SNAP_A],
+        [SNAP_A, "/mnt", "extra"],
+        [f"{SNAP_A},,{SNAP_B}", "/mnt"],
+        [",", "/m"],
+        [SNAP_A, "/mnt", "--cache-size", "1G"],
+        [SNAP_A, "/mnt", "-o"],
+        [SNAP_A, "/mnt", "-N", "1234"],
+    ],
 )
 def test_bad_source_or_arguments(argv: list[str]) -> None:
     with pytest.raises(UserInputError):

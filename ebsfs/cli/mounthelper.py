@@ -114,7 +114,10 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], bool, bool]:
             if "w" in word:
                 raise UserInputError(_READ_ONLY)
         elif word.startswith("-") and word != "-":
-            raise UserInputError(f"unknown mount helper flag {word!r}")
+            raise UserInputError(
+                f"unknown mount helper flag {word!r} (the helper takes -o NAME=VALUE,...; "
+                "or use `ebsfs mount`)"
+            )
         else:
             positionals.append(word)
     if len(positionals) != 2:
