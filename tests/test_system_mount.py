@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,25 @@ def test_the_systemd_unit_example_parses_with_the_helper() -> None:
     parsed = build_parser().parse_args(args)
     assert parsed.snapshot_ids and all(s.startswith("snap-") for s in parsed.snapshot_ids)
     assert parsed.mountpoint == mount["Where"] and parsed.allow_other
+
+
+def test_the_automount_example_names_the_same_mount_point() -> None:
+    automount = configparser.ConfigParser(interpolation=None)
+    automount.read_string((EXAMPLES / "mnt-ebsfs.automount").read_text())
+    assert automount["Automount"]["Where"] == unit(EXAMPLES / "mnt-ebsfs.mount")["Where"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_accepts_the_unit_examples(tmp_path: Path) -> None:
+    units = [EXAMPLES / "mnt-ebsfs.mount", EXAMPLES / "mnt-ebsfs.automount"]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
 
 
 def test_the_fstab_example_parses_with_the_helper() -> None:
