@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,12 @@ trap 'getfattr --only-values -n user.ebsfs.pid "$MP" > {pid_file} 2>/dev/null ||
 
 HELPER = "import sys; from ebsfs.cli.mounthelper import main; sys.exit(main())"
 """What the mount.fuse.ebsfs entry point runs (pyproject.toml)."""
+
+
+def test_the_helper_is_an_entry_point() -> None:
+    with open(EXAMPLES.parent.parent / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["mount.fuse.ebsfs"] == "ebsfs.cli.mounthelper:main"
 
 
 def pid_of_mount(output: str) -> int:
