@@ -17,9 +17,11 @@ from ebsfs.errors import (
     CredentialsMissing,
     EbsfsError,
     EndpointUnreachable,
+    ServiceError,
     TransientError,
     service_error,
 )
+from ebsfs.quoting import printable
 
 NO_CREDENTIALS = "no AWS credentials found (environment, --profile, config files, instance role)"
 CREDENTIAL_HINT = (
@@ -61,10 +63,37 @@ def redact(text: str, *secrets: str | None) -> str:
     return _SECRET_PARAMETER.sub(r"\1\2<redacted>", text)
 
 
-def answer_error(status: int, code: str, reason: str, message: str) -> EbsfsError:
+def foreign_answer(status: int, content_type: str, body: str) -> EbsfsError | None:
+    """An error answer that is not the EBS service's, or None if it may be: the service
+    answers errors in JSON with an error type, a web server or a proxy (a wrong
+    --endpoint-url) with a page. One line naming the status and what came, never the
+    page: 5xx is retried (a proxy's gateway error may pass), the rest is not."""
+    kind = content_type.split(";")[0].strip().lower()
+    text = body.lstrip()
+    if not text or kind.endswith("json") or text.startswith(("{", "[")):
+        return None  # an empty body: as before (a 5xx of the service's may have none)
+    if text.startswith("<?xml") or (kind.endswith("xml") and "html" not in kind):
+        what = "an XML document"
+    elif kind == "text/html" or text[:1] == "<":
+        what = "an HTML page"
+    else:
+        what = f"a {printable(kind)[:60]} answer" if kind else "an answer that is not JSON"
+    line = f"the endpoint answered HTTP {status} with {what}: is --endpoint-url right?"
+    return TransientError(line) if status >= 500 else ServiceError(line, code=f"HTTP {status}")
+
+
+def answer_error(
+    status: int, code: str, reason: str, message: str, content_type: str = ""
+) -> EbsfsError:
     """An error answer of the service (HTTP status, error type, Reason, Message): 5xx
     (or no error type at all) is worth retrying, the rest maps to its typed error.
-    The message is the server's text: cut short and redacted."""
+    The message is the server's text: cut short and redacted. An answer with no error
+    type (botocore then names it by its status) whose body is not JSON is not the
+    service's: foreign_answer."""
+    if not code or code.isdigit():
+        foreign = foreign_answer(status, content_type, message)
+        if foreign is not None:
+            return foreign
     message = redact(message[:MAX_MESSAGE])
     code, reason = code[:100], reason[:100]
     if status >= 500 or not code:
@@ -72,13 +101,19 @@ def answer_error(status: int, code: str, reason: str, message: str) -> EbsfsErro
     return service_error(code, reason, message)
 
 
-def rest_json_error(status: int, error_type: str | None, body: bytes) -> EbsfsError:
+def rest_json_error(
+    status: int, error_type: str | None, body: bytes, content_type: str = ""
+) -> EbsfsError:
     """A REST-JSON error answer read off the wire (the direct GET path), mapped as
     botocore's parse of the same answer would be."""
     try:
         data = json.loads(body or b"{}")
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." a million deep
-        data = {}
+        data = None
+    if data is None and not error_type:  # not JSON, no error type: not the service's
+        foreign = foreign_answer(status, content_type, body[:4096].decode("latin-1"))
+        if foreign is not None:
+            return foreign
     if not isinstance(data, dict):
         data = {}
     code = str(error_type or data.get("__type") or data.get("code") or "").split(":")[0]
@@ -101,11 +136,13 @@ def boto_error(err: Exception, *secrets: str | None) -> EbsfsError:
 def _boto_error(err: Exception) -> EbsfsError:
     if isinstance(err, botocore.exceptions.ClientError):
         response = err.response
+        metadata = response.get("ResponseMetadata", {})
         return answer_error(
-            response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0),
+            metadata.get("HTTPStatusCode", 0),
             response.get("Error", {}).get("Code", ""),
             str(response.get("Reason", "") or ""),
             response.get("Error", {}).get("Message", ""),
+            str(metadata.get("HTTPHeaders", {}).get("content-type", "")),
         )
     if isinstance(err, (botocore.exceptions.NoCredentialsError, *CREDENTIAL_ERRORS)):
         return credential_failure(err)
