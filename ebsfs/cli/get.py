@@ -4,10 +4,11 @@ manifest; the copy itself is ebsfs.acquire's, the progress and the summary are h
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ebsfs.cli.options import (
     cache_dir_arguments,
@@ -18,11 +19,12 @@ from ebsfs.cli.options import (
     positive_float,
 )
 from ebsfs.constants import READ_TIMEOUT
-from ebsfs.errors import first_leaf
+from ebsfs.errors import UserInputError, first_leaf
 from ebsfs.quoting import printable
 from ebsfs.service.retry import COPY_THROTTLE_WAIT
 
 if TYPE_CHECKING:
+    from ebsfs.acquire.get import GetResult
     from ebsfs.acquire.manifest import Manifest
     from ebsfs.cli.options import Commands
 
@@ -103,6 +105,14 @@ def add_parser(commands: Commands) -> None:
         action="store_true",
         help="no progress and no summary (errors still go to stderr)",
     )
+    get.add_argument(
+        "--json",
+        action="store_true",
+        help="at the end, one JSON object on stdout instead of the summary line: "
+        "snapshot_id, output, manifest, volume_size, written_blocks, counts (where "
+        "the blocks came from), sha256, md5, started, finished, already_done, "
+        "throttled (answers waited out); not with OUTPUT - (stdout is the image)",
+    )
     engine_arguments(
         get,
         cache_help="memory for blocks on their way to OUTPUT, e.g. 256M "
@@ -143,6 +153,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     from ebsfs.service import ec2
     from ebsfs.service.retry import RetryPolicy
 
+    if args.json and args.output == "-":
+        raise UserInputError("--json needs an OUTPUT other than -: standard output is the image")
     config = engine_config(args, RetryPolicy(throttle_budget=args.throttle_wait))
     config.prefetch_metadata = False  # a copy reads every block anyway
     quiet = args.quiet
@@ -182,6 +194,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         print("ebsfs: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     m = result.manifest
+    if args.json:
+        print(json.dumps(summary_json(result), indent=2))
+        return 0
     if quiet:
         return 0
     if result.already_done:
@@ -207,6 +222,25 @@ def cmd_get(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def summary_json(result: GetResult) -> dict[str, Any]:
+    """What the summary line says, for programs (`get --json`)."""
+    m = result.manifest
+    return {
+        "snapshot_id": m.snapshot_id,
+        "output": result.output,
+        "manifest": result.manifest_path,
+        "volume_size": m.volume_size,
+        "written_blocks": m.written_blocks,
+        "counts": m.counts,
+        "sha256": m.sha256,
+        "md5": m.md5,
+        "started": m.started,
+        "finished": m.finished,
+        "already_done": result.already_done,
+        "throttled": result.throttles,
+    }
 
 
 def image_digests(m: Manifest) -> str:
