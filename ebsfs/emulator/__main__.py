@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from typing import Any
@@ -17,6 +18,8 @@ examples:
   ebsfs-emulator --snapshot snap-0123456789abcdef0=disk.img
   ebsfs-emulator --snapshot snap-0a=before.img \\
                  --snapshot snap-0b=after.img,parent=snap-0a --latency 0.02 --jitter 0.01
+  ebsfs-emulator --snapshot snap-0a=disk.img --latency 0.02 --backlog 5 \\
+                 --slow-tail 0.01:10 --close-after 100 --idle-timeout 60 --seed 1
 
 Point any boto3 client at the printed URL (--endpoint-url or AWS_ENDPOINT_URL). Any
 credentials are accepted unless listed with --deny-access-key; with --credentials,
@@ -56,7 +59,11 @@ def _share(text: str) -> float:
     return value
 
 
-def _backlog(text: str) -> int:
+# The option types from here on are public: the bench scripts check the emulator
+# options they pass on with them, so a bad value is a usage error there too.
+
+
+def backlog(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -66,11 +73,44 @@ def _backlog(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
+def seconds(text: str) -> float:
+    """A finite number >= 0 (also for the rates). float() takes "nan" and "inf": a
+    latency of nan was silently none, one of inf failed every call in time.sleep,
+    and a token lifetime of either put NaN or Infinity, not JSON, in list answers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def slow_tail(text: str) -> tuple[float, float]:
+    """FRACTION:FACTOR, e.g. 0.01:10 (1 % of calls ten times the latency)."""
+    fraction, sep, factor = text.partition(":")
+    try:
+        share, times = float(fraction), float(factor)
+    except ValueError:
+        share = times = math.nan
+    if not sep or not 0.0 <= share <= 1.0 or not 1.0 <= times < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"expected FRACTION:FACTOR with 0 <= FRACTION <= 1 and a finite FACTOR >= 1 "
+            f"(e.g. 0.01:10), got {text!r}"
+        )
+    return share, times
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,16 +149,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--accept-delay",
-        type=_seconds,
+        type=seconds,
         default=0.0,
         help="seconds the accept loop waits before each new connection",
     )
+    w.add_argument("--backlog", type=backlog, default=256, help="listen queue length (default 256)")
     w.add_argument(
-        "--backlog", type=_backlog, default=256, help="listen queue length (default 256)"
+        "--close-after",
+        type=count,
+        default=0,
+        metavar="N",
+        help="close a keep-alive connection after its Nth answer, which says "
+        "`Connection: close` (default 0: never)",
+    )
+    w.add_argument(
+        "--close-silently",
+        action="store_true",
+        help="with --close-after: close with no header, as an idle-timeout close looks "
+        "to a client that sends its next request just then",
+    )
+    w.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=0.0,
+        metavar="S",
+        help="close a connection silently once it has waited S seconds for its next "
+        "request, as load balancers do (60 is typical; default 0: never)",
     )
     f = p.add_argument_group("faults and load (defaults behave like the real service)")
-    f.add_argument("--latency", type=_seconds, default=0.0, help="seconds added to every call")
-    f.add_argument("--jitter", type=_seconds, default=0.0, help="up to this many more seconds")
+    f.add_argument("--latency", type=seconds, default=0.0, help="seconds added to every call")
+    f.add_argument("--jitter", type=seconds, default=0.0, help="up to this many more seconds")
+    f.add_argument(
+        "--slow-tail",
+        type=slow_tail,
+        default=(0.0, 1.0),
+        metavar="FRACTION:FACTOR",
+        help="that share of calls (drawn with --seed) waits FACTOR times its latency "
+        "and jitter, e.g. 0.01:10",
+    )
     f.add_argument(
         "--error-rate",
         type=_share,
@@ -142,20 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--token-lifetime",
-        type=_seconds,
+        type=seconds,
         default=7 * 24 * 3600.0,
         help="seconds a block token lives (default 7 days)",
     )
     f.add_argument(
         "--get-rate",
-        type=_seconds,
+        type=seconds,
         default=1000.0,
         help="GetSnapshotBlock calls/s per snapshot before throttling "
         "(default 1000, 0 = unlimited)",
     )
     f.add_argument(
         "--list-rate",
-        type=_seconds,
+        type=seconds,
         default=50.0,
         help="list calls/s before throttling (default 50, 0 = unlimited)",
     )
@@ -189,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = Faults(
         latency=args.latency,
         jitter=args.jitter,
+        slow_share=args.slow_tail[0],
+        slow_factor=args.slow_tail[1],
         error_rate=args.error_rate,
         corrupt_rate=args.corrupt_rate,
         truncate_rate=args.truncate_rate,
@@ -204,13 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("ebsfs-emulator: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.close_silently and not args.close_after:
+        print("ebsfs-emulator: error: --close-silently needs --close-after", file=sys.stderr)
+        return 2
     try:
         server = EmulatorServer(
             store,
             host=args.host,
             port=args.port,
             tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
-            profile=ServerProfile(args.nagle, args.accept_delay, args.backlog),
+            profile=ServerProfile(
+                nagle=args.nagle,
+                accept_delay=args.accept_delay,
+                backlog=args.backlog,
+                close_after=args.close_after,
+                close_silently=args.close_silently,
+                idle_timeout=args.idle_timeout,
+            ),
         )
     except (OSError, ValueError) as err:
         print(

@@ -20,6 +20,10 @@ class Faults:
     """Seconds added to every call."""
     jitter: float = 0.0
     """Up to this many more seconds, uniformly random, added to every call."""
+    slow_share: float = 0.0
+    """Share of calls (drawn with the seeded dice) whose latency and jitter are
+    multiplied by `slow_factor`: a heavy tail, as real services have."""
+    slow_factor: float = 1.0
     error_rate: float = 0.0
     """Share of calls answered 500 InternalServerException."""
     corrupt_rate: float = 0.0
@@ -104,7 +108,8 @@ class RateLimiter:
 
 
 class Counters:
-    """Calls per operation, answers per error type, and GetSnapshotBlock calls per block."""
+    """Calls per operation, answers per error type, GetSnapshotBlock calls per block,
+    connections accepted and the delays decided."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -116,6 +121,12 @@ class Counters:
             self.errors: collections.Counter[str] = collections.Counter()
             self.block_gets: collections.Counter[tuple[str, int]] = collections.Counter()
             self.bytes_sent = 0
+            self.connections = 0
+            self.closes: collections.Counter[str] = collections.Counter()
+            self.delayed_calls = 0
+            self.delay_seconds = 0.0
+            self.slow_calls = 0
+            self.slow_seconds = 0.0
 
     def call(self, operation: str) -> None:
         with self._lock:
@@ -124,6 +135,27 @@ class Counters:
     def error(self, code: str) -> None:
         with self._lock:
             self.errors[code] += 1
+
+    def connection(self) -> None:
+        """A connection accepted: how many a client opens is part of what it costs."""
+        with self._lock:
+            self.connections += 1
+
+    def closed(self, how: str) -> None:
+        """A connection the server profile closed: "said" (Connection: close on the
+        Nth answer), "silent" (no header), "idle" (no request in time)."""
+        with self._lock:
+            self.closes[how] += 1
+
+    def delayed(self, seconds: float, slow: bool) -> None:
+        """A call's delay as the server decided it (latency, jitter, slow tail): tests
+        check the decisions, not wall clocks a loaded machine stretches."""
+        with self._lock:
+            self.delayed_calls += 1
+            self.delay_seconds += seconds
+            if slow:
+                self.slow_calls += 1
+                self.slow_seconds += seconds
 
     def block(self, snapshot_id: str, index: int, size: int) -> None:
         with self._lock:
@@ -138,4 +170,12 @@ class Counters:
                 "errors": dict(self.errors),
                 "block_gets": {f"{s}:{i}": n for (s, i), n in self.block_gets.items()},
                 "bytes_sent": self.bytes_sent,
+                "connections": self.connections,
+                "closes": dict(self.closes),
+                "delays": {
+                    "calls": self.delayed_calls,
+                    "seconds": self.delay_seconds,
+                    "slow_calls": self.slow_calls,
+                    "slow_seconds": self.slow_seconds,
+                },
             }

@@ -3,148 +3,29 @@ injection around each call, and a small control endpoint (/_emulator/...) for te
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import socket
 import ssl
-import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ebsfs.emulator.auth import access_key_of, verify_signature
 from ebsfs.emulator.faults import Counters, Faults, RateLimiter
 from ebsfs.emulator.store import ApiError, SnapshotStore
+from ebsfs.emulator.wire import Handler, HttpServer, ServerProfile
+
+__all__ = ["EmulatorServer", "ServerProfile"]
 
 log = logging.getLogger(__name__)
 
 _LIST = re.compile(r"^/snapshots/([^/]+)/blocks$")
 _GET = re.compile(r"^/snapshots/([^/]+)/blocks/([^/]+)$")
 _CHANGED = re.compile(r"^/snapshots/([^/]+)/changedblocks$")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes: with Nagle's algorithm the body then
-    # waits for a delayed ACK (40 ms on Linux) on every keep-alive request.
-    disable_nagle_algorithm = True
-    server: _HttpServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.server.emulator.handle_api(self)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.server.emulator.handle_control(self)
-
-
-class _NagleHandler(_Handler):
-    """Nagle's algorithm left on, as many servers leave it: the body waits for the
-    client's delayed ACK of the headers (a profile for benchmarks, `--nagle`)."""
-
-    disable_nagle_algorithm = False
-
-
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        emulator: EmulatorServer,
-        tls: ssl.SSLContext | None = None,
-        profile: ServerProfile | None = None,
-    ) -> None:
-        self.emulator = emulator
-        self.tls = tls
-        self.profile = profile or ServerProfile()
-        self.request_queue_size = self.profile.backlog  # listen() is called in __init__
-        self.open_sockets: set[socket.socket] = set()
-        self.sockets_lock = threading.Lock()
-        super().__init__(address, _NagleHandler if self.profile.nagle else _Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept one connection, after the profile's delay: a server slow to accept
-        makes a burst of new connections wait in the listen queue."""
-        if self.profile.accept_delay:
-            time.sleep(self.profile.accept_delay)
-        return super().get_request()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Serve one connection (in its own thread): the TLS handshake happens here, so
-        a slow client never holds up the accept loop. The TLS socket takes over the
-        connection, so it is what drop_connections() must shut down."""
-        if self.tls is None:
-            super().finish_request(request, client_address)
-            return
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        request.settimeout(10.0)
-        try:
-            conn = self.tls.wrap_socket(request, server_side=True)
-        except OSError as err:
-            log.debug("TLS handshake with %s failed: %s", client_address, err)
-            request.close()
-            return
-        conn.settimeout(None)
-        with self.sockets_lock:
-            self.open_sockets.add(conn)
-        try:
-            super().finish_request(conn, client_address)
-        finally:
-            with self.sockets_lock:
-                self.open_sockets.discard(conn)
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.sockets_lock:
-            self.open_sockets.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away mid-answer (killed, or cancelled its read) is
-        normal: a debug line, not socketserver's traceback on stderr."""
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            log.debug("%s went away: %s", client_address, sys.exc_info()[1])
-            return
-        super().handle_error(request, client_address)
-
-    def drop_connections(self) -> None:
-        """Close every open connection, as a server that goes away does."""
-        with self.sockets_lock:
-            sockets = list(self.open_sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-@dataclass(frozen=True)
-class ServerProfile:
-    """How the server behaves on the wire, beside the EBS behaviour (Faults): the real
-    service's front ends are not our loopback server. Defaults: Nagle off, accepts at
-    once, a listen queue of 256."""
-
-    nagle: bool = False
-    accept_delay: float = 0.0
-    """Seconds the accept loop waits before each accept."""
-    backlog: int = 256
-    """The listen queue's length (the kernel may cap it at net.core.somaxconn)."""
 
 
 class EmulatorServer:
@@ -164,7 +45,8 @@ class EmulatorServer:
     ) -> None:
         """`tls`: (certificate chain, private key) PEM files to serve HTTPS, as the real
         service does; clients must trust the certificate (AWS_CA_BUNDLE). `profile`:
-        Nagle, a slow accept loop, a short listen queue (ServerProfile)."""
+        Nagle, a slow accept loop, a short listen queue, keep-alive connections closed
+        after N answers or when idle (ServerProfile)."""
         self.profile = profile
         self.store = store or SnapshotStore()
         self._tls: ssl.SSLContext | None = None
@@ -174,7 +56,7 @@ class EmulatorServer:
         self.counters = Counters()
         self.limiter = RateLimiter()
         self._host, self._port = host, port
-        self._httpd: _HttpServer | None = None
+        self._httpd: HttpServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -189,7 +71,7 @@ class EmulatorServer:
 
     def start(self) -> EmulatorServer:
         self._stopping.clear()
-        self._httpd = _HttpServer((self._host, self._port), self, self._tls, self.profile)
+        self._httpd = HttpServer((self._host, self._port), self, self._tls, self.profile)
         self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -213,7 +95,7 @@ class EmulatorServer:
 
     def serve_forever(self) -> None:
         """Run in the calling thread until interrupted (the command-line emulator)."""
-        self._httpd = _HttpServer((self._host, self._port), self, self._tls, self.profile)
+        self._httpd = HttpServer((self._host, self._port), self, self._tls, self.profile)
         self._port = self._httpd.server_address[1]
         try:
             self._httpd.serve_forever(poll_interval=0.2)
@@ -228,7 +110,7 @@ class EmulatorServer:
 
     # ---- the API -------------------------------------------------------------------
 
-    def handle_api(self, req: _Handler) -> None:
+    def handle_api(self, req: Handler) -> None:
         parts = urlsplit(req.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         path = parts.path
@@ -243,9 +125,7 @@ class EmulatorServer:
         try:
             self._admit(req, operation, args)
             faults = self.faults
-            delay = faults.latency
-            if faults.jitter:
-                delay += self.store.dice.uniform(0, faults.jitter)
+            delay = self._delay(operation)
             if delay > 0:
                 time.sleep(delay)
             if self.store.dice.chance(faults.error_rate):
@@ -258,6 +138,21 @@ class EmulatorServer:
                 self._send_json(req, 200, self.store.list_changed_blocks(**args))
         except ApiError as err:
             self._send_error(req, err)
+
+    def _delay(self, operation: str) -> float:
+        """Seconds this call waits: the latency, its jitter, and for the slow tail's
+        share of calls all that times its factor (a heavy tail: one slow call in a
+        hundred is what a sequential reader waits behind)."""
+        faults, dice = self.faults, self.store.dice
+        delay = faults.latency
+        if faults.jitter:
+            delay += dice.uniform(0, faults.jitter)
+        slow = dice.chance(faults.slow_share)
+        if slow:
+            delay *= faults.slow_factor
+            log.debug("slow tail: %s waits %.3fs (x%g)", operation, delay, faults.slow_factor)
+        self.counters.delayed(delay, slow)
+        return delay
 
     @staticmethod
     def _route(path: str, q: dict[str, str]) -> tuple[str | None, dict[str, Any]]:
@@ -284,7 +179,7 @@ class EmulatorServer:
             }
         return None, {}
 
-    def _admit(self, req: _Handler, operation: str, args: dict[str, Any]) -> None:
+    def _admit(self, req: Handler, operation: str, args: dict[str, Any]) -> None:
         """Authentication and the service quotas, checked before any work."""
         key = access_key_of(req.headers.get("Authorization", ""))
         if self.faults.secret_keys:
@@ -306,7 +201,7 @@ class EmulatorServer:
                 400, "RequestThrottledException", "ACCOUNT_THROTTLED", "Request rate exceeded"
             )
 
-    def _send_block(self, req: _Handler, args: dict[str, Any]) -> None:
+    def _send_block(self, req: Handler, args: dict[str, Any]) -> None:
         block = self.store.get_snapshot_block(**args)
         data = block.data()
         faults = self.faults
@@ -339,7 +234,7 @@ class EmulatorServer:
 
     def _send_json(
         self,
-        req: _Handler,
+        req: Handler,
         status: int,
         body: dict[str, Any],
         headers: dict[str, str] | None = None,
@@ -354,7 +249,7 @@ class EmulatorServer:
         req.end_headers()
         req.wfile.write(payload)
 
-    def _send_error(self, req: _Handler, err: ApiError) -> None:
+    def _send_error(self, req: Handler, err: ApiError) -> None:
         self.counters.error(err.code)
         body: dict[str, Any] = {"message": err.message}
         if err.reason:
@@ -363,9 +258,13 @@ class EmulatorServer:
 
     # ---- control ---------------------------------------------------------------------
 
-    def handle_control(self, req: _Handler) -> None:
-        """GET /_emulator/stats, POST /_emulator/reset, GET or POST /_emulator/faults."""
+    def handle_control(self, req: Handler) -> None:
+        """GET /_emulator/stats, POST /_emulator/reset, GET or POST /_emulator/faults.
+        A POST's body is read whatever the path: left unread, it would be taken for
+        the connection's next request."""
         path = urlsplit(req.path).path
+        length = req.headers.get("Content-Length", "0")
+        body = req.rfile.read(int(length)) if req.command == "POST" and length.isdigit() else b""
         if path == "/_emulator/stats":
             self._send_json(req, 200, self.counters.snapshot())
         elif path == "/_emulator/reset" and req.command == "POST":
@@ -373,9 +272,8 @@ class EmulatorServer:
             self._send_json(req, 200, {})
         elif path == "/_emulator/faults":
             if req.command == "POST":
-                length = int(req.headers.get("Content-Length", "0"))
                 try:
-                    self.faults.update(json.loads(req.rfile.read(length) or b"{}"))
+                    self.faults.update(json.loads(body or b"{}"))
                 except (ValueError, TypeError) as err:
                     self._send_json(req, 400, {"message": str(err)})
                     return
