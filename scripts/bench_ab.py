@@ -13,7 +13,8 @@ these helpers come from this tree, only the mounts run the given trees' code. Ne
 root.
 
     sudo .venv/bin/python scripts/bench_ab.py /tmp/before . [--latency 20] [--tls]
-        [--rounds 8] [--mib 2048 --written 0.6]
+        [--rounds 8] [--mib 2048 --written 0.6] [--profile queue5-tail]
+        [--nagle] [--close-after 100 [--close-silently]] [--slow-tail 0.01:10] ...
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
-from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
+from scripts.bench_emulator import (  # noqa: E402
+    PROFILES,
+    SNAP,
+    add_wire_options,
+    bench_credentials,
+    check_close_silently,
+    start_emulator,
+    wire_options,
+)
 from scripts.bench_read import MB, MIB, cold_dd, emulator_control, get_calls  # noqa: E402
 
 
@@ -98,14 +107,21 @@ def main() -> None:
     parser.add_argument("--written", type=float, default=0.6, help="share of blocks written")
     parser.add_argument("--tls", action="store_true", help="serve HTTPS (throwaway certificate)")
     parser.add_argument(
-        "--nagle", action="store_true", help="the server leaves Nagle's algorithm on"
+        "--profile",
+        choices=PROFILES,
+        default="emulator",
+        help="the server: today's emulator (default), tls-nagle-close (HTTPS, Nagle on, "
+        "connections closed every 100 answers) or queue5-tail (a listen queue of 5, 1 %% "
+        "of calls 10x slower); the options below add to it",
     )
-    parser.add_argument(
-        "--accept-delay", type=float, default=0.0, help="seconds before each accept"
-    )
+    add_wire_options(parser)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    profile_tls, profile_options = PROFILES[args.profile]
+    args.tls = args.tls or profile_tls
+    wire = [*profile_options, *wire_options(args)]
+    check_close_silently(parser, wire)
     trees = source_trees(parser, [args.before, args.after])
     bench_credentials()
     runs = {tree: Runs() for tree in trees}
@@ -120,8 +136,6 @@ def main() -> None:
             os.environ["AWS_CA_BUNDLE"] = str(cert)
         image = tmp / "disk.img"
         random_image(image, args.mib * MIB, seed=5, written=args.written)
-        wire = ["--nagle"] if args.nagle else []
-        wire += ["--accept-delay", str(args.accept_delay)] if args.accept_delay else []
         proc, url = start_emulator(image, *tls, *wire)
         try:
             latency = args.latency / 1000
@@ -138,11 +152,10 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     size = args.mib * MIB
+    server = f" (emulator {' '.join(wire)})" if wire else ""
     print(
         f"\n{args.mib} MiB, {args.written:.0%} written, {args.latency:g} ms"
-        f"{' over HTTPS' if args.tls else ''}{', Nagle on' if args.nagle else ''}"
-        f"{f', accept delay {args.accept_delay:g}s' if args.accept_delay else ''}, "
-        f"{args.rounds} rounds:"
+        f"{' over HTTPS' if args.tls else ''}{server}, {args.rounds} rounds:"
     )
     for tree in trees:
         r = runs[tree]

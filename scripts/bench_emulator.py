@@ -26,9 +26,85 @@ from pathlib import Path
 import boto3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ebsfs.emulator.__main__ import backlog, count, seconds, slow_tail  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 
 SNAP = "snap-0be0c0"
+AUTHORIZATION = (
+    "AWS4-HMAC-SHA256 Credential=BENCH/20260101/us-east-1/ebs/aws4_request, "
+    "SignedHeaders=host, Signature=" + "0" * 64
+)
+"""Well formed, so the emulator (which checks no signature here) serves the block:
+a malformed one is answered 403, and the clients would count error bodies."""
+
+PROFILES: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "emulator": (False, ()),
+    "tls-nagle-close": (True, ("--nagle", "--close-after", "100")),
+    "queue5-tail": (False, ("--backlog", "5", "--slow-tail", "0.01:10")),
+}
+"""Issue 27's server profiles, (HTTPS?, emulator options): today's emulator; TLS with
+Nagle's algorithm on and keep-alive connections closed every 100 answers; a listen
+queue of 5 (Python socketserver's default) with 1 % of calls ten times slower."""
+
+
+def add_wire_options(parser: argparse.ArgumentParser) -> None:
+    """The emulator's wire and slow-tail options, for a bench script to pass on
+    (checked here with the emulator's own option types)."""
+    wire = parser.add_argument_group("the server (passed on to the emulator)")
+    wire.add_argument("--nagle", action="store_true", help="the server leaves Nagle's algorithm on")
+    wire.add_argument(
+        "--accept-delay", type=seconds, default=0.0, help="seconds before each accept"
+    )
+    wire.add_argument("--backlog", type=backlog, help="the listen queue's length")
+    wire.add_argument(
+        "--close-after",
+        type=count,
+        default=0,
+        metavar="N",
+        help="close keep-alive connections after their Nth answer",
+    )
+    wire.add_argument(
+        "--close-silently",
+        action="store_true",
+        help="with --close-after: no `Connection: close` on that answer",
+    )
+    wire.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=0.0,
+        metavar="S",
+        help="close connections idle for S seconds, silently",
+    )
+    wire.add_argument(
+        "--slow-tail",
+        type=slow_tail,
+        metavar="FRACTION:FACTOR",
+        help="that share of calls takes FACTOR times the latency (e.g. 0.01:10)",
+    )
+
+
+def wire_options(args: argparse.Namespace) -> list[str]:
+    """The emulator options for the settings of add_wire_options (none by default)."""
+    options = ["--nagle"] if args.nagle else []
+    if args.accept_delay:
+        options += ["--accept-delay", repr(args.accept_delay)]
+    if args.backlog is not None:
+        options += ["--backlog", str(args.backlog)]
+    if args.close_after:
+        options += ["--close-after", str(args.close_after)]
+    if args.close_silently:
+        options.append("--close-silently")
+    if args.idle_timeout:
+        options += ["--idle-timeout", repr(args.idle_timeout)]
+    if args.slow_tail is not None:
+        options += ["--slow-tail", "{!r}:{!r}".format(*args.slow_tail)]
+    return options
+
+
+def check_close_silently(parser: argparse.ArgumentParser, options: list[str]) -> None:
+    """The emulator's own rule, told here: its error would go to /dev/null."""
+    if "--close-silently" in options and "--close-after" not in options:
+        parser.error("--close-silently needs --close-after")
 
 
 def bench_credentials() -> None:
@@ -65,18 +141,23 @@ def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], s
     raise SystemExit("emulator did not start within 2 minutes")
 
 
-def worker(port: int, paths: list[str], threads: int, seconds: float, out) -> None:
+def worker(port: int, paths: list[str], threads: int, duration: float, out) -> None:
     totals = [0] * threads
-    stop_at = time.monotonic() + seconds
+    refused = [0] * threads
+    stop_at = time.monotonic() + duration
 
     def client(n: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port)
         rng = random.Random(n)
-        headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=BENCH/x"}
+        headers = {"Authorization": AUTHORIZATION}
         while time.monotonic() < stop_at:
             conn.request("GET", rng.choice(paths), headers=headers)
             response = conn.getresponse()
-            totals[n] += len(response.read())
+            body = response.read()
+            if response.status == 200:
+                totals[n] += len(body)
+            else:  # counted apart: error bodies are no blocks served
+                refused[n] += 1
         conn.close()
 
     pool = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
@@ -84,7 +165,7 @@ def worker(port: int, paths: list[str], threads: int, seconds: float, out) -> No
         t.start()
     for t in pool:
         t.join()
-    out.put(sum(totals))
+    out.put((sum(totals), sum(refused)))
 
 
 def main() -> None:
@@ -108,7 +189,7 @@ def main() -> None:
                 for b in blocks
             ]
             port = int(url.rsplit(":", 1)[1])
-            queue: multiprocessing.Queue[int] = multiprocessing.Queue()
+            queue: multiprocessing.Queue[tuple[int, int]] = multiprocessing.Queue()
             per = args.clients // args.processes
             started = time.monotonic()
             workers = [
@@ -117,7 +198,9 @@ def main() -> None:
             ]
             for w in workers:
                 w.start()
-            total = sum(queue.get() for _ in workers)
+            results = [queue.get() for _ in workers]
+            total = sum(served for served, _ in results)
+            refused = sum(errors for _, errors in results)
             for w in workers:
                 w.join()
             elapsed = time.monotonic() - started
@@ -128,6 +211,7 @@ def main() -> None:
         f"emulator: {args.clients} concurrent clients ({args.processes} processes), "
         f"{elapsed:.1f}s, {total / 2**20:.0f} MiB, {total / elapsed / 1e6:.0f} MB/s "
         f"({total / 524288 / elapsed:.0f} blocks/s)"
+        + (f"; {refused} answers were errors, not blocks" if refused else "")
     )
 
 

@@ -18,10 +18,16 @@ ceiling here). Figures are medians; ratios are medians of each round's own ratio
 times (the same bytes read).
 
 The emulator runs as its own process with the real quotas (1,000 GetSnapshotBlock/s per
-snapshot); its latency is changed between cells through its control endpoint. Needs
-root.
+snapshot); its latency is changed between cells through its control endpoint. With
+--profile (repeatable) the whole matrix runs against each server profile of issue 27:
+"emulator" (today's, the default), "tls-nagle-close" (HTTPS, Nagle's algorithm on,
+keep-alive connections closed every 100 answers), "queue5-tail" (a listen queue of 5,
+1 % of calls 10x slower); the wire options (--nagle, --close-after, --slow-tail, ...)
+add to every profile. Each mount's GET calls per block fetched (above 1: retries or
+hedges) and connections opened are counted by the emulator. Needs root.
 
     sudo .venv/bin/python scripts/bench_read.py [--latencies 20,100,200] [--rounds 3]
+        [--profile emulator --profile tls-nagle-close --profile queue5-tail]
 """
 
 from __future__ import annotations
@@ -50,7 +56,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from ebsfs.emulator.selfsigned import make_certificate  # noqa: E402
-from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
+from scripts.bench_emulator import (  # noqa: E402
+    PROFILES,
+    SNAP,
+    add_wire_options,
+    bench_credentials,
+    check_close_silently,
+    start_emulator,
+    wire_options,
+)
 
 MB = 1e6
 MIB = 1024 * 1024
@@ -96,6 +110,17 @@ def emulator_control(url: str, path: str, body: dict | None = None) -> dict:
 
 def get_calls(url: str) -> int:
     return int(emulator_control(url, "stats")["calls"].get("GetSnapshotBlock", 0))
+
+
+def mount_costs(url: str, own_requests: int) -> tuple[int, float, int]:
+    """Since the emulator's counters were last reset: GET calls, those calls per block
+    served (hedged or retried blocks make it more than 1), and connections opened by
+    others than this script (its `own_requests` since the reset, this one included,
+    opened one each)."""
+    stats = emulator_control(url, "stats")
+    calls = int(stats["calls"].get("GetSnapshotBlock", 0))
+    connections = int(stats.get("connections", 0)) - own_requests
+    return calls, calls / max(len(stats["block_gets"]), 1), connections
 
 
 def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
@@ -176,14 +201,18 @@ def wait_for_mount(path: Path) -> None:
 
 @dataclass
 class Cell:
-    """The runs of one (disk, latency) cell: seconds per measure, CPU per block."""
+    """The runs of one (server profile, disk, latency) cell: seconds per measure, and
+    per mount its CPU per block, GET calls per block and connections opened."""
 
+    profile: str
     disk: str
     latency_ms: int
     seconds: dict[str, list[float]] = field(
         default_factory=lambda: {"ebsfs": [], "pool": [], "dsnap": []}
     )
     cpu_ms_per_block: list[float] = field(default_factory=list)
+    calls_per_block: list[float] = field(default_factory=list)
+    connections: list[int] = field(default_factory=list)
 
     def ratios(self, other: str) -> list[float]:
         return [
@@ -199,13 +228,17 @@ def run_cell(
     emulator_control(url, "faults", {"latency": latency, "jitter": latency / 2})
     mount_args = ("mount", "--endpoint-url", url, *args.mount_option, SNAP, str(mnt))
     for _ in range(args.rounds):
+        emulator_control(url, "reset", {})  # the mount's connections counted from here
         ebsfs(*mount_args)
         try:
             pid = int(os.getxattr(mnt, "user.ebsfs.pid"))
             calls, cpu = get_calls(url), process_cpu(pid)
             cell.seconds["ebsfs"].append(cold_dd(mnt / f"{SNAP}.img", mib))
-            fetched = get_calls(url) - calls
+            fetched, per_block, connections = mount_costs(url, own_requests=2)
+            fetched -= calls
             cell.cpu_ms_per_block.append((process_cpu(pid) - cpu) / max(fetched, 1) * 1000)
+            cell.calls_per_block.append(per_block)
+            cell.connections.append(connections)
         finally:
             ebsfs("umount", str(mnt))
         seconds, total = thread_pool(url)
@@ -222,12 +255,16 @@ def report_cell(cell: Cell, size: int) -> None:
         return ", ".join(f"{size / s / MB:.0f}" for s in seconds)
 
     line = (
-        f"  {cell.disk:<6} {cell.latency_ms:>3} ms  ebsfs {rate(cell.seconds['ebsfs'])} "
-        f"| pool {rate(cell.seconds['pool'])}"
+        f"  {cell.profile} {cell.disk:<6} {cell.latency_ms:>3} ms  "
+        f"ebsfs {rate(cell.seconds['ebsfs'])} | pool {rate(cell.seconds['pool'])}"
     )
     if cell.seconds["dsnap"]:
         line += f" | dsnap {rate(cell.seconds['dsnap'])}"
-    line += f" MB/s | cpu/block {', '.join(f'{c:.2f}' for c in cell.cpu_ms_per_block)} ms"
+    line += (
+        f" MB/s | cpu/block {', '.join(f'{c:.2f}' for c in cell.cpu_ms_per_block)} ms"
+        f" | calls/block {', '.join(f'{c:.3f}' for c in cell.calls_per_block)}"
+        f" | connections {', '.join(str(c) for c in cell.connections)}"
+    )
     print(line, flush=True)
 
 
@@ -277,33 +314,42 @@ def summary(
 ) -> dict[str, object]:
     print(
         f"\nsequential cold read, whole image, medians of {args.rounds} rounds "
-        f"(MB/s of image; ratios of times, each round's own):"
+        f"(MB/s of image; ratios of times, each round's own; spread: the mount's slowest "
+        f"run / its fastest; calls/block and connections: the mount's, the highest run):"
     )
     print(
-        "| disk | latency | ebsfs | pool of 64 | dsnap | ebsfs/pool | ebsfs/dsnap | CPU ms/block |"
+        "| server | disk | latency | ebsfs | ebsfs slowest | spread | pool of 64 | dsnap "
+        "| ebsfs/pool | ebsfs/dsnap | CPU ms/block | calls/block | connections |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, object]] = []
     figures: dict[str, object] = {"cells": rows}
     for c in cells:
         size = sizes[c.disk]
         pool_ratio = c.ratios("pool")
         dsnap_ratio = c.ratios("dsnap")
+        mounts = c.seconds["ebsfs"]
         print(
-            f"| {c.disk} | {c.latency_ms} ms | {size / median(c.seconds['ebsfs']) / MB:.0f} | "
+            f"| {c.profile} | {c.disk} | {c.latency_ms} ms | "
+            f"{size / median(mounts) / MB:.0f} | {size / max(mounts) / MB:.0f} | "
+            f"{max(mounts) / min(mounts):.2f} | "
             f"{size / median(c.seconds['pool']) / MB:.0f} | "
             f"{size / median(c.seconds['dsnap']) / MB:.0f} | "
             f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)}) | "
             f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)}) | "
-            f"{median(c.cpu_ms_per_block):.2f} |"
+            f"{median(c.cpu_ms_per_block):.2f} | {max(c.calls_per_block):.3f} | "
+            f"{max(c.connections)} |"
         )
         rows.append(
             {
+                "profile": c.profile,
                 "disk": c.disk,
                 "latency_ms": c.latency_ms,
                 "bytes": size,
                 "seconds": c.seconds,
                 "cpu_ms_per_block": c.cpu_ms_per_block,
+                "calls_per_block": c.calls_per_block,
+                "connections": c.connections,
             }
         )
     if warm["ebsfs_warm"]:
@@ -350,8 +396,21 @@ def main() -> None:
         action="store_true",
         help="serve HTTPS, as the real service does (a throwaway certificate)",
     )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        choices=PROFILES,
+        help="a server profile to run the matrix against (repeatable): emulator "
+        "(today's, the default), tls-nagle-close (HTTPS, Nagle on, connections closed "
+        "every 100 answers), queue5-tail (a listen queue of 5, 1 %% of calls 10x slower)",
+    )
+    add_wire_options(parser)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    profiles = list(dict.fromkeys(args.profile or ["emulator"]))
+    wire = wire_options(args)
+    for name in profiles:
+        check_close_silently(parser, [*PROFILES[name][1], *wire])
     bench_credentials()
     latencies = [int(x) for x in args.latencies.split(",")]
     disks = {"dense": (args.dense_mib, 1.0), "sparse": (args.sparse_mib, args.written)}
@@ -359,9 +418,10 @@ def main() -> None:
     cells: list[Cell] = []
     warm: dict[str, list[float]] = {"ebsfs_warm": [], "zerofs": [], "zerofs_distinct": []}
     sizes: dict[str, int] = {}
+    server = f", every emulator with {' '.join(wire)}" if wire else ""
     print(
         f"cold reads through a fresh mount (ebsfs mount {' '.join(args.mount_option)}), "
-        f"{args.rounds} rounds per cell{' over HTTPS' if args.tls else ''}:",
+        f"{args.rounds} rounds per cell{' over HTTPS' if args.tls else ''}{server}:",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -370,16 +430,20 @@ def main() -> None:
         mnt.mkdir()
         zero_mnt.mkdir()
         tls: list[str] = []
-        if args.tls:
+        if args.tls or any(PROFILES[name][0] for name in profiles):
             cert, key = make_certificate(tmp)
             tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
             os.environ["AWS_CA_BUNDLE"] = str(cert)  # every client here trusts it
         for disk in chosen:
             mib, written = disks[disk]
             sizes[disk] = mib * MIB
+            random_image(tmp / f"{disk}.img", mib * MIB, seed=5, written=written)
+        for name, disk in ((name, disk) for name in profiles for disk in chosen):
+            mib = disks[disk][0]
             image = tmp / f"{disk}.img"
-            random_image(image, mib * MIB, seed=5, written=written)
-            proc, url = start_emulator(image, *tls)
+            profile_tls, profile_options = PROFILES[name]
+            served_tls = tls if args.tls or profile_tls else []
+            proc, url = start_emulator(image, *served_tls, *profile_options, *wire)
             try:
                 # One untimed cold read first: the emulator serves from an mmap of the
                 # image (a first pass reads it from disk), and memory the VM has not
@@ -391,10 +455,10 @@ def main() -> None:
                 finally:
                     ebsfs("umount", str(mnt))
                 for latency in latencies:
-                    cell = Cell(disk, latency)
+                    cell = Cell(name, disk, latency)
                     run_cell(cell, url, mnt, mib, mib * MIB, args, tmp)
                     cells.append(cell)
-                if disk == "dense" and args.warm_repeat:
+                if disk == "dense" and args.warm_repeat and name == profiles[0]:
                     warm = warm_and_zero(url, mnt, zero_mnt, mib, args.warm_repeat)
             finally:
                 proc.terminate()
