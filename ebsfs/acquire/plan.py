@@ -6,7 +6,9 @@ and the plan a copy runs by (CopyPlan)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +32,8 @@ none."""
 @dataclass
 class GetRequest:
     """What to copy where. `output` is a file path, a block device or "-" (standard
-    output). The manifest goes to `manifest` (default: OUTPUT.manifest.json, or
-    `<snapshot-id>.manifest.json` in the current directory for a device or a stream)."""
+    output). The manifest goes to `manifest` (default: OUTPUT.manifest.json, or for a
+    device or a stream a file in the state directory: default_manifest)."""
 
     snapshot_id: str
     output: str
@@ -73,9 +75,34 @@ class Layout:
             manifest = request.manifest or manifest_path(request.output)
             stem = request.output
         else:
-            manifest = request.manifest or f"{request.snapshot_id}.manifest.json"
+            manifest = request.manifest or default_manifest(request, kind)
             stem = manifest.removesuffix(".manifest.json")
         return cls(kind, request.output, manifest, stem)
+
+
+def state_dir() -> str:
+    """Where `get` keeps what it has no better place for: /var/lib/ebsfs for root,
+    $XDG_STATE_HOME/ebsfs (default ~/.local/state/ebsfs) for others."""
+    if os.geteuid() == 0:
+        return "/var/lib/ebsfs"
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG specification: a relative one is ignored
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "ebsfs")
+
+
+def default_manifest(request: GetRequest, kind: TargetKind) -> str:
+    """The manifest of a copy to a device or a stream when --manifest is not given: in
+    the state directory, never in the current one (which the user did not name). A
+    device's is the same on every run (its resume record goes beside it); a stream's
+    is new each time (a stream is never resumed)."""
+    if kind is TargetKind.DEVICE:
+        where = re.sub(r"[^A-Za-z0-9._]", "_", os.path.realpath(request.output).strip("/"))
+        name = f"{request.snapshot_id}-{where.replace('_', '-')}"
+    else:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{request.snapshot_id}-stdout-{now}"
+    return os.path.join(state_dir(), "get", f"{name}.manifest.json")
 
 
 def shown(text: str) -> str:
@@ -112,6 +139,15 @@ def preflight(request: GetRequest, layout: Layout) -> tuple[Manifest | None, Jou
         check_directory(layout.output, "output")
         if os.path.isdir(layout.output):
             raise OutputError(f"{layout.output} is a directory: give a file name for the image")
+    if request.manifest is None and layout.kind is not TargetKind.FILE:
+        made_here = os.path.dirname(layout.manifest)
+        try:
+            os.makedirs(made_here, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise OutputError(
+                f"cannot create {made_here} for the manifest: {err.strerror or err}; "
+                "give --manifest FILE"
+            ) from err
     check_directory(layout.manifest, "manifest")
     journal = Journal(layout.stem)
     if layout.kind is not TargetKind.STREAM and journal.exists():

@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's help, except that lines indented by two spaces (examples, one
+    command each) are kept as written: filled, three commands read as one pipeline."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            indent + line
+            if line.startswith("  ")
+            else super(ExamplesFormatter, self)._fill_text(line, width, indent)
+            for line in text.split("\n")
+        )
+
+
 def add_parser(commands: Commands) -> None:
     get = commands.add_parser(
         "get",
@@ -45,9 +58,11 @@ def add_parser(commands: Commands) -> None:
         "network)? Run the same command again: it checks what was written and "
         "fetches only the rest. Needs ebs:ListSnapshotBlocks and "
         "ebs:GetSnapshotBlock (ebs:ListChangedBlocks with --base-image).",
-        epilog="examples: ebsfs get snap-0123456789abcdef0 evidence.img && ebsfs verify "
-        "evidence.img | ebsfs get snap-0123 - | gzip > disk.img.gz | "
-        "ebsfs get --base-image monday.img snap-0tuesday tuesday.img",
+        epilog="examples:\n"
+        "  ebsfs get snap-0123456789abcdef0 evidence.img && ebsfs verify evidence.img\n"
+        "  ebsfs get snap-0123456789abcdef0 - | gzip > disk.img.gz\n"
+        "  ebsfs get --base-image monday.img snap-0tuesday tuesday.img",
+        formatter_class=ExamplesFormatter,
     )
     get.set_defaults(run=cmd_get)
     get.add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="the snapshot (snap-...)")
@@ -63,8 +78,11 @@ def add_parser(commands: Commands) -> None:
     get.add_argument(
         "--manifest",
         metavar="FILE",
-        help="where to write the manifest (default: OUTPUT.manifest.json; "
-        "for a device or -, SNAPSHOT_ID.manifest.json here)",
+        help="where to write the manifest (default: OUTPUT.manifest.json; for a "
+        "device or -, in ebsfs's state directory, /var/lib/ebsfs/get/ for root, "
+        "$XDG_STATE_HOME/ebsfs/get/ (~/.local/state/ebsfs/get/) for others, as "
+        "SNAPSHOT_ID-DEVICE.manifest.json or SNAPSHOT_ID-stdout-TIME.manifest.json, "
+        "named in the summary; a device's resume record goes beside it)",
     )
     get.add_argument(
         "--base-image",

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ebsfs.cli.get import ExamplesFormatter
 from ebsfs.cli.logs import SYSLOG_SOCKET, background_log, default_log_file, setup_logging
 from ebsfs.cli.options import (
     cache_dir_arguments,
@@ -45,8 +46,14 @@ def add_parser(commands: Commands) -> None:
         "(~/.local/state/ebsfs/) for others, MOUNTPOINT's path with / as - "
         "(as systemd-escape --path). Needs ebs:ListSnapshotBlocks and "
         "ebs:GetSnapshotBlock.",
-        epilog="example: ebsfs mount snap-0123456789abcdef0 /mnt/snap && "
-        "losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img",
+        epilog="example:\n"
+        "  ebsfs mount snap-0123456789abcdef0 /mnt/snap\n"
+        "  losetup -r -P --show -f /mnt/snap/snap-0123456789abcdef0.img\n"
+        "-P asks the kernel for the partitions as /dev/loopNpM. Where it makes none "
+        "(no partition support for loop devices, some containers), loop a "
+        "partition file of the mount instead:\n"
+        "  losetup -r --show -f /mnt/snap/snap-0123456789abcdef0-part1.img",
+        formatter_class=ExamplesFormatter,
     )
     mount.set_defaults(run=cmd_mount)
     mount.add_argument(

@@ -9,6 +9,7 @@ smoothing, time left and terminal width right, which our own code would not."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from tqdm import tqdm
 from ebsfs.acquire.progress import QuietProgress
 from ebsfs.engine.diff import human
 
+FALLBACK_COLUMNS = 80
+"""A bar's width on a terminal that says it has no columns."""
 STATUS_EVERY = 0.2
 """Seconds between two status lines on a terminal, at the least."""
 
@@ -51,7 +54,7 @@ class BarProgress:
             unit_divisor=1024,
             desc=self.label,
             file=self.out,
-            dynamic_ncols=True,
+            **_width(self.out),
             mininterval=0.5,
             smoothing=0.1,
         )
@@ -91,7 +94,7 @@ class BarProgress:
                 bar_format="ebsfs: {desc}",
                 file=self.out,
                 leave=False,
-                dynamic_ncols=True,
+                **_width(self.out),
             )
         else:
             self._bar.set_description_str(line)
@@ -199,6 +202,21 @@ def progress_for(
     out = out or sys.stderr
     if quiet:
         return QuietProgress()
-    if out.isatty():
+    if out.isatty() and columns(out) > 0:
         return BarProgress(label, out)
+    # Not a terminal, or one that says it is 0 columns wide (a pty nobody sized, as
+    # some CI runners and `script` make): tqdm would draw nothing there at all.
     return LineProgress(label, out)
+
+
+def _width(out: IO[str]) -> dict[str, Any]:
+    """tqdm's width: the terminal's as it changes, or 80 columns where it says 0."""
+    return {"dynamic_ncols": True} if columns(out) > 0 else {"ncols": FALLBACK_COLUMNS}
+
+
+def columns(out: IO[str]) -> int:
+    """The width of the terminal `out` writes to (0: unknown)."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a file, closed, no terminal
+        return 0
