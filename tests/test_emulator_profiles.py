@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -251,6 +252,42 @@ def test_ebsfs_reads_through_every_profile(
             assert stats[proof[0]].get(proof[1], 0) >= 1, stats
         if proof is not None and proof[0] == "closes":  # and ebsfs opened others
             assert stats["connections"] >= 4, stats
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("silently", [False, True])
+def test_over_tls_connections_close_after_n_and_when_idle(
+    silently: bool, tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's tls-nagle-close profile (HTTPS, Nagle on, closes after N answers)
+    with an idle timeout besides: the TLS connection closes after its 2nd answer, a
+    fresh one when idle; ebsfs reads right through it."""
+    profile = ServerProfile(nagle=True, close_after=2, close_silently=silently, idle_timeout=0.3)
+    store = SnapshotStore()
+    store.add_snapshot(SNAP, {i: pattern_block(1, i) for i in range(4)}, volume_size_gib=1)
+    server = EmulatorServer(store, tls=tls_files, profile=profile).start()
+    context = ssl.create_default_context(cafile=tls_files[0])
+    try:
+        for ends_by in ("answers", "idle"):
+            with context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port_of(server.url))),
+                server_hostname="127.0.0.1",
+            ) as client:
+                client.sendall(STATS)
+                assert "connection" not in answer(client)[1]
+                if ends_by == "answers":
+                    client.sendall(STATS)
+                    expected = None if silently else "close"
+                    assert answer(client)[1].get("connection") == expected
+                assert closed_by_server(client)
+        closes = server.counters.snapshot()["closes"]
+        assert closes == {"silent" if silently else "said": 1, "idle": 1}
+        monkeypatch.setenv("AWS_CA_BUNDLE", tls_files[0])
+        with ebsfs.open(SNAP, endpoint_url=server.url) as f:
+            for index in (3, 0, 2, 1):
+                got = f.pread(4096, index * 524288)
+                assert got == bytes(pattern_block(1, index)[:4096])
     finally:
         server.stop()
 
