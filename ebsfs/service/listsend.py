@@ -97,7 +97,7 @@ def _wire_headers(request: AWSPreparedRequest) -> dict[str, str] | None:
 
 
 def _secret_of(query: str) -> str | None:
-    """The page token in a list call's query, as sent (quoted), if any."""
+    """The page token in a list call's query, unquoted (redact finds both forms), if any."""
     for name, _, value in (part.partition("=") for part in query.split("&")):
         if name in _SECRET_PARAMETERS and value:
             return urllib.parse.unquote(value)
