@@ -373,3 +373,20 @@ def test_close_silently_needs_close_after(capsys: pytest.CaptureFixture[str]) ->
     assert (
         capsys.readouterr().err == "ebsfs-emulator: error: --close-silently needs --close-after\n"
     )
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-0.5"])
+def test_the_control_endpoint_refuses_what_the_command_line_refuses(value: str) -> None:
+    """bench_read sets the latency through /_emulator/faults: a NaN there (Python's
+    JSON takes it) would be silently no latency. Refused whole, nothing changed."""
+    server = served(ServerProfile(), Faults(latency=0.001))
+    try:
+        body = f'{{"jitter": 0.5, "latency": {value}}}'.encode()
+        with socket.create_connection(("127.0.0.1", port_of(server.url))) as client:
+            client.sendall(b"POST /_emulator/faults HTTP/1.1\r\nHost: x\r\n")
+            client.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            status, _, answered = answer(client)
+        assert status.endswith("400 Bad Request") and b"latency" in answered
+        assert (server.faults.latency, server.faults.jitter) == (0.001, 0.0)
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import random
 import threading
 import time
@@ -53,11 +54,17 @@ class Faults:
     seed: int | None = None
 
     def update(self, changes: dict[str, Any]) -> None:
-        """Apply a partial update (from the control endpoint or a test)."""
+        """Apply a partial update (from the control endpoint or a test). Numbers must
+        be finite and not negative, as on the command line: JSON parsers take NaN and
+        Infinity, and a NaN latency is silently none."""
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in changes.items():
             if key not in names:
                 raise ValueError(f"unknown fault knob {key!r}")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if number and not 0 <= value < math.inf and key != "seed":
+                raise ValueError(f"fault knob {key!r} must be finite and >= 0, got {value}")
+        for key, value in changes.items():
             setattr(self, key, value)
 
     def as_dict(self) -> dict[str, Any]:
