@@ -5,9 +5,11 @@ and says that it was throttled."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,13 @@ import trio.testing
 
 from ebsfs.acquire.patience import Patience
 from ebsfs.cli.progress import LineProgress
-from ebsfs.constants import GIB
+from ebsfs.constants import BLOCK_SIZE, GIB
 from ebsfs.emulator import EmulatorServer
 from ebsfs.errors import RetriesExhausted, Throttled, TransientError
 from ebsfs.service.retry import RetryPolicy
 from tests.acquiring import add, digests, file_digest
 from tests.fakes import pattern_block
-from tests.mounting import ebsfs
+from tests.mounting import ebsfs, mounted, needs_fuse
 
 SNAP = "snap-0e28"
 BLOCKS = {i: pattern_block(28, i) for i in range(16)}  # 8 MiB written
@@ -116,9 +118,9 @@ def test_throttling_past_the_budget_gives_up_saying_so() -> None:
     slept: list[float] = []
     policy = RetryPolicy(throttle_budget=30.0)
     call = Answers(*[Throttled("slow down")] * 10_000)
-    with pytest.raises(RetriesExhausted, match="still throttled after waiting"):
+    with pytest.raises(RetriesExhausted, match="still throttled after waiting 30s"):
         policy.call("GetSnapshotBlock", call, slept.append)
-    assert sum(slept) <= 30.0
+    assert sum(slept) == pytest.approx(30.0)  # all of it: the last wait cut to fit
 
 
 # ---- the copy's time limits -----------------------------------------------------
@@ -179,3 +181,26 @@ def test_the_progress_line_says_the_copy_is_being_throttled() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("throttled 1 time (waited out)"), lines
     assert lines[1].endswith("throttled 40 times (waited out)"), lines
+
+
+@needs_fuse
+@pytest.mark.expected_log(
+    r"read at \d+ took over 14s", maybe=(r"still throttled after waiting 14s",)
+)
+def test_a_mount_keeps_its_read_timeout_under_throttling(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    add(emulator.store, SNAP, BLOCKS, volume_gib=1)
+    with mounted(emulator.url, [SNAP], tmp_path / "mnt", "--read-timeout", "14") as mnt:
+        emulator.faults.get_rate = 0.05  # from now on, every GetSnapshotBlock is throttled
+        started = time.monotonic()
+        with pytest.raises(OSError) as err, open(mnt / f"{SNAP}.img", "rb") as f:
+            f.seek(5 * BLOCK_SIZE)
+            f.read(4096)
+        waited = time.monotonic() - started
+        emulator.faults.get_rate = 0
+    assert err.value.errno == errno.EIO
+    # Throttling waited out for the read's whole time limit (it gave up after 8
+    # attempts, 11.3 s of backoff at the most: "gave up after" would fail the log
+    # check), and not for a copy's hour (the kernel may ask twice).
+    assert 13 < waited < 45, waited

@@ -69,12 +69,13 @@ class RetryPolicy:
                 budget = self.throttle_budget
                 if isinstance(err, Throttled) and budget is not None:
                     throttled += 1
-                    wait = self.delay(throttled, self.throttle_max_delay)
-                    if waited + wait > budget:
+                    if waited >= budget:
                         raise RetriesExhausted(
                             f"{what}: still throttled after waiting {waited:.0f}s "
                             f"({throttled} throttling answers; the budget is {budget:g}s): {err}"
                         ) from err
+                    # The last wait is cut to what is left: the budget is all used.
+                    wait = min(self.delay(throttled, self.throttle_max_delay), budget - waited)
                     waited += wait
                 else:
                     failures += 1
