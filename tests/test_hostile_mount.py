@@ -345,3 +345,21 @@ def test_a_changes_listing_that_pages_slowly_fails_its_open_at_the_diff_timeout(
     started = time.monotonic()
     assert trio.run(open_it) == errno.EIO
     assert time.monotonic() - started < 5
+
+
+def test_a_listed_changes_file_shows_its_size() -> None:
+    """`.changes` said 0 bytes however much it held (issue 28): its size is known once
+    listed, and `stat` after a read shows it."""
+    ops = lineage_ops()
+    inode = trio.run(ops.lookup, ROOT_INODE, f"{CHILD}.changes".encode()).st_ino
+    assert trio.run(ops.getattr, inode).st_size == 0  # not listed yet
+
+    async def read_it() -> bytes:
+        info = await ops.open(inode, os.O_RDONLY, None)  # type: ignore[arg-type]
+        try:
+            return bytes(await ops.read(info.fh, 0, 1 << 20))
+        finally:
+            await ops.release(info.fh)
+
+    text = trio.run(read_it)
+    assert text and trio.run(ops.getattr, inode).st_size == len(text)

@@ -171,6 +171,9 @@ class ChangesNode:
 
     fixed = False
     size = 0
+    """The length of the last listing (0 until the first open lists): its size is only
+    known once listed, so the file is opened direct_io and read to its end whatever
+    `stat` said, but `ls -l` after a read shows what the read got."""
 
     def __init__(self, engine: Engine, image: SnapshotImage, mtime: float | None = None) -> None:
         self.engine = engine
@@ -203,7 +206,9 @@ class ChangesNode:
         try:
             with trio.move_on_after(DIFF_TIMEOUT):
                 diff = await self.engine.changes(self.image.snapshot_id)
-                return SharedReport(await trio.to_thread.run_sync(diff.text_file))
+                report = SharedReport(await trio.to_thread.run_sync(diff.text_file))
+                self.size = report.size
+                return report
             raise ReadFailed(
                 f"listing {self.name} took over {DIFF_TIMEOUT:g}s (the endpoint answered "
                 "slowly, or there was much to list); `ebsfs diff --timeout` can wait longer"
@@ -235,6 +240,7 @@ class SharedReport:
         self.spool = spool
         self.lock = trio.Lock()
         self.users = 0
+        self.size = spool.seek(0, 2)
 
     def share(self) -> SharedReport:
         self.users += 1
