@@ -101,6 +101,13 @@ class BotoEbsApi:
         self._path_told = False
         self._path_lock = threading.Lock()
 
+    def connections(self) -> dict[str, int | float]:
+        """The direct path's connection counters (connections.Pool.counters: opened,
+        reopened_stale, connects_abandoned, open, idle, peak_connecting,
+        connect_deadline_ms) for the engine's stats; empty when GETs go through boto3
+        (urllib3's pool counts nothing of the kind)."""
+        return self._direct.connections() if self._direct is not None else {}
+
     def _tell_path(self) -> None:
         """Log once, at the first GET (a client used only to list says nothing), why
         GETs go through boto3: a user tuning speed should know."""

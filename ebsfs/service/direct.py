@@ -1,6 +1,6 @@
-"""The direct GetSnapshotBlock path: a signed GET on a keep-alive connection per worker
-thread (sigv4.py + http1.py) instead of a botocore call, reopened at once when the
-server had closed it; the list calls' transport too (listsend.py); and the rule for when
+"""The direct GetSnapshotBlock path: a signed GET on a pooled keep-alive connection
+(sigv4.py + http1.py + connections.py) instead of a botocore call, reopened at once when
+the server had closed it; the list calls' transport too (listsend.py); and the rule for when
 it may be used (not when the user turns it off, not when a proxy applies to the endpoint)."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import platform
 import socket
 import ssl
-import threading
 import traceback
 import urllib.parse
 import urllib.request
@@ -19,12 +18,12 @@ from ebsfs.constants import __version__
 from ebsfs.errors import (
     EbsfsError,
     EndpointUnreachable,
-    ReadFailed,
     TransientError,
     UserInputError,
 )
-from ebsfs.service import http1
+from ebsfs.service import connections, http1
 from ebsfs.service.api import Block, verify_block
+from ebsfs.service.connections import given_up
 from ebsfs.service.failures import redact, rest_json_error, untrusted
 from ebsfs.service.session import ConnectionOptions, CredentialSource
 from ebsfs.service.sigv4 import GetSigner
@@ -69,7 +68,7 @@ class DirectBlockGetter:
     This path keeps what matters from botocore, its credential chain (refreshing
     credentials included) and its resolved endpoint, signs with ebsfs.service.sigv4
     (checked against botocore's signer, at a ninth of its cost), and sends the request
-    on a keep-alive connection per worker thread (ebsfs/service/http1.py), receiving
+    on a pooled keep-alive connection (http1.py, connections.py), receiving
     the body straight into the cache (docs/performance.md). List calls are signed
     and parsed by botocore but sent here too (listsend.py), on the same connections.
     """
@@ -95,21 +94,15 @@ class DirectBlockGetter:
         self._credentials = credentials
         self._timeout = (options.connect_timeout, options.read_timeout)
         self._ssl = tls_context(ca_file) if self._https else None
-        self._local = threading.local()
+        self._pool = connections.Pool(self._connect, options.connect_timeout)
         self._user_agent = f"ebsfs/{__version__} Python/{platform.python_version()}"
 
-    def _connection(self) -> http1.Connection:
-        conn: http1.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = http1.Connection(self._host, self._port, self._ssl, *self._timeout)
-            self._local.conn = conn
-        return conn
+    def _connect(self, seconds: float) -> http1.Connection:
+        return http1.Connection(self._host, self._port, self._ssl, seconds, self._timeout[1])
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
+    def connections(self) -> dict[str, int | float]:
+        """The connection counters (connections.Pool.counters) for the engine's stats."""
+        return self._pool.counters()
 
     def _signed_headers(self, path: str, query: str) -> dict[str, str]:
         headers = self._signer.headers(self._credentials.frozen(), self._host_header, path, query)
@@ -177,7 +170,7 @@ class DirectBlockGetter:
         if gone is not None and gone.fired:
             raise given_up(what)
         try:
-            response = self._exchange(target, headers, into, limit, gone)
+            return self._exchange(what, target, headers, into, limit, gone)
         except OSError as err:
             # The failed exchange's buffers (a body of up to `limit` bytes) are freed
             # now: the exception's frames would keep them until the garbage collector
@@ -186,34 +179,42 @@ class DirectBlockGetter:
             if gone is not None and gone.fired:
                 raise given_up(what) from err
             raise self._failure(what, err, secret) from err
-        if response.will_close or (gone is not None and gone.fired):  # maybe shut down
-            self._drop_connection()
-        return response
 
     def _exchange(
         self,
+        what: str,
         target: str,
         headers: dict[str, str],
         into: memoryview | None,
         limit: int,
         gone: http1.Abandon | None,
     ) -> http1.Response:
-        """The GET on this thread's connection, sent again on a new one if the server
-        had closed it; the connection is dropped whenever the exchange fails."""
-        conn = self._connection()
+        """The GET on a pooled connection, sent again on a new one if the server had
+        closed it; a connection is given back only after a whole exchange, and not
+        when the answer says it closes (or the call was abandoned: maybe shut down)."""
+        pool = self._pool
+        conn = pool.take(what, gone)
         try:
-            return self._once(conn, target, headers, into, limit, gone)
+            response = self._once(conn, target, headers, into, limit, gone)
         except OSError as err:
-            self._drop_connection()
+            pool.discard(conn)
             if not conn.went_stale(err) or (gone is not None and gone.fired):
                 raise
             log.debug("a kept-alive connection was closed by the server (%s): reopened", err)
-        conn = self._connection()
-        try:
-            return self._once(conn, target, headers, into, limit, gone)
-        except OSError:
-            self._drop_connection()
+            conn = pool.replace(what, gone)
+            try:
+                response = self._once(conn, target, headers, into, limit, gone)
+            except OSError:
+                pool.discard(conn)
+                raise
+        except BaseException:
+            pool.discard(conn)
             raise
+        if response.will_close or (gone is not None and gone.fired):
+            pool.discard(conn)
+        else:
+            pool.give(conn)
+        return response
 
     @staticmethod
     def _once(
@@ -237,11 +238,6 @@ class DirectBlockGetter:
         if isinstance(err, ConnectionRefusedError | socket.gaierror):
             return EndpointUnreachable(f"cannot reach {self._url}: {err}")
         return TransientError(redact(f"{what}: {type(err).__name__}: {err}", secret))
-
-
-def given_up(what: str) -> ReadFailed:
-    """What a call nobody waits for any more ends with: not retried."""
-    return ReadFailed(f"{what}: given up, the read that asked for it is gone")
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

@@ -56,6 +56,9 @@ SLACK = 0.5
 is shortened (a system call) only when the deadline is nearer than read_timeout - SLACK,
 never for an answer coming at a normal pace."""
 
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+"""Linux's TCP_QUICKACK (None elsewhere: other systems have no such mode to leave)."""
+
 CLOSED = (ProtocolError, ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 """What a connection the server closed (or reset) fails with: ProtocolError when a
 receive finds the end of the stream, the others on a send or a receive after a reset or
@@ -145,9 +148,9 @@ class Response:
 
 class Connection:
     """One keep-alive connection (one thread uses it at a time). Timeouts are the
-    kernel's: connect within `connect_timeout`, then every send and receive within
-    `read_timeout` (a stalled answer raises TimeoutError), and the whole answer
-    within its deadline (MIN_RATE)."""
+    kernel's: connect and TLS handshake within `connect_timeout`, then every send and
+    receive within `read_timeout` (a stalled answer raises TimeoutError), and the whole
+    answer within its deadline (MIN_RATE)."""
 
     def __init__(
         self,
@@ -157,11 +160,16 @@ class Connection:
         connect_timeout: float,
         read_timeout: float,
     ) -> None:
+        started = time.monotonic()
         sock = socket.create_connection((host, port), timeout=connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=host)  # handshake, timed
+                # The handshake is part of the connect: it has what is left of the
+                # connect's time (for each of its receives).
+                left = connect_timeout - (time.monotonic() - started)
+                sock.settimeout(max(left, 0.001))
+                sock = tls.wrap_socket(sock, server_hostname=host)
             sock.settimeout(None)
             _kernel_timeouts(sock, read_timeout, both=True)
         except BaseException:
@@ -219,6 +227,13 @@ class Connection:
         self._sent += 1
         self._unanswered = True
         self._call(self._sock.sendall, request.encode("latin-1"))
+        # Our send put Linux in its interactive mode, which delays the ACK of what comes
+        # back (40 ms) for a reply to carry it: a server with Nagle's algorithm on holds
+        # the last small piece of its answer (a body after its head, a TLS record) until
+        # that ACK. QUICKACK leaves the mode until our next send: one system call per
+        # request, none per receive.
+        if QUICKACK is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         filled, head_end = self._read_head()
         response = parse_head(bytes(self._view[:head_end]))
         extra = self._view[head_end + 4 : filled]
