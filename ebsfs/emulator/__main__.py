@@ -11,7 +11,7 @@ from typing import Any
 
 from ebsfs.emulator.faults import Faults
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
-from ebsfs.emulator.store import SnapshotStore
+from ebsfs.emulator.store import VOLUME_ID_RE, SnapshotStore
 
 EPILOG = """\
 examples:
@@ -23,12 +23,14 @@ examples:
 
 Point any boto3 client at the printed URL (--endpoint-url or AWS_ENDPOINT_URL). Any
 credentials are accepted unless listed with --deny-access-key; with --credentials,
-signatures are checked and only those credentials are accepted.
+signatures are checked and only those credentials are accepted. It also answers EC2
+DescribeSnapshots for its snapshots (owner 123456789012, described by the image's file
+name), so with AWS_ENDPOINT_URL set `ebsfs ls` and `aws ec2 describe-snapshots` work.
 """
 
 
 def _snapshot_spec(text: str) -> dict[str, Any]:
-    """Parse ID=PATH[,parent=ID][,size=GiB]."""
+    """Parse ID=PATH[,parent=ID][,size=GiB][,volume=VOLUME_ID]."""
     head, *options = text.split(",")
     if "=" not in head:
         raise argparse.ArgumentTypeError(f"expected ID=PATH, got {text!r}")
@@ -40,6 +42,12 @@ def _snapshot_spec(text: str) -> dict[str, Any]:
             spec["parent"] = value
         elif key == "size" and value.isdigit() and int(value) > 0:
             spec["volume_size_gib"] = int(value)
+        elif key == "volume" and VOLUME_ID_RE.match(value) and len(value) <= 64:
+            spec["volume_id"] = value
+        elif key == "volume":
+            raise argparse.ArgumentTypeError(
+                f"volume {value!r} in {text!r} does not match ^vol-[0-9a-f]+$"
+            )
         else:
             raise argparse.ArgumentTypeError(f"unknown snapshot option {option!r} in {text!r}")
     return spec
@@ -125,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_snapshot_spec,
         default=[],
-        metavar="ID=PATH[,parent=ID][,size=GiB]",
+        metavar="ID=PATH[,parent=ID][,size=GiB][,volume=VOL]",
         help="serve the raw image PATH as completed snapshot ID; with parent=, "
         "as a later snapshot of the same volume (ListChangedBlocks works "
         "between them); size= sets VolumeSize (default: image size rounded "
-        "up to GiB). Repeatable; parents first.",
+        "up to GiB); volume= the volume id EC2 DescribeSnapshots gives (default: "
+        "the parent's, else vol- and the id's digits: snap-0a -> vol-0a). "
+        "Repeatable; parents first.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one, printed)")

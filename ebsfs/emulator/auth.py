@@ -40,10 +40,14 @@ def access_key_of(authorization: str) -> str:
 
 
 def verify_signature(
-    method: str, path_and_query: str, headers: Mapping[str, str], secret_keys: Mapping[str, str]
+    method: str,
+    path_and_query: str,
+    headers: Mapping[str, str],
+    secret_keys: Mapping[str, str],
+    body: bytes = b"",
 ) -> None:
     """Raise the service's 403 unless the request is signed with a known key's secret.
-    `headers` are keyed by lower-case name."""
+    `headers` are keyed by lower-case name; `body` is signed too (EC2's form)."""
     m = _parse(headers.get("authorization", ""))
     secret = secret_keys.get(m["key"])
     if secret is None:
@@ -66,6 +70,7 @@ def verify_signature(
         method=method,
         url=f"http://{headers.get('host', '')}{path_and_query}",
         headers={name: headers.get(name, "") for name in signed},
+        data=body,
     )
     request.context["timestamp"] = amz_date
     credentials = botocore.credentials.Credentials(

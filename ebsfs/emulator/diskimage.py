@@ -3,9 +3,11 @@ the tests and the benchmarks, without mounting anything (mkfs.ext4 -d, sfdisk)."
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,15 +124,77 @@ def random_image(
         f.truncate(size)
 
 
-def main() -> None:
-    """`python -m ebsfs.emulator.diskimage OUT [SIZE_MIB]`: write the demo disk."""
-    import sys
+MIN_SIZE_MIB = 8
+"""The demo files (a 4 MiB blob among them) and ext4's own structures need this much."""
 
-    out = Path(sys.argv[1])
-    size_mib = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-    offset = build_disk(out, size_mib * 1024 * 1024, demo_files())
-    print(f"{out}: {size_mib} MiB GPT disk, ext4 partition at byte {offset}")
+DESCRIPTION = """\
+Write the demo disk: a raw image of SIZE_MIB MiB with a GPT partition table and one
+ext4 partition (from 1 MiB to 1 MiB before the end) holding a small Linux-looking tree
+(/etc/hostname, /var/log/auth.log, /home/alice/notes.txt, a 4 MiB /srv/data/blob.bin).
+The same arguments always give the same bytes. Nothing is mounted: mkfs.ext4 -d and
+sfdisk build it, so no root is needed."""
+
+EPILOG = """\
+examples:
+  python -m ebsfs.emulator.diskimage disk.img 64
+  ebsfs-emulator --snapshot snap-0123456789abcdef0=disk.img
+"""
+
+
+def _size_mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if value < MIN_SIZE_MIB:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_SIZE_MIB} MiB, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ebsfs.emulator.diskimage",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="PATH", help="the image file to write (replaced if it exists)")
+    p.add_argument(
+        "size_mib",
+        metavar="SIZE_MIB",
+        type=_size_mib,
+        nargs="?",
+        default=64,
+        help=f"the disk's size in MiB (default 64, at least {MIN_SIZE_MIB})",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ebsfs.emulator.diskimage PATH [SIZE_MIB]`: write the demo disk. Bad
+    input is one line and exit status 2, a failed build one line and 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.path)
+    if not out.parent.is_dir():
+        parser.error(f"cannot write {args.path}: no directory {str(out.parent)!r}")
+    try:
+        offset = build_disk(out, args.size_mib * 1024 * 1024, demo_files())
+    except subprocess.CalledProcessError as err:
+        output = err.stderr or b""
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        said = output.strip().splitlines()
+        detail = said[-1] if said else f"exit status {err.returncode}"
+        print(f"{parser.prog}: error: {err.cmd[0]} failed: {detail}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f" {err.filename}:" if err.filename else ""
+        print(f"{parser.prog}: error:{where} {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"{out}: {args.size_mib} MiB GPT disk, ext4 partition at byte {offset}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

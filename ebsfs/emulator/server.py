@@ -1,5 +1,6 @@
 """The emulator's HTTP side: the EBS direct API wire format (REST-JSON), fault
-injection around each call, and a small control endpoint (/_emulator/...) for tests."""
+injection around each call, EC2 DescribeSnapshots (a form POST, see ec2.py) and a small
+control endpoint (/_emulator/...) for tests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ebsfs.emulator import ec2
 from ebsfs.emulator.auth import access_key_of, verify_signature
 from ebsfs.emulator.faults import Counters, Faults, RateLimiter
 from ebsfs.emulator.store import ApiError, SnapshotStore
@@ -49,6 +51,7 @@ class EmulatorServer:
         after N answers or when idle (ServerProfile)."""
         self.profile = profile
         self.store = store or SnapshotStore()
+        self.ec2 = ec2.DescribeSnapshots(self.store)
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -255,6 +258,54 @@ class EmulatorServer:
         if err.reason:
             body["Reason"] = err.reason
         self._send_json(req, err.status, body, {"x-amzn-ErrorType": err.code})
+
+    # ---- POST: EC2, control -----------------------------------------------------------
+
+    def handle_post(self, req: Handler) -> None:
+        """A POST is the control endpoint's, EC2's (a form with an Action: boto3 sends
+        EC2 calls here too when AWS_ENDPOINT_URL is set), or no operation we know."""
+        if urlsplit(req.path).path.startswith("/_emulator/"):
+            self.handle_control(req)
+            return
+        length = req.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > ec2.MAX_BODY:
+            req.close_connection = True  # the body is left unread
+            self._send_json(req, 413, {"message": "request body too large"})
+            return
+        body = req.rfile.read(int(length))
+        form = ec2.parse_form(body)
+        if not ec2.is_ec2_form(req.headers.get("Content-Type", ""), form):
+            self._send_error(req, ApiError(404, "UnknownOperationException", "", "Unknown path"))
+            return
+        action = form["Action"]
+        self.counters.call(action if action == "DescribeSnapshots" else "Ec2OtherAction")
+        try:
+            self._admit_ec2(req, body)
+            payload, status = self.ec2.answer(form), 200
+        except ec2.Ec2Error as err:
+            self.counters.error(err.code)
+            payload, status = ec2.error_body(err), err.status
+        req.send_response(status)
+        req.send_header("Content-Type", "text/xml;charset=UTF-8")
+        req.send_header("Content-Length", str(len(payload)))
+        req.end_headers()
+        req.wfile.write(payload)
+
+    def _admit_ec2(self, req: Handler, body: bytes) -> None:
+        """Signatures and denied keys as for the EBS calls, answered in EC2's words;
+        no quotas or injected faults (those are the EBS direct API's)."""
+        try:
+            key = access_key_of(req.headers.get("Authorization", ""))
+            if self.faults.secret_keys:
+                headers = {name.lower(): value for name, value in req.headers.items()}
+                verify_signature(req.command, req.path, headers, self.faults.secret_keys, body)
+        except ApiError as err:
+            status, code = ec2.AUTH_ERRORS[err.code]
+            raise ec2.Ec2Error(status, code, err.message) from None
+        if key in self.faults.deny_access_keys:
+            raise ec2.Ec2Error(
+                403, "UnauthorizedOperation", "You are not authorized to perform this operation."
+            )
 
     # ---- control ---------------------------------------------------------------------
 

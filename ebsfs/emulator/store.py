@@ -26,6 +26,9 @@ from ebsfs.constants import BLOCK_SIZE, BLOCKS_PER_GIB, GIB
 from ebsfs.emulator.faults import Dice, Faults
 
 SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]+$")
+VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]+$")
+OWNER_ID = "123456789012"
+"""The account that owns every emulated snapshot (AWS's documentation example, as moto's)."""
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 _versions = itertools.count(1)
 
@@ -66,7 +69,8 @@ class StoredBlock:
 
 
 class Snapshot:
-    """A completed snapshot: its volume size, lineage and written blocks."""
+    """A completed snapshot: its volume size, lineage and written blocks, and what EC2
+    DescribeSnapshots says of it (volume id, description, start time)."""
 
     def __init__(
         self,
@@ -75,6 +79,9 @@ class Snapshot:
         lineage: str,
         parent: str | None,
         blocks: dict[int, StoredBlock],
+        volume_id: str | None = None,
+        description: str = "",
+        start_time: float | None = None,
     ) -> None:
         self.snapshot_id = snapshot_id
         self.volume_size_gib = volume_size_gib
@@ -82,7 +89,11 @@ class Snapshot:
         self.parent = parent
         self.blocks = blocks
         self.indexes = sorted(blocks)
-        self.start_time = time.time()
+        self.volume_id = volume_id or "vol-" + lineage.removeprefix("snap-")
+        """A lineage is one volume's snapshots: by default the volume is named after
+        the lineage's first snapshot (snap-0a1 -> vol-0a1)."""
+        self.description = description
+        self.start_time = time.time() if start_time is None else start_time
 
     @property
     def block_count(self) -> int:
@@ -115,7 +126,11 @@ class Tokens:
 class SnapshotStore:
     """All snapshots of the emulator and the three read operations on them."""
 
-    def __init__(self, faults: Faults | None = None, dice: Dice | None = None) -> None:
+    def __init__(
+        self, faults: Faults | None = None, dice: Dice | None = None, owner_id: str = OWNER_ID
+    ) -> None:
+        self.owner_id = owner_id
+        """The account of every snapshot, and of every caller (EC2's "self")."""
         self.faults = faults or Faults()
         self.dice = dice or Dice(self.faults.seed)
         self._snapshots: dict[str, Snapshot] = {}
@@ -132,13 +147,19 @@ class SnapshotStore:
         blocks: Mapping[int, bytes | memoryview | StoredBlock],
         volume_size_gib: int | None = None,
         parent: str | None = None,
+        volume_id: str | None = None,
+        description: str = "",
+        start_time: float | None = None,
     ) -> Snapshot:
         """Add a completed snapshot. A child starts from its parent's blocks and
         overrides those given; blocks equal to the parent's keep the parent's object
         (unchanged), all-zero blocks absent from the parent are not stored (a real
-        uploader skips them)."""
+        uploader skips them). A child is of its parent's volume unless `volume_id`
+        says otherwise; `start_time` (seconds since the epoch) defaults to now."""
         if not SNAPSHOT_ID_RE.match(snapshot_id) or len(snapshot_id) > 64:
             raise ValueError(f"snapshot id {snapshot_id!r} does not match ^snap-[0-9a-f]+$")
+        if volume_id is not None and (not VOLUME_ID_RE.match(volume_id) or len(volume_id) > 64):
+            raise ValueError(f"volume id {volume_id!r} does not match ^vol-[0-9a-f]+$")
         with self._lock:
             if snapshot_id in self._snapshots:
                 raise ValueError(f"snapshot {snapshot_id} exists already")
@@ -162,7 +183,16 @@ class SnapshotStore:
         size = volume_size_gib or (base.volume_size_gib if base else needed)
         if size < needed:
             raise ValueError(f"volume of {size} GiB cannot hold block {max(stored)}")
-        snap = Snapshot(snapshot_id, size, base.lineage if base else snapshot_id, parent, stored)
+        snap = Snapshot(
+            snapshot_id,
+            size,
+            base.lineage if base else snapshot_id,
+            parent,
+            stored,
+            volume_id or (base.volume_id if base else None),
+            description,
+            start_time,
+        )
         with self._lock:
             self._snapshots[snapshot_id] = snap
         return snap
@@ -173,12 +203,17 @@ class SnapshotStore:
         path: str | os.PathLike[str],
         volume_size_gib: int | None = None,
         parent: str | None = None,
+        volume_id: str | None = None,
     ) -> Snapshot:
-        """Add a snapshot of a raw image file, mapped read-only rather than copied."""
+        """Add a snapshot of a raw image file, mapped read-only rather than copied. Its
+        EC2 description is the image's file name: `ebsfs ls` then says what it serves."""
+        name = os.path.basename(path)
         with open(path, "rb") as f:
             length = os.fstat(f.fileno()).st_size
             if length == 0:
-                return self.add_snapshot(snapshot_id, {}, volume_size_gib or 1, parent)
+                return self.add_snapshot(
+                    snapshot_id, {}, volume_size_gib or 1, parent, volume_id, name
+                )
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._mmaps.append(mapped)
         view = memoryview(mapped)
@@ -194,11 +229,16 @@ class SnapshotStore:
             for index in self._require(parent).indexes:
                 blocks.setdefault(index, ZERO_BLOCK)
         size = volume_size_gib or max(1, -(-length // GIB))
-        return self.add_snapshot(snapshot_id, blocks, size, parent)
+        return self.add_snapshot(snapshot_id, blocks, size, parent, volume_id, name)
 
     def snapshot_ids(self) -> list[str]:
         with self._lock:
             return list(self._snapshots)
+
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot, in the order they were added."""
+        with self._lock:
+            return list(self._snapshots.values())
 
     def get(self, snapshot_id: str) -> Snapshot:
         return self._require(snapshot_id)

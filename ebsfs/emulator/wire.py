@@ -62,7 +62,7 @@ class Handler(BaseHTTPRequestHandler):
         self.server.emulator.handle_api(self)
 
     def do_POST(self) -> None:  # noqa: N802
-        self.server.emulator.handle_control(self)
+        self.server.emulator.handle_post(self)
 
     def handle(self) -> None:
         """Requests until the client or the profile ends the connection."""
