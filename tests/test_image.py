@@ -4,12 +4,14 @@ errors, and the prefetcher's decisions."""
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import pytest
 import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import Faults, SnapshotStore
+from ebsfs.engine import image as image_module
 from ebsfs.engine.cache import BlockCache
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.index import BlockIndex
@@ -194,6 +196,41 @@ def test_read_timeout_bounds_a_stalled_fetch() -> None:
     _, _, image = build(api=Stalled(store), store=store, timeout=0.3)
     with pytest.raises(ReadFailed, match="took over"):
         trio.run(image.read, 0, 10)
+
+
+def test_a_block_that_just_timed_out_is_waited_for_briefly_then_fully_again(monkeypatch) -> None:
+    """The kernel reads a page again when its read-ahead failed: `--read-timeout 5`
+    answered EIO after 10 s (issue 28). A read of a block whose read timed out moments
+    ago waits TIMED_OUT_GRACE only; after TIMED_OUT_MEMO a read waits the whole
+    read_timeout again."""
+    monkeypatch.setattr(image_module, "TIMED_OUT_GRACE", 0.1)
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {0: pattern_block(1, 0)}, volume_size_gib=1)
+    release = threading.Event()
+
+    class Stalled(StoreApi):
+        def get_snapshot_block(self, *a, **k):
+            release.wait(5)
+            return super().get_snapshot_block(*a, **k)
+
+    _, _, image = build(api=Stalled(store), store=store, timeout=0.3)
+
+    async def run() -> list[str]:
+        errors = []
+        for pause in (0.0, 0.0, image_module.TIMED_OUT_MEMO + 0.1):
+            await trio.sleep(pause)
+            with pytest.raises(ReadFailed) as failed:
+                await image.read(4096, 10)
+            errors.append(str(failed.value))
+        return errors
+
+    try:
+        first, again, later = trio.run(run)
+    finally:
+        release.set()
+    assert "took over 0.3s" in first
+    assert "took over 0.1s (it had just timed out)" in again
+    assert "took over 0.3s" in later and "just" not in later
 
 
 def test_an_abandoned_fetch_writing_late_never_changes_what_is_served() -> None:

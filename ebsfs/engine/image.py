@@ -30,6 +30,12 @@ NEVER_WRITTEN = Block(ZERO_BLOCK, None)
 TOKEN_REFRESHES = 3
 
 
+TIMED_OUT_MEMO = 1.0
+"""Seconds after a read of a block timed out during which another read of it waits
+only TIMED_OUT_GRACE (the kernel's own second try comes within milliseconds)."""
+TIMED_OUT_GRACE = 1.0
+
+
 class SnapshotImage:
     """Reads of one snapshot: absent blocks are zeros, present ones come from the cache
     or one GetSnapshotBlock each; a read spanning blocks fetches them concurrently."""
@@ -63,6 +69,9 @@ class SnapshotImage:
         """Blocks on local disk, looked at before the service is called."""
         self.stats = stats or Stats()
         self.base: tuple[SnapshotImage, ChangeIndex] | None = None
+        self._timed_out: dict[int, float] = {}
+        """Blocks whose read took the whole read_timeout, and until when (trio time) a
+        read of them fails at once (TIMED_OUT_MEMO)."""
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
         self._first_block = first_block
@@ -202,19 +211,45 @@ class SnapshotImage:
         at_hand = self._blocks_at_hand(first, last, loan)
         if at_hand is not None:
             return _assemble(at_hand, offset, end, first, scratch)
+        timeout = self._timeout_for(first, last) if self._timed_out else self.read_timeout
         try:
-            with trio.fail_after(self.read_timeout):
+            with trio.fail_after(timeout):
                 if first == last:
                     return _assemble([(await self.block(first, loan)).data], offset, end, first)
                 return await self._read_span(offset, end, first, last, scratch, loan)
         except trio.TooSlowError:
+            self._note_timed_out(first, last)
             raise ReadFailed(
-                f"{self.snapshot_id}: read at {offset} took over {self.read_timeout:.0f}s"
+                f"{self.snapshot_id}: read at {offset} took over {timeout:g}s"
+                + ("" if timeout == self.read_timeout else " (it had just timed out)")
             ) from None
         except ReadFailed:
             raise
         except EbsfsError as err:
             raise ReadFailed(f"{self.snapshot_id}: read at {offset}: {err}") from err
+
+    def _note_timed_out(self, first: int, last: int) -> None:
+        now = trio.current_time()
+        if len(self._timed_out) > 1024:  # bounded: drop what has expired
+            self._timed_out = {b: t for b, t in self._timed_out.items() if t > now}
+        for index in range(first, last + 1):
+            self._timed_out[index] = now + TIMED_OUT_MEMO
+
+    def _timeout_for(self, first: int, last: int) -> float:
+        """read_timeout, or TIMED_OUT_GRACE for a read of a block whose read timed out
+        moments ago: the kernel reads a page again when its read-ahead failed, and
+        `--read-timeout 5` answered EIO after 10 s. Not at once: a service that has
+        recovered meanwhile answers the next read (the quality bar: one failed read,
+        and the next one works)."""
+        now = trio.current_time()
+        for index in range(first, last + 1):
+            until = self._timed_out.get(index)
+            if until is None:
+                continue
+            if now < until:
+                return min(self.read_timeout, TIMED_OUT_GRACE)
+            del self._timed_out[index]
+        return self.read_timeout
 
     def _read_ahead(self, stream: ReadPattern, offset: int, size: int) -> None:
         """Submit the prefetches the read pattern asks for, and list the next chunk of
