@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -291,6 +292,59 @@ def test_ebsfs_ls_against_the_emulator(
     assert listed[0]["StartTime"] == "2023-11-14T22:13:20.250000Z"
     assert listed[0]["State"] == "completed" and listed[0]["OwnerId"] == "123456789012"
     assert json.loads(ebsfs("ls", "--json", "--volume", "vol-0ffff").stdout) == []
+
+
+@pytest.fixture
+def emulator_command(tmp_path: Path) -> Iterator[str]:
+    """`ebsfs-emulator` as a user starts it: two images of one volume, a third of
+    another; signatures checked. Yields its URL."""
+    for name, seed in (("monday.img", 1), ("tuesday.img", 2), ("data.img", 3)):
+        (tmp_path / name).write_bytes(pattern_block(seed, 0) * 2)
+    url_file = tmp_path / "url"
+    command = [sys.executable, "-m", "ebsfs.emulator", "--url-file", str(url_file)]
+    command += ["--credentials", "AKIDTEST:secret", "--snapshot", f"snap-0a1={tmp_path}/monday.img"]
+    command += ["--snapshot", f"snap-0a2={tmp_path}/tuesday.img,parent=snap-0a1"]
+    command += ["--snapshot", f"snap-0b1={tmp_path}/data.img,size=4,volume=vol-0b"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if url_file.exists() and url_file.read_text().endswith("\n"):
+                break
+            assert process.poll() is None, process.communicate()[1]
+            time.sleep(0.05)
+        yield url_file.read_text().strip()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_ebsfs_ls_against_the_emulator_command(
+    emulator_command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", emulator_command)
+    result = ebsfs("ls", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = [
+        (s["SnapshotId"], s["VolumeId"], s["VolumeSize"], s["Description"])
+        for s in json.loads(result.stdout)
+    ]
+    assert listed == [
+        ("snap-0a1", "vol-0a1", 1, "monday.img"),
+        ("snap-0a2", "vol-0a1", 1, "tuesday.img"),
+        ("snap-0b1", "vol-0b", 4, "data.img"),
+    ]
+    only = json.loads(ebsfs("ls", "--json", "--volume", "vol-0b").stdout)
+    assert [s["SnapshotId"] for s in only] == ["snap-0b1"]
+
+
+def test_ebsfs_ls_over_https(
+    https_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    https_emulator.store.add_snapshot("snap-0c1", {0: pattern_block(5, 0)})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", https_emulator.url)
+    result = ebsfs("ls")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:4] == ["snap-0c1", "vol-0c1", "1", "GiB"]
 
 
 def test_ebsfs_ls_denied_is_one_line(
