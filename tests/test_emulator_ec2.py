@@ -125,6 +125,16 @@ def test_filters_owners_and_wildcards(served: EmulatorServer) -> None:
     assert code_of(err) == ("InvalidUserID.Malformed", 400)
 
 
+def test_descriptions_xml_cannot_carry(served: EmulatorServer, tmp_path: Path) -> None:
+    """An image named with an undecodable byte and an escape sequence: described, the
+    characters XML cannot hold replaced, the rest kept."""
+    name = os.fsdecode(b"web\xff\x1b[31m.img")
+    (tmp_path / name).write_bytes(pattern_block(6, 0))
+    served.store.add_image("snap-0e1", tmp_path / name)
+    found = ec2_client(served.url).describe_snapshots(SnapshotIds=["snap-0e1"])
+    assert found["Snapshots"][0]["Description"] == "web\ufffd\ufffd[31m.img"
+
+
 def test_pages_with_max_results_and_next_token(served: EmulatorServer) -> None:
     for n in range(12):
         served.store.add_snapshot(f"snap-0c{n:02x}", {}, start_time=STARTED + n)
@@ -184,10 +194,16 @@ def test_ec2_signatures_and_denied_keys(
     assert code_of(err) == ("AuthFailure", 401)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        ec2_client(served.url).describe_snapshots(DryRun=True)
+    assert code_of(err) == ("DryRunOperation", 412)  # allowed, so it would have worked
     served.faults.deny_access_keys = ["AKIDTEST"]
     with pytest.raises(botocore.exceptions.ClientError) as err:
         ec2_client(served.url).describe_snapshots()
     assert code_of(err) == ("UnauthorizedOperation", 403)
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        ec2_client(served.url).describe_snapshots(DryRun=True)
+    assert code_of(err) == ("UnauthorizedOperation", 403)  # as IAM answers a dry run
 
 
 def test_a_body_changed_after_signing_is_refused(served: EmulatorServer) -> None:

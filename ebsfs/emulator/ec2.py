@@ -28,7 +28,9 @@ MAX_BODY = 1 << 20
 """A longer form is refused unread: nothing a client sends for DescribeSnapshots comes
 near, and no client makes the emulator hold more."""
 PAGE_TOKEN_LIFETIME = 24 * 3600.0
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+"""What XML 1.0 cannot carry (control characters; lone surrogates, which an image's
+undecodable file name brings): shown as U+FFFD rather than failing the answer."""
 
 
 class Ec2Error(Exception):
@@ -138,6 +140,11 @@ class DescribeSnapshots:
                 400, "InvalidAction", f"The action {action} is not valid for this web service."
             )
         wanted = numbered(form, "SnapshotId")
+        if form.get("DryRun", "").lower() == "true":
+            # Authenticated already, and every caller may describe: it would succeed.
+            raise Ec2Error(
+                412, "DryRunOperation", "Request would have succeeded, but DryRun flag is set."
+            )
         limit = self._max_results(form.get("MaxResults"), wanted)
         keep = self._selection(form)
         found = self._by_id(wanted) if wanted else self.store.snapshots()
