@@ -1,7 +1,8 @@
 """A local EBS direct API endpoint: real boto3 clients talk to it over HTTP.
 
 `store` holds snapshots, tokens and paging (no HTTP), `faults` the knobs that make it
-slow or unreliable on purpose, `server` the wire format, `wire` the connections (how a
+slow or unreliable on purpose, `server` the wire format, `ec2` EC2 DescribeSnapshots for
+the same snapshots (so `ebsfs ls` works against it), `wire` the connections (how a
 server unlike ours accepts, keeps and closes them), `__main__` the command.
 """
 
