@@ -415,12 +415,16 @@ def test_get_records_the_emulators_metadata_or_says_why_not(
 
 
 @needs_fuse
+@pytest.mark.parametrize("how", ["--ec2-endpoint-url", "AWS_ENDPOINT_URL"])
 def test_mounted_image_mtime_is_the_emulators_start_time(
-    served: EmulatorServer, tmp_path: Path
+    served: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    with mounted(
-        served.url, ["snap-0a2"], tmp_path / "mnt", "--ec2-endpoint-url", served.url
-    ) as mnt:
+    """Asked of the emulator named as EC2 endpoint, or through AWS_ENDPOINT_URL (the
+    README's way: one variable for both services)."""
+    if how == "AWS_ENDPOINT_URL":
+        monkeypatch.setenv(how, served.url)
+    options = [how, served.url] if how.startswith("--") else []
+    with mounted(served.url, ["snap-0a2"], tmp_path / "mnt", *options) as mnt:
         image = mnt / "snap-0a2.img"
         assert image.stat().st_mtime == pytest.approx(STARTED + 3600, abs=1e-3)
     assert served.counters.calls["DescribeSnapshots"] == 1
