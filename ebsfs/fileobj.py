@@ -22,6 +22,7 @@ from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition
 from ebsfs.errors import EbsfsError, UserInputError
 from ebsfs.service.client import ConnectionOptions
+from ebsfs.service.retry import RetryPolicy
 
 MAX_READ = 32 * 1024**2
 """Bytes asked of the engine at once (64 blocks fetched together)."""
@@ -172,6 +173,8 @@ def open_snapshots(
         connect_timeout=min(5.0, request_timeout),
         read_timeout=request_timeout,
         direct_get=direct_get,
+        # Throttling is waited out as long as a read may wait (as the mount does).
+        retry=RetryPolicy(throttle_budget=read_timeout),
     )
     config = EngineConfig(
         connection=connection,

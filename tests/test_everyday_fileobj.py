@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 import ebsfs
+from ebsfs import fileobj
+from ebsfs.engine.config import EngineConfig
 from ebsfs.errors import UserInputError
 
 SNAP = "snap-0e28"
@@ -49,3 +51,20 @@ def test_snapshot_ids_must_be_a_list_of_ids() -> None:
         ebsfs.open_snapshots(SNAP, endpoint_url="http://127.0.0.1:9")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="^snapshot_ids must be a list"):
         ebsfs.open_snapshots([SNAP, 7], endpoint_url="http://127.0.0.1:9")  # type: ignore[list-item]
+
+
+def test_reads_wait_out_throttling_as_long_as_a_read_may_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the mount: throttling is not 8 attempts and EIO, but waited out within the
+    read's time limit."""
+    seen: list[EngineConfig] = []
+
+    def capture(config: EngineConfig, *args: Any, **kw: Any) -> list[Any]:
+        seen.append(config)
+        return [None]
+
+    monkeypatch.setattr(fileobj, "open_with", capture)
+    ebsfs.open(SNAP, read_timeout=45.0)
+    assert seen[0].connection.retry.throttle_budget == 45.0
+    assert seen[0].read_timeout == 45.0
