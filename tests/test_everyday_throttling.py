@@ -66,6 +66,7 @@ def test_get_stops_when_throttling_outlasts_its_budget(
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "still throttled" in lines[0], result.stderr
+    assert "a longer --throttle-wait waits more; the same command resumes" in lines[0]
 
 
 def test_get_help_names_the_throttle_budget() -> None:

@@ -19,7 +19,7 @@ from ebsfs.cli.options import (
     positive_float,
 )
 from ebsfs.constants import READ_TIMEOUT
-from ebsfs.errors import UserInputError, first_leaf
+from ebsfs.errors import RetriesExhausted, Throttled, UserInputError, first_leaf
 from ebsfs.quoting import printable
 from ebsfs.service.retry import COPY_THROTTLE_WAIT
 
@@ -206,6 +206,12 @@ def cmd_get(args: argparse.Namespace) -> int:
     label = args.snapshot_id if args.output == "-" else os.path.basename(args.output)
     try:
         result = acquire.get(config, request, progress_for(label, quiet))
+    except RetriesExhausted as err:
+        if not isinstance(err.__cause__, Throttled):
+            raise
+        raise RetriesExhausted(
+            f"{err} (a longer --throttle-wait waits more; the same command resumes)"
+        ) from err
     except BaseException as err:  # Ctrl-C, maybe inside trio's exception groups
         if not isinstance(first_leaf(err), KeyboardInterrupt):
             raise
