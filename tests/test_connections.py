@@ -1,0 +1,335 @@
+"""The direct path's connections as a managed resource (issue 27, connections.py): a
+dropped SYN costs a short deadline, not Linux's 1 s retransmit; at most MAX_CONNECTING
+connects are in progress however many threads start at once; threads share kept-alive
+connections; and a Nagle-on server costs no delayed ACK (40 ms) per call. Nothing here
+is timed against a tight bound: events are counted, or a server's fallback is noted."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from ebsfs.constants import BLOCK_SIZE
+from ebsfs.emulator import SnapshotStore
+from ebsfs.emulator.server import EmulatorServer, ServerProfile
+from ebsfs.service import connections, http1
+from ebsfs.service.client import BotoEbsApi
+from ebsfs.service.connections import ConnectTimes, Pool
+from ebsfs.service.session import ConnectionOptions
+from tests.fakes import pattern_block
+from tests.test_hostile_server import BLOCK, FEW_RETRIES, TOKEN, block_answer
+
+SNAP = "snap-0a"
+
+
+def api_for(url: str, connect_timeout: float = 10.0) -> BotoEbsApi:
+    options = ConnectionOptions(
+        endpoint_url=url, retry=FEW_RETRIES, connect_timeout=connect_timeout
+    )
+    return BotoEbsApi(options)
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            raise ConnectionError("closed")
+        data += more
+    return data
+
+
+def keep_answering(conn: socket.socket) -> None:
+    """Answer GETs with BLOCK until the client closes."""
+    with conn:
+        try:
+            while True:
+                read_request(conn)
+                conn.sendall(block_answer())
+        except OSError:
+            return
+
+
+@pytest.fixture
+def spied_connects(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The timeout of every connect http1 tries, in order."""
+    attempts: list[float] = []
+    real = socket.create_connection
+
+    def counting(address: Any, timeout: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
+        attempts.append(timeout)
+        return real(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(http1.socket, "create_connection", counting)
+    return attempts
+
+
+# ---- 1. a connect not done within a short deadline is tried again -------------------
+
+
+def test_the_short_deadline_follows_the_recent_connect_times() -> None:
+    times = ConnectTimes()
+    assert times.deadline(5.0) == 5.0  # nothing to judge by: the full connect timeout
+    for _ in range(100):
+        times.add(0.001)
+    assert times.deadline(5.0) == connections.DEADLINE_FLOOR
+    for _ in range(10):
+        times.add(0.1)  # 10 of the last 64 slow: the 90th percentile is among them
+    assert times.deadline(5.0) == pytest.approx(0.3)
+    assert times.deadline(0.2) == 0.2
+    for _ in range(64):
+        times.add(10.0)
+    assert times.deadline(5.0) == 5.0
+
+
+def test_a_dropped_syn_is_abandoned_and_tried_again_on_a_fresh_socket(
+    spied_connects: list[float],
+) -> None:
+    """A real dropped SYN: a listen queue of one, held by a connection nobody accepts.
+    The server accepts it (making room) only once the client tries a second socket, or
+    after 8 s; Linux would send the first SYN again only after 1 s and 3 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queue_full = threading.Event()
+    fell_back: list[bool] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:  # the first connection: one answer, then closed
+            read_request(conn)
+            conn.sendall(block_answer().replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        queue_full.wait(10)
+        deadline = time.monotonic() + 8
+        while len(spied_connects) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        fell_back.append(len(spied_connects) < 3)
+        filler, _ = listener.accept()
+        filler.close()
+        with listener:
+            keep_answering(listener.accept()[0])
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    api = api_for(f"http://127.0.0.1:{port}", connect_timeout=10.0)
+    assert bytes(api.get_snapshot_block(SNAP, 0, TOKEN).data) == BLOCK
+    with socket.socket() as filler:  # fills the queue (not a connect http1 tries)
+        filler.connect(("127.0.0.1", port))
+        queue_full.set()
+        assert bytes(api.get_snapshot_block(SNAP, 1, TOKEN).data) == BLOCK
+    assert fell_back == [False]  # the client tried a fresh socket, without waiting 1 s
+    counters = api.connections()
+    assert counters["connects_abandoned"] >= 1
+    assert len(spied_connects) == 2 + counters["connects_abandoned"]
+    assert spied_connects[0] == 10.0 and spied_connects[1] < 1.0
+    assert counters["opened"] == 2 and counters["reopened_stale"] == 0
+
+
+def test_after_the_short_tries_the_full_connect_timeout() -> None:
+    """A connect that keeps timing out: SHORT_TRIES short deadlines, then the full one,
+    each on a fresh socket (here a fake connector counting them)."""
+    tried: list[float] = []
+
+    def connector(seconds: float) -> http1.Connection:
+        tried.append(seconds)
+        raise TimeoutError("timed out")
+
+    pool = Pool(connector, connect_timeout=7.0)
+    pool._times.add(0.002)
+    with pytest.raises(TimeoutError):
+        pool.take("GET", None)
+    assert tried == [connections.DEADLINE_FLOOR] * connections.SHORT_TRIES + [7.0]
+    assert pool.counters()["connects_abandoned"] == connections.SHORT_TRIES
+    assert pool.counters()["opened"] == 0 and pool._connecting == 0
+
+
+# ---- 2 and 4. bounded connects, shared connections, counted ---------------------------
+
+
+def test_a_hundred_threads_starting_at_once_connect_at_most_16_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """100 threads doing their first GET at once (a read-ahead window opening): the
+    connects in progress at any moment are counted where they happen (each held 20 ms);
+    the threads then share the connections given back."""
+    in_progress = 0
+    peak = 0
+    lock = threading.Lock()
+    real = socket.create_connection
+
+    def slow_connect(address: Any, timeout: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
+        nonlocal in_progress, peak
+        with lock:
+            in_progress += 1
+            peak = max(peak, in_progress)
+        try:
+            time.sleep(0.02)
+            return real(address, timeout, *args, **kwargs)
+        finally:
+            with lock:
+                in_progress -= 1
+
+    monkeypatch.setattr(http1.socket, "create_connection", slow_connect)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    port = listener.getsockname()[1]
+
+    def accept_all() -> None:
+        with listener:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=keep_answering, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_all, daemon=True).start()
+    api = api_for(f"http://127.0.0.1:{port}")
+    start = threading.Barrier(100)
+
+    def first_get(index: int) -> bytes:
+        start.wait(timeout=30)
+        return bytes(api.get_snapshot_block(SNAP, index, TOKEN).data)
+
+    try:
+        with ThreadPoolExecutor(100) as threads:
+            assert all(got == BLOCK for got in threads.map(first_get, range(100)))
+    finally:
+        listener.close()
+    assert peak <= connections.MAX_CONNECTING
+    counters = api.connections()
+    assert counters["peak_connecting"] <= connections.MAX_CONNECTING
+    assert counters["opened"] <= 100 and counters["connects_abandoned"] == 0
+    assert counters["open"] == counters["idle"] == counters["opened"]
+
+
+def test_a_waiting_thread_whose_read_gave_up_stops_waiting() -> None:
+    """A thread waiting for a connect slot gives up with its read (not retried)."""
+    release = threading.Event()
+
+    def stuck(seconds: float) -> http1.Connection:
+        release.wait(10)
+        raise TimeoutError("timed out")
+
+    pool = Pool(stuck, connect_timeout=5.0, max_connecting=1)
+    failed: list[BaseException] = []
+
+    def connecting() -> None:
+        try:
+            pool.take("GET", None)
+        except TimeoutError as err:
+            failed.append(err)
+
+    first = threading.Thread(target=connecting)
+    first.start()
+    while pool._connecting == 0:
+        time.sleep(0.001)
+    gone = http1.Abandon()
+    gone.fire()
+    try:
+        with pytest.raises(Exception, match="given up"):
+            pool.take("GetSnapshotBlock 1", gone)
+    finally:
+        release.set()
+        first.join(timeout=10)
+    assert len(failed) == 1 and pool._connecting == 0
+
+
+def test_sequential_gets_reuse_one_connection_and_count_it(spied_connects: list[float]) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    threading.Thread(target=lambda: keep_answering(listener.accept()[0]), daemon=True).start()
+    api = api_for(f"http://127.0.0.1:{port}")
+    got: list[bytes] = []
+    for index in range(8):  # one after the other, each in a thread of its own
+        thread = threading.Thread(
+            target=lambda i=index: got.append(bytes(api.get_snapshot_block(SNAP, i, TOKEN).data))
+        )
+        thread.start()
+        thread.join(timeout=30)
+    assert got == [BLOCK] * 8
+    listener.close()
+    assert len(spied_connects) == 1
+    assert api.connections()["opened"] == 1 and api.connections()["open"] == 1
+
+
+def test_the_boto3_path_counts_no_connections() -> None:
+    options = ConnectionOptions(endpoint_url="http://127.0.0.1:9", direct_get=False)
+    assert BotoEbsApi(options).connections() == {}
+
+
+# ---- 3. a Nagle-on server costs no delayed ACK --------------------------------------
+
+
+@pytest.fixture
+def nagle_emulator(store: SnapshotStore) -> Iterator[EmulatorServer]:
+    store.add_snapshot(SNAP, {i: pattern_block(1, i) for i in range(20)}, volume_size_gib=1)
+    with EmulatorServer(store, profile=ServerProfile(nagle=True)) as server:
+        yield server
+
+
+class QuickackSpy:
+    """A socket that notes TCP_QUICKACK (on: no delayed ACK) at each receive."""
+
+    def __init__(self, sock: socket.socket, seen: list[int]) -> None:
+        self._sock = sock
+        self._seen = seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def recv_into(self, *args: Any) -> int:
+        self._seen.append(self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+        return self._sock.recv_into(*args)
+
+
+def test_every_receive_of_an_answer_is_acknowledged_at_once(nagle_emulator, monkeypatch) -> None:
+    """After our request goes out Linux delays its ACKs (interactive mode); each answer
+    is received with TCP_QUICKACK on, on a kept-alive connection too."""
+    seen: list[int] = []
+    original: Callable[..., http1.Connection] = http1.Connection
+
+    def spied(*args: Any) -> http1.Connection:
+        conn = original(*args)
+        conn._sock = QuickackSpy(conn._sock, seen)  # type: ignore[assignment]
+        return conn
+
+    monkeypatch.setattr(http1, "Connection", spied)
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=nagle_emulator.url))
+    tokens = dict(api.list_snapshot_blocks(SNAP).blocks)
+    for index in range(5):
+        block = api.get_snapshot_block(SNAP, index, tokens[index]).data
+        assert bytes(block) == pattern_block(1, index)
+    assert len(seen) >= 6 and set(seen) == {1}
+    assert api.connections()["opened"] == 1
+
+
+def test_small_answers_from_a_nagle_on_server_wait_for_no_delayed_ack(nagle_emulator) -> None:
+    """A list answer's head and body go out in two writes: with Nagle on the body waits
+    for our ACK of the head, delayed 40 ms (or more) unless we ACK at once. Counted:
+    how many of 20 list calls took 35 ms or more (all 20 did before; a loaded machine
+    may slow a few)."""
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=nagle_emulator.url))
+    api.list_snapshot_blocks(SNAP, max_results=100)  # the connection opened
+    slow = 0
+    for _ in range(20):
+        started = time.monotonic()
+        api.list_snapshot_blocks(SNAP, max_results=100)
+        slow += time.monotonic() - started >= 0.035
+    assert slow < 10
+    assert api.connections()["opened"] == 1
+
+
+def test_block_answers_from_a_nagle_on_server_arrive_whole(nagle_emulator) -> None:
+    api = BotoEbsApi(ConnectionOptions(endpoint_url=nagle_emulator.url))
+    tokens = dict(api.list_snapshot_blocks(SNAP).blocks)
+    room = memoryview(bytearray(BLOCK_SIZE))
+    for index in range(20):
+        api.get_snapshot_block(SNAP, index, tokens[index], into=room)
+        assert bytes(room) == pattern_block(1, index)
