@@ -16,14 +16,17 @@ import pytest
 import trio
 import trio.testing
 
+from ebsfs.acquire import get as acquire
 from ebsfs.acquire.patience import Patience
 from ebsfs.cli.progress import LineProgress
 from ebsfs.constants import BLOCK_SIZE, GIB
-from ebsfs.emulator import EmulatorServer
+from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
+from ebsfs.engine.config import EngineConfig
 from ebsfs.errors import RetriesExhausted, Throttled, TransientError
+from ebsfs.service.client import ConnectionOptions
 from ebsfs.service.retry import RetryPolicy
 from tests.acquiring import add, digests, file_digest
-from tests.fakes import pattern_block
+from tests.fakes import StoreApi, pattern_block
 from tests.mounting import ebsfs, mounted, needs_fuse
 
 SNAP = "snap-0e28"
@@ -206,3 +209,29 @@ def test_a_mount_keeps_its_read_timeout_under_throttling(
     # attempts, 11.3 s of backoff at the most: "gave up after" would fail the log
     # check), and not for a copy's hour (the kernel may ask twice).
     assert 13 < waited < 45, waited
+
+
+class OldDisplay:
+    """A library caller's display written before Progress.throttled existed."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def update(self, done: int, fetched: int) -> None:
+        self.done = done
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_display_without_throttled_still_works(tmp_path: Path) -> None:
+    store = SnapshotStore(Faults(list_rate=0, get_rate=0, seed=1))
+    store.add_snapshot(SNAP, {0: pattern_block(28, 0)}, volume_size_gib=1)
+    config = EngineConfig(ConnectionOptions(), cache_size=64 * 1024**2, max_fetches=8)
+    display = OldDisplay()
+    request = acquire.GetRequest(SNAP, str(tmp_path / "disk.img"))
+    result = acquire.get(config, request, display, api=StoreApi(store))  # type: ignore[arg-type]
+    assert result.manifest.written_blocks == 1 and display.done == GIB

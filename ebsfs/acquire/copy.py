@@ -125,9 +125,8 @@ class Copy:
         """The journal's state: how far a device is zeroed is saved in it."""
         self.blocks = blocks
         self.progress = progress
-        self.patience = Patience(
-            plan.read_timeout, plan.throttle_budget, self._throttles, progress.throttled
-        )
+        told = getattr(progress, "throttled", None)  # a display from before it existed
+        self.patience = Patience(plan.read_timeout, plan.throttle_budget, self._throttles, told)
         """The per-block time limits, lengthened while the service throttles."""
         self.counts = Counts()
         self.sha256 = hashlib.sha256() if plan.sha256 else None
