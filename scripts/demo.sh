@@ -50,8 +50,8 @@ for _ in $(seq 100); do [ -s "$DEMO/url" ] && break; sleep 0.1; done
 URL="$(cat "$DEMO/url")"
 echo "   $URL serves $SNAP"
 
-echo "== ebsfs mount --endpoint-url $URL $SNAP $DEMO/mnt"
-.venv/bin/ebsfs mount --endpoint-url "$URL" --log-file "$DEMO/ebsfs.log" "$SNAP" "$DEMO/mnt"
+echo "== ebsfs mount --endpoint-url $URL --ec2-endpoint-url $URL $SNAP $DEMO/mnt   (the emulator answers EC2 too: the image times are the snapshot's)"
+.venv/bin/ebsfs mount --endpoint-url "$URL" --ec2-endpoint-url "$URL" --log-file "$DEMO/ebsfs.log" "$SNAP" "$DEMO/mnt"
 ls -l "$DEMO/mnt"
 
 echo "== the partition table, read straight from the image (sleuthkit mmls)"
