@@ -55,6 +55,7 @@ def test_background_mount_without_syslog_logs_where_its_line_says(
         "ERR": str(err),
         "SUM": str(digest),
     }
+    env.pop("LOGS_DIRECTORY", None)  # the default place, not one a caller chose
     name = logs.escaped_path(str(mnt.resolve())) + ".log"
     log_file = varlog / "ebsfs" / name
     try:
@@ -89,6 +90,7 @@ def _end_the_mount_process(log_file: Path) -> None:
 
 
 def test_default_log_places(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
     assert logs.escaped_path("/mnt/snap") == "mnt-snap"
     assert logs.escaped_path("/mnt/a-b/") == "mnt-a\\x2db"
     assert logs.escaped_path("/srv/.hidden") == "srv-.hidden"
@@ -102,6 +104,10 @@ def test_default_log_places(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert logs.default_log_dir() == str(tmp_path / ".local" / "state" / "ebsfs")
+    monkeypatch.setenv("LOGS_DIRECTORY", f"{tmp_path}/logs:/var/log/other")
+    assert logs.default_log_file("/mnt/snap") == str(tmp_path / "logs" / "mnt-snap.log")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert logs.default_log_dir() == str(tmp_path / "logs")
 
 
 def test_no_syslog_socket_is_unusable(tmp_path: Path) -> None:

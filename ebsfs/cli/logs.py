@@ -3,8 +3,8 @@ mount is in the background; how much with -v and -vv. A background mount with no
 syslog socket (containers, minimal hosts) logs to a default file instead, so that
 "the log says which block and why" always has a log to look in: for root
 /var/log/ebsfs/<mount point>.log, for others $XDG_STATE_HOME/ebsfs/ (default
-~/.local/state/ebsfs/), the mount point's path escaped as systemd names mount units
-(/mnt/snap -> mnt-snap.log).
+~/.local/state/ebsfs/), or $LOGS_DIRECTORY when set (systemd's LogsDirectory=), the
+mount point's path escaped as systemd names mount units (/mnt/snap -> mnt-snap.log).
 
 ebsfs adds one handler of its own to the root logger and replaces only that one when
 asked again (the mount's background child, a second `main()` in one process): other
@@ -101,8 +101,13 @@ def escaped_path(path: str) -> str:
 
 
 def default_log_dir() -> str:
-    """Root: /var/log/ebsfs; others: $XDG_STATE_HOME/ebsfs, else ~/.local/state/ebsfs
-    (the XDG Base Directory specification's place for logs)."""
+    """$LOGS_DIRECTORY (what systemd sets for a service with LogsDirectory=; the
+    first, if several); else root: /var/log/ebsfs; others: $XDG_STATE_HOME/ebsfs,
+    else ~/.local/state/ebsfs (the XDG Base Directory specification's place for
+    logs)."""
+    given = os.environ.get("LOGS_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(given):
+        return given
     if os.geteuid() == 0:
         return LOG_DIR_ROOT
     state = os.environ.get("XDG_STATE_HOME", "")
