@@ -1,8 +1,9 @@
 """The one retry policy: which failures are retried, how long to back off, when to stop.
 
 Shaped by the kind of failure: throttling (RequestThrottledException) is the service
-asking us to wait, not something broken, so a caller that can wait (`ebsfs get`) gives
-it a budget of its own, in seconds of waiting, that no count of attempts cuts short;
+asking us to wait, not something broken, so a caller gives it a budget of its own, in
+seconds of waiting, that no count of attempts cuts short (`ebsfs get` an hour, a read
+its read timeout);
 everything else retried (5xx, dropped connections, bad bodies) is bounded by attempts
 and wall time, so a kernel read never waits forever."""
 
@@ -40,9 +41,10 @@ class RetryPolicy:
     deadline: float = 120.0
     throttle_budget: float | None = None
     """Seconds one call may spend waiting out throttling, however many answers that
-    takes (`ebsfs get --throttle-wait`); None: a throttling answer is one more failed
-    attempt, within `attempts` and `deadline` (the mount, whose reads have their own
-    time limit)."""
+    takes: a copy's `--throttle-wait` (an hour), a mount's or `ebsfs.open`'s read
+    timeout (a read that cannot wait longer gets EIO then). None: a throttling answer
+    is one more failed attempt, within `attempts` and `deadline` (the checks before a
+    mount or a copy, which fail fast)."""
     throttle_max_delay: float = THROTTLE_MAX_DELAY
 
     def delay(self, attempt: int, cap: float | None = None) -> float:
