@@ -69,7 +69,10 @@ def test_the_mapping_of_foreign_answers() -> None:
     assert str(err) == ONE_LINE
     # A proxy's 502 page may be gone on the next try: retried, and still one line.
     late = foreign_answer(502, "text/html", page)
-    assert isinstance(late, TransientError) and "HTTP 502 with an HTML page" in str(late)
+    assert isinstance(late, TransientError)
+    assert (
+        str(late) == "the endpoint answered HTTP 502 with an HTML page, not the EBS service's error"
+    )
     # Not HTML: a plain text body or none is named as such.
     assert "HTTP 403 with a text/plain answer" in str(foreign_answer(403, "text/plain", "no"))
     # The service's own answers are the service's: JSON with an error type.

@@ -78,8 +78,10 @@ def foreign_answer(status: int, content_type: str, body: str) -> EbsfsError | No
         what = "an HTML page"
     else:
         what = f"a {printable(kind)[:60]} answer" if kind else "an answer that is not JSON"
-    line = f"the endpoint answered HTTP {status} with {what}: is --endpoint-url right?"
-    return TransientError(line) if status >= 500 else ServiceError(line, code=f"HTTP {status}")
+    line = f"the endpoint answered HTTP {status} with {what}"
+    if status >= 500:  # a proxy or load balancer in front of the right endpoint, maybe
+        return TransientError(f"{line}, not the EBS service's error")
+    return ServiceError(f"{line}: is --endpoint-url right?", code=f"HTTP {status}")
 
 
 def answer_error(
