@@ -6,7 +6,10 @@ is timed against a tight bound: events are counted, or a server's fallback is no
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +21,7 @@ import pytest
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import SnapshotStore
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
+from ebsfs.engine.stats import Stats
 from ebsfs.service import connections, http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.connections import ConnectTimes, Pool
@@ -333,3 +337,59 @@ def test_block_answers_from_a_nagle_on_server_arrive_whole(nagle_emulator) -> No
     for index in range(20):
         api.get_snapshot_block(SNAP, index, tokens[index], into=room)
         assert bytes(room) == pattern_block(1, index)
+
+
+def test_a_stalled_tls_handshake_is_part_of_the_connect(
+    tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TLS handshake counts in the connect's deadline: a server that accepts but
+    never answers the ClientHello is left within the short deadline and a fresh
+    connection tried, inside the same attempt (no retry counted, no full timeout)."""
+    cert, key = tls_files
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    release = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for count in itertools.count():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if count == 1:  # the second connection: its handshake never answered
+                threading.Thread(
+                    target=lambda c=conn: (release.wait(30), c.close()), daemon=True
+                ).start()
+                continue
+            tls = server_side.wrap_socket(conn, server_side=True)
+            answer = block_answer()
+            if count == 0:
+                answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+            threading.Thread(target=serve_tls, args=(tls, answer, count == 0), daemon=True).start()
+
+    def serve_tls(tls: ssl.SSLSocket, answer: bytes, once: bool) -> None:
+        with tls, contextlib.suppress(OSError):
+            while True:
+                read_request(tls)  # type: ignore[arg-type]
+                tls.sendall(answer)
+                if once:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    stats = Stats()
+    options = ConnectionOptions(
+        endpoint_url=f"https://127.0.0.1:{port}", retry=FEW_RETRIES, connect_timeout=10.0
+    )
+    api = BotoEbsApi(options, stats=stats)
+    try:
+        for index in range(2):
+            assert bytes(api.get_snapshot_block(SNAP, index, TOKEN).data) == BLOCK
+    finally:
+        release.set()
+        listener.close()
+    assert stats.retries == 0
+    counters = api.connections()
+    assert counters["connects_abandoned"] == 1 and counters["opened"] == 2
