@@ -373,7 +373,7 @@ def test_a_stalled_tls_handshake_is_part_of_the_connect(
     def serve_tls(tls: ssl.SSLSocket, answer: bytes, once: bool) -> None:
         with tls, contextlib.suppress(OSError):
             while True:
-                read_request(tls)  # type: ignore[arg-type]
+                read_request(tls)
                 tls.sendall(answer)
                 if once:
                     return
