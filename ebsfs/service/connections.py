@@ -39,8 +39,7 @@ DEADLINE_FLOOR = 0.05
 SAMPLES = 64
 """Recent connect times kept."""
 WAIT_STEP = 0.05
-"""Seconds between looks at a call's Abandon (and at the slots: a wakeup is not lost
-with a waiter that gave up) while a thread waits for a connection."""
+"""Seconds between looks at a call's Abandon while a thread waits for a connection."""
 
 Connector = Callable[[float], http1.Connection]
 """Opens a connection within the seconds given (TCP connect and TLS handshake)."""
@@ -146,10 +145,11 @@ class Pool:
         """Under the lock: until a connect slot or an idle connection is free."""
         while self._connecting >= self._max_connecting and not self._idle:
             if gone is not None and gone.fired:
+                self._ready.notify()  # a wakeup this thread may have had goes on
                 raise given_up(what)
             self._waiters += 1
             try:
-                self._ready.wait(WAIT_STEP)
+                self._ready.wait(WAIT_STEP if gone is not None else 1.0)
             finally:
                 self._waiters -= 1
 
