@@ -190,7 +190,8 @@ def test_the_progress_line_says_the_copy_is_being_throttled() -> None:
 @needs_fuse
 @pytest.mark.expected_log(
     r"read at \d+ took over 14s",
-    maybe=(r"still throttled after waiting 14s", r"took over 14s moments ago"),
+    # The kernel may read the page again: the engine then waits 1 s, not 14 again.
+    maybe=(r"still throttled after waiting 14s", r"just timed out|moments ago"),
 )
 def test_a_mount_keeps_its_read_timeout_under_throttling(
     emulator: EmulatorServer, tmp_path: Path
