@@ -154,6 +154,35 @@ def test_after_the_short_tries_the_full_connect_timeout() -> None:
     assert pool.counters()["opened"] == 0 and pool._connecting == 0
 
 
+def test_a_connect_whose_syn_was_sent_again_is_not_timed() -> None:
+    """A connect that completed only after Linux sent its dropped SYN again took 1 s:
+    it measured the loss, not the path, and would have raised the deadline to 3 s
+    (seen: 3061 ms after a burst against a listen queue of 5, and every later dropped
+    SYN waited for its retransmission again)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # the queue is full
+
+    def make_room() -> None:
+        time.sleep(0.3)  # after the first SYN was dropped: its retransmission connects
+        listener.accept()[0].close()
+
+    threading.Thread(target=make_room, daemon=True).start()
+    pool = Pool(lambda seconds: http1.Connection("127.0.0.1", port, None, seconds, 5.0), 5.0)
+    try:
+        conn = pool.take("GET", None)
+        assert conn.retransmitted()
+        pool.give(conn)
+        counters = pool.counters()
+        assert counters["opened"] == 1 and counters["connects_abandoned"] == 0
+        assert counters["connect_deadline_ms"] == 5000  # still nothing to judge by
+    finally:
+        filler.close()
+        listener.close()
+
+
 # ---- 2 and 4. bounded connects, shared connections, counted ---------------------------
 
 

@@ -57,6 +57,7 @@ class ConnectTimes:
         self._times: collections.deque[float] = collections.deque(maxlen=SAMPLES)
 
     def add(self, seconds: float) -> None:
+        """A connect (TCP and TLS handshake) that completed with no segment lost."""
         self._times.append(seconds)
 
     def deadline(self, ceiling: float) -> float:
@@ -179,8 +180,13 @@ class Pool:
     def _timed(self, seconds: float) -> http1.Connection:
         started = time.monotonic()
         conn = self._connect(seconds)
+        took = time.monotonic() - started
+        # A connect whose SYN was dropped and sent again took a second or more: timed,
+        # it would raise the deadline until short tries no longer helped.
+        clean = not conn.retransmitted()
         with self._lock:
-            self._times.add(time.monotonic() - started)
+            if clean:
+                self._times.add(took)
             self.opened += 1
             self.open_now += 1
         return conn

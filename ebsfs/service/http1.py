@@ -191,6 +191,15 @@ class Connection:
     def close(self) -> None:
         self._sock.close()
 
+    def retransmitted(self) -> bool:
+        """Whether TCP sent a segment of this connection again (a dropped SYN, say):
+        then its connect time measured a loss, not the path (Linux's TCP_INFO)."""
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except (AttributeError, OSError):
+            return False
+        return len(info) >= 104 and struct.unpack_from("I", info, 100)[0] > 0
+
     def abort(self) -> None:
         """From another thread: end the exchange under way (a receive blocked in it
         returns at once, and the call fails with a ProtocolError or OSError)."""
