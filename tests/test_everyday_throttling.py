@@ -236,3 +236,23 @@ def test_a_display_without_throttled_still_works(tmp_path: Path) -> None:
     request = acquire.GetRequest(SNAP, str(tmp_path / "disk.img"))
     result = acquire.get(config, request, display, api=StoreApi(store))  # type: ignore[arg-type]
     assert result.manifest.written_blocks == 1 and display.done == GIB
+
+
+def test_get_started_while_the_service_throttles_waits_it_out(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """The checks before a copy (its first listing, block 0) failed fast under
+    throttling, 3 attempts in about 2 s, so a copy started at a busy moment died at
+    once; they take the command's throttle budget now."""
+    add(emulator.store, SNAP, BLOCKS, volume_gib=1)
+    emulator.faults.list_rate = 0.05  # no list call goes through: a token every 20 s
+    quiet = threading.Timer(4.0, lambda: emulator.faults.update({"list_rate": 0}))
+    quiet.start()
+    try:
+        out = tmp_path / "disk.img"
+        result = ebsfs("get", "--endpoint-url", emulator.url, SNAP, str(out), timeout=120)
+    finally:
+        quiet.cancel()
+    assert result.returncode == 0, result.stderr
+    assert emulator.counters.errors["RequestThrottledException"] > 0
+    assert file_digest(out) == digests(BLOCKS, GIB)[0]

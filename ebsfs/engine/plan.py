@@ -15,6 +15,7 @@ must fail without having fetched anything."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,7 +206,12 @@ def plan(
     stats = Stats()
     session = None
     if api is None:
-        options = with_options(config.connection, retry=CHECK_RETRY, max_connections=CHECK_THREADS)
+        # Failing fast, but throttling is waited out as the command's own policy says
+        # (an hour for a copy: a copy started at a busy moment must not die of it).
+        retry = dataclasses.replace(
+            CHECK_RETRY, throttle_budget=config.connection.retry.throttle_budget
+        )
+        options = with_options(config.connection, retry=retry, max_connections=CHECK_THREADS)
         api = boto = BotoEbsApi(options, stats=stats)
         session = boto.session
     checked = check_snapshots(api, snapshot_ids)
