@@ -223,3 +223,24 @@ def test_no_hedge_turns_it_off(stalling) -> None:
     with ebsfs.open("snap-0bead5", endpoint_url=emulator.url, readahead=False, hedge=False) as f:
         f.read(4 * BLOCK_SIZE)
         assert f.stats()["hedges"] == {"enabled": False}
+
+
+def test_no_hedge_while_the_service_throttles() -> None:
+    """A call sleeping out throttling is slow for our own back-off: a second call would
+    only add load to a service asking for less (THROTTLE_PAUSE after the last one)."""
+    throttled = [0]
+    hedger = Hedger(throttles=lambda: throttled[0])
+    for _ in range(MIN_SAMPLES + 16):
+        run(hedger, answer, None)
+    hedger._update_delay()
+    calls: list[str] = []
+
+    def backing_off(room: memoryview | None) -> Block:
+        calls.append("call")
+        throttled[0] += 1  # the client was told to slow down, and waits
+        threading.Event().wait(0.2)  # ten times the hedging delay
+        return answer(room)
+
+    run(hedger, backing_off, memoryview(bytearray(BLOCK_SIZE)))
+    assert calls == ["call"] and hedger.counts.sent == 0
+    hedger.close()

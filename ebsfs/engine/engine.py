@@ -65,7 +65,9 @@ class Engine:
         self.stats = stats or Stats()
         # Only calls that can be ended from outside are hedged: the direct GET path's
         # (boto3's cannot, and a fake api has no path to say).
-        hedger = Hedger() if config.hedge and getattr(api, "why_not_direct", "") is None else None
+        hedger = None
+        if config.hedge and getattr(api, "why_not_direct", "") is None:
+            hedger = Hedger(throttles=lambda: api.get_throttles)
         self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config), hedger=hedger)
         if hedger is not None:
             self.stats.hedging = hedger.report

@@ -52,6 +52,9 @@ call; hedging those would only add calls to a busy moment."""
 MIN_SAMPLES = 32
 """Answers timed before any hedging: no hedge on a guess."""
 HEDGE_THREADS = 8
+THROTTLE_PAUSE = 5.0
+"""Seconds without hedging after the service last throttled: a call sleeping out
+throttling is slow for our own back-off, and a second call would only add load."""
 TICK = 0.005
 """Seconds between the watchdog's looks (a hedge starts up to this late)."""
 
@@ -93,7 +96,13 @@ class Hedger:
         after: float = HEDGE_AFTER,
         min_delay: float = MIN_HEDGE_DELAY,
         keep: int = 256,
+        throttles: Callable[[], int] | None = None,
     ) -> None:
+        """`throttles`: the count of throttling answers so far (EbsApi.get_throttles),
+        read by the watchdog: no hedge within THROTTLE_PAUSE of one."""
+        self._throttles = throttles
+        self._throttles_seen = 0
+        self._calm_from = 0.0
         self.fraction = fraction
         self.burst = burst
         self.after = after
@@ -193,6 +202,13 @@ class Hedger:
             if delay is None:
                 continue
             now = time.monotonic()
+            if self._throttles is not None:
+                throttles = self._throttles()
+                if throttles != self._throttles_seen:
+                    self._throttles_seen = throttles
+                    self._calm_from = now + THROTTLE_PAUSE
+            if now < self._calm_from:
+                continue
             due: list[_Call] = []
             with self._lock:
                 for call in self._calls.values():
