@@ -31,6 +31,9 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
     monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A background mount with no --log-file and no syslog logs to a file: into the
+    # test's temporary space, not /var/log/ebsfs (tests of that place unset it).
+    monkeypatch.setenv("LOGS_DIRECTORY", str(home / "logs"))
 
 
 @pytest.fixture
