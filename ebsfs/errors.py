@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "EbsfsError",
     "UserInputError",
+    "BadArgument",
     "ServiceError",
     "SnapshotNotFound",
     "InvalidSnapshotId",
@@ -44,6 +45,11 @@ class EbsfsError(Exception):
 
 class UserInputError(EbsfsError):
     """The command line names something that cannot work (bad id, bad option value)."""
+
+
+class BadArgument(UserInputError, ValueError):
+    """A keyword of `ebsfs.open` with a value it cannot take, named: a ValueError as
+    Python's own functions raise for one (and a UserInputError, as before)."""
 
 
 class ServiceError(EbsfsError):

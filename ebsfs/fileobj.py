@@ -20,17 +20,12 @@ from ebsfs.engine.engine import EngineThread, connect
 from ebsfs.engine.files import WindowReader
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition
-from ebsfs.errors import EbsfsError, UserInputError
+from ebsfs.errors import BadArgument, EbsfsError
 from ebsfs.service.client import ConnectionOptions
 from ebsfs.service.retry import RetryPolicy
 
 MAX_READ = 32 * 1024**2
 """Bytes asked of the engine at once (64 blocks fetched together)."""
-
-
-class BadArgument(UserInputError, ValueError):
-    """A keyword of `open` with a value it cannot take, named: a ValueError as Python's
-    own functions raise for one (and an ebsfs UserInputError, as before)."""
 
 
 _TEXTS = ("region", "profile", "endpoint_url")
