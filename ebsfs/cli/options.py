@@ -118,8 +118,9 @@ def connection_arguments(parser: argparse.ArgumentParser, ebs: bool = True) -> N
     )
     parser.add_argument(
         "--log-file",
-        help="append log messages to this file (default: "
-        "stderr in the foreground, syslog in the background)",
+        help="append log messages to this file (default: stderr in the foreground; "
+        "in the background syslog, or with no syslog daemon /var/log/ebsfs/MOUNTPOINT.log "
+        "as root, else $XDG_STATE_HOME/ebsfs/, or $LOGS_DIRECTORY when set)",
     )
 
 
