@@ -183,6 +183,56 @@ def test_a_connect_whose_syn_was_sent_again_is_not_timed() -> None:
         listener.close()
 
 
+class FakeConnection:
+    """What the pool asks of a connection it opened."""
+
+    def retransmitted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_connect_slots_halve_on_a_lost_connect_and_grow_back_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Time driven by hand: the connects abandoned within one short deadline are one
+    loss (one halving); clean connects give the slots back by 1/slots each."""
+    clock = [100.0]
+    monkeypatch.setattr(connections, "time", type("Clock", (), {"monotonic": lambda: clock[0]}))
+    lost: list[bool] = []
+
+    def connector(seconds: float) -> http1.Connection:
+        if lost and lost.pop(0):
+            raise TimeoutError("timed out")
+        return FakeConnection()  # type: ignore[return-value]
+
+    pool = Pool(connector, connect_timeout=5.0)
+    pool._times.add(0.001)
+
+    def connect(*losses: bool) -> float:
+        lost[:] = losses
+        pool.discard(pool.take("GET", None))
+        return float(pool.counters()["connect_slots"])
+
+    # (each connect that succeeds in the end adds 1/slots to what the loss left)
+    assert connect() == 16
+    assert 8 <= connect(True) < 8.5
+    assert 8 <= connect(True, True) < 8.5  # the same moment: one loss, not two
+    clock[0] += 1
+    assert 4 <= connect(True) < 4.6
+    clock[0] += 1
+    assert 2 <= connect(True) < 3
+    clock[0] += 1
+    assert connections.MIN_CONNECTING <= connect(True, True, True) < 3
+    grown = [connect() for _ in range(20)]
+    assert grown == sorted(grown) and 5 < grown[-1] < 8
+    for _ in range(300):
+        connect()
+    assert pool.counters()["connect_slots"] == connections.MAX_CONNECTING
+    assert pool.counters()["connects_abandoned"] == 8 and pool.counters()["open"] == 0
+
+
 # ---- 2 and 4. bounded connects, shared connections, counted ---------------------------
 
 
