@@ -107,6 +107,7 @@ class Pool:
         self.open_now = 0
         """Connections open: idle or in use."""
         self.peak_connecting = 0
+        """The most connects in progress at once so far."""
 
     def take(self, what: str, gone: http1.Abandon | None) -> http1.Connection:
         """An idle connection, or a new one once a connect slot is free."""
@@ -184,7 +185,8 @@ class Pool:
                         now = time.monotonic()
                         if now - self._cut_at > deadline:
                             self._cut_at = now
-                            self._slots = max(MIN_CONNECTING, self._slots / 2)
+                            floor = min(MIN_CONNECTING, self._max_connecting)
+                            self._slots = max(floor, self._slots / 2)
                     log.debug("a connect took over %.0f ms: abandoned, tried again", deadline * 1e3)
             return self._timed(self._timeout)
         finally:
