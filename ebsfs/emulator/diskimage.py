@@ -153,7 +153,11 @@ def _size_mib(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ebsfs.emulator.diskimage",
+        prog=(  # the console script's name, or how the module was run
+            "ebsfs-demo-disk"
+            if os.path.basename(sys.argv[0]) == "ebsfs-demo-disk"
+            else "python -m ebsfs.emulator.diskimage"
+        ),
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
