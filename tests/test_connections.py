@@ -22,6 +22,7 @@ from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import SnapshotStore
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
 from ebsfs.engine.stats import Stats
+from ebsfs.errors import ReadFailed
 from ebsfs.service import connections, http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.connections import ConnectTimes, Pool
@@ -340,6 +341,40 @@ def test_sequential_gets_reuse_one_connection_and_count_it(spied_connects: list[
     listener.close()
     assert len(spied_connects) == 1
     assert api.connections()["opened"] == 1 and api.connections()["open"] == 1
+
+
+def test_a_connection_opened_for_a_read_that_gave_up_meanwhile_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read gives up while its connection is being opened: no GET is sent, and the
+    new connection goes to the pool for the next call instead of being shut down."""
+    requests: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with listener.accept()[0] as conn, contextlib.suppress(OSError):
+            while True:
+                requests.append(read_request(conn))
+                conn.sendall(block_answer())
+
+    threading.Thread(target=serve, daemon=True).start()
+    gone = http1.Abandon()
+    real = socket.create_connection
+
+    def connect_and_give_up(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        gone.fire()
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(http1.socket, "create_connection", connect_and_give_up)
+    api = api_for(f"http://127.0.0.1:{port}")
+    with http1.abandonable(gone), pytest.raises(ReadFailed, match="given up"):
+        api.get_snapshot_block(SNAP, 0, TOKEN)
+    assert api.connections()["idle"] == 1 and requests == []
+    monkeypatch.setattr(http1.socket, "create_connection", real)
+    assert bytes(api.get_snapshot_block(SNAP, 1, TOKEN).data) == BLOCK
+    assert api.connections()["opened"] == 1 and len(requests) == 1
+    listener.close()
 
 
 def test_the_boto3_path_counts_no_connections() -> None:

@@ -194,6 +194,9 @@ class DirectBlockGetter:
         when the answer says it closes (or the call was abandoned: maybe shut down)."""
         pool = self._pool
         conn = pool.take(what, gone)
+        if gone is not None and gone.fired:  # given up while it connected: keep the connection
+            pool.give(conn)
+            raise given_up(what)
         try:
             response = self._once(conn, target, headers, into, limit, gone)
         except OSError as err:
