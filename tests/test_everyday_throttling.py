@@ -256,3 +256,17 @@ def test_get_started_while_the_service_throttles_waits_it_out(
     assert result.returncode == 0, result.stderr
     assert emulator.counters.errors["RequestThrottledException"] > 0
     assert file_digest(out) == digests(BLOCKS, GIB)[0]
+
+
+def test_get_at_40_calls_a_second_completes_exactly(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """The issue's own case: the emulator at --get-rate 40 (the mount read through it;
+    get gave up after 8 attempts in 2.5 s)."""
+    blocks = {i: pattern_block(29, i) for i in range(96)}  # 2.4 s of calls at 40/s
+    add(emulator.store, SNAP, blocks, volume_gib=1)
+    emulator.faults.get_rate = 40
+    out = tmp_path / "disk.img"
+    result = ebsfs("get", "--endpoint-url", emulator.url, SNAP, str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert file_digest(out) == digests(blocks, GIB)[0]
