@@ -216,6 +216,8 @@ def test_a_snapshot_read_through_stalls_is_exact_and_its_hedges_counted(stalling
     assert report["blocks_fetched"] == 96
     assert calls <= 96 + hedges["sent"] + report["retries"]
     assert "calls asked twice" in format_report(report)
+    connections = report["connections"]  # the direct path's pool, in ebsfs stats too
+    assert connections["opened"] >= 1 and "connections " in format_report(report)
 
 
 def test_no_hedge_turns_it_off(stalling) -> None:

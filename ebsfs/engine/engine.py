@@ -71,6 +71,9 @@ class Engine:
         self.remote = RemoteSnapshots(api, max_fetches=fetch_ceiling(config), hedger=hedger)
         if hedger is not None:
             self.stats.hedging = hedger.report
+        connections = getattr(api, "connections", None)
+        if callable(connections):
+            self.stats.connections = connections
         self.cache = BlockCache(config.cache_size)
         self.disk: DiskTier | None = None
         if config.cache_dir is not None:

@@ -7,7 +7,7 @@ retried after a second, a server's slow tail, a connection stuck behind a lost p
 and everything behind it waits too; a second call usually answers at the usual pace.
 Bounded: hedges add at most HEDGE_FRACTION to the calls over time (a token bucket filled
 by every call that ends, HEDGE_BURST deep), one per call at the most, on at most
-HEDGE_THREADS threads of their own (and so their own keep-alive connections).
+HEDGE_THREADS threads of their own (each call on another pooled connection).
 
 How, without a cost per call on the trio thread: the worker thread of each call
 registers it (a dict insert under a lock) and runs it; a watchdog thread looks at the

@@ -66,6 +66,8 @@ class Stats:
         self.disk_damaged = 0
         """Disk cache entries that failed their SHA-256 check (or could not be read):
         dropped and fetched again."""
+        self.connections: Callable[[], dict[str, Any]] | None = None
+        """The direct path's connection counters (service/connections.py), when it is used."""
         self.hedging: Callable[[], dict[str, Any]] | None = None
         """Calls asked twice (engine/hedge.py), when hedging is on."""
         self.disk_cache: Callable[[], dict[str, Any]] | None = None
@@ -124,6 +126,7 @@ class Stats:
             "estimated_cost_usd": round(self.cost, 6),
             "metadata_prefetch": self._prefetch_report(),
             "hedges": self.hedging() if self.hedging is not None else {"enabled": False},
+            "connections": self.connections() if self.connections is not None else {},
         }
         if self.disk_cache is not None:
             report["disk_cache"] = {
@@ -177,6 +180,7 @@ def format_report(report: dict[str, Any]) -> str:
     )
     lines += _prefetch_lines(report.get("metadata_prefetch"))
     lines += _hedge_lines(report.get("hedges"))
+    lines += _connection_lines(report.get("connections"))
     lines.append(
         f"estimated cost  {dollars(report.get('estimated_cost_usd', 0.0))} "
         "(GetSnapshotBlock $0.003 per 1,000, list calls $0.0006 per 1,000; "
@@ -215,6 +219,17 @@ def _hedge_lines(hedges: dict[str, Any] | None) -> list[str]:
     return [
         f"hedged          {hedges['sent']:,} calls asked twice ({after}), "
         f"{hedges['won']:,} answered by the second call first"
+    ]
+
+
+def _connection_lines(connections: dict[str, Any] | None) -> list[str]:
+    if not connections:  # GETs through boto3, or a mount of an older ebsfs
+        return []
+    c = connections
+    return [
+        f"connections     {c['opened']:,} opened ({c['reopened_stale']:,} replacing ones the "
+        f"server closed), {c['open']:,} open; {c['connects_abandoned']:,} connects "
+        f"abandoned past {c['connect_deadline_ms']:.0f} ms and tried again"
     ]
 
 
