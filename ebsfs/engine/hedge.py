@@ -55,8 +55,10 @@ HEDGE_THREADS = 8
 THROTTLE_PAUSE = 5.0
 """Seconds without hedging after the service last throttled: a call sleeping out
 throttling is slow for our own back-off, and a second call would only add load."""
-TICK = 0.005
-"""Seconds between the watchdog's looks (a hedge starts up to this late)."""
+TICK = 0.02
+"""Seconds between the watchdog's looks (a hedge starts up to this late). Not less: at
+5 ms its wake-ups, each taking the GIL from the worker threads, cost a mount 3-4 % more
+CPU per block over TLS (bench_ab, docs/performance.md)."""
 
 GetInto = Callable[[memoryview | None], Block]
 """One GetSnapshotBlock call (retries included) into a room, or into bytes of its own."""
