@@ -559,3 +559,14 @@ def test_abort_ends_a_stalled_tls_exchange(tls_files: tuple[str, str]) -> None:
         done.set()
         connection.close()
         listener.close()
+
+
+def test_a_token_too_short_to_be_secret_does_not_garble_messages() -> None:
+    """A test's (or a hostile server's) token "t" was replaced everywhere: the message
+    came out as `Ge<redacted>Snapsho<redacted>Block`."""
+    from ebsfs.service.failures import redact
+
+    assert redact("GetSnapshotBlock 0: ConnectionResetError", "t") == (
+        "GetSnapshotBlock 0: ConnectionResetError"
+    )
+    assert "SECRETTOKEN" not in redact("url?x=SECRETTOKEN&y", "SECRETTOKEN")

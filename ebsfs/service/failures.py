@@ -49,13 +49,19 @@ _SECRET_PARAMETER = re.compile(
 )
 
 
+MIN_SECRET = 8
+"""Characters a token needs before redact looks for it in a message."""
+
+
 def redact(text: str, *secrets: str | None) -> str:
     """`text` without block and page tokens or signing material: query parameters
     that carry them (botocore's errors quote the request URL), and the given values
     wherever they appear (plain or URL-quoted). Tokens are bearer secrets for a
-    snapshot's data for 7 days; messages go to logs, terminals and bug reports."""
+    snapshot's data for 7 days; messages go to logs, terminals and bug reports. A
+    value shorter than MIN_SECRET is no secret (the service's tokens are about a
+    hundred characters) and is left alone: replacing every "t" garbled the message."""
     for secret in secrets:
-        if secret:
+        if secret and len(secret) >= MIN_SECRET:
             text = text.replace(secret, "<redacted>")
             quoted = urllib.parse.quote(secret, safe="")
             if quoted != secret:
