@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import boto3
 import pytest
 
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
 from ebsfs.emulator.selfsigned import make_certificate
+from tests.localhttp import Script, Server
 
 
 @pytest.fixture(autouse=True)
@@ -286,3 +287,18 @@ def signed_regions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(server, "access_key_of", recording)
     return regions
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    """Start raw socket servers playing the given scripts (tests/localhttp.Server),
+    closed after the test."""
+    servers: list[Server] = []
+
+    def start(*scripts: Script) -> Server:
+        servers.append(Server(list(scripts)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -7,7 +7,6 @@ never ends it stops with a clear error. Each server here is a small script on a 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +15,7 @@ import ssl
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import botocore.exceptions
 import pytest
@@ -40,67 +39,11 @@ from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.failures import boto_error
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.session import ConnectionOptions
+from tests.localhttp import Script, Server
 
-Script = Callable[[socket.socket], None]
 BLOCK = bytes(range(256)) * (BLOCK_SIZE // 256)
 FEW_RETRIES = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, deadline=20)
 TOKEN = "SECRET-block-token+/="
-
-
-class Server:
-    """Serves connections in turn, the n-th with scripts[n] (the last one for the rest),
-    and notes each request line it read."""
-
-    def __init__(self, scripts: list[Script]) -> None:
-        self.scripts = scripts
-        self.requests: list[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        count = 0
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            script = self.scripts[min(count, len(self.scripts) - 1)]
-            count += 1
-            threading.Thread(target=self._run, args=(conn, script), daemon=True).start()
-
-    def _run(self, conn: socket.socket, script: Script) -> None:
-        with conn, contextlib.suppress(OSError):
-            script(conn)
-
-    def read_request(self, conn: socket.socket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            more = conn.recv(65536)
-            if not more:
-                raise ConnectionError("closed")
-            data += more
-        self.requests.append(data.split(b"\r\n", 1)[0])
-        return data
-
-    def close(self) -> None:
-        self.stop.set()
-        self.listener.close()
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(*scripts: Script) -> Server:
-        servers.append(Server(list(scripts)))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def block_answer(body: bytes = BLOCK) -> bytes:

@@ -16,7 +16,6 @@ import threading
 import time
 import tracemalloc
 import urllib.parse
-from collections.abc import Callable, Iterator
 
 import botocore.auth
 import pytest
@@ -39,16 +38,15 @@ from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.listsend import MAX_LIST_BODY
 from ebsfs.service.session import ConnectionOptions
 from tests.fakes import pattern_block
+from tests.localhttp import Script, Server
 from tests.test_hostile_server import (
     BLOCK,
     FEW_RETRIES,
-    Server,
     answering,
     block_answer,
     trickle,
 )
 
-Script = Callable[[socket.socket], None]
 PAGE_TOKEN = "SECRET-page-token+/="
 KEYS = {"AKIDTEST": "secret"}
 
@@ -59,19 +57,6 @@ def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(*scripts: Script) -> Server:
-        servers.append(Server(list(scripts)))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def page_body(indexes: range, next_token: str | None = None, changed: bool = False) -> bytes:

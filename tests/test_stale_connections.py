@@ -10,7 +10,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,9 +23,9 @@ from ebsfs.service import http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.session import ConnectionOptions
-from tests.test_hostile_server import BLOCK, TOKEN, Server, block_answer
+from tests.localhttp import Server
+from tests.test_hostile_server import BLOCK, TOKEN, block_answer
 
-Script = Callable[[socket.socket], None]
 T = TypeVar("T")
 
 
@@ -46,19 +46,6 @@ class CountingPolicy(RetryPolicy):
             sleep(seconds)
 
         return super().call(what, fn, noted)
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(*scripts: Script) -> Server:
-        servers.append(Server(list(scripts)))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def reset(conn: socket.socket) -> None:
