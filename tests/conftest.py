@@ -10,13 +10,16 @@ import logging
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
 
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
 from ebsfs.emulator.selfsigned import make_certificate
-from tests.localhttp import Script, Server
+
+if TYPE_CHECKING:
+    from tests.localhttp import Script, Server
 
 
 @pytest.fixture(autouse=True)
@@ -292,7 +295,9 @@ def signed_regions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Server]]:
     """Start raw socket servers playing the given scripts (tests/localhttp.Server),
-    closed after the test."""
+    closed after the test. (Imported here: test_log_check runs this conftest alone.)"""
+    from tests.localhttp import Server
+
     servers: list[Server] = []
 
     def start(*scripts: Script) -> Server:
