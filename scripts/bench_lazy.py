@@ -31,7 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
 from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
-from scripts.bench_read import drop_page_cache, dsnap, ebsfs, emulator_control, get_calls  # noqa: E402
+from scripts.bench_read import (  # noqa: E402
+    compile_sources,
+    drop_page_cache,
+    dsnap,
+    ebsfs,
+    emulator_control,
+    get_calls,
+)
 
 BLOCK = 524288
 GIB = 1024**3
@@ -140,6 +147,7 @@ def main() -> None:
         help="set the mount's read_ahead_kb after mounting (experiments)",
     )
     args = parser.parse_args()
+    compile_sources()
     bench_credentials()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

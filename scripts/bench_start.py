@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
 from scripts.bench_ab import ebsfs, source_trees  # noqa: E402
 from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
-from scripts.bench_read import emulator_control  # noqa: E402
+from scripts.bench_read import compile_sources, emulator_control  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--trees", default=str(ROOT), help="source trees, comma-separated")
     args = parser.parse_args()
     trees = source_trees(parser, [Path(t) for t in args.trees.split(",")])
+    compile_sources(*trees)
     bench_credentials()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -34,7 +34,14 @@ sys.path.insert(0, str(ROOT))
 from ebsfs.emulator.diskimage import build_disk  # noqa: E402
 from scripts.bench_emulator import SNAP, bench_credentials, start_emulator  # noqa: E402
 from scripts.bench_lazy import disk_files, find_inode, present_blocks  # noqa: E402
-from scripts.bench_read import drop_page_cache, dsnap, ebsfs, emulator_control, get_calls  # noqa: E402
+from scripts.bench_read import (  # noqa: E402
+    compile_sources,
+    drop_page_cache,
+    dsnap,
+    ebsfs,
+    emulator_control,
+    get_calls,
+)
 
 GIB = 1024**3
 PART = f"{SNAP}-part1.img"
@@ -185,6 +192,7 @@ def main() -> None:
     )
     parser.add_argument("--walks", default="fls,find", help="the many disk's walks")
     args = parser.parse_args()
+    compile_sources()
     MOUNT_OPTIONS.extend(args.mount_option)
     args.latencies = [int(x) for x in args.latencies.split(",")]
     bench_credentials()

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.fsmeta import ext4
@@ -217,6 +218,43 @@ def test_a_regular_files_extent_leaves_are_fetched_not_its_data(images: dict[str
     assert not any(o <= first_data * 4096 < o + n for o, n in yielded)
 
 
+def file_runs(path: Path) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
+    """The walk of `path` with a file_run listener: the runs told, and the waves."""
+    told: list[tuple[int, int]] = []
+    waves: list[list[tuple[int, int]]] = []
+    data = path.read_bytes()
+
+    async def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    async def drive() -> None:
+        async for wave in ext4.WALKER.walk(read, len(data), lambda o, n: told.append((o, n))):
+            waves.append(wave)
+
+    trio.run(drive)
+    return told, waves
+
+
+def test_large_files_runs_are_told_never_fetched(images: dict[str, Path]) -> None:
+    """The extents of regular files of 1 MiB or more are told (for read-ahead of a
+    reader starting there) exactly where debugfs says the files' data lies; a small
+    file's or the 700 one-block extents of the fragmented file are not; no run is in a
+    wave (file data is never prefetched)."""
+    path = images["ext4"]
+    told, waves = file_runs(path)
+    runs: list[tuple[int, int]] = []
+    for name in ("var/cache/big0.bin", "var/cache/big1.bin", "var/cache/big2.bin", "<8>"):
+        out = debugfs(path, f"stat {name}")  # <8>: the journal, read whole by jbd2
+        for first, last, start in re.findall(r"\((\d+)-(\d+)\):(\d+)", out):
+            length = int(last) - int(first) + 1
+            if length * 4096 >= ext4.FILE_RUN_MIN:
+                runs.append((int(start) * 4096, length * 4096))
+    assert runs and sorted(told) == sorted(runs)
+    fetched = [e for wave in waves for e in wave]
+    for offset, length in told:
+        assert not any(o < offset + length and offset < o + n for o, n in fetched)
+
+
 # -- hostile input ----------------------------------------------------------------------
 
 
@@ -374,27 +412,35 @@ def test_probe() -> None:
     assert not ext4.WALKER.probe(b"\0" * 100)
 
 
-def test_the_unused_inode_slots_come_last_and_within_their_cap(
+def test_the_unused_inode_slots_come_with_the_first_tree_level_and_within_their_cap(
     images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The last wave is the rest of the inode tables (TSK's orphan search reads them):
-    never a slot read in an earlier wave again, never more than MAX_SLOT_SWEEP bytes."""
+    """The rest of the inode tables (TSK's orphan search reads them) rides with the
+    first level of the trees, after that level's extents (the budget is spent in wave
+    order), so it costs the walk no round trip of its own: never a slot read in another
+    wave, never more than MAX_SLOT_SWEEP bytes."""
     path = images["ext4"]
     unused = inside(unused_inode_slots(path))
     whole = run_walker(ext4.WALKER, path)
-    last = blocks_of(whole.waves[-1])
-    assert unused and unused <= last
-    assert not blocks_of([e for wave in whole.waves[:-1] for e in wave]) & unused
+    first_level = whole.waves[2]
+    assert unused and unused <= blocks_of(first_level)
+    assert not blocks_of([e for n, w in enumerate(whole.waves) if n != 2 for e in w]) & unused
+    with monkeypatch.context() as patch:
+        patch.setattr(ext4.Ext4Walker, "_unused_slots", lambda *_: False)
+        tree = run_walker(ext4.WALKER, path).waves[2]
+    assert tree and first_level[: len(tree)] == tree, "the tree's extents come first"
+    assert unused <= blocks_of(first_level[len(tree) :])
     monkeypatch.setattr(ext4, "MAX_SLOT_SWEEP", 8 * 4096)
     capped = run_walker(ext4.WALKER, path)
     assert len(capped.waves) == len(whole.waves)
-    assert sum(length for _, length in capped.waves[-1]) <= 8 * 4096 + 4 * 4096  # + bitmaps
+    swept = capped.waves[2][len(tree) :]
+    assert swept and sum(length for _, length in swept) <= 8 * 4096 + 4 * 4096  # + bitmaps
 
 
 def test_a_hostile_slot_sweep_stays_in_the_volume_and_under_its_cap(
     images: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Crafted for the last wave: every group but 0 claims no inode in use (so the
+    """Crafted for the slot sweep: every group but 0 claims no inode in use (so the
     sweep, not the tables wave, takes its table) and names group 0's table, or one at
     the volume's very end, past it, or at 2^32-1. The sweep must yield nothing outside
     the volume (run_walker checks every extent), keep within MAX_SLOT_SWEEP (here 64
@@ -411,10 +457,11 @@ def test_a_hostile_slot_sweep_stays_in_the_volume_and_under_its_cap(
     for g, table in ((1, blocks - 1), (2, blocks + 10), (3, 0xFFFFFFFF)):
         put(image, 2048 + g * 32 + 0x08, struct.pack("<I", table))
     monkeypatch.setattr(ext4, "MAX_SLOT_SWEEP", 0)
-    before_sweep = len(walk_bytes(bytes(image), tmp_path).waves)
+    before = walk_bytes(bytes(image), tmp_path).waves
     monkeypatch.setattr(ext4, "MAX_SLOT_SWEEP", 64 * 1024)
     walk = walk_bytes(bytes(image), tmp_path)
     ends_quickly(walk, len(image))
-    assert len(walk.waves) == before_sweep + 1  # the sweep had tables to take
-    sweep = sum(length for _, length in walk.waves[-1])
-    assert 0 < sweep <= 64 * 1024 + groups * 1024
+    assert len(walk.waves) == len(before)  # the sweep rides with the first tree level
+    assert walk.waves[2][: len(before[2])] == before[2]
+    sweep = sum(length for _, length in walk.waves[2][len(before[2]) :])
+    assert 0 < sweep <= 64 * 1024 + groups * 1024  # the sweep had tables to take

@@ -352,6 +352,89 @@ def test_index_is_listed_ahead_of_a_sequential_reader() -> None:
         assert listed < events.index(("read", boundary)) - 8, (boundary, events)
 
 
+def test_a_reader_at_a_files_run_gets_the_whole_run_read_ahead_at_once() -> None:
+    """The metadata walk told a file of 20 blocks at block 10 + 4 KiB: the first read
+    there (4 KiB) has every later block of the run in flight before the reader asks
+    again; a read inside the run, or at a place no run starts, gets read-ahead's own
+    slow start; a run never reaches past read-ahead's window."""
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(64)}, volume_size_gib=1)
+    readahead = Readahead()
+    _, api, image = build(store=store, readahead=readahead)
+    image.max_window = 30
+    image.note_file_run(10 * BLOCK_SIZE + 4096, 20 * BLOCK_SIZE)
+
+    async def first_read(offset: int) -> set[int]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            api.block_gets.clear()
+            data = await image.read(offset, 4096, image.open_stream())
+            assert bytes(data) == pattern_block(1, offset // BLOCK_SIZE)[4096:8192]
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        return {i for _, i in api.block_gets}
+
+    limit = min(image.max_window, image.remote.depth())  # 8 fetches at once here
+    assert trio.run(first_read, 10 * BLOCK_SIZE + 4096) == set(range(10, 10 + 1 + limit))
+    assert len(trio.run(first_read, 40 * BLOCK_SIZE + 4096)) <= 2  # no run starts here
+    assert len(trio.run(first_read, 50 * BLOCK_SIZE + 4096)) <= 2
+
+
+def test_a_reader_through_a_files_run_gets_no_read_ahead_past_its_end() -> None:
+    from ebsfs.engine import image as image_module
+
+    """Read-ahead's ramp overshot a 16 MiB file by 36 blocks (`icat` on the lazy disk,
+    docs/performance.md); inside a told run it stops RUN_MARGIN blocks past the run's
+    end, and once the reader is elsewhere read-ahead goes on as usual."""
+    store = SnapshotStore(Faults(seed=1))
+    store.add_snapshot("snap-01", {i: pattern_block(1, i) for i in range(128)}, volume_size_gib=1)
+    readahead = Readahead()
+    _, api, image = build(store=store, readahead=readahead)
+    start = 10 * BLOCK_SIZE + 4096
+    image.note_file_run(start, 20 * BLOCK_SIZE)
+
+    async def read_through() -> set[int]:
+        stream = image.open_stream()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for off in range(start, start + 20 * BLOCK_SIZE, 131072):
+                await image.read(off, 131072, stream)
+                await trio.sleep(0.005)
+            await trio.sleep(0.2)
+            fetched = {i for _, i in api.block_gets}
+            for off in range(60 * BLOCK_SIZE, 70 * BLOCK_SIZE, 131072):  # a stream elsewhere
+                await image.read(off, 131072, stream)
+                await trio.sleep(0.005)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        assert max(i for _, i in api.block_gets) > 70  # read-ahead as usual there
+        return fetched
+
+    assert trio.run(read_through) == set(range(10, 31 + image_module.RUN_MARGIN))
+
+
+def test_file_runs_are_bounded_and_kept_inside_the_image(monkeypatch) -> None:
+    from ebsfs.engine import image as image_module
+
+    monkeypatch.setattr(image_module, "MAX_FILE_RUNS", 3)
+    _, _, image = build()
+    for n in range(10):
+        image.note_file_run(n * BLOCK_SIZE, 4 * BLOCK_SIZE)
+    image.note_file_run(GIB + 1, BLOCK_SIZE)
+    image.note_file_run(-1, BLOCK_SIZE)
+    assert image._file_runs == {
+        0: 4 * BLOCK_SIZE,
+        BLOCK_SIZE: 4 * BLOCK_SIZE,
+        2 * BLOCK_SIZE: 4 * BLOCK_SIZE,
+    }
+    # A read covering a run's start finds it (tools read in aligned chunks of their own)
+    assert image._run_at(BLOCK_SIZE - 61440, 131072) == (BLOCK_SIZE, 4 * BLOCK_SIZE)
+    assert image._run_at(BLOCK_SIZE - 61440, 61440) is None  # ends before the run
+    # 64 KiB in or more: the kernel reading ahead past a metadata block, not the file
+    assert image._run_at(BLOCK_SIZE - 65536, 131072) is None
+    assert image._run_at(3 * BLOCK_SIZE, BLOCK_SIZE) is None
+
+
 # ---- ReadPattern ---------------------------------------------------------------------
 
 

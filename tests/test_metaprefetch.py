@@ -528,6 +528,46 @@ def test_an_image_read_walks_the_partition_whose_head_it_touches() -> None:
     assert {i for _, i in api.block_gets} == {0, 8, 9, 10, 11, 32}
 
 
+def test_prefetch_now_walks_every_filesystem_with_no_read() -> None:
+    """The mount's choice (fuse/mount.py): walks start as it serves, before any tool
+    reads; the partition table is read first. A partition with no filesystem known
+    is probed and left; each window is walked once even if a tool's read comes too."""
+    sectors = BLOCK_SIZE // 512
+    blocks = disk(64, head=mbr([(8 * sectors, 16 * sectors), (32 * sectors, 16 * sectors)]))
+    blocks[8] = MAGIC + blocks[8][len(MAGIC) :]
+    walker = FakeWalker([blocks_wave(range(1, 4))])
+    label = f"{SNAP}-part1"
+
+    async def body(engine: Engine, api: CountingApi) -> None:
+        engine.prefetch_metadata_now()
+        engine.prefetch_metadata_now()  # twice: nothing more
+        await settled(engine, label)
+        await reader(engine, 8 * BLOCK_SIZE, 16 * BLOCK_SIZE).read(1024, 10)
+        await trio.sleep(0.1)
+
+    engine, api = run_engine(blocks, walker, body)
+    assert list(engine.stats.walks) == [label] and walker.walks == 1
+    assert {i for _, i in api.block_gets} == {0, 8, 9, 10, 11, 32}
+
+
+def test_prefetch_now_walks_a_bare_filesystem_and_nothing_when_off() -> None:
+    walker = FakeWalker([blocks_wave(range(1, 3))])
+
+    async def body(engine: Engine, api: CountingApi) -> None:
+        engine.prefetch_metadata_now()
+        await settled(engine)
+
+    engine, api = run_engine(disk(), walker, body)
+    assert list(engine.stats.walks) == [SNAP] and {i for _, i in api.block_gets} == {0, 1, 2}
+
+    async def off(engine: Engine, api: CountingApi) -> None:
+        engine.prefetch_metadata_now()
+        await trio.sleep(0.2)
+
+    engine, api = run_engine(disk(), walker, off, prefetch_metadata=False)
+    assert api.gets() == 0
+
+
 # -- options ------------------------------------------------------------------------------
 
 

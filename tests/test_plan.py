@@ -78,7 +78,7 @@ def test_block_zero_comes_with_the_checks_and_is_not_fetched_again() -> None:
     api = store_api()
     checked = planning.plan(EngineConfig(), ["snap-0a"], api=api, fetch_first_block=True)
     assert api.calls["GetSnapshotBlock"] == 1
-    assert bytes(checked.first_blocks["snap-0a"].data) == bytes(pattern_block(0, 0))
+    assert bytes(checked.first_blocks["snap-0a"][0].data) == bytes(pattern_block(0, 0))
     engine = build(EngineConfig(), checked, api)
     image = engine.images["snap-0a"]
 
@@ -87,6 +87,33 @@ def test_block_zero_comes_with_the_checks_and_is_not_fetched_again() -> None:
 
     assert trio.run(read) == bytes(pattern_block(0, 0)[:8192]) + bytes(pattern_block(0, 3)[:16])
     assert api.calls["GetSnapshotBlock"] == 2  # block 3 only: block 0 came with the checks
+    assert engine.stats.blocks_fetched == 2
+
+
+def test_the_first_partitions_head_comes_with_the_checks_and_waits_in_the_cache() -> None:
+    """Block 2 (1 MiB, where partitioning tools start the first partition) is fetched
+    beside block 0 when written; the engine moves both into its cache when it starts
+    (held beside it, they would be memory outside the cache's bound)."""
+    store = SnapshotStore()
+    store.add_snapshot("snap-0a", {i: pattern_block(0, i) for i in (0, 2, 5)})
+    api = StoreApi(store)
+    checked = planning.plan(EngineConfig(), ["snap-0a"], api=api, fetch_first_block=True)
+    assert sorted(checked.first_blocks["snap-0a"]) == [0, 2]
+    assert sorted(i for _, i in api.block_gets) == [0, 2]
+    engine = build(EngineConfig(), checked, api)
+    image = engine.images["snap-0a"]
+
+    async def main() -> bytes:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            assert ("snap-0a", 0) in engine.cache and ("snap-0a", 2) in engine.cache
+            assert not image._first_blocks
+            data = bytes(await image.read(2 * 524288 + 1024, 16))
+            nursery.cancel_scope.cancel()
+        return data
+
+    assert trio.run(main) == bytes(pattern_block(0, 2)[1024:1040])
+    assert api.block_gets == {("snap-0a", 0): 1, ("snap-0a", 2): 1}  # no call again
     assert engine.stats.blocks_fetched == 2
 
 

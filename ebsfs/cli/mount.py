@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -194,9 +195,10 @@ def add_umount_parser(commands: Commands) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from ebsfs.cli.progress import plural
+    # Only what the checks need is imported before they start: every millisecond of
+    # import before the first call is a millisecond of the mount's start (issue 25).
     from ebsfs.engine.config import check_snapshot_id
-    from ebsfs.engine.plan import plan
+    from ebsfs.engine.plan import Plan, plan
     from ebsfs.service import ec2
     from ebsfs.service.retry import RetryPolicy
 
@@ -220,12 +222,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
     # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
+    # The checks' client is made first, alone: threads building clients or importing
+    # at once take turns on the GIL, and the first call went out that much later.
     # Both threads are done before the fork below.
+    calling = threading.Event()
+
+    def check() -> Plan:
+        try:
+            return plan(config, args.snapshot_ids, fetch_first_block=True, calling=calling)
+        finally:
+            calling.set()
+
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
-        checking = pool.submit(plan, config, args.snapshot_ids, fetch_first_block=True)
+        checking = pool.submit(check)
+        calling.wait()
         describing = pool.submit(
             ec2.lookup, config.connection, args.snapshot_ids, args.ec2_endpoint_url
         )
+        from ebsfs.cli.progress import plural
         from ebsfs.engine import engine
         from ebsfs.fuse import mount as fuse_mount
         from ebsfs.fuse.operations import Ownership

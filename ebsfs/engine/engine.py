@@ -56,10 +56,10 @@ class Engine:
         disk_bases: dict[str, list[str]] | None = None,
         stats: Stats | None = None,
         first_pages: dict[str, BlockPage] | None = None,
-        first_blocks: dict[str, Block] | None = None,
+        first_blocks: dict[str, dict[int, Block]] | None = None,
     ) -> None:
         """`first_pages`, `first_blocks`: ListSnapshotBlocks pages from block 0 and
-        blocks 0 that the checks got (plan.py), used instead of asking again."""
+        the blocks that the checks got (plan.py), used instead of asking again."""
         self.api = api
         self.config = config
         self.stats = stats or Stats()
@@ -112,7 +112,7 @@ class Engine:
                 max_window=window,
                 disk=disk,
                 stats=self.stats,
-                first_block=(first_blocks or {}).get(snapshot_id),
+                first_blocks=(first_blocks or {}).get(snapshot_id),
             )
         for second, first in (bases or {}).items():
             image = self.images[second]
@@ -137,10 +137,20 @@ class Engine:
         async with trio.open_nursery() as nursery:
             if self.disk is not None:
                 await nursery.start(self.disk.run)
+            for image in self.images.values():
+                await image.cache_first_blocks()
             await nursery.start(self.readahead.run)
             if self.metadata is not None:
                 await nursery.start(self.metadata.run)
             task_status.started()
+
+    def prefetch_metadata_now(self) -> None:
+        """Start the metadata prefetch of every filesystem of every image now, not at a
+        tool's first read of it (the mount's choice: docs/usage.md). Nothing when the
+        prefetch is off."""
+        if self.metadata is not None:
+            for image in self.images.values():
+                self.metadata.walk_all(image)
 
     def close(self) -> None:
         """Write what the disk cache has not written yet and close it; stop hedging."""

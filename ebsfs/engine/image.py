@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,6 +31,14 @@ ZEROS = memoryview(bytes(2 * BLOCK_SIZE))
 """A read of blocks never written, up to a FUSE read's 1 MiB, is a view of this."""
 NEVER_WRITTEN = Block(ZERO_BLOCK, None)
 TOKEN_REFRESHES = 3
+RUN_SLACK = 65536
+"""A read's first bytes in which a told run's start counts as the file's first read."""
+RUN_MARGIN = 2
+"""Blocks past a run's end read ahead with it: the kernel's 1 MiB FUSE read that holds
+a file's last pages reaches into them, and would wait a round trip for them."""
+MAX_FILE_RUNS = 65536
+"""Large files' runs remembered per image (note_file_run): about 6 MiB at the most,
+the fixed overhead of the hint whatever the filesystem holds."""
 
 
 TIMED_OUT_MEMO = 1.0
@@ -52,10 +63,10 @@ class SnapshotImage:
         max_window: int = 256,
         disk: DiskView | None = None,
         stats: Stats | None = None,
-        first_block: Block | None = None,
+        first_blocks: dict[int, Block] | None = None,
     ) -> None:
-        """`first_block`: block 0 as fetched beside the checks (engine/plan.py): its
-        first fetch is answered with it."""
+        """`first_blocks`: blocks fetched beside the checks (engine/plan.py HEAD_BLOCKS):
+        the first fetch of each is answered with it."""
         self.snapshot_id = snapshot_id
         self.size = size
         self.index = index
@@ -74,7 +85,12 @@ class SnapshotImage:
         read of them fails at once (TIMED_OUT_MEMO)."""
         self._prefetching: set[int] = set()
         """Blocks submitted for read-ahead and not done yet: submit each once."""
-        self._first_block = first_block
+        self._first_blocks = dict(first_blocks or {})
+        self._file_runs: dict[int, int] = {}
+        """Image offset where a large file's contiguous data starts -> its length, as
+        the metadata prefetch's walk found them (at most MAX_FILE_RUNS)."""
+        self._run_starts: list[int] = []
+        """The keys of _file_runs in order (sorted again when a run was added)."""
 
     def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
         """Serve blocks that `changes` says are unchanged from `base` (an earlier
@@ -126,6 +142,41 @@ class SnapshotImage:
             self.stats.lineage_hits += 1
         return await owner._own_block(index, loan)
 
+    def note_file_run(self, offset: int, length: int) -> None:
+        """A file's data lies at [offset, offset+length) of the image (the metadata
+        prefetch's walk says so): a reader that starts there gets the whole run
+        read ahead at once, within read-ahead's window."""
+        if len(self._file_runs) < MAX_FILE_RUNS and 0 <= offset < self.size and length > 0:
+            self._file_runs[offset] = min(length, self.size - offset)
+            self._run_starts = []
+
+    def _run_at(self, offset: int, size: int) -> tuple[int, int] | None:
+        """The first told run starting in the first RUN_SLACK bytes of the read
+        [offset, offset+size), as (start, length): tools read in aligned chunks of
+        their own (The Sleuth Kit 64 KiB), so a file's first read covers its start more
+        often than it begins there; further in, it is the kernel's read-ahead past a
+        metadata block (`fls` set 18 blocks of a file in flight that way)."""
+        if not self._file_runs:
+            return None
+        if not self._run_starts:
+            self._run_starts = sorted(self._file_runs)
+        at = bisect.bisect_left(self._run_starts, offset)
+        if at < len(self._run_starts) and self._run_starts[at] < offset + min(size, RUN_SLACK):
+            start = self._run_starts[at]
+            return start, self._file_runs[start]
+        return None
+
+    async def cache_first_blocks(self) -> None:
+        """Move the blocks fetched beside the checks into the cache, where its byte
+        bound holds them, instead of beside it until something reads them."""
+        for index in list(self._first_blocks):
+            try:
+                with Loan() as loan:
+                    await self._own_block(index, loan)
+            except EbsfsError as err:  # the block is read again when asked for
+                self._first_blocks.pop(index, None)
+                log.debug("%s: block %d not cached at the start: %s", self.snapshot_id, index, err)
+
     async def held(self, index: int) -> bool:
         """Whether block `index` reads with no fetch: never written, or in memory under
         the image that serves it (the metadata prefetch counts only the others)."""
@@ -148,8 +199,8 @@ class SnapshotImage:
     async def _fetch(self, index: int, token: str, room: memoryview | None, lent: Loan) -> Block:
         """The block from the disk cache if it holds it verified, else from the service
         (then kept on disk)."""
-        if index == 0 and self._first_block is not None:
-            block, self._first_block = self._first_block, None
+        block = self._first_blocks.pop(index, None)
+        if block is not None:
             self.stats.blocks_fetched += 1  # the cache copies it into `room`
             if self.disk is not None:
                 await self.disk.store(index, block, lent.share())
@@ -258,7 +309,24 @@ class SnapshotImage:
         assert self.readahead is not None
         limit = min(self.max_window, self.remote.depth())
         frontier = stream.frontier
-        for ahead in stream.observe(offset, size, limit, self.index.next_listed):
+        reader = (offset + size - 1) // BLOCK_SIZE
+        run = None if stream.continues(offset) else self._run_at(offset, size)
+        if run is not None and sum(run) > offset + size:  # a file's first read: its run
+            last = min((sum(run) - 1) // BLOCK_SIZE + RUN_MARGIN, self.index.volume_blocks - 1)
+            stream.file_run = (run[0] // BLOCK_SIZE, last)
+        elif stream.file_run is not None and not (
+            stream.file_run[0] <= offset // BLOCK_SIZE and reader <= stream.file_run[1]
+        ):
+            if reader > stream.file_run[1] and stream.continues(offset):
+                stream.restart()  # read on past the file's end: no evidence yet
+            stream.file_run = None
+        wanted: Iterable[int] = stream.observe(offset, size, limit, self.index.next_listed)
+        if stream.file_run is not None:
+            first, last = reader + 1, stream.file_run[1]
+            wanted = itertools.chain(
+                range(first, min(last, first + limit - 1) + 1), (i for i in wanted if i <= last)
+            )
+        for ahead in wanted:
             if ahead in self._prefetching or (self.snapshot_id, ahead) in self.cache:
                 continue
             if self.readahead.submit(functools.partial(self._prefetch, ahead)):

@@ -5,7 +5,10 @@ level instead of one per dependent block.
 When: at the first read that touches the first HEAD_SIZE bytes of a window holding a
 filesystem (a partition, or the bare disk when it has no partition table), through any
 face: every tool opens a filesystem by reading its superblock or boot sector there. A
-read of a window's middle (a file read by a known offset) starts nothing.
+read of a window's middle (a file read by a known offset) starts nothing. A face whose
+users walk what they open may start every walk at once instead (`walk_all`): the
+mount does, as it starts serving, so the first waves are in before the tool's first
+read (issue 25: that read came about 150 ms after the mount returned).
 
 How much: the blocks of a wave not already in memory, fetched through
 `SnapshotImage.block` (cache, single flight, disk cache, lineage and stats all apply)
@@ -24,12 +27,13 @@ import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import cast
 
 import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.cache import Loan
-from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Walker, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import HEAD_SIZE, RunReporter, Walker, WalkStopped, Wave
 from ebsfs.engine.fsmeta.walkers import WALKERS, find
 from ebsfs.engine.image import SnapshotImage
 from ebsfs.engine.partitions import Partition
@@ -136,12 +140,27 @@ class MetadataPrefetch:
         if found is None:  # the table is not read yet: read it beside this read
             if offset < HEAD_SIZE and image.snapshot_id not in self._discovering:
                 self._discovering.add(image.snapshot_id)
-                self._start(functools.partial(self._discover, image, offset, size))
+                self._start(functools.partial(self._discover, image, (offset, size)))
             return
         if not found:
             self._maybe_walk(image, 0, image.size, offset, size)
         for p in found:
             self._maybe_walk(image, p.offset, p.size, offset, size)
+
+    def walk_all(self, image: SnapshotImage) -> None:
+        """Start the walk of every filesystem on `image` now (each partition, or the
+        bare disk when it has none), as a read of each one's head would; the partition
+        table is read first if it was not yet."""
+        if self._exhausted:
+            return
+        found = self._known(image.snapshot_id)
+        if found is None:
+            if image.snapshot_id not in self._discovering:
+                self._discovering.add(image.snapshot_id)
+                self._start(functools.partial(self._discover, image, then_all=True))
+            return
+        for start, length in [(p.offset, p.size) for p in found] or [(0, image.size)]:
+            self._maybe_walk(image, start, length, start, 1)
 
     def _maybe_walk(
         self, image: SnapshotImage, start: int, length: int, offset: int, size: int
@@ -154,9 +173,13 @@ class MetadataPrefetch:
         self._started.add(window)
         self._start(functools.partial(self._walk, image, start, length))
 
-    async def _discover(self, image: SnapshotImage, offset: int, size: int) -> None:
-        """Find the partitions, once the first sectors can be read: a failed read here
-        must not leave the engine with no partitions for good (it keeps what it found)."""
+    async def _discover(
+        self, image: SnapshotImage, read: tuple[int, int] | None = None, then_all: bool = False
+    ) -> None:
+        """Find the partitions, once the first sectors can be read, then start the
+        walks the read `(offset, size)` of the whole image touches (or all of them): a
+        failed read here must not leave the engine with no partitions for good (it
+        keeps what it found)."""
         try:
             with Loan() as loan:
                 await image.read(0, 4096, loan=loan)  # the tool's own read, joined
@@ -164,7 +187,10 @@ class MetadataPrefetch:
             self._discovering.discard(image.snapshot_id)  # the next read tries again
             return
         await self._partitions(image.snapshot_id)  # logs and gives [] on damage, never raises
-        self.saw(image, 0, image.size, offset, size)
+        if read is not None:
+            self.saw(image, 0, image.size, *read)
+        if then_all:
+            self.walk_all(image)
 
     def _label(self, image: SnapshotImage, start: int, length: int) -> str:
         for p in self._known(image.snapshot_id) or []:
@@ -208,9 +234,17 @@ class MetadataPrefetch:
         counters = WalkCounters(walker.name)
         self.stats.walks[label] = counters
         log.info("%s: prefetching %s metadata (budget %d blocks)", label, walker.name, self.budget)
+
+        def file_run(offset: int, size: int) -> None:
+            if offset >= 0 and size > 0 and offset + size <= length:
+                image.note_file_run(start + offset, size)
+
         walk: AsyncIterator[Wave] | None = None
         try:
-            walk = walker.walk(read, length)
+            if getattr(walker, "reports_file_runs", False):
+                walk = cast(RunReporter, walker).walk(read, length, file_run)
+            else:
+                walk = walker.walk(read, length)
             counters.state, counters.reason = await self._waves(
                 image, start, length, walk, counters
             )

@@ -6,17 +6,19 @@ The checks' answers are kept for the engine, so that starting costs no call twic
 each snapshot's first ListSnapshotBlocks page (it becomes the block index's first
 page: the first read, of block 0, then lists nothing) and the botocore session (the
 engine's client is made from it in about 4 ms instead of 100). On request (`ebsfs
-mount`, which runs the checks while it loads the rest) block 0 itself is fetched
-beside the check: the mount reads it first (the partition table, or a bare
-filesystem's head), and the call then costs its start nothing where it would cost a
-round trip after. Not by default: `ebsfs get` checks its target after the checks and
-must fail without having fetched anything."""
+mount`, which runs the checks while it loads the rest) block 0 and the first
+partition's usual head are fetched beside the check (HEAD_BLOCKS): the mount reads
+block 0 first (the partition table, or a bare filesystem's head), the metadata
+prefetch the partition's head next, and the calls then cost its start nothing where
+each would cost a round trip after. Not by default: `ebsfs get` checks its target
+after the checks and must fail without having fetched anything."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -46,8 +48,13 @@ CHECK_THREADS = 8
 """Snapshots checked at once (a mount of many waits one call, not one per snapshot)."""
 FIRST_PAGES_KEPT = 16
 """Snapshots whose first page is listed in full (MAX_RESULTS entries, about 2.5 MB
-of tokens each) and kept for the engine, with their block 0 (512 KiB); the others
+of tokens each) and kept for the engine, with their HEAD_BLOCKS (1 MiB); the others
 are checked with a short page."""
+HEAD_BLOCKS = (0, 2)
+"""Blocks a mount fetches beside its checks, when written: the partition table
+(block 0) and the head of the first partition, which every partitioning tool of the
+last fifteen years starts at 1 MiB (sector 2048): its superblock or boot sector is
+what a tool, and the metadata prefetch, read first (one round trip saved, issue 25)."""
 
 
 @dataclass
@@ -58,8 +65,8 @@ class Checked:
     snapshot_id: str
     size: int
     first_page: BlockPage | None
-    first_block: Block | None = None
-    """Block 0, verified, when the page lists it and its fetch worked."""
+    first_blocks: dict[int, Block] = field(default_factory=dict)
+    """HEAD_BLOCKS, verified, that the page lists and whose fetch worked."""
 
 
 def check_snapshots(api: EbsApi, snapshot_ids: list[str]) -> list[Checked]:
@@ -76,20 +83,25 @@ def check_snapshots(api: EbsApi, snapshot_ids: list[str]) -> list[Checked]:
 
 
 def fetch_first_blocks(api: EbsApi, checked: list[Checked]) -> None:
-    """Block 0 of each snapshot whose kept page lists it, several at once, into
-    `first_block`. A failure is left to the engine's own read of it (it retries and
-    reports)."""
-
-    def fetch(_: int, one: Checked) -> None:
+    """The HEAD_BLOCKS of each snapshot that its kept page lists as written, all at
+    once, into `first_blocks`. A failure is left to the engine's own read of it (it
+    retries and reports)."""
+    wanted = []
+    for one in checked:
         page = one.first_page
-        if page is None or not page.blocks or page.blocks[0][0] != 0:
-            return
-        try:
-            one.first_block = api.get_snapshot_block(one.snapshot_id, 0, page.blocks[0][1])
-        except EbsfsError as err:
-            log.debug("%s: block 0 not fetched beside the checks: %s", one.snapshot_id, err)
+        if page is None:
+            continue
+        listed = dict(page.blocks)
+        wanted += [(one, i, listed[i]) for i in HEAD_BLOCKS if i in listed]
 
-    _each(fetch, checked)
+    def fetch(_: int, item: tuple[Checked, int, str]) -> None:
+        one, index, token = item
+        try:
+            one.first_blocks[index] = api.get_snapshot_block(one.snapshot_id, index, token)
+        except EbsfsError as err:
+            log.debug("%s: block %d not fetched beside the checks: %s", one.snapshot_id, index, err)
+
+    _each(fetch, wanted)
 
 
 T = TypeVar("T")
@@ -180,8 +192,8 @@ class Plan:
     """The checks' calls, counted with the engine's later ones."""
     first_pages: dict[str, BlockPage] = field(default_factory=dict)
     """Snapshot id -> its ListSnapshotBlocks page from block 0, as the check got it."""
-    first_blocks: dict[str, Block] = field(default_factory=dict)
-    """Snapshot id -> its block 0, fetched and verified beside the check."""
+    first_blocks: dict[str, dict[int, Block]] = field(default_factory=dict)
+    """Snapshot id -> its HEAD_BLOCKS fetched and verified beside the check."""
     session: AwsSession | None = None
     """The checks' botocore session, for the engine's client (None: make one)."""
 
@@ -193,11 +205,15 @@ def plan(
     share_lineage: bool = True,
     api: EbsApi | None = None,
     fetch_first_block: bool = False,
+    calling: threading.Event | None = None,
 ) -> Plan:
     """Check the ids, the cache directory and the snapshots (one list call each,
     failing fast: a user waits) and find which share a lineage, with each other and
-    with snapshots in the disk cache (and fetch each block 0 when asked). Raises typed
-    EbsfsErrors a user can act on."""
+    with snapshots in the disk cache (and fetch each one's HEAD_BLOCKS when asked). Raises typed
+    EbsfsErrors a user can act on. `calling` is set once the client is made and the
+    first call is about to go (the mount loads the rest of ebsfs only then: two
+    threads importing or building clients at once take turns on the GIL, and the
+    first call went out ~200 ms later)."""
     for snapshot_id in snapshot_ids:
         check_snapshot_id(snapshot_id)
     if len(set(snapshot_ids)) != len(snapshot_ids):
@@ -214,6 +230,8 @@ def plan(
         options = with_options(config.connection, retry=retry, max_connections=CHECK_THREADS)
         api = boto = BotoEbsApi(options, stats=stats)
         session = boto.session
+    if calling is not None:  # the client is ready: the calls wait on the network now
+        calling.set()
     checked = check_snapshots(api, snapshot_ids)
     snapshots = [(c.snapshot_id, c.size) for c in checked]
     bases = find_bases(api, snapshots) if share_lineage and len(snapshots) > 1 else {}
@@ -223,7 +241,7 @@ def plan(
     if cache_dir is not None and share_lineage:
         disk_bases = find_disk_bases(api, cache_dir, snapshots)
     first_pages = {c.snapshot_id: c.first_page for c in checked if c.first_page is not None}
-    first_blocks = {c.snapshot_id: c.first_block for c in checked if c.first_block is not None}
+    first_blocks = {c.snapshot_id: c.first_blocks for c in checked if c.first_blocks}
     return Plan(snapshots, bases, disk_bases, stats, first_pages, first_blocks, session)
 
 

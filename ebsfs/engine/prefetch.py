@@ -67,6 +67,21 @@ class ReadPattern:
         """The next scan for blocks to fetch waits until the reader is past this block:
         half way through what lies ahead (a warm reader's 1 MiB reads then cost no
         index lookups: docs/performance.md)."""
+        self.file_run: tuple[int, int] | None = None
+        """Blocks [first, last] of a file's run the reader started at (the metadata
+        walk told where it lies: SnapshotImage.note_file_run): read-ahead stops at its
+        end while the reader is in it, instead of overshooting past the file."""
+
+    def continues(self, offset: int) -> bool:
+        """Whether a read at `offset` would continue the current sequential run."""
+        return self._expected is not None and abs(offset - self._expected) <= self.tolerance
+
+    def restart(self) -> None:
+        """Forget the run: the next read starts a new one, and read-ahead waits for new
+        evidence (a reader past the end of the file it started at: what lies beyond is
+        another file, and the kernel's own read-ahead is no evidence)."""
+        self._expected = None
+        self.file_run = None
 
     def observe(self, offset: int, size: int, limit: int, next_listed: NextListed) -> list[int]:
         """Record a read; return the blocks to fetch ahead of it that no earlier read of

@@ -94,8 +94,12 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
         nonlocal initialized, stopped_by_signal
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
+            nodes = await snapshot_nodes(engine, config.start_times)
+            # A mount is for walking: its filesystems' metadata is on the way before the
+            # tool's first read (which comes ~150 ms after the mount returns).
+            engine.prefetch_metadata_now()
             ops = EbsOperations(
-                await snapshot_nodes(engine, config.start_times),
+                nodes,
                 stats=engine.stats.report,
                 ownership=config.ownership,
             )

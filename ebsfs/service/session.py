@@ -1,6 +1,11 @@
 """Where and as whom ebsfs talks to AWS: the connection options, and the one place that
-turns them into a botocore session, boto3 clients (EBS and EC2), a credential chain
-and the CA bundle, with every configuration mistake as a one-line UserInputError."""
+turns them into a botocore session, clients (EBS and EC2), a credential chain and the
+CA bundle, with every configuration mistake as a one-line UserInputError.
+
+botocore's own session, not boto3's: boto3's Session only wraps it (a region, and
+handlers for resources and S3 transfers we do not use), and importing boto3 costs
+about 70 ms of every command's start (s3transfer), which is the mount's start
+(issue 25)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.httpsession
@@ -74,10 +78,11 @@ class AwsSession:
         self._options = options
         with self._user_errors("endpoint URL"):
             self.core = botocore.session.Session(profile=options.profile)
-            # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI and
-            # the other SDKs honour.
+            # botocore reads AWS_DEFAULT_REGION but not AWS_REGION, which the AWS CLI
+            # and the other SDKs honour.
             region = options.region or os.environ.get("AWS_REGION") or None
-            self.boto = boto3.session.Session(botocore_session=self.core, region_name=region)
+            if region:
+                self.core.set_config_variable("region", region)
 
     def client(
         self,
@@ -86,10 +91,10 @@ class AwsSession:
         endpoint_url: str | None = None,
         endpoint_name: str = "endpoint URL",
     ) -> Any:
-        """A boto3 client of `service` ("ebs", "ec2"); `endpoint_name` names the
+        """A botocore client of `service` ("ebs", "ec2"); `endpoint_name` names the
         endpoint in the message for a malformed URL."""
         with self._user_errors(endpoint_name):
-            client = self.boto.client(service, endpoint_url=endpoint_url, config=config)
+            client = self.core.create_client(service, endpoint_url=endpoint_url, config=config)
         self._warn_if_plain(str(client.meta.endpoint_url))
         return client
 
@@ -116,7 +121,7 @@ class AwsSession:
 
     def credentials(self) -> CredentialSource:
         with self._user_errors("endpoint URL"):
-            return CredentialSource(self.boto)
+            return CredentialSource(self.core)
 
     def ca_file(self) -> str:
         """The CA bundle botocore verifies the endpoint with: the profile's or
@@ -158,7 +163,7 @@ class CredentialSource:
     it), with every way it can fail turned into a typed error: a failed refresh must
     become EIO for one read, never an exception that ends the mount."""
 
-    def __init__(self, session: boto3.session.Session) -> None:
+    def __init__(self, session: botocore.session.Session) -> None:
         try:
             self._credentials = session.get_credentials()
         except botocore.exceptions.ProfileNotFound:

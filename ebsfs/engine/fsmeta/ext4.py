@@ -1,10 +1,11 @@
 """ext2/3/4 metadata for the prefetch, one wave per level: the superblock and group
 descriptors; the inode tables in use (and their bitmaps, which tools check); then every
 directory's and slow symlink's blocks with every extent-tree or indirect block, of files
-too, level by level; last, the rest of every inode table and bitmap, which The Sleuth
-Kit reads through looking for orphan files (`fls -r` lists them under $OrphanFiles,
-after the tree): mostly never written, so mostly free, but the first blocks of each
-flex group's tables are, and each cost `fls -r` a round trip of its own.
+too, level by level, the first level joined by the rest of every inode table and
+bitmap, which The Sleuth Kit reads through looking for orphan files (`fls -r` lists
+them under $OrphanFiles, after the tree): mostly never written, so mostly free, but the
+first blocks of each flex group's tables are, and each cost `fls -r` a round trip of
+its own.
 
 These are what `fls -r`, a timeline or `diff --files` read one dependent block at a
 time. A regular file's data (its leaf extents, its direct blocks) is never followed.
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ebsfs.engine.fsmeta.walk import Extent, Read, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import FILE_RUN_MIN, Extent, FileRun, Read, WalkStopped, Wave
 
 SUPERBLOCK = 1024
 MAGIC = 0xEF53
@@ -209,8 +210,10 @@ class _Node:
 class _Pass:
     """One walk's state: what the next wave holds and which nodes it must parse."""
 
-    def __init__(self, geo: Geometry) -> None:
+    def __init__(self, geo: Geometry, file_run: FileRun | None = None) -> None:
         self.geo = geo
+        self.file_run = file_run
+        """Told of each long extent of a regular file's data (walk.py FileRun)."""
         self.wave: list[Extent] = []
         self.nodes: list[_Node] = []
         self.seen: set[int] = set()
@@ -287,7 +290,8 @@ class _Pass:
             at = _HEADER.size + i * _LEAF.size
             if depth == 0:
                 if not node.data:
-                    return  # a file's leaf: its data is not ours
+                    self._file_runs(raw, entries, node)  # a file's data is not ours
+                    return
                 logical, length, hi, lo = _LEAF.unpack_from(raw, at)
                 if length <= UNWRITTEN and logical < node.blocks:
                     self.extent(hi << 32 | lo, min(length, node.blocks - logical))
@@ -295,6 +299,20 @@ class _Pass:
                 logical, lo, hi = _INDEX.unpack_from(raw, at)
                 if logical < node.blocks:
                     self.node(_Node(hi << 32 | lo, depth - 1, True, node.data, node.blocks))
+
+    def _file_runs(self, raw: bytes, entries: int, node: _Node) -> None:
+        """Tell the long written extents of a regular file's leaf (inside the
+        filesystem, within the file's size) as file runs."""
+        if self.file_run is None:
+            return
+        bs = self.geo.block_size
+        least = -(-FILE_RUN_MIN // bs)
+        for i in range(entries):
+            logical, length, hi, lo = _LEAF.unpack_from(raw, _HEADER.size + i * _LEAF.size)
+            start = hi << 32 | lo
+            length = min(length, node.blocks - logical)
+            if least <= length <= UNWRITTEN and start > 0 and start + length <= self.geo.blocks:
+                self.file_run(start * bs, length * bs)
 
     def inode_map(self, pointers: tuple[int, ...], data: bool, blocks: int) -> None:
         """An old block-mapped inode: 12 direct blocks, then indirect, double, triple."""
@@ -338,8 +356,13 @@ class Ext4Walker:
             and _u32(head, SUPERBLOCK + 0x18) <= 6
         )
 
-    async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
-        """Superblock and descriptors, inode tables, then the trees level by level."""
+    reports_file_runs = True
+
+    async def walk(
+        self, read: Read, size: int, file_run: FileRun | None = None
+    ) -> AsyncIterator[Wave]:
+        """Superblock and descriptors, inode tables, then the trees level by level;
+        regular files' long extents told to `file_run` as they are parsed."""
         if size < SUPERBLOCK + 1024:
             raise WalkStopped("too small for ext2/3/4")
         geo = geometry(await read(SUPERBLOCK, 1024), size)
@@ -348,7 +371,7 @@ class Ext4Walker:
                 raise WalkStopped("group descriptors past the end of the filesystem")
         yield [(SUPERBLOCK, 1024), *geo.descriptors]
         gdt = b"".join([await read(offset, length) for offset, length in geo.descriptors])
-        walk = _Pass(geo)
+        walk = _Pass(geo, file_run)
         tables = self._tables(walk, gdt)
         if tables:
             yield walk.take()
@@ -366,16 +389,20 @@ class Ext4Walker:
                 for i in range(len(raw) // geo.inode_size):
                     inode = raw[i * geo.inode_size : (i + 1) * geo.inode_size]
                     walk.inode(inode, first + start + i)
-        for _ in range(MAX_WAVES):
+        # The unused slots ride with the first level of the trees, after its extents
+        # (the budget is spent in wave order): TSK reads them only after the tree, but
+        # a wave of their own cost the walk a round trip more.
+        tree = walk.take()
+        self._unused_slots(walk, gdt, tables)
+        slots = walk.take()
+        for level in range(MAX_WAVES):
             nodes, walk.nodes = walk.nodes, []
-            wave = walk.take()
+            wave = tree + slots if level == 0 else walk.take()
             if wave:
                 yield wave
             if walk.stopped:
                 raise WalkStopped(walk.stopped)
             if not nodes:
-                if self._unused_slots(walk, gdt, tables):
-                    yield walk.take()
                 return
             for node in nodes:
                 found = await read(node.block * geo.block_size, geo.block_size)
