@@ -20,9 +20,10 @@ from ebsfs.cli.options import (
     connection_arguments,
     engine_arguments,
     engine_config,
+    positive_float,
     prefetch_arguments,
 )
-from ebsfs.constants import READ_TIMEOUT
+from ebsfs.constants import NBD_HANDSHAKE_TIMEOUT, READ_TIMEOUT
 from ebsfs.errors import UserInputError
 from ebsfs.quoting import printable
 
@@ -89,6 +90,14 @@ def add_parser(commands: Commands) -> None:
     nbd.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground; Ctrl-C stops"
     )
+    nbd.add_argument(
+        "--handshake-timeout",
+        type=positive_float,
+        default=NBD_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a client may take from connecting to choosing an export before "
+        f"it is disconnected (default: {NBD_HANDSHAKE_TIMEOUT:g})",
+    )
     engine_arguments(
         nbd,
         cache_help="memory for cached blocks, e.g. 256M, 2G (default: "
@@ -142,7 +151,7 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         def said(exports: dict[str, Export]) -> None:
             print(f"{serving(exports)}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
-        lifecycle.serve(engine.build(config, checked), listen, on_ready=said)
+        lifecycle.serve(engine.build(config, checked), listen, said, args.handshake_timeout)
         return 0
 
     name = listen.socket_path or f"/nbd/{listen.bind}:{listen.port}"
@@ -154,7 +163,7 @@ def cmd_nbd(args: argparse.Namespace) -> int:
         def on_ready(exports: dict[str, Export]) -> None:
             ready()
 
-        lifecycle.serve(engine.build(config, checked), listen, on_ready=on_ready)
+        lifecycle.serve(engine.build(config, checked), listen, on_ready, args.handshake_timeout)
 
     code = run_in_background(in_background, what="NBD server")
     if code == 0:  # one line: where it listens and where its log goes

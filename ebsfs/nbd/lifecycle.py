@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import trio
 
+from ebsfs.constants import NBD_HANDSHAKE_TIMEOUT
 from ebsfs.engine.engine import Engine
 from ebsfs.errors import UserInputError
 from ebsfs.nbd.exports import Export, snapshot_exports
-from ebsfs.nbd.server import HANDSHAKE_TIMEOUT, Server
+from ebsfs.nbd.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def serve(
     engine: Engine,
     listen: Listen,
     on_ready: Callable[[dict[str, Export]], None],
-    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    handshake_timeout: float = NBD_HANDSHAKE_TIMEOUT,
 ) -> None:
     """Find the exports, listen, call `on_ready(exports)`, and serve until SIGINT or
     SIGTERM. The socket file is removed on the way out, whatever ends the server."""

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import trio
 
-from ebsfs.constants import BLOCK_SIZE
+from ebsfs.constants import BLOCK_SIZE, NBD_HANDSHAKE_TIMEOUT
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import WindowReader
-from ebsfs.errors import EbsfsError
+from ebsfs.errors import EbsfsError, first_leaf
 from ebsfs.nbd import protocol as p
 from ebsfs.nbd.exports import Export, allocation
 from ebsfs.quoting import printable
@@ -37,8 +37,6 @@ MAX_OPTION_DATA = 64 * 1024
 """An option's data beyond this is no honest client's (names are at most 4 KiB)."""
 MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 64 * 1024**2
-HANDSHAKE_TIMEOUT = 30.0
-"""Seconds a client has from connecting to choosing an export."""
 CONTEXT_ID = 1
 """The id of `base:allocation`, the one metadata context."""
 TRANSMISSION_FLAGS = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_SEND_FLUSH | p.FLAG_CAN_MULTI_CONN
@@ -126,7 +124,7 @@ class Server:
         engine: Engine,
         exports: dict[str, Export],
         read_timeout: float,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        handshake_timeout: float = NBD_HANDSHAKE_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.exports = exports
@@ -148,20 +146,22 @@ class Server:
         try:
             async with stream:
                 await self._session(Wire(stream), number)
-        except ClientGone:
-            log.debug("NBD connection %d: the client went away", number)
-        except (Hangup, p.Malformed) as err:
-            log.warning("NBD connection %d closed: %s", number, err)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
-            log.info("NBD connection %d lost: %s", number, err or type(err).__name__)
-        except Exception as err:  # a bug: logged, the server goes on
-            log.error(
-                "NBD connection %d failed: unexpected %s: %s",
-                number,
-                type(err).__name__,
-                err,
-                exc_info=err,
-            )
+        except Exception as group:  # Cancelled (the server stopping) is no Exception
+            err = first_leaf(group)  # the request tasks' nursery wraps what they raise
+            if isinstance(err, ClientGone):
+                log.debug("NBD connection %d: the client went away", number)
+            elif isinstance(err, Hangup | p.Malformed):
+                log.warning("NBD connection %d closed: %s", number, err)
+            elif isinstance(err, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+                log.info("NBD connection %d lost: %s", number, err or type(err).__name__)
+            else:  # a bug: logged, the server goes on
+                log.error(
+                    "NBD connection %d failed: unexpected %s: %s",
+                    number,
+                    type(err).__name__,
+                    err,
+                    exc_info=err,
+                )
 
     async def _session(self, wire: Wire, number: int) -> None:
         await wire.send(p.handshake())
