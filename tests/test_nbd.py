@@ -231,6 +231,33 @@ def test_nbdcopy_copies_exactly_fetching_each_written_block_once(
     fetched_once(served)
 
 
+@needs_clients
+def test_a_volume_of_several_index_chunks_maps_and_copies_exactly(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    # 6 GiB: the block index lists 4 GiB at a time, and a block status reply stops at
+    # a chunk's end; the clients ask again for the rest.
+    written = [0, 3, 8185, 8186, 8195, 9000, 12287]  # a hole across 8192
+    blocks = {i: bytes([i % 251 + 1]) * BLOCK_SIZE for i in written}
+    emulator.store.add_snapshot(SNAP, blocks, volume_size_gib=6)
+    path = str(tmp_path / "s.sock")
+    with nbd_server(emulator, tmp_path, SNAP, "--socket", path) as process:
+        wait_for_socket(path, process)
+        uri = f"nbd+unix:///{SNAP}?socket={path}"
+        assert qemu_data_ranges(uri) == runs_of(written, 0, 6 * GIB)
+        out = tmp_path / "copy.raw"
+        subprocess.run(["nbdcopy", uri, str(out)], check=True)
+        assert out.stat().st_size == 6 * GIB
+        assert out.stat().st_blocks * 512 <= (len(written) + 8) * BLOCK_SIZE  # holes not written
+        with out.open("rb") as f:
+            for i in range(12288):
+                f.seek(i * BLOCK_SIZE)
+                head = f.read(16)
+                assert head == blocks.get(i, bytes(BLOCK_SIZE))[:16], i
+        gets = emulator.counters.block_gets
+        assert sorted(i for (_, i) in gets) == written and set(gets.values()) == {1}
+
+
 def test_structured_reads_mark_holes_and_block_status_answers_from_the_index(
     served: Served,
 ) -> None:

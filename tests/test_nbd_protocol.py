@@ -104,6 +104,8 @@ def test_allocation_answers_one_index_chunk_at_a_time() -> None:
         assert await allocation(whole, 4 * B, 12 * B, 5) == [(B, False), (B, True), (2 * B, False)]
         assert await allocation(whole, 9 * B + 10, 100, 5) == [(100, True)]
         assert await allocation(whole, 11 * B, 5 * B, 5) == [(B, True)]
+        assert await allocation(whole, 4 * B, 12 * B, 5, most=1) == [(B, False)]
+        assert await allocation(whole, B // 2, 12 * B, 5, most=1) == [(B // 2 + B, True)]
         # A window starting mid-block (an MBR partition at sector 63) maps its offsets.
         start = B + 63 * 512
         part = Export("snap-01-part1", image, start, 10 * B, "")

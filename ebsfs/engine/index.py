@@ -284,6 +284,11 @@ class ChunkedIndex(Generic[V]):
         chunk = self._chunks.get(chunk_no)
         return (chunk is not None and chunk.fresh(self._clock())) or chunk_no in self._loading
 
+    async def listed(self, chunk_no: int) -> list[int]:
+        """The indexes listed in one chunk, ascending (sorted once per listing: a caller
+        may bisect it many times at no cost). Not to be changed."""
+        return (await self._chunk(chunk_no)).order
+
     async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
         """Every (index, value) listed in one chunk, ascending."""
         chunk = await self._chunk(chunk_no)

@@ -415,15 +415,14 @@ class Server:
         if refused is not None:
             await self._error(wire, session, request, *refused)
             return
+        most = 1 if request.flags & p.CMD_FLAG_REQ_ONE else None
         try:
             runs = await allocation(
-                session.export, request.offset, request.length, self.read_timeout
+                session.export, request.offset, request.length, self.read_timeout, most
             )
         except EbsfsError as err:
             log.error("NBD block status of %s failed: %s", printable(session.export.name), err)
             await self._error(wire, session, request, p.EIO, str(err))
             return
         extents = [(size, 0 if written else HOLE) for size, written in runs]
-        if request.flags & p.CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
         await wire.send(p.block_status_chunk(request.cookie, CONTEXT_ID, extents))
