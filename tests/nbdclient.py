@@ -11,10 +11,14 @@ from ebsfs.nbd import protocol as p
 
 
 class Client:
-    def __init__(self, path: str, timeout: float = 20) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: str | socket.socket, timeout: float = 20) -> None:
+        """Connects to the unix socket at `path`, or speaks over a connected socket."""
+        if isinstance(path, socket.socket):
+            self.sock = path
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(path)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
 
     def close(self) -> None:
         self.sock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -78,7 +79,13 @@ def check_socket_path(path: str) -> None:
 async def _open_listener(listen: Listen) -> trio.SocketListener:
     if listen.socket_path is not None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(listen.socket_path)
+        try:
+            await sock.bind(listen.socket_path)
+        except OSError as err:
+            sock.close()
+            raise UserInputError(
+                f"cannot listen on {listen.describe()}: {err.strerror or err}"
+            ) from None
     else:
         family = socket.AF_INET6 if ":" in listen.bind else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -126,6 +133,9 @@ def serve(
 
             nursery.start_soon(watch_signals)
             nursery.start_soon(trio.serve_listeners, server.handle, [listener])
+            # What was made to start (boto3's ~70,000 objects) lives as long as the
+            # server: frozen, collections walk only what serving makes (as the mount).
+            gc.freeze()
             on_ready(exports)
             log.info("serving %d NBD export(s) on %s", len(exports), listen.describe())
 

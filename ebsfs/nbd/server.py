@@ -5,9 +5,11 @@ Concurrency rules (one trio loop): a connection's requests are read by one task,
 order, and each is answered by a task of its own; replies are written whole under the
 connection's lock, so chunks of different replies never interleave mid-message. At
 most MAX_IN_FLIGHT requests and MAX_BYTES_IN_FLIGHT bytes of reads are in flight per
-connection (the reader waits before taking more): memory is bounded per connection
-whatever the client sends. Anything a client does wrong ends that connection alone,
-logged; the server and its other connections go on."""
+connection, MAX_BYTES_ALL over all of them (the reader waits before taking more), and
+a reply that cannot be written within SEND_TIMEOUT ends its connection: memory is
+bounded whatever clients send, and one that reads no replies holds nothing for long.
+Anything a client does wrong ends that connection alone, logged; the server and its
+other connections go on."""
 
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ MAX_OPTION_DATA = 64 * 1024
 """An option's data beyond this is no honest client's (names are at most 4 KiB)."""
 MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 64 * 1024**2
+"""Per connection: requests and bytes of reads being answered at once."""
+MAX_BYTES_ALL = 512 * 1024**2
+"""Bytes of reads being answered at once over all connections."""
+SEND_TIMEOUT = 120.0
+"""Seconds a reply may take to be written: a client that sends requests and never
+reads the replies is disconnected, and what its requests held is given back."""
 CONTEXT_ID = 1
 """The id of `base:allocation`, the one metadata context."""
 TRANSMISSION_FLAGS = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_SEND_FLUSH | p.FLAG_CAN_MULTI_CONN
@@ -56,8 +64,9 @@ class Hangup(Exception):
 class Wire:
     """A connection's bytes: exact reads from a buffer, whole writes under a lock."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, send_timeout: float = SEND_TIMEOUT) -> None:
         self.stream = stream
+        self.send_timeout = send_timeout
         self._buffer = bytearray()
         self._lock = trio.Lock()
 
@@ -80,9 +89,14 @@ class Wire:
 
     async def send(self, *parts: bytes | memoryview) -> None:
         async with self._lock:
-            for part in parts:
-                if len(part):
-                    await self.stream.send_all(part)
+            with trio.move_on_after(self.send_timeout):
+                for part in parts:
+                    if len(part):
+                        await self.stream.send_all(part)
+                return
+        raise Hangup(
+            f"a reply could not be written within {self.send_timeout:g}s (the client reads none)"
+        )
 
 
 class Budget:
@@ -125,15 +139,18 @@ class Server:
         exports: dict[str, Export],
         read_timeout: float,
         handshake_timeout: float = NBD_HANDSHAKE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.exports = exports
         self.read_timeout = read_timeout
         self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         whole = [e for e in exports.values() if e.name == e.image.snapshot_id]
         self.default = whole[0] if len(whole) == 1 else None
         """The export of the empty name: the snapshot, when there is only one."""
         self.connections = 0
+        self.budget = Budget(MAX_BYTES_ALL)
 
     def find(self, name: str) -> Export | None:
         return self.default if name == "" else self.exports.get(name)
@@ -145,7 +162,7 @@ class Server:
         number = self.connections
         try:
             async with stream:
-                await self._session(Wire(stream), number)
+                await self._session(Wire(stream, self.send_timeout), number)
         except Exception as group:  # Cancelled (the server stopping) is no Exception
             err = first_leaf(group)  # the request tasks' nursery wraps what they raise
             if isinstance(err, ClientGone):
@@ -298,6 +315,7 @@ class Server:
                 cost = min(cost, MAX_REQUEST)  # a larger read is refused, nothing held
                 await slots.acquire()
                 await budget.take(cost)
+                await self.budget.take(cost)
 
                 async def answer(request: p.Request = request, cost: int = cost) -> None:
                     try:
@@ -305,6 +323,7 @@ class Server:
                     finally:
                         slots.release()
                         budget.give(cost)
+                        self.budget.give(cost)
 
                 nursery.start_soon(answer)
 
