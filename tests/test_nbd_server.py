@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -29,7 +30,7 @@ def engine_with(blocks: int) -> Engine:
     return Engine(StoreApi(store), EngineConfig(cache_size=8 * BLOCK_SIZE), [(SNAP, GIB)])
 
 
-async def serve_one(server: Server, speak) -> None:  # type: ignore[no-untyped-def]
+async def serve_one(server: Server, speak: Callable[[Client], None]) -> None:
     """Run `speak(client)` in a thread against `server.handle` over a socket pair, until
     both are done."""
     ours, theirs = socket.socketpair()
@@ -81,7 +82,7 @@ def test_one_connection_answers_many_requests_in_flight_exactly() -> None:
             }
             for cookie, (offset, length) in asks.items():
                 client.request(p.CMD_READ, offset, length, cookie)
-            got = {}
+            got: dict[int, list[tuple[int, int, int, bytes]]] = {}
             while len(got) < len(asks):
                 chunks = client.chunks()
                 got[chunks[0][2]] = chunks
