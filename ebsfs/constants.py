@@ -33,3 +33,7 @@ MAX_FETCHES = 256
 
 MAX_CONNECTIONS = 64
 """botocore's connection pool for the calls that go through boto3."""
+
+NBD_HANDSHAKE_TIMEOUT = 30.0
+"""Seconds an NBD client has from connecting to choosing an export (`ebsfs nbd`): a
+client that connects and says nothing holds no connection for ever."""

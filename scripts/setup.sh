@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc sleuthkit e2fsprogs fdisk util-linux mount attr openssl xfsprogs ntfs-3g faketime)
+packages=(fuse3 libfuse3-dev pkg-config gcc sleuthkit e2fsprogs fdisk util-linux mount attr openssl xfsprogs ntfs-3g faketime qemu-utils libnbd-bin)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

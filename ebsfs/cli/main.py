@@ -16,7 +16,7 @@ import gc
 import sys
 
 from ebsfs import __version__
-from ebsfs.cli import completion, diff, get, ls, mount, mounthelper, mounts, stats, verify
+from ebsfs.cli import completion, diff, get, ls, mount, mounthelper, mounts, nbd, stats, verify
 from ebsfs.cli.logs import setup_logging
 from ebsfs.cli.options import Parser
 from ebsfs.errors import (
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for add in (
         mount.add_parser,
+        nbd.add_parser,
         diff.add_parser,
         get.add_parser,
         verify.add_parser,

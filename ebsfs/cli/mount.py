@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ebsfs.cli.background import run_in_background
 from ebsfs.cli.get import ExamplesFormatter
 from ebsfs.cli.logs import SYSLOG_SOCKET, background_log, default_log_file, setup_logging
 from ebsfs.cli.options import (
@@ -271,7 +272,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         setup_logging(args.verbose, log_file, background=True)
         fuse_mount.serve(engine.build(config, checked), mount_config, on_ready=ready)
 
-    code = fuse_mount.run_in_background(in_background)
+    code = run_in_background(in_background)
     if code == 0:  # one line: where it is and where its log goes
         print(f"{mounted}; log: {log_file or 'syslog'}", file=sys.stderr, flush=True)
     return code

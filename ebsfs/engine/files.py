@@ -16,7 +16,7 @@ from typing import IO, Protocol
 
 import trio
 
-from ebsfs.constants import DIFF_TIMEOUT
+from ebsfs.constants import BLOCK_SIZE, DIFF_TIMEOUT
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.image import SnapshotImage
@@ -54,6 +54,12 @@ class Node(Protocol):
 
     def xattrs(self) -> dict[str, str]: ...
 
+    def allocated(self) -> int:
+        """Bytes the file holds for `du` and st_blocks: of an image or partition, those
+        in blocks the snapshot wrote (never less than the truth: see
+        BlockIndex.listed_bytes)."""
+        ...
+
     async def open(self) -> OpenFile: ...
 
 
@@ -82,6 +88,9 @@ class ImageNode:
         if self.image.base is not None:
             attrs["user.ebsfs.base_snapshot"] = self.image.base[0].snapshot_id
         return attrs
+
+    def allocated(self) -> int:
+        return self.image.index.listed_bytes(0, self.size, BLOCK_SIZE)
 
     async def open(self) -> OpenFile:
         return WindowReader(self.image, 0, self.image.size, metadata=self.metadata)
@@ -115,6 +124,10 @@ class PartitionNode:
             "user.ebsfs.partition_type": p.type,
             "user.ebsfs.scheme": p.scheme,
         }
+
+    def allocated(self) -> int:
+        p = self.partition
+        return self.image.index.listed_bytes(p.offset, p.offset + p.size, BLOCK_SIZE)
 
     async def open(self) -> OpenFile:
         p = self.partition
@@ -189,6 +202,9 @@ class ChangesNode:
             "user.ebsfs.snapshot_id": self.image.snapshot_id,
             "user.ebsfs.base_snapshot": self.image.base[0].snapshot_id,
         }
+
+    def allocated(self) -> int:
+        return self.size
 
     async def open(self) -> OpenFile:
         while self._report is None:  # again if it came and went while we waited

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -166,7 +166,14 @@ def _fresh(expiry: float, listed_at: float, now: float) -> bool:
 
 
 class ChunkedIndex(Generic[V]):
-    """Maps block index -> the value a listing gave for it (None: not listed)."""
+    """Maps block index -> the value a listing gave for it (None: not listed).
+
+    With `keeps_map` (the block index), which indexes each listed chunk holds is also
+    kept as a bitmap (1 KiB a chunk, kept when the chunk's tokens are evicted: 4 MiB
+    for a fully listed 16 TiB volume), so `listed_bytes` can tell how much of any
+    range the snapshot wrote without listing again."""
+
+    keeps_map = False
 
     def __init__(
         self,
@@ -193,6 +200,56 @@ class ChunkedIndex(Generic[V]):
         )
         self._loading: SingleFlight[int, _Chunk[V]] = SingleFlight()
         self.list_calls = 0
+        self._maps: dict[int, int] = {}
+        """Chunk -> bitmap of the indexes listed in it (bit i: chunk start + i)."""
+        if first_page is not None and self.keeps_map:
+            entries, token, _ = first_page
+            done = self.volume_blocks - 1 if token is None else entries[-1][0] if entries else -1
+            by_chunk: dict[int, list[int]] = {}
+            for index, _ in entries:
+                if 0 <= index <= done:
+                    by_chunk.setdefault(index // chunk_blocks, []).append(index)
+            for c in range(
+                0, (done + 1) // chunk_blocks if token is not None else self.chunk_count
+            ):
+                self._map(c, by_chunk.get(c, ()))
+
+    def _map(self, chunk_no: int, indexes: Iterable[int]) -> None:
+        """Note which indexes the listing of a whole chunk returned."""
+        if not self.keeps_map:
+            return
+        base = chunk_no * self.chunk_blocks
+        bits = 0
+        for index in indexes:
+            bits |= 1 << (index - base)
+        self._maps[chunk_no] = bits
+
+    def listed_bytes(self, start: int, end: int, block_size: int) -> int:
+        """Bytes of [start, end) in blocks the listings returned, counting every block
+        of a chunk not listed yet as returned: never less than the truth, exact once
+        the range's chunks were listed. No call."""
+        if end <= start:
+            return 0
+        first, last = start // block_size, (end - 1) // block_size
+        total = 0
+        for c in range(self.chunk_of(first), self.chunk_of(last) + 1):
+            base = c * self.chunk_blocks
+            lo, hi = max(first, base), min(last, base + self.chunk_blocks - 1)
+            bits = self._maps.get(c)
+            if bits is None:
+                total += hi - lo + 1
+            else:
+                total += ((bits >> (lo - base)) & ((1 << (hi - lo + 1)) - 1)).bit_count()
+        total *= block_size
+        if self._counted(first):
+            total -= start - first * block_size
+        if self._counted(last):
+            total -= (last + 1) * block_size - end
+        return total
+
+    def _counted(self, index: int) -> bool:
+        bits = self._maps.get(self.chunk_of(index))
+        return bits is None or bool(bits >> (index - self.chunk_of(index) * self.chunk_blocks) & 1)
 
     def chunk_of(self, index: int) -> int:
         return index // self.chunk_blocks
@@ -226,6 +283,11 @@ class ChunkedIndex(Generic[V]):
         """The chunk is listed and fresh, or being listed now."""
         chunk = self._chunks.get(chunk_no)
         return (chunk is not None and chunk.fresh(self._clock())) or chunk_no in self._loading
+
+    async def listed(self, chunk_no: int) -> list[int]:
+        """The indexes listed in one chunk, ascending (sorted once per listing: a caller
+        may bisect it many times at no cost). Not to be changed."""
+        return (await self._chunk(chunk_no)).order
 
     async def chunk_items(self, chunk_no: int) -> list[tuple[int, V]]:
         """Every (index, value) listed in one chunk, ascending."""
@@ -295,6 +357,7 @@ class ChunkedIndex(Generic[V]):
             if tokens is not None:
                 tokens[index] = token
         for c in range(last, chunk_no - 1, -1):
+            self._map(c, by_chunk[c])
             if c != chunk_no:
                 self._chunks[c] = _Chunk(by_chunk[c], expiry, listed_at)
         asked = _Chunk(by_chunk[chunk_no], expiry, listed_at)
@@ -304,6 +367,8 @@ class ChunkedIndex(Generic[V]):
 
 class BlockIndex(ChunkedIndex[str]):
     """Block index -> token, or None for a block the snapshot never wrote."""
+
+    keeps_map = True
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
-"""Mount lifecycle: wire the stack, go to the background once the mount is ready,
-run pyfuse3 under trio, unmount cleanly on SIGINT/SIGTERM, and `ebsfs umount`."""
+"""Mount lifecycle: wire the stack, run pyfuse3 under trio, unmount cleanly on
+SIGINT/SIGTERM, and `ebsfs umount` (going to the background: cli/background.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +17,7 @@ import trio
 
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
-from ebsfs.errors import EbsfsError, MountFailed, UserInputError, first_leaf
+from ebsfs.errors import MountFailed, UserInputError
 from ebsfs.fuse.operations import EbsOperations, Ownership
 
 log = logging.getLogger(__name__)
@@ -145,50 +143,6 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", config.mountpoint)
         engine.close()
-
-
-def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:
-    """Fork; the child runs `work(ready)` in a new session. The parent returns 0 once
-    the child calls ready(), or prints the child's error and returns 1."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        if message.startswith("ok"):
-            return 0
-        if not message:
-            _, status = os.waitpid(pid, 0)
-            message = f"the mount process exited before the mount was ready (status {status})"
-        print(f"ebsfs: error: {message.strip()}", file=sys.stderr)
-        return 1
-    os.close(read_end)
-    os.setsid()
-    reported = False
-
-    def ready() -> None:
-        nonlocal reported
-        os.write(write_end, b"ok\n")
-        os.close(write_end)
-        reported = True
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-
-    code = 0
-    try:
-        work(ready)
-    except BaseException as err:  # the parent prints it; a daemon has no terminal
-        code = 1
-        leaf = first_leaf(err)
-        text = str(leaf) if isinstance(leaf, EbsfsError) else f"{type(leaf).__name__}: {leaf}"
-        log.error("mount process failed: %s\n%s", text, traceback.format_exc())
-        if not reported:
-            os.write(write_end, f"the mount process failed: {text}".encode())
-    finally:
-        logging.shutdown()
-        os._exit(code)
 
 
 def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:

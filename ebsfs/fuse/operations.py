@@ -143,7 +143,9 @@ class EbsOperations(pyfuse3.Operations):
         attr.st_ino = inode
         attr.st_uid, attr.st_gid = self._uid, self._gid
         attr.st_blksize = BLOCK_SIZE
-        attr.st_blocks = -(-attr.st_size // 512)
+        # What the file holds, for du, ls -s and stat: the blocks the snapshot wrote.
+        held = attr.st_size if inode == ROOT_INODE else self._nodes[inode].allocated()
+        attr.st_blocks = -(-held // 512)
         node = self._nodes.get(inode)
         mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
