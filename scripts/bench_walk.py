@@ -6,8 +6,10 @@ Two disks, each a GPT disk with one ext4 partition, served by the emulator:
 - `lazy`: 8 GiB holding about 1 GB (4,000 small files in 40 directories, 60 files of
   16 MiB); the walk is `fls -r` on the partition file, then `icat` of one large file.
 - `many`: 4 GiB holding 40,000 small files in 1,600 directories beside about 1.2 GB of
-  large files; the walks are `fls -r` on the partition file, and a `find`-style walk
-  (`find -printf` of every name, size and mtime) on a read-only loop mount of it.
+  large files; the walks are `fls -r` on the partition file, a `find`-style walk
+  (`find -printf` of every name, size and mtime) on a read-only loop mount of it, and
+  `cat` of one file by its path on such a loop mount (what the mount's walk costs a
+  user who wants one file).
 
 Each timed run starts with the `ebsfs mount` command (the mount's start included) and
 ends when the walk's last command exits; the page cache is dropped first. Modes
@@ -70,7 +72,14 @@ def fls_walk(mnt: Path, inode: str | None) -> None:
         subprocess.run(["icat", part, inode], check=True, stdout=subprocess.DEVNULL)
 
 
-def find_walk(mnt: Path, fs_mnt: Path) -> None:
+ONE_FILE = "usr/share/p39/d39/f24.txt"
+"""The `cat` walk's file: the last directory's last file (a path of five levels)."""
+
+
+def find_walk(mnt: Path, fs_mnt: Path, walk: str = "find") -> None:
+    """`find` of every name, size and mtime on a loop mount of the partition, or with
+    walk "cat" only one file read by its path (what a walk started at mount costs a
+    user who wants one file: the tree's metadata is fetched beside it)."""
     device = subprocess.run(
         ["losetup", "-r", "-f", "--show", str(mnt / PART)],
         check=True,
@@ -80,11 +89,16 @@ def find_walk(mnt: Path, fs_mnt: Path) -> None:
     try:
         subprocess.run(["mount", "-o", "ro,noload", device, str(fs_mnt)], check=True)
         try:
-            subprocess.run(
-                ["find", str(fs_mnt), "-printf", "%p %s %T@\n"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+            if walk == "cat":
+                subprocess.run(
+                    ["cat", str(fs_mnt / ONE_FILE)], check=True, stdout=subprocess.DEVNULL
+                )
+            else:
+                subprocess.run(
+                    ["find", str(fs_mnt), "-printf", "%p %s %T@\n"],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
         finally:
             subprocess.run(["umount", str(fs_mnt)], check=True)
     finally:
@@ -104,7 +118,7 @@ def timed_walk(
         if walk == "fls":
             fls_walk(mnt, inode)
         else:
-            find_walk(mnt, mnt.parent / "fs")
+            find_walk(mnt, mnt.parent / "fs", walk)
         seconds = time.monotonic() - started
     finally:
         ebsfs("umount", str(mnt))
@@ -190,7 +204,9 @@ def main() -> None:
     parser.add_argument(
         "--mount-option", action="append", default=[], help="passed to every ebsfs mount"
     )
-    parser.add_argument("--walks", default="fls,find", help="the many disk's walks")
+    parser.add_argument(
+        "--walks", default="fls,find,cat", help="the many disk's walks (cat: one file by path)"
+    )
     args = parser.parse_args()
     compile_sources()
     MOUNT_OPTIONS.extend(args.mount_option)

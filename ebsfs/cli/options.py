@@ -209,13 +209,14 @@ def prefetch_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-prefetch-metadata",
         dest="prefetch_metadata",
         action="store_false",
-        help="do not fetch filesystem metadata ahead. By default, once a tool reads "
-        "the start of an ext4, XFS or NTFS filesystem (a partition, or a disk with "
-        "no partition table), its metadata (inode tables, directories, extent "
-        "trees, MFT, index blocks; never file contents) is fetched in the "
-        "background, in parallel, one round trip per level of the tree, so a walk "
-        "such as fls -r or find waits far fewer service calls. It uses at most half "
-        "of --max-fetches, so the tool's own reads never wait behind it",
+        help="do not fetch filesystem metadata ahead. By default the metadata of "
+        "each ext4, XFS or NTFS filesystem (a partition, or a disk with no partition "
+        "table: inode tables, directories, extent trees, MFT, index blocks; never "
+        "file contents) is fetched in the background, in parallel, one round trip "
+        "per level of the tree, so a walk such as fls -r or find waits far fewer "
+        "service calls: a mount starts it as it starts serving, other commands once "
+        "a tool reads the filesystem's start. It uses at most half of --max-fetches, "
+        "so the tool's own reads never wait behind it",
     )
     group.add_argument(
         "--prefetch-metadata-budget",
