@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ebsfs.constants import BLOCK_SIZE
-from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent, Walker, WalkStopped
+from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent, Walker, WalkStopped, Wave
 from ebsfs.forensics import fsread
 
 MARKER = b"FILEDATA"
@@ -203,3 +204,21 @@ def scribble(image: bytes, extents: list[Extent], seed: int, pieces: int = 40) -
         span = min(rng.choice((1, 4, 16, 256, 4096)), len(data) - start)
         data[start : start + span] = rng.randbytes(span)
     return bytes(data)
+
+
+def told_runs(walker: Any, path: Path) -> tuple[list[Extent], list[Wave]]:
+    """A walk of the filesystem in `path` with a file_run listener (walkers that
+    report large files' runs, walk.py RunReporter): the runs told, and the waves."""
+    told: list[Extent] = []
+    waves: list[Wave] = []
+    data = path.read_bytes()
+
+    async def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    async def drive() -> None:
+        async for wave in walker.walk(read, len(data), lambda o, n: told.append((o, n))):
+            waves.append(wave)
+
+    trio.run(drive)
+    return told, waves

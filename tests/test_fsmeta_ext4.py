@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.fsmeta import ext4
@@ -28,6 +27,7 @@ from tests.fsmeta_helpers import (
     marker_file,
     run_walker,
     scribble,
+    told_runs,
 )
 
 QUICK = 2.0
@@ -218,30 +218,13 @@ def test_a_regular_files_extent_leaves_are_fetched_not_its_data(images: dict[str
     assert not any(o <= first_data * 4096 < o + n for o, n in yielded)
 
 
-def file_runs(path: Path) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
-    """The walk of `path` with a file_run listener: the runs told, and the waves."""
-    told: list[tuple[int, int]] = []
-    waves: list[list[tuple[int, int]]] = []
-    data = path.read_bytes()
-
-    async def read(offset: int, length: int) -> bytes:
-        return data[offset : offset + length]
-
-    async def drive() -> None:
-        async for wave in ext4.WALKER.walk(read, len(data), lambda o, n: told.append((o, n))):
-            waves.append(wave)
-
-    trio.run(drive)
-    return told, waves
-
-
 def test_large_files_runs_are_told_never_fetched(images: dict[str, Path]) -> None:
     """The extents of regular files of 1 MiB or more are told (for read-ahead of a
     reader starting there) exactly where debugfs says the files' data lies; a small
     file's or the 700 one-block extents of the fragmented file are not; no run is in a
     wave (file data is never prefetched)."""
     path = images["ext4"]
-    told, waves = file_runs(path)
+    told, waves = told_runs(ext4.WALKER, path)
     runs: list[tuple[int, int]] = []
     for name in ("var/cache/big0.bin", "var/cache/big1.bin", "var/cache/big2.bin", "<8>"):
         out = debugfs(path, f"stat {name}")  # <8>: the journal, read whole by jbd2

@@ -24,7 +24,7 @@ from ebsfs.engine.fsmeta import xfs
 from ebsfs.engine.fsmeta.walk import Extent
 from ebsfs.forensics.fsread import read_tree
 from tests.disks import MiB, build_xfs, loop_device
-from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker
+from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker, told_runs
 
 pyfsxfs = pytest.importorskip("pyfsxfs")
 
@@ -239,6 +239,20 @@ def test_block_maps_in_btree_format(tmp_path: Path) -> None:
     with mounted_rw(path, tmp_path / "mnt") as mnt:
         (mnt / "deep.bin").unlink()
     check(path, "bmbt of one level", magic=False)  # deep.bin's blocks stay, stale
+
+
+def test_large_files_runs_are_told_never_fetched(root_image: Path) -> None:
+    """The three large files' extents (4, 6 and 9 MiB of MARKER) are told as runs, and
+    nothing else: every told run holds file content only and is in no wave."""
+    told, waves = told_runs(xfs.WALKER, root_image)
+    data = root_image.read_bytes()
+    assert told and all(n >= xfs.FILE_RUN_MIN for _, n in told)
+    for offset, length in told:
+        assert file_content(data[offset : offset + length])
+    assert sum(n for _, n in told) >= (4 + 6 + 9) * MiB - len(told) * 4096
+    fetched = [e for wave in waves for e in wave]
+    for offset, length in told:
+        assert not any(o < offset + length and offset < o + n for o, n in fetched)
 
 
 # -- hostile input ----------------------------------------------------------------------

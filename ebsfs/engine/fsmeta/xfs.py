@@ -19,7 +19,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ebsfs.engine.fsmeta.walk import Extent, Read, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import FILE_RUN_MIN, Extent, FileRun, Read, WalkStopped, Wave
 
 MAX_AGS = 65536
 """Allocation groups walked; mkfs makes tens, a few thousand at the very most."""
@@ -177,9 +177,11 @@ def _geometry(sb: bytes, size: int) -> _Geometry:
 class _Walk:
     """One walk's state: the frontier, what was seen, the counts against the caps."""
 
-    def __init__(self, read: Read, geo: _Geometry) -> None:
+    def __init__(self, read: Read, geo: _Geometry, file_run: FileRun | None = None) -> None:
         self.read = read
         self.geo = geo
+        self.file_run = file_run
+        """Told of each long written extent of a regular file (walk.py FileRun)."""
         self.next: list[_Task] = []
         self.seen: set[int] = set()  # offsets of B+tree blocks and data extents queued
         self.extents = 0
@@ -370,8 +372,10 @@ class _Walk:
             return
         fork = raw[core : core + fork_size]
         if fmt == FMT_EXTENTS:
-            if kind == S_IFREG:
-                return  # a regular file's extents are its data
+            if kind == S_IFREG:  # a regular file's extents are its data: only told
+                if nextents * EXTENT_SIZE <= fork_size:
+                    self.file_runs(fork, nextents)
+                return
             if nextents * EXTENT_SIZE > fork_size:
                 self.damaged()
                 return
@@ -399,6 +403,19 @@ class _Walk:
                 continue
             self.queue(_Task(DATA, *where))
 
+    def file_runs(self, records: memoryview | bytes, count: int) -> None:
+        """Tell a regular file's long written extents (its data is never queued)."""
+        if self.file_run is None:
+            return
+        for i in range(count):
+            l0, l1 = _EXTENT.unpack_from(records, i * EXTENT_SIZE)
+            blocks = l1 & 0x1FFFFF
+            if l0 >> 63 or blocks * self.geo.block < FILE_RUN_MIN:
+                continue  # unwritten, or short enough for read-ahead's own ramp
+            where = self.geo.fsblock(((l0 & 0x1FF) << 43) | (l1 >> 21), blocks)
+            if where is not None:
+                self.file_run(*where)
+
     def bmbt_root(self, fork: memoryview, directory: bool) -> None:
         """The block map's root in the inode: level, records, keys then pointers."""
         level, numrecs = struct.unpack_from(">HH", fork, 0)
@@ -425,6 +442,8 @@ class _Walk:
                 self.queue_btree(BMBT, fsb, 0, task.level - 1, task.flag)
         elif task.flag:  # a directory's extents; a file's are its data
             self.data_extents(memoryview(data)[header:], numrecs, False)
+        else:
+            self.file_runs(memoryview(data)[header:], numrecs)
 
 
 def _merged(tasks: list[_Task]) -> Wave:
@@ -451,12 +470,16 @@ class XfsWalker:
             and _power_of_two(_U32.unpack_from(head, 4)[0], 512, 65536)
         )
 
-    async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
+    reports_file_runs = True
+
+    async def walk(
+        self, read: Read, size: int, file_run: FileRun | None = None
+    ) -> AsyncIterator[Wave]:
         if size < SB_BYTES:
             raise WalkStopped("XFS: smaller than a superblock")
         yield [(0, SB_BYTES)]
         geo = _geometry(await read(0, SB_BYTES), size)
-        state = _Walk(read, geo)
+        state = _Walk(read, geo, file_run)
         for agno in range(geo.agcount):
             offset = geo.ag_start(agno) + geo.sector
             state.queue(_Task(AG_HEADERS, offset, 3 * geo.sector, agno))
