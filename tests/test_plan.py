@@ -117,6 +117,16 @@ def test_the_first_partitions_head_comes_with_the_checks_and_waits_in_the_cache(
     assert engine.stats.blocks_fetched == 2
 
 
+def test_no_block_is_fetched_beside_the_checks_with_a_disk_cache(tmp_path) -> None:
+    """The disk cache may hold them: a call beside the checks is one it would save."""
+    store = SnapshotStore()
+    store.add_snapshot("snap-0a", {i: pattern_block(0, i) for i in (0, 2, 5)})
+    api = StoreApi(store)
+    config = EngineConfig(cache_dir=str(tmp_path / "cache"))
+    checked = planning.plan(config, ["snap-0a"], api=api, fetch_first_block=True)
+    assert checked.first_blocks == {} and not api.block_gets
+
+
 def test_block_zero_of_a_snapshot_served_through_its_base_is_not_fetched_beside_the_checks() -> (
     None
 ):

@@ -235,7 +235,9 @@ def plan(
     checked = check_snapshots(api, snapshot_ids)
     snapshots = [(c.snapshot_id, c.size) for c in checked]
     bases = find_bases(api, snapshots) if share_lineage and len(snapshots) > 1 else {}
-    if fetch_first_block:  # not of a snapshot served through its base: maybe unchanged
+    # Not of a snapshot served through its base (maybe unchanged), nor with a disk
+    # cache, which may hold them: a call there is one the cache would have saved.
+    if fetch_first_block and cache_dir is None:
         fetch_first_blocks(api, [c for c in checked if c.snapshot_id not in bases])
     disk_bases = {}
     if cache_dir is not None and share_lineage:
