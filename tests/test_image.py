@@ -473,6 +473,29 @@ def test_window_grows_with_the_data_the_run_has_read() -> None:
     assert small.window == rule(small._run_data) and small._run_data <= 8
 
 
+def test_a_reader_that_skips_the_holes_is_sequential() -> None:
+    """An NBD client reads blocks 0, 8, 16, ... only (block status told it the rest
+    are holes; gaps wider than the tolerance): read-ahead takes it for the stream it
+    is. A jump over a block that holds data, or into a chunk not listed, is not
+    sequential."""
+
+    def every_eighth(index: int) -> tuple[int | None, bool]:
+        return -(-index // 8) * 8, True
+
+    pattern = ReadPattern(GIB)
+    wanted: set[int] = set()
+    for n in range(0, 320, 8):
+        wanted.update(pattern.observe(n * BLOCK_SIZE, BLOCK_SIZE, 64, every_eighth))
+    assert pattern.window > 2 and wanted and all(i % 8 == 0 for i in wanted)
+    assert max(wanted) > 320
+    jumper = ReadPattern(GIB)
+    for n in range(0, 320, 16):  # skips 8, 24, ...: data the reader did not read
+        assert jumper.observe(n * BLOCK_SIZE, BLOCK_SIZE, 64, every_eighth) == []
+    unlisted = ReadPattern(GIB)
+    for n in range(0, 320, 8):
+        assert unlisted.observe(n * BLOCK_SIZE, BLOCK_SIZE, 64, lambda i: (i, False)) == []
+
+
 def test_read_ahead_skips_a_hole_but_does_not_cross_a_wide_one() -> None:
     """Blocks 0-19 and 200-299 hold data: read-ahead of a reader at the end of the
     first run looks no further than four windows for the next."""

@@ -93,7 +93,10 @@ class ReadPattern:
         Blocks of chunks not listed yet are returned too (fetching one lists its
         chunk), but the scan stops at the first of them."""
         end = offset + size
-        sequential = self._expected is not None and abs(offset - self._expected) <= self.tolerance
+        sequential = self._expected is not None and (
+            abs(offset - self._expected) <= self.tolerance
+            or self._over_holes(self._expected, offset, next_listed)
+        )
         if sequential:
             self._expected = max(end, self._expected or 0)
         else:
@@ -143,6 +146,23 @@ class ReadPattern:
         if len(self._ahead) >= self.window:  # full: look again half way through it
             self._rescan_at = self._ahead[len(self._ahead) // 2]
         return wanted
+
+    def _over_holes(self, expected: int, offset: int, next_listed: NextListed) -> bool:
+        """Whether a read at `offset` continues a run that stopped at `expected`
+        across blocks never written only: a client that knows the holes (NBD block
+        status, qemu-img, nbdcopy) reads the data and skips them, and is as sequential
+        as one that reads the zeros (qemu-img compare over NBD waited a round trip per
+        block without this)."""
+        if offset <= expected:
+            return False
+        gap = -(-expected // self.block_size)  # the first block the run has not touched
+        target = offset // self.block_size
+        found, known = next_listed(gap)
+        if not known:
+            return False
+        if found is None:  # no data up to the end of that chunk
+            return target < (gap // self.chunk_blocks + 1) * self.chunk_blocks
+        return found >= target
 
     def _window_for_run(self) -> int:
         """Half the data read so far while the run may still be one file (whatever
