@@ -16,7 +16,18 @@ import gc
 import sys
 
 from ebsfs import __version__
-from ebsfs.cli import completion, diff, get, ls, mount, mounthelper, mounts, stats, verify
+from ebsfs.cli import (
+    completion,
+    diff,
+    get,
+    history,
+    ls,
+    mount,
+    mounthelper,
+    mounts,
+    stats,
+    verify,
+)
 from ebsfs.cli.logs import setup_logging
 from ebsfs.cli.options import Parser
 from ebsfs.errors import (
@@ -49,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         mount.add_parser,
         diff.add_parser,
+        history.add_parser,
         get.add_parser,
         verify.add_parser,
         ls.add_parser,

@@ -29,6 +29,7 @@ from ebsfs.errors import UserInputError
 
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
+    from ebsfs.service.session import ConnectionOptions
 
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def add_parser(commands: Commands) -> None:
     mount.set_defaults(run=cmd_mount)
     mount.add_argument(
         "snapshot_ids",
-        nargs="+",
+        nargs="*",
         metavar="SNAPSHOT_ID",
-        help="snapshot ids (snap-...), completed and in this account",
+        help="snapshot ids (snap-...), completed and in this account (or none, with --volume)",
     )
     mount.add_argument(
         "mountpoint", metavar="MOUNTPOINT", help="an existing empty directory (see --nonempty)"
@@ -120,6 +121,17 @@ def add_parser(commands: Commands) -> None:
         metavar="MODE",
         help="permission bits of the mount's directory, in octal, read and execute bits "
         "only (default: 0555; 0550 with --gid lets only the group list and open)",
+    )
+    mount.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="VOLUME_ID",
+        help="mount every completed snapshot of this volume (ours and those shared "
+        "with us, EC2 DescribeSnapshots; repeatable, may be combined with snapshot "
+        "ids), with a by-time/ directory of links named by StartTime "
+        "(2026-05-28T20:26:40Z -> ../snap-....img); neighbouring snapshots share "
+        "unchanged blocks. Needs ec2:DescribeSnapshots and ebs:ListChangedBlocks",
     )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
@@ -201,6 +213,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ebsfs.service.retry import RetryPolicy
 
     mountpoint = args.mountpoint
+    if not args.snapshot_ids and not args.volume:
+        raise UserInputError("nothing to mount: give snapshot ids or --volume VOLUME_ID")
     for snapshot_id in args.snapshot_ids:
         check_snapshot_id(snapshot_id)
     if not os.path.exists(mountpoint):
@@ -218,14 +232,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
     # Throttling is waited out as long as a read may wait, and no longer.
     config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
+    snapshot_ids, volume_times = _with_volumes(args, config.connection)
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
     # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
     # Both threads are done before the fork below.
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
-        checking = pool.submit(plan, config, args.snapshot_ids, fetch_first_block=True)
-        describing = pool.submit(
-            ec2.lookup, config.connection, args.snapshot_ids, args.ec2_endpoint_url
-        )
+        checking = pool.submit(plan, config, snapshot_ids, fetch_first_block=True)
+        named = [s for s in snapshot_ids if s not in volume_times]
+        describing = pool.submit(ec2.lookup, config.connection, named, args.ec2_endpoint_url)
         from ebsfs.engine import engine
         from ebsfs.fuse import mount as fuse_mount
         from ebsfs.fuse.operations import Ownership
@@ -239,7 +253,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         ownership=Ownership(args.uid, args.gid, args.file_mode, args.dir_mode),
         fuse_debug=args.fuse_debug,
-        start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
+        start_times={
+            **{s: info.start_time.timestamp() for s, info in described.found.items()},
+            **volume_times,
+        },
+        timeline=bool(args.volume),
     )
     mounted = f"ebsfs: mounted {plural(len(checked.snapshots), 'snapshot')} at {mountpoint}"
     if args.foreground:
@@ -261,6 +279,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if code == 0:  # one line: where it is and where its log goes
         print(f"{mounted}; log: {log_file or 'syslog'}", file=sys.stderr, flush=True)
     return code
+
+
+def _with_volumes(
+    args: argparse.Namespace, options: ConnectionOptions
+) -> tuple[list[str], dict[str, float]]:
+    """The snapshot ids to mount and the start times EC2 gave with --volume: the ids
+    given that are of no volume named, in their order, then each volume's snapshots
+    oldest first (so each shares its unchanged blocks with the one before it)."""
+    if not args.volume:
+        return list(args.snapshot_ids), {}
+    from ebsfs.cli.volumes import volume_snapshots
+
+    found = volume_snapshots(options, args.volume, args.ec2_endpoint_url)
+    ordered = sorted(found.snapshots, key=lambda s: (s.volume_id, s.start_time, s.snapshot_id))
+    of_volumes = [s.snapshot_id for s in ordered]
+    named = [s for s in args.snapshot_ids if s not in of_volumes]
+    log.info("%d snapshots of %s", len(of_volumes), ", ".join(args.volume))
+    return named + of_volumes, found.start_times
 
 
 def _has_entries(directory: str) -> bool:

@@ -19,6 +19,7 @@ import trio
 
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
+from ebsfs.engine.timeline import by_time
 from ebsfs.errors import EbsfsError, MountFailed, UserInputError, first_leaf
 from ebsfs.fuse.operations import EbsOperations, Ownership
 
@@ -34,6 +35,8 @@ class MountConfig:
     fuse_debug: bool = False
     start_times: dict[str, float] = field(default_factory=dict)
     """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
+    timeline: bool = False
+    """Show `by-time/` (`mount --volume`): a link per snapshot named by its StartTime."""
     ownership: Ownership = field(default_factory=Ownership)
     """Owner and modes of every file and directory shown (--uid, --gid, --file-mode,
     --dir-mode): what the kernel checks before it lets another user read."""
@@ -98,6 +101,9 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
                 await snapshot_nodes(engine, config.start_times),
                 stats=engine.stats.report,
                 ownership=config.ownership,
+                directories=[by_time(_mounted(config.start_times, engine))]
+                if config.timeline
+                else None,
             )
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))
@@ -141,6 +147,10 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", config.mountpoint)
         engine.close()
+
+
+def _mounted(start_times: dict[str, float], engine: Engine) -> dict[str, float]:
+    return {s: t for s, t in start_times.items() if s in engine.images}
 
 
 def run_in_background(work: Callable[[Callable[[], None]], None]) -> int:

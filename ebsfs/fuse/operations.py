@@ -21,6 +21,7 @@ import pyfuse3
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.cache import ReplyLoans
 from ebsfs.engine.files import ImageNode, Node, OpenFile
+from ebsfs.engine.timeline import Directory, Symlink
 from ebsfs.errors import EbsfsError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def answered(handler: Handler) -> Handler:
 
 
 class EbsOperations(pyfuse3.Operations):
-    """A flat, read-only directory of the file nodes of files.py."""
+    """A read-only directory of the file nodes of files.py, and of directories of
+    symbolic links (timeline.py: `by-time/`)."""
 
     def __init__(
         self,
@@ -84,12 +86,26 @@ class EbsOperations(pyfuse3.Operations):
         mtime: float | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
         ownership: Ownership | None = None,
+        directories: list[Directory] | None = None,
     ) -> None:
         super().__init__()
         owner = ownership or Ownership()
         self._stats = stats
         self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
         self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
+        self._dirs: dict[int, Directory] = {}
+        self._links: dict[int, Symlink] = {}
+        self._children: dict[int, dict[bytes, int]] = {ROOT_INODE: self._by_name}
+        next_inode = ROOT_INODE + 1 + len(nodes)
+        for directory in directories or []:
+            self._dirs[next_inode] = directory
+            self._by_name[directory.name.encode()] = next_inode
+            children = self._children[next_inode] = {}
+            next_inode += 1
+            for link in directory.entries:
+                self._links[next_inode] = link
+                children[link.name.encode()] = next_inode
+                next_inode += 1
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[Node, OpenFile]] = {}
         self._next_handle = itertools.count(1)
@@ -130,22 +146,30 @@ class EbsOperations(pyfuse3.Operations):
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        if inode == ROOT_INODE:
+        shown: Node | Directory | Symlink | None = None
+        if inode == ROOT_INODE or inode in self._dirs:
             attr.st_mode = stat.S_IFDIR | self._dir_mode
             attr.st_nlink = 2
             attr.st_size = 0
+            shown = self._dirs.get(inode)
         elif inode in self._nodes:
             attr.st_mode = stat.S_IFREG | self._file_mode
             attr.st_nlink = 1
-            attr.st_size = self._nodes[inode].size
+            shown = self._nodes[inode]
+            attr.st_size = shown.size
+        elif inode in self._links:
+            attr.st_mode = stat.S_IFLNK | 0o777  # as every symlink: never checked
+            attr.st_nlink = 1
+            shown = self._links[inode]
+            attr.st_size = len(shown.target.encode())
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr.st_ino = inode
         attr.st_uid, attr.st_gid = self._uid, self._gid
         attr.st_blksize = BLOCK_SIZE
         attr.st_blocks = -(-attr.st_size // 512)
-        node = self._nodes.get(inode)
-        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(node.mtime * 1e9)
+        mtime = None if shown is None else shown.mtime
+        mtime_ns = self._mtime_ns if mtime is None else int(mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
         return attr
@@ -160,28 +184,31 @@ class EbsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT_INODE:
+        children = self._children.get(parent_inode)
+        if children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if name in (b".", b".."):
+        if name == b".":
+            return self._attr(parent_inode)
+        if name == b"..":
             return self._attr(ROOT_INODE)
-        inode = self._by_name.get(name)
+        inode = children.get(name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(inode)
 
     @answered
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT_INODE:
+        if inode not in self._children:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    def entries(self) -> list[tuple[bytes, int]]:
-        """Directory entries (name, inode) in readdir order."""
-        return [(node.name.encode(), inode) for inode, node in self._nodes.items()]
+    def entries(self, directory: int = ROOT_INODE) -> list[tuple[bytes, int]]:
+        """Directory entries (name, inode) in readdir order (inodes ascend)."""
+        return sorted(self._children[directory].items(), key=lambda item: item[1])
 
     @answered
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, inode in self.entries():
+        for name, inode in self.entries(fh):
             if inode <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), inode):
@@ -191,7 +218,7 @@ class EbsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._nodes.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in self._children else errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
@@ -204,6 +231,13 @@ class EbsOperations(pyfuse3.Operations):
         # keep_cache: a fixed file never changes, so the kernel's page cache stays valid;
         # direct_io: a file whose size is only known once opened ignores st_size.
         return pyfuse3.FileInfo(fh=handle, keep_cache=node.fixed, direct_io=not node.fixed)
+
+    @answered
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        link = self._links.get(inode)
+        if link is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return link.target.encode()
 
     @property
     def open_handles(self) -> int:
@@ -239,7 +273,7 @@ class EbsOperations(pyfuse3.Operations):
         data.f_bsize = data.f_frsize = BLOCK_SIZE
         data.f_blocks = -(-total // BLOCK_SIZE)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self._nodes) + 1
+        data.f_files = len(self._nodes) + len(self._dirs) + len(self._links) + 1
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
@@ -255,6 +289,8 @@ class EbsOperations(pyfuse3.Operations):
             return attrs
         node = self._nodes.get(inode)
         if node is None:
+            if inode in self._dirs or inode in self._links:
+                return {}
             raise pyfuse3.FUSEError(errno.ENOENT)
         return {key.encode(): value.encode() for key, value in node.xattrs().items()}
 

@@ -1,0 +1,60 @@
+"""A volume's timeline as a mount shows it (`ebsfs mount --volume`), FUSE-free: the
+`by-time/` directory, one symbolic link per snapshot named by its StartTime in UTC
+(`2026-05-28T20:26:40Z -> ../snap-0123.img`), so `ls by-time/` lists the volume's
+history in order and a path names a moment rather than an id.
+
+Names are made here from numbers only (a time and a checked snapshot id): nothing
+the service says reaches a name or a link target as text."""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+BY_TIME = "by-time"
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """A symbolic link of the mount: its name, where it points (relative) and the
+    mtime to show."""
+
+    name: str
+    target: str
+    mtime: float | None = None
+
+
+@dataclass
+class Directory:
+    """A directory of the mount holding symbolic links only."""
+
+    name: str
+    entries: list[Symlink] = field(default_factory=list)
+    mtime: float | None = None
+
+
+def moment(start_time: float) -> str:
+    """A StartTime as a link name: ISO 8601 in UTC to the second, `Z` for UTC (no
+    colon-free variant: Linux names may hold colons)."""
+    stamp = datetime.datetime.fromtimestamp(start_time, datetime.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def by_time(start_times: dict[str, float]) -> Directory:
+    """`by-time/`: a link to `../<snapshot-id>.img` for each snapshot whose start time
+    is known, oldest first (ties by id). Snapshots started within one second share a
+    moment: each of them then gets `<moment>-<snapshot-id>`, so no name hides another
+    and none depends on the order EC2 answered in."""
+    ordered = sorted(start_times.items(), key=lambda item: (item[1], item[0]))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for snapshot_id, start in ordered:
+        groups[moment(start)].append(snapshot_id)
+    links = []
+    for snapshot_id, start in ordered:
+        name = moment(start)
+        if len(groups[name]) > 1:
+            name = f"{name}-{snapshot_id}"
+        links.append(Symlink(name, f"../{snapshot_id}.img", start))
+    newest = ordered[-1][1] if ordered else None
+    return Directory(BY_TIME, links, newest)
