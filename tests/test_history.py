@@ -288,6 +288,10 @@ def test_mount_volume_shows_every_snapshot_and_by_time_links(
         gets = emulator.counters.block_gets
         assert sum(gets.values()) - fetched_first == len(changed)
         assert {i for (s, i) in gets if s == S2} == set(changed)
+        # The third through the second, its neighbour: only what changed since it.
+        fetched_second = sum(gets.values())
+        assert same_bytes(mnt / "by-time" / links[2], volume_images[2])
+        assert sum(gets.values()) - fetched_second == len(emulator.store.changed_indexes(S2, S3))
         assert max(gets.values()) == 1
 
 

@@ -344,10 +344,8 @@ def tsk_open(reader: PagedReader) -> tuple[tuple[Any, Any], str]:
 
 
 def _known_type(pytsk3: Any, reader: PagedReader) -> int:
-    """The type to open as, when the head says it (ext2/3/4's magic, NTFS's OEM id);
-    else The Sleuth Kit's detection. Detection tries every type it knows, and one of
-    them (YAFFS2) may read the whole filesystem looking for its spare areas: every
-    block fetched, where a path's lookup needs a handful."""
+    """The type to open as when the head says it (ext2/3/4, NTFS), else detection,
+    which tries every type and may read the whole filesystem (every block fetched)."""
     head = reader.pread(2048, 0)
     if head[3:11] == b"NTFS    ":
         return int(pytsk3.TSK_FS_TYPE_NTFS_DETECT)
