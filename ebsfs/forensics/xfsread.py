@@ -52,18 +52,27 @@ def _open(reader: PagedReader) -> Any:
 
 def xfs_lookup(reader: PagedReader, parts: list[str]) -> tuple[Entry | None, Any]:
     """The entry at the path `parts` (see lookup.py) and libfsxfs's file entry (to
-    read): each directory on it asked for one name (libfsxfs looks it up in the
-    directory's own structure)."""
+    read): each directory on it listed until the name is found."""
     current = _open(reader).get_root_directory()
     kind = DIRECTORY
     for name in parts:
         if kind != DIRECTORY:
             return None, None  # a symlink or a file on the way: not followed
-        current = current.get_sub_file_entry_by_name(name)
+        current = _child(current, name)
         if current is None:
             return None, None
         kind = _KINDS.get(int(current.file_mode) & 0o170000, OTHER)
     return _entry(current, kind), current
+
+
+def _child(directory: Any, name: str) -> Any | None:
+    """The entry named `name` in a directory, or None. Listed, not asked by name:
+    libfsxfs's lookup by name raised for names that are there (libfsxfs 20260901)."""
+    for k in range(int(directory.number_of_sub_file_entries)):
+        child = directory.get_sub_file_entry(k)
+        if child.name == name:
+            return child
+    return None
 
 
 def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
