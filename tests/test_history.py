@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,37 @@ def test_mount_volume_shows_every_snapshot_and_by_time_links(
         assert fetched[S2] == set(store.changed_indexes(S1, S2))
         assert fetched[S3] == set(store.changed_indexes(S2, S3))
         assert max(gets.values()) == 1
+
+
+@needs_fuse
+def test_mount_volume_refresh_shows_a_snapshot_taken_while_mounted(
+    volume_images: list[Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    load(emulator, volume_images)
+    url = emulator.url
+    options = ["--volume", VOL, "--ec2-endpoint-url", url, "--refresh", "0.5"]
+    with mounted(url, [], tmp_path / "mnt", *options) as mnt:
+        assert len(os.listdir(mnt / "by-time")) == 3
+        new_block = hashlib.sha256(b"later").digest() * (BLOCK_SIZE // 32)
+        s4 = "snap-0a11ce04"
+        emulator.store.add_snapshot(s4, {1000: new_block}, parent=S3, start_time=T0 + 3 * 86400)
+        deadline = time.monotonic() + 20
+        while f"{s4}.img" not in os.listdir(mnt) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"{s4}-part1.img" in os.listdir(mnt)
+        links = os.listdir(mnt / "by-time")
+        assert links[-1] == "2026-05-31T20:26:40Z" and len(links) == 4
+        assert os.readlink(mnt / "by-time" / links[-1]) == f"../{s4}.img"
+        assert (mnt / f"{s4}.img").stat().st_mtime == T0 + 3 * 86400
+        with open(mnt / f"{s4}.img", "rb") as f:
+            f.seek(1000 * BLOCK_SIZE)
+            assert f.read(BLOCK_SIZE) == new_block
+            f.seek(PART_OFFSET)
+            with open(volume_images[2], "rb") as g:
+                g.seek(PART_OFFSET)
+                assert f.read(4 * MiB) == g.read(4 * MiB)
+        # Planned with the snapshot before it: its unchanged blocks are the third's.
+        assert {i for (s, i) in emulator.counters.block_gets if s == s4} == {1000}
 
 
 @needs_fuse

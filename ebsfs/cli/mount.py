@@ -133,6 +133,14 @@ def add_parser(commands: Commands) -> None:
         "(2026-05-28T20:26:40Z -> ../snap-....img); neighbouring snapshots share "
         "unchanged blocks. Needs ec2:DescribeSnapshots and ebs:ListChangedBlocks",
     )
+    mount.add_argument(
+        "--refresh",
+        type=non_negative_float,
+        default=REFRESH,
+        metavar="SECONDS",
+        help="with --volume, ask EC2 again this often and show the snapshots taken since "
+        f"(default: {REFRESH:g}; 0: never)",
+    )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
     prefetch_arguments(mount)
@@ -140,6 +148,21 @@ def add_parser(commands: Commands) -> None:
     ec2_argument(
         mount, "the images' mtime is the snapshot's StartTime when ec2:DescribeSnapshots is allowed"
     )
+
+
+REFRESH = 300.0
+"""Seconds between two asks of EC2 for a volume's new snapshots: DescribeSnapshots is
+cheap, and a snapshot takes minutes to complete anyway."""
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 0 or more")
+    return value
 
 
 def _numeric_id(text: str) -> int | None:
@@ -258,6 +281,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             **volume_times,
         },
         timeline=bool(args.volume),
+        volume_source=_volume_source(args, config.connection) if args.volume else None,
+        refresh=args.refresh,
     )
     mounted = f"ebsfs: mounted {plural(len(checked.snapshots), 'snapshot')} at {mountpoint}"
     if args.foreground:
@@ -297,6 +322,22 @@ def _with_volumes(
     named = [s for s in args.snapshot_ids if s not in of_volumes]
     log.info("%d snapshots of %s", len(of_volumes), ", ".join(args.volume))
     return named + of_volumes, found.start_times
+
+
+def _volume_source(
+    args: argparse.Namespace, options: ConnectionOptions
+) -> Callable[[], list[tuple[str, float]]]:
+    """What a refresh asks: the volumes' snapshots in the order a mount plans them."""
+    volumes, endpoint = list(args.volume), args.ec2_endpoint_url
+
+    def source() -> list[tuple[str, float]]:
+        from ebsfs.cli.volumes import volume_snapshots
+
+        found = volume_snapshots(options, volumes, endpoint).snapshots
+        ordered = sorted(found, key=lambda s: (s.volume_id, s.start_time, s.snapshot_id))
+        return [(s.snapshot_id, s.start_time.timestamp()) for s in ordered]
+
+    return source
 
 
 def _has_entries(directory: str) -> bool:

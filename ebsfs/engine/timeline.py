@@ -3,14 +3,26 @@
 (`2026-05-28T20:26:40Z -> ../snap-0123.img`), so `ls by-time/` lists the volume's
 history in order and a path names a moment rather than an id.
 
+`refresh` adds the snapshots taken since the mount (`mount --refresh`).
+
 Names are made here from numbers only (a time and a checked snapshot id): nothing
 the service says reaches a name or a link target as text."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import trio
+
+from ebsfs.engine.engine import Engine
+from ebsfs.engine.files import Node, snapshot_nodes
+from ebsfs.engine.plan import plan
+
+log = logging.getLogger(__name__)
 
 BY_TIME = "by-time"
 
@@ -58,3 +70,40 @@ def by_time(start_times: dict[str, float]) -> Directory:
         links.append(Symlink(name, f"../{snapshot_id}.img", start))
     newest = ordered[-1][1] if ordered else None
     return Directory(BY_TIME, links, newest)
+
+
+VolumeSource = Callable[[], list[tuple[str, float]]]
+"""Asks EC2 again: the volumes' snapshots as (snapshot id, StartTime), in the order
+the mount plans them (each volume's oldest first). Blocking: run in a thread."""
+
+
+@dataclass
+class Refreshed:
+    """What a refresh found: the new snapshots' files, and `by-time/` as it now is."""
+
+    nodes: list[Node]
+    links: Directory
+
+
+async def refresh(
+    engine: Engine, source: VolumeSource, start_times: dict[str, float]
+) -> Refreshed | None:
+    """Snapshots the volumes gained since the mount (or the last refresh) added to the
+    engine, each planned with the mounted one before it so that it shares the blocks
+    they have in common; None when there is none. `start_times` is brought up to date.
+    Raises the typed errors of EC2 and of the checks (the caller logs them and tries
+    again at the next refresh)."""
+    listed = await trio.to_thread.run_sync(source)
+    ids = [snapshot_id for snapshot_id, _ in listed]
+    new = [s for s in ids if s not in engine.images]
+    if not new:
+        return None
+    before = [s for s in ids[: ids.index(new[0])] if s in engine.images]
+    wanted = before[-1:] + new
+    checked = await trio.to_thread.run_sync(lambda: plan(engine.config, wanted, api=engine.api))
+    added = engine.add(checked)
+    start_times.update({s: t for s, t in listed if s in added})
+    nodes = await snapshot_nodes(engine, start_times, only=added)
+    mounted = {s: t for s, t in start_times.items() if s in engine.images}
+    log.info("refresh: %d new snapshot(s): %s", len(added), ", ".join(added))
+    return Refreshed(nodes, by_time(mounted))

@@ -19,7 +19,7 @@ import trio
 
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
-from ebsfs.engine.timeline import by_time
+from ebsfs.engine.timeline import VolumeSource, by_time, refresh
 from ebsfs.errors import EbsfsError, MountFailed, UserInputError, first_leaf
 from ebsfs.fuse.operations import EbsOperations, Ownership
 
@@ -37,6 +37,10 @@ class MountConfig:
     """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
     timeline: bool = False
     """Show `by-time/` (`mount --volume`): a link per snapshot named by its StartTime."""
+    volume_source: VolumeSource | None = None
+    """Asks EC2 for the volumes' snapshots again (`mount --volume`), for refreshes."""
+    refresh: float = 0.0
+    """Seconds between refreshes (0: never)."""
     ownership: Ownership = field(default_factory=Ownership)
     """Owner and modes of every file and directory shown (--uid, --gid, --file-mode,
     --dir-mode): what the kernel checks before it lets another user read."""
@@ -126,6 +130,8 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
 
             nursery.start_soon(watch_signals)
             nursery.start_soon(run_fuse)
+            if config.volume_source is not None and config.refresh > 0:
+                nursery.start_soon(keep_refreshing, engine, ops, config)
             # The mount answers its first request: INIT is done and the loop is serving.
             with trio.fail_after(30):
                 root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
@@ -147,6 +153,26 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", config.mountpoint)
         engine.close()
+
+
+async def keep_refreshing(engine: Engine, ops: EbsOperations, config: MountConfig) -> None:
+    """Every `refresh` seconds, the snapshots taken since shown (timeline.refresh). A
+    failure is logged and tried again next time: the mount goes on as it is."""
+    assert config.volume_source is not None
+    start_times = dict(config.start_times)
+    while True:
+        await trio.sleep(config.refresh)
+        try:
+            found = await refresh(engine, config.volume_source, start_times)
+        except EbsfsError as err:
+            log.warning("refresh failed, tried again in %gs: %s", config.refresh, err)
+            continue
+        except Exception as err:  # a bug: the mount lives on without refreshes
+            log.error("refresh failed (no more refreshes): %s", err, exc_info=err)
+            return
+        if found is not None:
+            ops.add(found.nodes)
+            ops.set_links(found.links)
 
 
 def _mounted(start_times: dict[str, float], engine: Engine) -> dict[str, float]:

@@ -96,16 +96,14 @@ class EbsOperations(pyfuse3.Operations):
         self._dirs: dict[int, Directory] = {}
         self._links: dict[int, Symlink] = {}
         self._children: dict[int, dict[bytes, int]] = {ROOT_INODE: self._by_name}
-        next_inode = ROOT_INODE + 1 + len(nodes)
+        self._inodes = itertools.count(ROOT_INODE + 1 + len(nodes))
+        """Inode numbers are never used twice while mounted."""
         for directory in directories or []:
-            self._dirs[next_inode] = directory
-            self._by_name[directory.name.encode()] = next_inode
-            children = self._children[next_inode] = {}
-            next_inode += 1
-            for link in directory.entries:
-                self._links[next_inode] = link
-                children[link.name.encode()] = next_inode
-                next_inode += 1
+            inode = next(self._inodes)
+            self._dirs[inode] = directory
+            self._by_name[directory.name.encode()] = inode
+            self._children[inode] = {}
+            self.set_links(directory)
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[Node, OpenFile]] = {}
         self._next_handle = itertools.count(1)
@@ -118,6 +116,30 @@ class EbsOperations(pyfuse3.Operations):
         reply as soon as its handler returns, before any other handler runs again."""
         self._loans = ReplyLoans()
         """The same holds for views of the cache: given back at the next read."""
+
+    def add(self, nodes: list[Node]) -> None:
+        """More files in the root (a mount's refresh), each under a new inode. On the
+        FUSE loop only (between requests)."""
+        for node in nodes:
+            inode = next(self._inodes)
+            self._nodes[inode] = node
+            self._by_name[node.name.encode()] = inode
+
+    def set_links(self, directory: Directory) -> None:
+        """The links of one of the directories: a name kept keeps its inode (its target
+        never changes), a new name gets a new one, a name gone goes."""
+        inode = next(i for i, d in self._dirs.items() if d.name == directory.name)
+        self._dirs[inode] = directory
+        children = self._children[inode]
+        wanted = {link.name.encode(): link for link in directory.entries}
+        for name in [n for n in children if n not in wanted]:
+            del self._links[children.pop(name)]
+        for name, link in wanted.items():
+            if name not in children or self._links[children[name]].target != link.target:
+                if name in children:
+                    del self._links[children[name]]
+                children[name] = next(self._inodes)
+            self._links[children[name]] = link
 
     def unexpected(self, handler: str, err: Exception) -> None:
         """Log an unexpected exception: its traceback once per kind and place."""
