@@ -129,8 +129,8 @@ def add_parser(commands: Commands) -> None:
         metavar="VOLUME_ID",
         help="mount every completed snapshot of this volume (ours and those shared "
         "with us, EC2 DescribeSnapshots; repeatable, may be combined with snapshot "
-        "ids), with a by-time/ directory of links named by StartTime "
-        "(2026-05-28T20:26:40Z -> ../snap-....img); neighbouring snapshots share "
+        "ids), with by-time/, a directory of links named by StartTime such as "
+        "2026-05-28T20:26:40Z to each image; neighbouring snapshots share "
         "unchanged blocks. Needs ec2:DescribeSnapshots and ebs:ListChangedBlocks",
     )
     mount.add_argument(
