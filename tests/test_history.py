@@ -357,6 +357,34 @@ def test_mount_volume_refresh_shows_a_snapshot_taken_while_mounted(
 
 
 @needs_fuse
+def test_mount_volume_refresh_takes_a_deleted_snapshot_away_once_closed(
+    volume_images: list[Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    load(emulator, volume_images)
+    url = emulator.url
+    options = ["--volume", VOL, "--ec2-endpoint-url", url, "--refresh", "0.3"]
+    with mounted(url, [], tmp_path / "mnt", *options) as mnt:
+        held = open(mnt / f"{S1}.img", "rb")  # noqa: SIM115 (closed below)
+        try:
+            emulator.store.delete(S1)
+            time.sleep(1.5)  # several refreshes: open, so still there
+            assert f"{S1}.img" in os.listdir(mnt)
+            assert held.read(4096) == volume_images[0].read_bytes()[:4096]
+        finally:
+            held.close()
+        deadline = time.monotonic() + 20
+        while f"{S1}.img" in os.listdir(mnt) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        names = set(os.listdir(mnt))
+        assert not {n for n in names if n.startswith(S1)}
+        assert f"{S2}.changes" not in names and f"{S3}.changes" in names
+        assert not (mnt / f"{S1}.img").exists()
+        assert os.listdir(mnt / "by-time") == ["2026-05-29T20:26:40Z", "2026-05-30T20:26:40Z"]
+        # The second no longer shares through the deleted one: all of it reads.
+        assert same_bytes(mnt / f"{S2}.img", volume_images[1])
+
+
+@needs_fuse
 def test_mount_volume_errors_are_one_line(emulator: EmulatorServer, tmp_path: Path) -> None:
     emulator.store.add_snapshot("snap-0a", {0: b"\1" * BLOCK_SIZE}, volume_id="vol-0a")
     mnt = tmp_path / "mnt"

@@ -283,6 +283,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         timeline=bool(args.volume),
         volume_source=_volume_source(args, config.connection) if args.volume else None,
         refresh=args.refresh,
+        of_volumes=list(volume_times),
     )
     mounted = f"ebsfs: mounted {plural(len(checked.snapshots), 'snapshot')} at {mountpoint}"
     if args.foreground:

@@ -156,6 +156,21 @@ class Engine:
         )
         return [s for s, _ in new]
 
+    def remove(self, snapshot_id: str, keep_image: bool = False) -> list[str]:
+        """A deleted snapshot: no image shares blocks through it any more (its blocks
+        can no longer be fetched; those sharing fetch their own), and its image goes
+        unless `keep_image` (still open). The ids that lost their base."""
+        gone = self.images.get(snapshot_id)
+        unshared = []
+        for image in self.images.values():
+            if gone is not None and image.base is not None and image.base[0] is gone:
+                image.base = None
+                unshared.append(image.snapshot_id)
+        if not keep_image:
+            self.images.pop(snapshot_id, None)
+            self._partitions.pop(snapshot_id, None)
+        return unshared
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve read-ahead, the metadata prefetch (and the disk cache's writes) until
         cancelled."""

@@ -79,31 +79,61 @@ the mount plans them (each volume's oldest first). Blocking: run in a thread."""
 
 @dataclass
 class Refreshed:
-    """What a refresh found: the new snapshots' files, and `by-time/` as it now is."""
+    """What a refresh found: the new snapshots' files, the names of files to take
+    away (a deleted snapshot's, and the `.changes` of those that shared with it), and
+    `by-time/` as it now is."""
 
     nodes: list[Node]
+    removed: list[str]
     links: Directory
 
 
 async def refresh(
-    engine: Engine, source: VolumeSource, start_times: dict[str, float]
+    engine: Engine,
+    source: VolumeSource,
+    start_times: dict[str, float],
+    of_volumes: set[str],
+    in_use: Callable[[str], bool],
 ) -> Refreshed | None:
     """Snapshots the volumes gained since the mount (or the last refresh) added to the
     engine, each planned with the mounted one before it so that it shares the blocks
-    they have in common; None when there is none. `start_times` is brought up to date.
-    Raises the typed errors of EC2 and of the checks (the caller logs them and tries
-    again at the next refresh)."""
+    they have in common, and those deleted taken away once `in_use` says none of
+    their files is open (none shares blocks through them from now on); None when
+    nothing changed. `start_times` and `of_volumes` (the mounted snapshots that came
+    from the volumes) are brought up to date. Raises the typed errors of EC2 and of
+    the checks (the caller logs them and tries again at the next refresh)."""
     listed = await trio.to_thread.run_sync(source)
     ids = [snapshot_id for snapshot_id, _ in listed]
     new = [s for s in ids if s not in engine.images]
-    if not new:
+    deleted = sorted(of_volumes - set(ids))
+    if not new and not deleted:
         return None
-    before = [s for s in ids[: ids.index(new[0])] if s in engine.images]
-    wanted = before[-1:] + new
-    checked = await trio.to_thread.run_sync(lambda: plan(engine.config, wanted, api=engine.api))
-    added = engine.add(checked)
-    start_times.update({s: t for s, t in listed if s in added})
+    removed: list[str] = []
+    for snapshot_id in deleted:
+        busy = in_use(snapshot_id)
+        names = _names(engine, snapshot_id)
+        for lost_base in engine.remove(snapshot_id, keep_image=busy):
+            removed.append(f"{lost_base}.changes")
+        if not busy:
+            removed += names
+            of_volumes.discard(snapshot_id)
+            start_times.pop(snapshot_id, None)
+    added: list[str] = []
+    if new:
+        before = [s for s in ids[: ids.index(new[0])] if s in engine.images]
+        wanted = before[-1:] + new
+        checked = await trio.to_thread.run_sync(lambda: plan(engine.config, wanted, api=engine.api))
+        added = engine.add(checked)
+        of_volumes.update(added)
+        start_times.update({s: t for s, t in listed if s in added})
     nodes = await snapshot_nodes(engine, start_times, only=added)
     mounted = {s: t for s, t in start_times.items() if s in engine.images}
-    log.info("refresh: %d new snapshot(s): %s", len(added), ", ".join(added))
-    return Refreshed(nodes, by_time(mounted))
+    log.info("refresh: %d new, %d deleted snapshot(s)", len(added), len(deleted))
+    return Refreshed(nodes, removed, by_time(mounted))
+
+
+def _names(engine: Engine, snapshot_id: str) -> list[str]:
+    """The files a snapshot has (its partitions as they were found)."""
+    parts = engine.known_partitions(snapshot_id) or []
+    names = [f"{snapshot_id}.img", f"{snapshot_id}.changes"]
+    return names + [f"{snapshot_id}-part{p.number}.img" for p in parts]

@@ -41,6 +41,9 @@ class MountConfig:
     """Asks EC2 for the volumes' snapshots again (`mount --volume`), for refreshes."""
     refresh: float = 0.0
     """Seconds between refreshes (0: never)."""
+    of_volumes: list[str] = field(default_factory=list)
+    """The snapshots mounted because they are the volumes' (a refresh may take them
+    away when deleted; those named on the command line stay)."""
     ownership: Ownership = field(default_factory=Ownership)
     """Owner and modes of every file and directory shown (--uid, --gid, --file-mode,
     --dir-mode): what the kernel checks before it lets another user read."""
@@ -114,6 +117,7 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
             except RuntimeError as err:
                 raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
             initialized = True
+            ops.invalidate = _invalidate
 
             async def watch_signals() -> None:
                 nonlocal stopped_by_signal
@@ -160,10 +164,11 @@ async def keep_refreshing(engine: Engine, ops: EbsOperations, config: MountConfi
     failure is logged and tried again next time: the mount goes on as it is."""
     assert config.volume_source is not None
     start_times = dict(config.start_times)
+    of_volumes = set(config.of_volumes)
     while True:
         await trio.sleep(config.refresh)
         try:
-            found = await refresh(engine, config.volume_source, start_times)
+            found = await refresh(engine, config.volume_source, start_times, of_volumes, ops.in_use)
         except EbsfsError as err:
             log.warning("refresh failed, tried again in %gs: %s", config.refresh, err)
             continue
@@ -171,8 +176,14 @@ async def keep_refreshing(engine: Engine, ops: EbsOperations, config: MountConfi
             log.error("refresh failed (no more refreshes): %s", err, exc_info=err)
             return
         if found is not None:
+            ops.remove(found.removed)
             ops.add(found.nodes)
             ops.set_links(found.links)
+
+
+def _invalidate(parent: int, name: bytes) -> None:
+    """The kernel forgets a name (a deleted snapshot's file, an old link)."""
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
 
 def _mounted(start_times: dict[str, float], engine: Engine) -> dict[str, float]:

@@ -98,6 +98,9 @@ class EbsOperations(pyfuse3.Operations):
         self._children: dict[int, dict[bytes, int]] = {ROOT_INODE: self._by_name}
         self._inodes = itertools.count(ROOT_INODE + 1 + len(nodes))
         """Inode numbers are never used twice while mounted."""
+        self.invalidate: Callable[[int, bytes], None] | None = None
+        """Tells the kernel a name is gone (set once mounted): it keeps entries for
+        ATTR_TIMEOUT otherwise."""
         for directory in directories or []:
             inode = next(self._inodes)
             self._dirs[inode] = directory
@@ -125,6 +128,27 @@ class EbsOperations(pyfuse3.Operations):
             self._nodes[inode] = node
             self._by_name[node.name.encode()] = inode
 
+    def remove(self, names: list[str]) -> None:
+        """Files of the root taken away (a deleted snapshot's); an open handle still
+        reads (it holds its node). On the FUSE loop only."""
+        for name in names:
+            inode = self._by_name.get(name.encode())
+            if inode is None or inode not in self._nodes:
+                continue
+            del self._by_name[name.encode()], self._nodes[inode]
+            self._forget(ROOT_INODE, name.encode())
+
+    def in_use(self, snapshot_id: str) -> bool:
+        """Whether a file of this snapshot is open."""
+        return any(
+            getattr(getattr(node, "image", None), "snapshot_id", None) == snapshot_id
+            for node, _ in self._handles.values()
+        )
+
+    def _forget(self, parent: int, name: bytes) -> None:
+        if self.invalidate is not None:
+            self.invalidate(parent, name)
+
     def set_links(self, directory: Directory) -> None:
         """The links of one of the directories: a name kept keeps its inode (its target
         never changes), a new name gets a new one, a name gone goes."""
@@ -134,6 +158,7 @@ class EbsOperations(pyfuse3.Operations):
         wanted = {link.name.encode(): link for link in directory.entries}
         for name in [n for n in children if n not in wanted]:
             del self._links[children.pop(name)]
+            self._forget(inode, name)
         for name, link in wanted.items():
             if name not in children or self._links[children[name]].target != link.target:
                 if name in children:
