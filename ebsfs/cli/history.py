@@ -85,6 +85,13 @@ def add_parser(commands: Commands) -> None:
         metavar="SECONDS",
         help="give up after this many seconds in all (default: %(default)g)",
     )
+    history.add_argument(
+        "--no-hedge",
+        dest="hedge",
+        action="store_false",
+        help="never ask for a block twice (a slow call is asked again by default: "
+        "see ebsfs mount --help)",
+    )
     cache_dir_arguments(history)
     connection_arguments(history)
     ec2_argument(history, "the volume's snapshots")
