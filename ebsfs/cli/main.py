@@ -16,7 +16,19 @@ import gc
 import sys
 
 from ebsfs import __version__
-from ebsfs.cli import completion, diff, get, ls, mount, mounthelper, mounts, nbd, stats, verify
+from ebsfs.cli import (
+    completion,
+    diff,
+    get,
+    history,
+    ls,
+    mount,
+    mounthelper,
+    mounts,
+    nbd,
+    stats,
+    verify,
+)
 from ebsfs.cli.logs import setup_logging
 from ebsfs.cli.options import Parser
 from ebsfs.errors import (
@@ -50,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         mount.add_parser,
         nbd.add_parser,
         diff.add_parser,
+        history.add_parser,
         get.add_parser,
         verify.add_parser,
         ls.add_parser,

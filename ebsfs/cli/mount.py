@@ -31,6 +31,7 @@ from ebsfs.errors import UserInputError
 
 if TYPE_CHECKING:
     from ebsfs.cli.options import Commands
+    from ebsfs.service.session import ConnectionOptions
 
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def add_parser(commands: Commands) -> None:
     mount.set_defaults(run=cmd_mount)
     mount.add_argument(
         "snapshot_ids",
-        nargs="+",
+        nargs="*",
         metavar="SNAPSHOT_ID",
-        help="snapshot ids (snap-...), completed and in this account",
+        help="snapshot ids (snap-...), completed and in this account (or none, with --volume)",
     )
     mount.add_argument(
         "mountpoint", metavar="MOUNTPOINT", help="an existing empty directory (see --nonempty)"
@@ -123,6 +124,25 @@ def add_parser(commands: Commands) -> None:
         help="permission bits of the mount's directory, in octal, read and execute bits "
         "only (default: 0555; 0550 with --gid lets only the group list and open)",
     )
+    mount.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        metavar="VOLUME_ID",
+        help="mount every completed snapshot of this volume (ours and those shared "
+        "with us, EC2 DescribeSnapshots; repeatable, may be combined with snapshot "
+        "ids), with by-time/, a directory of links named by StartTime such as "
+        "2026-05-28T20:26:40Z to each image; neighbouring snapshots share "
+        "unchanged blocks. Needs ec2:DescribeSnapshots and ebs:ListChangedBlocks",
+    )
+    mount.add_argument(
+        "--refresh",
+        type=non_negative_float,
+        default=REFRESH,
+        metavar="SECONDS",
+        help="with --volume, ask EC2 again this often and show the snapshots taken since "
+        f"(default: {REFRESH:g}; 0: never)",
+    )
     mount.add_argument("--fuse-debug", action="store_true", help="log every FUSE request")
     cache_dir_arguments(mount)
     prefetch_arguments(mount)
@@ -130,6 +150,21 @@ def add_parser(commands: Commands) -> None:
     ec2_argument(
         mount, "the images' mtime is the snapshot's StartTime when ec2:DescribeSnapshots is allowed"
     )
+
+
+REFRESH = 300.0
+"""Seconds between two asks of EC2 for a volume's new snapshots: DescribeSnapshots is
+cheap, and a snapshot takes minutes to complete anyway."""
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 0 or more")
+    return value
 
 
 def _numeric_id(text: str) -> int | None:
@@ -204,6 +239,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from ebsfs.service.retry import RetryPolicy
 
     mountpoint = args.mountpoint
+    if not args.snapshot_ids and not args.volume:
+        raise UserInputError("nothing to mount: give snapshot ids or --volume VOLUME_ID")
     for snapshot_id in args.snapshot_ids:
         check_snapshot_id(snapshot_id)
     if not os.path.exists(mountpoint):
@@ -221,6 +258,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserInputError("/dev/fuse is missing or not accessible (is fuse3 installed?)")
     # Throttling is waited out as long as a read may wait, and no longer.
     config = engine_config(args, RetryPolicy(throttle_budget=args.read_timeout))
+    snapshot_ids, volume_times = _with_volumes(args, config.connection)
     # The checks and the EC2 lookup wait on the network while this thread loads trio,
     # pyfuse3 and the engine (about 150 ms of the mount's start: docs/performance.md).
     # The checks' client is made first, alone: threads building clients or importing
@@ -230,16 +268,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     def check() -> Plan:
         try:
-            return plan(config, args.snapshot_ids, fetch_first_block=True, calling=calling)
+            return plan(config, snapshot_ids, fetch_first_block=True, calling=calling)
         finally:
             calling.set()
 
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="start") as pool:
         checking = pool.submit(check)
         calling.wait()
-        describing = pool.submit(
-            ec2.lookup, config.connection, args.snapshot_ids, args.ec2_endpoint_url
-        )
+        named = [s for s in snapshot_ids if s not in volume_times]
+        describing = pool.submit(ec2.lookup, config.connection, named, args.ec2_endpoint_url)
         from ebsfs.cli.progress import plural
         from ebsfs.engine import engine
         from ebsfs.fuse import mount as fuse_mount
@@ -254,7 +291,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         ownership=Ownership(args.uid, args.gid, args.file_mode, args.dir_mode),
         fuse_debug=args.fuse_debug,
-        start_times={s: info.start_time.timestamp() for s, info in described.found.items()},
+        start_times={
+            **{s: info.start_time.timestamp() for s, info in described.found.items()},
+            **volume_times,
+        },
+        timeline=bool(args.volume),
+        volume_source=_volume_source(args, config.connection) if args.volume else None,
+        refresh=args.refresh,
+        of_volumes=list(volume_times),
     )
     mounted = f"ebsfs: mounted {plural(len(checked.snapshots), 'snapshot')} at {mountpoint}"
     if args.foreground:
@@ -276,6 +320,40 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if code == 0:  # one line: where it is and where its log goes
         print(f"{mounted}; log: {log_file or 'syslog'}", file=sys.stderr, flush=True)
     return code
+
+
+def _with_volumes(
+    args: argparse.Namespace, options: ConnectionOptions
+) -> tuple[list[str], dict[str, float]]:
+    """The snapshot ids to mount and the start times EC2 gave with --volume: the ids
+    given that are of no volume named, in their order, then each volume's snapshots
+    oldest first (so each shares its unchanged blocks with the one before it)."""
+    if not args.volume:
+        return list(args.snapshot_ids), {}
+    from ebsfs.cli.volumes import volume_snapshots
+
+    found = volume_snapshots(options, args.volume, args.ec2_endpoint_url)
+    ordered = sorted(found.snapshots, key=lambda s: (s.volume_id, s.start_time, s.snapshot_id))
+    of_volumes = [s.snapshot_id for s in ordered]
+    named = [s for s in args.snapshot_ids if s not in of_volumes]
+    log.info("%d snapshots of %s", len(of_volumes), ", ".join(args.volume))
+    return named + of_volumes, found.start_times
+
+
+def _volume_source(
+    args: argparse.Namespace, options: ConnectionOptions
+) -> Callable[[], list[tuple[str, float]]]:
+    """What a refresh asks: the volumes' snapshots in the order a mount plans them."""
+    volumes, endpoint = list(args.volume), args.ec2_endpoint_url
+
+    def source() -> list[tuple[str, float]]:
+        from ebsfs.cli.volumes import volume_snapshots
+
+        found = volume_snapshots(options, volumes, endpoint).snapshots
+        ordered = sorted(found, key=lambda s: (s.volume_id, s.start_time, s.snapshot_id))
+        return [(s.snapshot_id, s.start_time.timestamp()) for s in ordered]
+
+    return source
 
 
 def _has_entries(directory: str) -> bool:

@@ -243,6 +243,15 @@ class SnapshotStore:
     def get(self, snapshot_id: str) -> Snapshot:
         return self._require(snapshot_id)
 
+    def delete(self, snapshot_id: str) -> None:
+        """Delete a snapshot, as DeleteSnapshot does: its children keep every block
+        (each holds its whole block map), it is gone from every answer."""
+        with self._lock:
+            del self._snapshots[snapshot_id]
+            self._changed_cache = {
+                k: v for k, v in self._changed_cache.items() if snapshot_id not in k
+            }
+
     # ---- the API -------------------------------------------------------------------
 
     def _require(self, snapshot_id: str) -> Snapshot:

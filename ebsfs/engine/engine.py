@@ -82,7 +82,31 @@ class Engine:
         # Read-ahead may hold at most a quarter of the cache, so prefetched blocks are not
         # evicted by other prefetches before the reader gets to them.
         window = max(1, min(config.max_fetches, config.cache_size // 4 // BLOCK_SIZE))
+        self._window = window
         self.images: dict[str, SnapshotImage] = {}
+        self._add_images(snapshots, bases, disk_bases, first_pages, first_blocks)
+        self._partitions: dict[str, list[Partition]] = {}
+        self.metadata: MetadataPrefetch | None = None
+        """The metadata prefetch, None when it is off; faces tell it of reads."""
+        if config.prefetch_metadata:
+            self.metadata = MetadataPrefetch(
+                budget=metadata_budget(config),
+                fetch_limiter=self.remote.fetch_limiter,
+                read_timeout=config.read_timeout,
+                partitions=self.partitions,
+                known_partitions=self.known_partitions,
+                stats=self.stats,
+            )
+
+    def _add_images(
+        self,
+        snapshots: list[tuple[str, int]],
+        bases: dict[str, str] | None,
+        disk_bases: dict[str, list[str]] | None,
+        first_pages: dict[str, BlockPage] | None,
+        first_blocks: dict[str, dict[int, Block]] | None,
+    ) -> None:
+        """An image for each snapshot, sharing with its base (an image of this engine)."""
         for snapshot_id, size in snapshots:
             blocks = -(-size // BLOCK_SIZE)
             disk = None
@@ -108,28 +132,44 @@ class Engine:
                 self.cache,
                 self.remote,
                 self.readahead,
-                read_timeout=config.read_timeout,
-                max_window=window,
+                read_timeout=self.config.read_timeout,
+                max_window=self._window,
                 disk=disk,
                 stats=self.stats,
                 first_blocks=(first_blocks or {}).get(snapshot_id),
             )
+        added = {snapshot_id for snapshot_id, _ in snapshots}
         for second, first in (bases or {}).items():
+            if second not in added:
+                continue
             image = self.images[second]
             changes = ChangeIndex(self.remote, first, second, image.index.volume_blocks)
             image.share_with(self.images[first], changes)
-        self._partitions: dict[str, list[Partition]] = {}
-        self.metadata: MetadataPrefetch | None = None
-        """The metadata prefetch, None when it is off; faces tell it of reads."""
-        if config.prefetch_metadata:
-            self.metadata = MetadataPrefetch(
-                budget=metadata_budget(config),
-                fetch_limiter=self.remote.fetch_limiter,
-                read_timeout=config.read_timeout,
-                partitions=self.partitions,
-                known_partitions=self.known_partitions,
-                stats=self.stats,
-            )
+
+    def add(self, checked: Plan) -> list[str]:
+        """Images for the snapshots of a later plan that this engine lacks (a mount's
+        refresh: `plan(..., api=engine.api)` of them and the image each may share
+        with); their ids, in the plan's order. On the engine's loop only."""
+        new = [(s, size) for s, size in checked.snapshots if s not in self.images]
+        self._add_images(
+            new, checked.bases, checked.disk_bases, checked.first_pages, checked.first_blocks
+        )
+        return [s for s, _ in new]
+
+    def remove(self, snapshot_id: str, keep_image: bool = False) -> list[str]:
+        """A deleted snapshot: no image shares blocks through it any more (its blocks
+        can no longer be fetched; those sharing fetch their own), and its image goes
+        unless `keep_image` (still open). The ids that lost their base."""
+        gone = self.images.get(snapshot_id)
+        unshared = []
+        for image in self.images.values():
+            if gone is not None and image.base is not None and image.base[0] is gone:
+                image.base = None
+                unshared.append(image.snapshot_id)
+        if not keep_image:
+            self.images.pop(snapshot_id, None)
+            self._partitions.pop(snapshot_id, None)
+        return unshared
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve read-ahead, the metadata prefetch (and the disk cache's writes) until

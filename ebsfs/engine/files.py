@@ -295,20 +295,24 @@ class ReportReader:
             self._released(self.report)
 
 
-async def snapshot_nodes(engine: Engine, start_times: dict[str, float] | None = None) -> list[Node]:
-    """Every file of a mount of the engine's snapshots, in directory order: each image,
-    its partitions, and its `.changes` when it shares blocks with a base. A snapshot's
-    files show its start time (from EC2, when known) as their mtime."""
+async def snapshot_nodes(
+    engine: Engine, start_times: dict[str, float] | None = None, only: list[str] | None = None
+) -> list[Node]:
+    """Every file of a mount of the engine's snapshots (or of those `only` names), in
+    directory order: each image, its partitions, and its `.changes` when it shares
+    blocks with a base. A snapshot's files show its start time (from EC2, when known)
+    as their mtime."""
     times = start_times or {}
     nodes: list[Node] = []
-    for snapshot_id, image in engine.images.items():
+    images = engine.images if only is None else {s: engine.images[s] for s in only}
+    for snapshot_id, image in images.items():
         mtime = times.get(snapshot_id)
         nodes.append(ImageNode(image, mtime, engine.metadata))
         for partition in await engine.partitions(snapshot_id):
             nodes.append(PartitionNode(image, partition, mtime, engine.metadata))
     nodes += [
         ChangesNode(engine, image, times.get(image.snapshot_id))
-        for image in engine.images.values()
+        for image in images.values()
         if image.base
     ]
     return nodes

@@ -120,12 +120,15 @@ def _each(work: Callable[[int, T], R], items: list[T]) -> list[R]:
 
 
 def find_bases(api: EbsApi, snapshots: list[tuple[str, int]]) -> dict[str, str]:
-    """For each snapshot, the first one before it in the list that is of the same
-    volume (one ListChangedBlocks call per pair tried). Unrelated pairs, or no
-    ebs:ListChangedBlocks permission, just mean no sharing."""
+    """For each snapshot, the nearest one before it in the list that is of the same
+    volume (one ListChangedBlocks call per pair tried): a volume's snapshots in time
+    order then share blocks with their neighbour, whose changes are the fewest, and
+    a block unchanged since the oldest is still served through it (image.py follows
+    the chain). Unrelated pairs, or no ebs:ListChangedBlocks permission, just mean
+    no sharing."""
     bases: dict[str, str] = {}
     for k, (second, size) in enumerate(snapshots):
-        for first, first_size in snapshots[:k]:
+        for first, first_size in reversed(snapshots[:k]):
             if first_size != size:
                 continue
             try:

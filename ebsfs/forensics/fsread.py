@@ -47,7 +47,7 @@ an NTFS MFT record holds less): an entry that claims more is noted unreadable.""
 LIBRARY_ERRORS = (OSError, RuntimeError, ValueError, UnicodeError, OverflowError)
 """What the libraries raise on structures they cannot follow."""
 
-FILE, DIRECTORY, SYMLINK = "file", "dir", "symlink"
+FILE, DIRECTORY, SYMLINK, OTHER = "file", "dir", "symlink", "other"
 
 
 class PositionalReader(Protocol):
@@ -306,6 +306,16 @@ class Collected:
 
 
 def _tsk_tree(reader: PagedReader, progress: Progress | None) -> Tree:
+    (pytsk3, fs), fstype = tsk_open(reader)
+    walker = TskWalker(pytsk3, fs, fstype, progress, Unreadables(reader))
+    walker.walk()
+    return Tree(
+        fstype, int(fs.info.block_size), walker.root, walker.entries, walker.unreadable.found
+    )
+
+
+def tsk_open(reader: PagedReader) -> tuple[tuple[Any, Any], str]:
+    """(pytsk3, its FS_Info over `reader`) and the filesystem's type."""
     try:
         import pytsk3
     except ImportError as err:
@@ -323,19 +333,25 @@ def _tsk_tree(reader: PagedReader, progress: Progress | None) -> Tree:
 
     image = Image()
     try:
-        fs = pytsk3.FS_Info(image)
+        fs = pytsk3.FS_Info(image, type=_known_type(pytsk3, reader))
     except OSError as err:
         if "Cannot determine file system type" in str(err):
             raise FilesystemUnreadable(
                 "no filesystem ebsfs can read (The Sleuth Kit recognises none here)"
             ) from err
         raise FilesystemUnreadable(f"damaged or unreadable: {one_line(err)}") from err
-    fstype = _tsk_name(pytsk3, int(fs.info.ftype))
-    walker = _TskWalker(pytsk3, fs, fstype, progress, Unreadables(reader))
-    walker.walk()
-    return Tree(
-        fstype, int(fs.info.block_size), walker.root, walker.entries, walker.unreadable.found
-    )
+    return (pytsk3, fs), _tsk_name(pytsk3, int(fs.info.ftype))
+
+
+def _known_type(pytsk3: Any, reader: PagedReader) -> int:
+    """The type to open as when the head says it (ext2/3/4, NTFS), else detection,
+    which tries every type and may read the whole filesystem (every block fetched)."""
+    head = reader.pread(2048, 0)
+    if head[3:11] == b"NTFS    ":
+        return int(pytsk3.TSK_FS_TYPE_NTFS_DETECT)
+    if head[1080:1082] == b"\x53\xef":
+        return int(pytsk3.TSK_FS_TYPE_EXT_DETECT)
+    return int(pytsk3.TSK_FS_TYPE_DETECT)
 
 
 def _tsk_name(pytsk3: Any, ftype: int) -> str:
@@ -361,7 +377,7 @@ def _tsk_name(pytsk3: Any, ftype: int) -> str:
     return f"type {ftype:#x}"
 
 
-class _TskWalker(Collected):
+class TskWalker(Collected):
     """Depth-first over directories (a stack, not recursion: trees can be deep)."""
 
     def __init__(

@@ -18,6 +18,7 @@ from ebsfs.forensics.fsread import (
     DIRECTORY,
     FILE,
     LIBRARY_ERRORS,
+    OTHER,
     SYMLINK,
     Collected,
     Entry,
@@ -34,9 +35,7 @@ damaged, and its target is not read."""
 _KINDS = {0o100000: FILE, 0o040000: DIRECTORY, 0o120000: SYMLINK}
 
 
-def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
-    """Every file, directory and symlink of the XFS in `reader`; per directory and per
-    entry, what libfsxfs cannot read is noted in `Tree.unreadable`."""
+def _open(reader: PagedReader) -> Any:
     try:
         import pyfsxfs
     except ImportError as err:
@@ -48,7 +47,38 @@ def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
         volume.open_file_object(reader)
     except OSError as err:
         raise FilesystemUnreadable(f"damaged XFS: {one_line(err)}") from err
-    root = volume.get_root_directory()
+    return volume
+
+
+def xfs_lookup(reader: PagedReader, parts: list[str]) -> tuple[Entry | None, Any]:
+    """The entry at the path `parts` (see lookup.py) and libfsxfs's file entry (to
+    read): each directory on it listed until the name is found."""
+    current = _open(reader).get_root_directory()
+    kind = DIRECTORY
+    for name in parts:
+        if kind != DIRECTORY:
+            return None, None  # a symlink or a file on the way: not followed
+        current = _child(current, name)
+        if current is None:
+            return None, None
+        kind = _KINDS.get(int(current.file_mode) & 0o170000, OTHER)
+    return _entry(current, kind), current
+
+
+def _child(directory: Any, name: str) -> Any | None:
+    """The entry named `name` in a directory, or None. Listed, not asked by name:
+    libfsxfs's lookup by name raised for names that are there (libfsxfs 20260901)."""
+    for k in range(int(directory.number_of_sub_file_entries)):
+        child = directory.get_sub_file_entry(k)
+        if child.name == name:
+            return child
+    return None
+
+
+def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
+    """Every file, directory and symlink of the XFS in `reader`; per directory and per
+    entry, what libfsxfs cannot read is noted in `Tree.unreadable`."""
+    root = _open(reader).get_root_directory()
     root_inode = int(root.inode_number)
     block_size = int.from_bytes(reader.pread(4, 4), "big")
     walker = _Walker(progress, Unreadables(reader))

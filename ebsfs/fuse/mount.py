@@ -17,7 +17,8 @@ import trio
 
 from ebsfs.engine.engine import Engine
 from ebsfs.engine.files import snapshot_nodes
-from ebsfs.errors import MountFailed, UserInputError
+from ebsfs.engine.timeline import VolumeSource, by_time, refresh
+from ebsfs.errors import EbsfsError, MountFailed, UserInputError
 from ebsfs.fuse.operations import EbsOperations, Ownership
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ class MountConfig:
     fuse_debug: bool = False
     start_times: dict[str, float] = field(default_factory=dict)
     """Snapshot id -> its StartTime (EC2), shown as its files' mtime."""
+    timeline: bool = False
+    """Show `by-time/` (`mount --volume`): a link per snapshot named by its StartTime."""
+    volume_source: VolumeSource | None = None
+    """Asks EC2 for the volumes' snapshots again (`mount --volume`), for refreshes."""
+    refresh: float = 0.0
+    """Seconds between refreshes (0: never)."""
+    of_volumes: list[str] = field(default_factory=list)
+    """The snapshots mounted because they are the volumes' (a refresh may take them
+    away when deleted; those named on the command line stay)."""
     ownership: Ownership = field(default_factory=Ownership)
     """Owner and modes of every file and directory shown (--uid, --gid, --file-mode,
     --dir-mode): what the kernel checks before it lets another user read."""
@@ -100,12 +110,16 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
                 nodes,
                 stats=engine.stats.report,
                 ownership=config.ownership,
+                directories=[by_time(_mounted(config.start_times, engine))]
+                if config.timeline
+                else None,
             )
             try:
                 pyfuse3.init(ops, config.mountpoint, fuse_options(config))
             except RuntimeError as err:
                 raise MountFailed(f"cannot mount at {config.mountpoint}: {err}") from err
             initialized = True
+            ops.invalidate = _invalidate
 
             async def watch_signals() -> None:
                 nonlocal stopped_by_signal
@@ -122,6 +136,8 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
 
             nursery.start_soon(watch_signals)
             nursery.start_soon(run_fuse)
+            if config.volume_source is not None and config.refresh > 0:
+                nursery.start_soon(keep_refreshing, engine, ops, config)
             # The mount answers its first request: INIT is done and the loop is serving.
             with trio.fail_after(30):
                 root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
@@ -143,6 +159,37 @@ def serve(engine: Engine, config: MountConfig, on_ready: Callable[[], None]) -> 
             pyfuse3.close(unmount=unmount)
             log.info("unmounted %s", config.mountpoint)
         engine.close()
+
+
+async def keep_refreshing(engine: Engine, ops: EbsOperations, config: MountConfig) -> None:
+    """Every `refresh` seconds, the snapshots taken since shown (timeline.refresh). A
+    failure is logged and tried again next time: the mount goes on as it is."""
+    assert config.volume_source is not None
+    start_times = dict(config.start_times)
+    of_volumes = set(config.of_volumes)
+    while True:
+        await trio.sleep(config.refresh)
+        try:
+            found = await refresh(engine, config.volume_source, start_times, of_volumes, ops.in_use)
+        except EbsfsError as err:
+            log.warning("refresh failed, tried again in %gs: %s", config.refresh, err)
+            continue
+        except Exception as err:  # a bug: the mount lives on without refreshes
+            log.error("refresh failed (no more refreshes): %s", err, exc_info=err)
+            return
+        if found is not None:
+            ops.remove(found.removed)
+            ops.add(found.nodes)
+            ops.set_links(found.links)
+
+
+def _invalidate(parent: int, name: bytes) -> None:
+    """The kernel forgets a name (a deleted snapshot's file, an old link)."""
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
+def _mounted(start_times: dict[str, float], engine: Engine) -> dict[str, float]:
+    return {s: t for s, t in start_times.items() if s in engine.images}
 
 
 def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:

@@ -21,6 +21,7 @@ import pyfuse3
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.cache import ReplyLoans
 from ebsfs.engine.files import ImageNode, Node, OpenFile
+from ebsfs.engine.timeline import Directory, Symlink
 from ebsfs.errors import EbsfsError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def answered(handler: Handler) -> Handler:
 
 
 class EbsOperations(pyfuse3.Operations):
-    """A flat, read-only directory of the file nodes of files.py."""
+    """A read-only directory of the file nodes of files.py, and of directories of
+    symbolic links (timeline.py: `by-time/`)."""
 
     def __init__(
         self,
@@ -84,12 +86,27 @@ class EbsOperations(pyfuse3.Operations):
         mtime: float | None = None,
         stats: Callable[[], dict[str, Any]] | None = None,
         ownership: Ownership | None = None,
+        directories: list[Directory] | None = None,
     ) -> None:
         super().__init__()
         owner = ownership or Ownership()
         self._stats = stats
         self._nodes = {ROOT_INODE + 1 + n: node for n, node in enumerate(nodes)}
         self._by_name = {node.name.encode(): inode for inode, node in self._nodes.items()}
+        self._dirs: dict[int, Directory] = {}
+        self._links: dict[int, Symlink] = {}
+        self._children: dict[int, dict[bytes, int]] = {ROOT_INODE: self._by_name}
+        self._inodes = itertools.count(ROOT_INODE + 1 + len(nodes))
+        """Inode numbers are never used twice while mounted."""
+        self.invalidate: Callable[[int, bytes], None] | None = None
+        """Tells the kernel a name is gone (set once mounted): it keeps entries for
+        ATTR_TIMEOUT otherwise."""
+        for directory in directories or []:
+            inode = next(self._inodes)
+            self._dirs[inode] = directory
+            self._by_name[directory.name.encode()] = inode
+            self._children[inode] = {}
+            self.set_links(directory)
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._handles: dict[int, tuple[Node, OpenFile]] = {}
         self._next_handle = itertools.count(1)
@@ -102,6 +119,52 @@ class EbsOperations(pyfuse3.Operations):
         reply as soon as its handler returns, before any other handler runs again."""
         self._loans = ReplyLoans()
         """The same holds for views of the cache: given back at the next read."""
+
+    def add(self, nodes: list[Node]) -> None:
+        """More files in the root (a mount's refresh), each under a new inode. On the
+        FUSE loop only (between requests)."""
+        for node in nodes:
+            inode = next(self._inodes)
+            self._nodes[inode] = node
+            self._by_name[node.name.encode()] = inode
+
+    def remove(self, names: list[str]) -> None:
+        """Files of the root taken away (a deleted snapshot's); an open handle still
+        reads (it holds its node). On the FUSE loop only."""
+        for name in names:
+            inode = self._by_name.get(name.encode())
+            if inode is None or inode not in self._nodes:
+                continue
+            del self._by_name[name.encode()], self._nodes[inode]
+            self._forget(ROOT_INODE, name.encode())
+
+    def in_use(self, snapshot_id: str) -> bool:
+        """Whether a file of this snapshot is open."""
+        return any(
+            getattr(getattr(node, "image", None), "snapshot_id", None) == snapshot_id
+            for node, _ in self._handles.values()
+        )
+
+    def _forget(self, parent: int, name: bytes) -> None:
+        if self.invalidate is not None:
+            self.invalidate(parent, name)
+
+    def set_links(self, directory: Directory) -> None:
+        """The links of one of the directories: a name kept keeps its inode (its target
+        never changes), a new name gets a new one, a name gone goes."""
+        inode = next(i for i, d in self._dirs.items() if d.name == directory.name)
+        self._dirs[inode] = directory
+        children = self._children[inode]
+        wanted = {link.name.encode(): link for link in directory.entries}
+        for name in [n for n in children if n not in wanted]:
+            del self._links[children.pop(name)]
+            self._forget(inode, name)
+        for name, link in wanted.items():
+            if name not in children or self._links[children[name]].target != link.target:
+                if name in children:
+                    del self._links[children[name]]
+                children[name] = next(self._inodes)
+            self._links[children[name]] = link
 
     def unexpected(self, handler: str, err: Exception) -> None:
         """Log an unexpected exception: its traceback once per kind and place."""
@@ -130,24 +193,32 @@ class EbsOperations(pyfuse3.Operations):
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        if inode == ROOT_INODE:
+        shown: Node | Directory | Symlink | None = None
+        if inode == ROOT_INODE or inode in self._dirs:
             attr.st_mode = stat.S_IFDIR | self._dir_mode
             attr.st_nlink = 2
             attr.st_size = 0
+            shown = self._dirs.get(inode)
         elif inode in self._nodes:
             attr.st_mode = stat.S_IFREG | self._file_mode
             attr.st_nlink = 1
-            attr.st_size = self._nodes[inode].size
+            shown = self._nodes[inode]
+            attr.st_size = shown.size
+        elif inode in self._links:
+            attr.st_mode = stat.S_IFLNK | 0o777  # as every symlink: never checked
+            attr.st_nlink = 1
+            shown = self._links[inode]
+            attr.st_size = len(shown.target.encode())
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
         attr.st_ino = inode
         attr.st_uid, attr.st_gid = self._uid, self._gid
         attr.st_blksize = BLOCK_SIZE
         # What the file holds, for du, ls -s and stat: the blocks the snapshot wrote.
-        held = attr.st_size if inode == ROOT_INODE else self._nodes[inode].allocated()
+        held = self._nodes[inode].allocated() if inode in self._nodes else attr.st_size
         attr.st_blocks = -(-held // 512)
-        node = self._nodes.get(inode)
-        mtime_ns = self._mtime_ns if node is None or node.mtime is None else int(node.mtime * 1e9)
+        mtime = None if shown is None else shown.mtime
+        mtime_ns = self._mtime_ns if mtime is None else int(mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
         return attr
@@ -162,28 +233,31 @@ class EbsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT_INODE:
+        children = self._children.get(parent_inode)
+        if children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if name in (b".", b".."):
+        if name == b".":
+            return self._attr(parent_inode)
+        if name == b"..":
             return self._attr(ROOT_INODE)
-        inode = self._by_name.get(name)
+        inode = children.get(name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(inode)
 
     @answered
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT_INODE:
+        if inode not in self._children:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    def entries(self) -> list[tuple[bytes, int]]:
-        """Directory entries (name, inode) in readdir order."""
-        return [(node.name.encode(), inode) for inode, node in self._nodes.items()]
+    def entries(self, directory: int = ROOT_INODE) -> list[tuple[bytes, int]]:
+        """Directory entries (name, inode) in readdir order (inodes ascend)."""
+        return sorted(self._children[directory].items(), key=lambda item: item[1])
 
     @answered
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, inode in self.entries():
+        for name, inode in self.entries(fh):
             if inode <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), inode):
@@ -193,7 +267,7 @@ class EbsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._nodes.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT_INODE else errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in self._children else errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
@@ -206,6 +280,13 @@ class EbsOperations(pyfuse3.Operations):
         # keep_cache: a fixed file never changes, so the kernel's page cache stays valid;
         # direct_io: a file whose size is only known once opened ignores st_size.
         return pyfuse3.FileInfo(fh=handle, keep_cache=node.fixed, direct_io=not node.fixed)
+
+    @answered
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        link = self._links.get(inode)
+        if link is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return link.target.encode()
 
     @property
     def open_handles(self) -> int:
@@ -241,7 +322,7 @@ class EbsOperations(pyfuse3.Operations):
         data.f_bsize = data.f_frsize = BLOCK_SIZE
         data.f_blocks = -(-total // BLOCK_SIZE)
         data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self._nodes) + 1
+        data.f_files = len(self._nodes) + len(self._dirs) + len(self._links) + 1
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
@@ -257,6 +338,8 @@ class EbsOperations(pyfuse3.Operations):
             return attrs
         node = self._nodes.get(inode)
         if node is None:
+            if inode in self._dirs or inode in self._links:
+                return {}
             raise pyfuse3.FUSEError(errno.ENOENT)
         return {key.encode(): value.encode() for key, value in node.xattrs().items()}
 

@@ -25,6 +25,7 @@ from ebsfs.errors import (
     EndpointUnreachable,
     MetadataUnavailable,
     ServiceError,
+    UserInputError,
 )
 from ebsfs.service.failures import boto_error, one_line
 from ebsfs.service.session import AwsSession, ConnectionOptions, custom_endpoint_set
@@ -32,6 +33,8 @@ from ebsfs.service.session import AwsSession, ConnectionOptions, custom_endpoint
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+MAX_VOLUME_SNAPSHOTS = 1000
+"""Most snapshots of the volumes one `mount --volume` or `history` takes."""
 REFUSALS = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
 """EC2's error codes for a missing ec2:DescribeSnapshots permission."""
 
@@ -109,6 +112,42 @@ class Ec2Snapshots:
         )
         return {item["SnapshotId"]: SnapshotInfo.from_ec2(item) for item in items}
 
+    def volume_snapshots(
+        self, volumes: list[str], limit: int = MAX_VOLUME_SNAPSHOTS
+    ) -> list[SnapshotInfo]:
+        """Completed snapshots of those volumes that we may read: our own and those
+        shared with us (public ones cannot be read through the EBS direct APIs), in
+        StartTime order, all pages. Two listings, merged by snapshot id; an answer
+        naming another volume is dropped (the endpoint's text is not trusted), and
+        past `limit` snapshots UserInputError is raised (memory and the checks
+        before a mount grow with them)."""
+        filters = [
+            {"Name": "status", "Values": ["completed"]},
+            {"Name": "volume-id", "Values": volumes},
+        ]
+
+        def pages(**who: list[str]) -> Iterator[dict[str, Any]]:
+            paginator = self._client.get_paginator("describe_snapshots")
+            for page in paginator.paginate(Filters=filters, **who):
+                yield from page.get("Snapshots", [])
+
+        def both() -> dict[str, SnapshotInfo]:
+            found: dict[str, SnapshotInfo] = {}
+            for who in ({"OwnerIds": ["self"]}, {"RestorableByUserIds": ["self"]}):
+                for item in pages(**who):
+                    info = SnapshotInfo.from_ec2(item)
+                    if info.volume_id in volumes:
+                        found[info.snapshot_id] = info
+                    if len(found) > limit:
+                        raise UserInputError(
+                            f"over {limit} completed snapshots of {', '.join(volumes)}: "
+                            "name the snapshots to mount instead"
+                        )
+            return found
+
+        found = self._call(both)
+        return sorted(found.values(), key=lambda s: (s.start_time, s.snapshot_id))
+
     def list(self, owners: list[str], volumes: list[str]) -> list[SnapshotInfo]:
         """Completed snapshots of those owners (and volumes), oldest first."""
         filters = [{"Name": "status", "Values": ["completed"]}]
@@ -126,6 +165,8 @@ class Ec2Snapshots:
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except UserInputError:
+            raise
         except Exception as err:  # botocore's parsers raise plain exceptions too
             raise self._unavailable(boto_error(err), err) from err
 
@@ -163,6 +204,8 @@ def lookup(
     """The snapshots' EC2 metadata, or why there is none: never an error. A custom EBS
     endpoint (an emulator, a private service) with no EC2 endpoint set means AWS's EC2
     would not know those snapshots: no call is made."""
+    if not snapshot_ids:  # DescribeSnapshots of no id would list every snapshot
+        return Lookup({}, None, asked=False)
     if custom_endpoint_set("EBS", options.endpoint_url) and not custom_endpoint_set(
         "EC2", endpoint_url
     ):
