@@ -13,12 +13,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
-
-from tqdm import tqdm
+from typing import IO, TYPE_CHECKING, Any
 
 from ebsfs.acquire.progress import QuietProgress
 from ebsfs.engine.diff import human
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 FALLBACK_COLUMNS = 80
 """A bar's width on a terminal that says it has no columns."""
@@ -46,6 +47,8 @@ class BarProgress:
         self._status_shown: float | None = None
 
     def start(self, total: int, done: int) -> None:
+        from tqdm import tqdm  # here: `ebsfs mount` imports this module for `plural`
+
         self._bar = tqdm(
             total=total,
             initial=done,
@@ -89,6 +92,8 @@ class BarProgress:
         line = f"{self.label}: {text}" if self.label else text
         if self._bar is None:
             # No numbers: only the text, cut to the terminal's width by tqdm.
+            from tqdm import tqdm
+
             self._bar = tqdm(
                 desc=line,
                 bar_format="ebsfs: {desc}",
