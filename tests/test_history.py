@@ -404,3 +404,28 @@ def test_mount_volume_errors_are_one_line(emulator: EmulatorServer, tmp_path: Pa
         "mount", "--endpoint-url", emulator.url, "--volume", "vol-0a", str(tmp_path / "mnt")
     )
     assert_one_line_error(no_ec2, "--ec2-endpoint-url")
+
+
+def test_a_deleted_name_left_in_its_directory_is_not_found(tmp_path: Path) -> None:
+    """ext4 keeps a deleted entry's name in its directory block (merged into the entry
+    before it), and The Sleuth Kit lists it, unallocated: the lookup takes allocated
+    names only, so a path deleted in a snapshot reads as absent there, not as the
+    stale inode it named."""
+    from ebsfs.forensics.lookup import lookup
+    from tests.disks import build_ext4
+    from tests.test_hostile_fsread import FileReader
+
+    image = tmp_path / "fs.img"
+    files = {f"etc/{name}.conf": name.encode() * 100 for name in ("a", "b", "c")}
+    build_ext4(image, 16 * MiB, files, "del", "5e1f0e5e-0000-4000-8000-000000003001")
+    subprocess.run(["debugfs", "-w", "-R", "rm /etc/b.conf", str(image)], check=True)
+    listing = subprocess.run(["fls", "-r", str(image)], capture_output=True, text=True).stdout
+    assert any(line.endswith("b.conf") and "*" in line for line in listing.splitlines())
+    source = FileReader(image)
+    try:
+        assert lookup(source, ["etc", "b.conf"]).entry is None
+        found = lookup(source, ["etc", "c.conf"], hash_data=True)
+        assert found.entry is not None
+        assert found.sha256 == hashlib.sha256(b"c" * 100).hexdigest()
+    finally:
+        source.close()
