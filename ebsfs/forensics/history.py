@@ -17,11 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from ebsfs.engine.diff import Diff
 from ebsfs.errors import EbsfsError, FilesystemUnreadable, UserInputError
-from ebsfs.forensics.filediff import COMPARE_PIECE, ChangedBlocks
+from ebsfs.forensics.filediff import COMPARE_PIECE, ChangedBlocks, Snapshot
 from ebsfs.forensics.fsread import Entry, PositionalReader, one_line
 from ebsfs.forensics.lookup import Found, lookup, split_path
 
@@ -35,19 +33,6 @@ ABSENT, ADDED, MODIFIED, UNCHANGED, DELETED, UNREADABLE = (
     "deleted",
     "unreadable",
 )
-
-
-class Snapshot(Protocol):
-    """What is read: an ebsfs SnapshotFile of one `open_snapshots`."""
-
-    snapshot_id: str
-    size: int
-
-    def pread(self, size: int, offset: int) -> bytes: ...
-
-    def partitions(self) -> list[Any]: ...
-
-    def changes_since(self, earlier: Any) -> Diff: ...
 
 
 @dataclass
