@@ -448,3 +448,28 @@ def test_a_hostile_slot_sweep_stays_in_the_volume_and_under_its_cap(
     assert walk.waves[2][: len(before[2])] == before[2]
     sweep = sum(length for _, length in walk.waves[2][len(before[2]) :])
     assert 0 < sweep <= 64 * 1024 + groups * 1024  # the sweep had tables to take
+
+
+def test_hostile_file_extents_are_not_told_as_runs() -> None:
+    """Crafted leaf of a regular file (the attacker writes the extents): one at block
+    0, one past the filesystem's end, one whose length overflows it, an unwritten one
+    (length > 32768), one past the file's size, one too short to tell: none is told;
+    only the one honest extent is, cut to the file's size."""
+    geo = ext4.Geometry(4096, 100_000, 1, 8192, 256, 64, 11, 8, True, [])
+    told: list[tuple[int, int]] = []
+    walk = ext4._Pass(geo, lambda o, n: told.append((o, n)))
+    leaves = [
+        (0, 512, 0, 0),  # at block 0: the superblock's, never a file's
+        (512, 512, 0, 200_000),  # past the end
+        (1024, 512, 0, 99_800),  # runs over the end
+        (1536, 40_000, 0, 10_000),  # unwritten
+        (9_000, 512, 0, 20_000),  # past the file's size
+        (2048, 100, 0, 30_000),  # shorter than FILE_RUN_MIN
+        (2560, 600, 0, 40_000),  # honest; the file ends 400 blocks in
+    ]
+    raw = struct.pack("<HHHH4x", ext4.EXTENT_MAGIC, len(leaves), 340, 0) + b"".join(
+        struct.pack("<IHHI", *leaf) for leaf in leaves
+    )
+    walk.extent_node(raw, ext4._Node(0, -1, True, False, 2960))
+    assert told == [(40_000 * 4096, 400 * 4096)]
+    assert walk.wave == []  # a file's data is never fetched

@@ -310,8 +310,10 @@ class _Pass:
         for i in range(entries):
             logical, length, hi, lo = _LEAF.unpack_from(raw, _HEADER.size + i * _LEAF.size)
             start = hi << 32 | lo
+            if length > UNWRITTEN:
+                continue  # unwritten: reads as zeros, whatever its blocks hold
             length = min(length, node.blocks - logical)
-            if least <= length <= UNWRITTEN and start > 0 and start + length <= self.geo.blocks:
+            if length >= least and start > 0 and start + length <= self.geo.blocks:
                 self.file_run(start * bs, length * bs)
 
     def inode_map(self, pointers: tuple[int, ...], data: bool, blocks: int) -> None:
