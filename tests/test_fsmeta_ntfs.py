@@ -22,13 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.engine.fsmeta import ntfs
 from ebsfs.engine.fsmeta.walk import HEAD_SIZE, Extent
 from ebsfs.forensics import fsread
 from tests.disks import MiB, build_ntfs
-from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker
+from tests.fsmeta_helpers import MARKER, Image, WalkResult, blocks_of, run_walker, told_runs
 
 CLUSTER, RECORD, MFT_LCN = 4096, 1024, 4
 
@@ -319,6 +320,56 @@ def test_damaged_attribute_headers_skip_the_record_only() -> None:
     assert walked.waves[-1] == [(2000 * CLUSTER, CLUSTER)]
 
 
+def flagged(attribute: bytes, flags: int) -> bytes:
+    """An attribute header with its flags (compressed, encrypted, sparse) set."""
+    return attribute[:0x0C] + struct.pack("<H", flags) + attribute[0x0E:]
+
+
+def test_a_user_files_long_plain_runs_are_told_within_its_initialized_size() -> None:
+    """Told: the long allocated runs of a user file's unnamed $DATA, cut at its
+    initialized size and at the volume. Not told: holes, short runs, compressed or
+    encrypted streams, named streams, directories, records not in use, the volume's
+    own files, segments not starting at VCN 0. None is fetched."""
+    mb = MiB // CLUSTER
+    vol = volume(
+        {
+            30: record([nonresident(DATA, [(1000, 2 * mb)])]),
+            31: record([nonresident(DATA, [(2000, mb + 44), (None, 100), (3000, mb), (3500, 9)])]),
+            32: record([nonresident(DATA, [(4000, 2 * mb)], initialized=MiB + MiB // 2 + 100)]),
+            33: record([nonresident(DATA, [(4600, 2 * mb)], initialized=MiB // 2)]),
+            34: record([flagged(nonresident(DATA, [(5000, 2 * mb)]), 0x0001)]),
+            35: record([flagged(nonresident(DATA, [(5600, 2 * mb)]), 0x4000)]),
+            36: record([nonresident(DATA, [(6000, 2 * mb)])], flags=3),
+            37: record([nonresident(DATA, [(6600, 2 * mb)], name="ads")]),
+            38: record([nonresident(DATA, [(7000, 2 * mb)])], flags=0),
+            12: record([nonresident(DATA, [(7600, 2 * mb)])]),
+            39: record([nonresident(DATA, [(8000, 2 * mb)], first=5)]),
+            40: record([nonresident(DATA, [(16000, 2 * mb)])]),  # past the volume's end
+        },
+        size=64 * MiB,
+    )
+    told: list[Extent] = []
+    waves: list[list[Extent]] = []
+
+    async def read(offset: int, length: int) -> bytes:
+        return vol.pread(length, offset)
+
+    async def drive() -> None:
+        async for wave in ntfs.WALKER.walk(read, vol.size, lambda o, n: told.append((o, n))):
+            waves.append(wave)
+
+    trio.run(drive)
+    c = CLUSTER
+    assert sorted(told) == [
+        (1000 * c, 2 * MiB),
+        (2000 * c, MiB + 44 * c),
+        (3000 * c, MiB),
+        (4000 * c, MiB + MiB // 2 + 100),
+        (16000 * c, 64 * MiB - 16000 * c),
+    ]
+    assert overlaps([e for wave in waves for e in wave], told) == []
+
+
 @pytest.fixture(scope="module")
 def blank_ntfs(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A fresh mkntfs volume of 32 MiB (no mount needed)."""
@@ -474,6 +525,30 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
     assert overlaps(walked.extents, data) == []  # not one byte of any file's data
     assert len(walked.waves) <= 5
     assert total < size / 10
+
+
+@pytest.mark.mount
+def test_large_files_runs_are_told_where_pytsk3_finds_their_data(
+    populated: tuple[Path, int],
+) -> None:
+    """The runs of 1 MiB or more of the four large files are told exactly where
+    pytsk3 (an independent reader) finds their data, and none is in a wave."""
+    path, size = populated
+    source = Recording(path, size)
+    try:
+        tree = fsread.read_tree(source)
+    finally:
+        os.close(source.fd)
+    expected = [
+        extent
+        for entry in tree.entries.values()
+        if entry.kind == fsread.FILE
+        for extent in entry.extents
+        if extent[1] >= ntfs.FILE_RUN_MIN
+    ]
+    told, waves = told_runs(ntfs.WALKER, path)
+    assert len(expected) >= 4 and sorted(told) == sorted(expected)
+    assert overlaps([e for wave in waves for e in wave], told) == []
 
 
 @pytest.mark.mount

@@ -7,7 +7,9 @@ its initialized size, all at once; then, from every record in use, the runs of i
 $INDEX_ALLOCATION (INDX blocks: what a tool listing a directory reads) and of a
 non-resident $ATTRIBUTE_LIST, and the few system streams a library loads when it opens
 the volume ($AttrDef, $UpCase, $Secure:$SDS). The runs of a file's $DATA are in its
-record already: its clusters are file content and never yielded.
+record already: its clusters are file content and never yielded; the long ones of a
+user file are told as file runs (walk.py FileRun), within its initialized size, unless
+the stream is compressed or encrypted (its clusters are not the bytes a reader gets).
 
 Every number comes from the disk: offsets are checked against the volume's size, a
 record failing its update-sequence check is skipped, runlists and attribute walks stop
@@ -22,7 +24,7 @@ import struct
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from ebsfs.engine.fsmeta.walk import Extent, Read, WalkStopped, Wave
+from ebsfs.engine.fsmeta.walk import FILE_RUN_MIN, Extent, FileRun, Read, WalkStopped, Wave
 
 BOOT_SIZE = 512
 OEM_ID = b"NTFS    "
@@ -52,7 +54,12 @@ walk parses on the engine's loop and yields to the tools' reads at each read, so
 records of one read are the longest a tool's read waits for the parsing: 1,024 here."""
 
 ATTRIBUTE_LIST, DATA, INDEX_ALLOCATION, END = 0x20, 0x80, 0xA0, 0xFFFFFFFF
-IN_USE = 0x0001
+IN_USE, DIRECTORY = 0x0001, 0x0002
+COMPRESSED, ENCRYPTED = 0x0001, 0x4000
+"""Attribute flags: such a stream's clusters are not the bytes a reader gets."""
+FIRST_USER_RECORD = 16
+"""Records below are the volume's own files ($MFT, $LogFile, $Bitmap, ...): no
+tool's reader streams through them, so their runs are not told."""
 SYSTEM_STREAMS = {4: "", 9: "$SDS", 10: ""}
 """Record number -> the $DATA stream a library reads when it opens the volume:
 $AttrDef, $Secure:$SDS (security descriptors), $UpCase (name collation)."""
@@ -344,6 +351,7 @@ class NtfsWalker:
     """The NTFS walker (module docstring)."""
 
     name = "ntfs"
+    reports_file_runs = True
 
     def probe(self, head: bytes) -> bool:
         try:
@@ -352,7 +360,9 @@ class NtfsWalker:
             return False
         return True
 
-    async def walk(self, read: Read, size: int) -> AsyncIterator[Wave]:
+    async def walk(
+        self, read: Read, size: int, file_run: FileRun | None = None
+    ) -> AsyncIterator[Wave]:
         budget = Budget()
         yield budget.take([(0, BOOT_SIZE)])
         geo = geometry(await read(0, BOOT_SIZE), size)
@@ -400,10 +410,35 @@ class NtfsWalker:
                 for attr in attributes(record):
                     if attr.nonresident and wanted_stream(number, attr):
                         wave.extend(e for _, e in stream_extents(attr, geo, MAX_STREAM))
+                    elif file_run is not None and _user_file(number, record, attr):
+                        tell_runs(attr, geo, file_run)
                 if len(wave) > MAX_EXTENTS:
                     break
         yield budget.take(merged(wave))
         budget.check()
+
+
+def _user_file(number: int, record: bytes, attr: Attribute) -> bool:
+    """Whether `attr` is the first segment of a user file's unnamed, plain $DATA."""
+    return (
+        attr.type == DATA
+        and attr.nonresident
+        and attr.name == ""
+        and number >= FIRST_USER_RECORD
+        and not _u16(record, 0x16) & DIRECTORY
+        and not _u16(record, attr.start + 0x0C) & (COMPRESSED | ENCRYPTED)
+        and segment(attr)[0] == 0
+    )
+
+
+def tell_runs(attr: Attribute, geo: Geometry, file_run: FileRun) -> None:
+    """Tell the allocated runs of FILE_RUN_MIN bytes or more of a file's $DATA, cut at
+    its initialized size (past it a reader gets zeros, whatever the clusters hold)."""
+    initialized = segment(attr)[3]
+    for position, (offset, length) in stream_extents(attr, geo, initialized):
+        length = min(length, initialized - position)
+        if length >= FILE_RUN_MIN:
+            file_run(offset, length)
 
 
 def wanted_stream(number: int, attr: Attribute) -> bool:
