@@ -491,14 +491,23 @@ def overlaps(extents: list[Extent], others: list[Extent]) -> list[tuple[Extent, 
     return found
 
 
-@pytest.mark.mount
-def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]) -> None:
+@pytest.fixture(scope="module")
+def read_by_pytsk3(populated: tuple[Path, int]) -> tuple[fsread.Tree, list[Extent]]:
+    """The populated volume's tree as pytsk3 reads it, and the ranges it read."""
     path, size = populated
     source = Recording(path, size)
     try:
-        tree = fsread.read_tree(source)
+        return fsread.read_tree(source), source.ranges
     finally:
         os.close(source.fd)
+
+
+@pytest.mark.mount
+def test_a_real_tree_is_covered_without_file_content(
+    populated: tuple[Path, int], read_by_pytsk3: tuple[fsread.Tree, list[Extent]]
+) -> None:
+    path, size = populated
+    tree, ranges = read_by_pytsk3
     assert tree.fstype == "ntfs" and len(tree.entries) > 3000
     walked = walk(Image(path, size))
     assert walked.stopped is None
@@ -507,7 +516,7 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
     assert len(content) >= 4 * 11  # four files of 6 MiB
     # pytsk3's FS_Info tries other filesystems first and reads zeros far into the
     # volume (52 MiB here): blocks never written, which a snapshot does not hold.
-    library = blocks_of(source.ranges) - content - empty
+    library = blocks_of(ranges) - content - empty
     mine = blocks_of(walked.extents)
     covered = len(library & mine) / len(library)
     data = [e for entry in tree.entries.values() for e in entry.extents]
@@ -516,7 +525,7 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
         f"ntfs walk: {len(walked.waves)} waves {[len(w) for w in walked.waves]}, "
         f"{total / MiB:.1f} MiB in {len(mine)} blocks ({100 * total / size:.1f} % of the "
         f"volume, {len(mine)} of {size // BLOCK_SIZE - len(empty)} written blocks) in "
-        f"{walked.seconds:.2f} s; pytsk3 read {len(blocks_of(source.ranges))} blocks, "
+        f"{walked.seconds:.2f} s; pytsk3 read {len(blocks_of(ranges))} blocks, "
         f"{len(library)} of them written and not file content: {100 * covered:.1f} % "
         f"covered, missed {sorted(library - mine)}; {len(content)} blocks of file content"
     )
@@ -529,16 +538,11 @@ def test_a_real_tree_is_covered_without_file_content(populated: tuple[Path, int]
 
 @pytest.mark.mount
 def test_large_files_runs_are_told_where_pytsk3_finds_their_data(
-    populated: tuple[Path, int],
+    populated: tuple[Path, int], read_by_pytsk3: tuple[fsread.Tree, list[Extent]]
 ) -> None:
     """The runs of 1 MiB or more of the four large files are told exactly where
     pytsk3 (an independent reader) finds their data, and none is in a wave."""
-    path, size = populated
-    source = Recording(path, size)
-    try:
-        tree = fsread.read_tree(source)
-    finally:
-        os.close(source.fd)
+    tree, _ = read_by_pytsk3
     expected = [
         extent
         for entry in tree.entries.values()
@@ -546,7 +550,7 @@ def test_large_files_runs_are_told_where_pytsk3_finds_their_data(
         for extent in entry.extents
         if extent[1] >= ntfs.FILE_RUN_MIN
     ]
-    told, waves = told_runs(ntfs.WALKER, path)
+    told, waves = told_runs(ntfs.WALKER, populated[0])
     assert len(expected) >= 4 and sorted(told) == sorted(expected)
     assert overlaps([e for wave in waves for e in wave], told) == []
 
