@@ -216,7 +216,7 @@ class SnapshotImage:
                 )
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
-                self.index.invalidate(index)
+                self.index.invalidate(index, token)
                 fresh = await self.index.token(index)
                 if fresh is None:
                     return NEVER_WRITTEN

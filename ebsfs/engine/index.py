@@ -294,10 +294,18 @@ class ChunkedIndex(Generic[V]):
         chunk = await self._chunk(chunk_no)
         return sorted(chunk.tokens.items())
 
-    def invalidate(self, index: int) -> None:
+    def invalidate(self, index: int, refused: V | None = None) -> None:
         """Forget the chunk holding `index` (its token was refused): the next lookup
-        lists it again."""
-        self._chunks.pop(self.chunk_of(index), None)
+        lists it again. With `refused`, only if the chunk still holds that token: a
+        call sent with a token of an earlier listing must not throw away the listing
+        made since (concurrent refusals of one listing's tokens, each listing again,
+        would otherwise renew the tokens, and so refuse each other's, in a loop where
+        the service renews tokens on every listing)."""
+        chunk_no = self.chunk_of(index)
+        chunk = self._chunks.get(chunk_no)
+        if chunk is not None and refused is not None and chunk.tokens.get(index) != refused:
+            return
+        self._chunks.pop(chunk_no, None)
 
     async def _chunk(self, chunk_no: int) -> _Chunk[V]:
         chunk = self._chunks.get(chunk_no)
