@@ -451,8 +451,7 @@ class SnapshotStore:
             or int(fields[2]) != index
             or float(fields[3]) < time.time()
             or (
-                self.faults.renew_tokens
-                and int(fields[4]) != self._generations.get(snapshot_id, 0)
+                self.faults.renew_tokens and int(fields[4]) != self._generations.get(snapshot_id, 0)
             )
         ):
             raise _validation("INVALID_BLOCK_TOKEN", "The block token is invalid or expired")

@@ -1,0 +1,174 @@
+"""The Dask side of `ebsfs scan` as the client sees it: reaching a cluster (a local
+one, a scheduler file or a tcp:// address), placing snapshots on workers, submitting
+one task per snapshot and handing back each one's lines as it finishes.
+
+Placement: the snapshots of one volume go to one worker, oldest first, each task
+depending on the one before: the later snapshot's blocks unchanged since the earlier
+one are then in that worker's disk cache (the engine's lineage records find them), so
+a volume's chain costs about its first snapshot plus what changed. Volumes are dealt to
+workers by their number of snapshots, largest first (so one long chain does not end
+up behind others). A worker lost mid-sweep does not stall it: the restriction is
+loose, the scheduler moves its tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ebsfs.errors import UserInputError
+from ebsfs.fleet.ratelimit import SlidingWindow
+from ebsfs.fleet.tasks import Job, Settings, scan_task
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach a scheduler before giving up with one line."""
+
+
+class MissingExtra(UserInputError):
+    """Dask is not installed."""
+
+
+def require_dask() -> None:
+    """MissingExtra, in one line, where dask or distributed cannot be imported."""
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+    except ImportError as err:
+        raise MissingExtra(
+            f"ebsfs scan runs on Dask, which is not installed ({err.name or err}): "
+            "pip install 'ebsfs[fleet]'"
+        ) from None
+
+
+@contextlib.contextmanager
+def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[Client]:
+    """A client of the cluster asked for: `scheduler` (a scheduler file or an
+    address), else a local cluster of `workers` processes (default: one per CPU), which
+    is stopped on the way out."""
+    require_dask()
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            if os.path.exists(scheduler):
+                client = Client(scheduler_file=scheduler, timeout=CONNECT_TIMEOUT)
+            elif "://" in scheduler:
+                client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            else:
+                raise UserInputError(
+                    f"--scheduler {scheduler}: neither a scheduler file nor an address "
+                    "such as tcp://host:8786"
+                )
+        except (OSError, TimeoutError, ValueError) as err:
+            raise UserInputError(
+                f"--scheduler {scheduler}: cannot reach the Dask scheduler: "
+                f"{' '.join(str(err).split())[:200]}"
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    count = workers or os.cpu_count() or 1
+    cluster = LocalCluster(
+        n_workers=count,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=40,  # logging.ERROR: a worker's chatter is not the user's
+    )
+    try:
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def place(
+    jobs: list[Job], workers: list[str], lineage: bool = True, seed: int = 0
+) -> dict[str, str]:
+    """Which worker scans each snapshot. `lineage`: a volume's snapshots together
+    (volumes dealt largest first to the least loaded worker); else at random (for
+    scripts/bench_scan.py's comparison). A snapshot of no known volume is a volume of
+    its own."""
+    if not workers:
+        raise UserInputError("the Dask cluster has no worker")
+    if not lineage:
+        rng = random.Random(seed)
+        return {job.snapshot_id: rng.choice(workers) for job in jobs}
+    volumes: dict[str, list[Job]] = {}
+    for job in jobs:
+        volumes.setdefault(job.volume_id or job.snapshot_id, []).append(job)
+    load = dict.fromkeys(workers, 0)
+    placed: dict[str, str] = {}
+    for chain in sorted(volumes.values(), key=len, reverse=True):
+        worker = min(workers, key=lambda w: (load[w], workers.index(w)))
+        load[worker] += len(chain)
+        for job in chain:
+            placed[job.snapshot_id] = worker
+    return placed
+
+
+def chains(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs grouped by volume, each group oldest first (unknown times last, in the
+    order given)."""
+    volumes: dict[str, list[Job]] = {}
+    for job in jobs:
+        volumes.setdefault(job.volume_id or job.snapshot_id, []).append(job)
+    return [
+        sorted(chain, key=lambda j: (j.start_time is None, j.start_time or 0.0))
+        for chain in volumes.values()
+    ]
+
+
+def submit(
+    client: Client,
+    settings: Settings,
+    jobs: list[Job],
+    max_rate: float | None,
+    lineage: bool = True,
+) -> dict[Any, str]:
+    """One task per snapshot; future -> snapshot id. With `max_rate`, one rate-limit
+    actor for all of them (on some worker: the tasks call it)."""
+    window = None
+    if max_rate is not None:
+        window = client.submit(SlidingWindow, max_rate, actor=True, pure=False).result()
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    placed = place(jobs, workers, lineage)
+    futures: dict[Any, str] = {}
+    for chain in chains(jobs) if lineage else [[job] for job in jobs]:
+        before = None
+        for job in chain:
+            future = client.submit(
+                scan_task,
+                settings,
+                job,
+                window,
+                before,
+                workers=[placed[job.snapshot_id]],
+                allow_other_workers=True,
+                pure=False,
+                key=f"ebsfs-scan-{job.snapshot_id}-{random.getrandbits(32):08x}",
+            )
+            futures[future] = job.snapshot_id
+            before = future
+    return futures
+
+
+def finished(pending: set[Any], timeout: float) -> tuple[set[Any], set[Any]]:
+    """(done, still pending) once one of `pending` is done or `timeout` has passed."""
+    from distributed import wait
+
+    try:
+        done, left = wait(list(pending), timeout=timeout, return_when="FIRST_COMPLETED")
+    except TimeoutError:
+        return set(), pending
+    return set(done), set(left)

@@ -1,0 +1,381 @@
+"""`ebsfs scan` (issue 31): fleet scanning on Dask.
+
+Disks: three GPT snapshots of one volume, each an ext4 partition built with mkfs.ext4
+-d (no root, no loop device: tests/disks.py's builder): a library and a config added
+(1), the config changed and a file added (2), the config deleted (3). Served by the
+emulator, which also answers EC2's DescribeSnapshots for them (--volume, --all).
+
+Unit tier: placement, resume and the torn tail of --out, the file selection. Cluster
+tier: a local cluster (two worker processes) and a separate `dask scheduler` with two
+`dask worker` processes, against the emulator in this process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ebsfs.cli import main as cli
+from ebsfs.emulator import EmulatorServer
+from ebsfs.fleet.cluster import chains, place
+from ebsfs.fleet.output import ScanOutput
+from ebsfs.fleet.records import Selection
+from ebsfs.fleet.tasks import Job
+from tests.disks import _run, build_ext4, copy_range
+from tests.test_cli import assert_one_line_error
+
+MiB = 1024 * 1024
+VOL = "vol-0f1ee7"
+S1, S2, S3 = "snap-0f1ee701", "snap-0f1ee702", "snap-0f1ee703"
+T0 = 1_780_000_000.0
+PART_OFFSET, PART_SIZE, DISK_SIZE = 1 * MiB, 24 * MiB, 26 * MiB
+LIB = bytes(range(256)) * (3 * 2048 + 7)  # 1.5 MiB + 1792 bytes: several blocks
+V1, V2 = b"listen 80\n", b"listen 8080\nworkers 4\n"
+BASE = {
+    "etc/hostname": b"web-1\n",
+    "usr/lib/x86_64-linux-gnu/liblzma.so.5.6.0": LIB,
+    "opt/data/blob.bin": hashlib.sha256(b"blob").digest() * (MiB // 32),
+}
+VERSIONS = {
+    S1: {**BASE, "etc/app.conf": V1},
+    S2: {**BASE, "etc/app.conf": V2, "srv/late.txt": b"later\n"},
+    S3: {**BASE, "srv/late.txt": b"later\n"},
+}
+
+
+def _disk(path: Path, files: dict[str, bytes]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    table = f"label: gpt\nstart={PART_OFFSET // 512}, size={PART_SIZE // 512}, type=linux\n"
+    _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=table)
+    fs = path.with_suffix(".fs")
+    build_ext4(fs, PART_SIZE, files, "scan", "5ca90000-0000-4000-8000-000000000001")
+    copy_range(fs, 0, PART_SIZE, path, PART_OFFSET)
+    fs.unlink()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    directory = tmp_path_factory.mktemp("scan")
+    made = {}
+    for snapshot_id, files in VERSIONS.items():
+        made[snapshot_id] = directory / f"{snapshot_id}.img"
+        _disk(made[snapshot_id], files)
+    yield made
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def load(emulator: EmulatorServer, images: dict[str, Path], garbage: str | None = None) -> None:
+    parent = None
+    for n, (snapshot_id, image) in enumerate(images.items()):
+        emulator.store.add_image(snapshot_id, image, parent=parent, volume_id=VOL)
+        emulator.store.get(snapshot_id).start_time = T0 + n * 86400
+        parent = snapshot_id
+    if garbage is not None:
+        emulator.store.add_image(garbage, _garbage(images[S1]), volume_id="vol-0bad")
+
+
+def _garbage(image: Path) -> Path:
+    """The first disk with its partition's first 64 KiB zeroed: a GPT partition
+    holding nothing a filesystem library recognises."""
+    damaged = image.with_name("garbage.img")
+    shutil.copyfile(image, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(PART_OFFSET)
+        f.write(b"\xa5" * 65536)
+    return damaged
+
+
+def expected_files(snapshot_id: str) -> dict[str, int]:
+    return {"/" + name: len(data) for name, data in VERSIONS[snapshot_id].items()}
+
+
+def scan(url: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ebsfs scan` in a process of its own (Dask's cluster and its logging stay out
+    of pytest's process)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ebsfs.cli.main",
+            "scan",
+            "--endpoint-url",
+            url,
+            "--ec2-endpoint-url",
+            url,
+            "--out",
+            str(out),
+            "--no-hedge",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+def read_lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def files_of(lines: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (x["snapshot_id"], x["path"]): x for x in lines if "path" in x and x.get("type") == "file"
+    }
+
+
+def gets(emulator: EmulatorServer) -> int:
+    return emulator.counters.calls.get("GetSnapshotBlock", 0)
+
+
+# -- unit tier ----------------------------------------------------------------------
+
+
+def test_placement_keeps_a_volume_on_one_worker_in_time_order() -> None:
+    jobs = [
+        Job("snap-03", "vol-a", 3.0),
+        Job("snap-01", "vol-a", 1.0),
+        Job("snap-0b", "vol-b", 5.0),
+        Job("snap-02", "vol-a", 2.0),
+        Job("snap-0c", None, None),
+    ]
+    placed = place(jobs, ["tcp://w1", "tcp://w2"])
+    assert len({placed[s] for s in ("snap-01", "snap-02", "snap-03")}) == 1
+    assert placed["snap-0b"] != placed["snap-01"]  # dealt to the least loaded
+    assert [[j.snapshot_id for j in c] for c in chains(jobs)] == [
+        ["snap-01", "snap-02", "snap-03"],
+        ["snap-0b"],
+        ["snap-0c"],
+    ]
+    scattered = place([Job(f"snap-{k:02x}", "vol-a", k) for k in range(32)], ["a", "b"], False)
+    assert set(scattered.values()) == {"a", "b"}
+
+
+def test_selection_matches_names_anywhere_and_paths_whole() -> None:
+    lib = "/usr/lib/x86_64-linux-gnu/liblzma.so.5.6.0"
+    assert Selection(True, ["liblzma.so.5*"]).wants(lib)
+    assert Selection(True, ["/usr/lib/*/liblzma*"]).wants(lib)
+    assert not Selection(True, ["/lib/*/liblzma*"]).wants(lib)
+    assert not Selection(False, ["liblzma.so.5*"]).wants(lib)
+    assert Selection(True, []).wants("/etc/hostname")
+
+
+def test_output_resumes_complete_snapshots_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.jsonl"
+    first = ScanOutput(str(out))
+    first.append(
+        [{"snapshot_id": S1, "path": "/a"}, {"snapshot_id": S1, "summary": {"complete": True}}]
+    )
+    first.append(
+        [{"snapshot_id": S2, "error": "x"}, {"snapshot_id": S2, "summary": {"complete": False}}]
+    )
+    first.close()
+    whole = out.read_bytes()
+    with open(out, "ab") as f:
+        f.write(b'{"snapshot_id": "snap-0f1ee703", "path": "/b"}\n{"snapshot_id": "snap-0f1')
+    again = ScanOutput(str(out))
+    assert again.done == {S1}  # S2 could not be read: tried again
+    assert out.read_bytes() == whole  # the torn block is gone
+    again.append([{"snapshot_id": S2, "summary": {"complete": True}}])
+    again.close()
+    assert ScanOutput(str(out)).done == {S1, S2}
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["snap-XYZ"], ["invalid snapshot id"]),
+        ([S1, "--max-rate", "0"], ["--max-rate"]),
+        ([S1, "--max-rate", "lots"], ["--max-rate"]),
+        ([S1, "--include", "*.so"], ["--hash"]),
+        ([], ["one of them"]),
+        ([S1, "--scheduler", "tcp://127.0.0.1:9"], ["cannot reach the Dask scheduler"]),
+        ([S1, "--scheduler", "/nonexistent/scheduler.json"], ["neither a scheduler file"]),
+    ],
+)
+def test_bad_input_is_one_line(
+    tmp_path: Path, emulator: EmulatorServer, args: list[str], words: list[str]
+) -> None:
+    result = scan(emulator.url, tmp_path / "out.jsonl", *args)
+    assert_one_line_error(result, *words)
+
+
+def test_without_dask_one_line_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
+    code = cli.main(["scan", S1, "--out", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "pip install 'ebsfs[fleet]'" in err and "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# -- cluster tier -------------------------------------------------------------------
+
+
+def check_listing(lines: list[dict[str, Any]]) -> None:
+    """Every regular file of the three snapshots with its exact size; the SHA-256 of
+    the included library (and only of it)."""
+    found = files_of(lines)
+    for snapshot_id in (S1, S2, S3):
+        mine = {p: x["size"] for (s, p), x in found.items() if s == snapshot_id}
+        assert mine == expected_files(snapshot_id)
+        lib = found[(snapshot_id, "/usr/lib/x86_64-linux-gnu/liblzma.so.5.6.0")]
+        assert lib["sha256"] == hashlib.sha256(LIB).hexdigest()
+        assert lib["partition"] == 1 and lib["uid"] == 0 and lib["mtime"].endswith("Z")
+        assert "sha256" not in found[(snapshot_id, "/etc/hostname")]
+    summaries = {x["snapshot_id"]: x["summary"] for x in lines if "summary" in x}
+    assert set(summaries) == {S1, S2, S3}
+    assert all(s["complete"] and s["errors"] == 0 for s in summaries.values())
+    assert summaries[S1]["files"] == len(VERSIONS[S1])
+
+
+def test_local_cluster_scan_lists_every_file_then_a_rerun_skips_everything(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    load(emulator, images)
+    out = tmp_path / "sweep.jsonl"
+    result = scan(
+        emulator.url,
+        out,
+        "--volume",
+        VOL,
+        "--hash",
+        "--include",
+        "liblzma.so.5*",
+        "--workers",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(out)
+    check_listing(lines)
+    fetched = sum(x["summary"]["block_calls"] for x in lines if "summary" in x)
+    assert fetched == gets(emulator) > 0  # the summaries count what the service saw
+    # Not hashed: 1 MiB of blob.bin, about 2 blocks per snapshot, never fetched.
+    written = len(emulator.store.get(S1).indexes)
+    assert gets(emulator) < 3 * written
+
+    emulator.counters.reset()
+    again = scan(emulator.url, out, "--volume", VOL, "--hash", "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert "3 of 3 snapshots complete" in again.stderr
+    assert gets(emulator) == 0 and emulator.counters.calls.get("ListSnapshotBlocks", 0) == 0
+    assert read_lines(out) == lines
+
+
+def test_a_garbage_partition_is_reported_and_the_others_complete(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    bad = "snap-0bad0001"
+    load(emulator, images, garbage=bad)
+    out = tmp_path / "sweep.jsonl"
+    result = scan(emulator.url, out, S1, bad, S3, "--workers", "2")
+    assert result.returncode == 1
+    assert "1 of 3 snapshots could not be read whole" in result.stderr
+    lines = read_lines(out)
+    errors = [x for x in lines if x["snapshot_id"] == bad and "error" in x]
+    assert len(errors) == 1 and errors[0]["partition"] == 1
+    summary = next(x["summary"] for x in lines if x["snapshot_id"] == bad and "summary" in x)
+    assert summary["complete"] and summary["errors"] == 1 and summary["files"] == 0
+    found = files_of(lines)
+    assert {p for s, p in found if s == S3} == set(expected_files(S3))
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[Path]:
+    """A `dask scheduler` and two `dask worker` processes; all killed at the end,
+    whatever happened."""
+    dask = Path(sys.executable).with_name("dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(dask),
+                    "scheduler",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        )
+        deadline = time.monotonic() + 30
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert scheduler_file.exists(), "the scheduler did not start"
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(dask),
+                        "worker",
+                        "--scheduler-file",
+                        str(scheduler_file),
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--local-directory",
+                        str(tmp_path / "workers"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+            )
+        _wait_for_workers(scheduler_file, 2)
+        yield scheduler_file
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _wait_for_workers(scheduler_file: Path, count: int) -> None:
+    from distributed import Client
+
+    with Client(scheduler_file=str(scheduler_file), timeout=30) as client:
+        client.wait_for_workers(count, timeout=60)
+
+
+def test_a_separate_scheduler_and_two_workers_give_the_same_lines(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path, dask_cluster: Path
+) -> None:
+    load(emulator, images)
+    out = tmp_path / "sweep.jsonl"
+    args = ("--volume", VOL, "--hash", "--include", "liblzma.so.5*")
+    result = scan(emulator.url, out, *args, "--scheduler", str(dask_cluster))
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(out)
+    check_listing(lines)
+    local = tmp_path / "local.jsonl"
+    assert scan(emulator.url, local, *args, "--workers", "2").returncode == 0
+
+    def comparable(rows: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(x, sort_keys=True) for x in rows if "summary" not in x)
+
+    assert comparable(lines) == comparable(read_lines(local))
