@@ -18,8 +18,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from ebsfs.fleet.records import Selection
 from ebsfs.fleet.tasks import Job
 from tests.disks import _run, build_ext4, copy_range
 from tests.test_cli import assert_one_line_error
+from tests.test_metadata import moto_ec2  # noqa: F401 (a fixture)
 
 MiB = 1024 * 1024
 VOL = "vol-0f1ee7"
@@ -192,6 +195,43 @@ def test_output_resumes_complete_snapshots_and_cuts_a_torn_tail(tmp_path: Path) 
     assert ScanOutput(str(out)).done == {S1, S2}
 
 
+def test_all_takes_every_completed_snapshot_the_account_owns_from_ec2(
+    moto_ec2: str,  # noqa: F811
+) -> None:
+    """--all and --volume through moto's EC2 (its DescribeSnapshots is faithful): the
+    jobs carry each snapshot's volume and start time, for placement."""
+    import boto3
+
+    from ebsfs.cli.scan import find_jobs
+
+    ec2 = boto3.client("ec2", endpoint_url=moto_ec2, region_name="us-east-1")
+    volumes = [ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"] for _ in "ab"]
+    made = {ec2.create_snapshot(VolumeId=v)["SnapshotId"]: v for v in (*volumes, volumes[0])}
+    parser = cli.build_parser()
+    base = ["scan", "--out", "x.jsonl", "--ec2-endpoint-url", moto_ec2]
+    jobs = find_jobs(parser.parse_args([*base, "--all"]))
+    assert {j.snapshot_id: j.volume_id for j in jobs} == made
+    assert [j.start_time for j in jobs] == sorted(j.start_time for j in jobs)  # type: ignore[type-var]
+    only = find_jobs(parser.parse_args([*base, "--volume", volumes[1]]))
+    assert [j.volume_id for j in only] == [volumes[1]]
+
+
+def test_all_with_a_custom_ebs_endpoint_needs_an_ec2_one(tmp_path: Path) -> None:
+    result = scan_bare(["--endpoint-url", "http://127.0.0.1:9", "--all"], tmp_path)
+    assert_one_line_error(result, "--ec2-endpoint-url")
+
+
+def scan_bare(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    return subprocess.run(
+        [sys.executable, "-m", "ebsfs.cli.main", "scan", "--out", str(tmp_path / "o.jsonl"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
 # -- bad input ----------------------------------------------------------------------
 
 
@@ -199,6 +239,7 @@ def test_output_resumes_complete_snapshots_and_cuts_a_torn_tail(tmp_path: Path) 
     "args,words",
     [
         (["snap-XYZ"], ["invalid snapshot id"]),
+        (["snap-0dead"], ["snapshot not found", "snap-0dead"]),
         ([S1, "--max-rate", "0"], ["--max-rate"]),
         ([S1, "--max-rate", "lots"], ["--max-rate"]),
         ([S1, "--include", "*.so"], ["--hash"]),
@@ -210,6 +251,7 @@ def test_output_resumes_complete_snapshots_and_cuts_a_torn_tail(tmp_path: Path) 
 def test_bad_input_is_one_line(
     tmp_path: Path, emulator: EmulatorServer, args: list[str], words: list[str]
 ) -> None:
+    emulator.store.add_snapshot(S1, {0: b"\1" * 524288}, volume_id=VOL)
     result = scan(emulator.url, tmp_path / "out.jsonl", *args)
     assert_one_line_error(result, *words)
 
@@ -262,6 +304,7 @@ def test_local_cluster_scan_lists_every_file_then_a_rerun_skips_everything(
         "2",
     )
     assert result.returncode == 0, result.stderr
+    assert "distributed" not in result.stderr and "Traceback" not in result.stderr
     lines = read_lines(out)
     check_listing(lines)
     fetched = sum(x["summary"]["block_calls"] for x in lines if "summary" in x)
@@ -372,6 +415,7 @@ def test_a_separate_scheduler_and_two_workers_give_the_same_lines(
     assert result.returncode == 0, result.stderr
     lines = read_lines(out)
     check_listing(lines)
+    assert list((tmp_path / "workers").rglob("ebsfs-cache"))  # its workers did the work
     local = tmp_path / "local.jsonl"
     assert scan(emulator.url, local, *args, "--workers", "2").returncode == 0
 
@@ -379,3 +423,96 @@ def test_a_separate_scheduler_and_two_workers_give_the_same_lines(
         return sorted(json.dumps(x, sort_keys=True) for x in rows if "summary" not in x)
 
     assert comparable(lines) == comparable(read_lines(local))
+
+
+def test_the_cluster_wide_rate_limit_holds_at_the_service_with_four_workers(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Eight snapshots of eight volumes on four workers, every file hashed: about 80
+    GetSnapshotBlock calls, which four workers would send within a second or two;
+    with --max-rate 20 no second of the emulator's clock sees more than 20."""
+    ids = [f"snap-0ade{k:04x}" for k in range(8)]
+    for k, snapshot_id in enumerate(ids):
+        emulator.store.add_image(snapshot_id, images[S2], volume_id=f"vol-0ade{k:04x}")
+    emulator.faults.latency = 0.01
+    out = tmp_path / "sweep.jsonl"
+    result = scan(emulator.url, out, *ids, "--hash", "--workers", "4", "--max-rate", "20")
+    assert result.returncode == 0, result.stderr
+    per_second = emulator.counters.gets_per_second
+    assert sum(per_second.values()) == gets(emulator) >= 8 * 8
+    assert max(per_second.values()) <= 20, sorted(per_second.items())
+    assert len(per_second) >= gets(emulator) // 20  # spread out, not refused
+    assert {
+        x["snapshot_id"] for x in read_lines(out) if x.get("summary", {}).get("complete")
+    } == set(ids)
+
+
+def test_a_scan_completes_while_tokens_are_renewed_by_every_listing(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """The emulator renews a snapshot's tokens on every new listing. Two sweeps of the
+    same snapshots run at once on two workers each (each sweep's worker lists a
+    snapshot the other's is reading), and a third party lists every snapshot every
+    50 ms, as someone's mount would: tokens are refused, listed again, and both sweeps
+    complete with the right lines."""
+    import boto3
+
+    load(emulator, images)
+    emulator.faults.renew_tokens = True
+    emulator.faults.latency = 0.005
+    ebs = boto3.client("ebs", endpoint_url=emulator.url, region_name="us-east-1")
+    stop = threading.Event()
+
+    def lister() -> None:
+        while not stop.is_set():
+            for snapshot_id in (S1, S2, S3):
+                ebs.list_snapshot_blocks(SnapshotId=snapshot_id, MaxResults=100)
+            stop.wait(0.05)
+
+    churn = threading.Thread(target=lister)
+    churn.start()
+    try:
+        args = ("--volume", VOL, "--hash", "--include", "liblzma.so.5*", "--workers", "2")
+        with ThreadPoolExecutor(2) as pool:
+            runs = list(
+                pool.map(lambda n: scan(emulator.url, tmp_path / f"{n}.jsonl", *args), [1, 2])
+            )
+    finally:
+        stop.set()
+        churn.join()
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    for n in (1, 2):
+        check_listing(read_lines(tmp_path / f"{n}.jsonl"))
+    assert emulator.counters.errors.get("ValidationException", 0) > 0  # tokens were refused
+
+
+def test_a_snapshot_whose_tokens_never_hold_is_an_error_line_not_a_loop(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """Tokens renewed faster than a call can use them (a listing every few ms): the
+    engine lists again a bounded number of times, then the snapshot is an error line
+    and the sweep ends."""
+    import boto3
+
+    load(emulator, images)
+    emulator.faults.renew_tokens = True
+    emulator.faults.latency = 0.02  # every GET is slower than the next listing
+    ebs = boto3.client("ebs", endpoint_url=emulator.url, region_name="us-east-1")
+    stop = threading.Event()
+
+    def lister() -> None:
+        while not stop.is_set():
+            ebs.list_snapshot_blocks(SnapshotId=S1, MaxResults=100)
+
+    churn = threading.Thread(target=lister)
+    churn.start()
+    try:
+        started = time.monotonic()
+        result = scan(emulator.url, tmp_path / "out.jsonl", S1, "--workers", "1")
+    finally:
+        stop.set()
+        churn.join()
+    assert result.returncode == 1 and time.monotonic() - started < 60
+    lines = read_lines(tmp_path / "out.jsonl")
+    assert "refused" in lines[0]["error"] and lines[-1]["summary"]["complete"] is False

@@ -173,9 +173,9 @@ def find_jobs(args: argparse.Namespace) -> list[Job]:
     from ebsfs.cli.options import connection_options
     from ebsfs.fleet.tasks import Job
 
-    if args.snapshots:
-        return [Job(s) for s in args.snapshots]
     options = connection_options(args)
+    if args.snapshots:
+        return described(args, options)
     if args.volume:
         from ebsfs.cli.volumes import volume_snapshots
 
@@ -193,6 +193,35 @@ def find_jobs(args: argparse.Namespace) -> list[Job]:
             )
         found = Ec2Snapshots(options, args.ec2_endpoint_url).list(["self"], [])
     return [Job(s.snapshot_id, s.volume_id, s.start_time.timestamp()) for s in found]
+
+
+def described(args: argparse.Namespace, options: Any) -> list[Job]:
+    """Jobs for the snapshots named, with their volume and start time from EC2 (one
+    DescribeSnapshots call), so a volume's snapshots share a worker; an id EC2 does
+    not know is bad input, said before any cluster starts. Without EC2 (a custom EBS
+    endpoint and no EC2 one, or EC2 refused) each is a volume of its own, and an
+    unknown one is an error line of the sweep."""
+    from ebsfs.errors import MetadataUnavailable
+    from ebsfs.fleet.tasks import Job
+    from ebsfs.service.ec2 import Ec2Snapshots
+    from ebsfs.service.session import custom_endpoint_set
+
+    plain = [Job(s) for s in args.snapshots]
+    if custom_endpoint_set("EBS", options.endpoint_url) and not custom_endpoint_set(
+        "EC2", args.ec2_endpoint_url
+    ):
+        return plain
+    try:
+        found = Ec2Snapshots(options, args.ec2_endpoint_url).describe(list(args.snapshots))
+    except MetadataUnavailable as err:
+        if "does not know the snapshot" in str(err):
+            raise UserInputError(f"snapshot not found: {err}") from None
+        log.info("no volumes for placement (%s): each snapshot on its own", err)
+        return plain
+    return [
+        Job(s, found[s].volume_id, found[s].start_time.timestamp()) if s in found else Job(s)
+        for s in args.snapshots
+    ]
 
 
 def sweep(args: argparse.Namespace, jobs: list[Job], output: Any) -> int:

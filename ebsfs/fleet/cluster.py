@@ -13,6 +13,7 @@ loose, the scheduler moves its tasks."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -45,6 +46,17 @@ def require_dask() -> None:
         ) from None
 
 
+def quiet_dask() -> None:
+    """Dask's own INFO lines (clients, workers, nannies coming and going) kept off the
+    user's terminal: distributed gives its loggers a stderr handler of their own at
+    import. Warnings still show; `-vv` (DEBUG on ebsfs's side) shows everything."""
+    level = logging.getLogger("ebsfs").getEffectiveLevel()
+    for name in ("distributed", "dask"):
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+        )
+
+
 @contextlib.contextmanager
 def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[Client]:
     """A client of the cluster asked for: `scheduler` (a scheduler file or an
@@ -53,6 +65,7 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[Clien
     require_dask()
     from distributed import Client, LocalCluster
 
+    quiet_dask()
     if scheduler is not None:
         try:
             if os.path.exists(scheduler):
@@ -79,7 +92,7 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[Clien
         n_workers=count,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: 8787 may be another cluster's
         silence_logs=40,  # logging.ERROR: a worker's chatter is not the user's
     )
     try:
