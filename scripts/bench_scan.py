@@ -75,7 +75,7 @@ def serve(store: SnapshotStore, directory: Path, jobs: list[Job]) -> None:
             parent=parents.get(job.volume_id),
             volume_id=job.volume_id,
         )
-        store.get(job.snapshot_id).start_time = job.start_time
+        store.get(job.snapshot_id).start_time = job.start_time or 0.0
         parents[job.volume_id] = job.snapshot_id
 
 
