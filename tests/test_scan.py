@@ -11,6 +11,7 @@ tier: a local cluster (two worker processes) and a separate `dask scheduler` wit
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -33,7 +34,8 @@ from ebsfs.fleet.cluster import chains, place
 from ebsfs.fleet.output import ScanOutput
 from ebsfs.fleet.records import Selection
 from ebsfs.fleet.tasks import Job
-from tests.disks import _run, build_ext4, copy_range
+from tests.disks import EPOCH, _run, copy_range, gpt_disk, stage_files
+from tests.mounting import needs_fuse
 from tests.test_cli import assert_one_line_error
 from tests.test_metadata import moto_ec2  # noqa: F401 (a fixture)
 
@@ -48,7 +50,10 @@ BASE = {
     "etc/hostname": b"web-1\n",
     "usr/lib/x86_64-linux-gnu/liblzma.so.5.6.0": LIB,
     "opt/data/blob.bin": hashlib.sha256(b"blob").digest() * (MiB // 32),
+    "srv/evil\n\x1b[31mred": b"a name that would drive a terminal\n",
+    "srv/caf\udce9": b"a name that is not UTF-8\n",
 }
+EVIL = "/srv/evil\n\x1b[31mred"
 VERSIONS = {
     S1: {**BASE, "etc/app.conf": V1},
     S2: {**BASE, "etc/app.conf": V2, "srv/late.txt": b"later\n"},
@@ -62,7 +67,30 @@ def _disk(path: Path, files: dict[str, bytes]) -> None:
     table = f"label: gpt\nstart={PART_OFFSET // 512}, size={PART_SIZE // 512}, type=linux\n"
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=table)
     fs = path.with_suffix(".fs")
-    build_ext4(fs, PART_SIZE, files, "scan", "5ca90000-0000-4000-8000-000000000001")
+    root = path.with_suffix(".root")
+    stage_files(files, root)
+    with open(fs, "wb") as f:
+        f.truncate(PART_SIZE)
+    # mkfs.ext4 -d as tests/disks.py's build_ext4, without its debugfs pass (whose
+    # command file cannot name the hostile names below).
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-U",
+            "5ca90000-0000-4000-8000-000000000001",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(root),
+            str(fs),
+        ],
+        {"E2FSPROGS_FAKE_TIME": str(EPOCH)},
+    )
+    shutil.rmtree(root)
     copy_range(fs, 0, PART_SIZE, path, PART_OFFSET)
     fs.unlink()
 
@@ -133,8 +161,11 @@ def read_lines(out: Path) -> list[dict[str, Any]]:
 
 
 def files_of(lines: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Regular files by (snapshot, path as the filesystem has it: from path_b64)."""
     return {
-        (x["snapshot_id"], x["path"]): x for x in lines if "path" in x and x.get("type") == "file"
+        (x["snapshot_id"], base64.b64decode(x["path_b64"]).decode("utf-8", "surrogateescape")): x
+        for x in lines
+        if "path" in x and x.get("type") == "file"
     }
 
 
@@ -281,6 +312,9 @@ def check_listing(lines: list[dict[str, Any]]) -> None:
         assert lib["sha256"] == hashlib.sha256(LIB).hexdigest()
         assert lib["partition"] == 1 and lib["uid"] == 0 and lib["mtime"].endswith("Z")
         assert "sha256" not in found[(snapshot_id, "/etc/hostname")]
+        evil = found[(snapshot_id, EVIL)]["path"]  # quoted as git quotes it: no raw controls
+        assert evil == '"/srv/evil\\n\\033[31mred"'
+        assert found[(snapshot_id, "/srv/caf\udce9")]["path"] == '"/srv/caf\\351"'
     summaries = {x["snapshot_id"]: x["summary"] for x in lines if "summary" in x}
     assert set(summaries) == {S1, S2, S3}
     assert all(s["complete"] and s["errors"] == 0 for s in summaries.values())
@@ -305,6 +339,8 @@ def test_local_cluster_scan_lists_every_file_then_a_rerun_skips_everything(
     )
     assert result.returncode == 0, result.stderr
     assert "distributed" not in result.stderr and "Traceback" not in result.stderr
+    text = out.read_text()
+    assert "\x1b" not in text and text.isascii()
     lines = read_lines(out)
     check_listing(lines)
     fetched = sum(x["summary"]["block_calls"] for x in lines if "summary" in x)
@@ -516,3 +552,25 @@ def test_a_snapshot_whose_tokens_never_hold_is_an_error_line_not_a_loop(
     assert result.returncode == 1 and time.monotonic() - started < 60
     lines = read_lines(tmp_path / "out.jsonl")
     assert "refused" in lines[0]["error"] and lines[-1]["summary"]["complete"] is False
+
+
+@needs_fuse
+@pytest.mark.mount
+def test_ext4_xfs_and_ntfs_partitions_are_each_listed_and_hashed(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """tests/disks.py's GPT disk (NTFS is filled through ntfs-3g: root): every file of
+    each partition with its size and SHA-256."""
+    disk = gpt_disk(tmp_path / "gpt.img")
+    emulator.store.add_image("snap-0f5a11", disk.path, volume_id="vol-0f5a11")
+    out = tmp_path / "sweep.jsonl"
+    result = scan(emulator.url, out, "snap-0f5a11", "--hash", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = [x for x in read_lines(out) if x.get("type") == "file"]
+    for part in disk.partitions:
+        mine = {x["path"]: x for x in lines if x["partition"] == part.number}
+        assert {p: x["size"] for p, x in mine.items()} == {
+            "/" + name: len(data) for name, data in part.files.items()
+        }, part.fstype
+        for name, data in part.files.items():
+            assert mine["/" + name]["sha256"] == hashlib.sha256(data).hexdigest()

@@ -156,17 +156,27 @@ def _snapshot_lines(
     ]
     if not windows:
         windows = [(None, snap)]
+    unrecognised: list[tuple[int | None, str]] = []
+    read = 0
     for number, window in windows:
         try:
             tree = read_tree(window)
             hasher = _hasher(window) if selection.hash_data else None
         except FilesystemUnreadable as err:
-            if len(windows) > 1 and "recognises none" in str(err):
-                continue  # a swap or BIOS boot partition among readable ones: not news
+            if "recognises none" in str(err):
+                unrecognised.append((number, str(err)))
+                continue
             counts["errors"] += 1
             yield _error(snap.snapshot_id, number, str(err))
             continue
+        read += 1
         yield from _tree_lines(snap.snapshot_id, number, tree, selection, hasher, counts)
+    for number, text in unrecognised:
+        if read:  # a swap or BIOS boot partition beside readable ones: a note, not news
+            yield {"snapshot_id": snap.snapshot_id, "partition": number, "note": text}
+        else:
+            counts["errors"] += 1
+            yield _error(snap.snapshot_id, number, text)
 
 
 def _tree_lines(
