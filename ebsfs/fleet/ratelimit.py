@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ebsfs.errors import ReadFailed
+
 log = logging.getLogger(__name__)
 
 WINDOW = 1.1
@@ -138,7 +140,12 @@ def actor_take(actor: Any) -> Take:
     actor.granted().result()
 
     def take(wanted: int) -> tuple[int, float]:
-        given, wait = actor.take(wanted).result()
+        try:
+            given, wait = actor.take(wanted).result()
+        except Exception as err:  # the actor's worker lost, the sweep cancelled
+            raise ReadFailed(
+                f"the sweep's rate limit cannot be reached: {type(err).__name__}: {err}"
+            ) from None
         return int(given), float(wait)
 
     return take

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ebsfs.engine.config import EngineConfig
-from ebsfs.errors import EbsfsError, FilesystemUnreadable
+from ebsfs.errors import EbsfsError, FilesystemUnreadable, ReadFailed
 from ebsfs.fileobj import SnapshotFile, open_with
 from ebsfs.forensics.fsread import (
     FILE,
@@ -163,6 +163,10 @@ def _snapshot_lines(
             tree = read_tree(window)
             hasher = _hasher(window) if selection.hash_data else None
         except FilesystemUnreadable as err:
+            if number is None and _has_table(snap):
+                # engine.partitions found none, yet the disk has a table: its read
+                # failed (logged), and the bare disk is no filesystem. Not complete.
+                raise ReadFailed(f"its partition table could not be read ({err})") from err
             if "recognises none" in str(err):
                 unrecognised.append((number, str(err)))
                 continue
@@ -177,6 +181,13 @@ def _snapshot_lines(
         else:
             counts["errors"] += 1
             yield _error(snap.snapshot_id, number, text)
+
+
+def _has_table(snap: SnapshotFile) -> bool:
+    """Whether the disk's first sectors hold a partition table's signature (MBR, or a
+    protective MBR and GPT header)."""
+    head = snap.pread(1024, 0)
+    return head[510:512] == b"\x55\xaa" and (head[512:520] == b"EFI PART" or any(head[446:510]))
 
 
 def _tree_lines(
