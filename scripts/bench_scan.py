@@ -101,14 +101,16 @@ def on_cluster(
 ) -> tuple[float, int, float]:
     """A fresh local cluster (so no worker's disk cache holds a block yet): seconds
     of the sweep, blocks fetched, seconds to start the cluster."""
-    from ebsfs.fleet.cluster import cluster_client, submit
+    from ebsfs.fleet.cluster import Sweep, cluster_client
 
     begun = time.monotonic()
     with cluster_client(workers, None) as client:
         up = time.monotonic() - begun
         started = time.monotonic()
-        futures = submit(client, settings, jobs, max_rate=None, lineage=lineage)
-        results: list[list[dict[str, Any]]] = client.gather(list(futures))
+        running = Sweep(client, settings, jobs, max_rate=None, lineage=lineage)
+        results: list[list[dict[str, Any]]] = []
+        while running.pending:
+            results.extend(running.results(timeout=1.0))
         seconds = time.monotonic() - started
     fetched = 0
     for lines in results:

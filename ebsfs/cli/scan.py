@@ -227,7 +227,7 @@ def described(args: argparse.Namespace, options: Any) -> list[Job]:
 def sweep(args: argparse.Namespace, jobs: list[Job], output: Any) -> int:
     """Run the tasks, append each snapshot's lines as it finishes; the number of
     snapshots that could not be read whole."""
-    from ebsfs.fleet.cluster import cluster_client, finished, submit
+    from ebsfs.fleet.cluster import Sweep, cluster_client
     from ebsfs.fleet.records import Selection
     from ebsfs.fleet.tasks import Settings
 
@@ -244,38 +244,19 @@ def sweep(args: argparse.Namespace, jobs: list[Job], output: Any) -> int:
     )
     tally = Tally(len(jobs))
     with cluster_client(args.workers, args.scheduler) as client:
-        futures = submit(client, settings, jobs, args.max_rate)
-        pending = set(futures)
+        running = Sweep(client, settings, jobs, args.max_rate)
         try:
-            while pending:
-                done, pending = finished(pending, timeout=1.0)
-                for future in done:
-                    lines = outcome(future, futures[future])
+            while running.pending:
+                for lines in running.results(timeout=1.0):
                     output.append(lines)
-                    tally.add(lines[-1]["summary"], lines)
+                    tally.add(lines[-1]["summary"])
                 tally.show()
         except BaseException:
-            client.cancel(list(pending))
+            running.cancel()
             raise
         finally:
             tally.close()
     return tally.failed
-
-
-def outcome(future: Any, snapshot_id: str) -> list[dict[str, Any]]:
-    """The task's lines, or an error block when the task itself failed (a worker lost,
-    a bug): the sweep goes on, and a rerun tries the snapshot again."""
-    from ebsfs.quoting import printable
-
-    try:
-        lines: list[dict[str, Any]] = future.result()
-        return lines
-    except Exception as err:  # noqa: BLE001 (any task failure is this snapshot's line)
-        text = printable(" ".join(f"{type(err).__name__}: {err}".split())[:300])
-        return [
-            {"snapshot_id": snapshot_id, "partition": None, "error": f"task failed: {text}"},
-            {"snapshot_id": snapshot_id, "summary": {"complete": False, "errors": 1}},
-        ]
 
 
 class Tally:
@@ -291,7 +272,7 @@ class Tally:
         self.started = self.shown = time.monotonic()
         self.bar = BarProgress("scan") if sys.stderr.isatty() else None
 
-    def add(self, summary: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+    def add(self, summary: dict[str, Any]) -> None:
         self.done += 1
         self.failed += (not summary.get("complete")) or summary.get("errors", 0) > 0
         self.files += summary.get("files", 0)

@@ -2,8 +2,8 @@
 one, a scheduler file or a tcp:// address), placing snapshots on workers, submitting
 one task per snapshot and handing back each one's lines as it finishes.
 
-Placement: the snapshots of one volume go to one worker, oldest first, each task
-depending on the one before: the later snapshot's blocks unchanged since the earlier
+Placement: the snapshots of one volume go to one worker, oldest first, each submitted
+once the one before is done: the later snapshot's blocks unchanged since the earlier
 one are then in that worker's disk cache (the engine's lineage records find them), so
 a volume's chain costs about its first snapshot plus what changed. Volumes are dealt to
 workers by their number of snapshots, largest first (so one long chain does not end
@@ -12,6 +12,7 @@ loose, the scheduler moves its tasks."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -142,38 +143,82 @@ def chains(jobs: list[Job]) -> list[list[Job]]:
     ]
 
 
-def submit(
-    client: Client,
-    settings: Settings,
-    jobs: list[Job],
-    max_rate: float | None,
-    lineage: bool = True,
-) -> dict[Any, str]:
-    """One task per snapshot; future -> snapshot id. With `max_rate`, one rate-limit
-    actor for all of them (on some worker: the tasks call it)."""
-    window = None
-    if max_rate is not None:
-        window = client.submit(SlidingWindow, max_rate, actor=True, pure=False).result()
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    placed = place(jobs, workers, lineage)
-    futures: dict[Any, str] = {}
-    for chain in chains(jobs) if lineage else [[job] for job in jobs]:
-        before = None
-        for job in chain:
-            future = client.submit(
-                scan_task,
-                settings,
-                job,
-                window,
-                before,
-                workers=[placed[job.snapshot_id]],
-                allow_other_workers=True,
-                pure=False,
-                key=f"ebsfs-scan-{job.snapshot_id}-{random.getrandbits(32):08x}",
-            )
-            futures[future] = job.snapshot_id
-            before = future
-    return futures
+class Sweep:
+    """The tasks of one sweep: the first snapshot of every volume submitted at once,
+    each next one of a volume when the one before is done (to the same worker, whose
+    disk cache now holds it). Chained here rather than through task dependencies, so
+    that no task's lines are held on a worker once the client has them: a sweep of
+    thousands of snapshots keeps only those in flight in the cluster's memory."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: Settings,
+        jobs: list[Job],
+        max_rate: float | None,
+        lineage: bool = True,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.window = None
+        """The rate-limit actor (None: no limit)."""
+        if max_rate is not None:
+            self.window = client.submit(SlidingWindow, max_rate, actor=True, pure=False).result()
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        self.placed = place(jobs, workers, lineage)
+        self._chains = [
+            collections.deque(c) for c in (chains(jobs) if lineage else [[j] for j in jobs])
+        ]
+        self.pending: dict[Any, tuple[str, int]] = {}
+        for number in range(len(self._chains)):
+            self._next(number)
+
+    def _next(self, chain: int) -> None:
+        if not self._chains[chain]:
+            return
+        job = self._chains[chain].popleft()
+        future = self.client.submit(
+            scan_task,
+            self.settings,
+            job,
+            self.window,
+            workers=[self.placed[job.snapshot_id]],
+            allow_other_workers=True,
+            pure=False,
+            key=f"ebsfs-scan-{job.snapshot_id}-{random.getrandbits(32):08x}",
+        )
+        self.pending[future] = (job.snapshot_id, chain)
+
+    def results(self, timeout: float) -> list[list[dict[str, Any]]]:
+        """The lines of the snapshots done within `timeout` seconds (maybe none), their
+        futures released and the next of their volumes submitted."""
+        done, _ = finished(set(self.pending), timeout)
+        out = []
+        for future in done:
+            snapshot_id, chain = self.pending.pop(future)
+            out.append(outcome(future, snapshot_id))
+            future.release()
+            self._next(chain)
+        return out
+
+    def cancel(self) -> None:
+        self.client.cancel(list(self.pending))
+
+
+def outcome(future: Any, snapshot_id: str) -> list[dict[str, Any]]:
+    """The task's lines, or an error block when the task itself failed (a worker lost,
+    a bug): the sweep goes on, and a rerun tries the snapshot again."""
+    from ebsfs.quoting import printable
+
+    try:
+        lines: list[dict[str, Any]] = future.result()
+        return lines
+    except Exception as err:  # noqa: BLE001 (any task failure is this snapshot's line)
+        text = printable(" ".join(f"{type(err).__name__}: {err}".split())[:300])
+        return [
+            {"snapshot_id": snapshot_id, "partition": None, "error": f"task failed: {text}"},
+            {"snapshot_id": snapshot_id, "summary": {"complete": False, "errors": 1}},
+        ]
 
 
 def finished(pending: set[Any], timeout: float) -> tuple[set[Any], set[Any]]:

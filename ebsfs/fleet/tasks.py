@@ -86,11 +86,9 @@ def worker_cache_dir() -> str | None:
     return path
 
 
-def scan_task(settings: Settings, job: Job, window: Any = None, after: Any = None) -> list[Any]:
+def scan_task(settings: Settings, job: Job, window: Any = None) -> list[Any]:
     """One snapshot's lines (records.scan_snapshot), on a worker. `window` is the
-    sweep's rate-limit actor (None: no limit); `after` is the task of the same
-    volume's previous snapshot, only there so this one starts once it is cached."""
-    del after
+    sweep's rate-limit actor (None: no limit)."""
     limiter = LocalLimiter(actor_take(window)) if window is not None else None
     cache_dir = settings.cache_dir or worker_cache_dir()
     config = settings.engine_config(cache_dir, limiter)
