@@ -61,10 +61,15 @@ VERSIONS = {
 }
 
 
-def _disk(path: Path, files: dict[str, bytes]) -> None:
+def _disk(path: Path, files: dict[str, bytes], empty_partition: bool = False) -> None:
+    """A GPT disk, partition 1 an ext4 holding `files`; with `empty_partition`, a
+    second partition of zeros after it (as a swap or BIOS boot partition is to us)."""
+    size = DISK_SIZE + (2 * MiB if empty_partition else 0)
     with open(path, "wb") as f:
-        f.truncate(DISK_SIZE)
+        f.truncate(size)
     table = f"label: gpt\nstart={PART_OFFSET // 512}, size={PART_SIZE // 512}, type=linux\n"
+    if empty_partition:
+        table += f"start={(PART_OFFSET + PART_SIZE) // 512}, size={MiB // 512}, type=linux\n"
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=table)
     fs = path.with_suffix(".fs")
     root = path.with_suffix(".root")
@@ -376,6 +381,23 @@ def test_a_garbage_partition_is_reported_and_the_others_complete(
     assert summary["complete"] and summary["errors"] == 1 and summary["files"] == 0
     found = files_of(lines)
     assert {p for s, p in found if s == S3} == set(expected_files(S3))
+
+
+def test_an_empty_partition_beside_a_filesystem_is_a_note_not_an_error(
+    images: dict[str, Path], emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    two = tmp_path / "two.img"
+    _disk(two, VERSIONS[S1], empty_partition=True)
+    emulator.store.add_image("snap-0e0e01", two, volume_id="vol-0e0e")
+    out = tmp_path / "sweep.jsonl"
+    result = scan(emulator.url, out, "snap-0e0e01", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = read_lines(out)
+    assert [(x["partition"], "recognises none" in x["note"]) for x in lines if "note" in x] == [
+        (2, True)
+    ]
+    assert not [x for x in lines if "error" in x] and lines[-1]["summary"]["errors"] == 0
+    assert len(files_of(lines)) == len(VERSIONS[S1])
 
 
 @pytest.fixture
