@@ -250,6 +250,8 @@ def test_all_takes_every_completed_snapshot_the_account_owns_from_ec2(
     assert [j.start_time for j in jobs] == sorted(j.start_time for j in jobs)  # type: ignore[type-var]
     only = find_jobs(parser.parse_args([*base, "--volume", volumes[1]]))
     assert [j.volume_id for j in only] == [volumes[1]]
+    both = find_jobs(parser.parse_args([*base, "--volume", *volumes]))
+    assert sorted(j.snapshot_id for j in both) == sorted(made)
 
 
 def test_all_with_a_custom_ebs_endpoint_needs_an_ec2_one(tmp_path: Path) -> None:

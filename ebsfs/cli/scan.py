@@ -63,10 +63,11 @@ def add_parser(commands: Commands) -> None:
     which = scan.add_argument_group("which snapshots (one of)")
     which.add_argument(
         "--volume",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="VOLUME_ID",
-        help="every completed snapshot of this volume (EC2; repeatable)",
+        help="every completed snapshot of these volumes (EC2)",
     )
     which.add_argument(
         "--all",
