@@ -136,12 +136,19 @@ def test_a_refused_token_of_an_older_listing_keeps_the_newer_one() -> None:
     async def run() -> None:
         old = await index.token(0)
         old5 = await index.token(5)
-        index.invalidate(0, old)  # the first refusal: listed again
+        sent = index.now()  # both calls sent now, with the first listing's tokens
+        await trio.sleep(0.01)
+        index.invalidate(0, old, sent)  # the first refusal: listed again
         fresh = await index.token(0)
         assert fresh is not None and fresh != old
-        index.invalidate(5, old5)  # the second refusal, of the same old listing
+        index.invalidate(5, old5, sent)  # the second refusal, of the same old listing
         assert await index.token(0) == fresh  # no new listing
         store.get_snapshot_block("snap-01", "0", fresh)
+        # A call sent after that listing and refused all the same: something listed
+        # since (another process): that listing is stale too, and is dropped.
+        later = index.now() + 0.001
+        index.invalidate(0, old, later)
+        assert await index.token(0) != fresh
 
     trio.run(run)
-    assert api.calls["ListSnapshotBlocks"] == 2
+    assert api.calls["ListSnapshotBlocks"] == 3

@@ -31,7 +31,7 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 ZEROS = memoryview(bytes(2 * BLOCK_SIZE))
 """A read of blocks never written, up to a FUSE read's 1 MiB, is a view of this."""
 NEVER_WRITTEN = Block(ZERO_BLOCK, None)
-TOKEN_REFRESHES = 5
+TOKEN_REFRESHES = 6
 """Listings after a refused block token before the read fails: bounded, so two
 processes whose listings refuse each other's tokens cannot go on for ever."""
 TOKEN_BACKOFF = 0.02
@@ -218,6 +218,7 @@ class SnapshotImage:
             if found is not None:
                 return found
         for attempt in range(TOKEN_REFRESHES):
+            sent = self.index.now()
             try:
                 block = await self.remote.get_snapshot_block(
                     self.snapshot_id, index, token, into=room
@@ -225,7 +226,7 @@ class SnapshotImage:
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
                 await trio.sleep(random.uniform(0, TOKEN_BACKOFF * 2**attempt))
-                self.index.invalidate(index, token)
+                self.index.invalidate(index, token, sent)
                 fresh = await self.index.token(index)
                 if fresh is None:
                     return NEVER_WRITTEN
