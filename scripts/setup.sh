@@ -22,8 +22,8 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-extras="test"
-[ "${EBSFS_BENCH:-0}" = 1 ] && extras="test,bench"
+extras="test,fleet"   # fleet: dask for `ebsfs scan` and its tests
+[ "${EBSFS_BENCH:-0}" = 1 ] && extras="test,fleet,bench"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
     | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import pyfuse3, trio, boto3, cachetools, tqdm" \

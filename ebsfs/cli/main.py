@@ -26,6 +26,7 @@ from ebsfs.cli import (
     mounthelper,
     mounts,
     nbd,
+    scan,
     stats,
     verify,
 )
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         nbd.add_parser,
         diff.add_parser,
         history.add_parser,
+        scan.add_parser,
         get.add_parser,
         verify.add_parser,
         ls.add_parser,

@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a block token lives (default 7 days)",
     )
     f.add_argument(
+        "--renew-tokens",
+        action="store_true",
+        help="renew a snapshot's block tokens on every new ListSnapshotBlocks listing, "
+        "refusing earlier ones (INVALID_BLOCK_TOKEN), as AWS says may happen",
+    )
+    f.add_argument(
         "--get-rate",
         type=seconds,
         default=1000.0,
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         truncate_rate=args.truncate_rate,
         short_pages=args.short_pages,
         token_lifetime=args.token_lifetime,
+        renew_tokens=args.renew_tokens,
         get_rate=args.get_rate,
         list_rate=args.list_rate,
         deny_access_keys=args.deny_access_key,

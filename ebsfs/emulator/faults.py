@@ -40,6 +40,10 @@ class Faults:
     """Seconds a block token stays valid (ExpiryTime)."""
     page_token_lifetime: float = 3600.0
     """Seconds a NextToken stays valid."""
+    renew_tokens: bool = False
+    """Renew a snapshot's block tokens on every new ListSnapshotBlocks listing (a call
+    without NextToken), refusing the ones handed out before with INVALID_BLOCK_TOKEN:
+    what AWS documents may happen when another process lists the same snapshot."""
     get_rate: float = 1000.0
     """GetSnapshotBlock calls per second per snapshot before RequestThrottledException
     (0 = unlimited)."""
@@ -134,10 +138,15 @@ class Counters:
             self.delay_seconds = 0.0
             self.slow_calls = 0
             self.slow_seconds = 0.0
+            self.gets_per_second: collections.Counter[int] = collections.Counter()
+            """GetSnapshotBlock calls received in each second of the clock (whole
+            seconds since the epoch), refused ones included: what a quota meters."""
 
     def call(self, operation: str) -> None:
         with self._lock:
             self.calls[operation] += 1
+            if operation == "GetSnapshotBlock":
+                self.gets_per_second[int(time.time())] += 1
 
     def error(self, code: str) -> None:
         with self._lock:
@@ -178,6 +187,7 @@ class Counters:
                 "block_gets": {f"{s}:{i}": n for (s, i), n in self.block_gets.items()},
                 "bytes_sent": self.bytes_sent,
                 "connections": self.connections,
+                "gets_per_second": {str(k): n for k, n in self.gets_per_second.items()},
                 "closes": dict(self.closes),
                 "delays": {
                     "calls": self.delayed_calls,

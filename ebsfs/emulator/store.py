@@ -137,6 +137,8 @@ class SnapshotStore:
         self._tokens = Tokens()
         self._lock = threading.Lock()
         self._changed_cache: dict[tuple[str, str], list[int]] = {}
+        self._generations: dict[str, int] = {}
+        """Per snapshot, how many times its block tokens were renewed (renew_tokens)."""
         self._mmaps: list[mmap.mmap] = []
 
     # ---- loading -------------------------------------------------------------------
@@ -332,7 +334,15 @@ class SnapshotStore:
         return float(math.ceil(time.time() + self.faults.token_lifetime))
 
     def _block_token(self, snapshot_id: str, index: int, expiry: float) -> str:
-        return self._tokens.seal("b", snapshot_id, index, int(expiry))
+        generation = self._generations.get(snapshot_id, 0)
+        return self._tokens.seal("b", snapshot_id, index, int(expiry), generation)
+
+    def _renew(self, snapshot_id: str) -> None:
+        """A new listing of the snapshot: with renew_tokens, its earlier block tokens
+        are refused from now on."""
+        if self.faults.renew_tokens:
+            with self._lock:
+                self._generations[snapshot_id] = self._generations.get(snapshot_id, 0) + 1
 
     def list_snapshot_blocks(
         self,
@@ -345,6 +355,8 @@ class SnapshotStore:
         limit = self._max_results(max_results)
         start = self._start_index(starting_block_index)
         position = self._page_position(next_token, "l", snapshot_id, start)
+        if next_token is None:
+            self._renew(snapshot_id)
         picked, resume = self._page(snap.indexes, position, limit, snap.block_count)
         expiry = self._expiry()
         body: dict[str, Any] = {
@@ -433,11 +445,14 @@ class SnapshotStore:
         fields = self._tokens.open(block_token or "")
         if (
             fields is None
-            or len(fields) != 4
+            or len(fields) != 5
             or fields[0] != "b"
             or fields[1] != snapshot_id
             or int(fields[2]) != index
             or float(fields[3]) < time.time()
+            or (
+                self.faults.renew_tokens and int(fields[4]) != self._generations.get(snapshot_id, 0)
+            )
         ):
             raise _validation("INVALID_BLOCK_TOKEN", "The block token is invalid or expired")
         block = snap.blocks.get(index)

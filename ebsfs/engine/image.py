@@ -6,6 +6,7 @@ import bisect
 import functools
 import itertools
 import logging
+import random
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,14 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 ZEROS = memoryview(bytes(2 * BLOCK_SIZE))
 """A read of blocks never written, up to a FUSE read's 1 MiB, is a view of this."""
 NEVER_WRITTEN = Block(ZERO_BLOCK, None)
-TOKEN_REFRESHES = 3
+TOKEN_REFRESHES = 6
+"""Listings after a refused block token before the read fails: bounded, so two
+processes whose listings refuse each other's tokens cannot go on for ever."""
+TOKEN_BACKOFF = 0.02
+"""Seconds, doubled at each refusal of one fetch, within which a refused fetch waits
+at random before listing again: when another process's listing renewed the tokens,
+its own calls get to finish before ours renews them back (randomised back-off, as
+Ethernet's, breaks the symmetry of two listers refusing each other)."""
 RUN_SLACK = 65536
 """A read's first bytes in which a told run's start counts as the file's first read."""
 RUN_MARGIN = 2
@@ -209,14 +217,16 @@ class SnapshotImage:
             found = await self.disk.load(index, room)
             if found is not None:
                 return found
-        for _ in range(TOKEN_REFRESHES):
+        for attempt in range(TOKEN_REFRESHES):
+            sent = self.index.now()
             try:
                 block = await self.remote.get_snapshot_block(
                     self.snapshot_id, index, token, into=room
                 )
             except InvalidBlockToken:
                 log.info("%s: token of block %d refused, listing again", self.snapshot_id, index)
-                self.index.invalidate(index)
+                await trio.sleep(random.uniform(0, TOKEN_BACKOFF * 2**attempt))
+                self.index.invalidate(index, token, sent)
                 fresh = await self.index.token(index)
                 if fresh is None:
                     return NEVER_WRITTEN

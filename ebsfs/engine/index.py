@@ -294,10 +294,29 @@ class ChunkedIndex(Generic[V]):
         chunk = await self._chunk(chunk_no)
         return sorted(chunk.tokens.items())
 
-    def invalidate(self, index: int) -> None:
+    def now(self) -> float:
+        """The index's clock (listing times are on it)."""
+        return self._clock()
+
+    def invalidate(self, index: int, refused: V | None = None, sent: float | None = None) -> None:
         """Forget the chunk holding `index` (its token was refused): the next lookup
-        lists it again."""
-        self._chunks.pop(self.chunk_of(index), None)
+        lists it again. With `refused` and `sent` (when the refused call was sent, on
+        `now()`'s clock): not if the chunk holds another token from a listing begun
+        after that call was sent, i.e. one newer than whatever renewed the tokens under
+        it. Concurrent refusals of one listing's tokens must not each list again (each
+        listing renews the tokens, refusing the others' calls, in a loop where the
+        service renews tokens on every listing); but a listing older than the refused
+        call may be stale in the same way, and is dropped."""
+        chunk_no = self.chunk_of(index)
+        chunk = self._chunks.get(chunk_no)
+        if (
+            chunk is not None
+            and refused is not None
+            and chunk.tokens.get(index) != refused
+            and (sent is None or chunk.listed_at >= sent)
+        ):
+            return
+        self._chunks.pop(chunk_no, None)
 
     async def _chunk(self, chunk_no: int) -> _Chunk[V]:
         chunk = self._chunks.get(chunk_no)

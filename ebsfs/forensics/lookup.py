@@ -92,7 +92,7 @@ def lookup(source: PositionalReader, parts: list[str], hash_data: bool = False) 
                     "filesystem holds (sparse, or damaged)"
                 )
             else:
-                found.sha256 = _hash(read, entry.size)
+                found.sha256 = hash_reads(read, entry.size)
     except FilesystemUnreadable:
         raise_read_failure(reader)
         raise
@@ -103,7 +103,7 @@ def lookup(source: PositionalReader, parts: list[str], hash_data: bool = False) 
     return found
 
 
-def _hash(read: Reader, size: int) -> str:
+def hash_reads(read: Reader, size: int) -> str:
     """SHA-256 of a file's `size` bytes, HASH_PIECE at a time. A library that gives
     fewer bytes than the size promised is damage, not a shorter file."""
     digest = hashlib.sha256()

@@ -35,7 +35,8 @@ damaged, and its target is not read."""
 _KINDS = {0o100000: FILE, 0o040000: DIRECTORY, 0o120000: SYMLINK}
 
 
-def _open(reader: PagedReader) -> Any:
+def open_volume(reader: PagedReader) -> Any:
+    """libfsxfs's volume over `reader`; FilesystemUnreadable without the extra or on damage."""
     try:
         import pyfsxfs
     except ImportError as err:
@@ -53,7 +54,7 @@ def _open(reader: PagedReader) -> Any:
 def xfs_lookup(reader: PagedReader, parts: list[str]) -> tuple[Entry | None, Any]:
     """The entry at the path `parts` (see lookup.py) and libfsxfs's file entry (to
     read): each directory on it listed until the name is found."""
-    current = _open(reader).get_root_directory()
+    current = open_volume(reader).get_root_directory()
     kind = DIRECTORY
     for name in parts:
         if kind != DIRECTORY:
@@ -78,7 +79,7 @@ def _child(directory: Any, name: str) -> Any | None:
 def xfs_tree(reader: PagedReader, progress: Progress | None) -> Tree:
     """Every file, directory and symlink of the XFS in `reader`; per directory and per
     entry, what libfsxfs cannot read is noted in `Tree.unreadable`."""
-    root = _open(reader).get_root_directory()
+    root = open_volume(reader).get_root_directory()
     root_inode = int(root.inode_number)
     block_size = int.from_bytes(reader.pread(4, 4), "big")
     walker = _Walker(progress, Unreadables(reader))

@@ -66,6 +66,7 @@ class BotoEbsApi:
         service model, the credentials): a second client of one session takes about
         4 ms, of a new session about 100 (the mount's start, docs/performance.md)."""
         self._retry = options.retry
+        self._rate_limiter = options.rate_limiter
         self.stats: CallCounter = stats if stats is not None else NotCounting()
         """Requests sent, retries and throttles counted (the engine's stats)."""
         self.get_throttles = 0
@@ -128,6 +129,8 @@ class BotoEbsApi:
             gone = current_abandon()
             if gone is not None and gone.fired:  # nobody waits: no more attempts
                 raise ReadFailed(f"{what}: given up, the read that asked for it is gone")
+            if self._rate_limiter is not None:  # every attempt, retries and hedges too
+                self._rate_limiter()
             try:
                 return attempt()
             except Throttled:

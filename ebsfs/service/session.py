@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,11 @@ class ConnectionOptions:
     endpoint (botocore honours proxies, the direct path does not); False sends every
     call through boto3 (`--no-direct-get`)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rate_limiter: Callable[[], None] | None = None
+    """Called in the worker thread before every GetSnapshotBlock attempt (retries and
+    hedges included), blocking until the call may go: a limit on calls per second
+    shared beyond this process (`ebsfs scan`'s cluster-wide quota, fleet/ratelimit.py).
+    None: no limit but the service's own throttling."""
 
 
 def custom_endpoint_set(service: str, endpoint_url: str | None = None) -> bool:
