@@ -14,8 +14,10 @@ Why an actor holding a sliding window, and not the alternatives Dask offers:
 A sliding window of WINDOW seconds never grants more than the limit within any
 WINDOW: calls are sent within GRANT_LIFETIME of their grant (later ones are dropped
 and asked for again), so any one second at the service's meter sees calls granted
-within 1 + GRANT_LIFETIME seconds, fewer than WINDOW. The price: a steady sweep runs
-at limit / WINDOW (91 % of it). One actor call grants up to the waiting threads'
+within 1 + GRANT_LIFETIME seconds, and WINDOW leaves 0.15 s more for a granted call's
+way to the service's meter (signing, a busy CPU, the network's jitter), which a
+tighter window left to chance on a loaded machine. The price: a steady sweep runs at
+limit / WINDOW (83 % of it). One actor call grants up to the waiting threads'
 worth (at most MAX_GRANT), so a worker at 1,000 calls/s makes tens of actor calls a
 second, not a thousand.
 
@@ -36,7 +38,7 @@ from ebsfs.errors import ReadFailed
 
 log = logging.getLogger(__name__)
 
-WINDOW = 1.1
+WINDOW = 1.2
 """Seconds over which at most `limit` calls are granted."""
 GRANT_LIFETIME = 0.05
 """Seconds a grant may wait before its calls are sent; what is left after is dropped."""
