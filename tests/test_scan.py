@@ -601,3 +601,31 @@ def test_ext4_xfs_and_ntfs_partitions_are_each_listed_and_hashed(
         }, part.fstype
         for name, data in part.files.items():
             assert mine["/" + name]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_progress_off_a_terminal_is_a_line_every_few_seconds_and_one_at_the_end(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a terminal (a log, cron, a CI job): no bar; a plain line once PLAIN_EVERY
+    seconds have passed since the last one, none in between, and the totals at the end."""
+    from ebsfs.cli import scan as face
+
+    now = [1000.0]
+    monkeypatch.setattr(face.time, "monotonic", lambda: now[0])
+    tally = face.Tally(3)
+    summary = {"complete": True, "files": 10, "blocks_fetched": 4, "calls": 5}
+    tally.add({**summary, "estimated_cost_usd": 0.5})
+    now[0] += face.PLAIN_EVERY / 2
+    tally.show()
+    assert capsys.readouterr().err == ""
+    now[0] += face.PLAIN_EVERY / 2
+    tally.show()
+    tally.show()  # at once again: nothing more
+    assert capsys.readouterr().err.splitlines() == [
+        "ebsfs: scan: 1 of 3 snapshots, 10 files, 0.4 MB/s, 5 calls, $0.5000"
+    ]
+    tally.add({"complete": False, "files": 2})
+    tally.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["ebsfs: scan: 2 of 3 snapshots, 12 files, 0.4 MB/s, 5 calls, $0.5000"]
+    assert tally.failed == 1

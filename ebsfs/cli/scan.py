@@ -18,6 +18,7 @@ from ebsfs.cli.options import (
     parse_size,
     positive_int,
 )
+from ebsfs.constants import BLOCK_SIZE
 from ebsfs.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -283,7 +284,7 @@ class Tally:
 
     def text(self) -> str:
         seconds = max(time.monotonic() - self.started, 1e-6)
-        mbps = self.blocks * 524288 / seconds / 1e6
+        mbps = self.blocks * BLOCK_SIZE / seconds / 1e6
         return (
             f"{self.done} of {self.total} snapshots, {self.files} files, {mbps:.1f} MB/s, "
             f"{self.calls} calls, ${self.cost:.4f}"
