@@ -4,6 +4,7 @@ digests, and a way to start an `ebsfs get` process and stop it part way."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import sys
 import time
@@ -87,13 +88,22 @@ def gets(server: EmulatorServer, snapshot_id: str | None = None) -> int:
 
 
 def start_get(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ebsfs", "get", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """`ebsfs get` in the background, hearing SIGINT as a terminal's Ctrl-C: a job a
+    shell put in the background (`cmd &`, as a CI runner or nohup may start the tests)
+    has SIGINT ignored, its children inherit that, and Python then leaves it ignored
+    (the Ctrl-C test's get ran to its end). A handler, unlike SIG_IGN, is not
+    inherited across exec: the child starts with SIGINT at its default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ebsfs", "get", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stop_when(
