@@ -194,7 +194,10 @@ def test_sigkill_at_half_resumes_with_one_pass_of_calls(
     add(emulator.store, SNAP, blocks)
     emulator.faults.latency = 0.02  # about 2 s for the whole copy with 8 fetches
     out = tmp_path / "disk.img"
-    proc = start_get("--endpoint-url", emulator.url, "--max-fetches", "8", SNAP, str(out))
+    # --no-hedge: the bound below is of blocks fetched twice because a run was cut
+    # short; a hedge (a slow call asked again on a loaded machine) would add to it.
+    options = ("--no-hedge", "--max-fetches", "8")
+    proc = start_get("--endpoint-url", emulator.url, *options, SNAP, str(out))
     try:
         stop_when(proc, lambda: gets(emulator) >= len(blocks) // 2, signal.SIGKILL)
     finally:
@@ -204,7 +207,7 @@ def test_sigkill_at_half_resumes_with_one_pass_of_calls(
     # Unfinished: no OUTPUT, no manifest; what was fetched is kept beside it.
     assert not out.exists() and not (tmp_path / "disk.img.manifest.json").exists()
     assert {"disk.img.part", "disk.img.part.json", "disk.img.part.sums"} <= set(leftovers(out))
-    result = get(emulator.url, "--max-fetches", "8", SNAP, str(out))
+    result = get(emulator.url, *options, SNAP, str(out))
     assert result.returncode == 0, result.stderr
     # Only what was in flight at the kill is fetched twice.
     assert gets(emulator) <= len(blocks) + 8 + 2
@@ -222,7 +225,10 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
     add(emulator.store, SNAP, blocks, volume_gib=1)
     emulator.faults.latency = 0.02
     out = tmp_path / "disk.img"
-    proc = start_get("--endpoint-url", emulator.url, "--max-fetches", "4", SNAP, str(out))
+    # --no-hedge: the bound below is of blocks fetched twice because a run was cut
+    # short; a hedge (a slow call asked again on a loaded machine) would add to it.
+    options = ("--no-hedge", "--max-fetches", "4")
+    proc = start_get("--endpoint-url", emulator.url, *options, SNAP, str(out))
     stop_when(proc, lambda: gets(emulator) >= len(blocks) // 3, signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
@@ -230,7 +236,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(
         "ebsfs: interrupted; run the same command again to resume"
     )
     assert "Traceback" not in stderr and not out.exists()
-    result = get(emulator.url, "--max-fetches", "4", SNAP, str(out))
+    result = get(emulator.url, *options, SNAP, str(out))
     assert result.returncode == 0, result.stderr
     assert gets(emulator) <= len(blocks) + 4 + 2
     assert file_digest(out) == digests(blocks, GIB)[0]
