@@ -317,7 +317,8 @@ def check_listing(lines: list[dict[str, Any]]) -> None:
         assert mine == expected_files(snapshot_id)
         lib = found[(snapshot_id, "/usr/lib/x86_64-linux-gnu/liblzma.so.5.6.0")]
         assert lib["sha256"] == hashlib.sha256(LIB).hexdigest()
-        assert lib["partition"] == 1 and lib["uid"] == 0 and lib["mtime"].endswith("Z")
+        # mkfs.ext4 -d keeps the staging files' owner: the user running the tests
+        assert lib["partition"] == 1 and lib["uid"] == os.getuid() and lib["mtime"].endswith("Z")
         assert "sha256" not in found[(snapshot_id, "/etc/hostname")]
         evil = found[(snapshot_id, EVIL)]["path"]  # quoted as git quotes it: no raw controls
         assert evil == '"/srv/evil\\n\\033[31mred"'
@@ -576,7 +577,9 @@ def test_a_snapshot_whose_tokens_never_hold_is_an_error_line_not_a_loop(
     finally:
         stop.set()
         churn.join()
-    assert result.returncode == 1 and time.monotonic() - started < 60
+    # Alone it takes 5-6 s (root or not); once, late in a whole unprivileged run, 72 s:
+    # the bound tells a bounded give-up from a loop, not a speed.
+    assert result.returncode == 1 and time.monotonic() - started < 120
     lines = read_lines(tmp_path / "out.jsonl")
     assert "refused" in lines[0]["error"] and lines[-1]["summary"]["complete"] is False
 
