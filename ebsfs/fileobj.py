@@ -10,9 +10,10 @@ import io
 import math
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from ebsfs.constants import MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
+from ebsfs.constants import CONNECT_TIMEOUT, MAX_FETCHES, READ_TIMEOUT, REQUEST_TIMEOUT
 from ebsfs.engine.cache import Loan
 from ebsfs.engine.config import DEFAULT_CACHE_DIR_SIZE, DEFAULT_CACHE_SIZE, EngineConfig
 from ebsfs.engine.diff import Diff
@@ -161,15 +162,13 @@ def open_snapshots(
     _check_keywords(locals())
     if cache_dir is not None:
         cache_dir = os.fspath(cache_dir)
-    connection = ConnectionOptions(
+    connection = keyword_connection(
         region=region,
         profile=profile,
         endpoint_url=endpoint_url,
-        connect_timeout=min(5.0, request_timeout),
-        read_timeout=request_timeout,
+        read_timeout=read_timeout,
+        request_timeout=request_timeout,
         direct_get=direct_get,
-        # Throttling is waited out as long as a read may wait (as the mount does).
-        retry=RetryPolicy(throttle_budget=read_timeout),
     )
     config = EngineConfig(
         connection=connection,
@@ -184,6 +183,31 @@ def open_snapshots(
     )
     # With a cache directory, earlier snapshots of the volume cached there serve them too.
     return open_with(config, snapshot_ids, readahead=readahead)
+
+
+def keyword_connection(
+    *,
+    region: str | None,
+    profile: str | None,
+    endpoint_url: str | None,
+    read_timeout: float,
+    request_timeout: float,
+    direct_get: bool,
+    rate_limiter: Callable[[], None] | None = None,
+) -> ConnectionOptions:
+    """The connection settings of `open`'s keywords (and of `ebsfs scan`'s tasks, which
+    add a rate limiter): connects wait at most CONNECT_TIMEOUT, and throttling is waited
+    out as long as a read may wait (as the mount does)."""
+    return ConnectionOptions(
+        region=region,
+        profile=profile,
+        endpoint_url=endpoint_url,
+        connect_timeout=min(CONNECT_TIMEOUT, request_timeout),
+        read_timeout=request_timeout,
+        direct_get=direct_get,
+        retry=RetryPolicy(throttle_budget=read_timeout),
+        rate_limiter=rate_limiter,
+    )
 
 
 def open_with(

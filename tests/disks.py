@@ -150,10 +150,19 @@ def stage_files(files: dict[str, bytes], root: Path) -> None:
         os.utime(root / d, (EPOCH, EPOCH))
 
 
-def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str, uuid: str) -> None:
+def build_ext4(
+    path: Path,
+    size: int,
+    files: dict[str, bytes],
+    label: str,
+    uuid: str,
+    reset_ctimes: bool = True,
+) -> None:
     """An ext4 image of `size` bytes holding `files` (mkfs.ext4 -d), byte-reproducible:
     fixed UUID, hash seed and time, and inode ctimes reset with debugfs (mke2fs copies
-    them from the staged files, where the kernel sets them)."""
+    them from the staged files, where the kernel sets them). `reset_ctimes=False` skips
+    that pass (its command file cannot name names holding newlines or quotes); the
+    image is then reproducible but for the ctimes."""
     env = {"E2FSPROGS_FAKE_TIME": str(EPOCH)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
@@ -182,6 +191,8 @@ def build_ext4(path: Path, size: int, files: dict[str, bytes], label: str, uuid:
             ],
             env,
         )
+        if not reset_ctimes:
+            return
         commands = Path(tmp) / "ctimes"
         commands.write_text(
             "".join(f"sif /{name} ctime @{EPOCH}\n" for name in [*_directories(files), *files])

@@ -34,7 +34,7 @@ from ebsfs.fleet.cluster import chains, place
 from ebsfs.fleet.output import ScanOutput
 from ebsfs.fleet.records import Selection
 from ebsfs.fleet.tasks import Job
-from tests.disks import EPOCH, _run, copy_range, gpt_disk, stage_files
+from tests.disks import _run, build_ext4, copy_range, gpt_disk
 from tests.mounting import needs_fuse
 from tests.test_cli import assert_one_line_error
 from tests.test_metadata import moto_ec2  # noqa: F401 (a fixture)
@@ -72,30 +72,9 @@ def _disk(path: Path, files: dict[str, bytes], empty_partition: bool = False) ->
         table += f"start={(PART_OFFSET + PART_SIZE) // 512}, size={MiB // 512}, type=linux\n"
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=table)
     fs = path.with_suffix(".fs")
-    root = path.with_suffix(".root")
-    stage_files(files, root)
-    with open(fs, "wb") as f:
-        f.truncate(PART_SIZE)
-    # mkfs.ext4 -d as tests/disks.py's build_ext4, without its debugfs pass (whose
-    # command file cannot name the hostile names below).
-    _run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-b",
-            "4096",
-            "-U",
-            "5ca90000-0000-4000-8000-000000000001",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            str(root),
-            str(fs),
-        ],
-        {"E2FSPROGS_FAKE_TIME": str(EPOCH)},
-    )
-    shutil.rmtree(root)
+    # No ctime pass: its command file cannot name the hostile names below.
+    uuid = "5ca90000-0000-4000-8000-000000000001"
+    build_ext4(fs, PART_SIZE, files, "scan", uuid, reset_ctimes=False)
     copy_range(fs, 0, PART_SIZE, path, PART_OFFSET)
     fs.unlink()
 

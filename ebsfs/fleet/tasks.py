@@ -12,10 +12,9 @@ from typing import Any
 
 from ebsfs.constants import READ_TIMEOUT, REQUEST_TIMEOUT
 from ebsfs.engine.config import DEFAULT_CACHE_DIR_SIZE, EngineConfig
+from ebsfs.fileobj import keyword_connection
 from ebsfs.fleet.ratelimit import LocalLimiter, actor_take
 from ebsfs.fleet.records import Selection, scan_snapshot
-from ebsfs.service.retry import RetryPolicy
-from ebsfs.service.session import ConnectionOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,13 @@ class Settings:
     request_timeout: float = REQUEST_TIMEOUT
 
     def engine_config(self, cache_dir: str | None, limiter: Any = None) -> EngineConfig:
-        connection = ConnectionOptions(
+        connection = keyword_connection(
             region=self.region,
             profile=self.profile,
             endpoint_url=self.endpoint_url,
-            connect_timeout=min(5.0, self.request_timeout),
-            read_timeout=self.request_timeout,
+            read_timeout=self.read_timeout,
+            request_timeout=self.request_timeout,
             direct_get=self.direct_get,
-            retry=RetryPolicy(throttle_budget=self.read_timeout),
             rate_limiter=limiter,
         )
         return EngineConfig(
