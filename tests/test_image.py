@@ -413,6 +413,50 @@ def test_a_reader_through_a_files_run_gets_no_read_ahead_past_its_end() -> None:
     assert trio.run(read_through) == set(range(10, 31 + image_module.RUN_MARGIN))
 
 
+def test_a_metadata_read_at_a_files_start_reads_nothing_of_the_file_ahead() -> None:
+    """A directory block and a file's first bytes in one block (the lazy disk: `fls`
+    reading the last directory had the 16 MiB file after it read ahead whole, 35
+    blocks, docs/performance.md). A read of metadata blocks only, there, keeps the run
+    pending: a tool walking on elsewhere fetches none of it; a reader that goes on
+    into the file gets the whole run read ahead, as at any file's first read."""
+
+    def reads(*offsets: int) -> tuple[set[int], int]:
+        """Blocks fetched by these reads of a fresh image, and read-ahead's limit."""
+        store = SnapshotStore(Faults(seed=1))
+        blocks = {i: pattern_block(1, i) for i in range(64)}
+        store.add_snapshot("snap-01", blocks, volume_size_gib=1)
+        readahead = Readahead()
+        _, api, image = build(store=store, readahead=readahead)
+        image.max_window = 30
+        image.note_file_run(10 * BLOCK_SIZE + 16384, 20 * BLOCK_SIZE)
+        for index in (3, 10):  # the walk asked for these: directories in blocks 3, 10
+            image.note_metadata_block(index)
+        trio.run(read_all, image, readahead, offsets)
+        return {i for _, i in api.block_gets}, min(image.max_window, image.remote.depth())
+
+    async def read_all(image: SnapshotImage, readahead: Readahead, offsets: list[int]) -> None:
+        stream = image.open_stream()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(readahead.run)
+            for offset in offsets:
+                data = await image.read(offset, 65536, stream)
+                assert (
+                    bytes(data)
+                    == pattern_block(1, offset // BLOCK_SIZE)[
+                        offset % BLOCK_SIZE : offset % BLOCK_SIZE + 65536
+                    ]
+                )
+                await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    # `fls`: the directory block at the file's start, then another directory
+    assert reads(10 * BLOCK_SIZE, 3 * BLOCK_SIZE)[0] == {3, 10}
+    # `icat`: its first read there, then on into the file past the metadata block
+    fetched, limit = reads(*(10 * BLOCK_SIZE + n * 65536 for n in range(9)))  # 9th: block 11
+    assert fetched == set(range(10, 12 + limit))
+
+
 def test_file_runs_are_bounded_and_kept_inside_the_image(monkeypatch) -> None:
     from ebsfs.engine import image as image_module
 
@@ -427,6 +471,11 @@ def test_file_runs_are_bounded_and_kept_inside_the_image(monkeypatch) -> None:
         BLOCK_SIZE: 4 * BLOCK_SIZE,
         2 * BLOCK_SIZE: 4 * BLOCK_SIZE,
     }
+    monkeypatch.setattr(image_module, "MAX_METADATA_BLOCKS", 2)
+    for n in range(5):
+        image.note_metadata_block(n)
+    assert image._metadata_blocks == {0, 1}
+    assert image._walk_read(0, 1) and not image._walk_read(1, 2)
     # A read covering a run's start finds it (tools read in aligned chunks of their own)
     assert image._run_at(BLOCK_SIZE - 61440, 131072) == (BLOCK_SIZE, 4 * BLOCK_SIZE)
     assert image._run_at(BLOCK_SIZE - 61440, 61440) is None  # ends before the run
@@ -471,6 +520,47 @@ def test_window_grows_with_the_data_the_run_has_read() -> None:
     for n in range(64):  # 4 MiB in 64 KiB reads: 8 blocks
         small.observe(n * 65536, 65536, 300, dense)
     assert small.window == rule(small._run_data) and small._run_data <= 8
+
+
+def test_a_walk_through_metadata_reads_nothing_ahead_until_it_is_a_stream() -> None:
+    """Reads of blocks the metadata prefetch asked for (`walking`) are recorded but
+    fetch nothing ahead while the run may be one tool's walk; past STREAM_BLOCKS of
+    data the run is a stream (a `dd` through the disk) and reads ahead as any."""
+    from ebsfs.engine.prefetch import STREAM_BLOCKS
+
+    walker, reader = ReadPattern(GIB), ReadPattern(GIB)
+    for n in range(STREAM_BLOCKS // 2 - 1):  # blocks 0 .. STREAM_BLOCKS - 3
+        offset = n * 2 * BLOCK_SIZE
+        assert walker.observe(offset, 2 * BLOCK_SIZE, 300, dense, walking=True) == []
+        reader.observe(offset, 2 * BLOCK_SIZE, 300, dense)
+    assert reader.frontier > STREAM_BLOCKS  # the same reads, not walking: read ahead
+    # A read of file data after the walk reads ahead with what the run has read
+    offset = (STREAM_BLOCKS - 2) * BLOCK_SIZE
+    assert walker.observe(offset, 2 * BLOCK_SIZE, 300, dense)
+    # A stream keeps reading ahead through metadata
+    wanted = walker.observe(offset + 2 * BLOCK_SIZE, 2 * BLOCK_SIZE, 300, dense, walking=True)
+    assert wanted and min(wanted) > STREAM_BLOCKS
+
+
+def test_past_its_files_end_a_reader_fetches_nothing_ahead_for_8_mib() -> None:
+    """restart(): the reader went on past the end of the file it started at (the
+    kernel's read-ahead does, up to 8 MiB past `icat`'s file): the next run reads
+    PAST_FILE_QUIET blocks of data before anything is fetched ahead; a run after it
+    reads ahead as soon as any."""
+    from ebsfs.engine.prefetch import PAST_FILE_QUIET
+
+    def first_fetch(pattern: ReadPattern, start: int) -> int:
+        """Blocks of data read (2 a read) before the run fetches anything ahead."""
+        for n in range(64):
+            if pattern.observe((start + 2 * n) * BLOCK_SIZE, 2 * BLOCK_SIZE, 300, dense):
+                return 2 * (n + 1)
+        raise AssertionError("nothing fetched ahead")
+
+    pattern = ReadPattern(GIB)
+    assert first_fetch(pattern, 0) == 4  # a run's first read is no evidence yet
+    pattern.restart()
+    assert first_fetch(pattern, 100) == PAST_FILE_QUIET + 2
+    assert first_fetch(pattern, 300) == 4  # a new run elsewhere: as usual
 
 
 def test_a_reader_that_skips_the_holes_is_sequential() -> None:

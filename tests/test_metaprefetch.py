@@ -190,6 +190,8 @@ def test_cached_blocks_and_holes_are_not_fetched_again() -> None:
     engine, api = run_engine(blocks, walker, body)
     assert sorted(i for _, i in api.block_gets) == list(range(16))
     assert engine.stats.prefetch_blocks == 14  # not block 0 (the head), nor 3
+    # What the walk asked for is known as metadata (read-ahead leaves walks alone)
+    assert engine.images[SNAP]._metadata_blocks == {1, 2, *range(4, 16)}
 
 
 def test_a_walker_parsing_cached_metadata_lets_other_tasks_run_between_its_reads() -> None:

@@ -44,6 +44,9 @@ RUN_SLACK = 65536
 RUN_MARGIN = 2
 """Blocks past a run's end read ahead with it: the kernel's 1 MiB FUSE read that holds
 a file's last pages reaches into them, and would wait a round trip for them."""
+MAX_METADATA_BLOCKS = 1 << 20
+"""Metadata blocks remembered per image (note_metadata_block): 32-64 MiB of set at
+the most, for a walk budget of 512 GiB; the budget bounds it far sooner."""
 MAX_FILE_RUNS = 65536
 """Large files' runs remembered per image (note_file_run): about 6 MiB at the most,
 the fixed overhead of the hint whatever the filesystem holds."""
@@ -99,6 +102,9 @@ class SnapshotImage:
         the metadata prefetch's walk found them (at most MAX_FILE_RUNS)."""
         self._run_starts: list[int] = []
         """The keys of _file_runs in order (sorted again when a run was added)."""
+        self._metadata_blocks: set[int] = set()
+        """Blocks the metadata prefetch's walk asked for (at most MAX_METADATA_BLOCKS):
+        a read of them is a tool walking the filesystem (_read_ahead)."""
 
     def share_with(self, base: SnapshotImage, changes: ChangeIndex) -> None:
         """Serve blocks that `changes` says are unchanged from `base` (an earlier
@@ -157,6 +163,16 @@ class SnapshotImage:
         if len(self._file_runs) < MAX_FILE_RUNS and 0 <= offset < self.size and length > 0:
             self._file_runs[offset] = min(length, self.size - offset)
             self._run_starts = []
+
+    def note_metadata_block(self, index: int) -> None:
+        """Block `index` holds filesystem metadata (the metadata prefetch fetches it)."""
+        if len(self._metadata_blocks) < MAX_METADATA_BLOCKS:
+            self._metadata_blocks.add(index)
+
+    def _walk_read(self, first: int, last: int) -> bool:
+        """Whether blocks [first, last] are all metadata the walk asked for."""
+        blocks = self._metadata_blocks
+        return bool(blocks) and all(i in blocks for i in range(first, last + 1))
 
     def _run_at(self, offset: int, size: int) -> tuple[int, int] | None:
         """The first told run starting in the first RUN_SLACK bytes of the read
@@ -320,7 +336,8 @@ class SnapshotImage:
         limit = min(self.max_window, self.remote.depth())
         frontier = stream.frontier
         reader = (offset + size - 1) // BLOCK_SIZE
-        run = None if stream.continues(offset) else self._run_at(offset, size)
+        walking = self._walk_read(offset // BLOCK_SIZE, reader)
+        run = self._run_to_adopt(stream, offset, size, walking)
         if run is not None and sum(run) > offset + size:  # a file's first read: its run
             last = min((sum(run) - 1) // BLOCK_SIZE + RUN_MARGIN, self.index.volume_blocks - 1)
             stream.file_run = (run[0] // BLOCK_SIZE, last)
@@ -330,7 +347,13 @@ class SnapshotImage:
             if reader > stream.file_run[1] and stream.continues(offset):
                 stream.restart()  # read on past the file's end: no evidence yet
             stream.file_run = None
-        wanted: Iterable[int] = stream.observe(offset, size, limit, self.index.next_listed)
+        wanted: Iterable[int] = stream.observe(
+            offset,
+            size,
+            limit,
+            self.index.next_listed,
+            walking=walking,
+        )
         if stream.file_run is not None:
             first, last = reader + 1, stream.file_run[1]
             wanted = itertools.chain(
@@ -349,6 +372,25 @@ class SnapshotImage:
             chunk_no = upcoming // chunk_blocks
             if not self.index.at_hand(chunk_no):
                 self.readahead.submit(functools.partial(self.index.get, upcoming))
+
+    def _run_to_adopt(
+        self, stream: ReadPattern, offset: int, size: int, walking: bool
+    ) -> tuple[int, int] | None:
+        """The file run whose first read this is, if any (_run_at). A read of metadata
+        blocks only that covers a run's start keeps it pending instead: a directory
+        block and a file's first bytes can share a block, and `fls` reading that
+        directory looked like the file's first read (35 blocks of a file read ahead
+        for nothing, docs/performance.md). The run is taken up once the reader goes
+        on into it, past the metadata."""
+        if not stream.continues(offset):
+            run = self._run_at(offset, size)
+            stream.pending_run = run if walking else None
+            return None if walking else run
+        pending = stream.pending_run
+        if pending is None or walking:
+            return None
+        stream.pending_run = None
+        return pending
 
     def _blocks_at_hand(
         self, first: int, last: int, loan: Loan | None

@@ -327,6 +327,7 @@ class MetadataPrefetch:
                     return new, True
                 self._spent += 1
                 self._fetched.add((sid, i))
+                image.note_metadata_block(i)
                 new.append(i)
         return new, False
 

@@ -31,6 +31,11 @@ NextListed = Callable[[int], tuple[int | None, bool]]
 none does up to the chunk's end; whether the index knew). Unknown: (index, False)."""
 SCAN_STEPS = 64
 """Index lookups per read at the most (each skips any run of absent blocks)."""
+PAST_FILE_QUIET = 16
+"""Blocks of data a run begun past the end of a file the reader started at must read
+before anything is fetched ahead: the kernel's own read-ahead (4 MiB windows, up to
+two ahead) reads that far past a file a tool read to its end (`icat`: 7 blocks more
+were read ahead of the kernel's reads, docs/performance.md)."""
 STREAM_BLOCKS = 64
 """Blocks of data a run must have read to count as a stream (32 MiB): shorter runs
 may be one file being read, and the data after it another file's."""
@@ -67,10 +72,17 @@ class ReadPattern:
         """The next scan for blocks to fetch waits until the reader is past this block:
         half way through what lies ahead (a warm reader's 1 MiB reads then cost no
         index lookups: docs/performance.md)."""
+        self._quiet = 0
+        """Blocks of data this run reads before it fetches anything ahead."""
+        self._quiet_next = 0
+        """... the next run (restart: the reader went on past its file's end)."""
         self.file_run: tuple[int, int] | None = None
         """Blocks [first, last] of a file's run the reader started at (the metadata
         walk told where it lies: SnapshotImage.note_file_run): read-ahead stops at its
         end while the reader is in it, instead of overshooting past the file."""
+        self.pending_run: tuple[int, int] | None = None
+        """(offset, length) of a file's run whose start a walk read covered: taken up
+        as file_run if the reader goes on into it (SnapshotImage._run_to_adopt)."""
 
     def continues(self, offset: int) -> bool:
         """Whether a read at `offset` would continue the current sequential run."""
@@ -82,8 +94,17 @@ class ReadPattern:
         another file, and the kernel's own read-ahead is no evidence)."""
         self._expected = None
         self.file_run = None
+        self.pending_run = None
+        self._quiet_next = PAST_FILE_QUIET
 
-    def observe(self, offset: int, size: int, limit: int, next_listed: NextListed) -> list[int]:
+    def observe(
+        self,
+        offset: int,
+        size: int,
+        limit: int,
+        next_listed: NextListed,
+        walking: bool = False,
+    ) -> list[int]:
         """Record a read; return the blocks to fetch ahead of it that no earlier read of
         this sequential run returned: enough that `window` blocks holding data lie
         ahead of the reader, the window following the blocks of data the run has read
@@ -91,7 +112,16 @@ class ReadPattern:
         will be read), up to `limit`, and never reaching further than four windows of
         block indexes (a hole is skipped, not crossed for unrelated data far away).
         Blocks of chunks not listed yet are returned too (fetching one lists its
-        chunk), but the scan stops at the first of them."""
+        chunk), but the scan stops at the first of them.
+
+        `walking`: the read is of metadata blocks the metadata prefetch asked for, a
+        tool walking the filesystem (`fls -r` reads directory after directory, in
+        order, a few KiB apart). It is recorded, but fetches nothing ahead until the
+        run is a stream: the walk has asked for what such a tool reads next, and what
+        lies past it is file contents the walk leaves out on purpose (`fls` on a
+        4,000-file disk had 20 blocks of small files read ahead past the last
+        directory: docs/performance.md). A reader through the whole disk is a stream
+        past STREAM_BLOCKS and reads ahead as before."""
         end = offset + size
         sequential = self._expected is not None and (
             abs(offset - self._expected) <= self.tolerance
@@ -107,6 +137,7 @@ class ReadPattern:
             self._run_data = 0
             self._counted = offset // self.block_size - 1
             self._rescan_at = 0
+            self._quiet, self._quiet_next = self._quiet_next, 0
         reader = (self._expected - 1) // self.block_size
         if sequential and reader < self._rescan_at:
             return []
@@ -116,6 +147,8 @@ class ReadPattern:
             size <= 0
             or not sequential
             or not self._run_data
+            or (walking and self._run_data < STREAM_BLOCKS)
+            or self._run_data <= self._quiet
             or self._expected - self._run_start <= self.block_size
         ):
             return []
