@@ -434,7 +434,9 @@ def test_a_metadata_read_at_a_files_start_reads_nothing_of_the_file_ahead() -> N
         trio.run(read_all, image, readahead, offsets)
         return {i for _, i in api.block_gets}, min(image.max_window, image.remote.depth())
 
-    async def read_all(image: SnapshotImage, readahead: Readahead, offsets: list[int]) -> None:
+    async def read_all(
+        image: SnapshotImage, readahead: Readahead, offsets: tuple[int, ...]
+    ) -> None:
         stream = image.open_stream()
         async with trio.open_nursery() as nursery:
             await nursery.start(readahead.run)
