@@ -118,10 +118,8 @@ class ReadPattern:
         tool walking the filesystem (`fls -r` reads directory after directory, in
         order, a few KiB apart). It is recorded, but fetches nothing ahead until the
         run is a stream: the walk has asked for what such a tool reads next, and what
-        lies past it is file contents the walk leaves out on purpose (`fls` on a
-        4,000-file disk had 20 blocks of small files read ahead past the last
-        directory: docs/performance.md). A reader through the whole disk is a stream
-        past STREAM_BLOCKS and reads ahead as before."""
+        lies past it is file contents the walk leaves out on purpose. A reader through
+        the whole disk is a stream past STREAM_BLOCKS and reads ahead as before."""
         end = offset + size
         sequential = self._expected is not None and (
             abs(offset - self._expected) <= self.tolerance
