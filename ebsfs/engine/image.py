@@ -379,8 +379,8 @@ class SnapshotImage:
         """The file run whose first read this is, if any (_run_at). A read of metadata
         blocks only that covers a run's start keeps it pending instead: a directory
         block and a file's first bytes can share a block, and `fls` reading that
-        directory looked like the file's first read (35 blocks of a file read ahead
-        for nothing, docs/performance.md). The run is taken up once the reader goes
+        directory looked like the file's first read (14 blocks of a file read ahead
+        for nothing on the lazy disk, docs/performance.md). The run is taken up once the reader goes
         on into it, past the metadata."""
         if not stream.continues(offset):
             run = self._run_at(offset, size)
