@@ -473,3 +473,31 @@ def test_hostile_file_extents_are_not_told_as_runs() -> None:
     walk.extent_node(raw, ext4._Node(0, -1, True, False, 2960))
     assert told == [(40_000 * 4096, 400 * 4096)]
     assert walk.wave == []  # a file's data is never fetched
+
+
+@pytest.mark.parametrize(
+    "options, tree_label",
+    [(("-t", "ext4"), "ETB0"), (("-t", "ext3", "-b", "1024"), "IND")],
+)
+def test_small_files_with_a_tree_outside_the_inode_are_not_skipped(
+    tmp_path: Path, options: tuple[str, ...], tree_label: str
+) -> None:
+    """The table scan skips small regular files without parsing them (`_Pass.skips`):
+    only those whose whole tree is in the inode. A small file of 10 extents (an extent
+    tree of depth 1) or past 12 blocks of 1 KiB (an indirect block) still has that tree
+    block fetched."""
+    files = {
+        "small-fragmented.db": (MARKER * 512 + bytes(4096)) * 10,  # 80 KiB, 10 extents
+        "small-mapped.txt": MARKER * 2600,  # 20.8 KB: 21 blocks of 1 KiB
+        "tiny.txt": b"tiny\n",
+    }
+    path = tmp_path / "small.img"
+    mkfs(path, 16 * MiB, files, *options)
+    name = "small-fragmented.db" if tree_label == "ETB0" else "small-mapped.txt"
+    out = debugfs(path, f"stat {name}")
+    tree_blocks = [int(b) for b in re.findall(rf"\({tree_label}\):(\d+)", out)]
+    assert tree_blocks, out
+    block_size = int(re.findall(r"Block size:\s+(\d+)", debugfs(path, "stats"))[0])
+    walk = run_walker(ext4.WALKER, path)
+    for block in tree_blocks:
+        assert any(o <= block * block_size < o + n for o, n in walk.extents), block
