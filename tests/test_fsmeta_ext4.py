@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ebsfs.constants import BLOCK_SIZE
-from ebsfs.engine.fsmeta import ext4
+from ebsfs.engine.fsmeta import ext4, ext4layout
 from ebsfs.engine.fsmeta.walk import HEAD_SIZE
 from tests.disks import EPOCH, MiB, build_ext4, partition_files, stage_files
 from tests.fsmeta_helpers import (
@@ -344,8 +344,8 @@ def superblock_field(offset: int, fmt: str, value: int) -> tuple[int, str, int]:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        (superblock_field(0x60, "<I", ext4.INCOMPAT_COMPRESSION), "compression"),
-        (superblock_field(0x60, "<I", ext4.INCOMPAT_JOURNAL_DEV), "journal"),
+        (superblock_field(0x60, "<I", ext4layout.INCOMPAT_COMPRESSION), "compression"),
+        (superblock_field(0x60, "<I", ext4layout.INCOMPAT_JOURNAL_DEV), "journal"),
         (superblock_field(0x60, "<I", 0x80000000), "unknown incompat"),
         (superblock_field(0x18, "<I", 40), "block size"),
         (superblock_field(0x28, "<I", 0xFFFFFFFF), "damaged superblock"),
@@ -388,7 +388,7 @@ def test_groups_all_naming_one_table_are_bounded(images: dict[str, Path], tmp_pa
 def test_probe() -> None:
     head = bytearray(HEAD_SIZE)
     assert not ext4.WALKER.probe(bytes(head))
-    put(head, 1024 + 0x38, struct.pack("<H", ext4.MAGIC))
+    put(head, 1024 + 0x38, struct.pack("<H", ext4layout.MAGIC))
     assert ext4.WALKER.probe(bytes(head))
     put(head, 1024 + 0x18, struct.pack("<I", 9))
     assert not ext4.WALKER.probe(bytes(head))
@@ -455,7 +455,7 @@ def test_hostile_file_extents_are_not_told_as_runs() -> None:
     0, one past the filesystem's end, one whose length overflows it, an unwritten one
     (length > 32768), one past the file's size, one too short to tell: none is told;
     only the one honest extent is, cut to the file's size."""
-    geo = ext4.Geometry(4096, 100_000, 1, 8192, 256, 64, 11, 8, True, [])
+    geo = ext4layout.Geometry(4096, 100_000, 1, 8192, 256, 64, 11, 8, True, [])
     told: list[tuple[int, int]] = []
     walk = ext4._Pass(geo, lambda o, n: told.append((o, n)))
     leaves = [

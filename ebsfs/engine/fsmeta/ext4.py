@@ -15,18 +15,23 @@ the filesystem's size instead, every tree node is visited once, every loop is ca
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from ebsfs.engine.fsmeta.ext4layout import (
+    MAGIC,
+    ROOT_INODE,
+    SUPERBLOCK,
+    Geometry,
+    descriptors,
+    geometry,
+    u16,
+    u32,
+)
 from ebsfs.engine.fsmeta.walk import FILE_RUN_MIN, Extent, FileRun, Read, WalkStopped, Wave
 
-SUPERBLOCK = 1024
-MAGIC = 0xEF53
 EXTENT_MAGIC = 0xF30A
 
-MAX_GROUPS = 1 << 19
-"""Block groups read: 64 TiB of 4 KiB blocks, the largest EBS volume."""
 MAX_INODES = 1 << 24
 """Inode slots examined in all (4 GiB of tables at 256 bytes an inode)."""
 MAX_EXTENTS = 1 << 21
@@ -47,23 +52,10 @@ MAX_SLOT_SWEEP = 1 << 30
 bytes, a 64 GiB filesystem at mkfs's default ratio): past it, the slots of the first
 groups only."""
 
-# Superblock features that change where metadata is (ext4's disk layout document).
-INCOMPAT_COMPRESSION = 0x1
-INCOMPAT_JOURNAL_DEV = 0x8
-INCOMPAT_META_BG = 0x10
-INCOMPAT_64BIT = 0x80
-INCOMPAT_KNOWN = 0x3F7DF  # every incompat feature e2fsprogs 1.47 knows
-RO_COMPAT_SPARSE_SUPER = 0x1
-RO_COMPAT_GDT_CSUM = 0x10
-RO_COMPAT_METADATA_CSUM = 0x400
-COMPAT_HAS_JOURNAL = 0x4
-COMPAT_SPARSE_SUPER2 = 0x200
-
 BG_INODE_UNINIT = 0x1
 INODE_EXTENTS_FL = 0x80000
 INODE_INLINE_DATA_FL = 0x10000000
 S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0xF000, 0x4000, 0x8000, 0xA000
-ROOT_INODE = 2
 FAST_SYMLINK = 60
 """A symlink target shorter than this is kept in i_block itself."""
 
@@ -81,119 +73,6 @@ _INDEX = struct.Struct("<IIH2x")
 """Extent index: first logical block, child (low 32, high 16 bits)."""
 UNWRITTEN = 32768
 """An extent longer than this is unwritten (reads as zeros): nothing to fetch."""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the superblock says, checked."""
-
-    block_size: int
-    blocks: int
-    """Blocks a pointer may name: the superblock's count, cut to the device's size."""
-    groups: int
-    inodes_per_group: int
-    inode_size: int
-    desc_size: int
-    first_ino: int
-    journal: int
-    """The journal's inode: reserved, yet its block map is read at every open (jbd2,
-    The Sleuth Kit), so its indirect or extent-tree blocks are fetched."""
-    uninit_valid: bool
-    """GDT_CSUM or METADATA_CSUM: bg_itable_unused and INODE_UNINIT can be trusted."""
-    descriptors: list[Extent] = field(hash=False)
-    """Where the group descriptors are, in group order."""
-
-
-def _u32(raw: bytes, offset: int) -> int:
-    return int(struct.unpack_from("<I", raw, offset)[0])
-
-
-def _u16(raw: bytes, offset: int) -> int:
-    return int(struct.unpack_from("<H", raw, offset)[0])
-
-
-def geometry(sb: bytes, size: int) -> Geometry:
-    """The layout a superblock (its 1024 bytes) describes, or WalkStopped saying why it
-    cannot be followed."""
-    if len(sb) < 1024 or _u16(sb, 0x38) != MAGIC:
-        raise WalkStopped("no ext2/3/4 superblock")
-    log_block = _u32(sb, 0x18)
-    if log_block > 6:
-        raise WalkStopped(f"block size 2^{10 + log_block} bytes")
-    bs = 1024 << log_block
-    compat, incompat, ro_compat = _u32(sb, 0x5C), _u32(sb, 0x60), _u32(sb, 0x64)
-    for flag, name in (
-        (INCOMPAT_JOURNAL_DEV, "an external journal device, no filesystem"),
-        (INCOMPAT_COMPRESSION, "compression"),
-        (~INCOMPAT_KNOWN & 0xFFFFFFFF, f"unknown incompat features {incompat:#x}"),
-    ):
-        if incompat & flag:
-            raise WalkStopped(f"ext4 with {name}")
-    wide = bool(incompat & INCOMPAT_64BIT)
-    desc_size = _u16(sb, 0xFE) if wide else 32
-    if desc_size < 32 or desc_size > bs or desc_size & (desc_size - 1):
-        raise WalkStopped(f"group descriptors of {desc_size} bytes")
-    blocks_count = _u32(sb, 0x04) | (_u32(sb, 0x150) << 32 if wide else 0)
-    first_data = _u32(sb, 0x14)
-    per_group, ipg = _u32(sb, 0x20), _u32(sb, 0x28)
-    # mke2fs's own bounds: at least 256 blocks a group (bigalloc groups are larger).
-    if not 0 < ipg <= 8 * bs or per_group < 256 or first_data >= blocks_count:
-        raise WalkStopped("damaged superblock (group sizes)")
-    if blocks_count > size // bs + per_group:  # its groups' descriptors would be parsed in vain
-        raise WalkStopped(f"{blocks_count} blocks claimed, the device holds {size // bs}")
-    groups = -(-(blocks_count - first_data) // per_group)
-    if groups > MAX_GROUPS or groups * ipg != _u32(sb, 0x00):
-        raise WalkStopped(f"damaged superblock ({groups} groups, {_u32(sb, 0)} inodes)")
-    revision = _u32(sb, 0x4C)
-    inode_size = _u16(sb, 0x58) if revision else 128
-    first_ino = _u32(sb, 0x54) if revision else 11
-    if inode_size < 128 or inode_size > bs or inode_size & (inode_size - 1):
-        raise WalkStopped(f"inodes of {inode_size} bytes")
-    per_block = bs // desc_size
-    if incompat & INCOMPAT_META_BG:
-        first_meta = min(_u32(sb, 0x104), -(-groups // per_block))
-    else:
-        first_meta = -(-groups // per_block)
-    gdt = (first_data + 1) * bs
-    descriptors = [(gdt, min(first_meta * per_block, groups) * desc_size)]
-    backups = (_u32(sb, 0x24C), _u32(sb, 0x250))
-    for meta in range(first_meta * per_block, groups, per_block):
-        # meta_bg: each run of per_block groups keeps its descriptors in its first group,
-        # after that group's superblock copy if it has one.
-        sparse = ro_compat & RO_COMPAT_SPARSE_SUPER, compat & COMPAT_SPARSE_SUPER2
-        start = first_data + meta * per_group + (1 if _has_super(meta, *sparse, backups) else 0)
-        descriptors.append((start * bs, min(per_block, groups - meta) * desc_size))
-    return Geometry(
-        block_size=bs,
-        blocks=min(blocks_count, size // bs),
-        groups=groups,
-        inodes_per_group=ipg,
-        inode_size=inode_size,
-        desc_size=desc_size,
-        first_ino=max(first_ino, ROOT_INODE + 1),
-        journal=_u32(sb, 0xE0) if compat & COMPAT_HAS_JOURNAL else 0,
-        uninit_valid=bool(ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM)),
-        descriptors=[d for d in descriptors if d[1] > 0],
-    )
-
-
-def _has_super(group: int, sparse: int, sparse2: int, backups: tuple[int, int]) -> bool:
-    """Whether a group starts with a copy of the superblock."""
-    if group == 0:
-        return True
-    if sparse2:
-        return group in backups
-    if not sparse:
-        return True
-    if group == 1:
-        return True
-    for base in (3, 5, 7):
-        n = base
-        while n < group:
-            n *= base
-        if n == group:
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -375,8 +254,8 @@ class Ext4Walker:
         """The superblock magic and a block size ext4 allows."""
         return (
             len(head) >= SUPERBLOCK + 1024
-            and _u16(head, SUPERBLOCK + 0x38) == MAGIC
-            and _u32(head, SUPERBLOCK + 0x18) <= 6
+            and u16(head, SUPERBLOCK + 0x38) == MAGIC
+            and u32(head, SUPERBLOCK + 0x18) <= 6
         )
 
     reports_file_runs = True
@@ -447,7 +326,7 @@ class Ext4Walker:
         done = {group: used for group, _, used in read}
         room = MAX_SLOT_SWEEP // geo.block_size
         full = -(-geo.inodes_per_group * geo.inode_size // geo.block_size)
-        for group, desc in enumerate(_descriptors(geo, gdt)):
+        for group, desc in enumerate(descriptors(geo, gdt)):
             if room <= 0:
                 break
             skip = -(-done.get(group, 0) * geo.inode_size // geo.block_size)
@@ -463,7 +342,7 @@ class Ext4Walker:
         blocks and the group's inode bitmap added to the wave."""
         geo = walk.geo
         tables = []
-        for group, desc in enumerate(_descriptors(geo, gdt)):
+        for group, desc in enumerate(descriptors(geo, gdt)):
             used = geo.inodes_per_group
             if geo.uninit_valid:
                 if desc.flags & BG_INODE_UNINIT:
@@ -478,32 +357,6 @@ class Ext4Walker:
                 walk.extent(desc.bitmap, 1)
                 tables.append((group, desc.table, used))
         return tables
-
-
-class _Descriptor(NamedTuple):
-    """The fields of a group descriptor the walk uses (64-bit halves joined)."""
-
-    bitmap: int
-    table: int
-    free: int
-    flags: int
-    unused: int
-
-
-def _descriptors(geo: Geometry, gdt: bytes) -> Iterator[_Descriptor]:
-    """Each group's descriptor in group order, up to the first the table cuts short."""
-    for group in range(geo.groups):
-        raw = gdt[group * geo.desc_size : (group + 1) * geo.desc_size]
-        if len(raw) < 32:
-            return
-        bitmap, table = _u32(raw, 0x04), _u32(raw, 0x08)
-        free, flags, unused = _u16(raw, 0x0E), _u16(raw, 0x12), _u16(raw, 0x1C)
-        if geo.desc_size >= 64:
-            bitmap |= _u32(raw, 0x24) << 32
-            table |= _u32(raw, 0x28) << 32
-            free |= _u16(raw, 0x2E) << 16
-            unused |= _u16(raw, 0x32) << 16
-        yield _Descriptor(bitmap, table, free, flags, unused)
 
 
 WALKER = Ext4Walker()
