@@ -105,6 +105,8 @@ class _Pass:
         self.room = geo.blocks
         """Blocks still allowed: real metadata never adds up to more than the disk."""
         self.stopped = ""
+        self.run_blocks = -(-FILE_RUN_MIN // geo.block_size)
+        """Blocks a file run spans at the least (walk.py FILE_RUN_MIN)."""
 
     def extent(self, block: int, count: int) -> bool:
         """Add blocks to the wave if they lie in the filesystem and the cap allows."""
@@ -149,7 +151,7 @@ class _Pass:
         if mode & S_IFMT != S_IFREG:
             return False
         blocks = -(-size // self.geo.block_size)
-        if blocks >= -(-FILE_RUN_MIN // self.geo.block_size):
+        if blocks >= self.run_blocks:
             return False  # may hold a file run to tell
         if flags & INODE_EXTENTS_FL:
             return depth == 0  # its extents are in the inode: nothing to fetch
@@ -206,14 +208,13 @@ class _Pass:
         if self.file_run is None:
             return
         bs = self.geo.block_size
-        least = -(-FILE_RUN_MIN // bs)
         for i in range(entries):
             logical, length, hi, lo = _LEAF.unpack_from(raw, _HEADER.size + i * _LEAF.size)
             start = hi << 32 | lo
             if length > UNWRITTEN:
                 continue  # unwritten: reads as zeros, whatever its blocks hold
             length = min(length, node.blocks - logical)
-            if length >= least and start > 0 and start + length <= self.geo.blocks:
+            if length >= self.run_blocks and start > 0 and start + length <= self.geo.blocks:
                 self.file_run(start * bs, length * bs)
 
     def inode_map(self, pointers: tuple[int, ...], data: bool, blocks: int) -> None:
