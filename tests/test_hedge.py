@@ -17,7 +17,8 @@ import ebsfs
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
-from ebsfs.engine.hedge import MIN_SAMPLES, Hedger
+from ebsfs.engine import hedge
+from ebsfs.engine.hedge import EARLY_SAMPLES, MAX_HEDGES, MIN_SAMPLES, Hedger
 from ebsfs.engine.stats import format_report
 from ebsfs.errors import ReadFailed, TransientError
 from ebsfs.service.api import Block
@@ -96,6 +97,79 @@ def test_no_hedge_before_enough_answers_were_timed() -> None:
 
     run(hedger, slow, None)
     assert calls == ["call"] and hedger.counts.sent == 0
+    hedger.close()
+
+
+def test_before_the_percentile_a_few_answers_give_a_cautious_delay(monkeypatch) -> None:
+    """A mount's first calls: from EARLY_SAMPLES answers on, a call outstanding
+    EARLY_AFTER times their median (and EARLY_FLOOR at least) is hedged, so one slow
+    call among them does not hold the first read for a whole slow answer."""
+    monkeypatch.setattr(hedge, "EARLY_FLOOR", 0.05)
+    hedger = Hedger()
+    for _ in range(EARLY_SAMPLES - 1):
+        run(hedger, answer, None)
+    hedger._update_delay()
+    assert hedger.delay() is None  # too few answers: no guess
+    run(hedger, answer, None)
+    hedger._update_delay()
+    assert hedger.delay() == 0.05  # quick answers: the floor
+    calls: list[str] = []
+    log: list[str] = []
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) == 1:
+            return stall_until_abandoned(room, log)
+        return answer(room)
+
+    block = run(hedger, get, memoryview(bytearray(BLOCK_SIZE)))
+    assert bytes(block.data) == RIGHT and log == ["first call ended"]
+    assert (hedger.counts.sent, hedger.counts.won) == (1, 1)
+    hedger.close()
+
+
+def test_the_early_delay_follows_the_median_of_the_answers_so_far() -> None:
+    hedger = Hedger()
+    for seconds in (0.3, 0.2, 0.4, 0.25, 5.0):  # one slow answer does not move it
+        hedger._recent.append(seconds)
+    hedger._update_delay()
+    assert hedger.delay() == pytest.approx(hedge.EARLY_AFTER * 0.3)
+
+
+def test_a_hedge_that_is_slow_too_is_hedged_once_more_and_no_further() -> None:
+    """One hedge in a hundred meets the slow tail itself: the call is asked a third
+    time, never a fourth, and the one answer that wins is delivered."""
+    hedger = primed()
+    calls: list[str] = []
+    log: list[str] = []
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) <= MAX_HEDGES:  # the first call and the first hedge stall
+            return stall_until_abandoned(room, log)
+        return answer(room)
+
+    room = memoryview(bytearray(BLOCK_SIZE))
+    block = run(hedger, get, room)
+    assert bytes(block.data) == RIGHT and block.data is not room
+    assert len(calls) == 1 + MAX_HEDGES
+    assert (hedger.counts.sent, hedger.counts.won) == (MAX_HEDGES, 1)
+    assert log.count("first call ended") == MAX_HEDGES  # both losers left their exchanges
+    hedger.close()
+
+
+def test_no_call_is_asked_more_than_max_hedges_times_again() -> None:
+    hedger = primed()
+    calls: list[str] = []
+
+    def slow(room: memoryview | None) -> Block:
+        calls.append("call")
+        threading.Event().wait(0.4)  # twenty times the delay, every call
+        return answer(room)
+
+    block = run(hedger, slow, memoryview(bytearray(BLOCK_SIZE)))
+    assert bytes(block.data) == RIGHT
+    assert len(calls) == 1 + MAX_HEDGES and hedger.counts.sent == MAX_HEDGES
     hedger.close()
 
 
@@ -215,7 +289,7 @@ def test_a_snapshot_read_through_stalls_is_exact_and_its_hedges_counted(stalling
     calls = report["calls"]["GetSnapshotBlock"]
     assert report["blocks_fetched"] == 96
     assert calls <= 96 + hedges["sent"] + report["retries"]
-    assert "calls asked twice" in format_report(report)
+    assert "calls asked again" in format_report(report)
     connections = report["connections"]  # the direct path's pool, in ebsfs stats too
     assert connections["opened"] >= 1 and "connections " in format_report(report)
 

@@ -6,7 +6,7 @@ Why: a sequential reader waits on the one block whose call is slow (a dropped SY
 retried after a second, a server's slow tail, a connection stuck behind a lost packet)
 and everything behind it waits too; a second call usually answers at the usual pace.
 Bounded: hedges add at most HEDGE_FRACTION to the calls over time (a token bucket filled
-by every call that ends, HEDGE_BURST deep), one per call at the most, on at most
+by every call that ends, HEDGE_BURST deep), MAX_HEDGES per call at the most, on at most
 HEDGE_THREADS threads of their own (each call on another pooled connection).
 
 How, without a cost per call on the trio thread: the worker thread of each call
@@ -58,7 +58,24 @@ MIN_HEDGE_DELAY = 0.02
 millisecond, and a pause of this machine's own (a GC, a busy CPU) looks like a slow
 call; hedging those would only add calls to a busy moment."""
 MIN_SAMPLES = 32
-"""Answers timed before any hedging: no hedge on a guess."""
+"""Answers timed before the delay follows their 95th percentile..."""
+EARLY_SAMPLES = 4
+"""...and before that, from this many answers on, a call is hedged once outstanding
+EARLY_AFTER times their median, and at least EARLY_FLOOR seconds: a cautious delay
+from few answers, never a guess from none. Why: a mount's first calls were never
+hedged, and one slow call among them held the first read for a whole slow answer
+(1.0-1.2 s at 100 ms a call with 1 % of calls 10x slower: 3 of 22 traced mounts,
+docs/performance.md)."""
+EARLY_AFTER = 3.0
+EARLY_FLOOR = 0.5
+"""Not less: a call to a local endpoint answers in a millisecond, and a pause of this
+machine's own (a TLS handshake on a busy CPU, a GC) must not look like a slow call
+before the percentile knows better. At 100 ms a call the slow tail's answers take
+1-1.5 s, so the floor still saves most of one."""
+MAX_HEDGES = 2
+"""Calls made again per call at the most: a hedge that meets the slow tail itself (one
+in a hundred of them, with 1 % of calls slow) held its reader 0.8-1.0 s in traces, so a
+hedge outstanding past the delay is hedged once more, from the same budget."""
 HEDGE_THREADS = 8
 THROTTLE_PAUSE = 5.0
 """Seconds without hedging after the service last throttled: a call sleeping out
@@ -89,11 +106,18 @@ class _Call:
     gone: Abandon | None
     """The first call's Abandon (fired when the hedge wins, or by a read giving up)."""
     hedge_gone: Abandon = field(default_factory=Abandon)
-    hedged: bool = False
+    """Fired when no hedge is needed any more (ends all of them)."""
+    hedges: int = 0
+    """Hedges started (MAX_HEDGES at the most)."""
+    running: int = 0
+    """Of those, the ones not yet ended."""
+    hedged_at: float = 0.0
+    """When the last hedge started: the next is due a delay after it."""
     ended: bool = False
     """The first call's thread returned: a hedge ending later is dropped."""
     winner: Block | None = None
     hedge_done: threading.Event = field(default_factory=threading.Event)
+    """Set once a hedge won or every hedge started has ended."""
 
 
 class Hedger:
@@ -155,7 +179,7 @@ class Hedger:
             with self._lock:
                 del self._calls[number]
                 call.ended = True
-                hedged = call.hedged
+                hedged = call.hedges > 0
             if not hedged:
                 raise
             call.hedge_done.wait()  # it ends by its own deadlines, or at once if fired
@@ -170,8 +194,8 @@ class Hedger:
                 call.winner = None
             self._answers += 1
             self._tokens = min(self.burst, self._tokens + self.fraction)
-        if call.hedged:
-            call.hedge_gone.fire()  # nobody needs the hedge any more
+        if call.hedges:
+            call.hedge_gone.fire()  # nobody needs the hedges any more
         self._recent.append(time.monotonic() - call.started)
         return block
 
@@ -205,7 +229,8 @@ class Hedger:
                 if not self._calls:  # a call registering now sets it again
                     self._wake.wait(1.0)
                 continue
-            if self._answers - self._answers_seen >= 16 and len(self._recent) >= MIN_SAMPLES:
+            answers = self._answers - self._answers_seen
+            if answers >= 16 or (answers and len(self._recent) < MIN_SAMPLES):
                 self._answers_seen = self._answers
                 self._update_delay()
             delay = self._delay
@@ -222,21 +247,42 @@ class Hedger:
             due: list[_Call] = []
             with self._lock:
                 for call in self._calls.values():
-                    if now - call.started < delay:
+                    wait = delay * self._scarcity()
+                    if now - call.started < wait:
                         break  # the rest started later
-                    if call.hedged or (call.gone is not None and call.gone.fired):
+                    if call.hedges >= MAX_HEDGES or now - call.hedged_at < wait:
+                        continue
+                    if call.gone is not None and call.gone.fired:
                         continue
                     if self._tokens < 1.0:
                         break
                     self._tokens -= 1.0
-                    call.hedged = True
+                    call.hedges += 1
+                    call.running += 1
+                    call.hedged_at = now
+                    call.hedge_done.clear()  # the first call is out: nobody waits on it yet
                     due.append(call)
             for call in due:
                 self._start_hedge(call)
 
+    def _scarcity(self) -> float:
+        """The delay's factor for the next hedge: 1 with the bucket full, up to 2 as
+        it empties. Why: the budget (1.5 %) is below the share of calls past 1.2x the
+        95th percentile on a loaded machine, and an empty bucket left a call of the slow
+        tail unhedged (a reader held 0.8-1.1 s, docs/performance.md); with few tokens
+        left, they go to calls far later than usual, not to those the first answer
+        would beat by a few milliseconds (two in five hedges were lost so)."""
+        return 2.0 - min(self._tokens, self.burst) / self.burst
+
     def _update_delay(self) -> None:
         ordered = sorted(self._recent)
-        p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        count = len(ordered)
+        if count < EARLY_SAMPLES:
+            return
+        if count < MIN_SAMPLES:
+            self._delay = max(self.min_delay, EARLY_FLOOR, EARLY_AFTER * ordered[count // 2])
+            return
+        p95 = ordered[min(count - 1, int(count * 0.95))]
         self._delay = max(self.min_delay, self.after * p95)
 
     def _start_hedge(self, call: _Call) -> None:
@@ -245,7 +291,10 @@ class Hedger:
         try:
             self._pool.submit(self._hedge, call)
         except RuntimeError:  # shut down
-            call.hedge_done.set()
+            with self._lock:
+                call.running -= 1
+                if call.running == 0:
+                    call.hedge_done.set()
 
     # ---- the hedge threads -----------------------------------------------------------
 
@@ -255,16 +304,23 @@ class Hedger:
                 block = call.get(memoryview(bytearray(BLOCK_SIZE)))
         except Exception as err:
             log.debug("hedged call failed: %s", err)
-            call.hedge_done.set()
+            with self._lock:
+                call.running -= 1
+                if call.running == 0:
+                    call.hedge_done.set()
             return
         with self._lock:
-            won = not call.ended
+            call.running -= 1
+            won = not call.ended and call.winner is None
             if won:
                 call.winner = block
                 self.counts.won += 1
-        call.hedge_done.set()
-        if won and call.gone is not None:
-            call.gone.fire()  # the first call's exchange ends; its thread returns `block`
+            if won or call.running == 0:
+                call.hedge_done.set()
+        if won:
+            call.hedge_gone.fire()  # another hedge still out is not needed
+            if call.gone is not None:
+                call.gone.fire()  # the first call's exchange ends; its thread returns `block`
 
     def report(self) -> dict[str, Any]:
         return {

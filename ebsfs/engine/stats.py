@@ -69,7 +69,7 @@ class Stats:
         self.connections: Callable[[], dict[str, Any]] | None = None
         """The direct path's connection counters (service/connections.py), when it is used."""
         self.hedging: Callable[[], dict[str, Any]] | None = None
-        """Calls asked twice (engine/hedge.py), when hedging is on."""
+        """Calls asked again (engine/hedge.py), when hedging is on."""
         self.disk_cache: Callable[[], dict[str, Any]] | None = None
         """Where the disk cache is and how full, when there is one."""
         self.prefetch_budget: int | None = None
@@ -217,7 +217,7 @@ def _hedge_lines(hedges: dict[str, Any] | None) -> list[str]:
     delay = hedges.get("delay_seconds")
     after = "not yet: too few answers timed" if delay is None else f"after {delay * 1000:.0f} ms"
     return [
-        f"hedged          {hedges['sent']:,} calls asked twice ({after}), "
+        f"hedged          {hedges['sent']:,} calls asked again ({after}), "
         f"{hedges['won']:,} answered by the second call first"
     ]
 
