@@ -335,11 +335,17 @@ def summary(
         f"(MB/s of image; ratios of times, each round's own; spread: the mount's slowest "
         f"run / its fastest; calls/block and connections: the mount's, the highest run):"
     )
-    print(
-        "| server | disk | latency | ebsfs | ebsfs slowest | spread | pool of 64 | dsnap "
-        "| ebsfs/pool | ebsfs/dsnap | CPU ms/block | calls/block | connections |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    # --skip-dsnap: no dsnap columns (not columns of "nan").
+    dsnap_columns = ("dsnap", "ebsfs/dsnap") if not args.skip_dsnap else ()
+    columns = [
+        *("server", "disk", "latency", "ebsfs", "ebsfs slowest", "spread", "pool of 64"),
+        *dsnap_columns[:1],
+        "ebsfs/pool",
+        *dsnap_columns[1:],
+        *("CPU ms/block", "calls/block", "connections"),
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     rows: list[dict[str, object]] = []
     figures: dict[str, object] = {"cells": rows}
     for c in cells:
@@ -347,17 +353,30 @@ def summary(
         pool_ratio = c.ratios("pool")
         dsnap_ratio = c.ratios("dsnap")
         mounts = c.seconds["ebsfs"]
-        print(
-            f"| {c.profile} | {c.disk} | {c.latency_ms} ms | "
-            f"{size / median(mounts) / MB:.0f} | {size / max(mounts) / MB:.0f} | "
-            f"{max(mounts) / min(mounts):.2f} | "
-            f"{size / median(c.seconds['pool']) / MB:.0f} | "
-            f"{size / median(c.seconds['dsnap']) / MB:.0f} | "
-            f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)}) | "
-            f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)}) | "
-            f"{median(c.cpu_ms_per_block):.2f} | {max(c.calls_per_block):.3f} | "
-            f"{max(c.connections)} |"
+        dsnap_cells = (
+            (
+                f"{size / median(c.seconds['dsnap']) / MB:.0f}",
+                f"{median(dsnap_ratio):.2f} ({', '.join(f'{r:.2f}' for r in dsnap_ratio)})",
+            )
+            if dsnap_columns
+            else ()
         )
+        cells_shown = [
+            c.profile,
+            c.disk,
+            f"{c.latency_ms} ms",
+            f"{size / median(mounts) / MB:.0f}",
+            f"{size / max(mounts) / MB:.0f}",
+            f"{max(mounts) / min(mounts):.2f}",
+            f"{size / median(c.seconds['pool']) / MB:.0f}",
+            *dsnap_cells[:1],
+            f"{median(pool_ratio):.2f} ({', '.join(f'{r:.2f}' for r in pool_ratio)})",
+            *dsnap_cells[1:],
+            f"{median(c.cpu_ms_per_block):.2f}",
+            f"{max(c.calls_per_block):.3f}",
+            f"{max(c.connections)}",
+        ]
+        print("| " + " | ".join(cells_shown) + " |")
         rows.append(
             {
                 "profile": c.profile,

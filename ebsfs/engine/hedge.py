@@ -80,6 +80,13 @@ HEDGE_THREADS = 8
 THROTTLE_PAUSE = 5.0
 """Seconds without hedging after the service last throttled: a call sleeping out
 throttling is slow for our own back-off, and a second call would only add load."""
+PER_TICK = 1
+"""Hedges started per look at the most, the oldest call first. Why: calls that pass the
+delay together were mostly held by one cause (this machine's CPU, the server's), and
+answer a moment later; hedged, they spent the budget (two in five hedges lost, their
+first call answering within 70 ms) until a call of the slow tail found none left
+(docs/performance.md). One a look lets those answer, and a truly slow call is hedged a
+look or two later."""
 TICK = 0.02
 """Seconds between the watchdog's looks (a hedge starts up to this late). Not less: at
 5 ms its wake-ups, each taking the GIL from the worker threads, cost a mount 3-4 % more
@@ -262,17 +269,21 @@ class Hedger:
                     call.hedged_at = now
                     call.hedge_done.clear()  # the first call is out: nobody waits on it yet
                     due.append(call)
+                    if len(due) >= PER_TICK:
+                        break
             for call in due:
                 self._start_hedge(call)
 
     def _scarcity(self) -> float:
-        """The delay's factor for the next hedge: 1 with the bucket full, up to 2 as
-        it empties. Why: the budget (1.5 %) is below the share of calls past 1.2x the
-        95th percentile on a loaded machine, and an empty bucket left a call of the slow
-        tail unhedged (a reader held 0.8-1.1 s, docs/performance.md); with few tokens
-        left, they go to calls far later than usual, not to those the first answer
-        would beat by a few milliseconds (two in five hedges were lost so)."""
-        return 2.0 - min(self._tokens, self.burst) / self.burst
+        """The delay's factor for the next hedge: 1 while half the bucket or more is
+        left, up to 2 as it empties. Why: the budget (1.5 %) is below the share of
+        calls past 1.2x the 95th percentile on a loaded machine, and an empty bucket
+        left a call of the slow tail unhedged (a reader held 0.8-1.1 s,
+        docs/performance.md); with few tokens left, they go to calls far later than
+        usual, not to those the first answer would beat by a few milliseconds (two in
+        five hedges were lost so)."""
+        half = self.burst / 2
+        return 1.0 + max(0.0, 1.0 - self._tokens / half) if half > 0 else 1.0
 
     def _update_delay(self) -> None:
         ordered = sorted(self._recent)
