@@ -19,7 +19,7 @@ from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer
 from ebsfs.emulator.diskimage import random_image
 from ebsfs.engine import hedge
-from ebsfs.engine.hedge import EARLY_SAMPLES, MAX_HEDGES, MIN_SAMPLES, Hedger
+from ebsfs.engine.hedge import EARLY_SAMPLES, MAX_HEDGES, MIN_SAMPLES, GetInto, Hedger
 from ebsfs.engine.stats import format_report
 from ebsfs.errors import ReadFailed, TransientError
 from ebsfs.service.api import Block
@@ -49,6 +49,19 @@ def stall_until_abandoned(room: memoryview | None, log: list[str]) -> Block:
     raise ReadFailed("given up, the read that asked for it is gone")
 
 
+def stalling_first(count: int, calls: list[str], log: list[str]) -> GetInto:
+    """A block's calls, in the order made: the first `count` stall until abandoned
+    (their ends logged in `log`), the rest answer at once; each call noted in `calls`."""
+
+    def get(room: memoryview | None) -> Block:
+        calls.append("call")
+        if len(calls) <= count:
+            return stall_until_abandoned(room, log)
+        return answer(room)
+
+    return get
+
+
 def run(hedger: Hedger, get: Callable[[memoryview | None], Block], room: memoryview | None):
     """As a worker thread of remote.in_worker runs it: under an Abandon of its own."""
     with abandonable(Abandon()):
@@ -69,15 +82,8 @@ def test_a_stalled_call_is_hedged_and_the_hedge_block_delivered_once() -> None:
     hedger = primed()
     calls: list[str] = []
     log: list[str] = []
-
-    def get(room: memoryview | None) -> Block:
-        calls.append("call")
-        if len(calls) == 1:
-            return stall_until_abandoned(room, log)
-        return answer(room)
-
     room = memoryview(bytearray(BLOCK_SIZE))
-    block = run(hedger, get, room)
+    block = run(hedger, stalling_first(1, calls, log), room)
     assert log == ["first call ended"]  # the loser left its exchange before we returned
     assert bytes(block.data) == RIGHT and block.data is not room  # the hedge's own room
     assert len(calls) == 2
@@ -116,14 +122,7 @@ def test_before_the_percentile_a_few_answers_give_a_cautious_delay(monkeypatch) 
     assert hedger.delay() == 0.05  # quick answers: the floor
     calls: list[str] = []
     log: list[str] = []
-
-    def get(room: memoryview | None) -> Block:
-        calls.append("call")
-        if len(calls) == 1:
-            return stall_until_abandoned(room, log)
-        return answer(room)
-
-    block = run(hedger, get, memoryview(bytearray(BLOCK_SIZE)))
+    block = run(hedger, stalling_first(1, calls, log), memoryview(bytearray(BLOCK_SIZE)))
     assert bytes(block.data) == RIGHT and log == ["first call ended"]
     assert (hedger.counts.sent, hedger.counts.won) == (1, 1)
     hedger.close()
@@ -154,15 +153,9 @@ def test_a_hedge_that_is_slow_too_is_hedged_once_more_and_no_further() -> None:
     hedger = primed()
     calls: list[str] = []
     log: list[str] = []
-
-    def get(room: memoryview | None) -> Block:
-        calls.append("call")
-        if len(calls) <= MAX_HEDGES:  # the first call and the first hedge stall
-            return stall_until_abandoned(room, log)
-        return answer(room)
-
     room = memoryview(bytearray(BLOCK_SIZE))
-    block = run(hedger, get, room)
+    # The first call and the first hedge stall.
+    block = run(hedger, stalling_first(MAX_HEDGES, calls, log), room)
     assert bytes(block.data) == RIGHT and block.data is not room
     assert len(calls) == 1 + MAX_HEDGES
     assert (hedger.counts.sent, hedger.counts.won) == (MAX_HEDGES, 1)
