@@ -253,8 +253,10 @@ class Hedger:
                 continue
             due: list[_Call] = []
             with self._lock:
+                # Once a look: under the lock no answer adds a token, and with PER_TICK 1
+                # none is spent before the loop ends.
+                wait = delay * self._scarcity()
                 for call in self._calls.values():
-                    wait = delay * self._scarcity()
                     if now - call.started < wait:
                         break  # the rest started later
                     if call.hedges >= MAX_HEDGES or now - call.hedged_at < wait:
