@@ -24,7 +24,8 @@ snapshot); its latency is changed between cells through its control endpoint. Wi
 keep-alive connections closed every 100 answers), "queue5-tail" (a listen queue of 5,
 1 % of calls 10x slower); the wire options (--nagle, --close-after, --slow-tail, ...)
 add to every profile. Each mount's GET calls per block fetched (above 1: retries or
-hedges) and connections opened are counted by the emulator. Needs root.
+hedges), connections opened and the most GETs served at once (the mount's calls in
+flight as the server saw them) are counted by the emulator. Needs root.
 
     sudo .venv/bin/python scripts/bench_read.py [--latencies 20,100,200] [--rounds 3]
         [--profile emulator --profile tls-nagle-close --profile queue5-tail]
@@ -112,15 +113,17 @@ def get_calls(url: str) -> int:
     return int(emulator_control(url, "stats")["calls"].get("GetSnapshotBlock", 0))
 
 
-def mount_costs(url: str, own_requests: int) -> tuple[int, float, int]:
+def mount_costs(url: str, own_requests: int) -> tuple[int, float, int, int]:
     """Since the emulator's counters were last reset: GET calls, those calls per block
-    served (hedged or retried blocks make it more than 1), and connections opened by
+    served (hedged or retried blocks make it more than 1), connections opened by
     others than this script (its `own_requests` since the reset, this one included,
-    opened one each)."""
+    opened one each), and the most GETs the server held at once (the mount's calls in
+    flight as the server saw them: issue 27 bounds connections by twice that)."""
     stats = emulator_control(url, "stats")
     calls = int(stats["calls"].get("GetSnapshotBlock", 0))
     connections = int(stats.get("connections", 0)) - own_requests
-    return calls, calls / max(len(stats["block_gets"]), 1), connections
+    peak = int(stats.get("gets_peak", 0))
+    return calls, calls / max(len(stats["block_gets"]), 1), connections, peak
 
 
 def thread_pool(url: str, workers: int = 64) -> tuple[float, int]:
@@ -231,6 +234,7 @@ class Cell:
     cpu_ms_per_block: list[float] = field(default_factory=list)
     calls_per_block: list[float] = field(default_factory=list)
     connections: list[int] = field(default_factory=list)
+    peak_in_flight: list[int] = field(default_factory=list)
 
     def ratios(self, other: str) -> list[float]:
         return [
@@ -252,11 +256,12 @@ def run_cell(
             pid = int(os.getxattr(mnt, "user.ebsfs.pid"))
             calls, cpu = get_calls(url), process_cpu(pid)
             cell.seconds["ebsfs"].append(cold_dd(mnt / f"{SNAP}.img", mib))
-            fetched, per_block, connections = mount_costs(url, own_requests=2)
+            fetched, per_block, connections, peak = mount_costs(url, own_requests=2)
             fetched -= calls
             cell.cpu_ms_per_block.append((process_cpu(pid) - cpu) / max(fetched, 1) * 1000)
             cell.calls_per_block.append(per_block)
             cell.connections.append(connections)
+            cell.peak_in_flight.append(peak)
         finally:
             ebsfs("umount", str(mnt))
         seconds, total = thread_pool(url)
@@ -282,6 +287,7 @@ def report_cell(cell: Cell, size: int) -> None:
         f" MB/s | cpu/block {', '.join(f'{c:.2f}' for c in cell.cpu_ms_per_block)} ms"
         f" | calls/block {', '.join(f'{c:.3f}' for c in cell.calls_per_block)}"
         f" | connections {', '.join(str(c) for c in cell.connections)}"
+        f" | peak in flight {', '.join(str(c) for c in cell.peak_in_flight)}"
     )
     print(line, flush=True)
 
@@ -333,7 +339,8 @@ def summary(
     print(
         f"\nsequential cold read, whole image, medians of {args.rounds} rounds "
         f"(MB/s of image; ratios of times, each round's own; spread: the mount's slowest "
-        f"run / its fastest; calls/block and connections: the mount's, the highest run):"
+        f"run / its fastest; calls/block, connections and connections / the GETs the server "
+        f"held at once: the mount's, the highest run):"
     )
     # --skip-dsnap: no dsnap columns (not columns of "nan").
     dsnap_columns = ("dsnap", "ebsfs/dsnap") if not args.skip_dsnap else ()
@@ -342,7 +349,7 @@ def summary(
         *dsnap_columns[:1],
         "ebsfs/pool",
         *dsnap_columns[1:],
-        *("CPU ms/block", "calls/block", "connections"),
+        *("CPU ms/block", "calls/block", "connections", "connections / peak in flight"),
     ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -353,6 +360,7 @@ def summary(
         pool_ratio = c.ratios("pool")
         dsnap_ratio = c.ratios("dsnap")
         mounts = c.seconds["ebsfs"]
+        peaks = c.peak_in_flight
         dsnap_cells = (
             (
                 f"{size / median(c.seconds['dsnap']) / MB:.0f}",
@@ -375,6 +383,7 @@ def summary(
             f"{median(c.cpu_ms_per_block):.2f}",
             f"{max(c.calls_per_block):.3f}",
             f"{max(c.connections)}",
+            f"{max(n / max(p, 1) for n, p in zip(c.connections, peaks, strict=True)):.2f}",
         ]
         print("| " + " | ".join(cells_shown) + " |")
         rows.append(
@@ -387,6 +396,7 @@ def summary(
                 "cpu_ms_per_block": c.cpu_ms_per_block,
                 "calls_per_block": c.calls_per_block,
                 "connections": c.connections,
+                "peak_in_flight": c.peak_in_flight,
             }
         )
     if warm["ebsfs_warm"]:

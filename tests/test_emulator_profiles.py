@@ -130,6 +130,37 @@ def test_a_connection_is_closed_after_its_nth_answer(silently: bool) -> None:
         server.stop()
 
 
+def test_the_most_gets_served_at_once_are_counted() -> None:
+    """Three GETs sent together on three connections are held together by the latency:
+    the peak is 3, and stays 3 once they have ended; after a reset, GETs one after
+    another count 1. What bench_read sets issue 27's bound on
+    (connections opened <= 2 x calls in flight)."""
+    server = served(ServerProfile(), Faults(latency=1.0))
+    get = (
+        f"GET /snapshots/{SNAP}/blocks/0?blockToken=t HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: {AUTH}\r\n\r\n"
+    ).encode()
+    try:
+        port = port_of(server.url)
+        with contextlib.ExitStack() as stack:
+            clients = [
+                stack.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(3)
+            ]
+            for client in clients:
+                client.sendall(get)
+            for client in clients:
+                answer(client)  # refused (no such token) after the latency: still a GET
+            assert server.counters.snapshot()["gets_peak"] == 3
+            server.counters.reset()
+            assert server.counters.snapshot()["gets_peak"] == 0
+            for _ in range(2):
+                clients[1].sendall(get)
+                answer(clients[1])
+            assert server.counters.snapshot()["gets_peak"] == 1
+    finally:
+        server.stop()
+
+
 def test_a_control_post_body_is_not_taken_for_the_next_request() -> None:
     """POST /_emulator/reset with a body (as bench_read sends it), then another request
     on the same keep-alive connection: answered, not refused as a garbled request."""

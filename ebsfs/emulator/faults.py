@@ -120,10 +120,13 @@ class RateLimiter:
 
 class Counters:
     """Calls per operation, answers per error type, GetSnapshotBlock calls per block,
-    connections accepted and the delays decided."""
+    connections accepted, the most GetSnapshotBlock calls served at once, and the
+    delays decided."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.gets_now = 0
+        """GetSnapshotBlock calls being served now (a reset leaves it: they end later)."""
         self.reset()
 
     def reset(self) -> None:
@@ -133,6 +136,11 @@ class Counters:
             self.block_gets: collections.Counter[tuple[str, int]] = collections.Counter()
             self.bytes_sent = 0
             self.connections = 0
+            self.gets_peak = self.gets_now
+            """The most GetSnapshotBlock calls this server held at once (from the
+            request read to the answer sent): a client's calls in flight as the server
+            sees them, never more than the client had (calls still in a listen queue
+            are not counted), so a bound set on it holds for the client too."""
             self.closes: collections.Counter[str] = collections.Counter()
             self.delayed_calls = 0
             self.delay_seconds = 0.0
@@ -147,6 +155,15 @@ class Counters:
             self.calls[operation] += 1
             if operation == "GetSnapshotBlock":
                 self.gets_per_second[int(time.time())] += 1
+
+    def get_started(self) -> None:
+        with self._lock:
+            self.gets_now += 1
+            self.gets_peak = max(self.gets_peak, self.gets_now)
+
+    def get_ended(self) -> None:
+        with self._lock:
+            self.gets_now -= 1
 
     def error(self, code: str) -> None:
         with self._lock:
@@ -187,6 +204,7 @@ class Counters:
                 "block_gets": {f"{s}:{i}": n for (s, i), n in self.block_gets.items()},
                 "bytes_sent": self.bytes_sent,
                 "connections": self.connections,
+                "gets_peak": self.gets_peak,
                 "gets_per_second": {str(k): n for k, n in self.gets_per_second.items()},
                 "closes": dict(self.closes),
                 "delays": {

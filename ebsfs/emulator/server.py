@@ -125,6 +125,9 @@ class EmulatorServer:
             self._send_error(req, ApiError(404, "UnknownOperationException", "", "Unknown path"))
             return
         self.counters.call(operation)
+        served_at_once = operation == "GetSnapshotBlock"
+        if served_at_once:
+            self.counters.get_started()
         try:
             self._admit(req, operation, args)
             faults = self.faults
@@ -141,6 +144,9 @@ class EmulatorServer:
                 self._send_json(req, 200, self.store.list_changed_blocks(**args))
         except ApiError as err:
             self._send_error(req, err)
+        finally:
+            if served_at_once:
+                self.counters.get_ended()
 
     def _delay(self, operation: str) -> float:
         """Seconds this call waits: the latency, its jitter, and for the slow tail's
