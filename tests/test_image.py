@@ -681,13 +681,24 @@ def test_nothing_is_prefetched_past_the_end_of_the_volume() -> None:
     assert pattern.observe(4 * BLOCK_SIZE - 131072, 131072, 16, dense) == []
 
 
+def test_the_congestion_guard_may_hold_the_depth_below_its_least() -> None:
+    """MIN_DEPTH is for a service whose own latency sizes the depth: once answers are
+    slower than 2.5 x the floor (a queue we built), the guard's cap decides, lower."""
+    remote = RemoteSnapshots(StoreApi(SnapshotStore(Faults(seed=1))), max_fetches=256)
+    remote.latency.seconds = 0.02
+    assert remote.depth() == 64
+    remote.congestion.floor = 0.004  # answers 5x the floor: capped at 2.5 x 4 ms
+    assert remote.depth() == 15  # 1,000 calls/s x 10 ms x 1.5
+
+
 def test_depth_grows_with_latency_and_shrinks_under_throttling() -> None:
     remote = RemoteSnapshots(StoreApi(SnapshotStore(Faults(seed=1))), max_fetches=256)
     depths = []
     for latency in (0.02, 0.1, 0.2):
         remote.latency.seconds = latency
         depths.append(remote.depth())
-    assert depths == [30, 150, 256]  # 1,000 calls/s x the latency x 1.5, up to the ceiling
+    # 1,000 calls/s x the latency x 1.5, MIN_DEPTH (64) at the least, up to the ceiling
+    assert depths == [64, 150, 256]
 
     async def throttled() -> None:
         remote.fetch_limit.throttled()
@@ -719,8 +730,9 @@ def test_latency_estimate_is_that_of_quick_answers() -> None:
 
 @pytest.mark.parametrize("latency", [0.01, 0.1])
 def test_calls_in_flight_follow_the_latency(latency) -> None:
-    """A sequential reader keeps about latency x 1,000 calls/s in flight: a slower
-    service gets more calls at once, never more than the cache budget allows. (The
+    """A sequential reader keeps about latency x 1,000 calls/s in flight, and 64 at the
+    least: a slower service gets more calls at once, never more than the cache budget
+    allows. (The
     estimate is pinned: the machine's own speed must not decide the outcome.)"""
     import threading
     import time
@@ -765,9 +777,10 @@ def test_calls_in_flight_follow_the_latency(latency) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(run)
-    # read-ahead's window (1,000 calls/s x latency x 1.5), and the reader's own read
+    # read-ahead's window (1,000 calls/s x latency x 1.5, 64 at the least: MIN_DEPTH),
+    # and the reader's own read
     if latency == 0.01:
-        assert in_flight[1] <= 15 + 2
+        assert in_flight[1] <= 64 + 2
     else:
         assert 75 <= in_flight[1] <= 150 + 2
 

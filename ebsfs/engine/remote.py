@@ -132,6 +132,15 @@ ASSUMED_LATENCY = 0.1
 """Seconds per call before any was timed (what AWS's guidance plans for)."""
 JITTER_ROOM = 1.5
 """Calls in flight per call the quickest answers would need: answers vary."""
+MIN_DEPTH = 64
+"""Calls in flight at the least while the service's own latency sizes the depth (the
+congestion guard may hold it lower). Why: at 20 ms a call the product above is about 32
+calls, 50 ms of reading here, while a call of a server's slow tail holds the reader
+until its hedge answers (1.2 x the p95, a watchdog tick and a round trip: 70-80 ms), so
+the window ran dry behind each one. 64 is what a plain client's pool of 64 threads has
+out anyway; from about 43 ms a call the product is larger and decides alone. Against
+a server with 1 % of calls 10x slower (60 % of 2 GiB, 20 ms), 1.11x the throughput
+(docs/performance.md)."""
 
 
 class LatencyEstimate:
@@ -184,13 +193,16 @@ class RemoteSnapshots:
     def depth(self) -> int:
         """GetSnapshotBlock calls worth having in flight for one sequential reader: the
         bandwidth-delay product of the service (its per-snapshot rate x the latency of
-        its quick answers, with room for jitter), never more than the fetch limit
-        allows at the moment (which throttling shrinks), nor more than a latency
-        inflated by our own calls asks for (congestion.py)."""
+        its quick answers, with room for jitter, and MIN_DEPTH at the least), never more
+        than the fetch limit allows at the moment (which throttling shrinks), nor more
+        than a latency inflated by our own calls asks for (congestion.py)."""
         if self.congestion.probing():
             return min(PROBE_DEPTH, int(self.fetch_limiter.total_tokens))
-        latency = self.congestion.latency_for_depth(self.latency.seconds)
+        quick = self.latency.seconds
+        latency = self.congestion.latency_for_depth(quick)
         wanted = math.ceil(GET_RATE * latency * JITTER_ROOM)
+        if latency == quick:  # not held back by the congestion guard
+            wanted = max(wanted, MIN_DEPTH)
         return max(2, min(wanted, int(self.fetch_limiter.total_tokens)))
 
     async def _run(self, limiter: trio.CapacityLimiter, fn: Any, *args: Any, **kw: Any) -> Any:
