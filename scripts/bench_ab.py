@@ -111,8 +111,9 @@ def main() -> None:
         choices=PROFILES,
         default="emulator",
         help="the server: today's emulator (default), tls-nagle-close (HTTPS, Nagle on, "
-        "connections closed every 100 answers) or queue5-tail (a listen queue of 5, 1 %% "
-        "of calls 10x slower); the options below add to it",
+        "connections closed every 100 answers), queue5-tail (a listen queue of 5, 1 %% "
+        "of calls 10x slower) or slow-accept (HTTPS, Nagle on, 20 accepts a second); "
+        "the options below add to it",
     )
     add_wire_options(parser)
     args = parser.parse_args()

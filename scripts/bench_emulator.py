@@ -41,10 +41,14 @@ PROFILES: dict[str, tuple[bool, tuple[str, ...]]] = {
     "emulator": (False, ()),
     "tls-nagle-close": (True, ("--nagle", "--close-after", "100")),
     "queue5-tail": (False, ("--backlog", "5", "--slow-tail", "0.01:10")),
+    "slow-accept": (True, ("--nagle", "--accept-delay", "0.05")),
 }
-"""Issue 27's server profiles, (HTTPS?, emulator options): today's emulator; TLS with
-Nagle's algorithm on and keep-alive connections closed every 100 answers; a listen
-queue of 5 (Python socketserver's default) with 1 % of calls ten times slower."""
+"""The server profiles, (HTTPS?, emulator options): issue 27's three, today's emulator;
+TLS with Nagle's algorithm on and keep-alive connections closed every 100 answers; a
+listen queue of 5 (Python socketserver's default) with 1 % of calls ten times slower;
+and a fourth: TLS and Nagle behind an accept loop that takes 20 connections a second
+(a busy proxy, a single-threaded front end), where every connection opened costs the
+reader 50 ms of the server's time."""
 
 
 def add_wire_options(parser: argparse.ArgumentParser) -> None:

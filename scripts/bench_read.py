@@ -22,13 +22,15 @@ snapshot); its latency is changed between cells through its control endpoint. Wi
 --profile (repeatable) the whole matrix runs against each server profile of issue 27:
 "emulator" (today's, the default), "tls-nagle-close" (HTTPS, Nagle's algorithm on,
 keep-alive connections closed every 100 answers), "queue5-tail" (a listen queue of 5,
-1 % of calls 10x slower); the wire options (--nagle, --close-after, --slow-tail, ...)
-add to every profile. Each mount's GET calls per block fetched (above 1: retries or
+1 % of calls 10x slower), and "slow-accept" (HTTPS, Nagle's algorithm on, an accept loop
+taking 20 connections a second); the wire options (--nagle, --close-after, --slow-tail,
+...) add to every profile. Each mount's GET calls per block fetched (above 1: retries or
 hedges), connections opened and the most GETs served at once (the mount's calls in
 flight as the server saw them) are counted by the emulator. Needs root.
 
     sudo .venv/bin/python scripts/bench_read.py [--latencies 20,100,200] [--rounds 3]
-        [--profile emulator --profile tls-nagle-close --profile queue5-tail]
+        [--profile emulator --profile tls-nagle-close --profile queue5-tail
+         --profile slow-accept]
 """
 
 from __future__ import annotations
@@ -449,7 +451,8 @@ def main() -> None:
         choices=PROFILES,
         help="a server profile to run the matrix against (repeatable): emulator "
         "(today's, the default), tls-nagle-close (HTTPS, Nagle on, connections closed "
-        "every 100 answers), queue5-tail (a listen queue of 5, 1 %% of calls 10x slower)",
+        "every 100 answers), queue5-tail (a listen queue of 5, 1 %% of calls 10x slower), "
+        "slow-accept (HTTPS, Nagle on, 20 accepts a second)",
     )
     add_wire_options(parser)
     parser.add_argument("--json", help="also write the figures to this file")

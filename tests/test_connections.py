@@ -21,6 +21,7 @@ import pytest
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import SnapshotStore
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
+from ebsfs.engine import stats as engine_stats
 from ebsfs.engine.stats import Stats
 from ebsfs.errors import ReadFailed
 from ebsfs.service import connections, http1
@@ -142,7 +143,7 @@ def test_after_the_short_tries_the_full_connect_timeout() -> None:
     each on a fresh socket (here a fake connector counting them)."""
     tried: list[float] = []
 
-    def connector(seconds: float) -> http1.Connection:
+    def connector(seconds: float, handshake: float) -> http1.Connection:
         tried.append(seconds)
         raise TimeoutError("timed out")
 
@@ -171,7 +172,7 @@ def test_a_connect_whose_syn_was_sent_again_is_not_timed() -> None:
         listener.accept()[0].close()
 
     threading.Thread(target=make_room, daemon=True).start()
-    pool = Pool(lambda seconds: http1.Connection("127.0.0.1", port, None, seconds, 5.0), 5.0)
+    pool = Pool(lambda seconds, _: http1.Connection("127.0.0.1", port, None, seconds, 5.0), 5.0)
     try:
         conn = pool.take("GET", None)
         assert conn.retransmitted()
@@ -184,8 +185,89 @@ def test_a_connect_whose_syn_was_sent_again_is_not_timed() -> None:
         listener.close()
 
 
+def test_handshakes_queued_at_a_slow_accept_loop_are_not_abandoned(
+    store: SnapshotStore, tls_files: tuple[str, str]
+) -> None:
+    """A server that accepts a connection every 50 ms (a busy proxy, a stdlib server): 8
+    connects at once finish their TLS handshakes one by one, the last after about 0.4 s,
+    while the short deadline one connect alone gives is about 0.15 s. A handshake's
+    deadline grows with the connects ahead of it, so none is abandoned (an abandoned
+    socket still takes its turn at the accept loop, and its replacement queues behind
+    it). With one deadline for connect and handshake together, 15 connects were
+    abandoned here (the 8, and their replacements)."""
+    cert, key = tls_files
+    client_side = ssl.create_default_context(cafile=cert)
+    profile = ServerProfile(accept_delay=0.05)
+    with EmulatorServer(store, tls=tls_files, profile=profile) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        pool = Pool(
+            lambda seconds, handshake: http1.Connection(
+                "127.0.0.1", port, client_side, seconds, 5.0, handshake
+            ),
+            connect_timeout=5.0,
+        )
+        pool.discard(pool.take("GET", None))  # one connect alone: what the deadlines judge by
+        start = threading.Barrier(8)
+
+        def connect() -> http1.Connection:
+            start.wait(timeout=30)
+            return pool.take("GET", None)
+
+        with ThreadPoolExecutor(8) as threads:
+            held = list(threads.map(lambda _: connect(), range(8)))
+        for conn in held:
+            pool.discard(conn)
+    counters = pool.counters()
+    assert counters["opened"] == 9 and counters["connects_abandoned"] == 0
+    assert "handshake_deadline_ms" in counters
+    (line,) = engine_stats._connection_lines(counters)  # what `ebsfs stats` says of them
+    assert "0 connects abandoned" in line and "a TLS handshake past" in line
+
+
+def test_a_connection_given_back_goes_to_the_call_that_waited_longest() -> None:
+    """Three calls wait while their connects hang (a slow accept loop): a connection given
+    back serves the first of them, and new ones the others in turn. A call is never
+    held by its own connect while an older or freed connection could serve it."""
+    release = threading.Event()
+    opened = itertools.count()
+
+    def hanging(seconds: float, handshake: float) -> http1.Connection:
+        release.wait(10)
+        conn = FakeConnection()
+        conn.name = f"new {next(opened)}"  # type: ignore[attr-defined]
+        return conn  # type: ignore[return-value]
+
+    pool = Pool(hanging, connect_timeout=5.0)
+    got: dict[int, Any] = {}
+
+    def call(number: int) -> None:
+        got[number] = pool.take(f"GET {number}", None)
+
+    callers = []
+    for number in range(3):  # one after the other, each queued before the next starts
+        callers.append(threading.Thread(target=call, args=(number,)))
+        callers[-1].start()
+        while len(pool._waiting) <= number:
+            time.sleep(0.001)
+    given_back = FakeConnection()
+    pool.give(given_back)  # type: ignore[arg-type]
+    callers[0].join(timeout=10)
+    assert got == {0: given_back}
+    release.set()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert {got[1].name, got[2].name} <= {"new 0", "new 1", "new 2"}
+    deadline = time.monotonic() + 10  # the third connect ends too: kept for the next call
+    while pool.counters()["idle"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pool.counters()["opened"] == 3 and pool.counters()["idle"] == 1
+
+
 class FakeConnection:
     """What the pool asks of a connection it opened."""
+
+    connect_seconds = 0.001
+    handshake_seconds = None
 
     def retransmitted(self) -> bool:
         return False
@@ -203,7 +285,7 @@ def test_connect_slots_halve_on_a_lost_connect_and_grow_back_slowly(
     monkeypatch.setattr(connections, "time", type("Clock", (), {"monotonic": lambda: clock[0]}))
     lost: list[bool] = []
 
-    def connector(seconds: float) -> http1.Connection:
+    def connector(seconds: float, handshake: float) -> http1.Connection:
         if lost and lost.pop(0):
             raise TimeoutError("timed out")
         return FakeConnection()  # type: ignore[return-value]
@@ -297,7 +379,7 @@ def test_a_waiting_thread_whose_read_gave_up_stops_waiting() -> None:
     """A thread waiting for a connect slot gives up with its read (not retried)."""
     release = threading.Event()
 
-    def stuck(seconds: float) -> http1.Connection:
+    def stuck(seconds: float, handshake: float) -> http1.Connection:
         release.wait(10)
         raise TimeoutError("timed out")
 
@@ -370,6 +452,9 @@ def test_a_connection_opened_for_a_read_that_gave_up_meanwhile_is_kept(
     api = api_for(f"http://127.0.0.1:{port}")
     with http1.abandonable(gone), pytest.raises(ReadFailed, match="given up"):
         api.get_snapshot_block(SNAP, 0, TOKEN)
+    deadline = time.monotonic() + 10  # the connect, on a thread of its own, goes on
+    while api.connections()["idle"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert api.connections()["idle"] == 1 and requests == []
     monkeypatch.setattr(http1.socket, "create_connection", real)
     assert bytes(api.get_snapshot_block(SNAP, 1, TOKEN).data) == BLOCK

@@ -226,10 +226,16 @@ def _connection_lines(connections: dict[str, Any] | None) -> list[str]:
     if not connections:  # GETs through boto3, or a mount of an older ebsfs
         return []
     c = connections
+    handshake = c.get("handshake_deadline_ms")  # once a TLS handshake was timed
+    per_handshake = (
+        f" (a TLS handshake past {handshake:.0f} ms for itself and each connect ahead of it)"
+        if handshake is not None
+        else ""
+    )
     return [
         f"connections     {c['opened']:,} opened ({c['reopened_stale']:,} replacing ones the "
         f"server closed), {c['open']:,} open; {c['connects_abandoned']:,} connects "
-        f"abandoned past {c['connect_deadline_ms']:.0f} ms and tried again"
+        f"abandoned past {c['connect_deadline_ms']:.0f} ms{per_handshake} and tried again"
     ]
 
 

@@ -105,8 +105,8 @@ class BotoEbsApi:
     def connections(self) -> dict[str, int | float]:
         """The direct path's connection counters (connections.Pool.counters: opened,
         reopened_stale, connects_abandoned, open, idle, peak_connecting,
-        connect_deadline_ms) for the engine's stats; empty when GETs go through boto3
-        (urllib3's pool counts nothing of the kind)."""
+        connect_deadline_ms, handshake_deadline_ms) for the engine's stats; empty when
+        GETs go through boto3 (urllib3's pool counts nothing of the kind)."""
         return self._direct.connections() if self._direct is not None else {}
 
     def _tell_path(self) -> None:

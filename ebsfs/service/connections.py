@@ -8,10 +8,28 @@ SYNs at once. Against a small listen queue (5: any stdlib-based server) the kern
 drops the SYNs that overflow it and the client sends them again after 1 s, then 3 s:
 a sequential reader waited a second behind the one block whose connection was stuck.
 Here a reader needs no more connections than the calls it keeps in flight, at most
-MAX_CONNECTING connects are in progress at a time, fewer while connects are lost (the
-other threads wait for a slot or a connection given back), and a connect (TCP and TLS
-handshake together) not done within a few times the connect times seen so far is
-abandoned and tried again on a fresh socket.
+MAX_CONNECTING connects are in progress at a time, fewer while connects are lost, and a
+connect not done within a few times the connect times seen so far is abandoned and
+tried again on a fresh socket.
+
+The TCP connect and the TLS handshake have deadlines of their own. A TCP connect is
+answered by the server's kernel, at once unless its SYN was dropped. A handshake waits
+for the server's application: its accept loop takes the connects queued in its listen
+queue one at a time, so a handshake's deadline grows with our connects ahead of it.
+Why: with one deadline for both, a burst of 16 connects to a server that accepts 20
+connections a second abandoned the later ones as lost; each abandoned socket still took
+its turn at the accept loop, and 48 of them a run held a 1 GiB read over TLS at 20 ms
+at 181 MB/s instead of 290 (docs/performance.md). A handshake that hangs with nothing
+ahead of it (a server that accepted but never answers) is still left within the short
+deadline.
+
+Connects run on threads of their own, and every connection, new or given back, goes to
+the call that has waited longest (calls start in block order: the block a reader needs
+next is served first). Why: when each call opened its own connection, a call stuck at
+the end of a slow server's accept queue (16 connects at 20 accepts a second: 0.8 s)
+held the block a reader needed while the connections opened before it sat idle,
+given back after 25 ms; a reader of 60 % of 2 GiB over TLS at 20 ms stalled 4 times a
+run so (docs/performance.md).
 
 Concurrency: every field is read and written under the pool's one lock, held only for
 a few list and integer operations, never across a connect or an exchange."""
@@ -47,10 +65,12 @@ DEADLINE_FLOOR = 0.05
 SAMPLES = 64
 """Recent connect times kept."""
 WAIT_STEP = 0.05
-"""Seconds between looks at a call's Abandon while a thread waits for a connection."""
+"""Seconds between looks at a call's Abandon while a thread waits for a connect slot to
+replace a connection the server closed."""
 
-Connector = Callable[[float], http1.Connection]
-"""Opens a connection within the seconds given (TCP connect and TLS handshake)."""
+Connector = Callable[[float, float], http1.Connection]
+"""Opens a connection: the TCP connect within the first seconds given, the TLS handshake
+(if any) within the second."""
 
 
 def given_up(what: str) -> ReadFailed:
@@ -59,14 +79,18 @@ def given_up(what: str) -> ReadFailed:
 
 
 class ConnectTimes:
-    """The recent connect times, and the short deadline they give."""
+    """The recent connect (or handshake) times, and the short deadline they give."""
 
     def __init__(self) -> None:
         self._times: collections.deque[float] = collections.deque(maxlen=SAMPLES)
 
     def add(self, seconds: float) -> None:
-        """A connect (TCP and TLS handshake) that completed with no segment lost."""
+        """A connect (or a handshake) that completed with no segment lost."""
         self._times.append(seconds)
+
+    def timed(self) -> bool:
+        """Whether any completed yet."""
+        return bool(self._times)
 
     def deadline(self, ceiling: float) -> float:
         """DEADLINE_FACTOR x the 90th percentile, within [DEADLINE_FLOOR, ceiling];
@@ -76,6 +100,18 @@ class ConnectTimes:
         ordered = sorted(self._times)
         p90 = ordered[min(len(ordered) - 1, (len(ordered) * 9) // 10)]
         return min(ceiling, max(DEADLINE_FLOOR, DEADLINE_FACTOR * p90))
+
+
+class Waiter:
+    """A call waiting for a connection: handed one, or the failure of a connect made for
+    the calls waiting, by whichever thread has it."""
+
+    __slots__ = ("handed", "conn", "error")
+
+    def __init__(self) -> None:
+        self.handed = threading.Event()
+        self.conn: http1.Connection | None = None
+        self.error: BaseException | None = None
 
 
 class Pool:
@@ -95,9 +131,15 @@ class Pool:
         self._ready = threading.Condition(self._lock)
         self._idle: list[http1.Connection] = []
         """Given back, the most recent last (taken first: the least likely closed)."""
+        self._waiting: collections.deque[Waiter] = collections.deque()
+        """Calls waiting for a connection, the longest waiting first."""
         self._connecting = 0
         self._waiters = 0
+        """Threads waiting for a connect slot to replace a closed connection."""
         self._times = ConnectTimes()
+        """TCP connects."""
+        self._handshakes = ConnectTimes()
+        """TLS handshakes, each divided by 1 + the connects ahead of it."""
         self.opened = 0
         """Connections opened, replacements included."""
         self.reopened = 0
@@ -110,16 +152,28 @@ class Pool:
         """The most connects in progress at once so far."""
 
     def take(self, what: str, gone: http1.Abandon | None) -> http1.Connection:
-        """An idle connection, or a new one once a connect slot is free."""
+        """An idle connection, or the first one given back or opened for the calls
+        waiting, once every call that waited longer has one."""
         with self._lock:
-            if self._idle:
+            if self._idle:  # never while calls wait: give() hands to them first
                 return self._idle.pop()
-            self._wait_for_slot(what, gone)
-            if self._idle:  # given back while this thread waited
-                return self._idle.pop()
-            self._connecting += 1
-            self.peak_connecting = max(self.peak_connecting, self._connecting)
-        return self._open()
+            waiter = Waiter()
+            self._waiting.append(waiter)
+            connects = self._claim_connects()
+        self._start_connects(connects)
+        if gone is None:
+            waiter.handed.wait()
+        else:
+            with gone.hook(waiter.handed.set):
+                waiter.handed.wait()
+            with self._lock:
+                if waiter.conn is None and waiter.error is None:  # woken by the Abandon
+                    self._waiting.remove(waiter)
+                    raise given_up(what)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.conn is not None
+        return waiter.conn
 
     def replace(self, what: str, gone: http1.Abandon | None) -> http1.Connection:
         """A new connection for one the server had closed while it sat idle (an idle
@@ -131,7 +185,14 @@ class Pool:
         return self._open()
 
     def give(self, conn: http1.Connection) -> None:
+        """A connection free for another exchange: to the call that has waited longest,
+        or kept idle."""
         with self._lock:
+            if self._waiting:
+                waiter = self._waiting.popleft()
+                waiter.conn = conn
+                waiter.handed.set()
+                return
             self._idle.append(conn)
             if self._waiters:
                 self._ready.notify()
@@ -142,9 +203,10 @@ class Pool:
             self.open_now -= 1
 
     def counters(self) -> dict[str, int | float]:
-        """What `ebsfs stats` shows of the connections."""
+        """What `ebsfs stats` shows of the connections (handshake_deadline_ms once a
+        TLS handshake was timed)."""
         with self._lock:
-            return {
+            counters: dict[str, int | float] = {
                 "opened": self.opened,
                 "reopened_stale": self.reopened,
                 "connects_abandoned": self.abandoned,
@@ -154,6 +216,10 @@ class Pool:
                 "connect_slots": round(self._slots, 1),
                 "connect_deadline_ms": round(self._times.deadline(self._timeout) * 1000, 1),
             }
+            if self._handshakes.timed():
+                deadline = self._handshakes.deadline(self._timeout)
+                counters["handshake_deadline_ms"] = round(deadline * 1000, 1)
+            return counters
 
     def _wait_for_slot(self, what: str, gone: http1.Abandon | None) -> None:
         """Under the lock: until a connect slot or an idle connection is free."""
@@ -167,18 +233,71 @@ class Pool:
             finally:
                 self._waiters -= 1
 
+    def _claim_connects(self) -> int:
+        """Under the lock: connect slots taken for the calls waiting that no connect
+        under way will serve (the connects are started once the lock is released)."""
+        wanted = min(len(self._waiting), int(self._slots)) - self._connecting
+        if wanted <= 0:
+            return 0
+        self._connecting += wanted
+        self.peak_connecting = max(self.peak_connecting, self._connecting)
+        return wanted
+
+    def _start_connects(self, count: int) -> None:
+        for started in range(count):
+            thread = threading.Thread(
+                target=self._connect_for_waiting, name="ebsfs-connect", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError as err:  # no thread to be had: a call fails, none hangs
+                with self._lock:
+                    self._connecting -= count - started
+                    self._fail_longest_waiting(err)
+                return
+
+    def _fail_longest_waiting(self, err: BaseException) -> bool:
+        """Under the lock: the call that has waited longest ends with `err`."""
+        if not self._waiting:
+            return False
+        waiter = self._waiting.popleft()
+        waiter.error = err
+        waiter.handed.set()
+        return True
+
+    def _connect_for_waiting(self) -> None:
+        """On a thread of its own: a new connection for the call that has waited longest
+        by then; if the connect failed, that call fails with its error (its retries
+        decide what next), and more connects start while calls still wait."""
+        try:
+            conn = self._open()
+        except Exception as err:
+            with self._lock:
+                told = self._fail_longest_waiting(err)
+                connects = self._claim_connects()
+            if not told:
+                log.debug("a connect nobody waits for any more failed: %s", err)
+        else:
+            self.give(conn)
+            with self._lock:
+                connects = self._claim_connects()
+        self._start_connects(connects)
+
     def _open(self) -> http1.Connection:
         """A new connection (this thread holds a connect slot, freed here): up to
-        SHORT_TRIES connects within the short deadline, each on a fresh socket, then
+        SHORT_TRIES connects within the short deadlines, each on a fresh socket, then
         one within the full connect timeout."""
         try:
             for _ in range(SHORT_TRIES):
                 with self._lock:
+                    ahead = self._connecting - 1  # all started before this attempt
                     deadline = self._times.deadline(self._timeout)
-                if deadline >= self._timeout:
+                    handshake = self._handshakes.deadline(self._timeout) * (1 + ahead)
+                    handshake = min(self._timeout, handshake)
+                if deadline >= self._timeout and handshake >= self._timeout:
                     break
                 try:
-                    return self._timed(deadline)
+                    return self._timed(deadline, handshake, ahead)
                 except TimeoutError:
                     with self._lock:
                         self.abandoned += 1
@@ -187,24 +306,31 @@ class Pool:
                             self._cut_at = now
                             floor = min(MIN_CONNECTING, self._max_connecting)
                             self._slots = max(floor, self._slots / 2)
-                    log.debug("a connect took over %.0f ms: abandoned, tried again", deadline * 1e3)
-            return self._timed(self._timeout)
+                    log.debug(
+                        "a connect took over %.0f ms (its TLS handshake: %.0f ms): abandoned, "
+                        "tried again",
+                        deadline * 1e3,
+                        handshake * 1e3,
+                    )
+            with self._lock:
+                ahead = self._connecting - 1
+            return self._timed(self._timeout, self._timeout, ahead)
         finally:
             with self._lock:
                 self._connecting -= 1
                 if self._waiters:
                     self._ready.notify()
 
-    def _timed(self, seconds: float) -> http1.Connection:
-        started = time.monotonic()
-        conn = self._connect(seconds)
-        took = time.monotonic() - started
+    def _timed(self, seconds: float, handshake: float, ahead: int) -> http1.Connection:
+        conn = self._connect(seconds, handshake)
         # A connect whose SYN was dropped and sent again took a second or more: timed,
         # it would raise the deadline until short tries no longer helped.
         clean = not conn.retransmitted()
         with self._lock:
             if clean:
-                self._times.add(took)
+                self._times.add(conn.connect_seconds)
+                if conn.handshake_seconds is not None:
+                    self._handshakes.add(conn.handshake_seconds / (1 + ahead))
                 self._slots = min(self._max_connecting, self._slots + 1 / self._slots)
             self.opened += 1
             self.open_now += 1

@@ -97,8 +97,10 @@ class DirectBlockGetter:
         self._pool = connections.Pool(self._connect, options.connect_timeout)
         self._user_agent = f"ebsfs/{__version__} Python/{platform.python_version()}"
 
-    def _connect(self, seconds: float) -> http1.Connection:
-        return http1.Connection(self._host, self._port, self._ssl, seconds, self._timeout[1])
+    def _connect(self, seconds: float, handshake_seconds: float) -> http1.Connection:
+        return http1.Connection(
+            self._host, self._port, self._ssl, seconds, self._timeout[1], handshake_seconds
+        )
 
     def connections(self) -> dict[str, int | float]:
         """The connection counters (connections.Pool.counters) for the engine's stats."""

@@ -148,9 +148,11 @@ class Response:
 
 class Connection:
     """One keep-alive connection (one thread uses it at a time). Timeouts are the
-    kernel's: connect and TLS handshake within `connect_timeout`, then every send and
-    receive within `read_timeout` (a stalled answer raises TimeoutError), and the whole
-    answer within its deadline (MIN_RATE)."""
+    kernel's: the TCP connect within `connect_timeout`, the TLS handshake within
+    `handshake_timeout` (by default what is left of `connect_timeout`), then every send
+    and receive within `read_timeout` (a stalled answer raises TimeoutError), and the
+    whole answer within its deadline (MIN_RATE). How long the connect and the handshake
+    took is kept (connections.Pool judges its deadlines by them)."""
 
     def __init__(
         self,
@@ -159,17 +161,21 @@ class Connection:
         tls: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float,
+        handshake_timeout: float | None = None,
     ) -> None:
         started = time.monotonic()
         sock = socket.create_connection((host, port), timeout=connect_timeout)
+        self.connect_seconds = time.monotonic() - started
+        self.handshake_seconds: float | None = None
+        """None over plain HTTP."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
-                # The handshake is part of the connect: it has what is left of the
-                # connect's time (for each of its receives).
-                left = connect_timeout - (time.monotonic() - started)
-                sock.settimeout(max(left, 0.001))
+                if handshake_timeout is None:
+                    handshake_timeout = connect_timeout - self.connect_seconds
+                sock.settimeout(max(handshake_timeout, 0.001))  # for each of its receives
                 sock = tls.wrap_socket(sock, server_hostname=host)
+                self.handshake_seconds = time.monotonic() - started - self.connect_seconds
             sock.settimeout(None)
             _kernel_timeouts(sock, read_timeout, both=True)
         except BaseException:
