@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ebsfs.engine.fsmeta.ext4layout import (
     MAGIC,
+    RESIZE_INODE,
     ROOT_INODE,
     SUPERBLOCK,
     Geometry,
@@ -162,8 +163,11 @@ class _Pass:
         mode, size_lo, links, flags, iblock, size_hi = _INODE.unpack_from(raw)
         if not links or not mode:
             return
+        if number == RESIZE_INODE:
+            self.extent(struct.unpack_from("<I", iblock, 13 * 4)[0], 1)
+            return  # its double-indirect block: its indirect ones are the reserved GDT
         if number < self.geo.first_ino and number not in (ROOT_INODE, self.geo.journal):
-            return  # the resize inode and others no tool walking the tree reads
+            return  # reserved inodes no tool walking the tree reads
         kind = mode & S_IFMT
         if kind not in (S_IFDIR, S_IFREG, S_IFLNK) or flags & INODE_INLINE_DATA_FL:
             return
@@ -264,15 +268,16 @@ class Ext4Walker:
     async def walk(
         self, read: Read, size: int, file_run: FileRun | None = None
     ) -> AsyncIterator[Wave]:
-        """Superblock and descriptors, inode tables, then the trees level by level;
-        regular files' long extents told to `file_run` as they are parsed."""
+        """Superblock, descriptors and reserved GDT blocks, inode tables, then the trees
+        level by level; regular files' long extents told to `file_run` as they are
+        parsed."""
         if size < SUPERBLOCK + 1024:
             raise WalkStopped("too small for ext2/3/4")
         geo = geometry(await read(SUPERBLOCK, 1024), size)
         for offset, length in geo.descriptors:
             if offset + length > size:
                 raise WalkStopped("group descriptors past the end of the filesystem")
-        yield [(SUPERBLOCK, 1024), *geo.descriptors]
+        yield [(SUPERBLOCK, 1024), *geo.descriptors, *geo.reserved_gdt]
         gdt = b"".join([await read(offset, length) for offset, length in geo.descriptors])
         walk = _Pass(geo, file_run)
         tables = self._tables(walk, gdt)
