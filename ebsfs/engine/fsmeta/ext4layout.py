@@ -57,8 +57,7 @@ class Geometry:
     """Group 0's reserved GDT blocks (resize_inode: room for the descriptors of a grown
     filesystem), right after its descriptors. They are the resize inode's indirect
     blocks, which The Sleuth Kit reads through first thing at every open: on an 8 GiB
-    disk 4 MiB past the superblock, two round trips of `fls -r` before its walk began
-    (issue 25)."""
+    disk 4 MiB past the superblock, two round trips of `fls -r` (issue 25)."""
 
 
 def u32(raw: bytes, offset: int) -> int:
