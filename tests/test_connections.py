@@ -263,6 +263,43 @@ def test_a_connection_given_back_goes_to_the_call_that_waited_longest() -> None:
     assert pool.counters()["opened"] == 3 and pool.counters()["idle"] == 1
 
 
+def test_a_call_that_came_to_wait_while_a_replacement_connected_is_served() -> None:
+    """One connect slot, taken by the replacement of a connection the server closed: a
+    call that comes to wait then has no connect of its own. When the replacement's
+    connect ends (here it fails), that call gets a connect: it never waits forever."""
+    release = threading.Event()
+    outcomes = [False, True]  # the replacement's connect fails; the next one succeeds
+
+    def connector(seconds: float, handshake: float) -> http1.Connection:
+        release.wait(10)
+        if not outcomes.pop(0):
+            raise ConnectionRefusedError("refused")
+        return FakeConnection()  # type: ignore[return-value]
+
+    pool = Pool(connector, connect_timeout=5.0, max_connecting=1)
+    failed: list[BaseException] = []
+
+    def replacing() -> None:
+        try:
+            pool.replace("GET 0", None)
+        except OSError as err:
+            failed.append(err)
+
+    replacement = threading.Thread(target=replacing)
+    replacement.start()
+    while pool._connecting == 0:
+        time.sleep(0.001)
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.append(pool.take("GET 1", None)), daemon=True)
+    waiting.start()
+    while not pool._waiting:
+        time.sleep(0.001)
+    release.set()
+    replacement.join(timeout=10)
+    waiting.join(timeout=10)
+    assert len(failed) == 1 and len(got) == 1 and isinstance(got[0], FakeConnection)
+
+
 class FakeConnection:
     """What the pool asks of a connection it opened."""
 

@@ -182,7 +182,14 @@ class Pool:
             self._wait_for_slot(what, gone)
             self._connecting += 1
             self.reopened += 1
-        return self._open()
+        try:
+            return self._open()
+        finally:
+            # Its slot is free: calls that came to wait while it was taken (none claimed
+            # a connect for them then) get theirs now, whether this connect failed or not.
+            with self._lock:
+                connects = self._claim_connects()
+            self._start_connects(connects)
 
     def give(self, conn: http1.Connection) -> None:
         """A connection free for another exchange: to the call that has waited longest,
