@@ -257,10 +257,11 @@ class Pool:
             )
             try:
                 thread.start()
-            except RuntimeError as err:  # no thread to be had: a call fails, none hangs
+            except RuntimeError as err:  # no thread to be had: calls fail, none hangs
                 with self._lock:
                     self._connecting -= count - started
-                    self._fail_longest_waiting(err)
+                    for _ in range(count - started):  # one for each connect not started
+                        self._fail_longest_waiting(err)
                 return
 
     def _fail_longest_waiting(self, err: BaseException) -> bool:
