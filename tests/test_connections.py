@@ -76,6 +76,28 @@ def spied_connects(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return attempts
 
 
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Until `condition` holds (another thread makes it so), 10 s at the most."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after 10 s"
+        time.sleep(0.001)
+
+
+def failing_in_thread(call: Callable[[], object], failed: list[BaseException]) -> threading.Thread:
+    """`call` started on a thread of its own, the OSError it ends with kept in `failed`."""
+
+    def run() -> None:
+        try:
+            call()
+        except OSError as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 # ---- 1. a connect not done within a short deadline is tried again -------------------
 
 
@@ -253,8 +275,7 @@ def test_a_connection_given_back_goes_to_the_call_that_waited_longest() -> None:
     for number in range(3):  # one after the other, each queued before the next starts
         callers.append(threading.Thread(target=call, args=(number,)))
         callers[-1].start()
-        while len(pool._waiting) <= number:
-            time.sleep(0.001)
+        wait_until(lambda: len(pool._waiting) == len(callers), "queued")
     given_back = FakeConnection()
     pool.give(given_back)  # type: ignore[arg-type]
     callers[0].join(timeout=10)
@@ -263,10 +284,9 @@ def test_a_connection_given_back_goes_to_the_call_that_waited_longest() -> None:
     for caller in callers:
         caller.join(timeout=10)
     assert {got[1].name, got[2].name} <= {"new 0", "new 1", "new 2"}
-    deadline = time.monotonic() + 10  # the third connect ends too: kept for the next call
-    while pool.counters()["idle"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert pool.counters()["opened"] == 3 and pool.counters()["idle"] == 1
+    # the third connect ends too: kept for the next call
+    wait_until(lambda: pool.counters()["idle"] == 1, "idle")
+    assert pool.counters()["opened"] == 3
 
 
 def test_a_call_that_came_to_wait_while_a_replacement_connected_is_served() -> None:
@@ -284,22 +304,12 @@ def test_a_call_that_came_to_wait_while_a_replacement_connected_is_served() -> N
 
     pool = Pool(connector, connect_timeout=5.0, max_connecting=1)
     failed: list[BaseException] = []
-
-    def replacing() -> None:
-        try:
-            pool.replace("GET 0", None)
-        except OSError as err:
-            failed.append(err)
-
-    replacement = threading.Thread(target=replacing)
-    replacement.start()
-    while pool._connecting == 0:
-        time.sleep(0.001)
+    replacement = failing_in_thread(lambda: pool.replace("GET 0", None), failed)
+    wait_until(lambda: pool._connecting == 1, "connecting")
     got: list[Any] = []
     waiting = threading.Thread(target=lambda: got.append(pool.take("GET 1", None)), daemon=True)
     waiting.start()
-    while not pool._waiting:
-        time.sleep(0.001)
+    wait_until(lambda: bool(pool._waiting), "waiting")
     release.set()
     replacement.join(timeout=10)
     waiting.join(timeout=10)
@@ -428,17 +438,8 @@ def test_a_waiting_thread_whose_read_gave_up_stops_waiting() -> None:
 
     pool = Pool(stuck, connect_timeout=5.0, max_connecting=1)
     failed: list[BaseException] = []
-
-    def connecting() -> None:
-        try:
-            pool.take("GET", None)
-        except TimeoutError as err:
-            failed.append(err)
-
-    first = threading.Thread(target=connecting)
-    first.start()
-    while pool._connecting == 0:
-        time.sleep(0.001)
+    first = failing_in_thread(lambda: pool.take("GET", None), failed)
+    wait_until(lambda: pool._connecting == 1, "connecting")
     gone = http1.Abandon()
     gone.fire()
     try:
@@ -495,10 +496,8 @@ def test_a_connection_opened_for_a_read_that_gave_up_meanwhile_is_kept(
     api = api_for(f"http://127.0.0.1:{port}")
     with http1.abandonable(gone), pytest.raises(ReadFailed, match="given up"):
         api.get_snapshot_block(SNAP, 0, TOKEN)
-    deadline = time.monotonic() + 10  # the connect, on a thread of its own, goes on
-    while api.connections()["idle"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert api.connections()["idle"] == 1 and requests == []
+    wait_until(lambda: api.connections()["idle"] == 1, "idle")  # the connect went on
+    assert requests == []
     monkeypatch.setattr(http1.socket, "create_connection", real)
     assert bytes(api.get_snapshot_block(SNAP, 1, TOKEN).data) == BLOCK
     assert api.connections()["opened"] == 1 and len(requests) == 1

@@ -285,7 +285,12 @@ def root_inode(image: bytes, tmp_path: Path) -> int:
     """Byte offset of inode 2, found by debugfs (not by the walker's parser)."""
     path = tmp_path / "probe.img"
     path.write_bytes(image)
-    out = debugfs(path, "imap <2>")
+    return inode_offset(path, 2)
+
+
+def inode_offset(path: Path, number: int) -> int:
+    """Byte offset of an inode of a 4 KiB-block image, found by debugfs."""
+    out = debugfs(path, f"imap <{number}>")
     block = int(out.split("located at block ")[1].split(",")[0])
     return block * 4096 + int(out.split("offset ")[1].split()[0], 16)
 
@@ -393,7 +398,8 @@ def test_the_reserved_gdt_blocks_come_with_the_inode_tables(tmp_path: Path) -> N
     no round trip of their own (on the 8 GiB disk of bench_walk.py they had cost `fls
     -r` two; in the first wave they held the inode tables back one).
     The resize inode's double-indirect block comes with the tree. A hostile count is
-    cut to what that block can name (block size / 4)."""
+    cut to what that block can name (block size / 4); a double-indirect pointer past the
+    filesystem's end is not fetched."""
     path = tmp_path / "growable.img"
     mkfs(path, 2048 * MiB, {"etc/hostname": b"growable\n"}, "-t", "ext4", "-b", "4096")
     dumped = subprocess.run(["dumpe2fs", str(path)], capture_output=True, text=True).stdout
@@ -414,6 +420,12 @@ def test_the_reserved_gdt_blocks_come_with_the_inode_tables(tmp_path: Path) -> N
     geo = ext4layout.geometry(superblock, os.path.getsize(path))
     assert geo.reserved_gdt == [(first * 4096, 1024 * 4096)]
     assert run_walker(ext4.WALKER, path).stopped is None
+    # The resize inode's double-indirect pointer past the filesystem's end: not fetched.
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), struct.pack("<I", 0xFFFFFFFF), inode_offset(path, 7) + 0x28 + 13 * 4)
+    beyond = run_walker(ext4.WALKER, path)
+    assert beyond.stopped is None
+    assert all(offset + length <= os.path.getsize(path) for offset, length in beyond.extents)
 
 
 def test_probe() -> None:
