@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from ebsfs.emulator.__main__ import _snapshot_spec
 from ebsfs.errors import MetadataUnavailable
 from ebsfs.service.ec2 import Ec2Snapshots
 from ebsfs.service.session import ConnectionOptions
+from tests import emulator_command as command
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, mounted, needs_fuse, run_module
 from tests.test_cli import assert_one_line_error
@@ -316,22 +316,16 @@ def emulator_command(tmp_path: Path) -> Iterator[str]:
     another; signatures checked. Yields its URL."""
     for name, seed in (("monday.img", 1), ("tuesday.img", 2), ("data.img", 3)):
         (tmp_path / name).write_bytes(pattern_block(seed, 0) * 2)
-    url_file = tmp_path / "url"
-    command = [sys.executable, "-m", "ebsfs.emulator", "--url-file", str(url_file)]
-    command += ["--credentials", "AKIDTEST:secret", "--snapshot", f"snap-0a1={tmp_path}/monday.img"]
-    command += ["--snapshot", f"snap-0a2={tmp_path}/tuesday.img,parent=snap-0a1"]
-    command += ["--snapshot", f"snap-0b1={tmp_path}/data.img,size=4,volume=vol-0b"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if url_file.exists() and url_file.read_text().endswith("\n"):
-                break
-            assert process.poll() is None, process.communicate()[1]
-            time.sleep(0.05)
-        yield url_file.read_text().strip()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    arguments = [
+        "--credentials",
+        "AKIDTEST:secret",
+        "--snapshot",
+        f"snap-0a1={tmp_path}/monday.img",
+    ]
+    arguments += ["--snapshot", f"snap-0a2={tmp_path}/tuesday.img,parent=snap-0a1"]
+    arguments += ["--snapshot", f"snap-0b1={tmp_path}/data.img,size=4,volume=vol-0b"]
+    with command.emulator_command(arguments, tmp_path / "url") as url:
+        yield url
 
 
 def test_ebsfs_ls_against_the_emulator_command(

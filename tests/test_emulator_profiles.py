@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import ebsfs
 from ebsfs.emulator import Faults, SnapshotStore
 from ebsfs.emulator.__main__ import main as emulator_main
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
+from tests.emulator_command import emulator_command
 from tests.fakes import pattern_block
 
 SNAP = "snap-0a"
@@ -332,20 +331,10 @@ def test_the_command_line_passes_the_profile_on(tmp_path: Path) -> None:
     answer closes the connection, and the slow tail is drawn."""
     image = tmp_path / "disk.img"
     image.write_bytes(b"\x01" * 524288 * 2)
-    url_file = tmp_path / "url"
-    command = [sys.executable, "-m", "ebsfs.emulator", "--snapshot", f"{SNAP}={image}"]
-    options = ["--close-after", "2", "--idle-timeout", "30", "--slow-tail", "1:3"]
-    options += ["--latency", "0.001", "--seed", "1", "--list-rate", "0"]
-    proc = subprocess.Popen(
-        [*command, *options, "--url-file", str(url_file)], stdout=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(600):
-            if url_file.exists() and url_file.read_text().strip():
-                break
-            assert proc.poll() is None, "the emulator exited"
-            time.sleep(0.05)
-        port = port_of(url_file.read_text().strip())
+    options = ["--snapshot", f"{SNAP}={image}", "--close-after", "2", "--idle-timeout", "30"]
+    options += ["--slow-tail", "1:3", "--latency", "0.001", "--seed", "1", "--list-rate", "0"]
+    with emulator_command(options, tmp_path / "url") as url:
+        port = port_of(url)
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(LIST)
             assert "connection" not in answer(client)[1]
@@ -354,9 +343,6 @@ def test_the_command_line_passes_the_profile_on(tmp_path: Path) -> None:
             assert headers.get("connection") == "close"
             assert closed_by_server(client)
         assert b'"slow_calls": 1' in body
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 SECONDS = ["--latency", "--jitter", "--accept-delay", "--idle-timeout", "--token-lifetime"]

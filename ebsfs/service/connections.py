@@ -15,13 +15,19 @@ tried again on a fresh socket.
 The TCP connect and the TLS handshake have deadlines of their own. A TCP connect is
 answered by the server's kernel, at once unless its SYN was dropped. A handshake waits
 for the server's application: its accept loop takes the connects queued in its listen
-queue one at a time, so a handshake's deadline grows with our connects ahead of it.
+queue one at a time, so a handshake's deadline grows with our connects that may be
+queued ahead of it: every other attempt that overlaps it, those begun after it too,
+since threads race to send their SYNs and the queue's order is not the order the
+attempts began in.
 Why: with one deadline for both, a burst of 16 connects to a server that accepts 20
 connections a second abandoned the later ones as lost; each abandoned socket still took
 its turn at the accept loop, and 48 of them a run held a 1 GiB read over TLS at 20 ms
 at 181 MB/s instead of 290 (docs/performance.md). A handshake that hangs with nothing
 ahead of it (a server that accepted but never answers) is still left within the short
-deadline.
+deadline. Why count those begun after: counting only those under way when a handshake
+began, 8 connects at once to a server accepting 20 a second, beside 3 busy threads in
+the client's process (the server in it too, as in a test), abandoned 12 connects in
+10 bursts; counting those begun after too, none.
 
 Connects run on threads of their own, and every connection, new or given back, goes to
 the call that has waited longest (calls start in block order: the block a reader needs
@@ -68,9 +74,9 @@ WAIT_STEP = 0.05
 """Seconds between looks at a call's Abandon while a thread waits for a connect slot to
 replace a connection the server closed."""
 
-Connector = Callable[[float, float], http1.Connection]
-"""Opens a connection: the TCP connect within the first seconds given, the TLS handshake
-(if any) within the second."""
+Connector = Callable[[float, Callable[[], float]], http1.Connection]
+"""Opens a connection: the TCP connect within the seconds given, the TLS handshake
+within the deadline the function gives (asked again each time it is reached)."""
 
 
 def given_up(what: str) -> ReadFailed:
@@ -134,6 +140,11 @@ class Pool:
         self._waiting: collections.deque[Waiter] = collections.deque()
         """Calls waiting for a connection, the longest waiting first."""
         self._connecting = 0
+        self._trying = 0
+        """Connect attempts under way (claimed connects not yet begun are not counted)."""
+        self._attempts = 0
+        """Connect attempts begun so far (a handshake's deadline counts those begun
+        while it waits)."""
         self._waiters = 0
         """Threads waiting for a connect slot to replace a closed connection."""
         self._times = ConnectTimes()
@@ -298,14 +309,12 @@ class Pool:
         try:
             for _ in range(SHORT_TRIES):
                 with self._lock:
-                    ahead = self._connecting - 1  # all started before this attempt
                     deadline = self._times.deadline(self._timeout)
-                    handshake = self._handshakes.deadline(self._timeout) * (1 + ahead)
-                    handshake = min(self._timeout, handshake)
-                if deadline >= self._timeout and handshake >= self._timeout:
+                    short = self._handshakes.deadline(self._timeout)
+                if deadline >= self._timeout and short >= self._timeout:
                     break
                 try:
-                    return self._timed(deadline, handshake, ahead)
+                    return self._attempt(deadline, short)
                 except TimeoutError:
                     with self._lock:
                         self.abandoned += 1
@@ -315,22 +324,41 @@ class Pool:
                             floor = min(MIN_CONNECTING, self._max_connecting)
                             self._slots = max(floor, self._slots / 2)
                     log.debug(
-                        "a connect took over %.0f ms (its TLS handshake: %.0f ms): abandoned, "
-                        "tried again",
+                        "a connect took over %.0f ms (or its TLS handshake over %.0f ms x "
+                        "the connects queued with it): abandoned, tried again",
                         deadline * 1e3,
-                        handshake * 1e3,
+                        short * 1e3,
                     )
-            with self._lock:
-                ahead = self._connecting - 1
-            return self._timed(self._timeout, self._timeout, ahead)
+            return self._attempt(self._timeout, self._timeout)
         finally:
             with self._lock:
                 self._connecting -= 1
                 if self._waiters:
                     self._ready.notify()
 
-    def _timed(self, seconds: float, handshake: float, ahead: int) -> http1.Connection:
-        conn = self._connect(seconds, handshake)
+    def _attempt(self, seconds: float, short_handshake: float) -> http1.Connection:
+        """One connect on a fresh socket: the TCP connect within `seconds`, the handshake
+        within `short_handshake` x (1 + the other attempts that overlap it). Its times are
+        kept (a handshake's divided by 1 + the attempts under way when it began: its
+        place in the server's queue, as near as we can tell)."""
+        with self._lock:
+            ahead = self._trying
+            begun = self._attempts
+            self._trying += 1
+            self._attempts += 1
+
+        def handshake_deadline() -> float:
+            # Our attempts reach the server's accept queue in an order their threads race
+            # for, so any attempt that overlaps this one may be served first.
+            with self._lock:
+                overlapping = ahead + self._attempts - begun - 1
+            return min(self._timeout, short_handshake * (1 + overlapping))
+
+        try:
+            conn = self._connect(seconds, handshake_deadline)
+        finally:
+            with self._lock:
+                self._trying -= 1
         # A connect whose SYN was dropped and sent again took a second or more: timed,
         # it would raise the deadline until short tries no longer helped.
         clean = not conn.retransmitted()

@@ -13,6 +13,7 @@ import ssl
 import traceback
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 from ebsfs.constants import __version__
 from ebsfs.errors import (
@@ -97,7 +98,7 @@ class DirectBlockGetter:
         self._pool = connections.Pool(self._connect, options.connect_timeout)
         self._user_agent = f"ebsfs/{__version__} Python/{platform.python_version()}"
 
-    def _connect(self, seconds: float, handshake_seconds: float) -> http1.Connection:
+    def _connect(self, seconds: float, handshake_seconds: Callable[[], float]) -> http1.Connection:
         return http1.Connection(
             self._host, self._port, self._ssl, seconds, self._timeout[1], handshake_seconds
         )

@@ -146,10 +146,30 @@ class Response:
         self.will_close = will_close
 
 
+def _handshake(sock: ssl.SSLSocket, timeout: float | Callable[[], float]) -> float:
+    """Completes the TLS handshake within `timeout`, the seconds it took. A function is
+    asked for the deadline again whenever the one it gave is reached (connections.Pool
+    extends it while other connects are queued with this one); TimeoutError once the
+    handshake has waited the deadline it last gave."""
+    deadline = timeout if callable(timeout) else lambda: timeout
+    started = time.monotonic()
+    while True:
+        left = deadline() - (time.monotonic() - started)
+        if left <= 0:
+            raise TimeoutError("the TLS handshake timed out")
+        sock.settimeout(left)
+        try:
+            sock.do_handshake()
+        except TimeoutError:  # the handshake's state is kept: it goes on where it was
+            continue
+        return time.monotonic() - started
+
+
 class Connection:
     """One keep-alive connection (one thread uses it at a time). Timeouts are the
     kernel's: the TCP connect within `connect_timeout`, the TLS handshake within
-    `handshake_timeout` (by default what is left of `connect_timeout`), then every send
+    `handshake_timeout` (by default what is left of `connect_timeout`; a function is
+    asked again each time the deadline it gave is reached), then every send
     and receive within `read_timeout` (a stalled answer raises TimeoutError), and the
     whole answer within its deadline (MIN_RATE). How long the connect and the handshake
     took is kept (connections.Pool judges its deadlines by them)."""
@@ -161,7 +181,7 @@ class Connection:
         tls: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float,
-        handshake_timeout: float | None = None,
+        handshake_timeout: float | Callable[[], float] | None = None,
     ) -> None:
         started = time.monotonic()
         sock = socket.create_connection((host, port), timeout=connect_timeout)
@@ -173,9 +193,8 @@ class Connection:
             if tls is not None:
                 if handshake_timeout is None:
                     handshake_timeout = connect_timeout - self.connect_seconds
-                sock.settimeout(max(handshake_timeout, 0.001))  # for each of its receives
-                sock = tls.wrap_socket(sock, server_hostname=host)
-                self.handshake_seconds = time.monotonic() - started - self.connect_seconds
+                sock = tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+                self.handshake_seconds = _handshake(sock, handshake_timeout)
             sock.settimeout(None)
             _kernel_timeouts(sock, read_timeout, both=True)
         except BaseException:
