@@ -31,8 +31,11 @@ SNAP = "snap-0be0c0"
 
 def measure(url: str, threads: int, seconds: float) -> None:
     """In the tree on PYTHONPATH: fetch blocks for `seconds`, print one line."""
-    from ebsfs.service.client import BotoEbsApi
-    from ebsfs.service.session import ConnectionOptions
+    try:
+        from ebsfs.service.client import BotoEbsApi
+        from ebsfs.service.session import ConnectionOptions
+    except ImportError:  # a tree from before the house move (027038e, issue 27's base)
+        from ebsfs.client import BotoEbsApi, ConnectionOptions  # type: ignore[no-redef]
 
     api = BotoEbsApi(ConnectionOptions(endpoint_url=url, region="us-east-1"))
     blocks = api.list_snapshot_blocks(SNAP).blocks[:2000]
