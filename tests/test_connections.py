@@ -215,10 +215,10 @@ def test_handshakes_queued_at_a_slow_accept_loop_are_not_abandoned(
     """A server that accepts a connection every 200 ms (a busy proxy, a stdlib server): 8
     connects at once finish their TLS handshakes one by one, the last after about 1.6 s,
     while the short deadline connects alone give is about 0.6 s. A handshake's deadline
-    grows with the connects ahead of it, so none is abandoned (an abandoned socket still
-    takes its turn at the accept loop, and its replacement queues behind it). With one
-    deadline for connect and handshake together, or a handshake deadline that does not
-    grow, most of the 8 are abandoned here.
+    grows with the connects that may be queued ahead of it, so none is abandoned (an
+    abandoned socket still takes its turn at the accept loop, and its replacement queues
+    behind it). With one deadline for connect and handshake together, or a handshake
+    deadline that does not grow, most of the 8 are abandoned here (15 abandons).
 
     The server runs in a process of its own: in this one, threads left busy by the load
     of a whole test run slowed its accepts and handshakes after the deadlines were set

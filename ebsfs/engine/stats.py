@@ -228,7 +228,8 @@ def _connection_lines(connections: dict[str, Any] | None) -> list[str]:
     c = connections
     handshake = c.get("handshake_deadline_ms")  # once a TLS handshake was timed
     per_handshake = (
-        f" (a TLS handshake past {handshake:.0f} ms for itself and each connect ahead of it)"
+        f" (a TLS handshake past {handshake:.0f} ms for itself and each connect of ours"
+        " that overlaps it)"
         if handshake is not None
         else ""
     )
