@@ -4,7 +4,9 @@ a retryable OSError, never as wrong bytes or a hang."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -167,3 +169,50 @@ def test_answers_this_client_cannot_read_are_protocol_errors(server, head) -> No
     connection = http1.Connection("127.0.0.1", server(script), None, 2.0, 2.0)
     with pytest.raises(http1.ProtocolError):
         connection.get("/", {}, memoryview(bytearray(len(BODY))))
+
+
+@pytest.mark.parametrize("grows", [True, False])
+def test_a_handshake_past_its_deadline_goes_on_when_the_deadline_grows(
+    tls_files: tuple[str, str], grows: bool
+) -> None:
+    """The TLS handshake's deadline is asked again when reached (connections.Pool grows
+    it while other connects are queued with this one): the handshake then goes on where
+    it was, on the same socket. A deadline that does not grow ends it."""
+    cert, key = tls_files
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        time.sleep(0.3)  # the accept loop's turn comes late
+        with contextlib.suppress(OSError), server_side.wrap_socket(conn, server_side=True):
+            served.wait(5)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    asked: list[float] = []
+
+    def deadline() -> float:
+        asked.append(time.monotonic())
+        return 0.1 if len(asked) == 1 or not grows else 2.0
+
+    client_side = ssl.create_default_context(cafile=cert)
+    try:
+        if grows:
+            conn = http1.Connection(
+                "127.0.0.1", listener.getsockname()[1], client_side, 1.0, 5.0, deadline
+            )
+            assert conn.handshake_seconds is not None and conn.handshake_seconds > 0.2
+            assert len(asked) == 2
+            conn.close()
+        else:
+            with pytest.raises(TimeoutError):
+                http1.Connection(
+                    "127.0.0.1", listener.getsockname()[1], client_side, 1.0, 5.0, deadline
+                )
+    finally:
+        served.set()
+        thread.join(timeout=10)
+        listener.close()
