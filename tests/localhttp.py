@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 
@@ -75,3 +76,11 @@ class Server:
     def close(self) -> None:
         self.stop.set()
         self.listener.close()
+
+
+def tls_server_context(tls_files: tuple[str, str]) -> ssl.SSLContext:
+    """A server's TLS context with the tls_files fixture's certificate and key."""
+    cert, key = tls_files
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context

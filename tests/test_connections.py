@@ -31,6 +31,7 @@ from ebsfs.service.connections import ConnectTimes, Pool
 from ebsfs.service.session import ConnectionOptions
 from tests.emulator_command import emulator_command
 from tests.fakes import pattern_block
+from tests.localhttp import tls_server_context
 from tests.test_hostile_server import BLOCK, FEW_RETRIES, TOKEN, block_answer
 
 SNAP = "snap-0a"
@@ -622,10 +623,9 @@ def test_a_stalled_tls_handshake_is_part_of_the_connect(
     """The TLS handshake counts in the connect's deadline: a server that accepts but
     never answers the ClientHello is left within the short deadline and a fresh
     connection tried, inside the same attempt (no retry counted, no full timeout)."""
-    cert, key = tls_files
+    cert = tls_files[0]
     monkeypatch.setenv("AWS_CA_BUNDLE", cert)
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    server_side = tls_server_context(tls_files)
     release = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -39,7 +39,7 @@ from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.failures import boto_error
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.session import ConnectionOptions
-from tests.localhttp import Script, Server
+from tests.localhttp import Script, Server, tls_server_context
 
 BLOCK = bytes(range(256)) * (BLOCK_SIZE // 256)
 FEW_RETRIES = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, deadline=20)
@@ -475,9 +475,8 @@ def test_a_huge_body_on_the_boto3_path_is_not_read_whole(serve) -> None:
 def test_abort_ends_a_stalled_tls_exchange(tls_files: tuple[str, str]) -> None:
     """Over TLS too: the raw socket is shut down under the SSL layer, and the reading
     thread gets an OSError at once (not a crash, not a wait for its timeout)."""
-    cert, key = tls_files
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    cert = tls_files[0]
+    server_side = tls_server_context(tls_files)
     listener = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 

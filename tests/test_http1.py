@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ebsfs.service import http1
+from tests.localhttp import tls_server_context
 
 BODY = bytes(range(256)) * 2048  # 512 KiB
 
@@ -178,9 +179,8 @@ def test_a_handshake_past_its_deadline_goes_on_when_the_deadline_grows(
     """The TLS handshake's deadline is asked again when reached (connections.Pool grows
     it while other connects are queued with this one): the handshake then goes on where
     it was, on the same socket. A deadline that does not grow ends it."""
-    cert, key = tls_files
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    cert = tls_files[0]
+    server_side = tls_server_context(tls_files)
     listener = socket.create_server(("127.0.0.1", 0))
     served = threading.Event()
 

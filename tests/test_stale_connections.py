@@ -6,7 +6,6 @@ a second failure still go to the retry policy. Each server is a small script on 
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -23,7 +22,7 @@ from ebsfs.service import http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.retry import RetryPolicy
 from ebsfs.service.session import ConnectionOptions
-from tests.localhttp import Server
+from tests.localhttp import Server, tls_server_context
 from tests.test_hostile_server import BLOCK, TOKEN, block_answer
 
 T = TypeVar("T")
@@ -99,10 +98,9 @@ def test_a_server_closing_tls_connections_costs_no_retry(
     serve, tls_files: tuple[str, str], monkeypatch
 ) -> None:
     """Over TLS the closed connection shows as an end of stream or an SSL EOF."""
-    cert, key = tls_files
+    cert = tls_files[0]
     monkeypatch.setenv("AWS_CA_BUNDLE", cert)
-    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_side.load_cert_chain(cert, key)
+    server_side = tls_server_context(tls_files)
 
     def script(conn: socket.socket) -> None:
         with server_side.wrap_socket(conn, server_side=True) as tls:
