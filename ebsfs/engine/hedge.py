@@ -23,14 +23,13 @@ thread would return no sooner)."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ebsfs.constants import BLOCK_SIZE
@@ -104,27 +103,50 @@ class HedgeCounts:
     """Of those, the ones whose answer was used."""
 
 
-@dataclass(eq=False)
 class _Call:
-    """One call and its hedge (guarded by Hedger._lock)."""
+    """One call and its hedges (guarded by Hedger._lock). What only a hedge needs is
+    made when the first one starts: most calls are never hedged, and every object made
+    per call costs the worker threads GIL time (an Event and an Abandon of its own per
+    call, a dataclass and a context manager around the call were a quarter of what
+    hedging cost a mount in GIL time, `py-spy --gil`, docs/performance.md)."""
 
-    get: GetInto
-    started: float
-    gone: Abandon | None
-    """The first call's Abandon (fired when the hedge wins, or by a read giving up)."""
-    hedge_gone: Abandon = field(default_factory=Abandon)
-    """Fired when no hedge is needed any more (ends all of them)."""
-    hedges: int = 0
-    """Hedges started (MAX_HEDGES at the most)."""
-    running: int = 0
-    """Of those, the ones not yet ended."""
-    hedged_at: float = 0.0
-    """When the last hedge started: the next is due a delay after it."""
-    ended: bool = False
-    """The first call's thread returned: a hedge ending later is dropped."""
-    winner: Block | None = None
-    hedge_done: threading.Event = field(default_factory=threading.Event)
-    """Set once a hedge won or every hedge started has ended."""
+    __slots__ = (
+        "get", "started", "gone", "hedge_gone", "hedges", "running", "hedged_at", "ended",
+        "winner", "hedge_done",
+    )  # fmt: skip
+
+    def __init__(self, get: GetInto, started: float, gone: Abandon | None) -> None:
+        self.get = get
+        self.started = started
+        self.gone = gone
+        """The first call's Abandon (fired when the hedge wins, or by a read giving up)."""
+        self.hedge_gone: Abandon | None = None
+        """Fired when no hedge is needed any more (ends all of them); made, and hooked
+        to `gone`, when the first hedge starts."""
+        self.hedges = 0
+        """Hedges started (MAX_HEDGES at the most)."""
+        self.running = 0
+        """Of those, the ones not yet ended."""
+        self.hedged_at = 0.0
+        """When the last hedge started: the next is due a delay after it."""
+        self.ended = False
+        """The first call's thread returned: a hedge ending later is dropped."""
+        self.winner: Block | None = None
+        self.hedge_done: threading.Event | None = None
+        """Set once a hedge won or every hedge started has ended (made with hedge_gone)."""
+
+    def start_hedge(self, now: float) -> None:
+        """Under Hedger._lock: one more hedge under way (the first makes its state)."""
+        if self.hedge_gone is None:
+            self.hedge_gone = Abandon()
+            self.hedge_done = threading.Event()
+            if self.gone is not None:  # a read giving up ends the hedges too
+                self.gone.add(self.hedge_gone.fire)
+        assert self.hedge_done is not None
+        self.hedges += 1
+        self.running += 1
+        self.hedged_at = now
+        self.hedge_done.clear()  # the first call is out: nobody waits on it yet
 
 
 class Hedger:
@@ -178,17 +200,16 @@ class Hedger:
             self._wake.set()
         self._ensure_watchdog()
         try:
-            with contextlib.ExitStack() as stack:
-                if call.gone is not None:  # a read giving up ends the hedge too
-                    stack.enter_context(call.gone.hook(call.hedge_gone.fire))
-                block = get(into)
+            block = get(into)
         except Exception:
             with self._lock:
                 del self._calls[number]
                 call.ended = True
-                hedged = call.hedges > 0
+                hedged = call.hedges > 0  # none starts once ended
             if not hedged:
                 raise
+            self._unhook(call)
+            assert call.hedge_done is not None
             call.hedge_done.wait()  # it ends by its own deadlines, or at once if fired
             if call.winner is None:
                 raise
@@ -202,9 +223,17 @@ class Hedger:
             self._answers += 1
             self._tokens = min(self.burst, self._tokens + self.fraction)
         if call.hedges:
+            self._unhook(call)
+            assert call.hedge_gone is not None
             call.hedge_gone.fire()  # nobody needs the hedges any more
         self._recent.append(time.monotonic() - call.started)
         return block
+
+    @staticmethod
+    def _unhook(call: _Call) -> None:
+        """The first call is out: its read giving up no longer concerns the hedges."""
+        if call.gone is not None and call.hedge_gone is not None:
+            call.gone.discard(call.hedge_gone.fire)
 
     def delay(self) -> float | None:
         """Seconds after which a call is hedged; None until enough answers were timed."""
@@ -266,10 +295,7 @@ class Hedger:
                     if self._tokens < 1.0:
                         break
                     self._tokens -= 1.0
-                    call.hedges += 1
-                    call.running += 1
-                    call.hedged_at = now
-                    call.hedge_done.clear()  # the first call is out: nobody waits on it yet
+                    call.start_hedge(now)
                     due.append(call)
                     if len(due) >= PER_TICK:
                         break
@@ -301,6 +327,7 @@ class Hedger:
     def _start_hedge(self, call: _Call) -> None:
         self.counts.sent += 1
         assert self._pool is not None
+        assert call.hedge_done is not None and call.hedge_gone is not None
         try:
             self._pool.submit(self._hedge, call)
         except RuntimeError:  # shut down
@@ -312,6 +339,7 @@ class Hedger:
     # ---- the hedge threads -----------------------------------------------------------
 
     def _hedge(self, call: _Call) -> None:
+        assert call.hedge_done is not None and call.hedge_gone is not None
         try:
             with abandonable(call.hedge_gone):
                 block = call.get(memoryview(bytearray(BLOCK_SIZE)))

@@ -96,21 +96,29 @@ class Abandon:
         for hook in hooks:
             hook()
 
-    @contextlib.contextmanager
-    def hook(self, on_fire: Callable[[], None]) -> Iterator[None]:
-        """Run `on_fire` if the call is abandoned while the block runs (at once if it
-        already is)."""
+    def add(self, on_fire: Callable[[], None]) -> None:
+        """Run `on_fire` when the call is abandoned (at once if it already is), until
+        `discard`."""
         with self._lock:
             fired = self.fired
             if not fired:
                 self._hooks.append(on_fire)
         if fired:
             on_fire()
+
+    def discard(self, on_fire: Callable[[], None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._hooks.remove(on_fire)
+
+    @contextlib.contextmanager
+    def hook(self, on_fire: Callable[[], None]) -> Iterator[None]:
+        """Run `on_fire` if the call is abandoned while the block runs (at once if it
+        already is)."""
+        self.add(on_fire)
         try:
             yield
         finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._hooks.remove(on_fire)
+            self.discard(on_fire)
 
 
 _ABANDON: contextvars.ContextVar[Abandon | None] = contextvars.ContextVar(
