@@ -216,3 +216,57 @@ def test_a_handshake_past_its_deadline_goes_on_when_the_deadline_grows(
         served.set()
         thread.join(timeout=10)
         listener.close()
+
+
+def test_a_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline(
+    tls_files: tuple[str, str],
+) -> None:
+    """A hostile (or broken) server that sends its side of the TLS handshake one byte
+    every 20 ms: each byte arrives well within any receive timeout, but the handshake
+    is held to the deadline as a whole (each wait is what is left of it), so the
+    connect ends at 0.5 s, not when the last of some thousand bytes arrives."""
+    server_side = tls_server_context(tls_files)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    trickled = [0]
+
+    def tls_server() -> None:  # a real handshake, on the far end of the trickle
+        with contextlib.suppress(OSError), server_side.wrap_socket(theirs, server_side=True):
+            stop.wait(10)
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(0.01)
+            ours.settimeout(0.01)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    ours.sendall(conn.recv(65536))  # the client's bytes, at once
+                with contextlib.suppress(TimeoutError):
+                    conn.sendall(ours.recv(1))  # the server's, a byte at a time
+                    trickled[0] += 1
+                    time.sleep(0.02)
+
+    threads = [threading.Thread(target=tls_server), threading.Thread(target=trickle)]
+    for thread in threads:
+        thread.start()
+    client_side = ssl.create_default_context(cafile=tls_files[0])
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            http1.Connection(
+                "127.0.0.1", listener.getsockname()[1], client_side, 1.0, 5.0, lambda: 0.5
+            )
+        assert time.monotonic() - started < 2.0
+        assert trickled[0] >= 10  # bytes kept coming while it waited
+    finally:
+        stop.set()
+        for end in (ours, theirs):  # wakes the TLS server's handshake (close would not)
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(timeout=10)
+        ours.close()
+        theirs.close()
+        listener.close()
