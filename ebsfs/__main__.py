@@ -1,7 +1,5 @@
 """`python -m ebsfs` is the `ebsfs` command."""
 
-import sys
+from ebsfs.cli.main import run
 
-from ebsfs.cli.main import main
-
-sys.exit(main())
+run()

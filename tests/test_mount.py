@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from ebsfs.emulator.diskimage import build_disk, demo_files, random_image
 from tests.disks import loop_device
 from tests.mounting import (
     drop_page_cache,
+    force_unmount,
     fs_mounted,
     mounted,
     needs_fuse,
+    replay_log,
 )
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -213,3 +216,53 @@ def test_random_4k_reads_fetch_at_most_twice_the_blocks_touched(
     touched = {off // BLOCK_SIZE for off in offsets}
     fetched = sum(emulator.counters.block_gets.values())
     assert fetched <= 2 * len(touched), (fetched, len(touched))
+
+
+FINALIZE_PROBE = """\
+import atexit, sys
+marker = sys.argv.pop(1)
+atexit.register(lambda: open(marker, "w").close())
+print("written before the command", end="")  # a pipe: still in the buffer
+from ebsfs.cli.main import run
+run()
+"""
+
+
+@pytest.mark.parametrize("goes_to_background", [True, False])
+def test_a_background_mounts_parent_ends_at_once_and_loses_no_output(
+    emulator: EmulatorServer, tmp_path: Path, goes_to_background: bool
+) -> None:
+    """`ebsfs mount`'s parent ends with os._exit once its child serves (cli/main.run):
+    no atexit handler of its runs, yet nothing it wrote is lost. A command that did
+    not go to the background ends as any Python program does."""
+    emulator.store.add_snapshot("snap-0e1", {0: b"e" * BLOCK_SIZE}, volume_size_gib=1)
+    finalized = tmp_path / "finalized"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not goes_to_background:
+        (mnt / "in the way").write_text("x")  # refused: not empty
+    log_file = tmp_path / "mount.log"
+    argv = ["mount", "--endpoint-url", emulator.url, "--log-file", str(log_file)]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FINALIZE_PROBE, str(finalized), *argv, "snap-0e1", str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.stdout == "written before the command"
+        if goes_to_background:
+            assert done.returncode == 0, done.stderr
+            assert done.stderr.startswith("ebsfs: mounted 1 snapshot at "), done.stderr
+            assert done.stderr.endswith(f"; log: {log_file}\n")
+            assert not finalized.exists()
+            with open(mnt / "snap-0e1.img", "rb") as image:
+                assert image.read(4) == b"eeee"
+        else:
+            assert done.returncode == 1
+            assert "is not empty" in done.stderr
+            assert finalized.exists()
+    finally:
+        force_unmount(mnt)
+        replay_log(log_file)

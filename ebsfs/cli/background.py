@@ -13,6 +13,11 @@ from ebsfs.errors import EbsfsError, first_leaf
 
 log = logging.getLogger(__name__)
 
+parent_finished = False
+"""Set in the parent once its child serves (or has failed and said why): all that is
+left of the command is its last line, so its entry point may end the process without
+Python's finalization (cli/main.run)."""
+
 
 def run_in_background(work: Callable[[Callable[[], None]], None], what: str = "mount") -> int:
     """Fork; the child runs `work(ready)` in a new session. The parent returns 0 once
@@ -21,9 +26,11 @@ def run_in_background(work: Callable[[Callable[[], None]], None], what: str = "m
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
+        global parent_finished
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
+        parent_finished = True
         if message.startswith("ok"):
             return 0
         if not message:

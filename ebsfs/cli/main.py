@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
+import logging
+import os
 import sys
+from typing import NoReturn
 
 from ebsfs import __version__
 from ebsfs.cli import (
+    background,
     completion,
     diff,
     get,
@@ -173,5 +178,27 @@ def _main(argv: list[str] | None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The `ebsfs` command."""
+    finish(main())
+
+
+def finish(code: int) -> NoReturn:
+    """End the process with `code`.
+
+    A mount or NBD server that went to the background ends its parent at once, its
+    output flushed, without Python's finalization: tearing down the modules a mount
+    imports took 32-49 ms after the "mounted" line, which every script running
+    `ebsfs mount ... && fls ...` waits for (issue 25). That parent has nothing left
+    to finalize: no thread runs, its pool is joined, its logs go nowhere but stderr."""
+    if background.parent_finished:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ebsfs.errors import UserInputError
 
@@ -213,6 +214,8 @@ def run(argv: list[str]) -> int:
     return 0 if translated is None else ebsfs_main(translated)
 
 
-def main() -> int:
-    """Entry point of mount.fuse.ebsfs."""
-    return run(sys.argv[1:])
+def main() -> NoReturn:
+    """Entry point of mount.fuse.ebsfs: the process ends as `ebsfs mount`'s does."""
+    from ebsfs.cli.main import finish
+
+    finish(run(sys.argv[1:]))
