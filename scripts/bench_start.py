@@ -7,8 +7,12 @@ A small GPT disk with an ext4 partition is served by the emulator; each round ru
 mount command of each tree given (alternating, so drift hits them alike), then
 unmounts. Prints the median and slowest per latency and tree. Needs root.
 
+Each mount also asks the emulator's EC2 for the image mtimes (DescribeSnapshots, at the
+same latency), as every mount on AWS does; `--without-ec2` leaves EC2 out, as a custom
+EBS endpoint alone does.
+
     sudo .venv/bin/python scripts/bench_start.py [--latencies 20,100,200] [--rounds 5]
-        [--trees /tmp/before,.]
+        [--trees /tmp/before,.] [--without-ec2]
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from scripts.bench_read import compile_sources, emulator_control  # noqa: E402
 MIB = 1024 * 1024
 
 
-def timed_mount(tree: Path, url: str, mnt: Path) -> float:
+def timed_mount(tree: Path, url: str, mnt: Path, ec2: bool = True) -> float:
+    ec2_options = ["--ec2-endpoint-url", url] if ec2 else []
     started = time.monotonic()
-    ebsfs(tree, "mount", "--endpoint-url", url, SNAP, str(mnt))
+    ebsfs(tree, "mount", "--endpoint-url", url, *ec2_options, SNAP, str(mnt))
     seconds = time.monotonic() - started
     ebsfs(tree, "umount", str(mnt))
     return seconds
@@ -43,6 +48,9 @@ def main() -> None:
     parser.add_argument("--latencies", default="20,100,200", help="ms per call")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trees", default=str(ROOT), help="source trees, comma-separated")
+    parser.add_argument(
+        "--without-ec2", action="store_true", help="mount with no EC2 endpoint (no mtime lookup)"
+    )
     args = parser.parse_args()
     trees = source_trees(parser, [Path(t) for t in args.trees.split(",")])
     compile_sources(*trees)
@@ -61,7 +69,7 @@ def main() -> None:
                 seconds: dict[Path, list[float]] = {tree: [] for tree in trees}
                 for round_no in range(args.rounds):
                     for tree in trees if round_no % 2 == 0 else trees[::-1]:
-                        seconds[tree].append(timed_mount(tree, url, mnt))
+                        seconds[tree].append(timed_mount(tree, url, mnt, not args.without_ec2))
                 for tree in trees:
                     s = seconds[tree]
                     print(

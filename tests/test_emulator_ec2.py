@@ -87,6 +87,14 @@ def test_describe_by_id_as_ec2_describes(served: EmulatorServer) -> None:
     assert served.counters.calls["DescribeSnapshots"] == 1
 
 
+def test_describe_snapshots_waits_the_latency_as_ebs_calls_do(served: EmulatorServer) -> None:
+    """EC2 answers over the same network: a mount's mtime lookup is not free."""
+    served.faults.latency, served.faults.jitter = 0.05, 0.01
+    ec2_client(served.url).describe_snapshots(SnapshotIds=["snap-0b1"])
+    assert served.counters.delayed_calls == 1
+    assert 0.05 <= served.counters.delay_seconds <= 0.06
+
+
 def test_filters_owners_and_wildcards(served: EmulatorServer) -> None:
     ec2 = ec2_client(served.url)
 

@@ -287,6 +287,9 @@ class EmulatorServer:
         self.counters.call(action if action == "DescribeSnapshots" else "Ec2OtherAction")
         try:
             self._admit_ec2(req, body)
+            delay = self._delay(action)  # EC2 answers over the same network
+            if delay > 0:
+                time.sleep(delay)
             payload, status = self.ec2.answer(form), 200
         except ec2.Ec2Error as err:
             self.counters.error(err.code)
