@@ -1,6 +1,8 @@
 """Metadata prefetch (issue 25): a filesystem's metadata fetched ahead of a tool's walk,
 one parallel wave per level of its tree, so `fls -r` or `find` pays a round trip per
-level instead of one per dependent block.
+level instead of one per dependent block. The walker goes on as soon as the blocks it
+reads next are in, not once its whole wave is: the next wave's calls go out while the
+last one's slowest answers are still on their way.
 
 When: at the first read that touches the first HEAD_SIZE bytes of a window holding a
 filesystem (a partition, or the bare disk when it has no partition table), through any
@@ -85,6 +87,9 @@ class MetadataPrefetch:
         self._spent = 0
         self._fetched: set[tuple[str, int]] = set()
         """Blocks charged to the budget (so at most `budget` entries)."""
+        self._arriving: dict[tuple[str, int], trio.Event] = {}
+        """Blocks of a wave whose fetch has not ended (at most `budget` entries): a
+        walker's read of one waits for that fetch rather than making its own."""
         self._started: set[Window] = set()
         self._discovering: set[str] = set()
         self._exhausted = budget <= 0
@@ -205,6 +210,7 @@ class MetadataPrefetch:
     async def _walk(self, image: SnapshotImage, start: int, length: int) -> None:
         """Probe the window's head, then fetch the walker's waves until it ends or stops."""
         label = self._label(image, start, length)
+        sid = image.snapshot_id
 
         async def read(offset: int, size: int) -> bytes:
             # Walkers parse on this (the engine's) thread between reads: a checkpoint at
@@ -216,8 +222,14 @@ class MetadataPrefetch:
                 raise WalkStopped(f"read of {size} bytes at {offset} refused")
             if offset >= length or size == 0:
                 return b""
+            size = min(size, length - offset)
+            first, last = (start + offset) // BLOCK_SIZE, (start + offset + size - 1) // BLOCK_SIZE
+            for i in range(first, last + 1):
+                arriving = self._arriving.get((sid, i))
+                if arriving is not None:
+                    await arriving.wait()
             with Loan() as loan:
-                data = await image.read(start + offset, min(size, length - offset), loan=loan)
+                data = await image.read(start + offset, size, loan=loan)
                 return bytes(data)
 
         try:
@@ -240,28 +252,32 @@ class MetadataPrefetch:
                 image.note_file_run(start + offset, size)
 
         walk: AsyncIterator[Wave] | None = None
+        state, reason = "stopped", "engine closed"  # unless the walk ends first
         try:
-            if getattr(walker, "reports_file_runs", False):
-                walk = cast(RunReporter, walker).walk(read, length, file_run)
-            else:
-                walk = walker.walk(read, length)
-            counters.state, counters.reason = await self._waves(
-                image, start, length, walk, counters
-            )
-        except WalkStopped as err:
-            counters.state, counters.reason = "stopped", str(err) or "damaged metadata"
-        except EbsfsError as err:
-            counters.state, counters.reason = "stopped", f"read failed: {err}"
-        except Exception as err:
-            self._bug(label, walker.name)
-            counters.state, counters.reason = "stopped", f"walker failed: {err!r}"
+            # The waves' fetches run here; the walk's state is told once they are done.
+            async with trio.open_nursery() as fetching:
+                try:
+                    if getattr(walker, "reports_file_runs", False):
+                        walk = cast(RunReporter, walker).walk(read, length, file_run)
+                    else:
+                        walk = walker.walk(read, length)
+                    state, reason = await self._waves(
+                        image, start, length, walk, counters, fetching
+                    )
+                except WalkStopped as err:
+                    state, reason = "stopped", str(err) or "damaged metadata"
+                except EbsfsError as err:
+                    state, reason = "stopped", f"read failed: {err}"
+                except Exception as err:
+                    self._bug(label, walker.name)
+                    state, reason = "stopped", f"walker failed: {err!r}"
+                finally:
+                    close = getattr(walk, "aclose", None)
+                    if close is not None:
+                        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                            await close()
         finally:
-            if counters.state == "running":  # cancelled: the engine is closing
-                counters.state, counters.reason = "stopped", "engine closed"
-            close = getattr(walk, "aclose", None)
-            if close is not None:
-                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await close()
+            counters.state, counters.reason = state, reason
         log.info(
             "%s: %s metadata prefetch %s%s: %d waves, %d blocks",
             label,
@@ -279,8 +295,11 @@ class MetadataPrefetch:
         length: int,
         walk: AsyncIterator[Wave],
         counters: WalkCounters,
+        fetching: trio.Nursery,
     ) -> tuple[str, str]:
-        """The state and reason the walk ends with."""
+        """The state and reason the walk ends with. Each wave's fetch starts in
+        `fetching` and the walker goes on at once: its reads wait for the blocks they
+        need (`_arriving`), not for the whole wave."""
         async for wave in walk:
             if counters.waves >= MAX_WAVES:
                 return "stopped", f"more than {MAX_WAVES} waves"
@@ -289,7 +308,7 @@ class MetadataPrefetch:
             blocks, over = await self._plan(image, start, length, wave)
             counters.waves += 1
             self.stats.prefetch_waves += 1
-            await self._fetch(image, blocks, counters)
+            fetching.start_soon(self._fetch, image, blocks, counters)
             if over:
                 self._spend_all()
                 return "stopped", "budget spent"
@@ -327,6 +346,7 @@ class MetadataPrefetch:
                     return new, True
                 self._spent += 1
                 self._fetched.add((sid, i))
+                self._arriving[(sid, i)] = trio.Event()
                 image.note_metadata_block(i)
                 new.append(i)
         return new, False
@@ -339,8 +359,8 @@ class MetadataPrefetch:
                 nursery.start_soon(self._one, image, i, counters)
 
     async def _one(self, image: SnapshotImage, index: int, counters: WalkCounters) -> None:
-        async with self.limiter:
-            try:
+        try:
+            async with self.limiter:
                 with trio.move_on_after(self.read_timeout), Loan() as loan:
                     if await image.held(index):
                         self._spent -= 1  # a tool or a lineage entry had it: no charge
@@ -348,8 +368,12 @@ class MetadataPrefetch:
                     await image.block(index, loan)
                     counters.blocks += 1
                     self.stats.prefetch_blocks += 1
-            except EbsfsError as err:  # the tool's own read retries and reports it
-                log.debug("%s: prefetch of block %d failed: %s", image.snapshot_id, index, err)
+        except EbsfsError as err:  # the tool's own read retries and reports it
+            log.debug("%s: prefetch of block %d failed: %s", image.snapshot_id, index, err)
+        finally:  # arrived, failed, timed out or cancelled: a walker's read goes on
+            arriving = self._arriving.pop((image.snapshot_id, index), None)
+            if arriving is not None:
+                arriving.set()
 
     def _spend_all(self) -> None:
         if not self._exhausted:
