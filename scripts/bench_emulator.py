@@ -26,6 +26,7 @@ from pathlib import Path
 import boto3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ebsfs.emulator import process as emulator_process  # noqa: E402
 from ebsfs.emulator.__main__ import backlog, count, seconds, slow_tail  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 
@@ -120,29 +121,12 @@ def bench_credentials() -> None:
 
 
 def start_emulator(image: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    url_file = Path(tempfile.mktemp())
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ebsfs.emulator",
-            "--snapshot",
-            f"{SNAP}={image}",
-            "--url-file",
-            str(url_file),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(2400):  # 2 minutes: a large image's written blocks are indexed first
-        if url_file.exists() and url_file.read_text().strip():
-            return proc, url_file.read_text().strip()
-        if proc.poll() is not None:
-            raise SystemExit(f"emulator exited with status {proc.returncode}")
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("emulator did not start within 2 minutes")
+    """The emulator serving `image` as SNAP, in a process of its own: it and its URL.
+    Up to 2 minutes to listen (a large image's written blocks are indexed first)."""
+    try:
+        return emulator_process.start(["--snapshot", f"{SNAP}={image}", *extra], timeout=120)
+    except emulator_process.EmulatorDidNotStart as err:
+        raise SystemExit(str(err)) from None
 
 
 def worker(port: int, paths: list[str], threads: int, duration: float, out) -> None:

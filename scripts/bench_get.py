@@ -54,6 +54,7 @@ import botocore.config
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from ebsfs.constants import BLOCK_SIZE  # noqa: E402
+from ebsfs.emulator import process as emulator_process  # noqa: E402
 from ebsfs.emulator.diskimage import random_image  # noqa: E402
 from scripts.bench_emulator import bench_credentials  # noqa: E402
 from scripts.bench_read import drop_page_cache, dsnap, ebsfs, wait_for_mount  # noqa: E402
@@ -69,21 +70,14 @@ MOUNT_AND_DD = "mount_and_dd"
 
 
 def start_emulator(specs: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    url_file = Path(tempfile.mktemp())
-    command = [sys.executable, "-m", "ebsfs.emulator", "--url-file", str(url_file), *extra]
+    """The emulator serving the snapshots `specs` (ID=IMAGE,...), in a process of its own."""
+    arguments = [*extra]
     for spec in specs:
-        command += ["--snapshot", spec]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        if url_file.exists() and url_file.read_text().strip():
-            url = url_file.read_text().strip()
-            url_file.unlink()
-            return proc, url
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("emulator did not start")
+        arguments += ["--snapshot", spec]
+    try:
+        return emulator_process.start(arguments, timeout=60)
+    except emulator_process.EmulatorDidNotStart as err:
+        raise SystemExit(str(err)) from None
 
 
 def ebsfs_get(url: str, snapshot_id: str, out_dir: Path, options: list[str]) -> float:

@@ -21,6 +21,7 @@ import pytest
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import SnapshotStore
+from ebsfs.emulator import process as emulator_process
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
 from ebsfs.engine import stats as engine_stats
 from ebsfs.engine.stats import Stats
@@ -29,7 +30,6 @@ from ebsfs.service import connections, http1
 from ebsfs.service.client import BotoEbsApi
 from ebsfs.service.connections import ConnectTimes, Pool
 from ebsfs.service.session import ConnectionOptions
-from tests.emulator_command import emulator_command
 from tests.fakes import pattern_block
 from tests.localhttp import tls_server_context
 from tests.test_hostile_server import BLOCK, FEW_RETRIES, TOKEN, block_answer
@@ -227,7 +227,7 @@ def test_handshakes_queued_at_a_slow_accept_loop_are_not_abandoned(
     cert, key = tls_files
     client_side = ssl.create_default_context(cafile=cert)
     arguments = ["--tls-cert", cert, "--tls-key", key, "--accept-delay", "0.2"]
-    with emulator_command(arguments, tmp_path / "url") as url:
+    with emulator_process.running(arguments, stderr=tmp_path / "emulator.err") as url:
         port = int(url.rsplit(":", 1)[1])
         pool = Pool(
             lambda seconds, handshake: http1.Connection(

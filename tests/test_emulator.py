@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 import urllib.request
+from pathlib import Path
 
 import boto3
 import botocore.config
@@ -15,6 +16,7 @@ import pytest
 
 from ebsfs.constants import BLOCK_SIZE
 from ebsfs.emulator import EmulatorServer, SnapshotStore
+from ebsfs.emulator import process as emulator_process
 from ebsfs.service.sigv4 import Credentials, GetSigner
 from tests.fakes import pattern_block
 
@@ -391,3 +393,19 @@ def test_endpoint_goes_away_and_comes_back(store, sparse) -> None:
         client.list_snapshot_blocks(SnapshotId=SNAP, MaxResults=100)
     finally:
         server.stop()
+
+
+def test_the_process_launcher_says_why_the_emulator_did_not_start(tmp_path: Path) -> None:
+    """Benchmarks and tests start `python -m ebsfs.emulator` through one launcher: a
+    server that exits says why (its stderr), and the launcher leaves no process."""
+    errors = tmp_path / "emulator.err"
+    with pytest.raises(emulator_process.EmulatorDidNotStart) as raised:
+        emulator_process.start(["--snapshot", "nonsense"], stderr=errors)
+    assert "exited with status 2" in str(raised.value)
+    assert "expected ID=PATH, got 'nonsense'" in str(raised.value)
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\x07" * 4096)
+    with emulator_process.running(["--snapshot", f"snap-0e7={image}"]) as url:
+        answer = urllib.request.urlopen(f"{url}/_emulator/stats")
+        assert answer.status == 200
+        answer.close()

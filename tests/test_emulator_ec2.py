@@ -22,11 +22,11 @@ import botocore.exceptions
 import pytest
 
 from ebsfs.emulator import EmulatorServer, Faults, SnapshotStore
+from ebsfs.emulator import process as emulator_process
 from ebsfs.emulator.__main__ import _snapshot_spec
 from ebsfs.errors import MetadataUnavailable
 from ebsfs.service.ec2 import Ec2Snapshots
 from ebsfs.service.session import ConnectionOptions
-from tests import emulator_command as command
 from tests.fakes import pattern_block
 from tests.mounting import ebsfs, mounted, needs_fuse, run_module
 from tests.test_cli import assert_one_line_error
@@ -332,7 +332,7 @@ def emulator_command(tmp_path: Path) -> Iterator[str]:
     ]
     arguments += ["--snapshot", f"snap-0a2={tmp_path}/tuesday.img,parent=snap-0a1"]
     arguments += ["--snapshot", f"snap-0b1={tmp_path}/data.img,size=4,volume=vol-0b"]
-    with command.emulator_command(arguments, tmp_path / "url") as url:
+    with emulator_process.running(arguments, stderr=tmp_path / "emulator.err") as url:
         yield url
 
 

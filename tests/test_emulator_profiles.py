@@ -14,9 +14,9 @@ import pytest
 
 import ebsfs
 from ebsfs.emulator import Faults, SnapshotStore
+from ebsfs.emulator import process as emulator_process
 from ebsfs.emulator.__main__ import main as emulator_main
 from ebsfs.emulator.server import EmulatorServer, ServerProfile
-from tests.emulator_command import emulator_command
 from tests.fakes import pattern_block
 
 SNAP = "snap-0a"
@@ -333,7 +333,7 @@ def test_the_command_line_passes_the_profile_on(tmp_path: Path) -> None:
     image.write_bytes(b"\x01" * 524288 * 2)
     options = ["--snapshot", f"{SNAP}={image}", "--close-after", "2", "--idle-timeout", "30"]
     options += ["--slow-tail", "1:3", "--latency", "0.001", "--seed", "1", "--list-rate", "0"]
-    with emulator_command(options, tmp_path / "url") as url:
+    with emulator_process.running(options, stderr=tmp_path / "emulator.err") as url:
         port = port_of(url)
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(LIST)
