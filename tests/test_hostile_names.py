@@ -375,6 +375,49 @@ def test_ls_prints_descriptions_and_ids_escaped(hostile_ec2: str) -> None:
     assert listed[0]["Description"] == "nightly \x9b2J\x9b31m \u202egnp.exe\u2028forged"
 
 
+UNNAMED = (
+    "<storageTier>standard</storageTier>"
+    + "<unknownSet>"
+    + "<item><x>1</x></item>" * 1000
+    + "</unknownSet>"
+    + "<deep>" * 200
+    + "bottom"
+    + "</deep>" * 200
+)
+"""Elements EC2's cut model (ebsfs/service/models) does not name, one of them 200 deep."""
+
+
+@pytest.mark.parametrize("fields", ["unnamed", "mistyped"])
+def test_ec2_answers_the_cut_model_does_not_expect(fields: str) -> None:
+    """DescribeSnapshots is parsed with EC2's model cut to it: what it does not name is
+    skipped, and a named member of the wrong type is a one-line error, not a traceback
+    nor a forged value."""
+    body = DESCRIBE.format(description="d")
+    if fields == "unnamed":
+        body = body.replace("<encrypted>", UNNAMED + "<encrypted>")
+    else:
+        body = body.replace("<volumeSize>8</volumeSize>", "<volumeSize>lots</volumeSize>")
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        reply(handler, 200, body.encode(), Content_Type="text/xml")
+
+    server = serve(answer)
+    try:
+        result = ebsfs("ls", "--json", "--ec2-endpoint-url", next(server))
+    finally:
+        server.close()
+    if fields == "unnamed":
+        assert result.returncode == 0, result.stderr
+        [listed] = json.loads(result.stdout)
+        assert (listed["VolumeId"], listed["VolumeSize"]) == ("vol-1", 8)
+        assert "bottom" not in result.stdout and "storageTier" not in result.stdout
+    else:
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ebsfs: error: "), result.stderr
+        assert "DescribeSnapshots" in lines[0] and "Traceback" not in result.stderr
+
+
 def test_log_lines_escape_others_text_and_stay_one_line(tmp_path: Path) -> None:
     """A message quoting a snapshot's or a server's text cannot drive the terminal or
     forge a log line; a traceback keeps its lines, each escaped."""
