@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -290,7 +290,9 @@ def ebsfs_command() -> list[str]:
 # -- others' text from servers ----------------------------------------------------------
 
 
-def serve(answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+def serve(
+    answer: Callable[[http.server.BaseHTTPRequestHandler], None],
+) -> Generator[str, None, None]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             answer(self)
